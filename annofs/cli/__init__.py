@@ -1,0 +1,1 @@
+"""The `annofs` command: talks to a running daemon when mounted, to the store otherwise."""

@@ -1,0 +1,60 @@
+"""What every command shares: finding the store, opening it, progress display."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from annofs.volume import Volume
+
+
+def default_store() -> Path:
+    """--store, else $ANNOFS_STORE, else $XDG_DATA_HOME/annofs."""
+    env = os.environ.get("ANNOFS_STORE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "annofs"
+
+
+def store_path(ctx: click.Context) -> Path:
+    """The store this invocation works on."""
+    return ctx.find_root().obj["store"]
+
+
+@contextmanager
+def open_volume(ctx: click.Context, *, create: bool = False) -> Iterator[Volume]:
+    """Open the invocation's store for the length of a command."""
+    vol = Volume.open(store_path(ctx), create=create)
+    try:
+        yield vol
+    finally:
+        vol.close()
+
+
+class Progress:
+    """A progress bar on a terminal (files and bytes); silent otherwise."""
+
+    def __init__(self, what: str) -> None:
+        self._bar = None
+        if sys.stderr.isatty():
+            self._bar = tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, leave=False)
+        self.files = 0
+
+    def __call__(self, files: int, nbytes: int) -> None:
+        self.files += files
+        if self._bar is not None:
+            self._bar.update(nbytes)
+            self._bar.set_postfix(files=self.files, refresh=False)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        if self._bar is not None:
+            self._bar.close()

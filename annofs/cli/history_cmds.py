@@ -1,0 +1,89 @@
+"""`annofs log`, `cat`, `diff`: a file's versions along the edit graph."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+
+import click
+
+from annofs.cli.context import open_volume
+from annofs.cli.paths import VersionedPath, parse_versioned
+from annofs.content.history import ancestry
+from annofs.errors import UsageError
+from annofs.explain.diff import render_diff
+from annofs.store.records import Version
+from annofs.volume import Volume
+
+
+def _file_version(vol: Volume, vp: VersionedPath) -> Version:
+    """The version a PATH[@VERSION] names; the version must be in the file's history."""
+    with vol.store.read() as txn:
+        a = vol.namespace.resolve(txn, vp.parts)
+        if not a.is_reg:
+            raise UsageError(f"{vp.text}: not a regular file")
+        current = int(a.target)
+        if vp.version is None:
+            return vol.versions.get(txn, current)
+        for v in ancestry(txn, vol.versions, current):
+            if v.id == vp.version:
+                return v
+    raise UsageError(f"{vp.text}: version {vp.version} is not in this file's history "
+                     f"(see annofs log)")
+
+
+def _when(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.command("log")
+@click.argument("path")
+@click.pass_context
+def log_cmd(ctx: click.Context, path: str) -> None:
+    """The file's versions along the edit graph, newest first."""
+    vp = parse_versioned(path)
+    with open_volume(ctx) as vol:
+        head = _file_version(vol, vp)
+        with vol.store.read() as txn:
+            chain = ancestry(txn, vol.versions, head.id)
+        for v in chain:
+            v = vol.versions.ensure_digest(v)
+            edit = ""
+            if v.edit is not None:
+                edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
+                        f"-> {v.edit.added} new")
+            assert v.digest is not None
+            click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
+                       f"blake3:{v.digest.hex()}{edit}")
+
+
+@click.command("cat")
+@click.argument("path")
+@click.pass_context
+def cat_cmd(ctx: click.Context, path: str) -> None:
+    """Write a file's bytes (PATH@VERSION: an old version's) to standard output."""
+    vp = parse_versioned(path)
+    out = sys.stdout.buffer
+    with open_volume(ctx) as vol:
+        v = _file_version(vol, vp)
+        with vol.store.read() as txn:
+            for frag in vol.versions.iter_bytes(txn, v):
+                out.write(frag)
+    out.flush()
+
+
+@click.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.pass_context
+def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
+    """The difference between two versions, each PATH[@VERSION]."""
+    va, vb = parse_versioned(a), parse_versioned(b)
+    with open_volume(ctx) as vol:
+        ver_a, ver_b = _file_version(vol, va), _file_version(vol, vb)
+        with vol.store.read() as txn:
+            data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
+            data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)
+    name_a = "/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}"
+    name_b = "/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}"
+    click.echo(render_diff(data_a, data_b, name_a, name_b), nl=False)

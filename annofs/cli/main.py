@@ -1,0 +1,52 @@
+"""The `annofs` entry point: the command group and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from annofs.cli.context import default_store
+from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
+from annofs.cli.tree_cmds import export_cmd, import_cmd, init_cmd
+from annofs.errors import AnnofsError
+
+
+@click.group()
+@click.option("--store", "store", type=click.Path(path_type=Path), default=None,
+              help="The store directory (default: $ANNOFS_STORE, else $XDG_DATA_HOME/annofs).")
+@click.version_option(package_name="annofs")
+@click.pass_context
+def cli(ctx: click.Context, store: Path | None) -> None:
+    """annofs: a filesystem that binds signatures to content and refuses unsigned reads."""
+    ctx.obj = {"store": store or default_store()}
+
+
+for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Run a command; domain errors become one line on stderr and their exit status."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("annofs: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except AnnofsError as e:
+        click.echo(f"annofs: {e}", err=True)
+        sys.exit(e.exit_status)
+    except OSError as e:
+        name = e.filename if e.filename is not None else ""
+        click.echo(f"annofs: {name}: {e.strerror}" if name else f"annofs: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

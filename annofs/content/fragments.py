@@ -1,0 +1,75 @@
+"""Fragments: each distinct chunk stored once under its BLAKE3 hash, checked on every read."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+import blake3
+import lmdb
+
+from annofs.errors import CorruptionError
+from annofs.store import Store
+
+CODEC_RAW = 0
+_COUNT = struct.Struct(">Q")
+
+
+def fragment_hash(data: bytes | bytearray | memoryview) -> bytes:
+    """The 32-byte BLAKE3 hash that names a fragment."""
+    return blake3.blake3(data).digest()
+
+
+class FragmentStore:
+    """Fragment payloads and their reference counts (occurrences in stored versions)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._data = store.db["fragments"]
+        self._refs = store.db["fragrefs"]
+
+    def put(self, txn: lmdb.Transaction, h: bytes, data: bytes | memoryview) -> bool:
+        """Store a fragment unless present; True if it was new. Refcounts are separate."""
+        # overwrite=False makes the presence check and the insert one B-tree descent.
+        return txn.put(h, bytes((CODEC_RAW,)) + bytes(data), db=self._data, overwrite=False)
+
+    def has(self, txn: lmdb.Transaction, h: bytes) -> bool:
+        """Whether a fragment is stored."""
+        return txn.get(h, db=self._data) is not None
+
+    def get(self, txn: lmdb.Transaction, h: bytes) -> bytes:
+        """A fragment's bytes, checked against its hash: CorruptionError, never wrong bytes."""
+        raw = txn.get(h, db=self._data)
+        if raw is None:
+            raise CorruptionError(f"fragment {h.hex()}: missing from the store")
+        if not raw or raw[0] != CODEC_RAW:
+            raise CorruptionError(f"fragment {h.hex()}: unknown encoding")
+        data = raw[1:]
+        if blake3.blake3(data).digest() != h:
+            raise CorruptionError(f"fragment {h.hex()}: content does not match its hash")
+        return data
+
+    def refcount(self, txn: lmdb.Transaction, h: bytes) -> int:
+        """How many stored version positions use the fragment."""
+        raw = txn.get(h, db=self._refs)
+        return _COUNT.unpack(raw)[0] if raw is not None else 0
+
+    def add_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int]) -> None:
+        """Add occurrences (a new version was stored)."""
+        for h, n in counts.items():
+            txn.put(h, _COUNT.pack(self.refcount(txn, h) + n), db=self._refs)
+
+    def drop_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int]) -> int:
+        """Remove occurrences; delete fragments nothing uses. Returns bytes freed."""
+        freed = 0
+        for h, n in counts.items():
+            left = self.refcount(txn, h) - n
+            if left > 0:
+                txn.put(h, _COUNT.pack(left), db=self._refs)
+                continue
+            txn.delete(h, db=self._refs)
+            raw = txn.get(h, db=self._data)
+            if raw is not None:
+                freed += len(raw) - 1
+                txn.delete(h, db=self._data)
+        return freed

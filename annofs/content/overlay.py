@@ -1,0 +1,116 @@
+"""Bytes written to an open file and not yet turned into fragments."""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+
+
+class DirtyOverlay:
+    """Sorted, non-overlapping written extents over a base version, plus a logical size.
+
+    Sequential writes extend the last extent in place (amortised O(1) per write), so a
+    large copy into the mount costs no quadratic merging.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._starts: list[int] = []
+        self._data: list[bytearray] = []
+        self.nbytes = 0
+        self.truncated_to: int | None = None  # lowest size set since the base, if any
+
+    def __bool__(self) -> bool:
+        return bool(self._starts) or self.truncated_to is not None
+
+    @property
+    def extents(self) -> list[tuple[int, bytearray]]:
+        """The written extents, in order."""
+        return list(zip(self._starts, self._data, strict=True))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Record a write; later writes win over earlier ones where they overlap."""
+        if not data:
+            return
+        end = offset + len(data)
+        self.size = max(self.size, end)
+        starts, datas = self._starts, self._data
+        # Fast path: appending to (or overwriting the tail of) the last extent.
+        if starts:
+            last_start, last = starts[-1], datas[-1]
+            last_end = last_start + len(last)
+            if last_start <= offset <= last_end:
+                rel = offset - last_start
+                before = len(last)
+                last[rel : rel + len(data)] = data
+                self.nbytes += len(last) - before
+                return
+            if offset > last_end:
+                starts.append(offset)
+                datas.append(bytearray(data))
+                self.nbytes += len(data)
+                return
+        # General case: merge every extent that touches [offset, end).
+        i = bisect_right(starts, offset) - 1
+        first = i if i >= 0 and starts[i] + len(datas[i]) >= offset else i + 1
+        last_i = bisect_right(starts, end) - 1
+        if first > last_i:
+            starts.insert(first, offset)
+            datas.insert(first, bytearray(data))
+            self.nbytes += len(data)
+            return
+        new_start = min(offset, starts[first])
+        tail_end = starts[last_i] + len(datas[last_i])
+        merged = bytearray(max(end, tail_end) - new_start)
+        for j in range(first, last_i + 1):
+            s = starts[j] - new_start
+            merged[s : s + len(datas[j])] = datas[j]
+            self.nbytes -= len(datas[j])
+        merged[offset - new_start : end - new_start] = data
+        starts[first : last_i + 1] = [new_start]
+        datas[first : last_i + 1] = [merged]
+        self.nbytes += len(merged)
+
+    def truncate(self, size: int) -> None:
+        """Set the logical size; written bytes beyond it are dropped."""
+        if size < self.size:
+            self.truncated_to = size if self.truncated_to is None else min(self.truncated_to, size)
+            i = bisect_left(self._starts, size)
+            if i > 0 and self._starts[i - 1] + len(self._data[i - 1]) > size:
+                keep = size - self._starts[i - 1]
+                self.nbytes -= len(self._data[i - 1]) - keep
+                del self._data[i - 1][keep:]
+            for d in self._data[i:]:
+                self.nbytes -= len(d)
+            del self._starts[i:], self._data[i:]
+        elif size > self.size and self.truncated_to is None:
+            # Growing leaves a hole of zeros from the old end: mark the change there.
+            self.truncated_to = self.size
+        self.size = size
+
+    def changed_range(self, base_size: int) -> tuple[int, int] | None:
+        """[lo, hi) of the logical content that may differ from the base, or None."""
+        lo: int | None = None
+        hi = 0
+        if self._starts:
+            lo = self._starts[0]
+            hi = self._starts[-1] + len(self._data[-1])
+        if self.size != base_size or self.truncated_to is not None:
+            edge = min(self.size, base_size)
+            if self.truncated_to is not None:
+                edge = min(edge, self.truncated_to)
+            lo = edge if lo is None else min(lo, edge)
+            hi = self.size
+        if lo is None or (lo >= self.size and self.size == base_size):
+            return None
+        return lo, max(hi, lo)
+
+    def overlay(self, offset: int, buf: bytearray) -> None:
+        """Paint the written extents over `buf`, which holds content from `offset`."""
+        end = offset + len(buf)
+        i = max(0, bisect_right(self._starts, offset) - 1)
+        while i < len(self._starts) and self._starts[i] < end:
+            s, d = self._starts[i], self._data[i]
+            lo, hi = max(s, offset), min(s + len(d), end)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = d[lo - s : hi - s]
+            i += 1

@@ -1,0 +1,175 @@
+"""Versions: nodes of the edit graph. Each is readable directly from its fragment list."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator
+from functools import lru_cache
+from itertools import accumulate
+
+import blake3
+import lmdb
+
+from annofs.content.fragments import FragmentStore
+from annofs.errors import CorruptionError, NotFoundError
+from annofs.store import Store
+from annofs.store.keys import HASH_SIZE, u64
+from annofs.store.records import Edit, Version, decode_version, encode_version
+
+# The empty file: root of every path's history, created with the store.
+EMPTY_VERSION = 0
+EMPTY_DIGEST = blake3.blake3(b"").digest()
+
+
+@lru_cache(maxsize=256)
+def _starts(lengths_bytes: bytes) -> array:
+    lengths = array("I")
+    lengths.frombytes(lengths_bytes)
+    return array("Q", accumulate(lengths, initial=0))
+
+
+def fragment_starts(v: Version) -> array:
+    """Cumulative offsets: starts[i] is where fragment i begins; starts[-1] == size."""
+    return _starts(v.lengths.tobytes())
+
+
+def _count_hashes(hashes: bytes) -> Counter[bytes]:
+    return Counter(hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE))
+
+
+def compute_edit(parent: Version, hashes: bytes, lengths: array) -> Edit:
+    """The replaced fragment range: common prefix and suffix kept, the middle swapped."""
+    n_old, n_new = len(parent.lengths), len(lengths)
+    prefix = 0
+    limit = min(n_old, n_new)
+    while prefix < limit and (
+        parent.hashes[prefix * HASH_SIZE : (prefix + 1) * HASH_SIZE]
+        == hashes[prefix * HASH_SIZE : (prefix + 1) * HASH_SIZE]
+    ):
+        prefix += 1
+    suffix = 0
+    while suffix < limit - prefix and (
+        parent.fragment_hash(n_old - 1 - suffix)
+        == hashes[(n_new - 1 - suffix) * HASH_SIZE : (n_new - suffix) * HASH_SIZE]
+    ):
+        suffix += 1
+    return Edit(prefix, n_old - prefix - suffix, n_new - prefix - suffix)
+
+
+class VersionStore:
+    """Create, fetch and read versions."""
+
+    def __init__(self, store: Store, fragments: FragmentStore) -> None:
+        self._store = store
+        self._db = store.db["versions"]
+        self.fragments = fragments
+
+    def ensure_empty(self, txn: lmdb.Transaction) -> None:
+        """Create the empty root version if the store lacks it."""
+        if txn.get(u64(EMPTY_VERSION), db=self._db) is None:
+            v = Version(EMPTY_VERSION, EMPTY_VERSION, 0, EMPTY_DIGEST, time.time_ns(), None,
+                        b"", array("I"))
+            txn.put(u64(EMPTY_VERSION), encode_version(v), db=self._db)
+
+    def get(self, txn: lmdb.Transaction, vid: int) -> Version:
+        """Fetch a version record."""
+        raw = txn.get(u64(vid), db=self._db)
+        if raw is None:
+            raise NotFoundError(f"version {vid}: no such version")
+        return decode_version(vid, raw)
+
+    def exists(self, txn: lmdb.Transaction, vid: int) -> bool:
+        """Whether a version id is stored."""
+        return txn.get(u64(vid), db=self._db) is not None
+
+    def create(
+        self,
+        txn: lmdb.Transaction,
+        parent: int,
+        hashes: bytes,
+        lengths: array,
+        digest: bytes | None,
+    ) -> Version:
+        """Store a new version derived from `parent`; its fragments must already be stored.
+
+        If the content equals the parent's, no node is added and the parent is returned:
+        a close without a change is not an edit.
+        """
+        base = self.get(txn, parent)
+        if base.hashes == hashes:
+            return base
+        vid = self._store.next_id(txn, "version")
+        size = sum(lengths)
+        if size == 0:
+            digest = EMPTY_DIGEST
+        v = Version(vid, parent, size, digest, time.time_ns(), compute_edit(base, hashes, lengths),
+                    hashes, lengths)
+        txn.put(u64(vid), encode_version(v), db=self._db)
+        self.fragments.add_refs(txn, _count_hashes(hashes))
+        return v
+
+    def set_digest(self, txn: lmdb.Transaction, v: Version, digest: bytes) -> Version:
+        """Record a digest computed after the version was made."""
+        import dataclasses
+
+        nv = dataclasses.replace(v, digest=digest)
+        txn.put(u64(v.id), encode_version(nv), db=self._db)
+        return nv
+
+    def delete(self, txn: lmdb.Transaction, v: Version) -> int:
+        """Remove a version record and its fragment references; returns bytes freed."""
+        txn.delete(u64(v.id), db=self._db)
+        return self.fragments.drop_refs(txn, _count_hashes(v.hashes))
+
+    def iter_ids(self, txn: lmdb.Transaction) -> Iterator[int]:
+        """Every stored version id, ascending."""
+        with txn.cursor(db=self._db) as cur:
+            for key in cur.iternext(keys=True, values=False):
+                yield int.from_bytes(key, "big")
+
+    def read(self, txn: lmdb.Transaction, v: Version, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a version, short at EOF. Every fragment is checked."""
+        end = min(v.size, offset + size)
+        if offset >= end:
+            return b""
+        starts = fragment_starts(v)
+        i = bisect_right(starts, offset) - 1
+        parts = []
+        pos = offset
+        while pos < end:
+            frag = self.fragments.get(txn, v.fragment_hash(i))
+            lo = pos - starts[i]
+            hi = min(len(frag), end - starts[i])
+            parts.append(frag[lo:hi] if (lo, hi) != (0, len(frag)) else frag)
+            pos = starts[i] + hi
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes]:
+        """The whole content, fragment by fragment, each checked."""
+        for i in range(v.count):
+            yield self.fragments.get(txn, v.fragment_hash(i))
+
+    def compute_digest(self, txn: lmdb.Transaction, v: Version) -> bytes:
+        """BLAKE3 of the whole content, from the fragments (checked as they are read)."""
+        h = blake3.blake3()
+        for frag in self.iter_bytes(txn, v):
+            h.update(frag)
+        return h.digest()
+
+    def ensure_digest(self, v: Version) -> Version:
+        """The version with its digest, computing and recording it if it was deferred."""
+        if v.digest is not None:
+            return v
+        with self._store.read() as txn:
+            digest = self.compute_digest(txn, v)
+        with self._store.write() as txn:
+            current = self.get(txn, v.id)
+            if current.digest is not None:
+                return current
+            if len(digest) != HASH_SIZE:
+                raise CorruptionError(f"version {v.id}: bad digest length")
+            return self.set_digest(txn, current, digest)

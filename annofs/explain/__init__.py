@@ -1,0 +1,1 @@
+"""Explanations: finding signed originals; text and binary diffs."""

@@ -1,0 +1,96 @@
+"""Readable differences: a unified diff for text, changed byte ranges with hex for binaries."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+# Beyond this, a byte-level comparison of a binary is too slow for an interactive answer.
+BINARY_DIFF_LIMIT = 4 << 20
+TEXT_DIFF_LINES = 400
+HEX_CONTEXT = 16
+
+
+def is_text(data: bytes) -> bool:
+    """UTF-8 without NUL bytes (what `git diff` would show as text)."""
+    if b"\0" in data[:8192]:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def text_diff(a: bytes, b: bytes, a_name: str, b_name: str,
+              max_lines: int = TEXT_DIFF_LINES) -> str:
+    """A unified diff, cut at `max_lines` with a note saying so."""
+    lines = list(difflib.unified_diff(
+        a.decode().splitlines(keepends=True), b.decode().splitlines(keepends=True),
+        fromfile=a_name, tofile=b_name))
+    out = []
+    for line in lines[:max_lines]:
+        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    if len(lines) > max_lines:
+        out.append(f"... diff cut at {max_lines} of {len(lines)} lines\n")
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One changed region: bytes [a_start, a_end) of the old became [b_start, b_end) of the new."""
+
+    a_start: int
+    a_end: int
+    b_start: int
+    b_end: int
+
+
+def changed_ranges(a: bytes, b: bytes) -> list[ByteRange]:
+    """The regions where two byte strings differ (insertions, deletions, replacements)."""
+    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return [ByteRange(i1, i2, j1, j2) for op, i1, i2, j1, j2 in sm.get_opcodes() if op != "equal"]
+
+
+def hex_view(data: bytes, start: int, end: int) -> str:
+    """Hex of a region with HEX_CONTEXT bytes around it; changed bytes marked with '*'."""
+    lo = max(0, start - HEX_CONTEXT)
+    hi = min(len(data), max(end, start) + HEX_CONTEXT)
+    rows = []
+    for row in range(lo, hi, 16):
+        chunk = data[row : min(row + 16, hi)]
+        hexes = " ".join(
+            f"{c:02x}" + ("*" if start <= row + k < end else " ") for k, c in enumerate(chunk))
+        text = "".join(chr(c) if 32 <= c < 127 else "." for c in chunk)
+        rows.append(f"  {row:08x}  {hexes:<64} |{text}|")
+    return "\n".join(rows)
+
+
+def binary_diff(a: bytes, b: bytes, a_name: str, b_name: str, max_ranges: int = 20) -> str:
+    """Changed byte ranges, a summary, and a hex view of each range on both sides."""
+    if len(a) > BINARY_DIFF_LIMIT or len(b) > BINARY_DIFF_LIMIT:
+        return (f"binary files {a_name} ({len(a)} bytes) and {b_name} ({len(b)} bytes) differ; "
+                f"too large for a byte-level diff (limit {BINARY_DIFF_LIMIT} bytes)\n")
+    ranges = changed_ranges(a, b)
+    inserted = sum(max(0, (r.b_end - r.b_start) - (r.a_end - r.a_start)) for r in ranges)
+    deleted = sum(max(0, (r.a_end - r.a_start) - (r.b_end - r.b_start)) for r in ranges)
+    changed = sum(min(r.a_end - r.a_start, r.b_end - r.b_start) for r in ranges)
+    out = [f"binary files {a_name} and {b_name} differ: {len(ranges)} changed range(s), "
+           f"{changed} bytes changed, {inserted} inserted, {deleted} deleted\n"]
+    for r in ranges[:max_ranges]:
+        out.append(f"@@ {a_name} [{r.a_start:#x}, {r.a_end:#x}) -> "
+                   f"{b_name} [{r.b_start:#x}, {r.b_end:#x}) @@\n")
+        out.append(f"- {a_name}\n{hex_view(a, r.a_start, r.a_end)}\n")
+        out.append(f"+ {b_name}\n{hex_view(b, r.b_start, r.b_end)}\n")
+    if len(ranges) > max_ranges:
+        out.append(f"... {len(ranges) - max_ranges} more range(s) not shown\n")
+    return "".join(out)
+
+
+def render_diff(a: bytes, b: bytes, a_name: str, b_name: str) -> str:
+    """The right kind of diff for the content; empty when equal."""
+    if a == b:
+        return ""
+    if is_text(a) and is_text(b):
+        return text_diff(a, b, a_name, b_name)
+    return binary_diff(a, b, a_name, b_name)

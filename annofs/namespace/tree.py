@@ -1,0 +1,458 @@
+"""Directory nodes and their entries.
+
+A directory node is shared between trees while its refcount is above one. Every change
+goes through `writable_dir`, which walks from the root and copies each shared node on the
+way (path copying, as btrfs does with shared tree blocks): copying one directory's
+entries costs that directory's size, once; an O(1) copy of a tree is one more reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import lmdb
+
+from annofs.content.versions import EMPTY_VERSION
+from annofs.errors import (
+    ExistsError,
+    InvalidOperationError,
+    NameTooLongError,
+    NotADirectoryError_,
+    NotEmptyError,
+    NotFoundError,
+    UsageError,
+)
+from annofs.store import Store
+from annofs.store.keys import entry_key, u64
+from annofs.store.records import (
+    Attrs,
+    DirHeader,
+    Link,
+    decode_attrs,
+    decode_dir,
+    decode_link,
+    encode_attrs,
+    encode_dir,
+    encode_link,
+)
+
+MAX_NAME = 255
+
+Path_ = Sequence[bytes]
+
+
+def check_name(name: bytes) -> None:
+    """Reject names no POSIX directory can hold."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise UsageError(f"{name!r}: not a valid file name")
+    if len(name) > MAX_NAME:
+        raise NameTooLongError(f"{name[:40]!r}...: name longer than {MAX_NAME} bytes")
+
+
+def split_path(path: str | bytes) -> list[bytes]:
+    """'/a/b' -> [b'a', b'b'] for paths inside the store's namespace ('/' is the root)."""
+    raw = path.encode() if isinstance(path, str) else path
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise UsageError(f"{raw.decode(errors='replace')}: '..' is not allowed in store paths")
+    return parts
+
+
+def now_ns() -> int:
+    """The time stamps entries get."""
+    return time.time_ns()
+
+
+class Namespace:
+    """Entries, directory nodes and hard-link records, inside caller-owned transactions."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._dirs = store.db["dirs"]
+        self._entries = store.db["entries"]
+        self._links = store.db["links"]
+        # Bumped whenever a shared directory is copied: dir ids cached above us go stale.
+        self.cow_epoch = 0
+
+    # -- the root -----------------------------------------------------------------
+
+    def ensure_root(self, txn: lmdb.Transaction, uid: int, gid: int) -> None:
+        """Create the root directory of a new store."""
+        if self._store.get_meta(txn, "root") is not None:
+            return
+        dir_id = self._new_dir(txn)
+        t = now_ns()
+        attrs = Attrs(stat.S_IFDIR | 0o755, uid, gid, 0, t, t, t, dir_id)
+        self._store.put_meta(txn, "root", encode_attrs(attrs))
+
+    def root(self, txn: lmdb.Transaction, root: str = "root") -> Attrs:
+        """A root directory's attributes (target: its dir id)."""
+        raw = self._store.get_meta(txn, root)
+        if raw is None:
+            raise NotFoundError(f"the store has no {root} directory")
+        return decode_attrs(raw, f"{root} directory")
+
+    def _set_root(self, txn: lmdb.Transaction, attrs: Attrs, root: str = "root") -> None:
+        self._store.put_meta(txn, root, encode_attrs(attrs))
+
+    def make_staging_root(self, txn: lmdb.Transaction, uid: int, gid: int,
+                          base: Attrs | None = None) -> str:
+        """A tree outside the visible one, for building a change atomically.
+
+        With `base` (a directory's entry) it starts as an O(1) clone of that directory,
+        else empty.
+        """
+        name = f"staging:{self._store.next_id(txn, 'staging')}"
+        if base is not None and base.is_dir and not base.link:
+            self._ref_target(txn, base)
+            self._set_root(txn, base, name)
+        else:
+            t = now_ns()
+            self._set_root(txn, Attrs(stat.S_IFDIR | 0o755, uid, gid, 0, t, t, t,
+                                      self._new_dir(txn)), name)
+        return name
+
+    def drop_root(self, txn: lmdb.Transaction, root: str) -> None:
+        """Release a staging tree and everything only it references."""
+        a = self.root(txn, root)
+        txn.delete(root.encode(), db=self._store.db["meta"])
+        self._unref_target(txn, a)
+
+    def staging_roots(self, txn: lmdb.Transaction) -> list[str]:
+        """Staging trees left behind (by a crash mid-import): gc drops them."""
+        with txn.cursor(db=self._store.db["meta"]) as cur:
+            if not cur.set_range(b"staging:"):
+                return []
+            return [bytes(k).decode() for k in cur.iternext(values=False)
+                    if bytes(k).startswith(b"staging:")]
+
+    # -- directory nodes ----------------------------------------------------------
+
+    def _new_dir(self, txn: lmdb.Transaction) -> int:
+        dir_id = self._store.next_id(txn, "dir")
+        txn.put(u64(dir_id), encode_dir(DirHeader(1, 0)), db=self._dirs)
+        return dir_id
+
+    def header(self, txn: lmdb.Transaction, dir_id: int) -> DirHeader:
+        """A directory node's header."""
+        raw = txn.get(u64(dir_id), db=self._dirs)
+        if raw is None:
+            raise NotFoundError(f"directory node {dir_id}: missing")
+        return decode_dir(dir_id, raw)
+
+    def _put_header(self, txn: lmdb.Transaction, dir_id: int, h: DirHeader) -> None:
+        txn.put(u64(dir_id), encode_dir(h), db=self._dirs)
+
+    def _adjust_subdirs(self, txn: lmdb.Transaction, dir_id: int, delta: int) -> None:
+        h = self.header(txn, dir_id)
+        self._put_header(txn, dir_id, dataclasses.replace(h, nsubdirs=h.nsubdirs + delta))
+
+    def _ref_target(self, txn: lmdb.Transaction, a: Attrs) -> None:
+        """One more entry points at what `a` points at (a dir node or a link)."""
+        if a.link:
+            link = self.get_link(txn, a.link)
+            self._put_link(txn, a.link, dataclasses.replace(link, nlink=link.nlink + 1))
+        elif a.is_dir:
+            h = self.header(txn, a.target)
+            self._put_header(txn, a.target, dataclasses.replace(h, refcount=h.refcount + 1))
+
+    def _unref_target(self, txn: lmdb.Transaction, a: Attrs) -> None:
+        """An entry pointing at `a`'s target went away; free nodes nothing uses."""
+        pending = [a]
+        while pending:
+            a = pending.pop()
+            if a.link:
+                link = self.get_link(txn, a.link)
+                if link.nlink > 1:
+                    self._put_link(txn, a.link, dataclasses.replace(link, nlink=link.nlink - 1))
+                else:
+                    txn.delete(u64(a.link), db=self._links)
+            elif a.is_dir:
+                h = self.header(txn, a.target)
+                if h.refcount > 1:
+                    self._put_header(txn, a.target, dataclasses.replace(h, refcount=h.refcount - 1))
+                    continue
+                for name, child in list(self._iter_raw(txn, a.target)):
+                    txn.delete(entry_key(a.target, name), db=self._entries)
+                    pending.append(child)
+                txn.delete(u64(a.target), db=self._dirs)
+
+    def _copy_dir(self, txn: lmdb.Transaction, dir_id: int) -> int:
+        """Copy a shared directory node: its entries now point at shared children."""
+        new_id = self._store.next_id(txn, "dir")
+        old = self.header(txn, dir_id)
+        for name, child in self._iter_raw(txn, dir_id):
+            txn.put(entry_key(new_id, name), encode_attrs(child), db=self._entries)
+            self._ref_target(txn, child)
+        self._put_header(txn, new_id, DirHeader(1, old.nsubdirs))
+        self._put_header(txn, dir_id, dataclasses.replace(old, refcount=old.refcount - 1))
+        self.cow_epoch += 1
+        return new_id
+
+    # -- reading ------------------------------------------------------------------
+
+    def _get_raw(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs | None:
+        raw = txn.get(entry_key(dir_id, name), db=self._entries)
+        if raw is None:
+            return None
+        return decode_attrs(raw, f"entry {name!r} of directory {dir_id}")
+
+    def get(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs | None:
+        """The attributes of `name` in a directory (a hard link's shared ones), or None."""
+        a = self._get_raw(txn, dir_id, name)
+        if a is not None and a.link:
+            return self.get_link(txn, a.link).attrs
+        return a
+
+    def get_link(self, txn: lmdb.Transaction, link_id: int) -> Link:
+        """A hard-link record."""
+        raw = txn.get(u64(link_id), db=self._links)
+        if raw is None:
+            raise NotFoundError(f"link {link_id}: missing")
+        return decode_link(link_id, raw)
+
+    def _put_link(self, txn: lmdb.Transaction, link_id: int, link: Link) -> None:
+        txn.put(u64(link_id), encode_link(link), db=self._links)
+
+    def _iter_raw(self, txn: lmdb.Transaction, dir_id: int,
+                  after: bytes | None = None) -> Iterator[tuple[bytes, Attrs]]:
+        prefix = u64(dir_id)
+        with txn.cursor(db=self._entries) as cur:
+            start = prefix + after if after is not None else prefix
+            if not cur.set_range(start):
+                return
+            if after is not None and cur.key() == start and not cur.next():
+                return
+            for key, raw in cur:
+                if key[:8] != prefix:
+                    return
+                name = bytes(key[8:])
+                yield name, decode_attrs(raw, f"entry {name!r} of directory {dir_id}")
+
+    def listdir(self, txn: lmdb.Transaction, dir_id: int,
+                after: bytes | None = None) -> Iterator[tuple[bytes, Attrs]]:
+        """Entries of a directory in name order, hard links resolved; resumes after `after`."""
+        for name, a in self._iter_raw(txn, dir_id, after):
+            yield name, (self.get_link(txn, a.link).attrs if a.link else a)
+
+    def iter_entries(self, txn: lmdb.Transaction,
+                     dir_id: int) -> Iterator[tuple[bytes, Attrs, int]]:
+        """(name, attributes, hard-link id or 0) for each entry, in name order."""
+        for name, a in self._iter_raw(txn, dir_id):
+            if a.link:
+                yield name, self.get_link(txn, a.link).attrs, a.link
+            else:
+                yield name, a, 0
+
+    def is_empty(self, txn: lmdb.Transaction, dir_id: int) -> bool:
+        """Whether a directory has no entries."""
+        return next(self._iter_raw(txn, dir_id), None) is None
+
+    def resolve(self, txn: lmdb.Transaction, path: Path_, root: str = "root") -> Attrs:
+        """The attributes at a path (no symlinks followed); NotFound / NotADirectory."""
+        a = self.root(txn, root)
+        for i, name in enumerate(path):
+            if not a.is_dir:
+                raise NotADirectoryError_(f"{_show(path[:i])}: not a directory")
+            child = self.get(txn, a.target, name)
+            if child is None:
+                raise NotFoundError(f"{_show(path[: i + 1])}: no such file or directory")
+            a = child
+        return a
+
+    def link_id_at(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> int:
+        """The hard-link id of an entry, 0 if it is not hard-linked."""
+        a = self._get_raw(txn, dir_id, name)
+        return a.link if a is not None else 0
+
+    def nlink(self, txn: lmdb.Transaction, a: Attrs) -> int:
+        """st_nlink: names of a hard link; 2 + subdirectories for a directory."""
+        if a.is_dir:
+            return 2 + self.header(txn, a.target).nsubdirs
+        if a.link:
+            return self.get_link(txn, a.link).nlink
+        return 1
+
+    # -- changing -------------------------------------------------------------------
+
+    def writable_dir(self, txn: lmdb.Transaction, path: Path_, root: str = "root") -> int:
+        """The id of the directory at `path`, made exclusive to this path by path copying."""
+        top = self.root(txn, root)
+        cur = top.target
+        if self.header(txn, cur).refcount > 1:
+            cur = self._copy_dir(txn, cur)
+            self._set_root(txn, dataclasses.replace(top, target=cur), root)
+        for i, name in enumerate(path):
+            a = self._get_raw(txn, cur, name)
+            if a is None:
+                raise NotFoundError(f"{_show(path[: i + 1])}: no such file or directory")
+            if not a.is_dir:
+                raise NotADirectoryError_(f"{_show(path[: i + 1])}: not a directory")
+            child = a.target
+            if self.header(txn, child).refcount > 1:
+                child = self._copy_dir(txn, child)
+                txn.put(entry_key(cur, name), encode_attrs(dataclasses.replace(a, target=child)),
+                        db=self._entries)
+            cur = child
+        return cur
+
+    def make_dirs(self, txn: lmdb.Transaction, path: Path_, uid: int, gid: int) -> int:
+        """`mkdir -p`: the writable directory at `path`, creating what is missing."""
+        for i, name in enumerate(path):
+            parent = self.writable_dir(txn, path[:i])
+            if self.get(txn, parent, name) is None:
+                self.create(txn, parent, name, new_file_attrs(stat.S_IFDIR | 0o755, uid, gid))
+        return self.writable_dir(txn, path)
+
+    def create(self, txn: lmdb.Transaction, dir_id: int, name: bytes, a: Attrs) -> Attrs:
+        """Add a new entry to a writable directory; a directory entry gets a fresh node."""
+        check_name(name)
+        if txn.get(entry_key(dir_id, name), db=self._entries) is not None:
+            raise ExistsError(f"{name.decode(errors='replace')}: already exists")
+        if a.is_dir:
+            a = dataclasses.replace(a, target=self._new_dir(txn))
+            self._adjust_subdirs(txn, dir_id, +1)
+        txn.put(entry_key(dir_id, name), encode_attrs(a), db=self._entries)
+        return a
+
+    def set_attrs(self, txn: lmdb.Transaction, dir_id: int, name: bytes,
+                  change: Callable[[Attrs], Attrs]) -> Attrs:
+        """Change an existing entry's attributes (a hard link's shared record) in place."""
+        raw = self._get_raw(txn, dir_id, name)
+        if raw is None:
+            raise NotFoundError(f"{name.decode(errors='replace')}: no such file or directory")
+        if raw.link:
+            link = self.get_link(txn, raw.link)
+            new = change(link.attrs)
+            self._put_link(txn, raw.link, dataclasses.replace(link, attrs=new))
+            return new
+        new = change(raw)
+        txn.put(entry_key(dir_id, name), encode_attrs(new), db=self._entries)
+        return new
+
+    def set_root_attrs(self, txn: lmdb.Transaction, change: Callable[[Attrs], Attrs],
+                       root: str = "root") -> Attrs:
+        """Change a root directory's own attributes."""
+        new = change(self.root(txn, root))
+        self._set_root(txn, new, root)
+        return new
+
+    def remove(self, txn: lmdb.Transaction, dir_id: int, name: bytes, *,
+               want_dir: bool | None = None) -> Attrs:
+        """Remove an entry (rmdir semantics for directories: it must be empty)."""
+        a = self.get(txn, dir_id, name)
+        if a is None:
+            raise NotFoundError(f"{name.decode(errors='replace')}: no such file or directory")
+        if want_dir is True and not a.is_dir:
+            raise NotADirectoryError_(f"{name.decode(errors='replace')}: not a directory")
+        if want_dir is False and a.is_dir:
+            from annofs.errors import IsADirectoryError_
+
+            raise IsADirectoryError_(f"{name.decode(errors='replace')}: is a directory")
+        if a.is_dir:
+            if not self.is_empty(txn, a.target):
+                raise NotEmptyError(f"{name.decode(errors='replace')}: directory not empty")
+            self._adjust_subdirs(txn, dir_id, -1)
+        raw = self._get_raw(txn, dir_id, name)
+        assert raw is not None
+        txn.delete(entry_key(dir_id, name), db=self._entries)
+        self._unref_target(txn, raw)
+        return a
+
+    def detach(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs:
+        """Take an entry out without releasing what it points at (the first half of a move)."""
+        raw = self._get_raw(txn, dir_id, name)
+        if raw is None:
+            raise NotFoundError(f"{name.decode(errors='replace')}: no such file or directory")
+        txn.delete(entry_key(dir_id, name), db=self._entries)
+        if raw.is_dir:
+            self._adjust_subdirs(txn, dir_id, -1)
+        return raw
+
+    def attach(self, txn: lmdb.Transaction, dir_id: int, name: bytes, raw: Attrs) -> None:
+        """Put a detached entry back under a (new) name; the name must be free."""
+        check_name(name)
+        txn.put(entry_key(dir_id, name), encode_attrs(raw), db=self._entries)
+        if raw.is_dir:
+            self._adjust_subdirs(txn, dir_id, +1)
+
+    def remove_tree(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs:
+        """Remove an entry and, for a directory, everything below it that nothing else uses."""
+        raw = self.detach(txn, dir_id, name)
+        self._unref_target(txn, raw)
+        return raw
+
+    def clone_entry(self, txn: lmdb.Transaction, raw: Attrs, dst_dir: int, name: bytes) -> None:
+        """Add another reference to an entry's content under a new name: O(1) for any tree.
+
+        The directory node becomes shared; whichever side changes first copies it.
+        """
+        check_name(name)
+        if txn.get(entry_key(dst_dir, name), db=self._entries) is not None:
+            raise ExistsError(f"{name.decode(errors='replace')}: already exists")
+        self._ref_target(txn, raw)
+        self.attach(txn, dst_dir, name, raw)
+
+    def swap_root_into(self, txn: lmdb.Transaction, root: str, dst_dir: int,
+                       name: bytes) -> None:
+        """Make a staging tree the entry `name` of `dst_dir` (replacing it), in one step."""
+        staged = self.root(txn, root)
+        if txn.get(entry_key(dst_dir, name), db=self._entries) is not None:
+            self.remove_tree(txn, dst_dir, name)
+        txn.delete(root.encode(), db=self._store.db["meta"])
+        self.attach(txn, dst_dir, name, staged)
+
+    def raw_entry(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs | None:
+        """The entry as stored (for a hard link: the reference, not the shared attributes)."""
+        return self._get_raw(txn, dir_id, name)
+
+    def hard_link(self, txn: lmdb.Transaction, src_dir: int, src_name: bytes,
+                  dst_dir: int, dst_name: bytes) -> Attrs:
+        """Give a regular file (or symlink) another name; its attributes become shared."""
+        check_name(dst_name)
+        raw = self._get_raw(txn, src_dir, src_name)
+        if raw is None:
+            raise NotFoundError(f"{src_name.decode(errors='replace')}: no such file")
+        if raw.is_dir:
+            raise InvalidOperationError("hard links to directories are not allowed")
+        if txn.get(entry_key(dst_dir, dst_name), db=self._entries) is not None:
+            raise ExistsError(f"{dst_name.decode(errors='replace')}: already exists")
+        if not raw.link:
+            link_id = self._store.next_id(txn, "link")
+            self._put_link(txn, link_id, Link(1, raw))
+            ref = dataclasses.replace(raw, link=link_id, xattrs={})
+            txn.put(entry_key(src_dir, src_name), encode_attrs(ref), db=self._entries)
+            raw = ref
+        self._ref_target(txn, raw)
+        txn.put(entry_key(dst_dir, dst_name), encode_attrs(raw), db=self._entries)
+        return self.get_link(txn, raw.link).attrs
+
+    def is_ancestor(self, txn: lmdb.Transaction, path: Path_, other: Path_) -> bool:
+        """Whether `path` is `other` or one of its ancestors (a move into itself)."""
+        return len(path) <= len(other) and list(other[: len(path)]) == list(path)
+
+    def iter_versions(self, txn: lmdb.Transaction) -> Iterator[int]:
+        """Every version id an entry or link refers to (reachability for gc and fsck)."""
+        with txn.cursor(db=self._entries) as cur:
+            for _key, raw in cur:
+                a = decode_attrs(raw, "entry")
+                if a.is_reg and not a.link:
+                    yield int(a.target)
+        with txn.cursor(db=self._links) as cur:
+            for key, raw in cur:
+                link = decode_link(int.from_bytes(key, "big"), raw)
+                if link.attrs.is_reg:
+                    yield int(link.attrs.target)
+
+
+def new_file_attrs(mode: int, uid: int, gid: int) -> Attrs:
+    """Attributes of a new, empty entry of the given type."""
+    t = now_ns()
+    return Attrs(mode, uid, gid, 0, t, t, t, EMPTY_VERSION if stat.S_ISREG(mode) else 0)
+
+
+def _show(path: Path_) -> str:
+    return "/" + "/".join(p.decode(errors="replace") for p in path)

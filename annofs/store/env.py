@@ -1,0 +1,133 @@
+"""One LMDB environment per store, its named databases, and the store's format marker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from annofs.errors import StoreError
+from annofs.store.keys import from_u64, u64
+
+FORMAT_VERSION = 1
+
+# Virtual address space only: LMDB grows the file as it is used.
+MAP_SIZE = 1 << 40
+
+DB_NAMES = (
+    "meta",  # format version, counters, root directory
+    "fragments",  # blake3 -> codec byte + payload
+    "fragrefs",  # blake3 -> u64 occurrences in stored versions
+    "versions",  # version id -> version record (edit-graph node)
+    "dirs",  # dir id -> directory header (refcount, subdirectory count)
+    "entries",  # dir id + name -> entry record
+    "links",  # link id -> hard-linked file record
+    "importcache",  # store path of an imported file -> host stat it was read at
+)
+
+
+class Store:
+    """An open store: the LMDB environment and handles to its named databases.
+
+    Commits do not fsync (measured: 150-250 us per synchronous commit here, against
+    6 us); callers that promise durability (`fsync`, unmount, the end of a command)
+    call `sync()`. A killed process loses nothing committed; a machine crash can lose
+    what was committed since the last `sync()`.
+    """
+
+    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+        self.path = path
+        self.env = env
+        self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read-only snapshot transaction."""
+        with self.env.begin(buffers=False) as txn:
+            yield txn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction: committed on normal exit, aborted on exception."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    def next_id(self, txn: lmdb.Transaction, counter: str) -> int:
+        """Allocate the next id of a counter inside a write transaction."""
+        key = b"next:" + counter.encode()
+        raw = txn.get(key, db=self.db["meta"])
+        n = from_u64(raw) if raw is not None else 1
+        txn.put(key, u64(n + 1), db=self.db["meta"])
+        return n
+
+    def get_meta(self, txn: lmdb.Transaction, key: str) -> bytes | None:
+        """A raw metadata value."""
+        raw = txn.get(key.encode(), db=self.db["meta"])
+        return bytes(raw) if raw is not None else None
+
+    def put_meta(self, txn: lmdb.Transaction, key: str, value: bytes) -> None:
+        """Set a raw metadata value."""
+        txn.put(key.encode(), value, db=self.db["meta"])
+
+    def sync(self) -> None:
+        """Flush committed transactions to disk."""
+        self.env.sync(True)
+
+    def close(self) -> None:
+        """Sync and close the environment."""
+        self.env.sync(True)
+        self.env.close()
+
+
+def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
+    return lmdb.open(
+        str(path / "db"),
+        map_size=MAP_SIZE,
+        max_dbs=32,
+        sync=False,
+        metasync=False,
+        readahead=False,  # random fragment reads; readahead only pollutes the page cache
+        max_readers=256,
+        readonly=readonly,
+        lock=True,
+    )
+
+
+def open_store(path: Path, *, create: bool = False) -> Store:
+    """Open the store at `path`; with `create`, make it first (idempotent).
+
+    Raises StoreError naming the path if it is missing, not a store, or of another format.
+    """
+    path = Path(path)
+    marker = path / "db" / "data.mdb"
+    if not marker.exists():
+        if not create:
+            raise StoreError(f"{path}: no annofs store here (run 'annofs --store {path} init')")
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a directory")
+        (path / "db").mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    try:
+        env = _open_env(path)
+    except lmdb.Error as e:
+        raise StoreError(f"{path}: cannot open the store: {e}") from e
+    store = Store(path, env)
+    with store.write() as txn:
+        fmt = store.get_meta(txn, "format")
+        if fmt is None:
+            if not create:
+                env.close()
+                raise StoreError(f"{path}: the store was never initialised (run annofs init)")
+            store.put_meta(txn, "format", str(FORMAT_VERSION).encode())
+        elif fmt != str(FORMAT_VERSION).encode():
+            env.close()
+            raise StoreError(
+                f"{path}: store format {fmt.decode(errors='replace')} is not supported "
+                f"(this annofs reads format {FORMAT_VERSION})"
+            )
+    if create:
+        store.sync()
+    return store

@@ -1,0 +1,185 @@
+"""The on-disk records and their one encoder/decoder each.
+
+Every record is a msgpack array whose first element is the record layout's number, so a
+later layout can be read beside an old one. Never pickle: a store may come from elsewhere,
+and a record that does not decode is reported as corruption, not executed.
+"""
+
+from __future__ import annotations
+
+import stat
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from annofs.errors import CorruptionError
+from annofs.store.keys import HASH_SIZE
+
+_LAYOUT = 1
+
+
+def _pack(fields: list[Any]) -> bytes:
+    return msgpack.packb([_LAYOUT, *fields], use_bin_type=True)
+
+
+def _unpack(raw: bytes | memoryview, what: str, nfields: int) -> list[Any]:
+    try:
+        rec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise CorruptionError(f"{what}: record does not decode ({e})") from e
+    if not isinstance(rec, list) or len(rec) != nfields + 1 or rec[0] != _LAYOUT:
+        raise CorruptionError(f"{what}: record has an unknown layout")
+    return rec[1:]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Which fragment range of the parent version was replaced by which range of this one."""
+
+    start: int  # index of the first changed fragment (same in parent and child)
+    removed: int  # fragments of the parent replaced
+    added: int  # fragments of this version in their place
+
+
+@dataclass(frozen=True)
+class Version:
+    """One node of the edit graph: a file's content as a fragment list.
+
+    `hashes` is the fragments' BLAKE3 hashes concatenated, `lengths` their sizes as a
+    uint32 array: packed, so a new version of a 65k-fragment file is a memcpy, not a loop.
+    `digest` is BLAKE3 of the whole content; None until computed (a small edit to a huge
+    file must not wait for hashing all of it).
+    """
+
+    id: int
+    parent: int
+    size: int
+    digest: bytes | None
+    created_ns: int
+    edit: Edit | None
+    hashes: bytes
+    lengths: array = field(repr=False)
+
+    @property
+    def count(self) -> int:
+        """Number of fragments."""
+        return len(self.lengths)
+
+    def fragment_hash(self, i: int) -> bytes:
+        """The hash of fragment i."""
+        return self.hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+
+
+def encode_version(v: Version) -> bytes:
+    """Encode a version record."""
+    edit = [v.edit.start, v.edit.removed, v.edit.added] if v.edit else None
+    return _pack([v.parent, v.size, v.digest, v.created_ns, edit, v.hashes, v.lengths.tobytes()])
+
+
+def decode_version(vid: int, raw: bytes | memoryview) -> Version:
+    """Decode a version record, checking that its fragment list is self-consistent."""
+    what = f"version {vid}"
+    parent, size, digest, created, edit, hashes, lengths_raw = _unpack(raw, what, 7)
+    lengths = array("I")
+    try:
+        lengths.frombytes(lengths_raw)
+    except (TypeError, ValueError) as e:
+        raise CorruptionError(f"{what}: bad fragment lengths") from e
+    if len(hashes) != HASH_SIZE * len(lengths) or sum(lengths) != size:
+        raise CorruptionError(f"{what}: fragment list does not match its size")
+    if digest is not None and len(digest) != HASH_SIZE:
+        raise CorruptionError(f"{what}: bad digest")
+    return Version(
+        vid, parent, size, digest, created, Edit(*edit) if edit else None, hashes, lengths
+    )
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """A namespace entry's inode attributes.
+
+    `target` depends on the type in `mode`: a version id for a regular file, a dir id for
+    a directory, the link's bytes for a symlink, the device number for a device node.
+    `link` is non-zero for a hard-linked file: its attributes then live in the link record.
+    Times are nanoseconds since the epoch.
+    """
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: int | bytes
+    link: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def encode_attrs(a: Attrs) -> bytes:
+    """Encode an entry (or a link record's attributes)."""
+    return _pack(
+        [a.mode, a.uid, a.gid, a.size, a.atime_ns, a.mtime_ns, a.ctime_ns, a.target, a.link,
+         a.xattrs]
+    )
+
+
+def decode_attrs(raw: bytes | memoryview, what: str) -> Attrs:
+    """Decode an entry record."""
+    mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs = _unpack(raw, what, 10)
+    if not isinstance(xattrs, dict) or not isinstance(target, int | bytes):
+        raise CorruptionError(f"{what}: bad entry")
+    return Attrs(mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs)
+
+
+@dataclass(frozen=True)
+class DirHeader:
+    """A directory node: shared between trees while `refcount` > 1 (copy-on-write)."""
+
+    refcount: int
+    nsubdirs: int
+
+
+def encode_dir(h: DirHeader) -> bytes:
+    """Encode a directory header."""
+    return _pack([h.refcount, h.nsubdirs])
+
+
+def decode_dir(dir_id: int, raw: bytes | memoryview) -> DirHeader:
+    """Decode a directory header."""
+    refcount, nsubdirs = _unpack(raw, f"directory {dir_id}", 2)
+    return DirHeader(refcount, nsubdirs)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A hard-linked file: the attributes every one of its names shares, and how many."""
+
+    nlink: int
+    attrs: Attrs
+
+
+def encode_link(link: Link) -> bytes:
+    """Encode a link record."""
+    return _pack([link.nlink, encode_attrs(link.attrs)])
+
+
+def decode_link(link_id: int, raw: bytes | memoryview) -> Link:
+    """Decode a link record."""
+    what = f"link {link_id}"
+    nlink, attrs = _unpack(raw, what, 2)
+    return Link(nlink, decode_attrs(attrs, what))

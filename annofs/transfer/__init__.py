@@ -1,0 +1,1 @@
+"""Copying trees between the host and the store: import (incremental) and export."""
