@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from array import array
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from functools import lru_cache
 from itertools import accumulate
 
 import blake3
@@ -24,16 +23,29 @@ EMPTY_VERSION = 0
 EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 
-@lru_cache(maxsize=256)
-def _starts(lengths_bytes: bytes) -> array:
-    lengths = array("I")
-    lengths.frombytes(lengths_bytes)
-    return array("Q", accumulate(lengths, initial=0))
+_STARTS_CACHE: OrderedDict[tuple[int, int, int, int], array] = OrderedDict()
+_STARTS_CACHE_SIZE = 256
 
 
 def fragment_starts(v: Version) -> array:
-    """Cumulative offsets: starts[i] is where fragment i begins; starts[-1] == size."""
-    return _starts(v.lengths.tobytes())
+    """Cumulative offsets: starts[i] is where fragment i begins; starts[-1] == size.
+
+    Cached for stored versions (immutable): a read of a large file must not redo a
+    65k-element prefix sum per 128 KiB request. The key includes the creation time
+    because ids are only unique within one store, and a process may open several.
+    """
+    if v.id < 0:
+        return array("Q", accumulate(v.lengths, initial=0))
+    key = (v.id, v.created_ns, v.size, v.count)
+    starts = _STARTS_CACHE.get(key)
+    if starts is not None:
+        _STARTS_CACHE.move_to_end(key)
+        return starts
+    starts = array("Q", accumulate(v.lengths, initial=0))
+    _STARTS_CACHE[key] = starts
+    if len(_STARTS_CACHE) > _STARTS_CACHE_SIZE:
+        _STARTS_CACHE.popitem(last=False)
+    return starts
 
 
 def _count_hashes(hashes: bytes) -> Counter[bytes]:

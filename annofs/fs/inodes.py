@@ -1,0 +1,124 @@
+"""Kernel inode numbers for namespace locations, allocated lazily at lookup.
+
+A location is (parent inode, name); a hard-linked file has one inode for all its names,
+keyed by its link id. Numbers are handed out when the kernel first looks a name up, so a
+copied tree costs nothing until it is visited, and dropped when the kernel forgets them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from annofs.store.records import Attrs
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+@dataclass
+class Inode:
+    """What the daemon knows of one kernel inode."""
+
+    ino: int
+    parent: int
+    name: bytes
+    link: int = 0
+    is_dir: bool = False
+    lookups: int = 0
+    opens: int = 0
+    # Set once the last name is gone while the file is still open: its attributes live here.
+    orphan: Attrs | None = None
+    dir_id: int | None = None
+    dir_epoch: int = -1
+    extra: dict = field(default_factory=dict)
+
+
+class InodeTable:
+    """ino <-> location maps, lookup counts, and each directory inode's cached node id."""
+
+    def __init__(self) -> None:
+        self._next = ROOT + 1
+        self.by_ino: dict[int, Inode] = {ROOT: Inode(ROOT, ROOT, b"", is_dir=True, lookups=1)}
+        self._by_loc: dict[tuple[int, bytes], int] = {}
+        self._by_link: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_ino)
+
+    def get(self, ino: int) -> Inode | None:
+        """The inode, if the kernel knows it."""
+        return self.by_ino.get(ino)
+
+    def at(self, parent: int, name: bytes) -> Inode | None:
+        """The inode already assigned to a location, if any."""
+        ino = self._by_loc.get((parent, name))
+        return self.by_ino[ino] if ino is not None else None
+
+    def ensure(self, parent: int, name: bytes, a: Attrs, link: int) -> Inode:
+        """The inode for a location (a hard link's shared one), assigning a number if new."""
+        ino = self._by_link.get(link) if link else self._by_loc.get((parent, name))
+        if ino is not None:
+            node = self.by_ino[ino]
+            self._by_loc[(parent, name)] = ino
+            return node
+        node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir)
+        self._next += 1
+        self.by_ino[node.ino] = node
+        self._by_loc[(parent, name)] = node.ino
+        if link:
+            self._by_link[link] = node.ino
+        return node
+
+    def move(self, node: Inode, parent: int, name: bytes) -> None:
+        """A rename: the inode keeps its number at its new location."""
+        if self._by_loc.get((node.parent, node.name)) == node.ino:
+            del self._by_loc[(node.parent, node.name)]
+        node.parent, node.name = parent, name
+        self._by_loc[(parent, name)] = node.ino
+
+    def unbind(self, parent: int, name: bytes) -> Inode | None:
+        """A name went away; returns the inode it named (still alive while looked up or open)."""
+        ino = self._by_loc.pop((parent, name), None)
+        return self.by_ino.get(ino) if ino is not None else None
+
+    def became_link(self, node: Inode, link: int) -> None:
+        """A file got a second name: its inode is now keyed by the link id."""
+        node.link = link
+        self._by_link[link] = node.ino
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped `n` references; unused inodes leave the table."""
+        node = self.by_ino.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups -= n
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Inode) -> None:
+        """Drop an inode nobody holds (no kernel reference, no open handle)."""
+        if node.lookups > 0 or node.opens > 0 or node.ino == ROOT:
+            return
+        del self.by_ino[node.ino]
+        if self._by_loc.get((node.parent, node.name)) == node.ino:
+            del self._by_loc[(node.parent, node.name)]
+        if node.link and self._by_link.get(node.link) == node.ino:
+            del self._by_link[node.link]
+
+    def path(self, node: Inode) -> list[bytes]:
+        """The names from the root to this inode."""
+        parts = []
+        while node.ino != ROOT:
+            parts.append(node.name)
+            node = self.by_ino[node.parent]
+        parts.reverse()
+        return parts
+
+    def is_within(self, node: Inode, ancestor: Inode) -> bool:
+        """Whether `node` is `ancestor` or below it."""
+        while True:
+            if node.ino == ancestor.ino:
+                return True
+            if node.ino == ROOT:
+                return False
+            node = self.by_ino[node.parent]
