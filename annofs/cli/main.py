@@ -9,6 +9,7 @@ import click
 
 from annofs.cli.context import default_store
 from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
+from annofs.cli.mount_cmds import mount_cmd, umount_cmd
 from annofs.cli.tree_cmds import export_cmd, import_cmd, init_cmd
 from annofs.errors import AnnofsError
 
@@ -23,7 +24,8 @@ def cli(ctx: click.Context, store: Path | None) -> None:
     ctx.obj = {"store": store or default_store()}
 
 
-for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd):
+for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
+                umount_cmd):
     cli.add_command(command)
 
 
@@ -35,7 +37,8 @@ def main() -> None:
         click.echo("annofs: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        # One line, as for every other bad input; --help has the long form.
+        click.echo(f"annofs: {e.format_message()}", err=True)
         sys.exit(2)
     except AnnofsError as e:
         click.echo(f"annofs: {e}", err=True)

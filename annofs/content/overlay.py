@@ -87,6 +87,13 @@ class DirtyOverlay:
             self.truncated_to = self.size
         self.size = size
 
+    def base_visible(self, base_size: int) -> int:
+        """How much of the base still shows: a shrink hides the rest, even after regrowth
+        (the regrown part reads as zeros, or as what was written there)."""
+        if self.truncated_to is None:
+            return base_size
+        return min(base_size, self.truncated_to)
+
     def changed_range(self, base_size: int) -> tuple[int, int] | None:
         """[lo, hi) of the logical content that may differ from the base, or None."""
         lo: int | None = None

@@ -58,10 +58,12 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
     first = 0 if nfrag == 0 else min(bisect_right(starts, lo) - 1, nfrag - 1)
     pos = starts[first] if nfrag else 0
 
+    visible = dirty.base_visible(base.size)
+
     def new_content(off: int, n: int) -> bytearray:
         n = min(n, size - off)
         buf = bytearray(n)
-        base_n = max(0, min(n, base.size - off))
+        base_n = max(0, min(n, visible - off))
         if base_n:
             buf[:base_n] = read_base(off, base_n)
         dirty.overlay(off, buf)

@@ -430,6 +430,26 @@ class Namespace:
         txn.put(entry_key(dst_dir, dst_name), encode_attrs(raw), db=self._entries)
         return self.get_link(txn, raw.link).attrs
 
+    def set_link_attrs(self, txn: lmdb.Transaction, link_id: int,
+                       change: Callable[[Attrs], Attrs]) -> Attrs:
+        """Change a hard-linked file's shared attributes."""
+        link = self.get_link(txn, link_id)
+        new = change(link.attrs)
+        self._put_link(txn, link_id, dataclasses.replace(link, attrs=new))
+        return new
+
+    def add_link_name(self, txn: lmdb.Transaction, link_id: int, dst_dir: int,
+                      dst_name: bytes) -> Attrs:
+        """One more name for an already hard-linked file."""
+        check_name(dst_name)
+        if txn.get(entry_key(dst_dir, dst_name), db=self._entries) is not None:
+            raise ExistsError(f"{dst_name.decode(errors='replace')}: already exists")
+        link = self.get_link(txn, link_id)
+        ref = dataclasses.replace(link.attrs, link=link_id, xattrs={})
+        self._ref_target(txn, ref)
+        txn.put(entry_key(dst_dir, dst_name), encode_attrs(ref), db=self._entries)
+        return link.attrs
+
     def is_ancestor(self, txn: lmdb.Transaction, path: Path_, other: Path_) -> bool:
         """Whether `path` is `other` or one of its ancestors (a move into itself)."""
         return len(path) <= len(other) and list(other[: len(path)]) == list(path)

@@ -34,6 +34,19 @@ def _unpack(raw: bytes | memoryview, what: str, nfields: int) -> list[Any]:
     return rec[1:]
 
 
+def _check_ints(what: str, *values: object, signed: bool = False) -> None:
+    """Integer fields must be ints (non-negative unless `signed`): a record may lie."""
+    for v in values:
+        if type(v) is not int or (v < 0 and not signed):
+            raise CorruptionError(f"{what}: bad field {v!r}")
+
+
+def _check_bytes(what: str, *values: object) -> None:
+    for v in values:
+        if not isinstance(v, bytes):
+            raise CorruptionError(f"{what}: bad field {v!r:.40}")
+
+
 @dataclass(frozen=True)
 class Edit:
     """Which fragment range of the parent version was replaced by which range of this one."""
@@ -82,6 +95,15 @@ def decode_version(vid: int, raw: bytes | memoryview) -> Version:
     """Decode a version record, checking that its fragment list is self-consistent."""
     what = f"version {vid}"
     parent, size, digest, created, edit, hashes, lengths_raw = _unpack(raw, what, 7)
+    _check_ints(what, parent, size)
+    _check_ints(what, created, signed=True)
+    _check_bytes(what, hashes, lengths_raw)
+    if digest is not None:
+        _check_bytes(what, digest)
+    if edit is not None:
+        if not isinstance(edit, list) or len(edit) != 3:
+            raise CorruptionError(f"{what}: bad edit")
+        _check_ints(what, *edit)
     lengths = array("I")
     try:
         lengths.frombytes(lengths_raw)
@@ -141,8 +163,13 @@ def encode_attrs(a: Attrs) -> bytes:
 def decode_attrs(raw: bytes | memoryview, what: str) -> Attrs:
     """Decode an entry record."""
     mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs = _unpack(raw, what, 10)
-    if not isinstance(xattrs, dict) or not isinstance(target, int | bytes):
-        raise CorruptionError(f"{what}: bad entry")
+    _check_ints(what, mode, uid, gid, size, link)
+    _check_ints(what, atime, mtime, ctime, signed=True)  # times before 1970 are valid
+    if type(target) is not bytes and (type(target) is not int or target < 0):
+        raise CorruptionError(f"{what}: bad target")
+    if not isinstance(xattrs, dict) or not all(
+            isinstance(k, bytes) and isinstance(v, bytes) for k, v in xattrs.items()):
+        raise CorruptionError(f"{what}: bad extended attributes")
     return Attrs(mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs)
 
 
@@ -161,7 +188,9 @@ def encode_dir(h: DirHeader) -> bytes:
 
 def decode_dir(dir_id: int, raw: bytes | memoryview) -> DirHeader:
     """Decode a directory header."""
-    refcount, nsubdirs = _unpack(raw, f"directory {dir_id}", 2)
+    what = f"directory {dir_id}"
+    refcount, nsubdirs = _unpack(raw, what, 2)
+    _check_ints(what, refcount, nsubdirs)
     return DirHeader(refcount, nsubdirs)
 
 
@@ -182,4 +211,6 @@ def decode_link(link_id: int, raw: bytes | memoryview) -> Link:
     """Decode a link record."""
     what = f"link {link_id}"
     nlink, attrs = _unpack(raw, what, 2)
+    _check_ints(what, nlink)
+    _check_bytes(what, attrs)
     return Link(nlink, decode_attrs(attrs, what))

@@ -19,7 +19,7 @@ import msgpack
 
 from annofs.content.ingest import Ingested, ingest_stream
 from annofs.content.versions import EMPTY_VERSION
-from annofs.errors import UsageError
+from annofs.errors import NotADirectoryError_, UsageError
 from annofs.namespace.tree import check_name, now_ns
 from annofs.store.records import Attrs
 from annofs.transfer.hostwalk import git_dirs, git_tracked, is_excluded
@@ -84,16 +84,15 @@ class TreeImporter:
         ns = self.vol.namespace
         parent, name = list(dest[:-1]), dest[-1]
         with self.vol.store.write() as txn:
-            parent_dir = ns.make_dirs(txn, parent, os.getuid(), os.getgid())
-            existing = ns.get(txn, parent_dir, name)
-            base = existing if existing is not None and existing.is_dir else None
+            base = self._existing_dir(txn, dest)
             self._root = ns.make_staging_root(txn, os.getuid(), os.getgid(), base)
         try:
             self._import_dir(src, "", [], dest)
             st = src.stat()
             with self.vol.store.write() as txn:
                 ns.set_root_attrs(txn, lambda a: self._dir_attrs(a, st), self._root)
-                dir_id = ns.writable_dir(txn, parent)
+                # Missing parents are made here, with the swap: a failed import adds nothing.
+                dir_id = ns.make_dirs(txn, parent, os.getuid(), os.getgid())
                 ns.swap_root_into(txn, self._root, dir_id, name)
         except BaseException:
             with self.vol.store.write() as txn:
@@ -102,6 +101,20 @@ class TreeImporter:
         finally:
             self.vol.store.sync()
         return self.stats
+
+    def _existing_dir(self, txn: lmdb.Transaction, dest: Sequence[bytes]) -> Attrs | None:
+        """The destination directory if it exists; a non-directory on its path is an error."""
+        ns = self.vol.namespace
+        a = ns.root(txn)
+        for i, name in enumerate(dest):
+            child = ns.get(txn, int(a.target), name)
+            if child is None:
+                return None
+            if not child.is_dir and i < len(dest) - 1:
+                shown = "/" + b"/".join(dest[: i + 1]).decode(errors="replace")
+                raise NotADirectoryError_(f"{shown}: not a directory")
+            a = child
+        return a if a.is_dir else None
 
     # -- one directory ------------------------------------------------------------
 

@@ -1,0 +1,27 @@
+"""`annofs mount` and `annofs umount`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from annofs.cli.context import store_path
+from annofs.daemon.mount import MountOptions, mount, umount
+
+
+@click.command("mount")
+@click.option("--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
+@click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.pass_context
+def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, mountpoint: Path) -> None:
+    """Serve the store at MOUNTPOINT; returns once the mount works (unless --foreground)."""
+    mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other))
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount_cmd(mountpoint: Path) -> None:
+    """Unmount cleanly: everything written is flushed before this returns."""
+    umount(mountpoint)

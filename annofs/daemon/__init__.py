@@ -1,0 +1,1 @@
+"""The daemon: mount lifecycle on trio, the control channel, events, the dashboard."""

@@ -1,0 +1,206 @@
+"""Serving a store at a mountpoint: checks, daemonising once ready, clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from annofs.daemon import registry
+from annofs.daemon.registry import MountInfo
+from annofs.errors import StoreError, UsageError
+from annofs.fs.operations import Operations
+from annofs.volume import Volume
+
+log = logging.getLogger("annofs.daemon")
+
+# Committed transactions reach the disk at least this often (fsync forces it sooner).
+SYNC_INTERVAL = 1.0
+STATE_FILE = "mount.json"
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What `annofs mount` was asked for."""
+
+    store: Path
+    mountpoint: Path
+    foreground: bool = False
+    allow_other: bool = False
+
+
+def check_mountable(opts: MountOptions) -> None:
+    """Every reason a mount would fail that we can name before trying (UsageError)."""
+    mp = opts.mountpoint
+    if not mp.exists():
+        raise UsageError(f"{mp}: mountpoint does not exist")
+    if not mp.is_dir():
+        raise UsageError(f"{mp}: mountpoint is not a directory")
+    if os.path.ismount(mp):
+        raise UsageError(f"{mp}: something is already mounted here")
+    if any(mp.iterdir()):
+        raise UsageError(f"{mp}: mountpoint is not empty")
+    if not (opts.store / "db" / "data.mdb").exists():
+        raise StoreError(f"{opts.store}: no annofs store here (run annofs init)")
+    running = read_state(opts.store)
+    if running is not None:
+        raise UsageError(f"{opts.store}: already mounted at {running['mountpoint']} "
+                         f"(pid {running['pid']})")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UsageError("/dev/fuse: not available (is the fuse module loaded?)")
+
+
+def read_state(store: Path) -> dict | None:
+    """The running daemon's pid and mountpoint, if one is alive for this store."""
+    try:
+        state = json.loads((store / STATE_FILE).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.add("fsname=annofs")
+    options.add("subtype=annofs")
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _setup_logging(store: Path, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    fh = logging.FileHandler(store / "daemon.log")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if foreground:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+
+
+async def _serve(ops: Operations) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sync_loop, ops)
+        nursery.start_soon(_signal_loop)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _sync_loop(ops: Operations) -> None:
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        if ops.dirty_since_sync:
+            await ops.sync()
+
+
+async def _signal_loop() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
+    """Mount and serve until unmounted; report readiness on `ready_fd` (one line)."""
+    vol = Volume.open(opts.store)
+    ops = Operations(vol)
+    try:
+        pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
+    except RuntimeError as e:
+        vol.close()
+        raise UsageError(f"{opts.mountpoint}: mount failed ({e})") from e
+    # Nothing may touch the mountpoint from here until the loop runs: the kernel would
+    # send this very process a request it cannot answer yet (opts are resolved already).
+    (opts.store / STATE_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "mountpoint": str(opts.mountpoint)}))
+    registry.register(MountInfo(os.getpid(), opts.store, opts.mountpoint))
+    log.info("mounted %s at %s", opts.store, opts.mountpoint)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    clean = False
+    try:
+        trio.run(_serve, ops)
+        clean = True
+    finally:
+        try:
+            trio.run(ops.commit_all)
+        except Exception:
+            log.exception("committing open files at unmount failed")
+        pyfuse3.close(unmount=True)
+        with contextlib.suppress(FileNotFoundError):
+            (opts.store / STATE_FILE).unlink()
+        registry.unregister(opts.mountpoint)
+        vol.close()
+        log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+
+
+def mount(opts: MountOptions) -> None:
+    """`annofs mount`: in the foreground, or daemonised once the mount works."""
+    opts = MountOptions(opts.store.resolve(), opts.mountpoint.resolve(), opts.foreground,
+                        opts.allow_other)
+    check_mountable(opts)
+    _setup_logging(opts.store, opts.foreground)
+    if opts.foreground:
+        serve(opts)
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        with os.fdopen(r) as ready:
+            answer = ready.readline().strip()
+        if answer != "ok":
+            raise UsageError(answer or f"{opts.mountpoint}: the daemon died while mounting "
+                             f"(see {opts.store / 'daemon.log'})")
+        return
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    try:
+        serve(opts, ready_fd=w)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            os.write(w, f"{e}\n".encode())
+        log.exception("mount failed")
+        os._exit(2)
+    os._exit(0)
+
+
+def umount(mountpoint: Path, timeout: float = 60.0) -> None:
+    """Unmount (the daemon flushes everything) and wait for the daemon to exit."""
+    mp = mountpoint.resolve()
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mp}: not mounted")
+    info = registry.lookup(mp)
+    pid = info.pid if info is not None else None
+    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UsageError(f"{mp}: unmount failed: {res.stderr.strip() or 'fusermount3 failed'}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise UsageError(f"{mp}: unmounted, but the daemon (pid {pid}) has not exited")

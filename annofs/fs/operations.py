@@ -1,0 +1,665 @@
+"""The FUSE operations, in the kernel's order: a table of contents of the interface.
+
+Each call is short: it finds the inode's location, asks the namespace or content layer,
+and answers. Every change is one LMDB write transaction, so a failed call changes
+nothing. Handlers run on the trio loop; only large re-chunking goes to a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lmdb
+import pyfuse3
+import trio
+
+from annofs.content.versions import EMPTY_VERSION
+from annofs.errors import (
+    ExistsError,
+    InvalidOperationError,
+    IsADirectoryError_,
+    NotADirectoryError_,
+    NotEmptyError,
+    NotFoundError,
+)
+from annofs.fs.errno_map import fuse_handler
+from annofs.fs.inodes import ROOT, Inode, InodeTable
+from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold
+from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
+from annofs.store.records import Attrs
+from annofs.volume import Volume
+
+log = logging.getLogger("annofs.fs")
+
+# The kernel may cache names and attributes this long. Every change made through the
+# mount updates the kernel's caches itself; changes from outside (annofs commands talking
+# to the daemon) are pushed with invalidate_entry/invalidate_inode.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+# Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
+BLOCK_SIZE = 128 * 1024
+
+XATTR_PREFIX = b"user."
+ANNOFS_XATTRS = b"user.annofs."
+MAX_XATTR_VALUE = 64 * 1024
+
+
+@dataclass
+class Handle:
+    """An open file or directory handle."""
+
+    node: Inode
+    listing: list[tuple[bytes, Attrs, int]] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """annofs as a FUSE filesystem."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vol: Volume) -> None:
+        super().__init__()
+        self.vol = vol
+        self.ns = vol.namespace
+        self.inodes = InodeTable()
+        self.handles: dict[int, Handle] = {}
+        self.open_files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self.dirty_since_sync = False
+
+    # -- locating ---------------------------------------------------------------------
+
+    def _node(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _attrs(self, txn: lmdb.Transaction, node: Inode) -> Attrs:
+        """The stored attributes of an inode (an orphan's are kept in memory)."""
+        if node.orphan is not None:
+            return node.orphan
+        if node.ino == ROOT:
+            return self.ns.root(txn)
+        if node.link:
+            return self.ns.get_link(txn, node.link).attrs
+        a = self.ns.get(txn, self._dir_id(txn, self._node(node.parent)), node.name)
+        if a is None:
+            raise NotFoundError(f"{node.name!r}: gone")
+        return a
+
+    def _dir_id(self, txn: lmdb.Transaction, node: Inode) -> int:
+        """A directory inode's node id, cached until a shared directory is copied."""
+        if node.dir_id is not None and node.dir_epoch == self.ns.cow_epoch:
+            return node.dir_id
+        a = self._attrs(txn, node)
+        if not a.is_dir:
+            raise NotADirectoryError_(f"{node.name!r}: not a directory")
+        node.dir_id, node.dir_epoch = int(a.target), self.ns.cow_epoch
+        return node.dir_id
+
+    def _writable_dir(self, txn: lmdb.Transaction, node: Inode) -> int:
+        """The directory's node id, made exclusive (copy-on-write) for a change."""
+        if node.orphan is not None:
+            raise NotFoundError("the directory was removed")
+        dir_id = self.ns.writable_dir(txn, self.inodes.path(node))
+        node.dir_id, node.dir_epoch = dir_id, self.ns.cow_epoch
+        self.dirty_since_sync = True
+        return dir_id
+
+    def _change(self, txn: lmdb.Transaction, node: Inode,
+                change: Callable[[Attrs], Attrs]) -> Attrs:
+        """Change an inode's stored attributes through the right record."""
+        self.dirty_since_sync = True
+        if node.orphan is not None:
+            node.orphan = change(node.orphan)
+            return node.orphan
+        if node.ino == ROOT:
+            self.ns.writable_dir(txn, [])
+            return self.ns.set_root_attrs(txn, change)
+        if node.link:
+            return self.ns.set_link_attrs(txn, node.link, change)
+        dir_id = self._writable_dir(txn, self._node(node.parent))
+        return self.ns.set_attrs(txn, dir_id, node.name, change)
+
+    def _touch_dir(self, txn: lmdb.Transaction, node: Inode) -> None:
+        """A directory's entries changed: its mtime and ctime say so."""
+        t = now_ns()
+        self._change(txn, node, lambda a: dataclasses.replace(a, mtime_ns=t, ctime_ns=t))
+
+    def _entry(self, txn: lmdb.Transaction, node: Inode, a: Attrs) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = a.mode
+        e.st_nlink = 0 if node.orphan is not None else self.ns.nlink(txn, a)
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = int(a.target) if stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode) else 0
+        size = a.size
+        mtime = a.mtime_ns
+        of = self.open_files.get(node.ino)
+        if of is not None:
+            size = of.size
+            mtime = of.mtime_ns or mtime
+        e.st_size = 4096 if a.is_dir else size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = (e.st_size + 511) // 512
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = mtime
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    def _looked_up(self, txn: lmdb.Transaction, parent: Inode, name: bytes,
+                   a: Attrs) -> pyfuse3.EntryAttributes:
+        """Answer a lookup-like call: the kernel now holds one more reference."""
+        link = self.ns.link_id_at(txn, self._dir_id(txn, parent), name)
+        node = self.inodes.ensure(parent.ino, name, a, link)
+        node.lookups += 1
+        return self._entry(txn, node, a)
+
+    # -- lookup, attributes, links --------------------------------------------------------
+
+    @fuse_handler
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(name) > MAX_NAME:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        parent = self._node(parent_inode)
+        with self.vol.store.read() as txn:
+            a = self.ns.get(txn, self._dir_id(txn, parent), name)
+            if a is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._looked_up(txn, parent, name, a)
+
+    @fuse_handler
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @fuse_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        with self.vol.store.read() as txn:
+            return self._entry(txn, node, self._attrs(txn, node))
+
+    @fuse_handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size:
+            await self._truncate(node, attr.st_size)
+        t = now_ns()
+
+        def change(a: Attrs) -> Attrs:
+            if fields.update_mode:
+                a = dataclasses.replace(a, mode=stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode))
+            if fields.update_uid:
+                a = dataclasses.replace(a, uid=attr.st_uid)
+            if fields.update_gid:
+                a = dataclasses.replace(a, gid=attr.st_gid)
+            if fields.update_atime:
+                a = dataclasses.replace(a, atime_ns=attr.st_atime_ns)
+            if fields.update_mtime:
+                a = dataclasses.replace(a, mtime_ns=attr.st_mtime_ns)
+            return dataclasses.replace(a, ctime_ns=t)
+
+        of = self.open_files.get(node.ino)
+        if of is not None and fields.update_mtime:
+            of.mtime_ns = None  # an explicit time wins over the time of the last write
+        with self.vol.store.write() as txn:
+            a = self._change(txn, node, change)
+            return self._entry(txn, node, a)
+
+    @fuse_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        with self.vol.store.read() as txn:
+            a = self._attrs(txn, node)
+        if not a.is_symlink:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        assert isinstance(a.target, bytes)
+        return a.target
+
+    # -- directories ----------------------------------------------------------------------
+
+    @fuse_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        with self.vol.store.read() as txn:
+            self._dir_id(txn, node)
+        return self._new_handle(node)
+
+    @fuse_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.handles[fh]
+        node = h.node
+        with self.vol.store.read() as txn:
+            if h.listing is None or start_id == 0:
+                # One snapshot per listing: offsets stay valid while the directory changes.
+                h.listing = list(self.ns.iter_entries(txn, self._dir_id(txn, node)))
+            for i in range(start_id, len(h.listing)):
+                name, a, link = h.listing[i]
+                child = self.inodes.ensure(node.ino, name, a, link)
+                if not pyfuse3.readdir_reply(token, name, self._entry(txn, child, a), i + 1):
+                    self.inodes.maybe_drop(child)
+                    break
+                child.lookups += 1
+
+    @fuse_handler
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    @fuse_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.sync()
+
+    @fuse_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._make(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx, 0)
+
+    @fuse_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if stat.S_ISSOCK(mode):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        return self._make(parent_inode, name, mode, ctx, rdev)
+
+    @fuse_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target)
+
+    def _make(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
+              target: int | bytes) -> pyfuse3.EntryAttributes:
+        """Create a new entry of any kind under a directory inode."""
+        check_name(name)
+        parent = self._node(parent_inode)
+        with self.vol.store.write() as txn:
+            dir_id = self._writable_dir(txn, parent)
+            pa = self._attrs(txn, parent)
+            a = new_file_attrs(mode, ctx.uid, ctx.gid)
+            if pa.mode & stat.S_ISGID:
+                # BSD group semantics under a setgid directory, as ext4 does.
+                a = dataclasses.replace(a, gid=pa.gid,
+                                        mode=a.mode | (stat.S_ISGID if a.is_dir else 0))
+            if not stat.S_ISREG(mode):
+                size = len(target) if isinstance(target, bytes) else 0
+                a = dataclasses.replace(a, target=target, size=size)
+            a = self.ns.create(txn, dir_id, name, a)
+            self._touch_dir(txn, parent)
+            return self._looked_up(txn, parent, name, a)
+
+    @fuse_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._remove(parent_inode, name, want_dir=False)
+
+    @fuse_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._remove(parent_inode, name, want_dir=True)
+
+    def _remove(self, parent_inode: int, name: bytes, *, want_dir: bool) -> None:
+        parent = self._node(parent_inode)
+        with self.vol.store.write() as txn:
+            dir_id = self._writable_dir(txn, parent)
+            link = self.ns.link_id_at(txn, dir_id, name)
+            a = self.ns.remove(txn, dir_id, name, want_dir=want_dir)
+            remaining = self._link_names(txn, link) if link else 0
+            self._touch_dir(txn, parent)
+        node = self.inodes.unbind(parent.ino, name)
+        if node is not None and remaining == 0:
+            self._orphan(node, a)
+
+    def _link_names(self, txn: lmdb.Transaction, link: int) -> int:
+        """How many names a hard-linked file has left (its record goes with the last)."""
+        try:
+            return self.ns.get_link(txn, link).nlink
+        except NotFoundError:
+            return 0
+
+    def _orphan(self, node: Inode, a: Attrs) -> None:
+        """The inode's last name is gone; it lives on in memory while held."""
+        node.orphan = a
+        node.link = 0
+        self.inodes.maybe_drop(node)
+
+    @fuse_handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        check_name(name_new)
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        if old_parent.ino == new_parent.ino and name_old == name_new:
+            return
+        with self.vol.store.write() as txn:
+            # Path copying for the second directory never copies a node on the first's
+            # path (those are exclusive by now), so both ids stay valid.
+            src_dir = self._writable_dir(txn, old_parent)
+            dst_dir = self._writable_dir(txn, new_parent)
+            src = self.ns.raw_entry(txn, src_dir, name_old)
+            if src is None:
+                raise NotFoundError(f"{name_old!r}: no such file")
+            dst = self.ns.raw_entry(txn, dst_dir, name_new)
+            moving = self.inodes.at(old_parent.ino, name_old)
+            replaced = self.inodes.at(new_parent.ino, name_new)
+            if src.is_dir:
+                self._check_not_into_itself(txn, src, new_parent)
+            if exchange:
+                if dst is None:
+                    raise NotFoundError(f"{name_new!r}: no such file")
+                if dst.is_dir:
+                    self._check_not_into_itself(txn, dst, old_parent)
+                self.ns.detach(txn, src_dir, name_old)
+                self.ns.detach(txn, dst_dir, name_new)
+                self.ns.attach(txn, dst_dir, name_new, src)
+                self.ns.attach(txn, src_dir, name_old, dst)
+            else:
+                orphaned: Attrs | None = None
+                if dst is not None:
+                    if noreplace:
+                        raise ExistsError(f"{name_new!r}: exists")
+                    if src.link and src.link == dst.link:
+                        return  # two names of one file: POSIX says do nothing
+                    if src.is_dir and not dst.is_dir:
+                        raise NotADirectoryError_(f"{name_new!r}: not a directory")
+                    if dst.is_dir and not src.is_dir:
+                        raise IsADirectoryError_(f"{name_new!r}: is a directory")
+                    if dst.is_dir and not self.ns.is_empty(txn, int(dst.target)):
+                        raise NotEmptyError(f"{name_new!r}: directory not empty")
+                    orphaned = self.ns.get(txn, dst_dir, name_new)
+                    still_linked = bool(dst.link) and self.ns.get_link(txn, dst.link).nlink > 1
+                    self.ns.remove(txn, dst_dir, name_new)
+                    if still_linked:
+                        orphaned = None
+                self.ns.detach(txn, src_dir, name_old)
+                self.ns.attach(txn, dst_dir, name_new, src)
+            t = now_ns()
+            self._touch_dir(txn, old_parent)
+            if new_parent.ino != old_parent.ino:
+                self._touch_dir(txn, new_parent)
+            if moving is not None and not moving.link:
+                self._change(txn, moving, lambda a: dataclasses.replace(a, ctime_ns=t))
+        if exchange:
+            if moving is not None:
+                self.inodes.move(moving, new_parent.ino, name_new)
+            if replaced is not None:
+                self.inodes.move(replaced, old_parent.ino, name_old)
+            return
+        if replaced is not None and replaced is not moving:
+            self.inodes.unbind(new_parent.ino, name_new)
+            if orphaned is not None:
+                self._orphan(replaced, orphaned)
+        if moving is not None:
+            self.inodes.move(moving, new_parent.ino, name_new)
+
+    def _check_not_into_itself(self, txn: lmdb.Transaction, moved: Attrs, dest: Inode) -> None:
+        """EINVAL for a move of a directory into its own subtree."""
+        node = dest
+        while True:
+            if node.orphan is None and node.ino != ROOT:
+                a = self._attrs(txn, node)
+                if a.is_dir and a.target == moved.target:
+                    raise InvalidOperationError("cannot move a directory into itself")
+            elif node.ino == ROOT and self.ns.root(txn).target == moved.target:
+                raise InvalidOperationError("cannot move a directory into itself")
+            if node.ino == ROOT:
+                return
+            node = self._node(node.parent)
+
+    @fuse_handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        new_parent = self._node(new_parent_inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if node.orphan is not None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._commit(node)
+        with self.vol.store.write() as txn:
+            dst_dir = self._writable_dir(txn, new_parent)
+            if node.link:
+                a = self.ns.add_link_name(txn, node.link, dst_dir, new_name)
+            else:
+                src_dir = self._writable_dir(txn, self._node(node.parent))
+                dst_dir = self._writable_dir(txn, new_parent)
+                a = self.ns.hard_link(txn, src_dir, node.name, dst_dir, new_name)
+                self.inodes.became_link(node, self.ns.link_id_at(txn, src_dir, node.name))
+            t = now_ns()
+            a = self._change(txn, node, lambda x: dataclasses.replace(x, ctime_ns=t))
+            self._touch_dir(txn, new_parent)
+            self.inodes.ensure(new_parent.ino, new_name, a, node.link)
+            node.lookups += 1
+            return self._entry(txn, node, a)
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @fuse_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name, writing=True)
+        if len(value) > MAX_XATTR_VALUE:
+            raise pyfuse3.FUSEError(errno.E2BIG)
+        node = self._node(inode)
+        t = now_ns()
+        with self.vol.store.write() as txn:
+            self._change(txn, node, lambda a: dataclasses.replace(
+                a, xattrs={**a.xattrs, name: bytes(value)}, ctime_ns=t))
+
+    @fuse_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if name.startswith(ANNOFS_XATTRS):
+            return await self._annofs_xattr(node, name)
+        self._check_xattr_name(name, writing=False)
+        with self.vol.store.read() as txn:
+            value = self._attrs(txn, node).xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._node(inode)
+        with self.vol.store.read() as txn:
+            a = self._attrs(txn, node)
+        names = list(a.xattrs)
+        if a.is_reg:
+            names += [ANNOFS_XATTRS + b"digest", ANNOFS_XATTRS + b"version"]
+        return names
+
+    @fuse_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name, writing=True)
+        node = self._node(inode)
+        t = now_ns()
+        with self.vol.store.write() as txn:
+            if name not in self._attrs(txn, node).xattrs:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            self._change(txn, node, lambda a: dataclasses.replace(
+                a, xattrs={k: v for k, v in a.xattrs.items() if k != name}, ctime_ns=t))
+
+    @staticmethod
+    def _check_xattr_name(name: bytes, *, writing: bool) -> None:
+        # Only the user namespace is stored; security.*, trusted.* and system.* (ACLs) are
+        # not supported, which tools such as cp -a and tar treat as "nothing to copy".
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if len(name) > MAX_NAME:
+            raise pyfuse3.FUSEError(errno.ERANGE)
+        if writing and name.startswith(ANNOFS_XATTRS):
+            raise pyfuse3.FUSEError(errno.EPERM)  # computed by annofs, never written
+
+    async def _annofs_xattr(self, node: Inode, name: bytes) -> bytes:
+        """The read-only attributes annofs computes."""
+        await self._commit(node)
+        with self.vol.store.read() as txn:
+            a = self._attrs(txn, node)
+            if not a.is_reg:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            v = self.vol.versions.get(txn, int(a.target))
+        if name == ANNOFS_XATTRS + b"version":
+            return str(v.id).encode()
+        if name == ANNOFS_XATTRS + b"digest":
+            v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v)
+            assert v.digest is not None
+            return b"blake3:" + v.digest.hex().encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _new_handle(self, node: Inode) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(node)
+        return fh
+
+    def _open_file(self, txn: lmdb.Transaction, node: Inode) -> OpenFile:
+        of = self.open_files.get(node.ino)
+        if of is None:
+            a = self._attrs(txn, node)
+            if not a.is_reg:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            of = OpenFile.of(self.vol.versions.get(txn, int(a.target)))
+            self.open_files[node.ino] = of
+        return of
+
+    @fuse_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        with self.vol.store.read() as txn:
+            self._open_file(txn, node)
+        node.opens += 1
+        # The kernel's page cache holds bytes of versions this mount wrote or read; changes
+        # from outside the mount invalidate it explicitly, so it may be kept across opens.
+        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
+
+    @fuse_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        entry = self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx,
+                           EMPTY_VERSION)
+        node = self._node(entry.st_ino)
+        with self.vol.store.read() as txn:
+            self._open_file(txn, node)
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True), entry
+
+    @fuse_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self.handles[fh].node
+        return self.open_files[node.ino].read(self.vol, off, size)
+
+    @fuse_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self.handles[fh].node
+        of = self.open_files[node.ino]
+        async with of.lock:
+            of.overlay.write(off, buf)
+            of.mtime_ns = now_ns()
+            if of.overlay.nbytes > SPILL_BYTES:
+                await fold(self.vol, of)
+        return len(buf)
+
+    async def _truncate(self, node: Inode, size: int) -> None:
+        with self.vol.store.read() as txn:
+            of = self._open_file(txn, node)
+        async with of.lock:
+            of.overlay.truncate(size)
+            of.mtime_ns = now_ns()
+        await self._commit(node)
+        if node.opens == 0:
+            self.open_files.pop(node.ino, None)
+
+    async def _commit(self, node: Inode) -> None:
+        """Make the open file's written bytes a new version (a no-op when nothing changed)."""
+        of = self.open_files.get(node.ino)
+        if of is None or not of.dirty:
+            return
+        async with of.lock:
+            if not of.dirty:
+                return
+            folded = await fold(self.vol, of)
+            mtime = of.mtime_ns or now_ns()
+            if node.orphan is not None:
+                # Nothing names the file any more: its bytes need no version.
+                node.orphan = dataclasses.replace(node.orphan, size=folded.size, mtime_ns=mtime)
+                return
+            with self.vol.store.write() as txn:
+                v = self.vol.versions.create(txn, of.parent_version, folded.hashes,
+                                             folded.lengths, None)
+                t = now_ns()
+                self._change(txn, node, lambda a: dataclasses.replace(
+                    a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
+            of.base, of.parent_version, of.mtime_ns = v, v.id, None
+
+    @fuse_handler
+    async def flush(self, fh: int) -> None:
+        await self._commit(self.handles[fh].node)
+
+    @fuse_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._commit(self.handles[fh].node)
+        await self.sync()
+
+    @fuse_handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        node = h.node
+        try:
+            await self._commit(node)
+        finally:
+            node.opens -= 1
+            if node.opens == 0:
+                self.open_files.pop(node.ino, None)
+            self.inodes.maybe_drop(node)
+
+    # -- the filesystem as a whole ----------------------------------------------------------
+
+    @fuse_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        host = os.statvfs(self.vol.store.path)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = host.f_bsize
+        s.f_frsize = host.f_frsize
+        s.f_blocks = host.f_blocks
+        s.f_bfree = host.f_bfree
+        s.f_bavail = host.f_bavail
+        s.f_files = 1 << 32
+        s.f_ffree = (1 << 32) - len(self.inodes)
+        s.f_favail = s.f_ffree
+        s.f_namemax = MAX_NAME
+        return s
+
+    @fuse_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Permissions are checked by the kernel (default_permissions); existence here.
+        self._node(inode)
+        return True
+
+    async def sync(self) -> None:
+        """Flush committed transactions to disk (off the event loop: it waits on I/O)."""
+        self.dirty_since_sync = False
+        await trio.to_thread.run_sync(self.vol.store.sync)
+
+    async def commit_all(self) -> None:
+        """Turn every open file's written bytes into versions (before unmount)."""
+        for ino in list(self.open_files):
+            node = self.inodes.get(ino)
+            if node is not None:
+                await self._commit(node)
