@@ -8,8 +8,14 @@ A test that expects a logged warning or error says so with
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -68,3 +74,94 @@ def vol(store_dir: Path) -> Iterator[Volume]:
         yield v
     finally:
         v.close()
+
+
+# -- real mounts -------------------------------------------------------------------------
+
+_LOG_LINE = re.compile(r"^\S+ \S+ \d+ (WARNING|ERROR|CRITICAL) (.*)$")
+
+
+def annofs_cmd(*args: str) -> list[str]:
+    """The annofs command line, run with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "annofs.cli.main", *args]
+
+
+@dataclass
+class Mount:
+    """A store served by a real daemon process at a real mountpoint."""
+
+    store: Path
+    path: Path
+    proc: subprocess.Popen | None = None
+    log_offset: int = 0
+
+    def start(self, *extra: str) -> None:
+        """Start the daemon in the foreground (a child we can signal) and wait until ready."""
+        log_file = self.store / "daemon.log"
+        self.log_offset = log_file.stat().st_size if log_file.exists() else 0
+        self.proc = subprocess.Popen(
+            annofs_cmd("--store", str(self.store), "mount", "--foreground", *extra,
+                       str(self.path)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mount failed: {self.proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("mount did not become ready in 20 s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Unmount cleanly (fusermount3 -u) and wait for the daemon to exit."""
+        if self.proc is None:
+            return
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=True)
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
+
+    def kill(self) -> None:
+        """kill -9 the daemon, then clear the dead mount (as a crash would leave it)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+
+    def log_problems(self) -> list[str]:
+        """WARNING/ERROR lines the daemon wrote since start()."""
+        log_file = self.store / "daemon.log"
+        if not log_file.exists():
+            return []
+        with open(log_file, "rb") as f:
+            f.seek(self.log_offset)
+            text = f.read().decode(errors="replace")
+        return [m.group(0) for line in text.splitlines() if (m := _LOG_LINE.match(line))]
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """A fresh store, mounted for real; the test fails if the daemon logged problems
+    that the test did not declare with @pytest.mark.expected_log."""
+    store = tmp_path / "store"
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                   stdout=subprocess.DEVNULL)
+    m = Mount(store, mp)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+    marker = request.node.get_closest_marker("expected_log")
+    patterns = [re.compile(p) for p in (marker.args if marker else ())]
+    bad = [line for line in m.log_problems() if not any(p.search(line) for p in patterns)]
+    if bad:
+        pytest.fail("the daemon logged:\n" + "\n".join(bad), pytrace=False)
