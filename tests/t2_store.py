@@ -10,7 +10,6 @@ import dataclasses
 import io
 import random
 import stat
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,18 +31,15 @@ from annofs.errors import (
     StoreError,
     UsageError,
 )
+from annofs.maintenance.fsck import check_store
 from annofs.namespace.tree import new_file_attrs
 from annofs.store import FORMAT_VERSION
-from annofs.store.keys import HASH_SIZE, from_u64, u64
+from annofs.store.keys import HASH_SIZE, u64
 from annofs.store.records import (
     Attrs,
     DirHeader,
     Link,
     Version,
-    decode_attrs,
-    decode_dir,
-    decode_link,
-    decode_version,
     encode_dir,
     encode_link,
     encode_version,
@@ -55,81 +51,9 @@ from chunker import DEFAULT_PARAMS, ChunkParams
 
 
 def check_consistency(vol: Volume) -> None:
-    """Fail unless every count the store keeps matches what is stored.
-
-    - every fragment a stored version refers to exists, and its refcount equals its number
-      of occurrences over all stored versions (and no refcount exists for a fragment no
-      version uses);
-    - every directory node's refcount equals the entries and roots pointing at it, its
-      nsubdirs the directory entries in it; no entry or root points at a missing node;
-    - every regular file entry's (or link's) version exists;
-    - every link's nlink equals the entries pointing at it; no entry points at a missing link.
-    """
-    store = vol.store
-    db = store.db
-    problems: list[str] = []
-    with store.read() as txn:
-        occurrences: Counter[bytes] = Counter()
-        version_ids = set()
-        for key, raw in txn.cursor(db=db["versions"]):
-            v = decode_version(from_u64(key), raw)
-            version_ids.add(v.id)
-            for i in range(v.count):
-                occurrences[v.fragment_hash(i)] += 1
-        for h, n in occurrences.items():
-            if txn.get(h, db=db["fragments"]) is None:
-                problems.append(f"fragment {h.hex()[:12]}: used {n} times but not stored")
-            refs = vol.fragments.refcount(txn, h)
-            if refs != n:
-                problems.append(f"fragment {h.hex()[:12]}: refcount {refs}, occurrences {n}")
-        for h, _ in txn.cursor(db=db["fragrefs"]):
-            if h not in occurrences:
-                problems.append(f"fragment {bytes(h).hex()[:12]}: refcount but no occurrence")
-
-        dir_refs: Counter[int] = Counter()
-        link_refs: Counter[int] = Counter()
-        for key, raw in txn.cursor(db=db["meta"]):
-            name = bytes(key)
-            if name == b"root" or name.startswith(b"staging:"):
-                a = decode_attrs(raw, name.decode())
-                if not a.is_dir:
-                    problems.append(f"{name.decode()}: not a directory")
-                dir_refs[int(a.target)] += 1
-
-        entries: dict[int, list[tuple[bytes, Attrs]]] = defaultdict(list)
-        for key, raw in txn.cursor(db=db["entries"]):
-            dir_id, name = from_u64(key[:8]), bytes(key[8:])
-            a = decode_attrs(raw, f"entry {name!r}")
-            entries[dir_id].append((name, a))
-            if a.link:
-                link_refs[a.link] += 1
-            elif a.is_dir:
-                dir_refs[int(a.target)] += 1
-            elif a.is_reg and int(a.target) not in version_ids:
-                problems.append(f"entry {name!r} in dir {dir_id}: version {a.target} missing")
-
-        dirs = {from_u64(k): decode_dir(from_u64(k), raw)
-                for k, raw in txn.cursor(db=db["dirs"])}
-        for dir_id, h in dirs.items():
-            if h.refcount != dir_refs[dir_id]:
-                problems.append(f"dir {dir_id}: refcount {h.refcount}, "
-                                f"referenced {dir_refs[dir_id]} times")
-            nsub = sum(1 for _, a in entries[dir_id] if a.is_dir and not a.link)
-            if h.nsubdirs != nsub:
-                problems.append(f"dir {dir_id}: nsubdirs {h.nsubdirs}, has {nsub}")
-        problems += [f"dir {d}: referenced but missing" for d in dir_refs if d not in dirs]
-        problems += [f"dir {d}: has entries but no node" for d in entries if d not in dirs]
-
-        links = {from_u64(k): decode_link(from_u64(k), raw)
-                 for k, raw in txn.cursor(db=db["links"])}
-        for lid, link in links.items():
-            if link.nlink != link_refs[lid]:
-                problems.append(f"link {lid}: nlink {link.nlink}, {link_refs[lid]} names")
-            if link.attrs.is_reg and int(link.attrs.target) not in version_ids:
-                problems.append(f"link {lid}: version {link.attrs.target} missing")
-        problems += [f"link {lid}: referenced but missing" for lid in link_refs
-                     if lid not in links]
-    assert not problems, "store inconsistent:\n" + "\n".join(problems)
+    """Fail unless `annofs fsck`'s checker finds the store consistent."""
+    rep = check_store(vol)
+    assert rep.ok, "store inconsistent:\n" + "\n".join(rep.problems)
 
 
 @pytest.fixture

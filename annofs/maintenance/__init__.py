@@ -1,0 +1,1 @@
+"""Store maintenance: consistency checks (fsck) and reclaiming space (gc)."""

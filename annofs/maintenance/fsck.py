@@ -1,0 +1,159 @@
+"""`annofs fsck`: every count the store keeps must match what is stored, every byte its hash.
+
+Checks, in one read snapshot:
+- every fragment a version refers to exists, its bytes match its hash, and its refcount
+  equals its occurrences over all stored versions (no refcount without an occurrence);
+- every version's parent exists; a recorded digest matches the content;
+- every directory node's refcount equals the entries and roots pointing at it, nsubdirs
+  its directory entries; no entry or root points at a missing node;
+- every regular file entry's (or link's) version exists;
+- every link's nlink equals the entries pointing at it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+
+from annofs.errors import CorruptionError
+from annofs.store.keys import from_u64
+from annofs.store.records import Attrs, decode_attrs, decode_dir, decode_link, decode_version
+from annofs.volume import Volume
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FsckReport:
+    """What a check found; `problems` empty means the store is consistent."""
+
+    problems: list[str] = field(default_factory=list)
+    fragments: int = 0
+    fragment_bytes: int = 0
+    versions: int = 0
+    directories: int = 0
+    entries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_store(vol: Volume, *, verify_data: bool = True,
+                progress: Progress | None = None) -> FsckReport:
+    """Check the whole store; with `verify_data`, read and hash every fragment and digest."""
+    db = vol.store.db
+    rep = FsckReport()
+    problems = rep.problems
+    with vol.store.read() as txn:
+        occurrences: Counter[bytes] = Counter()
+        versions = {}
+        for key, raw in txn.cursor(db=db["versions"]):
+            vid = from_u64(key)
+            try:
+                v = decode_version(vid, raw)
+            except CorruptionError as e:
+                problems.append(str(e))
+                continue
+            versions[vid] = v
+            for i in range(v.count):
+                occurrences[v.fragment_hash(i)] += 1
+        rep.versions = len(versions)
+        for v in versions.values():
+            if v.parent not in versions:
+                problems.append(f"version {v.id}: parent {v.parent} missing")
+
+        bad_fragments: set[bytes] = set()
+        for h_raw, raw in txn.cursor(db=db["fragments"]):
+            h = bytes(h_raw)
+            rep.fragments += 1
+            rep.fragment_bytes += len(raw) - 1
+            if verify_data and (not raw or raw[0] != 0 or blake3.blake3(raw[1:]).digest() != h):
+                problems.append(f"fragment {h.hex()}: content does not match its hash")
+                bad_fragments.add(h)
+            if progress:
+                progress(1, len(raw))
+        for h, n in occurrences.items():
+            if txn.get(h, db=db["fragments"]) is None:
+                problems.append(f"fragment {h.hex()}: used {n} times but not stored")
+            refs = vol.fragments.refcount(txn, h)
+            if refs != n:
+                problems.append(f"fragment {h.hex()}: refcount {refs}, occurrences {n}")
+        for h, _ in txn.cursor(db=db["fragrefs"]):
+            if bytes(h) not in occurrences:
+                problems.append(f"fragment {bytes(h).hex()}: refcount but no occurrence")
+
+        if verify_data:
+            for v in versions.values():
+                if v.digest is None or any(
+                        v.fragment_hash(i) in bad_fragments for i in range(v.count)):
+                    continue
+                try:
+                    digest = vol.versions.compute_digest(txn, v)
+                except CorruptionError:
+                    continue  # reported with its fragment
+                if digest != v.digest:
+                    problems.append(f"version {v.id}: digest does not match its content")
+
+        dir_refs: Counter[int] = Counter()
+        link_refs: Counter[int] = Counter()
+        for key, raw in txn.cursor(db=db["meta"]):
+            name = bytes(key)
+            if name == b"root" or name.startswith(b"staging:"):
+                a = decode_attrs(raw, name.decode())
+                if not a.is_dir:
+                    problems.append(f"{name.decode()}: not a directory")
+                dir_refs[int(a.target)] += 1
+
+        entries: dict[int, list[tuple[bytes, Attrs]]] = defaultdict(list)
+        for key, raw in txn.cursor(db=db["entries"]):
+            dir_id, name = from_u64(key[:8]), bytes(key[8:])
+            rep.entries += 1
+            try:
+                a = decode_attrs(raw, f"entry {name!r} of directory {dir_id}")
+            except CorruptionError as e:
+                problems.append(str(e))
+                continue
+            entries[dir_id].append((name, a))
+            if a.link:
+                link_refs[a.link] += 1
+            elif a.is_dir:
+                dir_refs[int(a.target)] += 1
+            elif a.is_reg and int(a.target) not in versions:
+                problems.append(f"entry {name!r} in directory {dir_id}: "
+                                f"version {a.target} missing")
+
+        dirs = {}
+        for k, raw in txn.cursor(db=db["dirs"]):
+            try:
+                dirs[from_u64(k)] = decode_dir(from_u64(k), raw)
+            except CorruptionError as e:
+                problems.append(str(e))
+        rep.directories = len(dirs)
+        for dir_id, h in dirs.items():
+            if h.refcount != dir_refs[dir_id]:
+                problems.append(f"directory {dir_id}: refcount {h.refcount}, "
+                                f"referenced {dir_refs[dir_id]} times")
+            nsub = sum(1 for _, a in entries[dir_id] if a.is_dir and not a.link)
+            if h.nsubdirs != nsub:
+                problems.append(f"directory {dir_id}: nsubdirs {h.nsubdirs}, has {nsub}")
+        problems += [f"directory {d}: referenced but missing" for d in dir_refs if d not in dirs]
+        problems += [f"directory {d}: has entries but no node" for d in entries if d not in dirs]
+
+        links = {}
+        for k, raw in txn.cursor(db=db["links"]):
+            try:
+                links[from_u64(k)] = decode_link(from_u64(k), raw)
+            except CorruptionError as e:
+                problems.append(str(e))
+        for lid, link in links.items():
+            if link.nlink != link_refs[lid]:
+                problems.append(f"link {lid}: nlink {link.nlink}, {link_refs[lid]} names")
+            if link.attrs.is_reg and int(link.attrs.target) not in versions:
+                problems.append(f"link {lid}: version {link.attrs.target} missing")
+        problems += [f"link {lid}: referenced but missing" for lid in link_refs
+                     if lid not in links]
+    return rep
