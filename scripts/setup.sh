@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything annofs needs on a fresh Debian machine: system packages, a virtual
+# environment in .venv, the package itself. Idempotent; quick when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# fuse3/libfuse3-dev/pkg-config: pyfuse3 builds against libfuse3 and mounts with fusermount3.
+# nix-bin: the real Nix, the oracle for NAR and narinfo tests. borgbackup, restic: the peers
+# benchmarks compare against. xz-utils/zstd/bzip2: binary cache compressions. git: --git import.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
+              xz-utils zstd bzip2 borgbackup restic)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.annofs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing annofs and its dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
