@@ -25,13 +25,14 @@ Public names::
     ChunkParams, ChunkParamsError, DEFAULT_PARAMS   # parameters (chunker.params)
     cut_lengths, iter_chunks                        # in-memory buffers (chunker.cut)
     chunk_stream, chunk_file                        # streams and files (chunker.stream)
+    stream_blocks, fitted_read_size                 # block-level streaming (chunker.stream)
 
 ``python -m chunker tune`` compares average sizes on sample versions of some data.
 """
 
 from chunker.cut import cut_lengths, iter_chunks
 from chunker.params import DEFAULT_PARAMS, ChunkParams, ChunkParamsError
-from chunker.stream import chunk_file, chunk_stream
+from chunker.stream import chunk_file, chunk_stream, fitted_read_size, stream_blocks
 
 __all__ = [
     "DEFAULT_PARAMS",
@@ -40,5 +41,7 @@ __all__ = [
     "chunk_file",
     "chunk_stream",
     "cut_lengths",
+    "fitted_read_size",
     "iter_chunks",
+    "stream_blocks",
 ]

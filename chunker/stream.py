@@ -78,6 +78,33 @@ def chunk_stream(
 def _chunks_of(
     fill: Callable[[memoryview], int], params: ChunkParams, read_size: int
 ) -> Iterator[bytes]:
+    for block, lengths, _last in _blocks_of(fill, params, read_size):
+        start = 0
+        for length in lengths:
+            yield bytes(block[start : start + length])
+            start += length
+
+
+def stream_blocks(
+    readable: Readable,
+    params: ChunkParams = DEFAULT_PARAMS,
+    read_size: int = DEFAULT_READ_SIZE,
+) -> Iterator[tuple[memoryview, list[int], bool]]:
+    """Yield ``(block, lengths, last)``: each buffer's final bytes and their cut lengths.
+
+    The concatenated blocks are the stream; ``lengths`` cut each block exactly as
+    ``chunk_stream`` would. ``block`` is a view of the internal buffer, valid only until
+    the next iteration: consumers that hash or store as they go avoid a copy per chunk.
+    ``last`` is True for the final block (which may be empty for an empty stream).
+    """
+    if not isinstance(read_size, int) or isinstance(read_size, bool) or read_size < 1:
+        raise ValueError(f"read_size {read_size!r} must be a positive int")
+    return _blocks_of(_filler(readable), params, read_size)
+
+
+def _blocks_of(
+    fill: Callable[[memoryview], int], params: ChunkParams, read_size: int
+) -> Iterator[tuple[memoryview, list[int], bool]]:
     capacity = read_size + params.max_size
     buffer = bytearray(capacity)
     view = memoryview(buffer)
@@ -92,15 +119,14 @@ def _chunks_of(
                 at_eof = True
                 break
             filled += count
-        start = 0
-        for length in cut_lengths(view[:filled], params, final=at_eof):
-            yield bytes(view[start : start + length])
-            start += length
+        lengths = cut_lengths(view[:filled], params, final=at_eof)
+        done = sum(lengths)
+        yield view[:done], lengths, at_eof
         # The unfinished last chunk (shorter than max_size) moves to the front and is cut
         # again with the next read. Cuts do not depend on bytes before the previous cut,
         # so this gives the whole-content cuts. memoryview assignment handles the overlap.
-        view[: filled - start] = view[start:filled]
-        filled -= start
+        view[: filled - done] = view[done:filled]
+        filled -= done
 
 
 def fitted_read_size(file: io.FileIO, read_size: int = DEFAULT_READ_SIZE) -> int:

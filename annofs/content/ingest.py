@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,11 +12,8 @@ import blake3
 
 from annofs.content.fragments import FragmentStore, fragment_hash
 from annofs.store import Store
-from chunker import ChunkParams, chunk_stream
-
-# Fragments of one stream are committed in batches of about this many bytes, so a huge
-# file neither sits in memory nor holds the write lock for its whole read.
-BATCH_BYTES = 64 << 20
+from chunker import ChunkParams, fitted_read_size, stream_blocks
+from chunker.stream import DEFAULT_READ_SIZE
 
 
 @dataclass
@@ -30,7 +28,7 @@ class Ingested:
 
 
 def store_fragments(store: Store, fragments: FragmentStore,
-                    batch: Iterable[tuple[bytes, bytes]]) -> int:
+                    batch: Iterable[tuple[bytes, bytes | memoryview]]) -> int:
     """Put fragments in one transaction; returns the payload bytes that were new."""
     new = 0
     with store.write() as txn:
@@ -40,28 +38,44 @@ def store_fragments(store: Store, fragments: FragmentStore,
     return new
 
 
+def _read_size(stream: BinaryIO) -> int:
+    """A buffer fitted to a regular file's size: most source files are a few KiB."""
+    try:
+        return fitted_read_size(stream)  # type: ignore[arg-type]
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return DEFAULT_READ_SIZE
+
+
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
                   params: ChunkParams) -> Ingested:
     """Read a stream to its end, storing each distinct fragment once.
 
     Fragments are stored before any version refers to them: a crash in between leaves
-    unreferenced fragments, which gc reclaims, never a version with missing data.
+    unreferenced fragments, which gc reclaims, never a version with missing data. Each
+    block of the chunker's buffer is stored in one transaction straight from the buffer
+    (no copy per chunk), and hashed for the whole-file digest in one call.
     """
     whole = blake3.blake3()
     hashes = bytearray()
     lengths = array("I")
-    batch: list[tuple[bytes, bytes]] = []
-    batch_bytes = new = 0
-    for chunk in chunk_stream(stream, params):
-        whole.update(chunk)
-        h = fragment_hash(chunk)
-        hashes += h
-        lengths.append(len(chunk))
-        batch.append((h, chunk))
-        batch_bytes += len(chunk)
-        if batch_bytes >= BATCH_BYTES:
+    new = 0
+    first = True
+    for block, cuts, last in stream_blocks(stream, params, _read_size(stream)):
+        if not (first and last and len(cuts) == 1):
+            # A one-fragment file's digest is its fragment's hash: no second pass.
+            whole.update(block)
+        first = False
+        batch = []
+        start = 0
+        for n in cuts:
+            piece = block[start : start + n]
+            h = fragment_hash(piece)
+            hashes += h
+            lengths.append(n)
+            batch.append((h, piece))
+            start += n
+        if batch:
             new += store_fragments(store, fragments, batch)
-            batch, batch_bytes = [], 0
-    if batch:
-        new += store_fragments(store, fragments, batch)
-    return Ingested(bytes(hashes), lengths, sum(lengths), whole.digest(), new)
+    size = sum(lengths)
+    digest = bytes(hashes) if len(lengths) == 1 else whole.digest()
+    return Ingested(bytes(hashes), lengths, size, digest, new)
