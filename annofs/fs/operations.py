@@ -387,12 +387,19 @@ class Operations(pyfuse3.Operations):
                         orphaned = None
                 self.ns.detach(txn, src_dir, name_old)
                 self.ns.attach(txn, dst_dir, name_new, src)
+            # A moved entry's ctime changes (as on ext4). Set it at its new name: the
+            # inode table still has the old location until the transaction is done.
             t = now_ns()
+
+            def stamp(a: Attrs) -> Attrs:
+                return dataclasses.replace(a, ctime_ns=t)
+
+            self.ns.set_attrs(txn, dst_dir, name_new, stamp)
+            if exchange:
+                self.ns.set_attrs(txn, src_dir, name_old, stamp)
             self._touch_dir(txn, old_parent)
             if new_parent.ino != old_parent.ino:
                 self._touch_dir(txn, new_parent)
-            if moving is not None and not moving.link:
-                self._change(txn, moving, lambda a: dataclasses.replace(a, ctime_ns=t))
         if exchange:
             if moving is not None:
                 self.inodes.move(moving, new_parent.ino, name_new)
