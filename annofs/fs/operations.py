@@ -484,10 +484,10 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         with self.vol.store.read() as txn:
             a = self._attrs(txn, node)
-        names = list(a.xattrs)
-        if a.is_reg:
-            names += [ANNOFS_XATTRS + b"digest", ANNOFS_XATTRS + b"version"]
-        return names
+        # The computed user.annofs.* attributes are readable by name but not listed:
+        # cp -a and tar --xattrs copy whatever is listed, which would leak them onto host
+        # files and fail (EPERM) when such a copy comes back into the mount.
+        return list(a.xattrs)
 
     @fuse_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
