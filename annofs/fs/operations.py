@@ -549,8 +549,15 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         with self.vol.store.read() as txn:
-            self._open_file(txn, node)
+            of = self._open_file(txn, node)
         node.opens += 1
+        if flags & os.O_TRUNC:
+            # libfuse asks for atomic O_TRUNC: the kernel sends no setattr, the open must
+            # truncate. It stays in the overlay, so the close makes one version, not two.
+            async with of.lock:
+                if of.size:
+                    of.overlay.truncate(0)
+                    of.mtime_ns = now_ns()
         # The kernel's page cache holds bytes of versions this mount wrote or read; changes
         # from outside the mount invalidate it explicitly, so it may be kept across opens.
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
@@ -589,8 +596,9 @@ class Operations(pyfuse3.Operations):
         async with of.lock:
             of.overlay.truncate(size)
             of.mtime_ns = now_ns()
-        await self._commit(node)
         if node.opens == 0:
+            # truncate(2) by path: no close will follow, so this is the version.
+            await self._commit(node)
             self.open_files.pop(node.ino, None)
 
     async def _commit(self, node: Inode) -> None:
