@@ -217,7 +217,10 @@ class Operations(pyfuse3.Operations):
 
         of = self.open_files.get(node.ino)
         if of is not None and fields.update_mtime:
-            of.mtime_ns = None  # an explicit time wins over the time of the last write
+            # An explicit time wins over the time of the last write, also when the
+            # written bytes are committed later: cp -a and tar set times with futimens
+            # on the still-open descriptor, before the close commits.
+            of.mtime_ns = attr.st_mtime_ns if of.dirty else None
         with self.vol.store.write() as txn:
             a = self._change(txn, node, change)
             return self._entry(txn, node, a)
