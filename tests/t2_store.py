@@ -614,8 +614,6 @@ def test_clone_of_a_clone_and_a_file(vol: Volume) -> None:
         _clone(vol, "/a", "/b")
 
 
-@pytest.mark.xfail(strict=True, reason="known: a cloned tree shares hard-link records with "
-                   "its source (namespace/tree.py _copy_dir); fixed with issue 4's cp")
 def test_clone_with_hard_links_is_copy_on_write(vol: Volume) -> None:
     """A hard-linked pair inside a cloned tree: the copy is a separate file on each side
     (as `cp -a` of the tree gives), so a change through one tree does not show in the

@@ -107,8 +107,7 @@ class Namespace:
         """
         name = f"staging:{self._store.next_id(txn, 'staging')}"
         if base is not None and base.is_dir and not base.link:
-            self._ref_target(txn, base)
-            self._set_root(txn, base, name)
+            self._set_root(txn, self.share(txn, base), name)
         else:
             t = now_ns()
             self._set_root(txn, Attrs(stat.S_IFDIR | 0o755, uid, gid, 0, t, t, t,
@@ -201,11 +200,18 @@ class Namespace:
         return decode_attrs(raw, f"entry {name!r} of directory {dir_id}")
 
     def get(self, txn: lmdb.Transaction, dir_id: int, name: bytes) -> Attrs | None:
-        """The attributes of `name` in a directory (a hard link's shared ones), or None."""
+        """The attributes of `name` in a directory, or None.
+
+        A hard-linked file's are its shared ones, with `link` set to the link id (the
+        link record stores them with link=0), so callers can tell and count its names.
+        """
         a = self._get_raw(txn, dir_id, name)
         if a is not None and a.link:
-            return self.get_link(txn, a.link).attrs
+            return self._linked_attrs(txn, a.link)
         return a
+
+    def _linked_attrs(self, txn: lmdb.Transaction, link_id: int) -> Attrs:
+        return dataclasses.replace(self.get_link(txn, link_id).attrs, link=link_id)
 
     def get_link(self, txn: lmdb.Transaction, link_id: int) -> Link:
         """A hard-link record."""
@@ -236,14 +242,14 @@ class Namespace:
                 after: bytes | None = None) -> Iterator[tuple[bytes, Attrs]]:
         """Entries of a directory in name order, hard links resolved; resumes after `after`."""
         for name, a in self._iter_raw(txn, dir_id, after):
-            yield name, (self.get_link(txn, a.link).attrs if a.link else a)
+            yield name, (self._linked_attrs(txn, a.link) if a.link else a)
 
     def iter_entries(self, txn: lmdb.Transaction,
                      dir_id: int) -> Iterator[tuple[bytes, Attrs, int]]:
         """(name, attributes, hard-link id or 0) for each entry, in name order."""
         for name, a in self._iter_raw(txn, dir_id):
             if a.link:
-                yield name, self.get_link(txn, a.link).attrs, a.link
+                yield name, self._linked_attrs(txn, a.link), a.link
             else:
                 yield name, a, 0
 
@@ -386,15 +392,124 @@ class Namespace:
         return raw
 
     def clone_entry(self, txn: lmdb.Transaction, raw: Attrs, dst_dir: int, name: bytes) -> None:
-        """Add another reference to an entry's content under a new name: O(1) for any tree.
+        """Add another reference to an entry's content under a new name (copy-on-write).
 
-        The directory node becomes shared; whichever side changes first copies it.
+        O(1) for any tree without hard links: the directory node becomes shared and
+        whichever side changes first copies it.
         """
         check_name(name)
         if txn.get(entry_key(dst_dir, name), db=self._entries) is not None:
             raise ExistsError(f"{name.decode(errors='replace')}: already exists")
-        self._ref_target(txn, raw)
-        self.attach(txn, dst_dir, name, raw)
+        self.attach(txn, dst_dir, name, self.share(txn, raw))
+
+    def copy(self, txn: lmdb.Transaction, src: Path_, dst: Path_) -> list[bytes]:
+        """`cp -a SRC DST` in O(1): into DST if it is a directory, else as DST.
+
+        Returns the path of the new entry. A directory cannot be copied into itself: with
+        shared nodes that would make the tree a cycle.
+        """
+        if not src:
+            raise InvalidOperationError("cannot copy the root directory")
+        dst_attrs = self._try_resolve(txn, dst)
+        if dst_attrs is not None:
+            if not dst_attrs.is_dir:
+                raise ExistsError(f"{_show(dst)}: already exists")
+            dst = [*dst, src[-1]]
+            if self._try_resolve(txn, dst) is not None:
+                raise ExistsError(f"{_show(dst)}: already exists")
+        if not dst:
+            raise InvalidOperationError("cannot copy onto the root directory")
+        if list(dst[: len(src)]) == list(src):
+            raise InvalidOperationError(f"cannot copy {_show(src)} into itself ({_show(dst)})")
+        parent = self.resolve(txn, dst[:-1])
+        if not parent.is_dir:
+            raise NotADirectoryError_(f"{_show(dst[:-1])}: not a directory")
+        src_dir = self.writable_dir(txn, src[:-1])
+        raw = self._get_raw(txn, src_dir, src[-1])
+        if raw is None:
+            raise NotFoundError(f"{_show(src)}: no such file or directory")
+        shared = self.share(txn, raw)
+        self.attach(txn, self.writable_dir(txn, dst[:-1]), dst[-1], shared)
+        return list(dst)
+
+    def _try_resolve(self, txn: lmdb.Transaction, path: Path_) -> Attrs | None:
+        try:
+            return self.resolve(txn, path)
+        except (NotFoundError, NotADirectoryError_):
+            return None
+
+    def share(self, txn: lmdb.Transaction, raw: Attrs) -> Attrs:
+        """An entry for a copy of `raw`'s content, holding its own reference.
+
+        Invariant kept here: a shared directory node never contains hard links. Hard
+        links are the one thing path copying cannot separate (their names may sit in any
+        directory of the tree), so a subtree holding some is copied on the way to them,
+        with fresh link records that count only the names inside the copy (cp -a
+        semantics); everything else below stays shared.
+        """
+        if raw.link:
+            # A single hard-linked file copied alone is a new, independent file.
+            return dataclasses.replace(self.get_link(txn, raw.link).attrs, link=0)
+        if not raw.is_dir or not self._store_has_links(txn):
+            self._ref_target(txn, raw)
+            return raw
+        remap: dict[int, int] = {}
+        names: dict[int, list[tuple[int, bytes]]] = {}
+        copied = self._copy_hard_linked(txn, int(raw.target), remap, names)
+        if copied is None:
+            self._ref_target(txn, raw)
+            return raw
+        for new_link, places in names.items():
+            link = self.get_link(txn, new_link)
+            if len(places) == 1:
+                # Only one name inside the copy: a plain file there.
+                dir_id, entry_name = places[0]
+                txn.put(entry_key(dir_id, entry_name),
+                        encode_attrs(dataclasses.replace(link.attrs, link=0)), db=self._entries)
+                txn.delete(u64(new_link), db=self._links)
+            else:
+                self._put_link(txn, new_link, dataclasses.replace(link, nlink=len(places)))
+        return dataclasses.replace(raw, target=copied)
+
+    def _store_has_links(self, txn: lmdb.Transaction) -> bool:
+        with txn.cursor(db=self._links) as cur:
+            return cur.first()
+
+    def _copy_hard_linked(self, txn: lmdb.Transaction, dir_id: int, remap: dict[int, int],
+                          names: dict[int, list[tuple[int, bytes]]]) -> int | None:
+        """Copy `dir_id` if hard links lie below it (sharing what has none); else None."""
+        planned: list[tuple[bytes, Attrs, str]] = []
+        found = False
+        for name, a in list(self._iter_raw(txn, dir_id)):
+            if a.link:
+                found = True
+                planned.append((name, a, "link"))
+            elif a.is_dir:
+                sub = self._copy_hard_linked(txn, int(a.target), remap, names)
+                if sub is not None:
+                    found = True
+                    planned.append((name, dataclasses.replace(a, target=sub), "copied"))
+                else:
+                    planned.append((name, a, "share"))
+            else:
+                planned.append((name, a, "share"))
+        if not found:
+            return None
+        new_id = self._store.next_id(txn, "dir")
+        self._put_header(txn, new_id, DirHeader(1, self.header(txn, dir_id).nsubdirs))
+        for name, a, how in planned:
+            if how == "share":
+                self._ref_target(txn, a)
+            elif how == "link":
+                if a.link not in remap:
+                    fresh = self._store.next_id(txn, "link")
+                    self._put_link(txn, fresh, Link(0, self.get_link(txn, a.link).attrs))
+                    remap[a.link] = fresh
+                    names[fresh] = []
+                a = dataclasses.replace(a, link=remap[a.link])
+                names[a.link].append((new_id, name))
+            txn.put(entry_key(new_id, name), encode_attrs(a), db=self._entries)
+        return new_id
 
     def swap_root_into(self, txn: lmdb.Transaction, root: str, dst_dir: int,
                        name: bytes) -> None:

@@ -12,7 +12,7 @@ import lmdb
 from annofs.errors import StoreError
 from annofs.store.keys import from_u64, u64
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fragment values are the raw bytes (1 had a codec byte)
 
 # Virtual address space only: LMDB grows the file as it is used.
 MAP_SIZE = 1 << 40

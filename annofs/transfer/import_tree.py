@@ -197,7 +197,8 @@ class TreeImporter:
     def _file_content(self, e: os.DirEntry, st: os.stat_result, key: bytes,
                       old: Attrs | None) -> tuple[int, bytes, Ingested | int]:
         """(parent version, cache key, what was read or the version reused unread)."""
-        reusable = old is not None and old.is_reg and not old.link
+        # A hard-linked file is re-linked on every import, but its content can be reused.
+        reusable = old is not None and old.is_reg
         parent = int(old.target) if reusable and old is not None else EMPTY_VERSION
         with self.vol.store.read() as txn:
             raw = txn.get(key, db=self._cache_db)

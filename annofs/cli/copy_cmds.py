@@ -1,0 +1,22 @@
+"""`annofs cp`: O(1) copies of files and trees."""
+
+from __future__ import annotations
+
+import click
+
+from annofs.cli.context import open_volume
+from annofs.cli.paths import parse_store_path
+
+
+@click.command("cp")
+@click.argument("src")
+@click.argument("dst")
+@click.pass_context
+def cp_cmd(ctx: click.Context, src: str, dst: str) -> None:
+    """Copy SRC to DST (into DST if it is a directory) in O(1), copy-on-write."""
+    src_parts, dst_parts = parse_store_path(src), parse_store_path(dst)
+    with open_volume(ctx) as vol:
+        with vol.store.write() as txn:
+            made = vol.namespace.copy(txn, src_parts, dst_parts)
+        vol.store.sync()
+    click.echo(f"copied {src} -> /{b'/'.join(made).decode(errors='replace')}")
