@@ -612,11 +612,13 @@ class Operations(pyfuse3.Operations):
         async with of.lock:
             if not of.dirty:
                 return
-            folded = await fold(self.vol, of)
             mtime = of.mtime_ns or now_ns()
+            if node.orphan is None:
+                folded = await fold(self.vol, of)
             if node.orphan is not None:
-                # Nothing names the file any more: its bytes need no version.
-                node.orphan = dataclasses.replace(node.orphan, size=folded.size, mtime_ns=mtime)
+                # Nothing names the file any more (maybe since the fold began): its bytes
+                # need no version, and stay in the open file until the last close.
+                node.orphan = dataclasses.replace(node.orphan, size=of.size, mtime_ns=mtime)
                 return
             with self.vol.store.write() as txn:
                 v = self.vol.versions.create(txn, of.parent_version, folded.hashes,
