@@ -9,6 +9,7 @@ stays bounded however much is written before the close.
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -72,17 +73,21 @@ def _rewrite(vol: Volume, base: Version, overlay: DirtyOverlay) -> Rewrite:
     return rewrite(base, read_base, overlay, vol.params)
 
 
-async def fold(vol: Volume, of: OpenFile) -> Version:
+async def fold(vol: Volume, of: OpenFile, stats: Counter[str] | None = None) -> Version:
     """Turn the overlay into fragments; returns the unstored version they form.
 
     The caller holds `of.lock`. Big overlays are re-chunked in a worker thread so one
-    large close does not stall every other request on the event loop.
+    large close does not stall every other request on the event loop. `stats` counts
+    the bytes re-chunked: the cost of a commit, which must follow the edit, not the file.
     """
     overlay = of.overlay
     if overlay.nbytes > INLINE_BYTES:
         rw = await trio.to_thread.run_sync(_rewrite, vol, of.base, overlay)
     else:
         rw = _rewrite(vol, of.base, overlay)
+    if stats is not None:
+        stats["folds"] += 1
+        stats["rechunked_bytes"] += rw.rechunked_bytes
     if rw.new_fragments:
         with vol.store.write() as txn:
             for h, data in rw.new_fragments:

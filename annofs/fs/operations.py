@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +76,9 @@ class Operations(pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.dirty_since_sync = False
+        # Work counters, readable as the root's user.annofs.stats (JSON): what a commit
+        # cost is observable without timing it.
+        self.stats: Counter[str] = Counter()
 
     # -- locating ---------------------------------------------------------------------
 
@@ -473,6 +478,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
+        if name == ANNOFS_XATTRS + b"stats" and node.ino == ROOT:
+            return json.dumps(dict(self.stats), sort_keys=True).encode()
         if name.startswith(ANNOFS_XATTRS):
             return await self._annofs_xattr(node, name)
         self._check_xattr_name(name, writing=False)
@@ -590,7 +597,7 @@ class Operations(pyfuse3.Operations):
             of.overlay.write(off, buf)
             of.mtime_ns = now_ns()
             if of.overlay.nbytes > SPILL_BYTES:
-                await fold(self.vol, of)
+                await fold(self.vol, of, self.stats)
         return len(buf)
 
     async def _truncate(self, node: Inode, size: int) -> None:
@@ -614,7 +621,7 @@ class Operations(pyfuse3.Operations):
                 return
             mtime = of.mtime_ns or now_ns()
             if node.orphan is None:
-                folded = await fold(self.vol, of)
+                folded = await fold(self.vol, of, self.stats)
             if node.orphan is not None:
                 # Nothing names the file any more (maybe since the fold began): its bytes
                 # need no version, and stay in the open file until the last close.
@@ -626,6 +633,7 @@ class Operations(pyfuse3.Operations):
                 t = now_ns()
                 self._change(txn, node, lambda a: dataclasses.replace(
                     a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
+            self.stats["commits"] += 1
             of.base, of.parent_version, of.mtime_ns = v, v.id, None
 
     @fuse_handler
