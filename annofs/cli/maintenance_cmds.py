@@ -1,4 +1,4 @@
-"""`annofs fsck`."""
+"""`annofs fsck` and `annofs gc`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import sys
 
 import click
 
-from annofs.cli.context import Progress, open_volume
+from annofs.cli.context import Progress, open_volume, store_path
 from annofs.maintenance.fsck import check_store
+from annofs.maintenance.gc import collect
+from annofs.store.lock import store_lock
 
 
 @click.command("fsck")
@@ -27,3 +29,21 @@ def fsck_cmd(ctx: click.Context) -> None:
                + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)
     if not rep.ok:
         sys.exit(1)
+
+
+@click.command("gc")
+@click.option("--prune-history", is_flag=True,
+              help="Also drop old versions no name refers to (annofs log shows less).")
+@click.pass_context
+def gc_cmd(ctx: click.Context, prune_history: bool) -> None:
+    """Free versions and fragments nothing references (never signed originals)."""
+    progress = Progress("gc")
+    try:
+        with store_lock(store_path(ctx), exclusive=True, what="gc"), open_volume(ctx) as vol:
+            rep = collect(vol, prune_history=prune_history, progress=progress)
+    finally:
+        progress.close()
+    click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
+               f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
+               + (f"; dropped {rep.staging_dropped} unfinished imports"
+                  if rep.staging_dropped else ""))

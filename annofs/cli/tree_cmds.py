@@ -9,6 +9,7 @@ import click
 
 from annofs.cli.context import Progress, open_volume, store_path
 from annofs.cli.paths import parse_store_path
+from annofs.store.lock import store_lock
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import TreeImporter
 
@@ -36,7 +37,8 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], src: Pa
     started = time.monotonic()
     progress = Progress("import")
     try:
-        with open_volume(ctx) as vol:
+        with store_lock(store_path(ctx), exclusive=False, what="import"), \
+                open_volume(ctx) as vol:
             stats = TreeImporter(vol, excludes=excludes, git=git, progress=progress).run(
                 src, dest_parts)
     finally:

@@ -1,0 +1,152 @@
+"""`annofs gc`: free what nothing references any more.
+
+Kept: every version a name or a hard link refers to, their ancestors (the history that
+`annofs log` shows; `prune_history` drops what no name refers to and re-parents the
+children), every version whose digest a statement signs (signed originals), and the empty
+root version. Everything else is deleted with its fragment references; fragments left
+with none are freed, and so are fragments no version ever took (a crashed import's) and
+staging trees a crash left behind. Run with the store to itself (see store.lock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lmdb
+
+from annofs.content.versions import EMPTY_VERSION, compute_edit
+from annofs.store.keys import HASH_SIZE, from_u64, u64
+from annofs.store.records import (
+    Version,
+    decode_attrs,
+    decode_link,
+    decode_version,
+    encode_version,
+)
+from annofs.volume import Volume
+
+Progress = Callable[[int, int], None]
+# Fragments are deleted in batches: one huge transaction would hold every freed page.
+_BATCH = 10_000
+
+
+@dataclass
+class GcReport:
+    """What gc freed."""
+
+    versions_freed: int = 0
+    fragments_freed: int = 0
+    bytes_freed: int = 0
+    staging_dropped: int = 0
+    versions_kept: int = 0
+
+
+def _signed_digests(vol: Volume, txn: lmdb.Transaction) -> set[bytes]:
+    """Digests some statement signs (the trust layer's index, if the store has one)."""
+    db = vol.store.db.get("signed_digests")
+    if db is None:
+        return set()
+    with txn.cursor(db=db) as cur:
+        return {bytes(k[:HASH_SIZE]) for k in cur.iternext(values=False)}
+
+
+def _live_versions(vol: Volume, txn: lmdb.Transaction) -> set[int]:
+    ids = set()
+    with txn.cursor(db=vol.store.db["entries"]) as cur:
+        for _k, raw in cur:
+            a = decode_attrs(raw, "entry")
+            if a.is_reg and not a.link:
+                ids.add(int(a.target))
+    with txn.cursor(db=vol.store.db["links"]) as cur:
+        for k, raw in cur:
+            link = decode_link(from_u64(k), raw)
+            if link.attrs.is_reg:
+                ids.add(int(link.attrs.target))
+    return ids
+
+
+def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] | None = None,
+            progress: Progress | None = None) -> GcReport:
+    """Free unreferenced versions and fragments; returns what was freed."""
+    rep = GcReport()
+    ns = vol.namespace
+    fragments_before = _count(vol, "fragments")
+    with vol.store.write() as txn:
+        for root in ns.staging_roots(txn):
+            ns.drop_root(txn, root)
+            rep.staging_dropped += 1
+    with vol.store.read() as txn:
+        versions: dict[int, Version] = {
+            from_u64(k): decode_version(from_u64(k), raw)
+            for k, raw in txn.cursor(db=vol.store.db["versions"])}
+        signed = _signed_digests(vol, txn)
+        live = _live_versions(vol, txn) | (extra_roots or set()) | {EMPTY_VERSION}
+    live |= {vid for vid, v in versions.items() if v.digest is not None and v.digest in signed}
+    keep = set(live)
+    if not prune_history:
+        for vid in list(live):
+            while vid in versions and versions[vid].parent not in keep:
+                vid = versions[vid].parent
+                keep.add(vid)
+    rep.versions_kept = len(keep & versions.keys())
+    doomed = [v for vid, v in versions.items() if vid not in keep]
+    with vol.store.write() as txn:
+        for v in versions.values():
+            if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
+                _reparent(vol, txn, v, versions, keep)
+        for v in doomed:
+            rep.bytes_freed += vol.versions.delete(txn, v)
+            rep.versions_freed += 1
+            if progress:
+                progress(1, 0)
+    rep.bytes_freed += _free_orphan_fragments(vol)
+    rep.fragments_freed = fragments_before - _count(vol, "fragments")
+    vol.store.sync()
+    return rep
+
+
+def _count(vol: Volume, db: str) -> int:
+    with vol.store.read() as txn:
+        return int(txn.stat(vol.store.db[db])["entries"])
+
+
+def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int, Version],
+              keep: set[int]) -> None:
+    """Point a kept version at its nearest kept ancestor; its edit is recomputed."""
+    parent = v.parent
+    while parent not in keep and parent in versions and parent != EMPTY_VERSION:
+        parent = versions[parent].parent
+    if parent not in keep:
+        parent = EMPTY_VERSION
+    base = versions.get(parent) or vol.versions.get(txn, parent)
+    nv = dataclasses.replace(v, parent=parent, edit=compute_edit(base, v.hashes, v.lengths))
+    txn.put(u64(v.id), encode_version(nv), db=vol.store.db["versions"])
+
+
+def _free_orphan_fragments(vol: Volume) -> int:
+    """Delete fragments with no reference count (never taken, or dropped to zero)."""
+    freed = 0
+    frag_db, refs_db = vol.store.db["fragments"], vol.store.db["fragrefs"]
+    last: bytes | None = None
+    while True:
+        batch = []
+        with vol.store.read() as txn, txn.cursor(db=frag_db) as cur:
+            ok = cur.set_range(last) if last is not None else cur.first()
+            while ok and len(batch) < _BATCH:
+                h = bytes(cur.key())
+                if h != last and txn.get(h, db=refs_db) is None:
+                    batch.append(h)
+                last = h
+                ok = cur.next()
+            done = not ok
+        if batch:
+            with vol.store.write() as txn:
+                for h in batch:
+                    raw = txn.get(h, db=frag_db)
+                    if raw is not None and txn.get(h, db=refs_db) is None:
+                        freed += len(raw)
+                        txn.delete(h, db=frag_db)
+        if done:
+            return freed

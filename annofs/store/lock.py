@@ -1,0 +1,34 @@
+"""A store-wide lock between commands that write and gc.
+
+Fragments are stored before the version that uses them (so a crash never leaves a
+version with missing data); an offline gc running beside such a command would see them
+as garbage. Writers hold the lock shared, gc exclusive; a running daemon holds it shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from annofs.errors import StoreError
+
+
+@contextlib.contextmanager
+def store_lock(store_path: Path, *, exclusive: bool, what: str) -> Iterator[None]:
+    """Hold the store's lock; exclusive fails at once (with a clear error) if it is busy."""
+    if not (store_path / "db" / "data.mdb").exists():
+        raise StoreError(f"{store_path}: no annofs store here (run 'annofs --store {store_path} "
+                         f"init')")
+    fd = os.open(store_path / "ops.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            raise StoreError(f"{store_path}: busy (mounted, or another command is writing); "
+                             f"{what} needs the store to itself") from None
+        yield
+    finally:
+        os.close(fd)
