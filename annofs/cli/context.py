@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from annofs.daemon.mount import read_state
+from annofs.errors import UsageError
 from annofs.volume import Volume
 
 
@@ -28,10 +30,19 @@ def store_path(ctx: click.Context) -> Path:
     return ctx.find_root().obj["store"]
 
 
+def require_unmounted(store: Path) -> None:
+    """Writing to a store behind its daemon's back would leave the mount's caches stale."""
+    state = read_state(store)
+    if state is not None:
+        raise UsageError(f"{store}: mounted at {state['mountpoint']}; "
+                         f"use paths inside the mount")
+
+
 @contextmanager
-def open_volume(ctx: click.Context, *, create: bool = False) -> Iterator[Volume]:
-    """Open the invocation's store for the length of a command."""
-    vol = Volume.open(store_path(ctx), create=create)
+def open_volume(ctx: click.Context, *, create: bool = False,
+                store: Path | None = None) -> Iterator[Volume]:
+    """Open the invocation's store (or `store`) for the length of a command."""
+    vol = Volume.open(store or store_path(ctx), create=create)
     try:
         yield vol
     finally:

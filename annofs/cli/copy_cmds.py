@@ -1,11 +1,13 @@
-"""`annofs cp`: O(1) copies of files and trees."""
+"""`annofs cp`: O(1) copies of files and trees, mounted or not."""
 
 from __future__ import annotations
 
 import click
 
-from annofs.cli.context import open_volume, store_path
-from annofs.cli.paths import parse_store_path
+from annofs.cli.context import open_volume, require_unmounted, store_path
+from annofs.cli.paths import resolve_target
+from annofs.daemon import control
+from annofs.errors import UsageError
 from annofs.store.lock import store_lock
 
 
@@ -14,10 +16,23 @@ from annofs.store.lock import store_lock
 @click.argument("dst")
 @click.pass_context
 def cp_cmd(ctx: click.Context, src: str, dst: str) -> None:
-    """Copy SRC to DST (into DST if it is a directory) in O(1), copy-on-write."""
-    src_parts, dst_parts = parse_store_path(src), parse_store_path(dst)
-    with store_lock(store_path(ctx), exclusive=False, what="cp"), open_volume(ctx) as vol:
+    """Copy SRC to DST (into DST if it is a directory) in O(1), copy-on-write.
+
+    Paths inside a mounted annofs go through its daemon (the copy shows at once);
+    otherwise they are paths in the --store's namespace.
+    """
+    s, d = resolve_target(src, store_path(ctx)), resolve_target(dst, store_path(ctx))
+    if (s.mount is None) != (d.mount is None) or s.store != d.store:
+        raise UsageError(f"{src} and {dst}: must both be in the same annofs store or mount")
+    if s.mount is not None:
+        made = control.request(s.store, "cp", src=[p.decode("utf-8", "surrogateescape")
+                                                   for p in s.parts],
+                               dst=[p.decode("utf-8", "surrogateescape") for p in d.parts])
+        click.echo(f"copied {src} -> {s.mount.mountpoint}/{'/'.join(made['path'])}")
+        return
+    require_unmounted(s.store)
+    with store_lock(s.store, exclusive=False, what="cp"), open_volume(ctx) as vol:
         with vol.store.write() as txn:
-            made = vol.namespace.copy(txn, src_parts, dst_parts)
+            made_parts = vol.namespace.copy(txn, s.parts, d.parts)
         vol.store.sync()
-    click.echo(f"copied {src} -> /{b'/'.join(made).decode(errors='replace')}")
+    click.echo(f"copied {src} -> /{b'/'.join(made_parts).decode(errors='replace')}")

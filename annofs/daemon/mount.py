@@ -17,9 +17,13 @@ import pyfuse3
 import trio
 
 from annofs.daemon import registry
+from annofs.daemon.commands import DaemonCommands
+from annofs.daemon.control import ControlServer
+from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.registry import MountInfo
 from annofs.errors import StoreError, UsageError
 from annofs.fs.operations import Operations
+from annofs.store.lock import store_lock
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
@@ -93,9 +97,14 @@ def _setup_logging(store: Path, foreground: bool) -> None:
 
 
 async def _serve(ops: Operations) -> None:
+    invalidator = Invalidator()
+    commands = DaemonCommands(ops, invalidator)
+    control = ControlServer(ops.vol.store.path, commands.handlers())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_sync_loop, ops)
         nursery.start_soon(_signal_loop)
+        nursery.start_soon(invalidator.run)
+        await nursery.start(control.serve)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -117,12 +126,16 @@ async def _signal_loop() -> None:
 
 def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; report readiness on `ready_fd` (one line)."""
+    # Held for the mount's life: gc must not run offline under a live daemon.
+    lock = contextlib.ExitStack()
+    lock.enter_context(store_lock(opts.store, exclusive=False, what="mount"))
     vol = Volume.open(opts.store)
     ops = Operations(vol)
     try:
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:
         vol.close()
+        lock.close()
         raise UsageError(f"{opts.mountpoint}: mount failed ({e})") from e
     # Nothing may touch the mountpoint from here until the loop runs: the kernel would
     # send this very process a request it cannot answer yet (opts are resolved already).
@@ -147,6 +160,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
             (opts.store / STATE_FILE).unlink()
         registry.unregister(opts.mountpoint)
         vol.close()
+        lock.close()
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
 
 

@@ -1,0 +1,50 @@
+"""What the daemon does for commands on its mount (the control channel's handlers).
+
+Each handler makes its change through the same layer calls as the offline command,
+then tells the mount's inode table and the kernel what changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from annofs.daemon.invalidate import Invalidator
+from annofs.errors import UsageError
+from annofs.fs.operations import Operations
+
+
+def _parts(args: dict[str, Any], key: str) -> list[bytes]:
+    raw = args.get(key)
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise UsageError(f"control: '{key}' must be a list of names")
+    parts = [p.encode("utf-8", "surrogateescape") for p in raw]
+    if any(p in (b"", b".", b"..") or b"/" in p for p in parts):
+        raise UsageError(f"control: '{key}' has an invalid name")
+    return parts
+
+
+class DaemonCommands:
+    """Handlers bound to one mount's Operations."""
+
+    def __init__(self, ops: Operations, invalidator: Invalidator) -> None:
+        self.ops = ops
+        self.inv = invalidator
+
+    def handlers(self) -> dict[str, Any]:
+        """op name -> handler, for the ControlServer."""
+        return {"ping": self.ping, "cp": self.cp}
+
+    async def ping(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Liveness, and which store this is."""
+        return {"store": str(self.ops.vol.store.path)}
+
+    async def cp(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """O(1) copy inside the mount; the new name shows at once."""
+        src, dst = _parts(args, "src"), _parts(args, "dst")
+        await self.ops.commit_all()  # the copy takes what was written, as cp would read it
+        vol = self.ops.vol
+        with vol.store.write() as txn:
+            made = vol.namespace.copy(txn, src, dst)
+        self.ops.dirty_since_sync = True
+        self.inv.path_changed(self.ops.inodes, made)
+        return {"path": [p.decode("utf-8", "surrogateescape") for p in made]}
