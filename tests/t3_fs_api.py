@@ -985,11 +985,6 @@ async def test_hard_links_share_content(k: Kernel, vol: Volume) -> None:
     await k.settle()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "getattr and the replies of link and setattr say st_nlink 1 for a hard-linked file "
-    "(lookup and readdir say 2): Operations._attrs (annofs/fs/operations.py:98) uses "
-    "get_link().attrs, whose .link is 0, as do the Attrs returned by Namespace.hard_link, "
-    "add_link_name and set_link_attrs (annofs/namespace/tree.py:546,554,566)"))
 @trio_test
 async def test_hard_link_nlink(k: Kernel) -> None:
     f = await k.write_file(ROOT, b"f", b"x")

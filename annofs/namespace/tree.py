@@ -213,6 +213,10 @@ class Namespace:
     def _linked_attrs(self, txn: lmdb.Transaction, link_id: int) -> Attrs:
         return dataclasses.replace(self.get_link(txn, link_id).attrs, link=link_id)
 
+    def link_attrs(self, txn: lmdb.Transaction, link_id: int) -> Attrs:
+        """A hard-linked file's shared attributes, with `link` set to its id."""
+        return self._linked_attrs(txn, link_id)
+
     def get_link(self, txn: lmdb.Transaction, link_id: int) -> Link:
         """A hard-link record."""
         raw = txn.get(u64(link_id), db=self._links)
@@ -331,10 +335,7 @@ class Namespace:
         if raw is None:
             raise NotFoundError(f"{name.decode(errors='replace')}: no such file or directory")
         if raw.link:
-            link = self.get_link(txn, raw.link)
-            new = change(link.attrs)
-            self._put_link(txn, raw.link, dataclasses.replace(link, attrs=new))
-            return new
+            return self.set_link_attrs(txn, raw.link, change)
         new = change(raw)
         txn.put(entry_key(dir_id, name), encode_attrs(new), db=self._entries)
         return new
@@ -543,7 +544,7 @@ class Namespace:
             raw = ref
         self._ref_target(txn, raw)
         txn.put(entry_key(dst_dir, dst_name), encode_attrs(raw), db=self._entries)
-        return self.get_link(txn, raw.link).attrs
+        return self._linked_attrs(txn, raw.link)
 
     def set_link_attrs(self, txn: lmdb.Transaction, link_id: int,
                        change: Callable[[Attrs], Attrs]) -> Attrs:
@@ -551,7 +552,7 @@ class Namespace:
         link = self.get_link(txn, link_id)
         new = change(link.attrs)
         self._put_link(txn, link_id, dataclasses.replace(link, attrs=new))
-        return new
+        return dataclasses.replace(new, link=link_id)
 
     def add_link_name(self, txn: lmdb.Transaction, link_id: int, dst_dir: int,
                       dst_name: bytes) -> Attrs:
@@ -563,7 +564,7 @@ class Namespace:
         ref = dataclasses.replace(link.attrs, link=link_id, xattrs={})
         self._ref_target(txn, ref)
         txn.put(entry_key(dst_dir, dst_name), encode_attrs(ref), db=self._entries)
-        return link.attrs
+        return dataclasses.replace(link.attrs, link=link_id)
 
     def is_ancestor(self, txn: lmdb.Transaction, path: Path_, other: Path_) -> bool:
         """Whether `path` is `other` or one of its ancestors (a move into itself)."""
