@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from pathlib import Path
 
 import click
 
-from annofs.cli.context import open_volume
-from annofs.cli.paths import VersionedPath, parse_versioned
+from annofs.cli.context import open_volume, store_path
+from annofs.cli.paths import VersionedPath, resolve_target, split_version
 from annofs.content.history import ancestry
 from annofs.errors import UsageError
 from annofs.explain.diff import render_diff
@@ -32,6 +33,17 @@ def _file_version(vol: Volume, vp: VersionedPath) -> Version:
                      f"(see annofs log)")
 
 
+def _target(ctx: click.Context, text: str) -> tuple[Path, VersionedPath]:
+    """PATH[@VERSION] as (store, path in it): a host path inside a mount, or a store path.
+
+    These commands only read, and LMDB serves readers in other processes beside the
+    daemon, so a mounted store is read directly (what the mount has flushed).
+    """
+    path, version = split_version(text)
+    t = resolve_target(path, store_path(ctx))
+    return t.store, VersionedPath(text, t.parts, version)
+
+
 def _when(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -41,8 +53,8 @@ def _when(ns: int) -> str:
 @click.pass_context
 def log_cmd(ctx: click.Context, path: str) -> None:
     """The file's versions along the edit graph, newest first."""
-    vp = parse_versioned(path)
-    with open_volume(ctx) as vol:
+    store, vp = _target(ctx, path)
+    with open_volume(ctx, store=store) as vol:
         head = _file_version(vol, vp)
         with vol.store.read() as txn:
             chain = ancestry(txn, vol.versions, head.id)
@@ -62,9 +74,9 @@ def log_cmd(ctx: click.Context, path: str) -> None:
 @click.pass_context
 def cat_cmd(ctx: click.Context, path: str) -> None:
     """Write a file's bytes (PATH@VERSION: an old version's) to standard output."""
-    vp = parse_versioned(path)
+    store, vp = _target(ctx, path)
     out = sys.stdout.buffer
-    with open_volume(ctx) as vol:
+    with open_volume(ctx, store=store) as vol:
         v = _file_version(vol, vp)
         with vol.store.read() as txn:
             for frag in vol.versions.iter_bytes(txn, v):
@@ -78,8 +90,10 @@ def cat_cmd(ctx: click.Context, path: str) -> None:
 @click.pass_context
 def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
     """The difference between two versions, each PATH[@VERSION]."""
-    va, vb = parse_versioned(a), parse_versioned(b)
-    with open_volume(ctx) as vol:
+    (store_a, va), (store_b, vb) = _target(ctx, a), _target(ctx, b)
+    if store_a != store_b:
+        raise UsageError(f"{a} and {b}: not in the same store")
+    with open_volume(ctx, store=store_a) as vol:
         ver_a, ver_b = _file_version(vol, va), _file_version(vol, vb)
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)

@@ -115,16 +115,20 @@ def open_store(path: Path, *, create: bool = False) -> Store:
     except lmdb.Error as e:
         raise StoreError(f"{path}: cannot open the store: {e}") from e
     store = Store(path, env)
-    with store.write() as txn:
+    # A read transaction: opening a store (a reader beside a running daemon, say) must not
+    # queue behind the writer lock.
+    with store.read() as txn:
         fmt = store.get_meta(txn, "format")
-        if fmt is None:
-            if not create:
-                env.close()
-                raise StoreError(f"{path}: the store was never initialised (run annofs init)")
-            store.put_meta(txn, "format", str(FORMAT_VERSION).encode())
-        elif fmt != str(FORMAT_VERSION).encode():
+    if fmt is None:
+        if not create:
             env.close()
-            raise StoreError(
+            raise StoreError(f"{path}: the store was never initialised (run annofs init)")
+        with store.write() as txn:
+            if store.get_meta(txn, "format") is None:
+                store.put_meta(txn, "format", str(FORMAT_VERSION).encode())
+    elif fmt != str(FORMAT_VERSION).encode():
+        env.close()
+        raise StoreError(
                 f"{path}: store format {fmt.decode(errors='replace')} is not supported "
                 f"(this annofs reads format {FORMAT_VERSION})"
             )
