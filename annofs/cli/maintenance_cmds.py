@@ -6,18 +6,28 @@ import sys
 
 import click
 
-from annofs.cli.context import Progress, open_volume, store_path
+from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import collect
+from annofs.maintenance.repair import repair_store
 from annofs.store.lock import store_lock
 
 
 @click.command("fsck")
+@click.option("--repair", is_flag=True,
+              help="Rewrite counts from the data and drop what nothing reaches (never "
+                   "reachable data); then check again.")
 @click.pass_context
-def fsck_cmd(ctx: click.Context) -> None:
+def fsck_cmd(ctx: click.Context, repair: bool) -> None:
     """Check every fragment hash, reference and count; exit 1 if anything is wrong."""
     progress = Progress("fsck")
     try:
+        if repair:
+            require_unmounted(store_path(ctx))
+            with store_lock(store_path(ctx), exclusive=True, what="fsck --repair"), \
+                    open_volume(ctx) as vol:
+                for line in repair_store(vol):
+                    click.echo(f"repaired: {line}")
         with open_volume(ctx) as vol:
             rep = check_store(vol, progress=progress)
     finally:

@@ -1,0 +1,96 @@
+"""fsck finds planted damage precisely; --repair fixes bookkeeping and never loses data."""
+
+from __future__ import annotations
+
+import random
+import struct
+import subprocess
+from pathlib import Path
+
+from conftest import annofs_cmd
+
+from annofs.maintenance.fsck import check_store
+from annofs.maintenance.repair import repair_store
+from annofs.store.keys import u64
+from annofs.store.records import DirHeader, decode_dir, encode_dir
+from annofs.transfer.export_tree import TreeExporter
+from annofs.transfer.import_tree import TreeImporter
+from annofs.volume import Volume
+
+
+def make_tree(root: Path) -> Path:
+    rnd = random.Random(9)
+    for i in range(12):
+        d = root / f"d{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(rnd.randbytes(rnd.choice([200, 40_000])))
+    (root / "d0" / "f0").rename(root / "d0" / "keep")
+    (root / "d1" / "hard").hardlink_to(root / "d0" / "keep")
+    return root
+
+
+def first_fragment(vol: Volume) -> bytes:
+    with vol.store.read() as txn, txn.cursor(db=vol.store.db["fragments"]) as cur:
+        cur.first()
+        return bytes(cur.key())
+
+
+def test_planted_damage_is_found_and_bookkeeping_repaired(vol: Volume, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    TreeImporter(vol).run(src, [b"t"])
+    assert check_store(vol).ok
+    h = first_fragment(vol)
+    with vol.store.read() as txn:
+        root_dir = int(vol.namespace.root(txn).target)
+        t_dir = int(vol.namespace.resolve(txn, [b"t"]).target)
+    with vol.store.write() as txn:
+        db = vol.store.db
+        txn.put(h, struct.pack(">Q", 99), db=db["fragrefs"])  # a wrong refcount
+        hdr = decode_dir(t_dir, txn.get(u64(t_dir), db=db["dirs"]))
+        txn.put(u64(t_dir), encode_dir(DirHeader(hdr.refcount + 3, 7)), db=db["dirs"])
+        txn.put(u64(424242), encode_dir(DirHeader(1, 0)), db=db["dirs"])  # a lost node
+    problems = check_store(vol).problems
+    assert any(h.hex() in p and "refcount 99" in p for p in problems)
+    assert any(f"directory {t_dir}: refcount" in p for p in problems)
+    assert any(f"directory {t_dir}: nsubdirs 7" in p for p in problems)
+    assert any("directory 424242" in p for p in problems)
+    fixed = repair_store(vol)
+    assert any("424242" in f and "dropped" in f for f in fixed)
+    assert check_store(vol).ok, check_store(vol).problems
+    out = tmp_path / "out"
+    TreeExporter(vol).run([b"t"], out)  # every file still there, byte for byte
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (out / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert (out / "d0" / "keep").stat().st_ino == (out / "d1" / "hard").stat().st_ino
+    assert root_dir
+
+
+def test_corrupt_fragment_is_reported_not_repaired(vol: Volume, tmp_path: Path) -> None:
+    TreeImporter(vol).run(make_tree(tmp_path / "src"), [b"t"])
+    h = first_fragment(vol)
+    with vol.store.write() as txn:
+        raw = bytearray(txn.get(h, db=vol.store.db["fragments"]))
+        raw[len(raw) // 2] ^= 0x10
+        txn.put(h, bytes(raw), db=vol.store.db["fragments"])
+    assert f"fragment {h.hex()}: content does not match its hash" in check_store(vol).problems
+    repair_store(vol)
+    assert f"fragment {h.hex()}: content does not match its hash" in check_store(vol).problems
+
+
+def test_fsck_command_exit_status(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run = lambda *a: subprocess.run(annofs_cmd("--store", str(store), *a),  # noqa: E731
+                                    capture_output=True, text=True)
+    assert run("init").returncode == 0
+    assert run("import", str(make_tree(tmp_path / "src")), "/t").returncode == 0
+    ok = run("fsck")
+    assert ok.returncode == 0 and ": ok" in ok.stdout
+    vol = Volume.open(store)
+    with vol.store.write() as txn:
+        txn.put(first_fragment(vol), struct.pack(">Q", 5), db=vol.store.db["fragrefs"])
+    vol.close()
+    bad = run("fsck")
+    assert bad.returncode == 1 and "refcount 5" in bad.stdout
+    fixed = run("fsck", "--repair")
+    assert fixed.returncode == 0 and "repaired: fragment" in fixed.stdout
