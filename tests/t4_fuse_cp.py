@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import Mount, annofs_cmd
 
-from annofs.daemon import control
+from annofs.daemon import client as control
 from annofs.errors import UsageError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from annofs.daemon.mount import read_state
+from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
 from annofs.volume import Volume
 

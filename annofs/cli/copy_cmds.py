@@ -6,7 +6,7 @@ import click
 
 from annofs.cli.context import open_volume, require_unmounted, store_path
 from annofs.cli.paths import resolve_target
-from annofs.daemon import control
+from annofs.daemon import client
 from annofs.errors import UsageError
 from annofs.store.lock import store_lock
 
@@ -25,7 +25,7 @@ def cp_cmd(ctx: click.Context, src: str, dst: str) -> None:
     if (s.mount is None) != (d.mount is None) or s.store != d.store:
         raise UsageError(f"{src} and {dst}: must both be in the same annofs store or mount")
     if s.mount is not None:
-        made = control.request(s.store, "cp", src=[p.decode("utf-8", "surrogateescape")
+        made = client.request(s.store, "cp", src=[p.decode("utf-8", "surrogateescape")
                                                    for p in s.parts],
                                dst=[p.decode("utf-8", "surrogateescape") for p in d.parts])
         click.echo(f"copied {src} -> {s.mount.mountpoint}/{'/'.join(made['path'])}")

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from annofs.cli.context import store_path
-from annofs.daemon.mount import MountOptions, mount, umount
 
 
 @click.command("mount")
@@ -17,6 +16,8 @@ from annofs.daemon.mount import MountOptions, mount, umount
 @click.pass_context
 def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, mountpoint: Path) -> None:
     """Serve the store at MOUNTPOINT; returns once the mount works (unless --foreground)."""
+    from annofs.daemon.mount import MountOptions, mount  # pyfuse3 and trio: only here
+
     mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other))
 
 
@@ -24,4 +25,6 @@ def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, mountpoin
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def umount_cmd(mountpoint: Path) -> None:
     """Unmount cleanly: everything written is flushed before this returns."""
+    from annofs.daemon.mount import umount
+
     umount(mountpoint)

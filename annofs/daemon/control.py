@@ -19,20 +19,15 @@ from typing import Any
 
 import trio
 
-from annofs.errors import AnnofsError, StoreError, UsageError
+from annofs.daemon.client import socket_path
+from annofs.errors import AnnofsError, UsageError
 
 log = logging.getLogger("annofs.control")
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 20
 _PEERCRED = struct.Struct("3i")
 
 Handler = Callable[[dict[str, Any], int], Awaitable[Any]]
-
-
-def socket_path(store: Path) -> Path:
-    """Where a store's daemon listens."""
-    return store / SOCKET_NAME
 
 
 def _peer_uid(sock: trio.socket.SocketType) -> int:
@@ -122,30 +117,3 @@ async def _read_request(stream: trio.SocketStream) -> Any:
         return json.loads(bytes(buf).split(b"\n", 1)[0] or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"control: request is not JSON ({e})") from None
-
-
-def request(store: Path, op: str, timeout: float = 600.0, **args: Any) -> Any:
-    """Send one request to the daemon serving `store`; its result, or its error raised."""
-    path = socket_path(store)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(str(path))
-        except OSError as e:
-            raise StoreError(f"{path}: cannot reach the daemon ({e.strerror})") from None
-        s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-        buf = bytearray()
-        while b"\n" not in buf:
-            data = s.recv(65536)
-            if not data:
-                break
-            buf += data
-    try:
-        answer = json.loads(bytes(buf))
-    except ValueError:
-        raise StoreError(f"{path}: the daemon gave no answer") from None
-    if answer.get("ok"):
-        return answer.get("result")
-    err = UsageError(answer.get("error", "the daemon refused"))
-    err.exit_status = int(answer.get("status", 2))
-    raise err

@@ -20,7 +20,7 @@ from annofs.daemon import registry
 from annofs.daemon.commands import DaemonCommands
 from annofs.daemon.control import ControlServer
 from annofs.daemon.invalidate import Invalidator
-from annofs.daemon.registry import MountInfo
+from annofs.daemon.registry import STATE_FILE, MountInfo, read_state
 from annofs.errors import StoreError, UsageError
 from annofs.fs.operations import Operations
 from annofs.store.lock import store_lock
@@ -30,7 +30,6 @@ log = logging.getLogger("annofs.daemon")
 
 # Committed transactions reach the disk at least this often (fsync forces it sooner).
 SYNC_INTERVAL = 1.0
-STATE_FILE = "mount.json"
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,6 @@ def check_mountable(opts: MountOptions) -> None:
                          f"(pid {running['pid']})")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UsageError("/dev/fuse: not available (is the fuse module loaded?)")
-
-
-def read_state(store: Path) -> dict | None:
-    """The running daemon's pid and mountpoint, if one is alive for this store."""
-    try:
-        state = json.loads((store / STATE_FILE).read_text())
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return state
 
 
 def _fuse_options(opts: MountOptions) -> set[str]:

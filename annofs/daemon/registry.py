@@ -72,3 +72,17 @@ def find_mount(host_path: Path) -> tuple[MountInfo, list[bytes]] | None:
             rel = p.relative_to(candidate)
             return info, [os.fsencode(part) for part in rel.parts]
     return None
+
+
+# The daemon also writes its pid and mountpoint into the store itself.
+STATE_FILE = "mount.json"
+
+
+def read_state(store: Path) -> dict | None:
+    """The running daemon's pid and mountpoint, if one is alive for this store."""
+    try:
+        state = json.loads((store / STATE_FILE).read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state
