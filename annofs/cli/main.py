@@ -9,6 +9,7 @@ import click
 
 from annofs.cli.context import default_store
 from annofs.cli.copy_cmds import cp_cmd
+from annofs.cli.events_cmds import events_cmd
 from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
 from annofs.cli.maintenance_cmds import fsck_cmd, gc_cmd
 from annofs.cli.mount_cmds import mount_cmd, umount_cmd
@@ -27,7 +28,7 @@ def cli(ctx: click.Context, store: Path | None) -> None:
 
 
 for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
-                umount_cmd, fsck_cmd, gc_cmd, cp_cmd):
+                umount_cmd, fsck_cmd, gc_cmd, cp_cmd, events_cmd):
     cli.add_command(command)
 
 
