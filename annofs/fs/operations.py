@@ -147,7 +147,13 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = a.mode
-        e.st_nlink = 0 if node.orphan is not None else self.ns.nlink(txn, a)
+        if node.orphan is not None:
+            e.st_nlink = 0
+        elif node.link:
+            # A hard link's shared attributes do not carry the link id: ask the record.
+            e.st_nlink = self.ns.get_link(txn, node.link).nlink
+        else:
+            e.st_nlink = self.ns.nlink(txn, a)
         e.st_uid = a.uid
         e.st_gid = a.gid
         e.st_rdev = int(a.target) if stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode) else 0
