@@ -1,0 +1,456 @@
+"""Statements: who claims what about which contents, signed as in-toto in DSSE.
+
+A statement lists subjects (a relative path and the content's BLAKE3 digest), a claim
+(`reviewed`, `built`, `authored`, `reproduced`, or a user word), an optional label (for
+`annofs label`: a signed annotation that is not an approval, e.g. `malicious`), the
+signer's key name and public key, and the time. Its one canonical form is an in-toto
+Statement v1 in a DSSE envelope; the signature is ed25519 over DSSE's pre-authentication
+encoding (PAE) of the payload, so what is signed is exactly the payload's bytes and type.
+
+The payload carries the signer's public key as well as its name: every envelope can be
+checked on its own (on import, before anything is stored), and the trust decision later
+compares public keys, never names (two names for one key are one signer; one name can be
+claimed by anybody). The DSSE `keyid` is the key name, an unauthenticated hint; it must
+equal the signed `signer` field so that it cannot mislead a reader.
+
+Every parser here is strict: a malformed field is a UsageError naming where it was found
+and what is wrong, never a KeyError or TypeError.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import json
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import blake3
+
+from annofs.errors import UsageError
+from annofs.trust.keys import PUBLIC_SIZE, SIGNATURE_SIZE, SecretKey, verify_signature
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+# Our own predicate type: a URN, so it points at no host we do not own.
+PREDICATE_TYPE = "urn:annofs:statement:v1"
+
+KNOWN_CLAIMS = ("reviewed", "built", "authored", "reproduced")
+# `annofs label` statements carry this claim: a label is never an approval, so the word is
+# reserved (no user claim and no policy `claims` entry may be "label").
+LABEL_CLAIM = "label"
+MALICIOUS = "malicious"
+_WORD = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+MAX_NAME = 4096  # PATH_MAX: a subject name longer than any path is not a path
+
+DIGEST_PREFIX = "blake3:"
+
+
+class _Bad(Exception):
+    """A field-level problem; the caller adds where it was found."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+def check_word(word: str, what: str) -> None:
+    """A claim or label: a lowercase word, [a-z][a-z0-9-]{0,31}."""
+    if not isinstance(word, str) or not _WORD.fullmatch(word):
+        raise UsageError(f"{what} {word!r}: must be a lowercase word matching "
+                         f"[a-z][a-z0-9-]{{0,31}}")
+
+
+def check_claim(claim: str) -> None:
+    """A claim a statement may make (anything but the reserved word 'label')."""
+    check_word(claim, "claim")
+    if claim == LABEL_CLAIM:
+        raise UsageError("claim 'label' is reserved for 'annofs label' statements")
+
+
+def format_digest(digest: bytes) -> str:
+    """`blake3:<64 hex>`, as `b3sum` prints the hex."""
+    return DIGEST_PREFIX + digest.hex()
+
+
+def parse_digest(text: str, where: str) -> bytes:
+    """Parse `blake3:<64 hex>` (the bare hex is accepted too)."""
+    hexpart = text.removeprefix(DIGEST_PREFIX)
+    if not _HEX64.fullmatch(hexpart):
+        raise UsageError(f"{where}: {text!r} is not a digest (blake3:<64 lowercase hex>)")
+    return bytes.fromhex(hexpart)
+
+
+def pae(payload_type: bytes, body: bytes) -> bytes:
+    """DSSE's pre-authentication encoding; lengths are byte counts, in ASCII decimal."""
+    return b"DSSEv1 %d %b %d %b" % (len(payload_type), payload_type, len(body), body)
+
+
+def format_time(seconds: int) -> str:
+    """RFC 3339 UTC with seconds, as in-toto statements usually carry."""
+    return time.strftime(_TIME_FORMAT, time.gmtime(seconds))
+
+
+def _parse_time(text: Any, field: str) -> int:
+    if not isinstance(text, str) or not _TIME.fullmatch(text):
+        raise _Bad(field, f"expected a UTC time like 2024-05-01T12:00:00Z, got {_show(text)}")
+    try:
+        return calendar.timegm(time.strptime(text, _TIME_FORMAT))
+    except ValueError:
+        raise _Bad(field, f"{text!r} is not a valid date and time") from None
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value for a message."""
+    text = json.dumps(value) if isinstance(value, str | int | float | bool) or value is None \
+        else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _decode_b64(text: Any, field: str) -> bytes:
+    """DSSE allows standard or URL-safe base64; verifiers must accept either."""
+    if not isinstance(text, str):
+        raise _Bad(field, f"expected a base64 string, got {_show(text)}")
+    s = text.translate(str.maketrans("-_", "+/"))
+    if len(s) % 4 == 1:
+        raise _Bad(field, "not valid base64 (bad length)")
+    s += "=" * (-len(s) % 4)
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise _Bad(field, f"not valid base64 ({e})") from None
+
+
+def check_subject_name(name: Any, field: str) -> None:
+    """A subject name: a relative path without empty, '.' or '..' components."""
+    if not isinstance(name, str):
+        raise _Bad(field, f"expected a relative path, got {_show(name)}")
+    if not name or len(name) > MAX_NAME:
+        raise _Bad(field, "must be a relative path of 1 to 4096 characters")
+    if not _encodable(name):
+        raise _Bad(field, "contains an unpaired surrogate (not Unicode text)")
+    if name.startswith("/") or "\0" in name:
+        raise _Bad(field, f"{name!r} must be relative (no leading '/') and contain no NUL")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise _Bad(field, f"{name!r} has an empty, '.' or '..' component")
+
+
+# -- the statement ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One file a statement covers: its path relative to what was signed, and its digest."""
+
+    name: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a signer claims about a set of contents (unsigned)."""
+
+    subjects: tuple[Subject, ...]
+    claim: str
+    signer: str
+    public_key: bytes
+    time: int  # seconds since the epoch, UTC
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.subjects:
+            raise UsageError("a statement needs at least one subject")
+        if self.label is None:
+            check_claim(self.claim)
+        else:
+            check_word(self.label, "label")
+            if self.claim != LABEL_CLAIM:
+                raise UsageError("a label statement has the claim 'label'")
+        seen: set[str] = set()
+        for i, s in enumerate(self.subjects):
+            try:
+                check_subject_name(s.name, f"subject[{i}].name")
+            except _Bad as e:
+                raise UsageError(str(e)) from None
+            if s.name in seen:
+                raise UsageError(f"{s.name}: two subjects with the same name")
+            seen.add(s.name)
+            if len(s.digest) != 32:
+                raise UsageError(f"{s.name}: a digest is 32 bytes")
+        if len(self.public_key) != PUBLIC_SIZE:
+            raise UsageError("a public key is 32 bytes")
+
+    def to_json(self) -> dict[str, Any]:
+        """The in-toto Statement v1 as a JSON object."""
+        predicate: dict[str, Any] = {
+            "claim": self.claim,
+            "signer": self.signer,
+            "publicKey": base64.b64encode(self.public_key).decode(),
+            "time": format_time(self.time),
+        }
+        if self.label is not None:
+            predicate["label"] = self.label
+        return {
+            "_type": STATEMENT_TYPE,
+            "subject": [{"name": s.name, "digest": {"blake3": s.digest.hex()}}
+                        for s in self.subjects],
+            "predicateType": PREDICATE_TYPE,
+            "predicate": predicate,
+        }
+
+    def payload(self) -> bytes:
+        """The canonical payload bytes: sorted keys, no spaces, UTF-8."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A DSSE envelope with one signature (annofs statements have one signer each)."""
+
+    payload_type: str
+    payload: bytes
+    keyid: str
+    sig: bytes
+
+    def pae(self) -> bytes:
+        """The bytes the signature is over."""
+        return pae(self.payload_type.encode("utf-8"), self.payload)
+
+    def to_json(self) -> str:
+        """One line of JSON (standard base64), as `attest export` writes it."""
+        return json.dumps({
+            "payloadType": self.payload_type,
+            "payload": base64.b64encode(self.payload).decode(),
+            "signatures": [{"keyid": self.keyid, "sig": base64.b64encode(self.sig).decode()}],
+        }, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, eq=False)
+class SignedStatement:
+    """A statement with its envelope. `signature_valid` is checked once, then remembered.
+
+    The statement was read from the envelope's payload, so it says exactly what was
+    signed; whether the signature holds is a separate question (`signature_valid`), and
+    whether the signer is trusted is the policy's.
+    """
+
+    statement: Statement
+    envelope: Envelope
+
+    @cached_property
+    def id(self) -> bytes:
+        """A content address: the same signed statement has the same id everywhere."""
+        return blake3.blake3(self.envelope.pae() + self.envelope.sig).digest()
+
+    @cached_property
+    def digests(self) -> frozenset[bytes]:
+        """Every subject digest, for O(1) 'does it cover this content'."""
+        return frozenset(s.digest for s in self.statement.subjects)
+
+    @cached_property
+    def signature_valid(self) -> bool:
+        """Whether the signature is the payload's public key's, over the PAE."""
+        return verify_signature(self.statement.public_key, self.envelope.pae(),
+                                self.envelope.sig)
+
+    def names_of(self, digest: bytes) -> list[str]:
+        """The subject names carrying `digest` in this statement."""
+        return [s.name for s in self.statement.subjects if s.digest == digest]
+
+
+def make_statement(subjects: Iterable[tuple[str, bytes]], claim: str, key: SecretKey, *,
+                   label: str | None = None, when: int | None = None) -> Statement:
+    """A statement by `key` (unsigned yet) over (name, digest) pairs."""
+    return Statement(
+        subjects=tuple(Subject(n, d) for n, d in subjects),
+        claim=LABEL_CLAIM if label is not None else claim,
+        signer=key.name,
+        public_key=key.public,
+        time=int(time.time()) if when is None else when,
+        label=label,
+    )
+
+
+def sign_statement(statement: Statement, key: SecretKey) -> SignedStatement:
+    """Sign a statement with `key` (which must be the statement's signer)."""
+    if key.public != statement.public_key or key.name != statement.signer:
+        raise UsageError(f"{key.name}: not the signer this statement names")
+    payload = statement.payload()
+    sig = key.sign(pae(PAYLOAD_TYPE.encode(), payload))
+    return SignedStatement(statement, Envelope(PAYLOAD_TYPE, payload, key.name, sig))
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers reading one duplicated key differently is a known way to make a
+    # signature mean two things: refuse the document.
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Bad(k, "appears twice")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Bad("value", f"{name} is not valid JSON")
+
+
+def _load_json(data: str | bytes, field: str) -> Any:
+    if isinstance(data, bytes):
+        # json.loads would guess UTF-16 or UTF-32 from the bytes; a payload is UTF-8.
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Bad(field, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicates,
+                          parse_constant=_reject_constant)
+    except _Bad as e:
+        raise _Bad(field, str(e)) from None
+    except RecursionError:
+        raise _Bad(field, "nested too deeply") from None
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are these
+        raise _Bad(field, f"not valid JSON ({e})") from None
+
+
+def _object(value: Any, field: str, required: Sequence[str],
+            optional: Sequence[str] = ()) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Bad(field, f"expected a JSON object, got {_show(value)}")
+    for k in required:
+        if k not in value:
+            raise _Bad(field, f"missing {k!r}")
+    unknown = sorted(set(value) - set(required) - set(optional))
+    if unknown:
+        raise _Bad(field, f"unknown field {unknown[0]!r}")
+    return value
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(field, f"expected a string, got {_show(value)}")
+    if not _encodable(value):
+        raise _Bad(field, "contains an unpaired surrogate (not Unicode text)")
+    return value
+
+
+def _encodable(text: str) -> bool:
+    """JSON can escape lone surrogates that no UTF-8 text (nor our records) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_envelope(data: str | bytes, where: str) -> Envelope:
+    """Parse one DSSE envelope (JSON); UsageError `where: field: problem` if malformed."""
+    try:
+        return _parse_envelope(data)
+    except _Bad as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _parse_envelope(data: str | bytes) -> Envelope:
+    doc = _object(_load_json(data, "envelope"), "envelope",
+                  ("payloadType", "payload", "signatures"))
+    payload_type = _string(doc["payloadType"], "payloadType")
+    if payload_type != PAYLOAD_TYPE:
+        raise _Bad("payloadType", f"expected {PAYLOAD_TYPE!r}, got {_show(payload_type)}")
+    payload = _decode_b64(doc["payload"], "payload")
+    sigs = doc["signatures"]
+    if not isinstance(sigs, list):
+        raise _Bad("signatures", f"expected a list, got {_show(sigs)}")
+    if len(sigs) != 1:
+        raise _Bad("signatures", f"an annofs statement has exactly one signature, "
+                                 f"found {len(sigs)}")
+    entry = _object(sigs[0], "signatures[0]", ("keyid", "sig"))
+    keyid = _string(entry["keyid"], "signatures[0].keyid")
+    sig = _decode_b64(entry["sig"], "signatures[0].sig")
+    if len(sig) != SIGNATURE_SIZE:
+        raise _Bad("signatures[0].sig", f"an ed25519 signature is 64 bytes, got {len(sig)}")
+    return Envelope(payload_type, payload, keyid, sig)
+
+
+def open_envelope(env: Envelope, where: str) -> SignedStatement:
+    """Read the statement an envelope carries (strictly); the signature is not checked."""
+    try:
+        st = _parse_statement(_load_json(env.payload, "payload"))
+    except _Bad as e:
+        raise UsageError(f"{where}: {e}") from None
+    except UsageError as e:
+        raise UsageError(f"{where}: payload: {e}") from None
+    if env.keyid != st.signer:
+        raise UsageError(f"{where}: signatures[0].keyid {env.keyid!r} is not the signer the "
+                         f"payload names ({st.signer!r})")
+    return SignedStatement(st, env)
+
+
+def _parse_statement(doc: Any) -> Statement:
+    doc = _object(doc, "payload", ("_type", "subject", "predicateType", "predicate"))
+    if doc["_type"] != STATEMENT_TYPE:
+        raise _Bad("payload._type", f"expected {STATEMENT_TYPE!r}, got {_show(doc['_type'])}")
+    if doc["predicateType"] != PREDICATE_TYPE:
+        raise _Bad("payload.predicateType",
+                   f"expected {PREDICATE_TYPE!r}, got {_show(doc['predicateType'])}")
+    subjects_raw = doc["subject"]
+    if not isinstance(subjects_raw, list) or not subjects_raw:
+        raise _Bad("payload.subject", "expected a non-empty list")
+    subjects = []
+    names: set[str] = set()
+    for i, raw in enumerate(subjects_raw):
+        field = f"payload.subject[{i}]"
+        s = _object(raw, field, ("name", "digest"))
+        check_subject_name(s["name"], field + ".name")
+        if s["name"] in names:
+            raise _Bad(field + ".name", f"{s['name']!r} appears twice")
+        names.add(s["name"])
+        dig = _object(s["digest"], field + ".digest", ("blake3",))
+        hexd = dig["blake3"]
+        if not isinstance(hexd, str) or not _HEX64.fullmatch(hexd):
+            raise _Bad(field + ".digest.blake3",
+                       f"expected 64 lowercase hex digits, got {_show(hexd)}")
+        subjects.append(Subject(s["name"], bytes.fromhex(hexd)))
+    pred = _object(doc["predicate"], "payload.predicate",
+                   ("claim", "signer", "publicKey", "time"), ("label",))
+    claim = _string(pred["claim"], "payload.predicate.claim")
+    if not _WORD.fullmatch(claim):
+        raise _Bad("payload.predicate.claim", f"{claim!r} is not a lowercase word")
+    label = pred.get("label")
+    if label is not None:
+        label = _string(label, "payload.predicate.label")
+        if not _WORD.fullmatch(label):
+            raise _Bad("payload.predicate.label", f"{label!r} is not a lowercase word")
+        if claim != LABEL_CLAIM:
+            raise _Bad("payload.predicate.claim", "a statement with a label has claim 'label'")
+    elif claim == LABEL_CLAIM:
+        raise _Bad("payload.predicate.label", "missing (claim 'label' needs one)")
+    signer = _string(pred["signer"], "payload.predicate.signer")
+    if not signer or ":" in signer or any(c.isspace() or ord(c) < 32 for c in signer):
+        raise _Bad("payload.predicate.signer", f"{signer!r} is not a key name")
+    pub = _decode_b64(pred["publicKey"], "payload.predicate.publicKey")
+    if len(pub) != PUBLIC_SIZE:
+        raise _Bad("payload.predicate.publicKey",
+                   f"an ed25519 public key is 32 bytes, got {len(pub)}")
+    when = _parse_time(pred["time"], "payload.predicate.time")
+    return Statement(tuple(subjects), claim, signer, pub, when, label)
+
+
+def load_signed(data: str | bytes, where: str) -> SignedStatement:
+    """Parse an envelope line and its statement, and require a valid signature."""
+    ss = open_envelope(parse_envelope(data, where), where)
+    if not ss.signature_valid:
+        raise UsageError(f"{where}: the signature by {ss.statement.signer!r} does not verify "
+                         f"(the statement was changed, or signed by another key)")
+    return ss
