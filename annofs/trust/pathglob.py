@@ -1,0 +1,101 @@
+"""Policy path globs, translated to anchored regular expressions.
+
+A small exact translator rather than a general glob library: a policy's security rests
+on which paths a rule covers, so the whole grammar fits in this docstring.
+
+- A glob is an absolute store path: it starts with '/', components are separated by '/',
+  and no component is empty.
+- `*` matches any run of characters inside one component (also a leading '.': a rule
+  for `/src/*` must not let `/src/.hidden` escape it), `?` one character.
+- `[abc]`, `[a-z]`, `[!a-z]` (or `[^a-z]`) match one character of (not of) a set; a `]`
+  right after the opening `[` (or `[!`) is part of the set.
+- `\\x` matches `x` literally.
+- A component that is exactly `**` matches any number of whole components: zero or more
+  in the middle (`/a/**/b` matches `/a/b` and `/a/x/y/b`), one or more at the end
+  (`/src/**` matches everything inside `/src`, not `/src` itself). `**` next to other
+  characters in a component is an error rather than a guess.
+
+Names may hold any byte but '/' and NUL (newlines included); paths are decoded with
+surrogateescape, and the expressions use DOTALL so no character escapes a `*`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from annofs.errors import UsageError
+
+
+def translate(glob: str) -> str:
+    """The regular expression (for `re.fullmatch`) equivalent to a path glob."""
+    if not glob.startswith("/"):
+        raise UsageError(f"{glob!r}: a path glob starts with '/' (e.g. /src/**)")
+    parts = glob[1:].split("/")
+    out = []
+    for i, part in enumerate(parts):
+        if not part:
+            raise UsageError(f"{glob!r}: empty path component")
+        if part == "**":
+            # At the end: one or more components; before another part: zero or more.
+            out.append("/.+" if i == len(parts) - 1 else "(?:/[^/]+)*")
+        elif "**" in part.replace("\\*", ""):
+            raise UsageError(f"{glob!r}: '**' must be a whole path component")
+        else:
+            out.append("/" + _component(part, glob))
+    return "(?s:" + "".join(out) + ")"
+
+
+def _component(part: str, glob: str) -> str:
+    out = []
+    i, n = 0, len(part)
+    while i < n:
+        c = part[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\":
+            if i == n:
+                raise UsageError(f"{glob!r}: '\\' at the end of a component escapes nothing")
+            out.append(re.escape(part[i]))
+            i += 1
+        elif c == "[":
+            j = i
+            negate = j < n and part[j] in "!^"
+            if negate:
+                j += 1
+            if j < n and part[j] == "]":
+                j += 1  # a leading ']' belongs to the set
+            end = part.find("]", j)
+            if end < 0:
+                raise UsageError(f"{glob!r}: '[' without a closing ']'")
+            body = part[i + (1 if negate else 0):end]
+            # Escape what a regex class treats specially; keep '-' ranges.
+            body = body.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+            body = body.replace("^", "\\^").replace("&", "\\&").replace("~", "\\~")
+            body = body.replace("|", "\\|")
+            try:
+                re.compile(f"[{body}]")
+            except re.error as e:
+                raise UsageError(f"{glob!r}: bad character set [{part[i:end]}] ({e})") from None
+            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+class PathGlob:
+    """A compiled glob: `matches('/src/a/b.c')`."""
+
+    def __init__(self, glob: str) -> None:
+        self.glob = glob
+        self._re = re.compile(translate(glob))
+
+    def matches(self, path: str) -> bool:
+        """Whether the whole absolute store path matches."""
+        return self._re.fullmatch(path) is not None
+
+    def __repr__(self) -> str:
+        return f"PathGlob({self.glob!r})"

@@ -1,0 +1,464 @@
+"""The trust policy: a TOML file saying which paths need which signatures (SPEC §4).
+
+```toml
+mode = "enforce"                 # enforce | warn | off            (default: enforce)
+default = "allow"                # paths no rule matches: allow | require (default: allow)
+trusted-public-keys = ["alice-1:Qm...="]   # Nix notation, as in nix.conf
+trusted-keys-dir = "keys"        # every *.public in it, relative to the policy file
+revoked-keys = ["mallory-1"]     # key names, or NAME:BASE64 public keys
+
+[[rules]]                        # the first rule whose glob matches wins
+path = "/src/**"                 # see annofs.trust.pathglob for the grammar
+signers = 2                      # distinct trusted public keys needed (required, >= 0)
+claims = ["reviewed"]            # optional: only statements with one of these claims count
+keys = ["alice-1", "bob-1"]      # optional: only these keys count
+```
+
+`default = "require"` asks for one trusted signer, any claim.
+
+Strict by design: an unknown key, a wrong type, a name that matches no trusted key, a
+rule that can never be satisfied through its own `keys` list are errors, because a typo
+must not silently weaken (or silently break) a policy. Every error is one line:
+`FILE:LINE: FIELD: PROBLEM`, the line found in the text (TOML parsers give a line only
+for syntax errors).
+
+Trust is per public key. Two names for one key are one signer; revoking a name revokes
+every key that name is bound to, under all its names; a name bound to two different keys
+is refused as ambiguous.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from annofs.errors import UsageError
+from annofs.trust.keys import check_key_name, load_public_key, parse_public_key
+from annofs.trust.pathglob import PathGlob
+from annofs.trust.statement import LABEL_CLAIM, check_word
+
+# Each loaded policy gets a new generation: verdict caches key on it.
+_GENERATIONS = itertools.count(1)
+
+_TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir", "revoked-keys",
+             "rules")
+_RULE_KEYS = ("path", "signers", "claims", "keys")
+
+
+class Mode(enum.Enum):
+    """What a refusal does."""
+
+    ENFORCE = "enforce"  # open() fails with EACCES
+    WARN = "warn"  # open() succeeds; the verdict is flagged and recorded
+    OFF = "off"  # nothing is checked
+
+
+class Default(enum.Enum):
+    """What paths that no rule matches need."""
+
+    ALLOW = "allow"
+    REQUIRE = "require"  # one trusted signer
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One [[rules]] table."""
+
+    index: int
+    glob: PathGlob
+    signers: int
+    claims: frozenset[str] | None
+    key_names: tuple[str, ...] | None
+    keys: frozenset[bytes] | None  # the public keys `key_names` resolve to
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        """`rules[1] /src/**`, as verdicts and errors name a rule."""
+        return f"rules[{self.index}] {self.glob.glob}"
+
+    def describe(self) -> str:
+        """One line: what the rule asks for."""
+        what = f"needs {self.signers} signer{'s' if self.signers != 1 else ''}"
+        if self.claims is not None:
+            what += f"; claims: {', '.join(sorted(self.claims))}"
+        if self.key_names is not None:
+            what += f"; keys: {', '.join(self.key_names)}"
+        return f"{self.label}: {what}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy. `trusted` maps each trusted public key to its names (policy order)."""
+
+    source: str
+    mode: Mode
+    default: Default
+    trusted: Mapping[bytes, tuple[str, ...]]
+    revoked: frozenset[bytes]
+    rules: tuple[Rule, ...]
+    keys_from_dir: int = 0
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
+
+    def rule_for(self, path: str) -> Rule | None:
+        """The first rule whose glob matches the store path, or None (the default)."""
+        for rule in self.rules:
+            if rule.glob.matches(path):
+                return rule
+        return None
+
+    def is_trusted(self, key: bytes) -> bool:
+        """Trusted and not revoked."""
+        return key in self.trusted and key not in self.revoked
+
+    def name_of(self, key: bytes) -> str | None:
+        """The policy's first name for a trusted key (revoked or not), else None."""
+        names = self.trusted.get(key)
+        return names[0] if names else None
+
+    def summary(self) -> str:
+        """A few lines for `annofs policy check`."""
+        lines = [
+            f"{self.source}: mode {self.mode.value}, default {self.default.value}; "
+            f"{len(self.trusted)} trusted key{'s' if len(self.trusted) != 1 else ''}"
+            + (f" ({self.keys_from_dir} from trusted-keys-dir)" if self.keys_from_dir else "")
+            + f", {len(self.revoked)} revoked; {len(self.rules)} "
+            f"rule{'s' if len(self.rules) != 1 else ''}",
+        ]
+        for key, names in self.trusted.items():
+            state = " (revoked)" if key in self.revoked else ""
+            lines.append(f"  key {', '.join(names)}{state}")
+        lines.extend(f"  {r.describe()}" for r in self.rules)
+        return "\n".join(lines)
+
+
+def permissive_policy() -> Policy:
+    """A policy that allows everything (mode off): what a mount without --policy uses."""
+    return Policy("(no policy)", Mode.OFF, Default.ALLOW, {}, frozenset(), ())
+
+
+# -- locating keys in the text --------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*\[\[\s*rules\s*\]\]\s*(#.*)?$")
+_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+|\"[^\"]*\")")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*[.=]")
+
+
+class _Locator:
+    """Finds the line of a top-level key, of a rule, or of a key in a rule.
+
+    Best effort over the raw text (comments, tables, [[rules]] headers, `key =` lines);
+    anything it cannot place is reported without a line rather than with a wrong one.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.top: dict[str, int] = {}
+        self.rules: list[int] = []
+        self.rule_keys: list[dict[str, int]] = []
+        table: str | None = None
+        for no, line in enumerate(self.lines, 1):
+            if _HEADER.match(line):
+                table = "rules"
+                self.rules.append(no)
+                self.rule_keys.append({})
+                continue
+            m = _TABLE.match(line)
+            if m and not line.lstrip().startswith("[["):
+                table = m.group(1).strip('"')
+                self.top.setdefault(table, no)
+                continue
+            m = _KEY.match(line)
+            if not m:
+                continue
+            key = m.group(1).strip("\"'")
+            if table is None:
+                self.top.setdefault(key, no)
+            elif table == "rules" and self.rule_keys:
+                self.rule_keys[-1].setdefault(key, no)
+
+    def key(self, name: str) -> int | None:
+        return self.top.get(name)
+
+    def rule(self, i: int, key: str | None = None) -> int | None:
+        if i < len(self.rule_keys):
+            if key is not None and key in self.rule_keys[i]:
+                return self.rule_keys[i][key]
+            return self.rules[i]
+        return self.top.get("rules")  # rules = [{...}, ...] written inline
+
+    def value(self, start: int | None, text: str) -> int | None:
+        """The first line at or after `start` that holds `text` (an array item)."""
+        if start is None:
+            return None
+        for no in range(start, len(self.lines) + 1):
+            if text in self.lines[no - 1]:
+                return no
+        return start
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+class _Parser:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.name = str(path)
+        self.text = text
+        self.loc = _Locator(text)
+
+    def fail(self, line: int | None, fieldname: str, problem: str) -> UsageError:
+        where = f"{self.name}:{line}" if line is not None else self.name
+        return UsageError(f"{where}: {fieldname}: {problem}")
+
+    def parse(self) -> Policy:
+        try:
+            doc = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as e:
+            raise self._syntax_error(e) from None
+        for key in doc:
+            if key not in _TOP_KEYS:
+                raise self.fail(self.loc.key(key), key,
+                                f"unknown key (known: {', '.join(_TOP_KEYS)})")
+        mode = self._enum(doc, "mode", Mode, Mode.ENFORCE)
+        default = self._enum(doc, "default", Default, Default.ALLOW)
+        # key -> names, and where each name came from (for ambiguity errors)
+        trusted: dict[bytes, list[str]] = {}
+        bound: dict[str, tuple[bytes, str]] = {}
+        self._trusted_list(doc, trusted, bound)
+        from_dir = self._trusted_dir(doc, trusted, bound)
+        revoked = self._revoked(doc, bound)
+        rules = self._rules(doc, bound)
+        return Policy(self.name, mode, default,
+                      {k: tuple(v) for k, v in trusted.items()}, frozenset(revoked),
+                      tuple(rules), from_dir)
+
+    def _syntax_error(self, e: tomllib.TOMLDecodeError) -> UsageError:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column (\d+)\)$", msg)
+        if m:
+            return UsageError(f"{self.name}:{m.group(1)}: invalid TOML: "
+                              f"{msg[:m.start()].strip()} (column {m.group(2)})")
+        if msg.endswith("(at end of document)"):
+            # An unterminated array or string: the last line is where the reader looks.
+            return UsageError(f"{self.name}:{max(len(self.loc.lines), 1)}: invalid TOML: "
+                              f"{msg.removesuffix('(at end of document)').strip()} "
+                              f"(at the end of the file)")
+        return UsageError(f"{self.name}: invalid TOML: {msg}")
+
+    def _enum(self, doc: dict[str, Any], key: str, kind: type[enum.Enum],
+              fallback: Any) -> Any:
+        if key not in doc:
+            return fallback
+        value = doc[key]
+        allowed = [m.value for m in kind]
+        if not isinstance(value, str) or value not in allowed:
+            choices = ", ".join(f'"{a}"' for a in allowed[:-1]) + f' or "{allowed[-1]}"'
+            raise self.fail(self.loc.key(key), key, f"must be {choices}, got {_show(value)}")
+        return kind(value)
+
+    def _string_list(self, doc: Mapping[str, Any], key: str, line: int | None,
+                     fieldname: str) -> list[str]:
+        value = doc[key]
+        if not isinstance(value, list):
+            raise self.fail(line, fieldname, f"must be a list of strings, got {_show(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.fail(line, f"{fieldname}[{i}]",
+                                f"must be a string, got {_show(item)}")
+        return value
+
+    def _bind(self, bound: dict[str, tuple[bytes, str]], name: str, key: bytes,
+              origin: str, line: int | None, fieldname: str) -> None:
+        prev = bound.get(name)
+        if prev is not None and prev[0] != key:
+            raise self.fail(line, fieldname,
+                            f"key name {name!r} is bound to two different public keys "
+                            f"({prev[1]} and {origin})")
+        bound.setdefault(name, (key, origin))
+
+    def _trusted_list(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
+                      bound: dict[str, tuple[bytes, str]]) -> None:
+        key = "trusted-public-keys"
+        if key not in doc:
+            return
+        line = self.loc.key(key)
+        for i, text in enumerate(self._string_list(doc, key, line, key)):
+            item_line = self.loc.value(line, text)
+            fieldname = f"{key}[{i}]"
+            pk = parse_public_key(text, f"{self.name}:{item_line}: {fieldname}")
+            self._bind(bound, pk.name, pk.key, fieldname, item_line, fieldname)
+            names = trusted.setdefault(pk.key, [])
+            if pk.name not in names:
+                names.append(pk.name)
+
+    def _trusted_dir(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
+                     bound: dict[str, tuple[bytes, str]]) -> int:
+        key = "trusted-keys-dir"
+        if key not in doc:
+            return 0
+        line = self.loc.key(key)
+        value = doc[key]
+        if not isinstance(value, str) or not value:
+            raise self.fail(line, key, f"must be a directory name, got {_show(value)}")
+        directory = self.path.parent / value
+        if not directory.is_dir():
+            raise self.fail(line, key, f"{directory}: no such directory")
+        count = 0
+        for file in sorted(directory.glob("*.public")):
+            if not file.is_file():
+                continue
+            try:
+                pk = load_public_key(file)
+            except UsageError as e:
+                raise self.fail(line, key, str(e)) from None
+            self._bind(bound, pk.name, pk.key, str(file), line, key)
+            names = trusted.setdefault(pk.key, [])
+            if pk.name not in names:
+                names.append(pk.name)
+            count += 1
+        return count
+
+    def _revoked(self, doc: dict[str, Any], bound: dict[str, tuple[bytes, str]]) -> set[bytes]:
+        key = "revoked-keys"
+        if key not in doc:
+            return set()
+        line = self.loc.key(key)
+        revoked: set[bytes] = set()
+        for i, text in enumerate(self._string_list(doc, key, line, key)):
+            item_line = self.loc.value(line, text)
+            fieldname = f"{key}[{i}]"
+            if ":" in text:
+                revoked.add(parse_public_key(text, f"{self.name}:{item_line}: {fieldname}").key)
+                continue
+            check_key_name(text, f"{self.name}:{item_line}: {fieldname}")
+            if text not in bound:
+                # A misspelt revocation would leave the key trusted: refuse it.
+                raise self.fail(item_line, fieldname,
+                                f"{text!r} names no trusted key (give NAME:BASE64 to revoke "
+                                f"a key that is not listed)")
+            revoked.add(bound[text][0])
+        return revoked
+
+    def _rules(self, doc: dict[str, Any], bound: dict[str, tuple[bytes, str]]) -> list[Rule]:
+        if "rules" not in doc:
+            return []
+        raw = doc["rules"]
+        if not isinstance(raw, list):
+            raise self.fail(self.loc.key("rules"), "rules",
+                            f"must be [[rules]] tables, got {_show(raw)}")
+        rules = []
+        for i, table in enumerate(raw):
+            name = f"rules[{i}]"
+            if not isinstance(table, dict):
+                raise self.fail(self.loc.rule(i), name, f"must be a table, got {_show(table)}")
+            for key in table:
+                if key not in _RULE_KEYS:
+                    raise self.fail(self.loc.rule(i, key), f"{name}.{key}",
+                                    f"unknown key (known: {', '.join(_RULE_KEYS)})")
+            for key in ("path", "signers"):
+                if key not in table:
+                    raise self.fail(self.loc.rule(i), name, f"missing {key!r}")
+            rules.append(self._rule(i, table, bound))
+        return rules
+
+    def _rule(self, i: int, table: dict[str, Any],
+              bound: dict[str, tuple[bytes, str]]) -> Rule:
+        name = f"rules[{i}]"
+        path = table["path"]
+        if not isinstance(path, str):
+            raise self.fail(self.loc.rule(i, "path"), f"{name}.path",
+                            f"must be a path glob like \"/src/**\", got {_show(path)}")
+        try:
+            glob = PathGlob(path)
+        except UsageError as e:
+            raise self.fail(self.loc.rule(i, "path"), f"{name}.path", str(e)) from None
+        signers = table["signers"]
+        if type(signers) is not int or signers < 0:
+            raise self.fail(self.loc.rule(i, "signers"), f"{name}.signers",
+                            f"must be a whole number >= 0, got {_show(signers)}")
+        claims = None
+        if "claims" in table:
+            line = self.loc.rule(i, "claims")
+            items = self._string_list(table, "claims", line, f"{name}.claims")
+            if not items:
+                raise self.fail(line, f"{name}.claims",
+                                "empty list (no statement could count; omit 'claims' to "
+                                "accept any claim)")
+            for j, c in enumerate(items):
+                try:
+                    check_word(c, "claim")
+                except UsageError as e:
+                    raise self.fail(line, f"{name}.claims[{j}]", str(e)) from None
+                if c == LABEL_CLAIM:
+                    raise self.fail(line, f"{name}.claims[{j}]",
+                                    "'label' is reserved: a label never approves a file")
+            claims = frozenset(items)
+        key_names = keys = None
+        if "keys" in table:
+            line = self.loc.rule(i, "keys")
+            items = self._string_list(table, "keys", line, f"{name}.keys")
+            if not items:
+                raise self.fail(line, f"{name}.keys",
+                                "empty list (no key could count; omit 'keys' to accept "
+                                "every trusted key)")
+            resolved = set()
+            for j, k in enumerate(items):
+                if k not in bound:
+                    raise self.fail(self.loc.value(line, k), f"{name}.keys[{j}]",
+                                    f"{k!r} is not a trusted key (not in trusted-public-keys "
+                                    f"nor trusted-keys-dir)")
+                resolved.add(bound[k][0])
+            if len(resolved) < signers:
+                raise self.fail(self.loc.rule(i, "signers"), f"{name}.signers",
+                                f"needs {signers} distinct keys but 'keys' names only "
+                                f"{len(resolved)} distinct public key"
+                                f"{'s' if len(resolved) != 1 else ''}")
+            key_names, keys = tuple(items), frozenset(resolved)
+        return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        text = repr(value)
+    elif isinstance(value, list):
+        text = "a list"
+    elif isinstance(value, dict):
+        text = "a table"
+    else:
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_policy(text: str, path: Path) -> Policy:
+    """Parse policy text; `path` names it in errors and anchors trusted-keys-dir."""
+    return _Parser(path, text).parse()
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and parse a policy file; UsageError naming the file and the problem."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such policy file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a policy file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the policy ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text") from None
+    return parse_policy(text, path)
+

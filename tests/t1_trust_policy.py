@@ -1,0 +1,359 @@
+"""The trust policy: path globs, every error message (file, line, field, problem), first
+match wins, trusted keys from a directory, revocation by name and by key."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from annofs.errors import UsageError
+from annofs.trust.keys import generate_key, write_key_pair
+from annofs.trust.pathglob import PathGlob, translate
+from annofs.trust.policy import (
+    Default,
+    Mode,
+    Policy,
+    load_policy,
+    parse_policy,
+    permissive_policy,
+)
+
+ALICE = generate_key("alice-1")
+BOB = generate_key("bob-1")
+A = ALICE.public_key().to_text()
+B = BOB.public_key().to_text()
+
+
+def parse(text: str, path: Path = Path("policy.toml")) -> Policy:
+    return parse_policy(text, path)
+
+
+def error(text: str, path: Path = Path("policy.toml")) -> str:
+    with pytest.raises(UsageError) as e:
+        parse_policy(text, path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+# -- globs ----------------------------------------------------------------------------------
+
+GLOB_CASES = [
+    ("/src/**", "/src/a", True),
+    ("/src/**", "/src/a/b/c.c", True),
+    ("/src/**", "/src", False),  # everything inside, not the directory itself
+    ("/src/**", "/srcx/a", False),
+    ("/src/**", "/src/.hidden", True),  # dot files do not escape a rule
+    ("/src/**", "/src/.git/config", True),
+    ("/src/**", "/src/new\nline", True),  # nor names with newlines
+    ("/src/*", "/src/a", True),
+    ("/src/*", "/src/.a", True),
+    ("/src/*", "/src/a/b", False),
+    ("/src/*.c", "/src/main.c", True),
+    ("/src/*.c", "/src/main.h", False),
+    ("/src/*.c", "/src/dir/main.c", False),
+    ("/**/*.c", "/a.c", True),
+    ("/**/*.c", "/x/y/a.c", True),
+    ("/**/*.c", "/x/y/a.h", False),
+    ("/a/**/b", "/a/b", True),  # zero components in the middle
+    ("/a/**/b", "/a/x/y/b", True),
+    ("/a/**/b", "/a/x/y/bb", False),
+    ("/**", "/anything/at/all", True),
+    ("/f?o", "/foo", True),
+    ("/f?o", "/fo", False),
+    ("/f?o", "/f/o", False),
+    ("/[abc].txt", "/b.txt", True),
+    ("/[abc].txt", "/d.txt", False),
+    ("/[!abc].txt", "/d.txt", True),
+    ("/[^abc].txt", "/a.txt", False),
+    ("/[a-c]x", "/bx", True),
+    ("/[]]x", "/]x", True),
+    ("/[+-0]", "/.", True),  # a range that spans '/' still never matches '/'
+    ("/a[+-0]b", "/a/b", False),
+    ("/[!x]", "/", False),
+    (r"/\*", "/*", True),
+    (r"/\*", "/a", False),
+    ("/a.b", "/axb", False),  # '.' is literal
+    ("/a+(b)", "/a+(b)", True),
+    ("/nix/store/**", "/nix/store/abc-hello/bin/hello", True),
+    ("/exact/file", "/exact/file", True),
+    ("/exact/file", "/exact/file2", False),
+]
+
+
+@pytest.mark.parametrize(("glob", "path", "expected"), GLOB_CASES)
+def test_glob(glob: str, path: str, expected: bool) -> None:
+    assert PathGlob(glob).matches(path) is expected
+
+
+def test_glob_matches_undecodable_names() -> None:
+    path = "/src/" + b"\xff\xfe".decode("utf-8", "surrogateescape")
+    assert PathGlob("/src/*").matches(path)
+    assert PathGlob("/src/**").matches(path + "/x")
+
+
+@pytest.mark.parametrize(("glob", "message"), [
+    ("src/**", "a path glob starts with '/'"),
+    ("/src//x", "empty path component"),
+    ("/src/", "empty path component"),
+    ("/", "empty path component"),
+    ("/a**", "'**' must be a whole path component"),
+    ("/**b/c", "'**' must be a whole path component"),
+    ("/[ab", "'[' without a closing ']'"),
+    ("/ab\\", "escapes nothing"),
+    ("/[z-a]", "bad character set"),
+])
+def test_glob_errors(glob: str, message: str) -> None:
+    with pytest.raises(UsageError, match=None) as e:
+        translate(glob)
+    assert message in str(e.value)
+
+
+# -- a full policy ------------------------------------------------------------------------------
+
+
+def test_full_policy(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    carol = generate_key("carol-1")
+    write_key_pair(carol, keys)
+    (keys / "carol-1.secret").unlink()  # only *.public files are read
+    (keys / "README").write_text("not a key")
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f"""
+mode = "warn"
+default = "require"
+trusted-public-keys = ["{A}", "{B}"]
+trusted-keys-dir = "keys"
+revoked-keys = ["bob-1"]
+
+[[rules]]
+path = "/nix/store/**"
+signers = 1
+claims = ["built"]
+keys = ["alice-1", "carol-1"]
+
+[[rules]]
+path = "/src/**"
+signers = 2
+
+[[rules]]
+path = "/scratch/**"
+signers = 0
+""")
+    p = load_policy(policy_file)
+    assert p.mode is Mode.WARN and p.default is Default.REQUIRE
+    assert dict(p.trusted) == {ALICE.public: ("alice-1",), BOB.public: ("bob-1",),
+                               carol.public: ("carol-1",)}
+    assert p.keys_from_dir == 1
+    assert p.revoked == {BOB.public}
+    assert p.is_trusted(ALICE.public) and not p.is_trusted(BOB.public)
+    assert not p.is_trusted(generate_key("x").public)
+    r0, r1, r2 = p.rules
+    assert (r0.index, r0.glob.glob, r0.signers, r0.claims) == (0, "/nix/store/**", 1, {"built"})
+    assert r0.keys == {ALICE.public, carol.public} and r0.key_names == ("alice-1", "carol-1")
+    assert r0.line == 8 and r1.line == 14
+    assert (r1.signers, r1.claims, r1.keys) == (2, None, None)
+    assert r2.signers == 0
+    summary = p.summary()
+    assert summary.splitlines()[0] == (
+        f"{policy_file}: mode warn, default require; 3 trusted keys (1 from "
+        f"trusted-keys-dir), 1 revoked; 3 rules")
+    assert "key bob-1 (revoked)" in summary
+    assert "rules[0] /nix/store/**: needs 1 signer; claims: built; keys: alice-1, carol-1" \
+        in summary
+
+
+def test_defaults() -> None:
+    p = parse("")
+    assert (p.mode, p.default, dict(p.trusted), p.revoked, p.rules) == \
+        (Mode.ENFORCE, Default.ALLOW, {}, frozenset(), ())
+
+
+def test_first_matching_rule_wins() -> None:
+    p = parse("""
+[[rules]]
+path = "/src/vendor/**"
+signers = 0
+[[rules]]
+path = "/src/**"
+signers = 2
+[[rules]]
+path = "/src/vendor/special/**"
+signers = 5
+""")
+    assert p.rule_for("/src/vendor/special/x").index == 0
+    assert p.rule_for("/src/main.c").index == 1
+    assert p.rule_for("/etc/passwd") is None
+
+
+def test_each_policy_gets_a_new_generation() -> None:
+    assert parse("").generation != parse("").generation
+
+
+def test_permissive_policy() -> None:
+    p = permissive_policy()
+    assert p.mode is Mode.OFF and p.rules == ()
+
+
+def test_two_names_for_one_key_are_one_key() -> None:
+    alias = f"alice-2:{A.split(':', 1)[1]}"
+    p = parse(f'trusted-public-keys = ["{A}", "{alias}"]\n')
+    assert dict(p.trusted) == {ALICE.public: ("alice-1", "alice-2")}
+    assert p.name_of(ALICE.public) == "alice-1"
+
+
+def test_revocation_by_name_revokes_the_key_under_every_name() -> None:
+    alias = f"alice-2:{A.split(':', 1)[1]}"
+    p = parse(f'trusted-public-keys = ["{A}", "{alias}", "{B}"]\nrevoked-keys = ["alice-2"]\n')
+    assert p.revoked == {ALICE.public}
+    assert not p.is_trusted(ALICE.public) and p.is_trusted(BOB.public)
+
+
+def test_revocation_by_key() -> None:
+    mallory = generate_key("mallory-1")
+    # By its public key: it need not be trusted (a pre-emptive block), and the name in
+    # the entry does not matter.
+    p = parse(f'trusted-public-keys = ["{A}"]\n'
+              f'revoked-keys = ["whoever:{base64.b64encode(mallory.public).decode()}", '
+              f'"x:{A.split(":", 1)[1]}"]\n')
+    assert p.revoked == {mallory.public, ALICE.public}
+    assert not p.is_trusted(ALICE.public)
+
+
+def test_keys_dir_is_relative_to_the_policy_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    (tmp_path / "conf" / "keys").mkdir(parents=True)
+    write_key_pair(ALICE, tmp_path / "conf" / "keys")
+    (tmp_path / "conf" / "p.toml").write_text('trusted-keys-dir = "keys"\n')
+    monkeypatch.chdir(tmp_path)
+    assert ALICE.public in load_policy(Path("conf/p.toml")).trusted
+
+
+# -- every error ---------------------------------------------------------------------------------
+
+ERROR_CASES = [
+    ('mode = "enforce"\nmdoe = "warn"\n',
+     "policy.toml:2: mdoe: unknown key (known: mode, default, trusted-public-keys, "
+     "trusted-keys-dir, revoked-keys, rules)"),
+    ('[other]\nx = 1\n',
+     "policy.toml:1: other: unknown key (known: mode, default, trusted-public-keys, "
+     "trusted-keys-dir, revoked-keys, rules)"),
+    ('mode = "strict"\n', 'policy.toml:1: mode: must be "enforce", "warn" or "off", got "strict"'),
+    ('\nmode = 1\n', 'policy.toml:2: mode: must be "enforce", "warn" or "off", got 1'),
+    ('default = "deny"\n', 'policy.toml:1: default: must be "allow" or "require", got "deny"'),
+    ('mode = "enforce"\nmode = "warn"\n',
+     "policy.toml:2: invalid TOML: Cannot overwrite a value (column 14)"),
+    ('mode = "enforce"\nx = [\n', "policy.toml:2: invalid TOML: Invalid value (at the end of "
+                                  "the file)"),
+    ('mode = enforce\n', "policy.toml:1: invalid TOML: Invalid value (column 8)"),
+    ('trusted-public-keys = "x"\n',
+     'policy.toml:1: trusted-public-keys: must be a list of strings, got "x"'),
+    ('trusted-public-keys = [1]\n',
+     "policy.toml:1: trusted-public-keys[0]: must be a string, got 1"),
+    (f'trusted-public-keys = [\n  "{A}",\n  "bob-1:AAAA",\n]\n',
+     "policy.toml:3: trusted-public-keys[1]: a public key is 32 bytes, this one is 3"),
+    ('trusted-public-keys = [\n  "bob-1",\n]\n',
+     "policy.toml:2: trusted-public-keys[0]: no ':' (a key is NAME:BASE64)"),
+    (f'trusted-public-keys = ["{A}", "alice-1:{B.split(":", 1)[1]}"]\n',
+     "policy.toml:1: trusted-public-keys[1]: key name 'alice-1' is bound to two different "
+     "public keys (trusted-public-keys[0] and trusted-public-keys[1])"),
+    ('trusted-keys-dir = 3\n', "policy.toml:1: trusted-keys-dir: must be a directory name, got 3"),
+    ('trusted-keys-dir = "nope"\n', "policy.toml:1: trusted-keys-dir: nope: no such directory"),
+    (f'trusted-public-keys = ["{A}"]\nrevoked-keys = [\n  "mallory-1",\n]\n',
+     "policy.toml:3: revoked-keys[0]: 'mallory-1' names no trusted key (give NAME:BASE64 to "
+     "revoke a key that is not listed)"),
+    ('revoked-keys = ["x:AAAA"]\n',
+     "policy.toml:1: revoked-keys[0]: a public key is 32 bytes, this one is 3"),
+    ('revoked-keys = [" "]\n',
+     "policy.toml:1: revoked-keys[0]: key name ' ' may not contain ':', spaces or control "
+     "characters"),
+    ('revoked-keys = "mallory-1"\n',
+     'policy.toml:1: revoked-keys: must be a list of strings, got "mallory-1"'),
+    ('rules = 5\n', "policy.toml:1: rules: must be [[rules]] tables, got 5"),
+    ('[rules]\npath = "/x"\n', "policy.toml:1: rules: must be [[rules]] tables, got a table"),
+    ('rules = [1]\n', "policy.toml:1: rules[0]: must be a table, got 1"),
+    ('# comment\n\n[[rules]]\npath = "/src/**"\nsigners = 1\n\n[[rules]]\npath = "/x/**"\n'
+     'signers = "two"\n',
+     'policy.toml:9: rules[1].signers: must be a whole number >= 0, got "two"'),
+    ('[[rules]]\npath = "/src/**"\nsigners = true\n',
+     "policy.toml:3: rules[0].signers: must be a whole number >= 0, got true"),
+    ('[[rules]]\npath = "/src/**"\nsigners = -1\n',
+     "policy.toml:3: rules[0].signers: must be a whole number >= 0, got -1"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1.5\n',
+     "policy.toml:3: rules[0].signers: must be a whole number >= 0, got 1.5"),
+    ('[[rules]]\npath = "/src/**"\n', "policy.toml:1: rules[0]: missing 'signers'"),
+    ('[[rules]]\nsigners = 1\n', "policy.toml:1: rules[0]: missing 'path'"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nsigner = 2\n',
+     "policy.toml:4: rules[0].signer: unknown key (known: path, signers, claims, keys)"),
+    ('[[rules]]\npath = 5\nsigners = 1\n',
+     'policy.toml:2: rules[0].path: must be a path glob like "/src/**", got 5'),
+    ('[[rules]]\npath = "src/**"\nsigners = 1\n',
+     "policy.toml:2: rules[0].path: 'src/**': a path glob starts with '/' (e.g. /src/**)"),
+    ('[[rules]]\npath = "/src/a**"\nsigners = 1\n',
+     "policy.toml:2: rules[0].path: '/src/a**': '**' must be a whole path component"),
+    ('[[rules]]\npath = "/src/[a"\nsigners = 1\n',
+     "policy.toml:2: rules[0].path: '/src/[a': '[' without a closing ']'"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nclaims = "built"\n',
+     'policy.toml:4: rules[0].claims: must be a list of strings, got "built"'),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nclaims = []\n',
+     "policy.toml:4: rules[0].claims: empty list (no statement could count; omit 'claims' to "
+     "accept any claim)"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nclaims = ["label"]\n',
+     "policy.toml:4: rules[0].claims[0]: 'label' is reserved: a label never approves a file"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nclaims = ["Built"]\n',
+     "policy.toml:4: rules[0].claims[0]: claim 'Built': must be a lowercase word matching "
+     "[a-z][a-z0-9-]{0,31}"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nkeys = []\n',
+     "policy.toml:4: rules[0].keys: empty list (no key could count; omit 'keys' to accept "
+     "every trusted key)"),
+    ('[[rules]]\npath = "/src/**"\nsigners = 1\nkeys = ["zed-1"]\n',
+     "policy.toml:4: rules[0].keys[0]: 'zed-1' is not a trusted key (not in "
+     "trusted-public-keys nor trusted-keys-dir)"),
+    (f'trusted-public-keys = ["{A}", "alice-2:{A.split(":", 1)[1]}"]\n[[rules]]\n'
+     f'path = "/src/**"\nsigners = 2\nkeys = ["alice-1", "alice-2"]\n',
+     "policy.toml:4: rules[0].signers: needs 2 distinct keys but 'keys' names only 1 "
+     "distinct public key"),
+    ('rules = [{path = "/a/**", signers = 1}, {path = "/b/**", signers = "x"}]\n',
+     'policy.toml:1: rules[1].signers: must be a whole number >= 0, got "x"'),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), ERROR_CASES)
+def test_error(text: str, message: str) -> None:
+    assert error(text) == message
+
+
+def test_key_file_errors_name_the_key_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "bad.public").write_text("bob-1")
+    (tmp_path / "p.toml").write_text('mode = "enforce"\ntrusted-keys-dir = "keys"\n')
+    with pytest.raises(UsageError) as e:
+        load_policy(tmp_path / "p.toml")
+    assert str(e.value) == (f"{tmp_path}/p.toml:2: trusted-keys-dir: {keys}/bad.public: "
+                            f"no ':' (a key is NAME:BASE64)")
+
+
+def test_keys_dir_name_clash(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "a.public").write_text(f"alice-1:{B.split(':', 1)[1]}")
+    with pytest.raises(UsageError) as e:
+        parse(f'trusted-public-keys = ["{A}"]\ntrusted-keys-dir = "keys"\n',
+              tmp_path / "p.toml")
+    assert str(e.value) == (f"{tmp_path}/p.toml:2: trusted-keys-dir: key name 'alice-1' is "
+                            f"bound to two different public keys (trusted-public-keys[0] and "
+                            f"{keys}/a.public)")
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=f"^{tmp_path}/none.toml: no such policy file$"):
+        load_policy(tmp_path / "none.toml")
+    with pytest.raises(UsageError, match="is a directory"):
+        load_policy(tmp_path)
+    (tmp_path / "bin.toml").write_bytes(b'mode = "enforce"\n# \xff\n')
+    with pytest.raises(UsageError, match=f"^{tmp_path}/bin.toml:2: not UTF-8 text$"):
+        load_policy(tmp_path / "bin.toml")
