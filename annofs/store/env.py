@@ -26,6 +26,9 @@ DB_NAMES = (
     "entries",  # dir id + name -> entry record
     "links",  # link id -> hard-linked file record
     "importcache",  # store path of an imported file -> host stat it was read at
+    "statements",  # statement id (blake3 of PAE + sig) -> envelope fields + summary
+    "signed_digests",  # content digest + statement id -> subject names (NUL-separated)
+    "signed_fragments",  # fragment hash + signed content digest -> b""
 )
 
 

@@ -1,0 +1,197 @@
+"""The one place that decides whether a file may be read: `decide`, and its cache.
+
+`decide(path, digest, policy, statements)` is a pure function of its inputs. A statement
+counts towards a rule when all of these hold:
+
+- its subjects include this digest;
+- its signature verifies under the public key it names;
+- that key is trusted by the policy and not revoked;
+- it is an approval (not a label), its claim is one of the rule's `claims` (if given),
+  and its key is one of the rule's `keys` (if given).
+
+The rule is met when the counting statements come from at least `signers` distinct
+public keys (names do not matter: one key signing twice, or listed under two names, is
+one signer). A `malicious` label from a trusted, unrevoked key refuses the file whatever
+the rule says. Mode `enforce` refuses what is not met, `warn` allows it but flags it,
+`off` allows everything.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from annofs.trust.policy import Default, Mode, Policy, Rule
+from annofs.trust.statement import MALICIOUS, SignedStatement
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision for one content at one path, and what it rests on."""
+
+    allowed: bool  # what open() does
+    satisfied: bool  # the rule is met and no trusted key labelled it malicious
+    mode: Mode
+    rule: str  # "rules[1] /src/**", or "default allow" / "default require"
+    rule_index: int | None  # None: no rule matched, the default decided
+    needed: int  # distinct trusted signers the rule asks for
+    signers: tuple[str, ...]  # the trusted keys that count (one name per key)
+    claims: tuple[str, ...]  # claims made by trusted keys over this content
+    labels: tuple[str, ...]  # labels from trusted keys, e.g. "malicious by alice-1"
+    malicious: tuple[str, ...]  # trusted keys that labelled the content malicious
+    missing: str  # what is lacking, "" when satisfied
+    ignored: tuple[str, ...]  # statements that did not count, and why
+    reason: str  # one line for logs, xattrs and `annofs verify`
+
+    @property
+    def flagged(self) -> bool:
+        """Allowed although the rule is not met (mode warn)."""
+        return self.allowed and not self.satisfied
+
+    @property
+    def status(self) -> str:
+        """`allowed`, `refused`, `warn` (allowed, would be refused) or `off`."""
+        if self.mode is Mode.OFF:
+            return "off"
+        if not self.allowed:
+            return "refused"
+        return "warn" if self.flagged else "allowed"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def decide(path: str, digest: bytes, policy: Policy,
+           statements: Iterable[SignedStatement]) -> Verdict:
+    """The verdict for the content `digest` at store path `path` under `policy`."""
+    rule: Rule | None = policy.rule_for(path)
+    if rule is not None:
+        needed, rule_text, rule_index = rule.signers, rule.label, rule.index
+    else:
+        needed = 1 if policy.default is Default.REQUIRE else 0
+        rule_text, rule_index = f"default {policy.default.value}", None
+
+    counted: dict[bytes, str] = {}  # public key -> display name, in first-seen order
+    claims: list[str] = []
+    labels: list[str] = []
+    malicious: list[str] = []
+    ignored: list[str] = []
+
+    def note(text: str) -> None:
+        if text not in ignored:
+            ignored.append(text)
+
+    for ss in statements:
+        st = ss.statement
+        if digest not in ss.digests:
+            continue
+        shown = policy.name_of(st.public_key) or st.signer
+        if not ss.signature_valid:
+            note(f"{st.signer}: bad signature")
+            continue
+        if st.public_key not in policy.trusted:
+            note(f"{st.signer}: key not trusted")
+            continue
+        if st.public_key in policy.revoked:
+            note(f"{shown}: key revoked")
+            continue
+        if st.label is not None:
+            labels.append(f"{st.label} by {shown}")
+            if st.label == MALICIOUS and shown not in malicious:
+                malicious.append(shown)
+            continue
+        if st.claim not in claims:
+            claims.append(st.claim)
+        if rule is not None and rule.claims is not None and st.claim not in rule.claims:
+            note(f"{shown}: claim {st.claim!r} not accepted here")
+            continue
+        if rule is not None and rule.keys is not None and st.public_key not in rule.keys:
+            note(f"{shown}: not one of this rule's keys")
+            continue
+        counted.setdefault(st.public_key, shown)
+
+    # Sorted: statements made in the same second have no meaningful order.
+    signers = tuple(sorted(counted.values()))
+    malicious.sort()
+    ignored.sort()
+    met = len(counted) >= needed
+    missing = ""
+    if malicious:
+        missing = f"labelled malicious by {', '.join(malicious)}"
+    elif not met:
+        missing = (f"needs {_plural(needed, 'distinct trusted signer')}, has {len(counted)}"
+                   + (f" ({', '.join(signers)})" if signers else ""))
+        if rule is not None and rule.claims is not None:
+            missing += f"; accepted claims: {', '.join(sorted(rule.claims))}"
+    satisfied = met and not malicious
+
+    allowed = satisfied if policy.mode is Mode.ENFORCE else True
+
+    if satisfied:
+        if needed == 0 and not signers:
+            body = ("no rule matches; unsigned files allowed" if rule is None
+                    else "no signature needed")
+        else:
+            body = f"signed by {', '.join(signers)} ({len(counted)} of {needed} needed)"
+    else:
+        body = missing
+    if ignored and not satisfied:
+        body += "; not counted: " + "; ".join(ignored)
+    reason = f"{rule_text}: {body}"
+    if policy.mode is Mode.WARN and not satisfied:
+        reason = f"would be refused (mode warn): {reason}"
+    elif policy.mode is Mode.OFF:
+        reason = f"policy mode off ({reason})"
+
+    return Verdict(allowed, satisfied, policy.mode, rule_text, rule_index, needed, signers,
+                   tuple(sorted(claims)), tuple(sorted(labels)), tuple(malicious), missing,
+                   tuple(ignored), reason)
+
+
+class VerdictCache:
+    """Verdicts by (version id, rule index, policy generation, statement generation).
+
+    The rule index stands in for the path: the same content is decided the same way at
+    every path the same rule covers (copies share versions), and differently where
+    another rule applies. When either generation changes every entry is stale, so the
+    cache empties itself; otherwise it keeps the `maxsize` most recently used verdicts.
+    """
+
+    def __init__(self, maxsize: int = 65536) -> None:
+        self._max = maxsize
+        self._generations: tuple[int, int] | None = None
+        self._items: OrderedDict[tuple[int, int], Verdict] = OrderedDict()
+
+    def _check(self, policy_generation: int, statement_generation: int) -> None:
+        gens = (policy_generation, statement_generation)
+        if gens != self._generations:
+            self._items.clear()
+            self._generations = gens
+
+    def get(self, version_id: int, rule_index: int | None, policy_generation: int,
+            statement_generation: int) -> Verdict | None:
+        """A cached verdict, or None."""
+        self._check(policy_generation, statement_generation)
+        key = (version_id, -1 if rule_index is None else rule_index)
+        v = self._items.get(key)
+        if v is not None:
+            self._items.move_to_end(key)
+        return v
+
+    def put(self, version_id: int, rule_index: int | None, policy_generation: int,
+            statement_generation: int, verdict: Verdict) -> None:
+        """Remember a verdict."""
+        self._check(policy_generation, statement_generation)
+        self._items[(version_id, -1 if rule_index is None else rule_index)] = verdict
+        if len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (e.g. after a policy reload, to free memory at once)."""
+        self._items.clear()
+        self._generations = None
+
+    def __len__(self) -> int:
+        return len(self._items)
