@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def test_invalid_signature_does_not_count() -> None:
 def test_reason_lists_what_did_not_count() -> None:
     stranger = generate_key("carol-1")
     v = decide("/src/f", D, pol(), [st(stranger)])
+    short = base64.b64encode(stranger.public).decode()[:8]
     assert v.reason == ("rules[0] /src/**: needs 2 distinct trusted signers, has 0; "
-                        "not counted: carol-1: key not trusted")
+                        f"not counted: carol-1: key {short}... not trusted")
 
 
 def test_no_statements_and_signers_zero() -> None:

@@ -18,6 +18,7 @@ the rule says. Mode `enforce` refuses what is not met, `warn` allows it but flag
 
 from __future__ import annotations
 
+import base64
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ class Verdict:
         return "warn" if self.flagged else "allowed"
 
 
+def _short(key: bytes) -> str:
+    return base64.b64encode(key).decode()[:8] + "..."
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -92,7 +97,8 @@ def decide(path: str, digest: bytes, policy: Policy,
             note(f"{st.signer}: bad signature")
             continue
         if st.public_key not in policy.trusted:
-            note(f"{st.signer}: key not trusted")
+            # The name alone could be anybody's: show which key it was.
+            note(f"{st.signer}: key {_short(st.public_key)} not trusted")
             continue
         if st.public_key in policy.revoked:
             note(f"{shown}: key revoked")

@@ -1,0 +1,222 @@
+"""`annofs key`, `sign`, `label`, `attest`, `verify`, `policy check`: the trust commands.
+
+PATH arguments are paths in the --store's namespace (`/src/foo`). Every input is read
+and checked (keys, policy, envelopes, paths) before the store is written, so a bad one
+is a one-line error, exit 2, and an unchanged store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from annofs.cli.context import open_volume, store_path
+from annofs.cli.paths import parse_store_path
+from annofs.errors import UsageError
+from annofs.store.lock import store_lock
+
+# The trust modules (nacl, tomllib, msgpack) load inside each command: every other
+# command's start-up stays as quick as it was.
+
+POLICY_ENV = "ANNOFS_POLICY"
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@click.group("key")
+def key_group() -> None:
+    """Signing keys, in Nix's format."""
+
+
+@key_group.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="Where to write NAME.secret and NAME.public.")
+def key_generate_cmd(name: str, directory: Path) -> None:
+    """Write NAME.secret (mode 0600) and NAME.public; never overwrites."""
+    from annofs.trust.keys import generate_key, write_key_pair
+
+    key = generate_key(name)
+    secret, public = write_key_pair(key, directory)
+    click.echo(f"wrote {secret} and {public}")
+    click.echo(key.public_key().to_text())
+
+
+# -- sign and label -------------------------------------------------------------------------
+
+
+def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str,
+          label: str | None) -> None:
+    from annofs.trust.keys import load_secret_key
+    from annofs.trust.signing import collect_files, sign_files
+
+    if not paths:
+        raise UsageError("no PATH given")
+    key = load_secret_key(key_file)
+    parts = [parse_store_path(p) for p in paths]
+    with store_lock(store_path(ctx), exclusive=False, what="sign"), open_volume(ctx) as vol:
+        files = collect_files(vol, parts, unique_names=True)
+        ss, added = sign_files(vol, files, key, claim, label=label)
+        vol.store.sync()
+    what = f"labelled {label}" if label is not None else f"signed ({claim})"
+    n = len(files)
+    click.echo(f"{what}: {n} file{'s' if n != 1 else ''} by {key.name}, statement "
+               f"{ss.id.hex()[:16]}" + ("" if added else " (already stored)"))
+
+
+@click.command("sign")
+@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+              metavar="SECRET", help="The secret key file (Nix format).")
+@click.option("--claim", default="reviewed", show_default=True,
+              help="reviewed, built, authored, reproduced, or a word of your own.")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def sign_cmd(ctx: click.Context, key_file: Path, claim: str, paths: tuple[str, ...]) -> None:
+    """Sign the current content of files, or of every file under a tree, as one statement.
+
+    Subject names are paths relative to each argument's parent: /src/proj gives
+    proj/README, proj/src/main.c, ...; a file /src/proj/README gives README.
+    """
+    from annofs.trust.statement import check_claim
+
+    check_claim(claim)
+    _sign(ctx, key_file, paths, claim, None)
+
+
+@click.command("label")
+@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+              metavar="SECRET", help="The secret key file (Nix format).")
+@click.option("--label", "label", required=True,
+              help="A word, e.g. malicious (which makes a policy refuse the files).")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def label_cmd(ctx: click.Context, key_file: Path, label: str, paths: tuple[str, ...]) -> None:
+    """Sign an annotation other than approval (e.g. malicious) over files or trees."""
+    from annofs.trust.statement import check_word
+
+    check_word(label, "label")
+    _sign(ctx, key_file, paths, "label", label)
+
+
+# -- attestations ---------------------------------------------------------------------------
+
+
+@click.group("attest")
+def attest_group() -> None:
+    """Statements as in-toto/DSSE JSON lines, to share (e.g. in a git repository)."""
+
+
+@attest_group.command("export")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def attest_export_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
+    """Write the envelopes covering the files' current content to stdout, one per line."""
+    from annofs.trust.annotations import AnnotationStore, export_lines
+    from annofs.trust.signing import collect_files
+    from annofs.trust.statement import SignedStatement
+
+    if not paths:
+        raise UsageError("no PATH given")
+    parts = [parse_store_path(p) for p in paths]
+    with open_volume(ctx) as vol:
+        files = collect_files(vol, parts)
+        ann = AnnotationStore(vol.store)
+        found: dict[bytes, SignedStatement] = {}
+        with vol.store.read() as txn:
+            for f in files:
+                for ss in ann.for_digest(txn, f.digest):
+                    found.setdefault(ss.id, ss)
+    statements = sorted(found.values(), key=lambda ss: (ss.statement.time, ss.id))
+    out = sys.stdout
+    for line in export_lines(statements):
+        out.write(line + "\n")
+    out.flush()
+
+
+@attest_group.command("import")
+@click.argument("file")
+@click.pass_context
+def attest_import_cmd(ctx: click.Context, file: str) -> None:
+    """Add the envelopes of a JSON-lines FILE ('-': stdin); every signature is checked first."""
+    from annofs.trust.annotations import AnnotationStore
+    from annofs.trust.statement import load_signed
+
+    if file == "-":
+        data, name = sys.stdin.buffer.read(), "<stdin>"
+    else:
+        try:
+            data = Path(file).read_bytes()
+        except FileNotFoundError:
+            raise UsageError(f"{file}: no such file") from None
+        except IsADirectoryError:
+            raise UsageError(f"{file}: is a directory") from None
+        name = file
+    statements = []
+    for no, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue  # blank lines (and the final newline) separate nothing
+        statements.append(load_signed(line, f"{name}:{no}"))
+    if not statements:
+        raise UsageError(f"{name}: no statements in the file")
+    with store_lock(store_path(ctx), exclusive=False, what="attest import"), \
+            open_volume(ctx) as vol:
+        ann = AnnotationStore(vol.store)
+        with vol.store.write() as txn:
+            added = sum(ann.add(txn, ss) for ss in statements)
+        vol.store.sync()
+    click.echo(f"imported {added} statement{'s' if added != 1 else ''} from {name}"
+               + (f" ({len(statements) - added} already stored)"
+                  if added != len(statements) else ""))
+
+
+# -- verify and policy ------------------------------------------------------------------------
+
+
+@click.command("verify")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
+              help=f"The policy file (default: ${POLICY_ENV}).")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, ...]) -> None:
+    """The verdict for each file (or each file under a tree); exit 1 if any is refused."""
+    from annofs.trust.gate import TrustGate
+    from annofs.trust.policy import load_policy
+    from annofs.trust.signing import collect_files
+    from annofs.trust.statement import format_digest
+
+    if policy_file is None:
+        env = os.environ.get(POLICY_ENV)
+        if not env:
+            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
+        policy_file = Path(env)
+    policy = load_policy(policy_file)
+    if not paths:
+        raise UsageError("no PATH given")
+    parts = [parse_store_path(p) for p in paths]
+    refused = 0
+    with open_volume(ctx) as vol:
+        gate = TrustGate(vol, policy)
+        for f in collect_files(vol, parts):
+            v = gate.verdict(f.path, f.version)
+            refused += not v.allowed
+            click.echo(f"{f.text}: {v.status}: {v.reason}  [{format_digest(f.digest)}]")
+    if refused:
+        sys.exit(1)
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """Trust policies."""
+
+
+@policy_group.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def policy_check_cmd(file: Path) -> None:
+    """Validate a policy file and summarise it; exit 2 with the first problem."""
+    from annofs.trust.policy import load_policy
+
+    click.echo(load_policy(file).summary())
