@@ -418,3 +418,16 @@ def test_statement_checks_its_own_fields() -> None:
         Statement((Subject("a", b"short"),), "reviewed", "a-1", PUB_A, T0)
     with pytest.raises(UsageError):
         Statement((Subject("a", D1),), "reviewed", "a-1", b"short", T0)
+
+
+@pytest.mark.parametrize(("name", "good"), [
+    ("a", True), ("a/b", True), ("..a", True), ("a/..b", True), ("a./b.", True),
+    ("a//b", False), ("a/", False), ("./a", False), ("a/.", False), ("..", False),
+    ("a/../b", False), ("/a", False),
+])
+def test_subject_names(name: str, good: bool) -> None:
+    if good:
+        assert signed(subjects=[(name, D1)]).statement.subjects[0].name == name
+    else:
+        with pytest.raises(UsageError):
+            signed(subjects=[(name, D1)])

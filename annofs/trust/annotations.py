@@ -25,6 +25,7 @@ parsed and its signature checked once per process, not once per file.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,32 +104,40 @@ def decode_summary(sid: bytes, raw: bytes | memoryview) -> StatementSummary:
 
 
 class _ParsedCache:
-    """An LRU of parsed statements, bounded by the total number of their subjects."""
+    """An LRU of parsed statements, bounded by the total number of their subjects.
+
+    Locked: the mount may ask for verdicts from worker threads (digests of large files
+    are computed off the event loop) while its main thread asks too.
+    """
 
     def __init__(self, max_subjects: int) -> None:
         self._max = max_subjects
         self._weight = 0
         self._items: OrderedDict[bytes, SignedStatement] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, sid: bytes) -> SignedStatement | None:
-        ss = self._items.get(sid)
-        if ss is not None:
-            self._items.move_to_end(sid)
-        return ss
+        with self._lock:
+            ss = self._items.get(sid)
+            if ss is not None:
+                self._items.move_to_end(sid)
+            return ss
 
     def drop(self, sid: bytes) -> None:
-        old = self._items.pop(sid, None)
-        if old is not None:
-            self._weight -= len(old.statement.subjects)
+        with self._lock:
+            old = self._items.pop(sid, None)
+            if old is not None:
+                self._weight -= len(old.statement.subjects)
 
     def put(self, ss: SignedStatement) -> None:
-        if ss.id in self._items:
-            return
-        self._items[ss.id] = ss
-        self._weight += len(ss.statement.subjects)
-        while self._weight > self._max and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self._weight -= len(old.statement.subjects)
+        with self._lock:
+            if ss.id in self._items:
+                return
+            self._items[ss.id] = ss
+            self._weight += len(ss.statement.subjects)
+            while self._weight > self._max and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._weight -= len(old.statement.subjects)
 
 
 class AnnotationStore:

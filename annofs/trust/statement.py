@@ -49,6 +49,7 @@ _WORD = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_BAD_COMPONENT = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")  # an empty, '.' or '..' component
 MAX_NAME = 4096  # PATH_MAX: a subject name longer than any path is not a path
 
 DIGEST_PREFIX = "blake3:"
@@ -138,7 +139,7 @@ def check_subject_name(name: Any, field: str) -> None:
         raise _Bad(field, "contains an unpaired surrogate (not Unicode text)")
     if name.startswith("/") or "\0" in name:
         raise _Bad(field, f"{name!r} must be relative (no leading '/') and contain no NUL")
-    if any(part in ("", ".", "..") for part in name.split("/")):
+    if _BAD_COMPONENT.search(name):
         raise _Bad(field, f"{name!r} has an empty, '.' or '..' component")
 
 
@@ -186,6 +187,16 @@ class Statement:
                 raise UsageError(f"{s.name}: a digest is 32 bytes")
         if len(self.public_key) != PUBLIC_SIZE:
             raise UsageError("a public key is 32 bytes")
+
+    @classmethod
+    def checked_already(cls, subjects: tuple[Subject, ...], claim: str, signer: str,
+                        public_key: bytes, when: int, label: str | None) -> Statement:
+        """Build without re-validating: for the parser, which checked each field."""
+        obj = object.__new__(cls)
+        for name, value in (("subjects", subjects), ("claim", claim), ("signer", signer),
+                            ("public_key", public_key), ("time", when), ("label", label)):
+            object.__setattr__(obj, name, value)
+        return obj
 
     def to_json(self) -> dict[str, Any]:
         """The in-toto Statement v1 as a JSON object."""
@@ -444,7 +455,9 @@ def _parse_statement(doc: Any) -> Statement:
         raise _Bad("payload.predicate.publicKey",
                    f"an ed25519 public key is 32 bytes, got {len(pub)}")
     when = _parse_time(pred["time"], "payload.predicate.time")
-    return Statement(tuple(subjects), claim, signer, pub, when, label)
+    # Every field was checked above, as it was read: skip __post_init__'s second pass
+    # (it doubles the cost of reading a statement over a 40,000-file tree).
+    return Statement.checked_already(tuple(subjects), claim, signer, pub, when, label)
 
 
 def load_signed(data: str | bytes, where: str) -> SignedStatement:

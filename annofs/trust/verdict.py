@@ -19,6 +19,7 @@ the rule says. Mode `enforce` refuses what is not met, `warn` allows it but flag
 from __future__ import annotations
 
 import base64
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ class VerdictCache:
         self._max = maxsize
         self._generations: tuple[int, int] | None = None
         self._items: OrderedDict[tuple[int, int], Verdict] = OrderedDict()
+        # Verdicts may be asked for from worker threads as well as the event loop's.
+        self._lock = threading.Lock()
 
     def _check(self, policy_generation: int, statement_generation: int) -> None:
         gens = (policy_generation, statement_generation)
@@ -179,25 +182,28 @@ class VerdictCache:
     def get(self, version_id: int, rule_index: int | None, policy_generation: int,
             statement_generation: int) -> Verdict | None:
         """A cached verdict, or None."""
-        self._check(policy_generation, statement_generation)
-        key = (version_id, -1 if rule_index is None else rule_index)
-        v = self._items.get(key)
-        if v is not None:
-            self._items.move_to_end(key)
-        return v
+        with self._lock:
+            self._check(policy_generation, statement_generation)
+            key = (version_id, -1 if rule_index is None else rule_index)
+            v = self._items.get(key)
+            if v is not None:
+                self._items.move_to_end(key)
+            return v
 
     def put(self, version_id: int, rule_index: int | None, policy_generation: int,
             statement_generation: int, verdict: Verdict) -> None:
         """Remember a verdict."""
-        self._check(policy_generation, statement_generation)
-        self._items[(version_id, -1 if rule_index is None else rule_index)] = verdict
-        if len(self._items) > self._max:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._check(policy_generation, statement_generation)
+            self._items[(version_id, -1 if rule_index is None else rule_index)] = verdict
+            if len(self._items) > self._max:
+                self._items.popitem(last=False)
 
     def clear(self) -> None:
         """Forget everything (e.g. after a policy reload, to free memory at once)."""
-        self._items.clear()
-        self._generations = None
+        with self._lock:
+            self._items.clear()
+            self._generations = None
 
     def __len__(self) -> int:
         return len(self._items)
