@@ -424,3 +424,23 @@ def test_listing(vol: Volume) -> None:
         found = ann.for_digest(txn, a.digest)
         assert [ss.statement.signer for ss in found] == ["bob-1", "alice-1"]
         assert ann.names_for(txn, a.digest, found[1].id) == ["proj/a.c"]
+
+
+def test_gc_keeps_the_signed_original(vol: Volume) -> None:
+    """A signed original outlives its name (SPEC §4): gc keeps it while signed."""
+    from annofs.maintenance.gc import collect
+
+    sign(vol, ALICE, "/src/proj/big.bin")
+    signed = current(vol, "/src/proj/big.bin")
+    write(vol, P("/src/proj/big.bin"), BIG[:100_000] + b"PATCH" + BIG[100_005:])
+    collect(vol, prune_history=True)
+    with vol.store.read() as txn:
+        kept = vol.versions.get(txn, signed.id)
+        assert vol.versions.read(txn, kept, 0, kept.size) == BIG
+        ann = AnnotationStore(vol.store)
+        (sid,) = ann.ids_for_digest(txn, signed.digest)
+    with vol.store.write() as txn:
+        ann.remove(txn, sid)
+    collect(vol, prune_history=True)
+    with vol.store.read() as txn:
+        assert not vol.versions.exists(txn, signed.id)

@@ -15,7 +15,14 @@ Modules, one job each:
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.keys import PublicKey, SecretKey, load_public_key, load_secret_key
-from annofs.trust.policy import Default, Mode, Policy, load_policy, parse_policy
+from annofs.trust.policy import (
+    Default,
+    Mode,
+    Policy,
+    load_policy,
+    parse_policy,
+    permissive_policy,
+)
 from annofs.trust.statement import SignedStatement, Statement
 from annofs.trust.verdict import Verdict, VerdictCache, decide
 
@@ -36,4 +43,5 @@ __all__ = [
     "load_public_key",
     "load_secret_key",
     "parse_policy",
+    "permissive_policy",
 ]
