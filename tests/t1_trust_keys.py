@@ -249,8 +249,10 @@ def nix_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path
 
 def fingerprint(narinfo: Path) -> str:
     """Nix's narinfo fingerprint: 1;StorePath;NarHash;NarSize;References."""
-    fields = dict(ln.split(": ", 1) if ": " in ln else (ln.rstrip(":"), "")
-                  for ln in narinfo.read_text().splitlines() if ln)
+    fields: dict[str, str] = {}
+    for ln in narinfo.read_text().splitlines():
+        name, _, value = ln.partition(":")
+        fields[name] = value.strip()
     refs = ",".join("/nix/store/" + r for r in sorted(fields.get("References", "").split()))
     assert re.fullmatch(r"sha256:[0-9a-z]{52}", fields["NarHash"])
     return f"1;{fields['StorePath']};{fields['NarHash']};{fields['NarSize']};{refs}"

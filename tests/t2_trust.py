@@ -87,6 +87,11 @@ def current(vol: Volume, path: str) -> Version:
         return vol.versions.get(txn, int(vol.namespace.resolve(txn, P(path)).target))
 
 
+def digest(v: Version) -> bytes:
+    assert v.digest is not None
+    return v.digest
+
+
 def verdict(vol: Volume, pol: Policy, path: str) -> Verdict:
     return TrustGate(vol, pol).verdict(P(path), current(vol, path))
 
@@ -316,13 +321,13 @@ def test_fragments_of_signed_content_are_indexed(vol: Volume) -> None:
     patched = write(vol, P("/src/proj/big.bin"), BIG[:100_000] + b"PATCH" + BIG[100_005:])
     ann = AnnotationStore(vol.store)
     with vol.store.read() as txn:
-        assert ann.is_signed(txn, signed.digest)
-        assert not ann.is_signed(txn, patched.digest)
+        assert ann.is_signed(txn, digest(signed))
+        assert not ann.is_signed(txn, digest(patched))
         shared = [patched.fragment_hash(i) for i in range(patched.count)
                   if ann.signed_digests_with_fragment(txn, patched.fragment_hash(i))]
         assert shared and len(shared) < patched.count
         for h in shared:
-            assert ann.signed_digests_with_fragment(txn, h) == [signed.digest]
+            assert ann.signed_digests_with_fragment(txn, h) == [digest(signed)]
             assert ann.is_signed_fragment(txn, h)
 
 
@@ -350,7 +355,7 @@ def test_generation_and_cache(vol: Volume) -> None:
     assert not gate.verdict(P("/x/a.c"), v).allowed
     # Removing the statement bumps the generation and the verdict follows.
     with vol.store.write() as txn:
-        (sid,) = ann.ids_for_digest(txn, v.digest)
+        (sid,) = ann.ids_for_digest(txn, digest(v))
         assert ann.remove(txn, sid)
         assert not ann.remove(txn, sid)
         assert ann.generation(txn) == 2
@@ -421,9 +426,9 @@ def test_listing(vol: Volume) -> None:
     with vol.store.read() as txn:
         assert ann.count(txn) == 2
         assert [ss.statement.signer for ss in ann.all(txn)] == ["bob-1", "alice-1"]
-        found = ann.for_digest(txn, a.digest)
+        found = ann.for_digest(txn, digest(a))
         assert [ss.statement.signer for ss in found] == ["bob-1", "alice-1"]
-        assert ann.names_for(txn, a.digest, found[1].id) == ["proj/a.c"]
+        assert ann.names_for(txn, digest(a), found[1].id) == ["proj/a.c"]
 
 
 def test_gc_keeps_the_signed_original(vol: Volume) -> None:
@@ -438,7 +443,7 @@ def test_gc_keeps_the_signed_original(vol: Volume) -> None:
         kept = vol.versions.get(txn, signed.id)
         assert vol.versions.read(txn, kept, 0, kept.size) == BIG
         ann = AnnotationStore(vol.store)
-        (sid,) = ann.ids_for_digest(txn, signed.digest)
+        (sid,) = ann.ids_for_digest(txn, digest(signed))
     with vol.store.write() as txn:
         ann.remove(txn, sid)
     collect(vol, prune_history=True)

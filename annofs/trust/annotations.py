@@ -235,7 +235,7 @@ class AnnotationStore:
 
     def ids_for_digest(self, txn: lmdb.Transaction, digest: bytes) -> list[bytes]:
         """Ids of the statements whose subjects include `digest`."""
-        out = []
+        out: list[bytes] = []
         with txn.cursor(db=self._digests) as cur:
             if not cur.set_range(digest):
                 return out
@@ -284,7 +284,7 @@ class AnnotationStore:
 
     def signed_digests_with_fragment(self, txn: lmdb.Transaction, h: bytes) -> list[bytes]:
         """Signed contents that contain fragment `h` (for finding an original by content)."""
-        out = []
+        out: list[bytes] = []
         with txn.cursor(db=self._fragments) as cur:
             if not cur.set_range(h):
                 return out
