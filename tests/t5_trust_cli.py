@@ -369,3 +369,23 @@ def test_bad_input(template: Path, tmp_path: Path, case: str) -> None:
     msg = fail(e.run(*args))
     assert msg == bad.message(e)
     assert dump_store(e.store) == before
+
+
+def test_writing_commands_refuse_a_mounted_store(env: Env) -> None:
+    """As every writing command: not behind a live daemon's back (reads still work)."""
+    secret, _ = env.key("alice-1")
+    ok(env.run("sign", "--key", str(secret), "/src/proj"))
+    exported = env.tmp / "att.jsonl"
+    exported.write_bytes(ok(env.run("attest", "export", "/src/proj")))
+    # What a live daemon leaves in the store (this test's pid stands in for it).
+    (env.store / "mount.json").write_text(json.dumps({"pid": os.getpid(),
+                                                      "mountpoint": "/mnt/x"}))
+    before = dump_store(env.store)
+    for args in (["sign", "--key", str(secret), "/src/proj"],
+                 ["label", "--key", str(secret), "--label", "malicious", "/src/proj"],
+                 ["attest", "import", str(exported)]):
+        assert fail(env.run(*args)) == f"{env.store}: mounted at /mnt/x; use paths inside " \
+                                       f"the mount"
+    assert dump_store(env.store) == before
+    assert ok(env.run("attest", "export", "/src/proj")) == exported.read_bytes()
+    ok(env.run("verify", "--policy", str(env.policy(ONE)), "/src/proj"))

@@ -2,7 +2,9 @@
 
 PATH arguments are paths in the --store's namespace (`/src/foo`). Every input is read
 and checked (keys, policy, envelopes, paths) before the store is written, so a bad one
-is a one-line error, exit 2, and an unchanged store.
+is a one-line error, exit 2, and an unchanged store. As for every writing command, a
+mounted store is not written behind its daemon's back (`sign`, `label`, `attest import`
+refuse; reading commands work).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from annofs.cli.context import open_volume, store_path
+from annofs.cli.context import open_volume, require_unmounted, store_path
 from annofs.cli.paths import parse_store_path
 from annofs.errors import UsageError
 from annofs.store.lock import store_lock
@@ -58,6 +60,7 @@ def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str
         raise UsageError("no PATH given")
     key = load_secret_key(key_file)
     parts = [parse_store_path(p) for p in paths]
+    require_unmounted(store_path(ctx))
     with store_lock(store_path(ctx), exclusive=False, what="sign"), open_volume(ctx) as vol:
         files = collect_files(vol, parts, unique_names=True)
         ss, added = sign_files(vol, files, key, claim, label=label)
@@ -162,6 +165,7 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
         statements.append(load_signed(line, f"{name}:{no}"))
     if not statements:
         raise UsageError(f"{name}: no statements in the file")
+    require_unmounted(store_path(ctx))
     with store_lock(store_path(ctx), exclusive=False, what="attest import"), \
             open_volume(ctx) as vol:
         ann = AnnotationStore(vol.store)
