@@ -1387,12 +1387,6 @@ async def test_corrupt_fragment_reads_as_eio(k: Kernel, vol: Volume) -> None:
 # -- copy-on-write directories -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a failed change inside a shared (copied) directory leaves a stale cached dir id: "
-    "_writable_dir (annofs/fs/operations.py:118-119) caches the id of the copy that path "
-    "copying made, Namespace._copy_dir bumped cow_epoch in memory "
-    "(annofs/namespace/tree.py:191), then the write transaction aborted, so the cache "
-    "names a directory node that was never stored: later lookups and listings are empty"))
 @trio_test
 async def test_failed_change_in_a_cloned_directory(k: Kernel, vol: Volume) -> None:
     a = await k.mkdir(ROOT, b"a")

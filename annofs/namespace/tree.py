@@ -74,8 +74,13 @@ class Namespace:
         self._dirs = store.db["dirs"]
         self._entries = store.db["entries"]
         self._links = store.db["links"]
-        # Bumped whenever a shared directory is copied: dir ids cached above us go stale.
+        # Bumped whenever a shared directory is copied, and whenever a write transaction
+        # aborts (a copy made in it never existed): dir ids cached above us go stale.
         self.cow_epoch = 0
+        store.on_abort.append(self._forget_cached_ids)
+
+    def _forget_cached_ids(self) -> None:
+        self.cow_epoch += 1
 
     # -- the root -----------------------------------------------------------------
 

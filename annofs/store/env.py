@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -45,6 +45,7 @@ class Store:
         self.path = path
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+        self.on_abort: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -54,9 +55,18 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction: committed on normal exit, aborted on exception."""
-        with self.env.begin(write=True) as txn:
-            yield txn
+        """A write transaction: committed on normal exit, aborted on exception.
+
+        On abort the `on_abort` callbacks run: state cached above the store while the
+        transaction ran (a directory id made by copy-on-write, say) never existed.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except BaseException:
+            for callback in self.on_abort:
+                callback()
+            raise
 
     def next_id(self, txn: lmdb.Transaction, counter: str) -> int:
         """Allocate the next id of a counter inside a write transaction."""
