@@ -492,6 +492,18 @@ def test_hard_link_across_directories(d: Path) -> None:
     assert a.stat().st_nlink == 2
 
 
+def test_a_new_file_at_a_renamed_hard_link_name_is_its_own_file(d: Path) -> None:
+    f = touch(d / "f", b"original")
+    os.link(f, d / "g")
+    os.rename(d / "g", d / "h")  # ln f g; mv g h; echo NEW > g
+    touch(d / "g", b"NEW")
+    assert f.read_bytes() == b"original"
+    assert (d / "h").read_bytes() == b"original"
+    assert (d / "g").read_bytes() == b"NEW"
+    assert (d / "g").stat().st_ino != f.stat().st_ino
+    assert (f.stat().st_nlink, (d / "g").stat().st_nlink) == (2, 1)
+
+
 def test_rename_onto_another_name_of_the_same_file_does_nothing(d: Path) -> None:
     a, b = touch(d / "a", b"x"), d / "b"
     os.link(a, b)

@@ -32,6 +32,8 @@ class Inode:
     dir_id: int | None = None
     dir_epoch: int = -1
     extra: dict = field(default_factory=dict)
+    # Every (parent, name) bound to this inode: one, or several for a hard link.
+    locations: set[tuple[int, bytes]] = field(default_factory=set)
 
 
 class InodeTable:
@@ -57,30 +59,53 @@ class InodeTable:
 
     def ensure(self, parent: int, name: bytes, a: Attrs, link: int) -> Inode:
         """The inode for a location (a hard link's shared one), assigning a number if new."""
-        ino = self._by_link.get(link) if link else self._by_loc.get((parent, name))
+        loc = (parent, name)
+        ino = self._by_link.get(link) if link else self._by_loc.get(loc)
         if ino is not None:
             node = self.by_ino[ino]
-            self._by_loc[(parent, name)] = ino
+            self._bind(loc, node)
             return node
         node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir)
         self._next += 1
         self.by_ino[node.ino] = node
-        self._by_loc[(parent, name)] = node.ino
+        self._bind(loc, node)
         if link:
             self._by_link[link] = node.ino
         return node
 
-    def move(self, node: Inode, parent: int, name: bytes) -> None:
-        """A rename: the inode keeps its number at its new location."""
-        if self._by_loc.get((node.parent, node.name)) == node.ino:
-            del self._by_loc[(node.parent, node.name)]
-        node.parent, node.name = parent, name
-        self._by_loc[(parent, name)] = node.ino
+    def _bind(self, loc: tuple[int, bytes], node: Inode) -> None:
+        """Make `loc` name `node`, taking it from whatever inode it named before."""
+        old = self._by_loc.get(loc)
+        if old is not None and old != node.ino and old in self.by_ino:
+            self._unbind_from(self.by_ino[old], loc)
+        self._by_loc[loc] = node.ino
+        node.locations.add(loc)
+
+    def _unbind_from(self, node: Inode, loc: tuple[int, bytes]) -> None:
+        node.locations.discard(loc)
+        if (node.parent, node.name) == loc and node.locations:
+            # A hard link lost the name it was recorded under: any other name will do.
+            node.parent, node.name = min(node.locations)
+
+    def move(self, node: Inode, old_parent: int, old_name: bytes,
+             parent: int, name: bytes) -> None:
+        """A rename of (old_parent, old_name): the inode keeps its number at the new
+        location. For a hard link only the renamed name moves; its other names stay."""
+        old = (old_parent, old_name)
+        if self._by_loc.get(old) == node.ino:
+            del self._by_loc[old]
+        node.locations.discard(old)
+        if (node.parent, node.name) == old or not node.locations:
+            node.parent, node.name = parent, name
+        self._bind((parent, name), node)
 
     def unbind(self, parent: int, name: bytes) -> Inode | None:
         """A name went away; returns the inode it named (still alive while looked up or open)."""
         ino = self._by_loc.pop((parent, name), None)
-        return self.by_ino.get(ino) if ino is not None else None
+        node = self.by_ino.get(ino) if ino is not None else None
+        if node is not None:
+            self._unbind_from(node, (parent, name))
+        return node
 
     def became_link(self, node: Inode, link: int) -> None:
         """A file got a second name: its inode is now keyed by the link id."""
@@ -100,8 +125,10 @@ class InodeTable:
         if node.lookups > 0 or node.opens > 0 or node.ino == ROOT:
             return
         del self.by_ino[node.ino]
-        if self._by_loc.get((node.parent, node.name)) == node.ino:
-            del self._by_loc[(node.parent, node.name)]
+        for loc in node.locations | {(node.parent, node.name)}:
+            if self._by_loc.get(loc) == node.ino:
+                del self._by_loc[loc]
+        node.locations.clear()
         if node.link and self._by_link.get(node.link) == node.ino:
             del self._by_link[node.link]
 

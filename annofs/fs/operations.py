@@ -416,16 +416,16 @@ class Operations(pyfuse3.Operations):
                 self._touch_dir(txn, new_parent)
         if exchange:
             if moving is not None:
-                self.inodes.move(moving, new_parent.ino, name_new)
+                self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
             if replaced is not None:
-                self.inodes.move(replaced, old_parent.ino, name_old)
+                self.inodes.move(replaced, new_parent.ino, name_new, old_parent.ino, name_old)
             return
         if replaced is not None and replaced is not moving:
             self.inodes.unbind(new_parent.ino, name_new)
             if orphaned is not None:
                 self._orphan(replaced, orphaned)
         if moving is not None:
-            self.inodes.move(moving, new_parent.ino, name_new)
+            self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
 
     def _check_not_into_itself(self, txn: lmdb.Transaction, moved: Attrs, dest: Inode) -> None:
         """EINVAL for a move of a directory into its own subtree."""
