@@ -675,6 +675,18 @@ def test_utime_omit_keeps_the_other_time(d: Path) -> None:
     assert st.st_atime_ns == 100_000_000_000 and st.st_mtime_ns == 7_000_000_000
 
 
+def test_epoch_mtime_set_before_close_survives_the_close(mnt: Mount) -> None:
+    fd = os.open(mnt.path / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"data")
+        os.utime(fd, ns=(0, 0))  # 1970-01-01: as tar restores an archive's zero times
+    finally:
+        os.close(fd)
+    mnt.stop()  # the kernel caches attributes: ask the store
+    mnt.start()
+    assert (mnt.path / "f").stat().st_mtime_ns == 0
+
+
 def test_write_updates_mtime(d: Path) -> None:
     f = touch(d / "f", b"x")
     os.utime(f, ns=(0, 0))

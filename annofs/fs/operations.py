@@ -162,7 +162,8 @@ class Operations(pyfuse3.Operations):
         of = self.open_files.get(node.ino)
         if of is not None:
             size = of.size
-            mtime = of.mtime_ns or mtime
+            if of.mtime_ns is not None:  # 0, the epoch, is a time like any other
+                mtime = of.mtime_ns
         e.st_size = 4096 if a.is_dir else size
         e.st_blksize = BLOCK_SIZE
         e.st_blocks = (e.st_size + 511) // 512
@@ -625,7 +626,7 @@ class Operations(pyfuse3.Operations):
         async with of.lock:
             if not of.dirty:
                 return
-            mtime = of.mtime_ns or now_ns()
+            mtime = of.mtime_ns if of.mtime_ns is not None else now_ns()
             if node.orphan is None:
                 folded = await fold(self.vol, of, self.stats)
             if node.orphan is not None:
