@@ -15,7 +15,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 import pyfuse3
@@ -57,7 +57,10 @@ class Handle:
     """An open file or directory handle."""
 
     node: Inode
-    listing: list[tuple[bytes, Attrs, int]] | None = None
+    # readdir: the name after which each offset handed to the kernel resumes. Listings
+    # resume by name, so a resumed call shows the directory as it is now.
+    resume_after: dict[int, bytes] = field(default_factory=dict)
+    next_offset: int = 1
 
 
 class Operations(pyfuse3.Operations):
@@ -260,16 +263,26 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles[fh]
         node = h.node
+        if start_id == 0:
+            h.resume_after.clear()  # a rewind
+            after = None
+        elif start_id in h.resume_after:
+            after = h.resume_after[start_id]
+        else:
+            return  # not an offset of ours: the end
+        # Entries come in name order from LMDB, resuming after the last name the kernel
+        # took: no snapshot, so no name removed since and no attributes from before a
+        # change (readdirplus puts both in the kernel's caches). Offsets count up per
+        # handle; each remembers its name (telldir/seekdir may come back to any).
         with self.vol.store.read() as txn:
-            if h.listing is None or start_id == 0:
-                # One snapshot per listing: offsets stay valid while the directory changes.
-                h.listing = list(self.ns.iter_entries(txn, self._dir_id(txn, node)))
-            for i in range(start_id, len(h.listing)):
-                name, a, link = h.listing[i]
-                child = self.inodes.ensure(node.ino, name, a, link)
-                if not pyfuse3.readdir_reply(token, name, self._entry(txn, child, a), i + 1):
+            for name, a in self.ns.listdir(txn, self._dir_id(txn, node), after):
+                child = self.inodes.ensure(node.ino, name, a, a.link)
+                off = h.next_offset
+                if not pyfuse3.readdir_reply(token, name, self._entry(txn, child, a), off):
                     self.inodes.maybe_drop(child)
                     break
+                h.resume_after[off] = name
+                h.next_offset += 1
                 child.lookups += 1
 
     @fuse_handler
