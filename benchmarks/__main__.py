@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks [--only NAME[,NAME]] [--size-mib N] [--quick] [--out PATH] [--list]
+    python -m benchmarks [--only NAME[,NAME]] [--size-mib N] [--quick] [--tree PATH]
+                         [--out PATH] [--list]
 
 Without --only every registered figure runs. --quick uses small sizes (64 MiB of ingest
 data, 2 releases) so the whole run takes well under a minute once downloads are cached,
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="PATH",
                    help="results file to merge into (default benchmarks/RESULTS.md, or "
                         "benchmarks/work/RESULTS-quick.md with --quick)")
+    p.add_argument("--tree", type=Path, metavar="PATH",
+                   help="host tree the mount-tar figure imports and reads (default: Debian's "
+                        "linux-source-6.1, or a generated 5k-file tree with --quick)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the scratch directory under benchmarks/work/")
@@ -75,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         QUICK_SIZE_MIB if args.quick else DEFAULT_SIZE_MIB)
     if size_mib < 1:
         parser.error("--size-mib must be at least 1")
+    if args.tree is not None and not args.tree.is_dir():
+        parser.error(f"--tree {args.tree}: not a directory")
     out: Path = args.out if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)
     command = shlex.join(["python", "-m", "benchmarks", *args_list])
     now = datetime.now(UTC)
@@ -83,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_DIR))
-    ctx = Context(size_mib=size_mib, quick=args.quick, work=scratch, cache=WORK_DIR / "cache")
+    ctx = Context(size_mib=size_mib, quick=args.quick, work=scratch, cache=WORK_DIR / "cache",
+                  tree=args.tree.resolve() if args.tree is not None else None)
     new = report.Results([], {})
     failed = False
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Modules holding @figure functions, imported in this order (it is the table's order).
-FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup")
+FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 
@@ -40,6 +40,8 @@ class Context:
     """A scratch directory for this run, removed afterwards."""
     cache: Path
     """A directory kept between runs (downloads, unpacked releases)."""
+    tree: Path | None = None
+    """A host tree to read through the mount (`--tree`); None: each figure's default."""
 
     def log(self, message: str) -> None:
         """Progress on stderr: the table goes to the results file, not to stdout."""
