@@ -365,3 +365,45 @@ def test_parallel_writers_of_separate_files(mnt: Mount, tmp_path: Path) -> None:
                 == rnd.randbytes(rnd.randrange(0, 100_000))
     shutil.rmtree(mnt.path / "w0")
     assert sorted(os.listdir(mnt.path)) == ["w1", "w2", "w3"]
+
+
+# -- make and a C compiler -----------------------------------------------------------------------
+
+MAKEFILE = """\
+app: main.o util.o
+\t$(CC) -o $@ main.o util.o
+%.o: %.c util.h
+\t$(CC) -O1 -c -o $@ $<
+"""
+MAIN_C = '#include <stdio.h>\n#include "util.h"\nint main(void) { printf("%d\\n", f(20)); }\n'
+UTIL_H = "int f(int x);\n"
+
+
+def _c_project(root: Path) -> None:
+    (root / "Makefile").write_text(MAKEFILE)
+    (root / "main.c").write_text(MAIN_C)
+    (root / "util.h").write_text(UTIL_H)
+    (root / "util.c").write_text('#include "util.h"\nint f(int x) { return x + 22; }\n')
+    old = 1_600_000_000 * 10**9
+    for p in root.iterdir():
+        os.utime(p, ns=(old, old))
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None,
+                    reason="needs make and a C compiler")
+def test_make_builds_runs_and_rebuilds_only_what_changed(mnt: Mount, tmp_path: Path) -> None:
+    src = mnt.path / "proj"
+    src.mkdir()
+    native = tmp_path / "proj"
+    native.mkdir()
+    for root in (src, native):
+        _c_project(root)
+        run(["make", "-s"], cwd=root)
+    assert run([str(src / "app")]) == "42\n"  # executed from the mount
+    for name in ("main.o", "util.o", "app"):
+        assert (src / name).read_bytes() == (native / name).read_bytes(), name
+    assert subprocess.run(["make", "-q"], cwd=src).returncode == 0  # up to date
+    (src / "util.c").write_text('#include "util.h"\nint f(int x) { return x * 2; }\n')
+    rebuilt = run(["make"], cwd=src)
+    assert "util.c" in rebuilt and "main.c" not in rebuilt  # make trusts the mtimes
+    assert run([str(src / "app")]) == "40\n"
