@@ -1002,11 +1002,6 @@ async def test_hard_link_nlink(k: Kernel) -> None:
         await k.forget_all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "renaming the second name of a hard link leaves that name bound to the link's inode: "
-    "InodeTable.move (annofs/fs/inodes.py:75-76) unbinds the inode's recorded (first) "
-    "name instead of the renamed one (called from annofs/fs/operations.py:422); a file "
-    "created later at the old name gets that inode and writes into the linked file"))
 @trio_test
 async def test_new_file_at_a_renamed_hard_link_name_is_a_new_file(k: Kernel) -> None:
     f = await k.write_file(ROOT, b"f", b"FFFF")
@@ -1122,10 +1117,6 @@ async def test_mtime_set_before_close_survives_the_close(k: Kernel, vol: Volume)
     await k.settle()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an explicit mtime of 0 (the epoch) set on an open file with unwritten bytes is "
-    "replaced by the close time: _commit takes `of.mtime_ns or now_ns()` "
-    "(annofs/fs/operations.py:622; _entry at :159 has the same `or`), treating 0 as unset"))
 @trio_test
 async def test_mtime_of_zero_set_before_close_survives_the_close(k: Kernel) -> None:
     fh, e = await k.create(ROOT, b"f")

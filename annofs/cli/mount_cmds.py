@@ -12,13 +12,16 @@ from annofs.cli.context import store_path
 @click.command("mount")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground, log to stderr.")
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="The trust policy (TOML) to enforce at open(); outside the mount.")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.pass_context
-def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, mountpoint: Path) -> None:
+def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, policy: Path | None,
+              mountpoint: Path) -> None:
     """Serve the store at MOUNTPOINT; returns once the mount works (unless --foreground)."""
     from annofs.daemon.mount import MountOptions, mount  # pyfuse3 and trio: only here
 
-    mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other))
+    mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other, policy))
 
 
 @click.command("umount")

@@ -224,3 +224,16 @@ def policy_check_cmd(file: Path) -> None:
     from annofs.trust.policy import load_policy
 
     click.echo(load_policy(file).summary())
+
+
+@policy_group.command("reload")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def policy_reload_cmd(mountpoint: Path) -> None:
+    """Make a mount re-read its policy file (as SIGHUP does)."""
+    from annofs.daemon.client import request
+    from annofs.daemon.registry import lookup
+
+    info = lookup(Path(os.path.abspath(mountpoint)))
+    if info is None:
+        raise UsageError(f"{mountpoint}: not an annofs mount")
+    click.echo(request(info.store, "policy-reload")["message"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from annofs.daemon.invalidate import Invalidator
+from annofs.daemon.policy_holder import PolicyHolder
 from annofs.errors import UsageError
 from annofs.fs.operations import Operations
 
@@ -26,13 +27,21 @@ def _parts(args: dict[str, Any], key: str) -> list[bytes]:
 class DaemonCommands:
     """Handlers bound to one mount's Operations."""
 
-    def __init__(self, ops: Operations, invalidator: Invalidator) -> None:
+    def __init__(self, ops: Operations, invalidator: Invalidator,
+                 policy: PolicyHolder) -> None:
         self.ops = ops
         self.inv = invalidator
+        self.policy = policy
 
     def handlers(self) -> dict[str, Any]:
         """op name -> handler, for the ControlServer."""
-        return {"ping": self.ping, "cp": self.cp}
+        return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload}
+
+    async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy."""
+        message = self.policy.reload()
+        self.inv.everything(self.ops.inodes)
+        return {"message": message}
 
     async def ping(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """Liveness, and which store this is."""

@@ -45,6 +45,11 @@ class Invalidator:
         if parts:
             self.entry(node.ino, parts[-1])
 
+    def everything(self, inodes: InodeTable) -> None:
+        """The policy changed: every verdict may differ, so no cached page may be trusted."""
+        for ino in list(inodes.by_ino):
+            self.inode(ino)
+
     async def run(self) -> None:
         """Send queued invalidations until cancelled.
 

@@ -19,9 +19,11 @@ import trio
 from annofs.daemon import registry
 from annofs.daemon.commands import DaemonCommands
 from annofs.daemon.control import ControlServer
+from annofs.daemon.events import EventLog
 from annofs.daemon.invalidate import Invalidator
+from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.daemon.registry import STATE_FILE, MountInfo, read_state
-from annofs.errors import StoreError, UsageError
+from annofs.errors import AnnofsError, StoreError, UsageError
 from annofs.fs.operations import Operations
 from annofs.store.lock import store_lock
 from annofs.volume import Volume
@@ -40,6 +42,7 @@ class MountOptions:
     mountpoint: Path
     foreground: bool = False
     allow_other: bool = False
+    policy: Path | None = None
 
 
 def check_mountable(opts: MountOptions) -> None:
@@ -85,13 +88,14 @@ def _setup_logging(store: Path, foreground: bool) -> None:
         root.addHandler(sh)
 
 
-async def _serve(ops: Operations) -> None:
+async def _serve(ops: Operations, policy: PolicyHolder) -> None:
     invalidator = Invalidator()
-    commands = DaemonCommands(ops, invalidator)
+    commands = DaemonCommands(ops, invalidator, policy)
     control = ControlServer(ops.vol.store.path, commands.handlers())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_sync_loop, ops)
         nursery.start_soon(_signal_loop)
+        nursery.start_soon(_reload_loop, policy, invalidator, ops)
         nursery.start_soon(invalidator.run)
         await nursery.start(control.serve)
         await pyfuse3.main()
@@ -103,6 +107,18 @@ async def _sync_loop(ops: Operations) -> None:
         await trio.sleep(SYNC_INTERVAL)
         if ops.dirty_since_sync:
             await ops.sync()
+
+
+async def _reload_loop(policy: PolicyHolder, invalidator: Invalidator,
+                       ops: Operations) -> None:
+    """SIGHUP re-reads the policy (a bad file leaves the old one in force)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                policy.reload()
+            except AnnofsError:
+                continue  # logged by reload
+            invalidator.everything(ops.inodes)
 
 
 async def _signal_loop() -> None:
@@ -119,7 +135,13 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
     lock = contextlib.ExitStack()
     lock.enter_context(store_lock(opts.store, exclusive=False, what="mount"))
     vol = Volume.open(opts.store)
-    ops = Operations(vol)
+    try:
+        policy = PolicyHolder(vol, opts.policy, opts.mountpoint, EventLog(opts.store))
+    except BaseException:
+        vol.close()
+        lock.close()
+        raise
+    ops = Operations(vol, policy.guard)
     try:
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:
@@ -137,7 +159,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         os.close(ready_fd)
     clean = False
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, policy)
         clean = True
     finally:
         try:
@@ -156,7 +178,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
 def mount(opts: MountOptions) -> None:
     """`annofs mount`: in the foreground, or daemonised once the mount works."""
     opts = MountOptions(opts.store.resolve(), opts.mountpoint.resolve(), opts.foreground,
-                        opts.allow_other)
+                        opts.allow_other, opts.policy.resolve() if opts.policy else None)
+    if opts.policy is not None:
+        check_policy_location(opts.policy, opts.mountpoint)  # the most precise reason first
     check_mountable(opts)
     _setup_logging(opts.store, opts.foreground)
     if opts.foreground:

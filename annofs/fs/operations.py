@@ -30,11 +30,12 @@ from annofs.errors import (
     NotEmptyError,
     NotFoundError,
 )
+from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
 from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
-from annofs.store.records import Attrs
+from annofs.store.records import Attrs, Version
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.fs")
@@ -61,6 +62,8 @@ class Handle:
     # resume by name, so a resumed call shows the directory as it is now.
     resume_after: dict[int, bytes] = field(default_factory=dict)
     next_offset: int = 1
+    # The version a read-only handle serves: the one the policy judged at open.
+    pinned: Version | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -70,9 +73,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, vol: Volume) -> None:
+    def __init__(self, vol: Volume, guard: OpenGuard | None = None) -> None:
         super().__init__()
         self.vol = vol
+        self.guard = guard or OpenGuard(None)
         self.ns = vol.namespace
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
@@ -201,6 +205,8 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             self.inodes.forget(ino, n)
+            if self.inodes.get(ino) is None:
+                self.guard.forget_ino(ino)
 
     @fuse_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -381,6 +387,9 @@ class Operations(pyfuse3.Operations):
             src = self.ns.raw_entry(txn, src_dir, name_old)
             if src is None:
                 raise NotFoundError(f"{name_old!r}: no such file")
+            if src.link:
+                self.guard.check_link_move([*self.inodes.path(old_parent), name_old],
+                                           [*self.inodes.path(new_parent), name_new])
             dst = self.ns.raw_entry(txn, dst_dir, name_new)
             moving = self.inodes.at(old_parent.ino, name_old)
             replaced = self.inodes.at(new_parent.ino, name_new)
@@ -464,6 +473,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if node.orphan is not None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        self.guard.check_link_move(self.inodes.path(node),
+                                   [*self.inodes.path(new_parent), new_name])
         await self._commit(node)
         with self.vol.store.write() as txn:
             dst_dir = self._writable_dir(txn, new_parent)
@@ -555,6 +566,16 @@ class Operations(pyfuse3.Operations):
             v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v)
             assert v.digest is not None
             return b"blake3:" + v.digest.hex().encode()
+        if name in (ANNOFS_XATTRS + b"status", ANNOFS_XATTRS + b"why"):
+            # Readable even when open() is refused: this is how a user learns why.
+            gate = self.guard.gate
+            if gate is None:
+                return b"off: no policy loaded"
+            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
+            if name == ANNOFS_XATTRS + b"why":
+                return verdict.reason.encode()
+            signers = ", ".join(verdict.signers) or "none"
+            return f"{verdict.status}; signers: {signers}; rule: {verdict.rule}".encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     # -- files --------------------------------------------------------------------------------
@@ -578,6 +599,16 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        access = flags & os.O_ACCMODE
+        pinned: Version | None = None
+        if access != os.O_WRONLY and self.guard.active:
+            # Judge what is stored: unflushed bytes carry no signature.
+            await self._commit(node)
+            with self.vol.store.read() as txn:
+                version = self.vol.versions.get(txn, int(self._attrs(txn, node).target))
+            await self.guard.judge(self.inodes.path(node), version, ctx.pid)
+            if access == os.O_RDONLY:
+                pinned = version
         with self.vol.store.read() as txn:
             of = self._open_file(txn, node)
         node.opens += 1
@@ -588,9 +619,11 @@ class Operations(pyfuse3.Operations):
                 if of.size:
                     of.overlay.truncate(0)
                     of.mtime_ns = now_ns()
-        # The kernel's page cache holds bytes of versions this mount wrote or read; changes
-        # from outside the mount invalidate it explicitly, so it may be kept across opens.
-        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
+        fh = self._new_handle(node)
+        self.handles[fh].pinned = pinned
+        serves = pinned.id if pinned is not None else of.parent_version
+        return self.guard.file_info(fh, node, serves, pinned=pinned is not None,
+                                    writer=access != os.O_RDONLY)
 
     @fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -606,8 +639,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self.handles[fh].node
-        return self.open_files[node.ino].read(self.vol, off, size)
+        h = self.handles[fh]
+        if h.pinned is not None:
+            with self.vol.store.read() as txn:
+                return self.vol.versions.read(txn, h.pinned, off, size)
+        return self.open_files[h.node.ino].read(self.vol, off, size)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -655,6 +691,7 @@ class Operations(pyfuse3.Operations):
                     a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
             self.stats["commits"] += 1
             of.base, of.parent_version, of.mtime_ns = v, v.id, None
+            self.guard.committed(node, v.id)
 
     @fuse_handler
     async def flush(self, fh: int) -> None:
@@ -673,6 +710,7 @@ class Operations(pyfuse3.Operations):
             await self._commit(node)
         finally:
             node.opens -= 1
+            self.guard.released(node, pinned=h.pinned is not None)
             if node.opens == 0:
                 self.open_files.pop(node.ino, None)
             self.inodes.maybe_drop(node)

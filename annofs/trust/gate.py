@@ -30,6 +30,11 @@ class TrustGate:
         self.cache = cache or VerdictCache()
 
     @property
+    def volume(self) -> Volume:
+        """The volume whose statements and versions this gate reads."""
+        return self._vol
+
+    @property
     def enforcing(self) -> bool:
         """False when the policy's mode is off: open() need not ask at all."""
         return self.policy.mode is not Mode.OFF

@@ -1,0 +1,84 @@
+"""The mount's policy: loaded at mount, reloaded on SIGHUP or `annofs policy reload`.
+
+A policy that fails to load on reload leaves the old one in force, and says so: a typo
+must never turn enforcement off. The policy file must live outside the mount, so nothing
+that can write through the mount can change what the mount enforces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from annofs.daemon.events import Event, EventLog
+from annofs.errors import AnnofsError, UsageError
+from annofs.fs.enforce import OpenGuard
+from annofs.store.records import Version
+from annofs.trust.gate import TrustGate
+from annofs.trust.policy import load_policy, permissive_policy
+from annofs.trust.verdict import Verdict
+from annofs.volume import Volume
+
+log = logging.getLogger("annofs.daemon")
+
+
+def check_policy_location(policy: Path, mountpoint: Path) -> None:
+    """Refuse a policy file (or keys dir) inside the mount it would govern."""
+    real = Path(os.path.realpath(policy))
+    mp = Path(os.path.realpath(mountpoint))
+    if real == mp or mp in real.parents:
+        raise UsageError(f"{policy}: the policy must live outside the mount ({mountpoint})")
+
+
+class PolicyHolder:
+    """Owns the mount's TrustGate and its policy file."""
+
+    def __init__(self, vol: Volume, policy_file: Path | None, mountpoint: Path,
+                 events: EventLog) -> None:
+        self.file = policy_file.resolve() if policy_file else None
+        self.mountpoint = mountpoint
+        self.events = events
+        policy = permissive_policy()
+        if self.file is not None:
+            self._check_locations()
+            policy = load_policy(self.file)
+        self.gate = TrustGate(vol, policy) if self.file is not None else None
+        self.guard = OpenGuard(self.gate, self.record)
+
+    def _check_locations(self) -> None:
+        """The policy and its keys directory must be outside the mount: else they could be
+        edited through it, and a reload would read through the daemon's own mount."""
+        assert self.file is not None
+        check_policy_location(self.file, self.mountpoint)
+        try:
+            doc = tomllib.loads(self.file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return  # load_policy reports it precisely
+        keys_dir = doc.get("trusted-keys-dir")
+        if isinstance(keys_dir, str) and keys_dir:
+            check_policy_location(self.file.parent / keys_dir, self.mountpoint)
+
+    def reload(self) -> str:
+        """Re-read the policy file; on error keep the old policy and raise."""
+        if self.file is None or self.gate is None:
+            raise UsageError("this mount has no policy file (mount with --policy FILE)")
+        try:
+            self._check_locations()
+            policy = load_policy(self.file)
+        except AnnofsError as e:
+            log.error("policy reload failed, the old policy stays in force: %s", e)
+            raise UsageError(f"{e} (the old policy stays in force)") from None
+        self.gate.set_policy(policy)
+        log.info("policy reloaded from %s", self.file)
+        return f"policy reloaded from {self.file}"
+
+    def record(self, path: str, version: Version, verdict: Verdict, pid: int) -> None:
+        """The verdict sink: refusals and warnings go to the events log."""
+        if verdict.allowed and not verdict.flagged:
+            return
+        self.events.record(Event(
+            path=path, verdict="refused" if not verdict.allowed else "warned",
+            reason=verdict.reason, digest=f"blake3:{version.digest.hex()}" if version.digest
+            else "", version=version.id, rule=verdict.rule, pid=pid))
