@@ -505,6 +505,26 @@ def test_a_new_file_at_a_renamed_hard_link_name_is_its_own_file(d: Path) -> None
     assert (f.stat().st_nlink, (d / "g").stat().st_nlink) == (2, 1)
 
 
+def drop_kernel_caches() -> None:
+    """Make the kernel forget unused dentries and inodes (FUSE FORGETs follow)."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    except OSError as e:
+        pytest.skip(f"cannot drop the kernel's caches here: {e}")
+
+
+def test_hard_link_keeps_its_inode_number_when_the_kernel_forgets_it(d: Path) -> None:
+    # tar, cp -a and rsync -H find hard links by st_ino over a long walk, during which
+    # the kernel may forget the inode between one name and the next.
+    a = touch(d / "a", b"x")
+    os.link(a, d / "b")
+    drop_kernel_caches()
+    ino = a.stat().st_ino
+    drop_kernel_caches()
+    assert (d / "b").stat().st_ino == ino
+    assert (d / "b").stat().st_nlink == 2
+
+
 def test_rename_onto_another_name_of_the_same_file_does_nothing(d: Path) -> None:
     a, b = touch(d / "a", b"x"), d / "b"
     os.link(a, b)

@@ -2,7 +2,13 @@
 
 A location is (parent inode, name); a hard-linked file has one inode for all its names,
 keyed by its link id. Numbers are handed out when the kernel first looks a name up, so a
-copied tree costs nothing until it is visited, and dropped when the kernel forgets them.
+copied tree costs nothing until it is visited, and dropped when the kernel forgets them:
+a name looked up again after that gets a new number.
+
+A hard-linked file's number is derived from its (persistent, never reused) link id, so
+it stays the same when the kernel forgets the inode between two of its names: tar,
+cp -a and rsync -H recognise hard links by (st_dev, st_ino) over a long walk, under
+memory pressure too.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import pyfuse3
 from annofs.store.records import Attrs
 
 ROOT = pyfuse3.ROOT_INODE
+# Hard-linked files: LINK_INO_BASE + link id, far above any counter-assigned number.
+LINK_INO_BASE = 1 << 48
 
 
 @dataclass
@@ -65,8 +73,11 @@ class InodeTable:
             node = self.by_ino[ino]
             self._bind(loc, node)
             return node
-        node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir)
-        self._next += 1
+        if link and LINK_INO_BASE + link not in self.by_ino:
+            node = Inode(LINK_INO_BASE + link, parent, name, link=link, is_dir=a.is_dir)
+        else:
+            node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir)
+            self._next += 1
         self.by_ino[node.ino] = node
         self._bind(loc, node)
         if link:
