@@ -794,10 +794,6 @@ async def test_readdir_resumes_while_the_directory_changes(k: Kernel) -> None:
     await k.settle()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "readdir serves a snapshot of the whole directory taken at offset 0 "
-    "(annofs/fs/operations.py:257-259): a resumed call returns names removed since and "
-    "attributes from before a change; with readdirplus the kernel caches both"))
 @trio_test
 async def test_resumed_readdir_does_not_serve_stale_entries(k: Kernel) -> None:
     for i in range(10):

@@ -94,6 +94,15 @@ class DirtyOverlay:
             return base_size
         return min(base_size, self.truncated_to)
 
+    def touches(self, start: int, end: int) -> bool:
+        """Whether any written extent overlaps [start, end)."""
+        i = max(0, bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end:
+            if self._starts[i] + len(self._data[i]) > start:
+                return True
+            i += 1
+        return False
+
     def changed_range(self, base_size: int) -> tuple[int, int] | None:
         """[lo, hi) of the logical content that may differ from the base, or None."""
         lo: int | None = None

@@ -14,6 +14,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from annofs.content.fragments import fragment_hash
 from annofs.content.overlay import DirtyOverlay
@@ -27,6 +28,19 @@ from chunker import ChunkParams, cut_lengths
 _WINDOW = 1 << 20
 
 
+@lru_cache(maxsize=8)
+def _zero_cut(params: ChunkParams) -> tuple[int, bytes] | None:
+    """(length, hash) of the chunk FastCDC cuts from a run of zeros, if it is max_size.
+
+    Then a hole can be cut without scanning: every max_size bytes of zeros that start at
+    a cut end at the next one. Measured, not assumed, for each parameter set.
+    """
+    first = cut_lengths(bytes(2 * params.max_size), params)[0]
+    if first != params.max_size:
+        return None
+    return first, fragment_hash(bytes(first))
+
+
 @dataclass
 class Rewrite:
     """The result: the new fragment list and the payloads of fragments to store."""
@@ -34,7 +48,7 @@ class Rewrite:
     hashes: bytes
     lengths: array
     new_fragments: list[tuple[bytes, bytes]]
-    rechunked_bytes: int
+    rechunked_bytes: int  # bytes that went through FastCDC (holes are cut without scanning)
 
 
 ReadBase = Callable[[int, int], bytes]
@@ -71,11 +85,23 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
 
     new_hashes = bytearray()
     new_lengths = array("I")
-    payloads: list[tuple[bytes, bytes]] = []
+    # By hash: a sparse file's holes are one chunk repeated; keep its bytes once.
+    payloads: dict[bytes, bytes] = {}
+    zero = _zero_cut(params)
+
+    def in_hole(start: int, end: int) -> bool:
+        return start >= visible and end <= size and not dirty.touches(start, end)
+
     resume: int | None = None  # index of the old fragment where the tail is kept
     window = _WINDOW
-    start_pos = pos
+    scanned = 0
     while pos < size and resume is None:
+        if zero is not None and in_hole(pos, pos + zero[0]):
+            new_hashes += zero[1]
+            new_lengths.append(zero[0])
+            payloads.setdefault(zero[1], bytes(zero[0]))
+            pos += zero[0]
+            continue  # no old cut lies in a hole (holes are past the old content)
         buf = new_content(pos, window)
         final = pos + len(buf) >= size
         lengths = cut_lengths(buf, params, final=final)
@@ -89,7 +115,7 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
             h = fragment_hash(chunk)
             new_hashes += h
             new_lengths.append(n)
-            payloads.append((h, chunk))
+            payloads.setdefault(h, chunk)
             off += n
             cut = pos + off
             if cut >= hi and cut < size and cut <= base.size:
@@ -98,6 +124,7 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
                     resume = j
                     break
         pos += off
+        scanned += off
     if resume is None:
         tail_hashes, tail_lengths = b"", array("I")
     else:
@@ -105,4 +132,4 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
         tail_lengths = base.lengths[resume:]
     hashes = base.hashes[: first * HASH_SIZE] + bytes(new_hashes) + tail_hashes
     lengths_out = base.lengths[:first] + new_lengths + tail_lengths
-    return Rewrite(hashes, lengths_out, payloads, pos - start_pos)
+    return Rewrite(hashes, lengths_out, list(payloads.items()), scanned)
