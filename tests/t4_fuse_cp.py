@@ -75,3 +75,20 @@ def test_control_channel_answers_bad_requests(mounted: Mount) -> None:
     assert b"not JSON" in s.recv(4096)
     s.close()
     assert control.request(mounted.store, "ping")["store"] == str(mounted.store.resolve())
+
+
+def test_gc_under_the_mount_keeps_what_open_handles_read(mounted: Mount) -> None:
+    f = mounted.path / "big"
+    data = os.urandom(3 << 20)
+    f.write_bytes(data)
+    reader = open(f, "rb")  # noqa: SIM115 - held open across the gc on purpose
+    try:
+        f.unlink()  # no name refers to the version now; only the open handle
+        out = run("--store", str(mounted.store), "gc")
+        assert "freed 0 versions" in out.stdout
+        assert reader.read() == data
+    finally:
+        reader.close()
+    out = run("--store", str(mounted.store), "gc")
+    assert "freed 1 versions" in out.stdout or "freed 2 versions" in out.stdout
+    assert int(out.stdout.split("fragments, ")[1].split(" bytes")[0]) >= len(data)

@@ -7,8 +7,9 @@ import sys
 import click
 
 from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
+from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import check_store
-from annofs.maintenance.gc import collect
+from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
 from annofs.store.lock import store_lock
 
@@ -47,12 +48,19 @@ def fsck_cmd(ctx: click.Context, repair: bool) -> None:
 @click.pass_context
 def gc_cmd(ctx: click.Context, prune_history: bool) -> None:
     """Free versions and fragments nothing references (never signed originals)."""
-    progress = Progress("gc")
-    try:
-        with store_lock(store_path(ctx), exclusive=True, what="gc"), open_volume(ctx) as vol:
-            rep = collect(vol, prune_history=prune_history, progress=progress)
-    finally:
-        progress.close()
+    store = store_path(ctx)
+    if read_state(store) is not None:
+        # Mounted: the daemon knows which versions open handles hold.
+        from annofs.daemon.client import request
+
+        rep = GcReport(**request(store, "gc", prune_history=prune_history))
+    else:
+        progress = Progress("gc")
+        try:
+            with store_lock(store, exclusive=True, what="gc"), open_volume(ctx) as vol:
+                rep = collect(vol, prune_history=prune_history, progress=progress)
+        finally:
+            progress.close()
     click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
                + (f"; dropped {rep.staging_dropped} unfinished imports"

@@ -6,12 +6,16 @@ then tells the mount's inode table and the kernel what changed.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import trio
 
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder
 from annofs.errors import UsageError
 from annofs.fs.operations import Operations
+from annofs.maintenance.gc import collect
 
 
 def _parts(args: dict[str, Any], key: str) -> list[bytes]:
@@ -35,7 +39,21 @@ class DaemonCommands:
 
     def handlers(self) -> dict[str, Any]:
         """op name -> handler, for the ControlServer."""
-        return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload}
+        return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload,
+                "gc": self.gc}
+
+    async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """gc under the mount: versions held by open handles are roots too.
+
+        Offline writers are refused while a store is mounted, so the daemon's gc races no
+        one; it runs in a worker thread (it reads every record) while the mount serves.
+        """
+        prune = bool(args.get("prune_history", False))
+        await self.ops.commit_all()
+        held = self.ops.held_versions()
+        rep = await trio.to_thread.run_sync(
+            lambda: collect(self.ops.vol, prune_history=prune, extra_roots=held))
+        return dataclasses.asdict(rep)
 
     async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy."""

@@ -743,6 +743,12 @@ class Operations(pyfuse3.Operations):
         self.dirty_since_sync = False
         await trio.to_thread.run_sync(self.vol.store.sync)
 
+    def held_versions(self) -> set[int]:
+        """Versions open handles serve (pinned, or the base of an open file): gc keeps them."""
+        held = {h.pinned.id for h in self.handles.values() if h.pinned is not None}
+        held |= {of.parent_version for of in self.open_files.values()}
+        return held
+
     async def commit_all(self) -> None:
         """Turn every open file's written bytes into versions (before unmount)."""
         for ino in list(self.open_files):
