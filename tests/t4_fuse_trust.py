@@ -169,3 +169,33 @@ def test_warn_mode_and_reload_without_remount(signed: Mount, tmp_path: Path) -> 
                          text=True)
     assert res.returncode == 2 and "old policy stays in force" in res.stderr
     assert refused(f)
+
+
+def test_two_party_rule_and_malicious_label_on_the_mount(mounted: Mount, tmp_path: Path) -> None:
+    mounted.stop()
+    tree = tmp_path / "proj"
+    tree.mkdir()
+    (tree / "a.c").write_text("int a;\n")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    annofs(mounted.store, "import", str(tree), "/src/proj")
+    for name in ("alice-1", "bob-1"):
+        annofs(mounted.store, "key", "generate", name, "--dir", str(keys))
+    policy = write_policy(tmp_path / "policy.toml", signers=2)
+    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "--claim", "built",
+           "/src/proj")  # one key twice is still one signer
+    mounted.start("--policy", str(policy))
+    f = mounted.path / "src" / "proj" / "a.c"
+    assert refused(f)
+    assert b"has 1" in os.getxattr(f, "user.annofs.why")
+    mounted.stop()
+    annofs(mounted.store, "sign", "--key", str(keys / "bob-1.secret"), "/src/proj")
+    mounted.start("--policy", str(policy))
+    assert f.read_text() == "int a;\n"
+    mounted.stop()
+    annofs(mounted.store, "label", "--key", str(keys / "bob-1.secret"), "--label", "malicious",
+           "/src/proj/a.c")
+    mounted.start("--policy", str(policy))
+    assert refused(f)
+    assert b"malicious" in os.getxattr(f, "user.annofs.why")
