@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -229,3 +230,31 @@ def test_kill_9_at_random_moments(mnt: Mount) -> None:
     assert chaos.durable, "the writer made nothing durable: the test proved nothing"
     mnt.stop()
     fsck_cli(mnt)
+
+
+def test_sigterm_commits_open_files_before_the_daemon_exits(mnt: Mount) -> None:
+    f = mnt.path / "f"
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"written, never closed nor synced")
+    assert mnt.proc is not None
+    mnt.proc.send_signal(signal.SIGTERM)
+    assert mnt.proc.wait(timeout=30) == 0
+    with contextlib.suppress(OSError):
+        os.close(fd)  # ENOTCONN: unmounted under us
+    mnt.proc = None
+    assert not os.path.ismount(mnt.path)
+    mnt.start()
+    assert f.read_bytes() == b"written, never closed nor synced"
+    mnt.stop()
+    fsck_cli(mnt)
+
+
+def test_annofs_umount_waits_for_the_daemon(mnt: Mount) -> None:
+    (mnt.path / "f").write_bytes(b"data")
+    res = annofs("umount", str(mnt.path), check=False)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.ismount(mnt.path)
+    assert mnt.proc is not None and mnt.proc.poll() == 0  # gone by the time it returned
+    mnt.proc = None
+    assert annofs("umount", str(mnt.path), check=False).returncode == 2  # not mounted
+    assert annofs("--store", str(mnt.store), "cat", "/f").stdout == "data"

@@ -225,9 +225,22 @@ def umount(mountpoint: Path, timeout: float = 60.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _exited(pid):
             return
         time.sleep(0.02)
     raise UsageError(f"{mp}: unmounted, but the daemon (pid {pid}) has not exited")
+
+
+def _exited(pid: int) -> bool:
+    """Whether a process is gone. A zombie is: it has exited, and only its parent (a
+    supervisor, or a test harness running `mount --foreground`) has yet to reap it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == b"Z"
