@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Modules holding @figure functions, imported in this order (it is the table's order).
-FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount")
+FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount", "benchmarks.cp",
+                  "benchmarks.trust")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 
