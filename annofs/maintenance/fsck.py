@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import blake3
+import lmdb
 
 from annofs.errors import CorruptionError
 from annofs.store.keys import from_u64
@@ -24,6 +26,7 @@ from annofs.store.records import Attrs, decode_attrs, decode_dir, decode_link, d
 from annofs.volume import Volume
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -126,12 +129,7 @@ def check_store(vol: Volume, *, verify_data: bool = True,
                 problems.append(f"entry {name!r} in directory {dir_id}: "
                                 f"version {a.target} missing")
 
-        dirs = {}
-        for k, raw in txn.cursor(db=db["dirs"]):
-            try:
-                dirs[from_u64(k)] = decode_dir(from_u64(k), raw)
-            except CorruptionError as e:
-                problems.append(str(e))
+        dirs = _decode_all(txn, db["dirs"], decode_dir, problems)
         rep.directories = len(dirs)
         for dir_id, h in dirs.items():
             if h.refcount != dir_refs[dir_id]:
@@ -143,12 +141,7 @@ def check_store(vol: Volume, *, verify_data: bool = True,
         problems += [f"directory {d}: referenced but missing" for d in dir_refs if d not in dirs]
         problems += [f"directory {d}: has entries but no node" for d in entries if d not in dirs]
 
-        links = {}
-        for k, raw in txn.cursor(db=db["links"]):
-            try:
-                links[from_u64(k)] = decode_link(from_u64(k), raw)
-            except CorruptionError as e:
-                problems.append(str(e))
+        links = _decode_all(txn, db["links"], decode_link, problems)
         for lid, link in links.items():
             if link.nlink != link_refs[lid]:
                 problems.append(f"link {lid}: nlink {link.nlink}, {link_refs[lid]} names")
@@ -157,3 +150,15 @@ def check_store(vol: Volume, *, verify_data: bool = True,
         problems += [f"link {lid}: referenced but missing" for lid in link_refs
                      if lid not in links]
     return rep
+
+
+def _decode_all(txn: lmdb.Transaction, db: object, decode: Callable[[int, bytes], T],
+                problems: list[str]) -> dict[int, T]:
+    """Every record of an id-keyed database; one that does not decode is a problem."""
+    out: dict[int, T] = {}
+    for k, raw in txn.cursor(db=db):
+        try:
+            out[from_u64(k)] = decode(from_u64(k), raw)
+        except CorruptionError as e:
+            problems.append(str(e))
+    return out
