@@ -628,6 +628,25 @@ async def test_spilled_writes_make_one_version(
 
 
 @trio_test
+async def test_gc_during_a_spilled_write_keeps_its_fragments(
+        k: Kernel, vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc between a spill and the close must not free what the close will refer to."""
+    from annofs.maintenance.gc import collect
+
+    monkeypatch.setattr("annofs.fs.operations.SPILL_BYTES", 200 * 1024)
+    data = random.Random(8).randbytes(MiB)
+    ino = await k.write_file(ROOT, b"f", b"")
+    fh = await k.open(ino)
+    for off in range(0, len(data), 64 * 1024):
+        await k.write(fh, off, data[off:off + 64 * 1024])
+    assert k.ops.unstored_fragments()  # spilled: fragments stored, no version yet
+    collect(vol, extra_roots=k.ops.held_versions(), keep_fragments=k.ops.unstored_fragments())
+    await k.release(fh)
+    assert version_content(vol, int(stored(vol, b"f").target)) == data
+    await k.settle()
+
+
+@trio_test
 async def test_write_during_a_threaded_commit_is_not_lost(k: Kernel, vol: Volume) -> None:
     data = random.Random(4).randbytes(2 * MiB)  # > INLINE_BYTES: the fold runs in a thread
     fh1, e = await k.create(ROOT, b"f")

@@ -8,7 +8,7 @@ the odd-sized value); compression, if it comes, gets its own database.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 import blake3
 import lmdb
@@ -60,8 +60,10 @@ class FragmentStore:
         for h, n in counts.items():
             txn.put(h, _COUNT.pack(self.refcount(txn, h) + n), db=self._refs)
 
-    def drop_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int]) -> int:
-        """Remove occurrences; delete fragments nothing uses. Returns bytes freed."""
+    def drop_refs(self, txn: lmdb.Transaction, counts: Mapping[bytes, int],
+                  keep: Set[bytes] = frozenset()) -> int:
+        """Remove occurrences; delete fragments nothing uses (except those in `keep`, which
+        a version not stored yet relies on). Returns bytes freed."""
         freed = 0
         for h, n in counts.items():
             left = self.refcount(txn, h) - n
@@ -69,6 +71,8 @@ class FragmentStore:
                 txn.put(h, _COUNT.pack(left), db=self._refs)
                 continue
             txn.delete(h, db=self._refs)
+            if h in keep:
+                continue
             raw = txn.get(h, db=self._data)
             if raw is not None:
                 freed += len(raw)

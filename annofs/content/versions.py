@@ -6,7 +6,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from itertools import accumulate
 
 import blake3
@@ -131,10 +131,14 @@ class VersionStore:
         txn.put(u64(v.id), encode_version(nv), db=self._db)
         return nv
 
-    def delete(self, txn: lmdb.Transaction, v: Version) -> int:
-        """Remove a version record and its fragment references; returns bytes freed."""
+    def delete(self, txn: lmdb.Transaction, v: Version,
+               keep: Set[bytes] = frozenset()) -> int:
+        """Remove a version record and its fragment references; returns bytes freed.
+
+        Fragments in `keep` stay even when no stored version uses them any more.
+        """
         txn.delete(u64(v.id), db=self._db)
-        return self.fragments.drop_refs(txn, _count_hashes(v.hashes))
+        return self.fragments.drop_refs(txn, _count_hashes(v.hashes), keep)
 
     def iter_ids(self, txn: lmdb.Transaction) -> Iterator[int]:
         """Every stored version id, ascending."""

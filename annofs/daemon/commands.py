@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import trio
-
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder
 from annofs.errors import UsageError
@@ -45,14 +43,16 @@ class DaemonCommands:
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.
 
-        Offline writers are refused while a store is mounted, so the daemon's gc races no
-        one; it runs in a worker thread (it reads every record) while the mount serves.
+        It runs on the event loop, not in a thread: a commit stores fragments before the
+        version that uses them, and gc must never fall between the two. Fragments of
+        versions still being written (spilled ahead of a close) are kept explicitly.
+        Offline writers are refused while a store is mounted, so nothing else races it.
         """
         prune = bool(args.get("prune_history", False))
         await self.ops.commit_all()
-        held = self.ops.held_versions()
-        rep = await trio.to_thread.run_sync(
-            lambda: collect(self.ops.vol, prune_history=prune, extra_roots=held))
+        rep = collect(self.ops.vol, prune_history=prune,
+                      extra_roots=self.ops.held_versions(),
+                      keep_fragments=self.ops.unstored_fragments())
         return dataclasses.asdict(rep)
 
     async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:

@@ -749,6 +749,14 @@ class Operations(pyfuse3.Operations):
         held |= {of.parent_version for of in self.open_files.values()}
         return held
 
+    def unstored_fragments(self) -> set[bytes]:
+        """Fragments of open files' versions not stored yet (spilled ahead of a close)."""
+        held: set[bytes] = set()
+        for of in self.open_files.values():
+            if of.base.id < 0:
+                held.update(of.base.hashes[i:i + 32] for i in range(0, len(of.base.hashes), 32))
+        return held
+
     async def commit_all(self) -> None:
         """Turn every open file's written bytes into versions (before unmount)."""
         for ino in list(self.open_files):

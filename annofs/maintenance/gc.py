@@ -11,7 +11,7 @@ staging trees a crash left behind. Run with the store to itself (see store.lock)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 
 import lmdb
@@ -68,8 +68,15 @@ def _live_versions(vol: Volume, txn: lmdb.Transaction) -> set[int]:
 
 
 def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] | None = None,
+            keep_fragments: Set[bytes] = frozenset(),
             progress: Progress | None = None) -> GcReport:
-    """Free unreferenced versions and fragments; returns what was freed."""
+    """Free unreferenced versions and fragments; returns what was freed.
+
+    Under a live mount, `extra_roots` are the versions open handles serve and
+    `keep_fragments` the fragments of versions still being written (stored ahead of their
+    version); the caller must keep new commits from interleaving (the daemon runs this on
+    its event loop, where commits run too).
+    """
     rep = GcReport()
     ns = vol.namespace
     fragments_before = _count(vol, "fragments")
@@ -97,11 +104,11 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
             if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
                 _reparent(vol, txn, v, versions, keep)
         for v in doomed:
-            rep.bytes_freed += vol.versions.delete(txn, v)
+            rep.bytes_freed += vol.versions.delete(txn, v, keep_fragments)
             rep.versions_freed += 1
             if progress:
                 progress(1, 0)
-    rep.bytes_freed += _free_orphan_fragments(vol)
+    rep.bytes_freed += _free_orphan_fragments(vol, keep_fragments)
     rep.fragments_freed = fragments_before - _count(vol, "fragments")
     vol.store.sync()
     return rep
@@ -125,7 +132,7 @@ def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int
     txn.put(u64(v.id), encode_version(nv), db=vol.store.db["versions"])
 
 
-def _free_orphan_fragments(vol: Volume) -> int:
+def _free_orphan_fragments(vol: Volume, keep: Set[bytes]) -> int:
     """Delete fragments with no reference count (never taken, or dropped to zero)."""
     freed = 0
     frag_db, refs_db = vol.store.db["fragments"], vol.store.db["fragrefs"]
@@ -136,7 +143,7 @@ def _free_orphan_fragments(vol: Volume) -> int:
             ok = cur.set_range(last) if last is not None else cur.first()
             while ok and len(batch) < _BATCH:
                 h = bytes(cur.key())
-                if h != last and txn.get(h, db=refs_db) is None:
+                if h != last and h not in keep and txn.get(h, db=refs_db) is None:
                     batch.append(h)
                 last = h
                 ok = cur.next()
