@@ -102,7 +102,10 @@ def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
         max_dbs=32,
         sync=False,
         metasync=False,
-        readahead=False,  # random fragment reads; readahead only pollutes the page cache
+        # Readahead on: a fragment spans up to 16 contiguous overflow pages, and without it
+        # every 4 KiB fault was a synchronous disk read (measured through the mount: cold
+        # 1 GiB read 36 -> 317-356 MB/s, cold tar of linux-6.1 75.5 -> 42.6 s).
+        readahead=True,
         max_readers=256,
         readonly=readonly,
         lock=True,
