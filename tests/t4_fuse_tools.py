@@ -219,6 +219,23 @@ def test_git_repository_matches_the_native_one(mnt: Mount, tmp_path: Path) -> No
         cwd=mnt.path / "repo", env=env)
 
 
+def test_git_local_clone_shares_objects_by_hard_links(mnt: Mount, tmp_path: Path) -> None:
+    env = _git_env(tmp_path)
+    repo = mnt.path / "repo"
+    repo.mkdir()
+    make_tree(repo, special=False)
+    run("git init -q -b main . && git add -A && git commit -q -m one", cwd=repo, env=env)
+    run(["git", "clone", "-q", str(repo), str(mnt.path / "clone")], env=env)
+    objects = [p for p in (mnt.path / "clone" / ".git" / "objects").rglob("*") if p.is_file()]
+    linked = [p for p in objects if p.stat().st_nlink == 2]
+    assert len(linked) > 40  # a local clone links the loose objects, across directories
+    run("printf 'more\\n' >> run.sh && git commit -q -am two && git gc -q && "
+        "git fsck --strict --full --no-progress", cwd=mnt.path / "clone", env=env)
+    shutil.rmtree(repo)  # the clone's links keep the objects
+    run("git fsck --strict --full --no-progress && git log --oneline | wc -l",
+        cwd=mnt.path / "clone", env=env)
+
+
 # -- python -m compileall ------------------------------------------------------------------------
 
 
