@@ -229,11 +229,12 @@ def test_git_local_clone_shares_objects_by_hard_links(mnt: Mount, tmp_path: Path
     objects = [p for p in (mnt.path / "clone" / ".git" / "objects").rglob("*") if p.is_file()]
     linked = [p for p in objects if p.stat().st_nlink == 2]
     assert len(linked) > 40  # a local clone links the loose objects, across directories
-    run("printf 'more\\n' >> run.sh && git commit -q -am two && git gc -q && "
+    run("echo more >> run.sh && git commit -q -am two && git gc -q && "
         "git fsck --strict --full --no-progress", cwd=mnt.path / "clone", env=env)
     shutil.rmtree(repo)  # the clone's links keep the objects
-    run("git fsck --strict --full --no-progress && git log --oneline | wc -l",
-        cwd=mnt.path / "clone", env=env)
+    out = run("git fsck --strict --full --no-progress && git log --oneline | wc -l",
+              cwd=mnt.path / "clone", env=env)
+    assert out.split() == ["2"]
 
 
 # -- python -m compileall ------------------------------------------------------------------------
