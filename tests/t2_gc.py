@@ -118,3 +118,36 @@ def test_unreferenced_version_of_a_removed_file_is_freed(vol: Volume, tmp_path: 
     assert rep.versions_freed == 1
     with vol.store.read() as txn:
         assert not vol.versions.exists(txn, int(a.target))
+
+
+def test_a_small_edit_touches_few_reference_counts(vol: Volume) -> None:
+    from array import array
+
+    from annofs.content.fragments import fragment_hash
+    from annofs.content.versions import EMPTY_VERSION
+
+    chunks = [random.Random(i).randbytes(100) for i in range(2000)]
+    hashes = b"".join(fragment_hash(c) for c in chunks)
+    lengths = array("I", [100] * 2000)
+    changed = random.Random(50_000).randbytes(100)  # a seed no base chunk used
+    with vol.store.write() as txn:
+        for h, c in zip([hashes[i:i + 32] for i in range(0, len(hashes), 32)], chunks,
+                        strict=True):
+            vol.fragments.put(txn, h, c)
+        vol.fragments.put(txn, fragment_hash(changed), changed)
+        base = vol.versions.create(txn, EMPTY_VERSION, hashes, lengths, None)
+    with vol.store.read() as txn:
+        before = vol.fragments.refcount(txn, fragment_hash(changed))
+    edited = hashes[:1000 * 32] + fragment_hash(changed) + hashes[1001 * 32:]
+    with vol.store.write() as txn:
+        cur = txn.cursor(db=vol.store.db["fragrefs"])
+        snapshot = dict(cur)
+        v = vol.versions.create(txn, base.id, edited, lengths, None)
+        after = dict(txn.cursor(db=vol.store.db["fragrefs"]))
+    assert v.edit is not None and (v.edit.start, v.edit.removed, v.edit.added) == (1000, 1, 1)
+    assert [h for h in after if after[h] != snapshot.get(h)] == [fragment_hash(changed)]
+    assert before == 0
+    collect(vol, prune_history=True, extra_roots={v.id})  # the base goes; v owns it all
+    with vol.store.read() as txn:
+        assert not vol.versions.exists(txn, base.id)
+        assert vol.versions.get(txn, v.id).parent == EMPTY_VERSION

@@ -321,6 +321,9 @@ def test_ancestry_cycle_is_corruption(vol: Volume) -> None:
         txn.put(u64(v1.id), encode_version(looped), db=vol.store.db["versions"])
     with vol.store.read() as txn, pytest.raises(CorruptionError, match="cycle"):
         ancestry(txn, vol.versions, v2.id)
+    assert any("ancestry is a cycle" in p for p in check_store(vol).problems)
+    with vol.store.write() as txn:  # undo the damage for the after-test check
+        txn.put(u64(v1.id), encode_version(v1), db=vol.store.db["versions"])
 
 
 def test_deferred_digest_is_computed_once(vol: Volume) -> None:

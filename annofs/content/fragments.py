@@ -25,7 +25,8 @@ def fragment_hash(data: bytes | bytearray | memoryview) -> bytes:
 
 
 class FragmentStore:
-    """Fragment payloads and their reference counts (occurrences in stored versions)."""
+    """Fragment payloads and their reference counts: how many stored versions' edits added
+    each (see versions.own_counts)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store

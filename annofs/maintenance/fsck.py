@@ -1,9 +1,11 @@
 """`annofs fsck`: every count the store keeps must match what is stored, every byte its hash.
 
 Checks, in one read snapshot:
-- every fragment a version refers to exists, its bytes match its hash, and its refcount
-  equals its occurrences over all stored versions (no refcount without an occurrence);
-- every version's parent exists; a recorded digest matches the content;
+- every fragment a version refers to exists and its bytes match its hash; its refcount
+  equals its occurrences in the stored versions' edits (versions.own_counts; no
+  refcount without an occurrence);
+- every version's parent exists and its recorded edit matches it (what it does not own
+  it must share with its parent); a recorded digest matches the content;
 - every directory node's refcount equals the entries and roots pointing at it, nsubdirs
   its directory entries; no entry or root points at a missing node;
 - every regular file entry's (or link's) version exists;
@@ -20,9 +22,17 @@ from typing import TypeVar
 import blake3
 import lmdb
 
+from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
 from annofs.store.keys import from_u64
-from annofs.store.records import Attrs, decode_attrs, decode_dir, decode_link, decode_version
+from annofs.store.records import (
+    Attrs,
+    Version,
+    decode_attrs,
+    decode_dir,
+    decode_link,
+    decode_version,
+)
 from annofs.volume import Volume
 
 Progress = Callable[[int, int], None]
@@ -53,6 +63,7 @@ def check_store(vol: Volume, *, verify_data: bool = True,
     problems = rep.problems
     with vol.store.read() as txn:
         occurrences: Counter[bytes] = Counter()
+        used: set[bytes] = set()
         versions = {}
         for key, raw in txn.cursor(db=db["versions"]):
             vid = from_u64(key)
@@ -62,12 +73,16 @@ def check_store(vol: Volume, *, verify_data: bool = True,
                 problems.append(str(e))
                 continue
             versions[vid] = v
-            for i in range(v.count):
-                occurrences[v.fragment_hash(i)] += 1
+            occurrences.update(own_counts(v))
+            used.update(v.fragment_hash(i) for i in range(v.count))
         rep.versions = len(versions)
         for v in versions.values():
             if v.parent not in versions:
                 problems.append(f"version {v.id}: parent {v.parent} missing")
+            elif v.id != EMPTY_VERSION and v.edit != compute_edit(
+                    versions[v.parent], v.hashes, v.lengths):
+                problems.append(f"version {v.id}: its edit does not match parent {v.parent}")
+        problems += _cycles(versions)
 
         bad_fragments: set[bytes] = set()
         for h_raw, raw in txn.cursor(db=db["fragments"]):
@@ -79,9 +94,10 @@ def check_store(vol: Volume, *, verify_data: bool = True,
                 bad_fragments.add(h)
             if progress:
                 progress(1, len(raw))
-        for h, n in occurrences.items():
+        for h in used:
             if txn.get(h, db=db["fragments"]) is None:
-                problems.append(f"fragment {h.hex()}: used {n} times but not stored")
+                problems.append(f"fragment {h.hex()}: used but not stored")
+        for h, n in occurrences.items():
             refs = vol.fragments.refcount(txn, h)
             if refs != n:
                 problems.append(f"fragment {h.hex()}: refcount {refs}, occurrences {n}")
@@ -150,6 +166,25 @@ def check_store(vol: Volume, *, verify_data: bool = True,
         problems += [f"link {lid}: referenced but missing" for lid in link_refs
                      if lid not in links]
     return rep
+
+
+def _cycles(versions: dict[int, Version]) -> list[str]:
+    """Versions whose parent chain loops instead of reaching the empty root."""
+    reaches_root = {EMPTY_VERSION}
+    found = []
+    for vid in versions:
+        chain: list[int] = []
+        on_chain: set[int] = set()
+        cur = vid
+        while cur not in reaches_root and cur in versions and cur not in on_chain:
+            chain.append(cur)
+            on_chain.add(cur)
+            cur = versions[cur].parent
+        if cur in on_chain:
+            found.append(f"version {cur}: its ancestry is a cycle")
+        elif cur in reaches_root:
+            reaches_root.update(chain)
+    return found
 
 
 def _decode_all(txn: lmdb.Transaction, db: object, decode: Callable[[int, bytes], T],

@@ -10,20 +10,18 @@ staging trees a crash left behind. Run with the store to itself (see store.lock)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Set
 from dataclasses import dataclass
 
 import lmdb
 
-from annofs.content.versions import EMPTY_VERSION, compute_edit
-from annofs.store.keys import HASH_SIZE, from_u64, u64
+from annofs.content.versions import EMPTY_VERSION
+from annofs.store.keys import HASH_SIZE, from_u64
 from annofs.store.records import (
     Version,
     decode_attrs,
     decode_link,
     decode_version,
-    encode_version,
 )
 from annofs.volume import Volume
 
@@ -102,7 +100,7 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     with vol.store.write() as txn:
         for v in versions.values():
             if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
-                _reparent(vol, txn, v, versions, keep)
+                _reparent(vol, txn, v, versions, keep, keep_fragments)
         for v in doomed:
             rep.bytes_freed += vol.versions.delete(txn, v, keep_fragments)
             rep.versions_freed += 1
@@ -120,16 +118,16 @@ def _count(vol: Volume, db: str) -> int:
 
 
 def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int, Version],
-              keep: set[int]) -> None:
-    """Point a kept version at its nearest kept ancestor; its edit is recomputed."""
+              keep: set[int], keep_fragments: Set[bytes]) -> None:
+    """Point a kept version at its nearest kept ancestor; its edit (and so the fragment
+    references it holds) is recomputed before its old ancestors are deleted."""
     parent = v.parent
     while parent not in keep and parent in versions and parent != EMPTY_VERSION:
         parent = versions[parent].parent
     if parent not in keep:
         parent = EMPTY_VERSION
     base = versions.get(parent) or vol.versions.get(txn, parent)
-    nv = dataclasses.replace(v, parent=parent, edit=compute_edit(base, v.hashes, v.lengths))
-    txn.put(u64(v.id), encode_version(nv), db=vol.store.db["versions"])
+    vol.versions.reparent(txn, v, base, keep_fragments)
 
 
 def _free_orphan_fragments(vol: Volume, keep: Set[bytes]) -> int:

@@ -14,11 +14,12 @@ from collections import Counter
 
 import lmdb
 
-from annofs.content.versions import EMPTY_VERSION
+from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
 from annofs.store.keys import from_u64, u64
 from annofs.store.records import (
     DirHeader,
+    Edit,
     decode_attrs,
     decode_dir,
     decode_link,
@@ -121,8 +122,14 @@ def _repair_versions(vol: Volume, txn: lmdb.Transaction, fixed: list[str]) -> No
         v = decode_version(vid, txn.get(u64(vid), db=db))
         nv = v
         if vid != EMPTY_VERSION and v.parent not in ids:
-            nv = dataclasses.replace(nv, parent=EMPTY_VERSION, edit=None)
+            nv = dataclasses.replace(nv, parent=EMPTY_VERSION, edit=Edit(0, 0, v.count))
             fixed.append(f"version {vid}: parent {v.parent} missing, re-parented to the root")
+        elif vid != EMPTY_VERSION:
+            parent = decode_version(v.parent, txn.get(u64(v.parent), db=db))
+            want = compute_edit(parent, v.hashes, v.lengths)
+            if v.edit != want:
+                nv = dataclasses.replace(nv, edit=want)
+                fixed.append(f"version {vid}: edit recomputed against its parent")
         if v.digest is not None:
             try:
                 digest = vol.versions.compute_digest(txn, v)
@@ -139,9 +146,7 @@ def _repair_fragment_refs(vol: Volume, txn: lmdb.Transaction, fixed: list[str]) 
     db = vol.store.db
     occurrences: Counter[bytes] = Counter()
     for k, raw in txn.cursor(db=db["versions"]):
-        v = decode_version(from_u64(k), raw)
-        for i in range(v.count):
-            occurrences[v.fragment_hash(i)] += 1
+        occurrences.update(own_counts(decode_version(from_u64(k), raw)))
     for h_raw, raw in list(txn.cursor(db=db["fragrefs"])):
         h = bytes(h_raw)
         have = _COUNT.unpack(raw)[0]

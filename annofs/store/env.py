@@ -20,7 +20,7 @@ MAP_SIZE = 1 << 40
 DB_NAMES = (
     "meta",  # format version, counters, root directory
     "fragments",  # blake3 -> codec byte + payload
-    "fragrefs",  # blake3 -> u64 occurrences in stored versions
+    "fragrefs",  # blake3 -> u64 occurrences in stored versions' edits (own_counts)
     "versions",  # version id -> version record (edit-graph node)
     "dirs",  # dir id -> directory header (refcount, subdirectory count)
     "entries",  # dir id + name -> entry record
