@@ -12,7 +12,7 @@ import lmdb
 from annofs.errors import StoreError
 from annofs.store.keys import from_u64, u64
 
-FORMAT_VERSION = 2  # 2: fragment values are the raw bytes (1 had a codec byte)
+FORMAT_VERSION = 3  # 3: refcounts count edits (own_counts); 2: raw fragment values
 
 # Virtual address space only: LMDB grows the file as it is used.
 MAP_SIZE = 1 << 40
