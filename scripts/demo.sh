@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, create a demo store, import a sample tree, change a file and
-# import again, show its history and the diff, then mount the store and read it.
+# import again, show its history and the diff; sign the tree, mount it with an enforcing
+# policy, and show an allowed read, a refused read and why it was refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -35,12 +36,39 @@ say "annofs diff: the previous version against the current one"
 prev=$(annofs log /src/sample/__init__.py | sed -n 2p | awk '{print $1}')
 annofs diff "/src/sample/__init__.py@$prev" /src/sample/__init__.py
 
-say "annofs mount $MNT; read through the mount"
-annofs mount "$MNT"
-ls -l "$MNT/src/sample" | head -8
+say "sign the tree: one statement over every file, with a key in Nix's format"
+mkdir -p -m 700 "$DEMO/keys"
+annofs key generate alice-1 --dir "$DEMO/keys"
+annofs sign --key "$DEMO/keys/alice-1.secret" /src/sample
+cat > "$DEMO/policy.toml" <<'TOML'
+mode = "enforce"
+default = "allow"
+trusted-keys-dir = "keys"
+
+[[rules]]
+path = "/src/**"
+signers = 1
+TOML
+annofs policy check "$DEMO/policy.toml"
+
+say "annofs mount --policy: every open with read access is judged"
+annofs mount --policy "$DEMO/policy.toml" "$MNT"
+echo "allowed, signed by alice-1:"
 head -3 "$MNT/src/sample/__init__.py"
-echo "written through the mount" > "$MNT/src/sample/NOTE.txt"
-cat "$MNT/src/sample/NOTE.txt"
+
+say "patch one file through the mount, then read it"
+echo "# an unreviewed change" >> "$MNT/src/sample/errors.py"
+if cat "$MNT/src/sample/errors.py" > /dev/null 2>"$DEMO/err"; then
+  echo "unexpected: the patched file was readable" >&2; exit 1
+fi
+echo "refused: $(cat "$DEMO/err")"
+echo "why (the user.annofs.why xattr, readable even though open is refused):"
+python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.annofs.why").decode())' \
+  "$MNT/src/sample/errors.py"
+echo "its siblings still read: $(head -1 "$MNT/src/sample/volume.py")"
+
+say "annofs events: the refusal on record"
+annofs events
 
 say "annofs umount; the store passes fsck"
 annofs umount "$MNT"
