@@ -153,6 +153,8 @@ class VersionStore:
         v = Version(vid, parent, size, digest, time.time_ns(), compute_edit(base, hashes, lengths),
                     hashes, lengths)
         txn.put(u64(vid), encode_version(v), db=self._db)
+        if digest is not None:
+            txn.put(digest + u64(vid), b"", db=self._store.db["version_digests"])
         self.fragments.add_refs(txn, own_counts(v))
         return v
 
@@ -160,6 +162,7 @@ class VersionStore:
         """Record a digest computed after the version was made."""
         nv = dataclasses.replace(v, digest=digest)
         txn.put(u64(v.id), encode_version(nv), db=self._db)
+        txn.put(digest + u64(v.id), b"", db=self._store.db["version_digests"])
         return nv
 
     def delete(self, txn: lmdb.Transaction, v: Version,

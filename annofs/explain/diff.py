@@ -46,10 +46,72 @@ class ByteRange:
     b_end: int
 
 
+# SequenceMatcher over bytes is roughly quadratic on binary data (measured: 27 s for two
+# 150 KB random strings with 4 bytes flipped); it only sees what prefix, suffix and
+# equal-length comparison could not settle, and only this much of it.
+MATCHER_LIMIT = 32 << 10
+_BLOCK = 64
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    step = 4096
+    while k < n:
+        s = min(step, n - k)
+        if a[k:k + s] == b[k:k + s]:
+            k += s
+            continue
+        if s <= _BLOCK:
+            while k < n and a[k] == b[k]:
+                k += 1
+            return k
+        step = max(_BLOCK, s // 8)
+    return k
+
+
+def _in_place(a: bytes, b: bytes, a0: int, b0: int) -> list[ByteRange]:
+    """Ranges of differing bytes between equal-length strings (bytes replaced in place)."""
+    out: list[ByteRange] = []
+    start = -1
+    for blk in range(0, len(a), _BLOCK):
+        x, y = a[blk:blk + _BLOCK], b[blk:blk + _BLOCK]
+        if x == y:
+            if start >= 0:
+                out.append(ByteRange(a0 + start, a0 + blk, b0 + start, b0 + blk))
+                start = -1
+            continue
+        for k in range(len(x)):
+            if x[k] != y[k]:
+                if start < 0:
+                    start = blk + k
+            elif start >= 0:
+                out.append(ByteRange(a0 + start, a0 + blk + k, b0 + start, b0 + blk + k))
+                start = -1
+    if start >= 0:
+        out.append(ByteRange(a0 + start, a0 + len(a), b0 + start, b0 + len(b)))
+    return out
+
+
 def changed_ranges(a: bytes, b: bytes) -> list[ByteRange]:
-    """The regions where two byte strings differ (insertions, deletions, replacements)."""
-    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return [ByteRange(i1, i2, j1, j2) for op, i1, i2, j1, j2 in sm.get_opcodes() if op != "equal"]
+    """The regions where two byte strings differ (insertions, deletions, replacements).
+
+    Common prefix and suffix are cut first; an equal-length middle is compared byte for
+    byte (a patched binary usually keeps its layout); otherwise a middle of up to
+    MATCHER_LIMIT bytes is aligned by difflib, and a larger one is one replaced range.
+    """
+    pre = _common_prefix(a, b)
+    suf = _common_prefix(a[pre:][::-1], b[pre:][::-1])
+    ma, mb = a[pre:len(a) - suf], b[pre:len(b) - suf]
+    if not ma and not mb:
+        return []
+    if len(ma) == len(mb):
+        return _in_place(ma, mb, pre, pre)
+    if max(len(ma), len(mb)) > MATCHER_LIMIT:
+        return [ByteRange(pre, pre + len(ma), pre, pre + len(mb))]
+    sm = difflib.SequenceMatcher(None, ma, mb, autojunk=False)
+    return [ByteRange(pre + i1, pre + i2, pre + j1, pre + j2)
+            for op, i1, i2, j1, j2 in sm.get_opcodes() if op != "equal"]
 
 
 def hex_view(data: bytes, start: int, end: int) -> str:
@@ -66,15 +128,26 @@ def hex_view(data: bytes, start: int, end: int) -> str:
     return "\n".join(rows)
 
 
-def binary_diff(a: bytes, b: bytes, a_name: str, b_name: str, max_ranges: int = 20) -> str:
-    """Changed byte ranges, a summary, and a hex view of each range on both sides."""
-    if len(a) > BINARY_DIFF_LIMIT or len(b) > BINARY_DIFF_LIMIT:
-        return (f"binary files {a_name} ({len(a)} bytes) and {b_name} ({len(b)} bytes) differ; "
-                f"too large for a byte-level diff (limit {BINARY_DIFF_LIMIT} bytes)\n")
-    ranges = changed_ranges(a, b)
+def range_summary(ranges: list[ByteRange]) -> tuple[int, int, int]:
+    """(bytes changed, inserted, deleted) over the ranges."""
     inserted = sum(max(0, (r.b_end - r.b_start) - (r.a_end - r.a_start)) for r in ranges)
     deleted = sum(max(0, (r.a_end - r.a_start) - (r.b_end - r.b_start)) for r in ranges)
     changed = sum(min(r.a_end - r.a_start, r.b_end - r.b_start) for r in ranges)
+    return changed, inserted, deleted
+
+
+def binary_diff(a: bytes, b: bytes, a_name: str, b_name: str, max_ranges: int = 20,
+                ranges: list[ByteRange] | None = None) -> str:
+    """Changed byte ranges, a summary, and a hex view of each range on both sides.
+
+    `ranges`: already computed by `changed_ranges(a, b)` (it is the slow part).
+    """
+    if len(a) > BINARY_DIFF_LIMIT or len(b) > BINARY_DIFF_LIMIT:
+        return (f"binary files {a_name} ({len(a)} bytes) and {b_name} ({len(b)} bytes) differ; "
+                f"too large for a byte-level diff (limit {BINARY_DIFF_LIMIT} bytes)\n")
+    if ranges is None:
+        ranges = changed_ranges(a, b)
+    changed, inserted, deleted = range_summary(ranges)
     out = [f"binary files {a_name} and {b_name} differ: {len(ranges)} changed range(s), "
            f"{changed} bytes changed, {inserted} inserted, {deleted} deleted\n"]
     for r in ranges[:max_ranges]:

@@ -29,6 +29,7 @@ DB_NAMES = (
     "statements",  # statement id (blake3 of PAE + sig) -> envelope fields + summary
     "signed_digests",  # content digest + statement id -> subject names (NUL-separated)
     "signed_fragments",  # fragment hash + signed content digest -> b""
+    "version_digests",  # content digest + version id -> b"" (may be stale: check on use)
 )
 
 

@@ -1,0 +1,243 @@
+"""The explanation of a verdict (SPEC §5): why a file is refused, and how it differs from
+the signed original it was made from.
+
+`explain(...)` builds an `Explanation`; `to_text()` is what `annofs why` and the
+`user.annofs.why` attribute show, `to_json()` what tools read (`annofs why --json`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from annofs.explain.diff import (
+    BINARY_DIFF_LIMIT,
+    TEXT_DIFF_LINES,
+    ByteRange,
+    binary_diff,
+    changed_ranges,
+    is_text,
+    range_summary,
+    text_diff,
+)
+from annofs.explain.original import EDIT_GRAPH, Candidate, find_original
+from annofs.store.records import Version
+from annofs.trust.annotations import AnnotationStore
+from annofs.trust.policy import Default, Policy
+from annofs.trust.signing import path_text
+from annofs.trust.statement import format_digest
+from annofs.trust.verdict import Verdict, decide
+from annofs.volume import Volume
+
+# Contents larger than this are not read to be diffed (the verdict and original still are).
+READ_LIMIT = 16 << 20
+MAX_RANGES_JSON = 100
+
+
+def _when(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def would_satisfy(policy: Policy, path: str) -> str:
+    """What statements would make the rule at `path` pass: keys, claims, how many."""
+    rule = policy.rule_for(path)
+    if rule is None:
+        if policy.default is not Default.REQUIRE:
+            return "nothing: no rule matches and unsigned files are allowed"
+        needed, claims, keys = 1, None, None
+        what = f"default {policy.default.value}"
+    else:
+        needed, claims, keys = rule.signers, rule.claims, rule.key_names
+        what = rule.label
+    if keys is None:
+        keys = tuple(sorted(names[0] for k, names in policy.trusted.items()
+                            if names and k not in policy.revoked))
+        key_text = "any trusted key (" + (", ".join(keys) or "none trusted") + ")"
+    else:
+        key_text = "keys " + ", ".join(keys)
+    claim_text = "claim " + " or ".join(sorted(claims)) if claims is not None else "any claim"
+    return (f"{what}: statements over this content by {_plural(needed, 'distinct signer')} "
+            f"from {key_text}, {claim_text}")
+
+
+@dataclass
+class Explanation:
+    """Everything `annofs why` says about one file."""
+
+    path: str
+    version: int
+    digest: bytes
+    size: int
+    verdict: Verdict
+    candidates: list[Candidate] = field(default_factory=list)
+    searched: bool = False  # whether an original was looked for (not for satisfied files)
+    would_satisfy: str = ""
+    diff: str = ""
+    diff_kind: str = ""  # text, binary, identical, too large, content not stored
+    ranges: list[ByteRange] = field(default_factory=list)
+
+    @property
+    def original(self) -> Candidate | None:
+        """The signed original, if one was found."""
+        return self.candidates[0] if self.candidates else None
+
+    # -- text --------------------------------------------------------------------------------
+
+    def _candidate_lines(self, c: Candidate, indent: str) -> list[str]:
+        size = f"{c.size} bytes, version {c.version.id}" if c.version is not None \
+            else "content not in this store"
+        out = [f"{indent}{format_digest(c.digest)} ({size})"]
+        for s in c.signatures:
+            kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
+            names = ", ".join(s.names) or "?"
+            out.append(f"{indent}  signed by {s.signer} "
+                       f"({'trusted' if s.trusted else 'not trusted'}), {kind}, "
+                       f"{_when(s.time)}, as {names}")
+        pct = f" ({100 * c.shared_bytes // self.size}% of this file)" if self.size else ""
+        out.append(f"{indent}  shares {c.shared_bytes} bytes in "
+                   f"{_plural(c.shared_fragments, 'fragment')}{pct}")
+        if c.trusted_signers:
+            out.append(f"{indent}  counts here for: {', '.join(c.trusted_signers)}"
+                       + ("" if c.satisfies else " (not enough for the rule)"))
+        return out
+
+    def to_text(self) -> str:
+        """The human-readable explanation."""
+        v = self.verdict
+        lines = [f"{self.path}: {v.status}",
+                 f"  rule: {v.rule} (needs {_plural(v.needed, 'trusted signer')})",
+                 f"  verdict: {v.reason}",
+                 f"  content: {format_digest(self.digest)} ({self.size} bytes, "
+                 f"version {self.version})"]
+        if v.claims:
+            lines.append(f"  claims by trusted keys: {', '.join(v.claims)}")
+        if not self.searched:
+            return "\n".join(lines) + "\n"
+        c = self.original
+        if c is None:
+            lines.append("no signed original: no ancestor along the edit graph is signed, no "
+                         "signed content shares fragments with it, and no signed tree "
+                         "statement names this path")
+            lines.append(f"would satisfy {self.would_satisfy}")
+            return "\n".join(lines) + "\n"
+        how = c.how
+        if how == EDIT_GRAPH and c.distance is not None:
+            how += f", {_plural(c.distance, 'edit')} back"
+        lines.append(f"signed original (found by {how}):")
+        lines.extend(self._candidate_lines(c, "  "))
+        if len(self.candidates) > 1:
+            lines.append("other candidates (by shared bytes):")
+            for o in self.candidates[1:]:
+                lines.append(f"  found by {o.how}:")
+                lines.extend(self._candidate_lines(o, "    "))
+        lines.append(f"would satisfy {self.would_satisfy}")
+        lines.append(f"difference (original -> this file): {self.diff_kind}")
+        text = "\n".join(lines) + "\n"
+        return text + self.diff
+
+    # -- JSON --------------------------------------------------------------------------------
+
+    def _candidate_json(self, c: Candidate) -> dict[str, Any]:
+        return {
+            "digest": format_digest(c.digest),
+            "found_by": c.how,
+            "edits_back": c.distance,
+            "version": c.version.id if c.version is not None else None,
+            "size": c.size,
+            "shared_bytes": c.shared_bytes,
+            "shared_fragments": c.shared_fragments,
+            "trusted_signers": list(c.trusted_signers),
+            "satisfies_rule": c.satisfies,
+            "statements": [{
+                "id": s.statement_id.hex(), "signer": s.signer, "trusted": s.trusted,
+                "claim": s.claim, "label": s.label, "time": s.time, "names": list(s.names),
+            } for s in c.signatures],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict, for tools."""
+        v = self.verdict
+        out: dict[str, Any] = {
+            "path": self.path,
+            "status": v.status,
+            "allowed": v.allowed,
+            "rule": v.rule,
+            "needed": v.needed,
+            "signers": list(v.signers),
+            "claims": list(v.claims),
+            "missing": v.missing,
+            "not_counted": list(v.ignored),
+            "reason": v.reason,
+            "digest": format_digest(self.digest),
+            "size": self.size,
+            "version": self.version,
+        }
+        if not self.searched:
+            return out
+        out["original"] = self._candidate_json(self.original) if self.original else None
+        out["candidates"] = [self._candidate_json(c) for c in self.candidates[1:]]
+        out["would_satisfy"] = self.would_satisfy
+        out["diff_kind"] = self.diff_kind
+        out["diff"] = self.diff
+        if self.diff_kind == "binary":
+            changed, inserted, deleted = range_summary(self.ranges)
+            out["ranges"] = [[r.a_start, r.a_end, r.b_start, r.b_end]
+                             for r in self.ranges[:MAX_RANGES_JSON]]
+            out["summary"] = {"ranges": len(self.ranges), "changed": changed,
+                              "inserted": inserted, "deleted": deleted}
+        return out
+
+
+def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
+            path: Sequence[bytes], version: Version, verdict: Verdict | None = None, *,
+            diff_lines: int = TEXT_DIFF_LINES) -> Explanation:
+    """The explanation for `version` read at store path `path` under `policy`.
+
+    CPU work (digest, diff) proportional to the file: call it off an event loop.
+    """
+    version = vol.versions.ensure_digest(version)
+    assert version.digest is not None
+    text_path = path_text(path)
+    with vol.store.read() as txn:
+        if verdict is None:
+            verdict = decide(text_path, version.digest, policy,
+                             annotations.for_digest(txn, version.digest))
+        e = Explanation(text_path, version.id, version.digest, version.size, verdict)
+        if verdict.satisfied:
+            return e
+        e.searched = True
+        e.would_satisfy = would_satisfy(policy, text_path)
+        e.candidates = find_original(vol, annotations, version, path, policy, txn)
+        c = e.original
+        if c is None:
+            return e
+        if c.version is None:
+            e.diff_kind = "content not stored"
+            return e
+        if c.version.size > READ_LIMIT or version.size > READ_LIMIT:
+            e.diff_kind = f"too large (over {READ_LIMIT} bytes)"
+            return e
+        a = vol.versions.read(txn, c.version, 0, c.version.size)
+        b = vol.versions.read(txn, version, 0, version.size)
+    names = [n for s in c.signatures for n in s.names]
+    a_name = f"original/{names[0]}" if names else f"original@{c.version.id}"
+    b_name = text_path.lstrip("/")
+    if a == b:
+        e.diff_kind = "identical"
+    elif is_text(a) and is_text(b):
+        e.diff_kind = "text"
+        e.diff = text_diff(a, b, a_name, b_name, max_lines=diff_lines)
+    elif len(a) > BINARY_DIFF_LIMIT or len(b) > BINARY_DIFF_LIMIT:
+        e.diff_kind = "binary, too large for byte ranges"
+        e.diff = binary_diff(a, b, a_name, b_name)
+    else:
+        e.diff_kind = "binary"
+        e.ranges = changed_ranges(a, b)
+        e.diff = binary_diff(a, b, a_name, b_name, ranges=e.ranges)
+    return e

