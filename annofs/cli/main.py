@@ -22,6 +22,7 @@ from annofs.cli.trust_cmds import (
     sign_cmd,
     verify_cmd,
 )
+from annofs.cli.why_cmds import why_cmd
 from annofs.errors import AnnofsError
 
 
@@ -37,7 +38,7 @@ def cli(ctx: click.Context, store: Path | None) -> None:
 
 for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
                 umount_cmd, fsck_cmd, gc_cmd, cp_cmd, events_cmd, key_group, sign_cmd,
-                label_cmd, attest_group, verify_cmd, policy_group):
+                label_cmd, attest_group, verify_cmd, policy_group, why_cmd):
     cli.add_command(command)
 
 

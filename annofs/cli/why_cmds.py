@@ -1,0 +1,72 @@
+"""`annofs why`: why a file is refused, and how it differs from its signed original.
+
+PATH is a host path inside a live mount (the store is read directly beside the daemon:
+LMDB serves readers in other processes; what the mount has flushed is what is seen), or
+a path in the --store's namespace. Directories are explained file by file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from annofs.cli.context import open_volume, store_path
+from annofs.cli.paths import resolve_target
+from annofs.errors import UsageError
+
+POLICY_ENV = "ANNOFS_POLICY"
+
+
+@click.command("why")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
+              help=f"The policy file (default: ${POLICY_ENV}).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file, per line.")
+@click.option("--diff-lines", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Cut a text diff after this many lines (with a note).")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def why_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool, diff_lines: int,
+            paths: tuple[str, ...]) -> None:
+    """Explain the verdict for each file: the rule, the signed original, the difference.
+
+    Exit 1 if any file is refused.
+    """
+    from annofs.explain.report import explain
+    from annofs.trust.annotations import AnnotationStore
+    from annofs.trust.policy import load_policy
+    from annofs.trust.signing import collect_files
+
+    if policy_file is None:
+        env = os.environ.get(POLICY_ENV)
+        if not env:
+            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
+        policy_file = Path(env)
+    policy = load_policy(policy_file)
+    if not paths:
+        raise UsageError("no PATH given")
+    by_store: dict[Path, list[list[bytes]]] = {}
+    for p in paths:
+        t = resolve_target(p, store_path(ctx))
+        by_store.setdefault(t.store, []).append(t.parts)
+    refused = 0
+    first = True
+    for store, parts in by_store.items():
+        with open_volume(ctx, store=store) as vol:
+            ann = AnnotationStore(vol.store)
+            for f in collect_files(vol, parts):
+                e = explain(vol, ann, policy, f.path, f.version, diff_lines=diff_lines)
+                refused += not e.verdict.allowed
+                if as_json:
+                    click.echo(json.dumps(e.to_json()))
+                else:
+                    if not first:
+                        click.echo()
+                    click.echo(e.to_text(), nl=False)
+                first = False
+    sys.stdout.flush()
+    if refused:
+        sys.exit(1)
