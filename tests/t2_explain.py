@@ -185,3 +185,13 @@ def test_text_diff_is_cut_with_a_note(vol: Volume, pol: Policy) -> None:
     e = explain(vol, AnnotationStore(vol.store), pol, P("/src/proj/main.c"),
                 current(vol, "/src/proj/main.c"), diff_lines=20)
     assert "... diff cut at 20 of" in e.diff
+
+
+def test_xattr_value_is_capped_with_a_note() -> None:
+    from annofs.explain.report import XATTR_LIMIT, cap_text
+
+    assert cap_text("short") == b"short"
+    big = cap_text("é" * XATTR_LIMIT)
+    assert len(big) <= XATTR_LIMIT
+    assert big.decode().endswith("run annofs why for all of it\n")
+    assert "explanation cut at 65536 bytes of 131072" in big.decode()

@@ -25,6 +25,7 @@ from annofs.explain.diff import (
 from annofs.explain.original import EDIT_GRAPH, Candidate, find_original
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
+from annofs.trust.gate import TrustGate
 from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest
@@ -241,3 +242,23 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
         e.ranges = changed_ranges(a, b)
         e.diff = binary_diff(a, b, a_name, b_name, ranges=e.ranges)
     return e
+
+
+XATTR_LIMIT = 64 << 10  # the kernel's XATTR_SIZE_MAX: a larger value cannot be read
+
+
+def cap_text(text: str, limit: int = XATTR_LIMIT) -> bytes:
+    """UTF-8 of `text`, cut to at most `limit` bytes with a note saying so."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data
+    note = (f"\n... explanation cut at {limit} bytes of {len(data)}; "
+            f"run annofs why for all of it\n").encode()
+    return data[:limit - len(note)].decode("utf-8", "ignore").encode() + note
+
+
+def why_xattr(gate: TrustGate, path: Sequence[bytes], version: Version,
+              verdict: Verdict | None = None) -> bytes:
+    """The value of `user.annofs.why`: the text explanation, at most XATTR_LIMIT bytes."""
+    e = explain(gate.volume, gate.annotations, gate.policy, path, version, verdict)
+    return cap_text(e.to_text())

@@ -573,7 +573,10 @@ class Operations(pyfuse3.Operations):
                 return b"off: no policy loaded"
             verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
             if name == ANNOFS_XATTRS + b"why":
-                return verdict.reason.encode()
+                # The full explanation (original, diff): CPU work, off the event loop.
+                from annofs.explain.report import why_xattr
+                return await trio.to_thread.run_sync(
+                    why_xattr, gate, self.inodes.path(node), v, verdict)
             signers = ", ".join(verdict.signers) or "none"
             return f"{verdict.status}; signers: {signers}; rule: {verdict.rule}".encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -1,0 +1,128 @@
+"""Explanations on a real mount: `annofs why` and `user.annofs.why` for a refused file show
+its signed original and the difference (a patched C line; changed bytes of an ELF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Mount, annofs_cmd
+from t4_fuse_trust import annofs, refused, write_policy
+
+MAIN_C = """#include <stdio.h>
+
+int main(void) {
+    puts("hello");
+    return 0;
+}
+"""
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+@pytest.fixture
+def signed(mounted: Mount, tmp_path: Path) -> Mount:
+    """/src/proj (main.c and the ELF `hello` built from it) imported, signed by alice-1."""
+    mounted.stop()
+    tree = tmp_path / "proj"
+    tree.mkdir()
+    (tree / "main.c").write_text(MAIN_C)
+    # A table makes the ELF ~200 KB: several fragments, as real binaries have.
+    values = ", ".join(str((i * 2654435761) % 2**32) for i in range(50_000))
+    (tree / "table.c").write_text(f"const unsigned int table[] = {{{values}}};\n")
+    subprocess.run(["cc", "-O0", "-o", str(tree / "hello"), str(tree / "main.c"),
+                    str(tree / "table.c")], check=True)
+    assert (tree / "hello").read_bytes()[:4] == b"\x7fELF"
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    annofs(mounted.store, "import", str(tree), "/src/proj")
+    annofs(mounted.store, "key", "generate", "alice-1", "--dir", str(keys))
+    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+    policy = write_policy(tmp_path / "policy.toml")
+    mounted.start("--policy", str(policy))
+    return mounted
+
+
+def why(m: Mount, *args: str) -> subprocess.CompletedProcess[str]:
+    policy = m.store.parent / "policy.toml"
+    return subprocess.run(annofs_cmd("why", "--policy", str(policy), *args),
+                          capture_output=True, text=True)
+
+
+def test_one_line_patch_to_a_signed_c_file(signed: Mount) -> None:
+    f = signed.path / "src" / "proj" / "main.c"
+    f.write_text(MAIN_C.replace("return 0;", "return system(\"id\");"))
+    assert refused(f)
+    xattr = os.getxattr(f, "user.annofs.why").decode()
+    res = why(signed, str(f))
+    assert res.returncode == 1, res.stderr
+    for text in (xattr, res.stdout):
+        assert "/src/proj/main.c: refused" in text
+        assert "found by edit graph, 1 edit back" in text
+        assert "signed by alice-1 (trusted), claim reviewed" in text
+        assert "as proj/main.c" in text
+        assert "-    return 0;\n" in text
+        assert '+    return system("id");\n' in text
+        assert text.count("\n-    ") == 1 and text.count("\n+    ") == 1  # that line only
+    j = json.loads(why(signed, "--json", str(f)).stdout)
+    assert j["status"] == "refused" and j["original"]["found_by"] == "edit graph"
+    assert j["original"]["statements"][0]["names"] == ["proj/main.c"]
+    # The signed sibling: allowed, nothing to search.
+    ok = why(signed, str(signed.path / "src" / "proj" / "hello"))
+    assert ok.returncode == 0 and ": allowed" in ok.stdout
+
+
+def test_changed_bytes_of_an_elf(signed: Mount) -> None:
+    f = signed.path / "src" / "proj" / "hello"
+    data = bytearray(f.read_bytes())
+    offsets = (0x200, 0x201, 0x400)
+    with open(f, "r+b") as out:
+        for off in offsets:
+            out.seek(off)
+            out.write(bytes([data[off] ^ 0xFF]))
+    assert refused(f)
+    xattr = os.getxattr(f, "user.annofs.why").decode()
+    res = why(signed, str(f))
+    assert res.returncode == 1, res.stderr
+    for text in (xattr, res.stdout):
+        assert "difference (original -> this file): binary" in text
+        assert "2 changed range(s), 3 bytes changed, 0 inserted, 0 deleted" in text
+        assert "@@ original/proj/hello [0x200, 0x202) -> src/proj/hello [0x200, 0x202) @@" \
+            in text
+        assert "@@ original/proj/hello [0x400, 0x401)" in text
+    j = json.loads(why(signed, "--json", str(f)).stdout)
+    assert j["ranges"] == [[0x200, 0x202, 0x200, 0x202], [0x400, 0x401, 0x400, 0x401]]
+    assert j["summary"]["ranges"] == 2
+
+
+def test_a_patched_copy_written_fresh_under_another_name(signed: Mount,
+                                                          tmp_path: Path) -> None:
+    data = bytearray((tmp_path / "proj" / "hello").read_bytes())
+    assert len(data) > 150_000
+    data[0x300] ^= 0xFF
+    (tmp_path / "renamed-bin").write_bytes(bytes(data))
+    f = signed.path / "src" / "other" / "renamed-bin"
+    f.parent.mkdir()
+    shutil.copyfile(tmp_path / "renamed-bin", f)  # a new file: no edit-graph link
+    assert refused(f)
+    text = os.getxattr(f, "user.annofs.why").decode()
+    assert "found by shared fragments" in text
+    assert "as proj/hello" in text
+    assert "1 changed range(s), 1 bytes changed, 0 inserted, 0 deleted" in text
+    assert "@@ original/proj/hello [0x300, 0x301)" in text
+
+
+def test_a_file_with_no_original_says_so(signed: Mount) -> None:
+    f = signed.path / "src" / "new.c"
+    f.write_text("int fresh;\n")
+    assert refused(f)
+    res = why(signed, str(f))
+    assert res.returncode == 1
+    assert "no signed original" in res.stdout
+    assert "would satisfy rules[0] /src/**: statements over this content by 1 distinct " \
+        "signer from any trusted key (alice-1), any claim" in res.stdout
+    assert "no signed original" in os.getxattr(f, "user.annofs.why").decode()
