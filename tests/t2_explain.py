@@ -4,11 +4,14 @@ file along the edit graph, by shared fragments, and by a signed tree's path; the
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import annofs_cmd
 from t2_store import check_consistency
 from t2_trust import ALICE, BOB, P, current, policy, sign, write
 
@@ -195,3 +198,24 @@ def test_xattr_value_is_capped_with_a_note() -> None:
     assert len(big) <= XATTR_LIMIT
     assert big.decode().endswith("run annofs why for all of it\n")
     assert "explanation cut at 65536 bytes of 131072" in big.decode()
+
+
+def test_why_command_on_store_paths(vol: Volume, tmp_path: Path) -> None:
+    write(vol, P("/src/proj/main.c"), PATCHED)
+    vol.store.sync()
+    pol_file = tmp_path / "policy.toml"
+    pol_file.write_text(f'trusted-public-keys = ["{ALICE.public_key().to_text()}"]\n{RULE}')
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(annofs_cmd("--store", str(vol.store.path), "why", *args),
+                              capture_output=True, text=True, env=env)
+
+    res = run("--policy", str(pol_file), "/src/proj")
+    assert res.returncode == 1, res.stderr
+    assert "/src/proj/README: allowed" in res.stdout
+    assert "/src/proj/main.c: refused" in res.stdout
+    assert "+int f1500(int x) { system(" in res.stdout
+    res = run("--json", "/src/proj/main.c", env={**os.environ, "ANNOFS_POLICY": str(pol_file)})
+    assert json.loads(res.stdout)["original"]["found_by"] == EDIT_GRAPH
+    res = run("/src/proj/main.c", env={**os.environ, "ANNOFS_POLICY": ""})
+    assert res.returncode == 2 and "no policy" in res.stderr

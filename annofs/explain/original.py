@@ -12,8 +12,10 @@ Three ways, tried in this order (SPEC §5, issue 6):
    file in a parent directory) gives the subject name this file would have had in it; the
    subject under that name is the original (the file was rewritten completely).
 
-The first way that finds something gives the original; every candidate found by any way
-is listed after it, ranked by shared bytes. To diff, the original's bytes are needed: the
+The first way that finds something gives the original; the other candidates of ways 1
+and 2 follow, ranked by shared bytes. Way 3 is asked only when those found nothing.
+
+To diff, the original's bytes are needed: the
 `version_digests` index (digest + version id, filled where versions get digests) finds a
 stored version with that content. Entries can be stale (gc removes versions and leaves
 them), so each is checked. A statement imported without its content has no version: the
