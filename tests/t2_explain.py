@@ -219,3 +219,23 @@ def test_why_command_on_store_paths(vol: Volume, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["original"]["found_by"] == EDIT_GRAPH
     res = run("/src/proj/main.c", env={**os.environ, "ANNOFS_POLICY": ""})
     assert res.returncode == 2 and "no policy" in res.stderr
+
+
+def test_summary_line_and_rate_limit(vol: Volume, pol: Policy, tmp_path: Path) -> None:
+    from annofs.explain.report import RateLimit, summary_line
+
+    write(vol, P("/src/proj/main.c"), PATCHED)
+    line = summary_line(why(vol, pol, "/src/proj/main.c"))
+    assert "\n" not in line
+    assert line.startswith("refused /src/proj/main.c: ")
+    assert "found by edit graph, signed by alice-1 as proj/main.c" in line
+    assert line.endswith("text diff -1 +1 lines")
+    write(vol, P("/src/proj/blob.bin"), bytes(FLIPPED))
+    assert "3 changed byte range(s): 4 changed" in summary_line(
+        why(vol, pol, "/src/proj/blob.bin"))
+    import_tree(vol, tmp_path, "new", {"lone.c": b"int lone;\n"})
+    assert "no signed original" in summary_line(why(vol, pol, "/new/tree/lone.c"))
+    rl = RateLimit(burst=3, per=60.0)
+    assert [rl.allow(0.0) for _ in range(5)] == [True, True, True, False, False]
+    assert rl.suppressed() == 2 and rl.suppressed() == 0
+    assert rl.allow(20.0) and not rl.allow(20.0)  # one token back per 20 s

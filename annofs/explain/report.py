@@ -262,3 +262,61 @@ def why_xattr(gate: TrustGate, path: Sequence[bytes], version: Version,
     """The value of `user.annofs.why`: the text explanation, at most XATTR_LIMIT bytes."""
     e = explain(gate.volume, gate.annotations, gate.policy, path, version, verdict)
     return cap_text(e.to_text())
+
+
+def summary_line(e: Explanation) -> str:
+    """One line for the daemon log and the events log at a refusal (no diff body)."""
+    v = e.verdict
+    head = f"{v.status} {e.path}: {v.reason} [{format_digest(e.digest)[:23]}]"
+    if not e.searched:
+        return head
+    c = e.original
+    if c is None:
+        return f"{head}; no signed original; would satisfy {e.would_satisfy}"
+    who = ", ".join(sorted({s.signer for s in c.signatures})) or "?"
+    names = ", ".join(sorted({n for s in c.signatures for n in s.names})) or "?"
+    out = (f"{head}; original {format_digest(c.digest)[:23]} (found by {c.how}, signed by "
+           f"{who} as {names}; shares {c.shared_bytes} bytes)")
+    if e.diff_kind == "text":
+        minus = sum(1 for ln in e.diff.splitlines()
+                    if ln.startswith("-") and not ln.startswith("---"))
+        plus = sum(1 for ln in e.diff.splitlines()
+                   if ln.startswith("+") and not ln.startswith("+++"))
+        out += f"; text diff -{minus} +{plus} lines"
+    elif e.diff_kind == "binary":
+        changed, inserted, deleted = range_summary(e.ranges)
+        out += (f"; {len(e.ranges)} changed byte range(s): {changed} changed, "
+                f"{inserted} inserted, {deleted} deleted")
+    elif e.diff_kind:
+        out += f"; {e.diff_kind}"
+    return out
+
+
+class RateLimit:
+    """At most `burst` explanations per `per` seconds (refusals can come in floods: a
+    build opening thousands of patched files must not fill the log or the disk).
+
+    `allow(now)` says whether to explain this one; `suppressed()` how many were skipped
+    since the last call (to log "N more refusals not explained").
+    """
+
+    def __init__(self, burst: int = 10, per: float = 60.0) -> None:
+        self._burst, self._per = burst, per
+        self._tokens = float(burst)
+        self._last: float | None = None
+        self._skipped = 0
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self._burst,
+                               self._tokens + (now - self._last) * self._burst / self._per)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self._skipped += 1
+        return False
+
+    def suppressed(self) -> int:
+        n, self._skipped = self._skipped, 0
+        return n
