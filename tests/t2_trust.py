@@ -362,6 +362,49 @@ def test_generation_and_cache(vol: Volume) -> None:
     assert not gate.verdict(P("/src/proj/a.c"), v).allowed
 
 
+def test_caches_follow_statements_policy_and_rule(vol: Volume) -> None:
+    """The gate caches by content digest and by covering statements: a statement stored
+    by another process, a reload, or another rule must still change the verdict."""
+    gate = TrustGate(vol, policy(ONE + '\n[[rules]]\npath = "/x/**"\nsigners = 2\n', ALICE))
+    a, b = current(vol, "/src/proj/a.c"), current(vol, "/src/proj/b.c")
+    assert not gate.verdict(P("/src/proj/a.c"), a).allowed
+    # Signed through another AnnotationStore (as another process would): seen at once.
+    sign_files(vol, collect_files(vol, [P("/src/proj")]), ALICE, "reviewed",
+               annotations=AnnotationStore(vol.store))
+    first = gate.verdict(P("/src/proj/a.c"), a)
+    assert first.allowed
+    # b.c is covered by the same one statement: the same decision, made once.
+    assert gate.verdict(P("/src/proj/b.c"), b) is first
+    # The same content under another rule is decided under that rule.
+    assert not gate.verdict(P("/x/a.c"), a).allowed
+    # In the caller's transaction: the same answers (and a deferred digest is refused).
+    with vol.store.read() as txn:
+        assert gate.verdict(P("/src/proj/a.c"), a, txn) is first
+        with pytest.raises(ValueError):
+            gate.verdict(P("/src/proj/a.c"), dataclasses.replace(a, digest=None), txn)
+    # A reload asking for two signers refuses what one statement covers.
+    gate.set_policy(policy(TWO_PARTY, ALICE, BOB))
+    assert not gate.verdict(P("/src/proj/a.c"), a).allowed
+    assert not gate.verdict(P("/src/proj/b.c"), b).allowed
+    sign(vol, BOB, "/src/proj/b.c")
+    assert not gate.verdict(P("/src/proj/a.c"), a).allowed
+    assert gate.verdict(P("/src/proj/b.c"), b).allowed
+    # A revocation is a reload too: the statement-keyed verdicts are not reused.
+    gate.set_policy(policy(TWO_PARTY, ALICE, BOB, extra='revoked-keys = ["bob-1"]'))
+    assert not gate.verdict(P("/src/proj/b.c"), b).allowed
+
+
+def test_rule_memo_is_per_policy(vol: Volume) -> None:
+    pol = policy(ONE + '\n[[rules]]\npath = "/src/proj/*.c"\nsigners = 3\n', ALICE)
+    assert pol.rule_at(P("/src/proj/a.c")) is pol.rules[0]
+    assert pol.rule_at(P("/src/proj/a.c")) is pol.rules[0]  # remembered
+    assert pol.rule_at(P("/other/x")) is None
+    assert pol.rule_at([b"src", b"\xff.c"]) is pol.rule_for("/src/\udcff.c")
+    other = policy('[[rules]]\npath = "/src/proj/*.c"\nsigners = 3\n', ALICE)
+    assert other.rule_at(P("/src/proj/a.c")) is other.rules[0]  # a new policy, a new memo
+    assert other.rule_at(P("/src/x")) is None
+
+
 def test_deferred_digest_is_computed(vol: Volume) -> None:
     got = ingest_stream(vol.store, vol.fragments, io.BytesIO(b"no digest yet\n"), vol.params)
     with vol.store.write() as txn:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -62,20 +63,36 @@ class OpenGuard:
         """The inode left the table."""
         self._cache.pop(ino, None)
 
-    async def judge(self, path: Sequence[bytes], version: Version, pid: int) -> Verdict:
-        """The verdict for reading `version` at `path`; EACCES (FUSEError) if refused."""
+    def judge_in(self, txn: lmdb.Transaction, path: Sequence[bytes], version: Version,
+                 pid: int) -> Verdict | None:
+        """The verdict for reading `version` at `path`, decided in the read transaction
+        the version was read in (no second snapshot, no thread); EACCES (FUSEError) if
+        refused. None if the digest is not known yet: then `judge` must hash it first.
+        """
         assert self.gate is not None
-        if version.digest is None or version.size > (1 << 20):
-            # A deferred digest means hashing the whole file: not on the event loop.
-            verdict = await trio.to_thread.run_sync(self.gate.verdict, path, version)
-        else:
-            verdict = self.gate.verdict(path, version)
+        if version.digest is None:
+            return None
+        verdict = self.gate.verdict(path, version, txn)
+        self._conclude(path, version, verdict, pid)
+        return verdict
+
+    async def judge(self, path: Sequence[bytes], version: Version, pid: int) -> Version:
+        """Like `judge_in` for any version: a deferred digest is computed (and recorded)
+        in a worker thread first. Returns the version, its digest set."""
+        assert self.gate is not None
+        if version.digest is None:
+            # Hashing the whole content: not on the event loop.
+            version = await trio.to_thread.run_sync(self.gate.volume.versions.ensure_digest,
+                                                    version)
+        self._conclude(path, version, self.gate.verdict(path, version), pid)
+        return version
+
+    def _conclude(self, path: Sequence[bytes], version: Version, verdict: Verdict,
+                  pid: int) -> None:
+        """Tell the sink; raise EACCES if the verdict refuses."""
+        if self.sink is None and verdict.allowed:
+            return
         text = path_text(path)
-        if version.digest is None and version.id >= 0:
-            # The gate recorded the digest it computed; the event should carry it.
-            vol = self.gate.volume
-            with vol.store.read() as txn:
-                version = vol.versions.get(txn, version.id)
         if self.sink is not None:
             try:
                 self.sink(text, version, verdict, pid)
@@ -84,7 +101,6 @@ class OpenGuard:
         if not verdict.allowed:
             log.info("refused: %s (pid %d): %s", text, pid, verdict.reason)
             raise pyfuse3.FUSEError(errno.EACCES)
-        return verdict
 
     def file_info(self, fh: int, node: Inode, serves: int, *, pinned: bool,
                   writer: bool) -> pyfuse3.FileInfo:
@@ -111,7 +127,7 @@ class OpenGuard:
         """The policy rule a path falls under (an index, None for the default)."""
         if self.gate is None:
             return "none"
-        rule = self.gate.policy.rule_for(path_text(path))
+        rule = self.gate.policy.rule_at(path)
         return rule.index if rule is not None else None
 
     def check_link_move(self, src: Sequence[bytes], dst: Sequence[bytes]) -> None:

@@ -607,9 +607,13 @@ class Operations(pyfuse3.Operations):
         if access != os.O_WRONLY and self.guard.active:
             # Judge what is stored: unflushed bytes carry no signature.
             await self._commit(node)
+            path = self.inodes.path(node)
             with self.vol.store.read() as txn:
                 version = self.vol.versions.get(txn, int(self._attrs(txn, node).target))
-            await self.guard.judge(self.inodes.path(node), version, ctx.pid)
+                # Judged in the snapshot the version came from: one transaction.
+                judged = self.guard.judge_in(txn, path, version, ctx.pid)
+            if judged is None:  # a deferred digest: hashed off the event loop first
+                version = await self.guard.judge(path, version, ctx.pid)
             if access == os.O_RDONLY:
                 pinned = version
         with self.vol.store.read() as txn:

@@ -1,25 +1,38 @@
 """What the filesystem (and `annofs verify`) asks: the verdict for a file's version.
 
 `TrustGate.verdict(path, version)` looks up the rule for the path, the statements
-covering the version's content, decides (`verdict.decide`) and caches the answer by
-(version, rule, policy generation, statement generation). The caller keeps serving the
-version it asked about: what was verified is what is read.
+covering the version's content, decides (`verdict.decide_covered`) and caches the
+answer. The caller keeps serving the version it asked about: what was verified is what
+is read.
+
+Every open of a file is judged, and most opens are of files not judged before (a build
+or a `tar` reads each file once), so the uncached path is the one that must be cheap:
+
+- one read transaction per verdict, the caller's if it has one (open() read the
+  version in it): the statement generation and the lookups come from one snapshot, so
+  a verdict is never cached under a generation older than the statements it saw;
+- the rule per path is remembered by the policy (`Policy.rule_at`);
+- verdicts are cached by content digest (identical files at several paths are judged
+  once), and by the ids of the statements covering the content: a statement over a
+  whole tree makes every file of the tree covered by the same one statement, so
+  `decide` runs once for the tree, not once per file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lmdb
+
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.policy import Mode, Policy
-from annofs.trust.signing import path_text
-from annofs.trust.verdict import Verdict, VerdictCache, decide
+from annofs.trust.policy import Mode, Policy, Rule
+from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
 
 
 class TrustGate:
-    """A policy over a volume's statements, with a verdict cache."""
+    """A policy over a volume's statements, with verdict caches."""
 
     def __init__(self, vol: Volume, policy: Policy,
                  annotations: AnnotationStore | None = None,
@@ -27,7 +40,13 @@ class TrustGate:
         self._vol = vol
         self.policy = policy
         self.annotations = annotations or AnnotationStore(vol.store)
+        # (digest, rule) under (policy, statement generation): a new statement anywhere
+        # may cover any content, so every entry goes when the statements change.
         self.cache = cache or VerdictCache()
+        # (statement ids, rule) under the policy generation only: an id is a content
+        # address (BLAKE3 of what was signed), so the verdict it leads to cannot change
+        # while the policy stays; other processes' signing leaves these entries valid.
+        self.by_statements = VerdictCache(maxsize=4096)
 
     @property
     def volume(self) -> Volume:
@@ -43,32 +62,41 @@ class TrustGate:
         """Switch to a reloaded policy (SIGHUP, `annofs policy reload`)."""
         self.policy = policy
         self.cache.clear()
+        self.by_statements.clear()
 
-    def verdict(self, path: Sequence[bytes], version: Version) -> Verdict:
+    def verdict(self, path: Sequence[bytes], version: Version,
+                txn: lmdb.Transaction | None = None) -> Verdict:
         """The verdict for `version` read at store path `path` (a list of names).
 
-        May compute and record the version's digest if it was deferred (CPU work over
-        the whole content: call it from a worker thread for large files).
+        `txn`: a read transaction to look the statements up in (the one the version was
+        read in); only for a version whose digest is known. Without one, a deferred
+        digest is computed and recorded first (CPU work over the whole content: call it
+        from a worker thread for large files).
         """
-        policy = self.policy
-        text = path_text(path)
-        rule = policy.rule_for(text)
-        rule_index = rule.index if rule is not None else None
-        store = self._vol.store
-        cacheable = version.id >= 0  # an unstored (in-memory) version has no stable id
-        if cacheable:
-            with store.read() as txn:
-                generation = self.annotations.generation(txn)
-            hit = self.cache.get(version.id, rule_index, policy.generation, generation)
-            if hit is not None:
-                return hit
         if version.digest is None:
+            if txn is not None:
+                raise ValueError("verdict in a caller's transaction needs a known digest")
             version = self._vol.versions.ensure_digest(version)
         assert version.digest is not None
-        with store.read() as txn:
-            generation = self.annotations.generation(txn)
-            statements = self.annotations.for_digest(txn, version.digest)
-        result = decide(text, version.digest, policy, statements)
-        if cacheable:
-            self.cache.put(version.id, rule_index, policy.generation, generation, result)
+        policy = self.policy  # one policy for the whole decision, even if reloaded meanwhile
+        rule = policy.rule_at(path)
+        if txn is not None:
+            return self._verdict(txn, policy, rule, version.digest)
+        with self._vol.store.read() as txn:
+            return self._verdict(txn, policy, rule, version.digest)
+
+    def _verdict(self, txn: lmdb.Transaction, policy: Policy, rule: Rule | None,
+                 digest: bytes) -> Verdict:
+        index = rule.index if rule is not None else None
+        generation = self.annotations.generation(txn)
+        hit = self.cache.get(digest, index, policy.generation, generation)
+        if hit is not None:
+            return hit
+        statements = self.annotations.for_digest(txn, digest)
+        ids = tuple(sorted(ss.id for ss in statements))
+        result = self.by_statements.get(ids, index, policy.generation, 0)
+        if result is None:
+            result = decide_covered(policy, rule, statements)
+            self.by_statements.put(ids, index, policy.generation, 0, result)
+        self.cache.put(digest, index, policy.generation, generation, result)
         return result

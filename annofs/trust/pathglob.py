@@ -22,8 +22,18 @@ surrogateescape, and the expressions use DOTALL so no character escapes a `*`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from annofs.errors import UsageError
+
+
+def path_text(parts: Sequence[bytes]) -> str:
+    """An absolute store path as globs see it (undecodable bytes kept, escaped).
+
+    One decode of the joined bytes: '/' is ASCII and never part of a multi-byte
+    sequence, so this is exactly the per-component decode, joined, at a quarter the cost.
+    """
+    return (b"/" + b"/".join(parts)).decode("utf-8", "surrogateescape")
 
 
 def translate(glob: str) -> str:

@@ -33,18 +33,20 @@ import enum
 import itertools
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from annofs.errors import UsageError
 from annofs.trust.keys import check_key_name, load_public_key, parse_public_key
-from annofs.trust.pathglob import PathGlob
+from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.statement import LABEL_CLAIM, check_word
 
 # Each loaded policy gets a new generation: verdict caches key on it.
 _GENERATIONS = itertools.count(1)
+RULE_MEMO = 16384  # paths whose rule a policy remembers (~3 MB at most)
+_UNKNOWN: Any = object()
 
 _TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir", "revoked-keys",
              "rules")
@@ -106,12 +108,34 @@ class Policy:
     keys_from_dir: int = 0
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
+    # Store path (its names) -> rule, memoized for this policy only: a reload makes a
+    # new Policy, so a memo never outlives the rules it was computed from.
+    _rule_memo: dict[tuple[bytes, ...], Rule | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
     def rule_for(self, path: str) -> Rule | None:
         """The first rule whose glob matches the store path, or None (the default)."""
         for rule in self.rules:
             if rule.glob.matches(path):
                 return rule
         return None
+
+    def rule_at(self, parts: Sequence[bytes]) -> Rule | None:
+        """`rule_for` of the store path with these names, remembered per path.
+
+        Every judged open asks; a file opened again is not matched again. The memo
+        holds at most RULE_MEMO paths, then starts over (a pure function's memo:
+        losing entries costs a match each, never a wrong answer).
+        """
+        key = tuple(parts)
+        memo = self._rule_memo
+        rule = memo.get(key, _UNKNOWN)
+        if rule is _UNKNOWN:
+            rule = self.rule_for(path_text(key)) if self.rules else None
+            if len(memo) >= RULE_MEMO:
+                memo.clear()  # simplest bound; safe if another thread is using it too
+            memo[key] = rule
+        return rule  # type: ignore[return-value]
 
     def is_trusted(self, key: bytes) -> bool:
         """Trusted and not revoked."""

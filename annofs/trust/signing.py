@@ -22,13 +22,9 @@ from annofs.namespace.tree import Namespace
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.keys import SecretKey
+from annofs.trust.pathglob import path_text  # defined with the globs it feeds
 from annofs.trust.statement import SignedStatement, make_statement, sign_statement
 from annofs.volume import Volume
-
-
-def path_text(parts: Sequence[bytes]) -> str:
-    """An absolute store path as policy globs see it (undecodable bytes kept, escaped)."""
-    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
 
 
 def _subject_name(parts: Sequence[bytes]) -> str:

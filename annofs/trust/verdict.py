@@ -1,7 +1,8 @@
 """The one place that decides whether a file may be read: `decide`, and its cache.
 
-`decide(path, digest, policy, statements)` is a pure function of its inputs. A statement
-counts towards a rule when all of these hold:
+`decide(path, digest, policy, statements)` is a pure function of its inputs (and
+`decide_covered` its core, once the rule is known and the statements not covering the
+digest are left out). A statement counts towards a rule when all of these hold:
 
 - its subjects include this digest;
 - its signature verifies under the public key it names;
@@ -21,7 +22,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from annofs.trust.policy import Default, Mode, Policy, Rule
@@ -72,7 +73,19 @@ def _plural(n: int, word: str) -> str:
 def decide(path: str, digest: bytes, policy: Policy,
            statements: Iterable[SignedStatement]) -> Verdict:
     """The verdict for the content `digest` at store path `path` under `policy`."""
-    rule: Rule | None = policy.rule_for(path)
+    return decide_covered(policy, policy.rule_for(path),
+                          [ss for ss in statements if digest in ss.digests])
+
+
+def decide_covered(policy: Policy, rule: Rule | None,
+                   statements: Iterable[SignedStatement]) -> Verdict:
+    """The verdict under `rule` (None: the policy's default) for content that exactly
+    `statements` cover (the caller checked that each lists the content's digest).
+
+    Nothing else goes in: for one policy the verdict is a function of the rule and the
+    statement ids (content addresses), so a caller may reuse it for every content that
+    the same statements cover under the same rule.
+    """
     if rule is not None:
         needed, rule_text, rule_index = rule.signers, rule.label, rule.index
     else:
@@ -91,8 +104,6 @@ def decide(path: str, digest: bytes, policy: Policy,
 
     for ss in statements:
         st = ss.statement
-        if digest not in ss.digests:
-            continue
         shown = policy.name_of(st.public_key) or st.signer
         if not ss.signature_valid:
             note(f"{st.signer}: bad signature")
@@ -158,18 +169,20 @@ def decide(path: str, digest: bytes, policy: Policy,
 
 
 class VerdictCache:
-    """Verdicts by (version id, rule index, policy generation, statement generation).
+    """Verdicts by (content, rule index, policy generation, statement generation).
 
-    The rule index stands in for the path: the same content is decided the same way at
-    every path the same rule covers (copies share versions), and differently where
-    another rule applies. When either generation changes every entry is stale, so the
-    cache empties itself; otherwise it keeps the `maxsize` most recently used verdicts.
+    `content` is what the verdict was decided from: the gate uses the content digest
+    (identical files anywhere are judged once), and the sorted statement ids covering
+    it. The rule index stands in for the path: the same content is decided the same way
+    at every path the same rule covers, and differently where another rule applies.
+    When either generation changes every entry is stale, so the cache empties itself;
+    otherwise it keeps the `maxsize` most recently used verdicts.
     """
 
     def __init__(self, maxsize: int = 65536) -> None:
         self._max = maxsize
         self._generations: tuple[int, int] | None = None
-        self._items: OrderedDict[tuple[int, int], Verdict] = OrderedDict()
+        self._items: OrderedDict[tuple[Hashable, int], Verdict] = OrderedDict()
         # Verdicts may be asked for from worker threads as well as the event loop's.
         self._lock = threading.Lock()
 
@@ -179,23 +192,23 @@ class VerdictCache:
             self._items.clear()
             self._generations = gens
 
-    def get(self, version_id: int, rule_index: int | None, policy_generation: int,
+    def get(self, content: Hashable, rule_index: int | None, policy_generation: int,
             statement_generation: int) -> Verdict | None:
         """A cached verdict, or None."""
         with self._lock:
             self._check(policy_generation, statement_generation)
-            key = (version_id, -1 if rule_index is None else rule_index)
+            key = (content, -1 if rule_index is None else rule_index)
             v = self._items.get(key)
             if v is not None:
                 self._items.move_to_end(key)
             return v
 
-    def put(self, version_id: int, rule_index: int | None, policy_generation: int,
+    def put(self, content: Hashable, rule_index: int | None, policy_generation: int,
             statement_generation: int, verdict: Verdict) -> None:
         """Remember a verdict."""
         with self._lock:
             self._check(policy_generation, statement_generation)
-            self._items[(version_id, -1 if rule_index is None else rule_index)] = verdict
+            self._items[(content, -1 if rule_index is None else rule_index)] = verdict
             if len(self._items) > self._max:
                 self._items.popitem(last=False)
 
