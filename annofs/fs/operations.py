@@ -608,12 +608,21 @@ class Operations(pyfuse3.Operations):
             # Judge what is stored: unflushed bytes carry no signature.
             await self._commit(node)
             path = self.inodes.path(node)
-            with self.vol.store.read() as txn:
-                version = self.vol.versions.get(txn, int(self._attrs(txn, node).target))
-                # Judged in the snapshot the version came from: one transaction.
-                judged = self.guard.judge_in(txn, path, version, ctx.pid)
-            if judged is None:  # a deferred digest: hashed off the event loop first
-                version = await self.guard.judge(path, version, ctx.pid)
+            fresh = node.ino not in self.open_files
+            try:
+                with self.vol.store.read() as txn:
+                    # A file not open yet gets its open state here, from the version
+                    # judged (read once, not twice); the open below reuses it.
+                    version = (self._open_file(txn, node).base if fresh else
+                               self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
+                    # Judged in the snapshot the version came from: one transaction.
+                    judged = self.guard.judge_in(txn, path, version, ctx.pid)
+                if judged is None:  # a deferred digest: hashed off the event loop first
+                    version = await self.guard.judge(path, version, ctx.pid)
+            except BaseException:
+                if fresh and node.opens == 0:
+                    self.open_files.pop(node.ino, None)  # refused: no handle holds it
+                raise
             if access == os.O_RDONLY:
                 pinned = version
         with self.vol.store.read() as txn:

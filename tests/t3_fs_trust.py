@@ -1,0 +1,120 @@
+"""t3: the policy at open(), with the FUSE handlers called in process (no kernel).
+
+What the mount tests (t4_fuse_trust) cannot see from outside: a refused open leaves no
+open state behind, an allowed one judges and serves the very version its open state
+starts from, and both ways of judging (digest known: in open's own transaction;
+digest deferred: hashed in a worker thread first) refuse and allow alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from annofs.fs.enforce import OpenGuard
+from annofs.fs.operations import Operations
+from annofs.store.records import Version
+from annofs.trust.gate import TrustGate
+from annofs.trust.keys import generate_key
+from annofs.trust.policy import parse_policy
+from annofs.trust.signing import collect_files, sign_files
+from annofs.trust.verdict import Verdict
+from annofs.volume import Volume
+
+ALICE = generate_key("alice-1")
+ROOT = pyfuse3.ROOT_INODE
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    uid: int = 0
+    gid: int = 0
+    pid: int = 4321
+    umask: int = 0o022
+
+
+CTX = Ctx()
+
+
+def policy_ops(vol: Volume) -> tuple[Operations, list[tuple[str, Version, Verdict]]]:
+    pol = parse_policy(f'trusted-public-keys = ["{ALICE.public_key().to_text()}"]\n'
+                       '[[rules]]\npath = "/src/**"\nsigners = 1\n', Path("p.toml"))
+    seen: list[tuple[str, Version, Verdict]] = []
+    guard = OpenGuard(TrustGate(vol, pol), lambda path, v, verdict, pid: seen.append(
+        (path, v, verdict)))
+    return Operations(vol, guard), seen
+
+
+async def put(ops: Operations, parent: int, name: bytes, data: bytes) -> int:
+    """Create a file through the handlers (its digest is deferred, as for any write)."""
+    fi, entry = await ops.create(parent, name, stat.S_IFREG | 0o644, os.O_WRONLY, CTX)
+    await ops.write(fi.fh, 0, data)
+    await ops.release(fi.fh)
+    return entry.st_ino
+
+
+async def refused(ops: Operations, ino: int, flags: int = os.O_RDONLY) -> bool:
+    try:
+        fi = await ops.open(ino, flags, CTX)
+    except pyfuse3.FUSEError as e:
+        assert e.errno == errno.EACCES
+        return True
+    await ops.release(fi.fh)
+    return False
+
+
+def test_open_judges_what_it_serves_and_a_refusal_leaves_nothing(vol: Volume) -> None:
+    ops, seen = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")
+        # Deferred digest: hashed in a thread, recorded, then refused.
+        assert await refused(ops, ino)
+        assert ino not in ops.open_files
+        assert seen[-1][0] == "/src/a.c" and seen[-1][1].digest is not None
+        # Digest known now: judged in open's own transaction, refused the same way.
+        assert await refused(ops, ino)
+        assert ino not in ops.open_files
+        sign_files(vol, collect_files(vol, [[b"src", b"a.c"]]), ALICE, "reviewed")
+        fi = await ops.open(ino, os.O_RDONLY, CTX)  # the new statement counts at once
+        assert seen[-1][2].allowed
+        pinned = ops.handles[fi.fh].pinned
+        assert pinned is not None and ops.open_files[ino].base.id == pinned.id
+        assert await ops.read(fi.fh, 0, 100) == b"int a;\n"
+        await ops.release(fi.fh)
+        assert ino not in ops.open_files
+        # A writer holds the file open: a refused reader must not take its state away.
+        w = await ops.open(ino, os.O_WRONLY, CTX)
+        await ops.write(w.fh, 0, b"int b;\n")
+        state = ops.open_files[ino]
+        assert await refused(ops, ino)  # its bytes were committed and are unsigned
+        assert ops.open_files[ino] is state
+        await ops.write(w.fh, 7, b"int c;\n")
+        await ops.release(w.fh)
+        assert ino not in ops.open_files
+        assert await refused(ops, ino, os.O_RDWR)
+        with vol.store.read() as txn:
+            v = vol.versions.get(txn, int(vol.namespace.resolve(txn, [b"src", b"a.c"]).target))
+            assert vol.versions.read(txn, v, 0, 100) == b"int b;\nint c;\n"
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_RDWR])
+def test_open_outside_the_rules_is_not_refused(vol: Volume, flags: int) -> None:
+    ops, seen = policy_ops(vol)
+
+    async def main() -> None:
+        ino = await put(ops, ROOT, b"notes", b"free\n")
+        assert not await refused(ops, ino, flags)
+        assert seen[-1][2].allowed and seen[-1][2].rule_index is None
+
+    trio.run(main)
