@@ -296,6 +296,12 @@ ENVELOPE_CASES: list[tuple[str, Callable[[], str | bytes], str]] = [
      "payload.subject[0].name: must be a relative path of 1 to 4096 characters"),
     ("subject surrogate", lambda: payload_case(lambda p: p["subject"][0].update(name="\ud800")),
      "payload.subject[0].name: contains an unpaired surrogate"),
+    ("subject too long", lambda: payload_case(lambda p: p["subject"][0].update(name="a" * 4097)),
+     "payload.subject[0].name: must be a relative path of 1 to 4096 characters"),
+    ("subject trailing slash", lambda: payload_case(lambda p: p["subject"][0].update(name="a/")),
+     "payload.subject[0].name: 'a/' has an empty, '.' or '..' component"),
+    ("subject NUL", lambda: payload_case(lambda p: p["subject"][0].update(name="a\0b")),
+     "payload.subject[0].name: 'a\\x00b' must be relative (no leading '/') and contain no NUL"),
     ("subject dup", lambda: payload_case(lambda p: p["subject"][1].update(name="proj/a.c")),
      "payload.subject[1].name: 'proj/a.c' appears twice"),
     ("digest algos", lambda: payload_case(
@@ -431,3 +437,14 @@ def test_subject_names(name: str, good: bool) -> None:
     else:
         with pytest.raises(UsageError):
             signed(subjects=[(name, D1)])
+
+
+@pytest.mark.parametrize("name", [
+    "a", "proj/src/main.c", "a-b_c+d/e.f", ".hidden", "a/.b", "a/..b", "é/ü", "a b",
+    "a\\b", "x" * 4096,
+])
+def test_subject_names_read_back(name: str) -> None:
+    # The parser checks plain names inline and others in full: both must accept these.
+    ss = signed(subjects=[(name, D1), ("other", D2)])
+    back = load_signed(ss.envelope.to_json(), "f:1")
+    assert [s.name for s in back.statement.subjects] == [name, "other"]

@@ -41,6 +41,7 @@ from annofs.trust.statement import Envelope, SignedStatement, open_envelope
 
 _LAYOUT = 1
 GENERATION_KEY = "trust:generation"
+_GENERATION_KEY_BYTES = GENERATION_KEY.encode()
 ID_SIZE = 32
 
 
@@ -148,13 +149,15 @@ class AnnotationStore:
         self._statements = store.db["statements"]
         self._digests = store.db["signed_digests"]
         self._fragments = store.db["signed_fragments"]
+        self._meta = store.db["meta"]
         self._parsed = _ParsedCache(cache_subjects)
 
     # -- the generation ---------------------------------------------------------------
 
     def generation(self, txn: lmdb.Transaction) -> int:
         """Bumped by every change to the statements (0 for a store that never had one)."""
-        raw = self._store.get_meta(txn, GENERATION_KEY)
+        # Read straight from `meta` (as Store.get_meta would): every judged open asks.
+        raw = txn.get(_GENERATION_KEY_BYTES, db=self._meta)
         return from_u64(raw) if raw is not None else 0
 
     def _bump(self, txn: lmdb.Transaction) -> None:
@@ -245,14 +248,22 @@ class AnnotationStore:
                 out.append(bytes(key[HASH_SIZE:]))
         return out
 
-    def for_digest(self, txn: lmdb.Transaction, digest: bytes) -> list[SignedStatement]:
-        """The statements covering `digest`, oldest first.
+    def covering(self, txn: lmdb.Transaction, digest: bytes) -> list[SignedStatement]:
+        """The statements covering `digest`, in id order (what a verdict needs).
 
         An index entry whose statement does not in fact list the digest (a damaged
         store) is skipped: only what was signed counts.
         """
-        found = [self.get(txn, sid) for sid in self.ids_for_digest(txn, digest)]
-        found = [ss for ss in found if digest in ss.digests]
+        found = []
+        for sid in self.ids_for_digest(txn, digest):
+            ss = self.get(txn, sid)
+            if digest in ss.digests:
+                found.append(ss)
+        return found
+
+    def for_digest(self, txn: lmdb.Transaction, digest: bytes) -> list[SignedStatement]:
+        """The statements covering `digest`, oldest first (see `covering`)."""
+        found = self.covering(txn, digest)
         found.sort(key=lambda ss: (ss.statement.time, ss.id))
         return found
 

@@ -92,8 +92,8 @@ class TrustGate:
         hit = self.cache.get(digest, index, policy.generation, generation)
         if hit is not None:
             return hit
-        statements = self.annotations.for_digest(txn, digest)
-        ids = tuple(sorted(ss.id for ss in statements))
+        statements = self.annotations.covering(txn, digest)
+        ids = tuple([ss.id for ss in statements])  # in id order: one key per set
         result = self.by_statements.get(ids, index, policy.generation, 0)
         if result is None:
             result = decide_covered(policy, rule, statements)

@@ -50,6 +50,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _BAD_COMPONENT = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")  # an empty, '.' or '..' component
+# A subject name check_subject_name accepts, in the common form: ASCII components that do
+# not start with '.' (so none is empty, '.' or '..'), no leading '/'. Others get the full check.
+_PLAIN_NAME = re.compile(r"[\w+-][\w.+-]*(?:/[\w+-][\w.+-]*)*", re.ASCII)
+_SUBJECT_FIELDS = {"name", "digest"}
+_DIGEST_FIELDS = {"blake3"}
 MAX_NAME = 4096  # PATH_MAX: a subject name longer than any path is not a path
 
 DIGEST_PREFIX = "blake3:"
@@ -420,19 +425,25 @@ def _parse_statement(doc: Any) -> Statement:
         raise _Bad("payload.subject", "expected a non-empty list")
     subjects = []
     names: set[str] = set()
+    # A statement over a tree has a subject per file, all read at the first open of any
+    # of them: the usual shapes are recognised inline, and anything else goes through
+    # the general checks (which raise, saying what is wrong) before it is used.
     for i, raw in enumerate(subjects_raw):
-        field = f"payload.subject[{i}]"
-        s = _object(raw, field, ("name", "digest"))
-        check_subject_name(s["name"], field + ".name")
-        if s["name"] in names:
-            raise _Bad(field + ".name", f"{s['name']!r} appears twice")
-        names.add(s["name"])
-        dig = _object(s["digest"], field + ".digest", ("blake3",))
+        if not (type(raw) is dict and raw.keys() == _SUBJECT_FIELDS):
+            _object(raw, f"payload.subject[{i}]", ("name", "digest"))
+        name, dig = raw["name"], raw["digest"]
+        if not (type(name) is str and len(name) <= MAX_NAME and _PLAIN_NAME.fullmatch(name)):
+            check_subject_name(name, f"payload.subject[{i}].name")
+        if name in names:
+            raise _Bad(f"payload.subject[{i}].name", f"{name!r} appears twice")
+        names.add(name)
+        if not (type(dig) is dict and dig.keys() == _DIGEST_FIELDS):
+            _object(dig, f"payload.subject[{i}].digest", ("blake3",))
         hexd = dig["blake3"]
         if not isinstance(hexd, str) or not _HEX64.fullmatch(hexd):
-            raise _Bad(field + ".digest.blake3",
+            raise _Bad(f"payload.subject[{i}].digest.blake3",
                        f"expected 64 lowercase hex digits, got {_show(hexd)}")
-        subjects.append(Subject(s["name"], bytes.fromhex(hexd)))
+        subjects.append(Subject(name, bytes.fromhex(hexd)))
     pred = _object(doc["predicate"], "payload.predicate",
                    ("claim", "signer", "publicKey", "time"), ("label",))
     claim = _string(pred["claim"], "payload.predicate.claim")

@@ -181,22 +181,21 @@ class VerdictCache:
 
     def __init__(self, maxsize: int = 65536) -> None:
         self._max = maxsize
-        self._generations: tuple[int, int] | None = None
+        # The generations the entries were decided under; -1: none yet (real ones are >= 0).
+        self._policy_gen = self._statement_gen = -1
         self._items: OrderedDict[tuple[Hashable, int], Verdict] = OrderedDict()
         # Verdicts may be asked for from worker threads as well as the event loop's.
         self._lock = threading.Lock()
-
-    def _check(self, policy_generation: int, statement_generation: int) -> None:
-        gens = (policy_generation, statement_generation)
-        if gens != self._generations:
-            self._items.clear()
-            self._generations = gens
 
     def get(self, content: Hashable, rule_index: int | None, policy_generation: int,
             statement_generation: int) -> Verdict | None:
         """A cached verdict, or None."""
         with self._lock:
-            self._check(policy_generation, statement_generation)
+            if (policy_generation != self._policy_gen
+                    or statement_generation != self._statement_gen):
+                self._items.clear()
+                self._policy_gen, self._statement_gen = policy_generation, statement_generation
+                return None
             key = (content, -1 if rule_index is None else rule_index)
             v = self._items.get(key)
             if v is not None:
@@ -207,7 +206,10 @@ class VerdictCache:
             statement_generation: int, verdict: Verdict) -> None:
         """Remember a verdict."""
         with self._lock:
-            self._check(policy_generation, statement_generation)
+            if (policy_generation != self._policy_gen
+                    or statement_generation != self._statement_gen):
+                self._items.clear()
+                self._policy_gen, self._statement_gen = policy_generation, statement_generation
             self._items[(content, -1 if rule_index is None else rule_index)] = verdict
             if len(self._items) > self._max:
                 self._items.popitem(last=False)
@@ -216,7 +218,7 @@ class VerdictCache:
         """Forget everything (e.g. after a policy reload, to free memory at once)."""
         with self._lock:
             self._items.clear()
-            self._generations = None
+            self._policy_gen = self._statement_gen = -1
 
     def __len__(self) -> int:
         return len(self._items)
