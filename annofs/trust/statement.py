@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import contextlib
+import gc
 import json
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -399,10 +401,32 @@ def _parse_envelope(data: str | bytes) -> Envelope:
     return Envelope(payload_type, payload, keyid, sig)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a payload is read.
+
+    A statement over a tree is tens of thousands of objects made at once (the JSON
+    document, the subjects), none in a cycle. With the collector on, that burst makes it
+    promote the short-lived document and then traverse the whole heap: in the mount
+    daemon a full collection took 17 ms of the 45 ms spent reading a 5,000-subject
+    statement at the first open under it. Paused, the document is freed by reference
+    counting before the collector ever sees it.
+    """
+    if not gc.isenabled():  # someone else paused it: theirs to resume
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def open_envelope(env: Envelope, where: str) -> SignedStatement:
     """Read the statement an envelope carries (strictly); the signature is not checked."""
     try:
-        st = _parse_statement(_load_json(env.payload, "payload"))
+        with _collector_paused():
+            st = _parse_statement(_load_json(env.payload, "payload"))
     except _Bad as e:
         raise UsageError(f"{where}: {e}") from None
     except UsageError as e:
