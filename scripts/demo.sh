@@ -68,7 +68,7 @@ python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.annofs.why").de
 echo "its siblings still read: $(head -1 "$MNT/src/sample/volume.py")"
 
 say "annofs events: the refusal on record"
-annofs events
+annofs events --why
 
 say "annofs umount; the store passes fsck"
 annofs umount "$MNT"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -18,6 +19,8 @@ import pyfuse3
 import pytest
 import trio
 
+from annofs.daemon.events import EventLog, read_events
+from annofs.daemon.policy_holder import PolicyHolder
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.operations import Operations
 from annofs.store.records import Version
@@ -47,7 +50,7 @@ def policy_ops(vol: Volume) -> tuple[Operations, list[tuple[str, Version, Verdic
     pol = parse_policy(f'trusted-public-keys = ["{ALICE.public_key().to_text()}"]\n'
                        '[[rules]]\npath = "/src/**"\nsigners = 1\n', Path("p.toml"))
     seen: list[tuple[str, Version, Verdict]] = []
-    guard = OpenGuard(TrustGate(vol, pol), lambda path, v, verdict, pid: seen.append(
+    guard = OpenGuard(TrustGate(vol, pol), lambda path, v, verdict, pid, why: seen.append(
         (path, v, verdict)))
     return Operations(vol, guard), seen
 
@@ -118,3 +121,36 @@ def test_open_outside_the_rules_is_not_refused(vol: Volume, flags: int) -> None:
         assert seen[-1][2].allowed and seen[-1][2].rule_index is None
 
     trio.run(main)
+
+
+def test_refusals_are_explained_in_the_events_log_up_to_the_rate_limit(
+        vol: Volume, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'trusted-public-keys = ["{ALICE.public_key().to_text()}"]\n'
+                      '[[rules]]\npath = "/src/**"\nsigners = 1\n')
+    holder = PolicyHolder(vol, policy, tmp_path / "mnt", EventLog(vol.store.path))
+    ops = Operations(vol, holder.guard)
+    burst = holder.explained._burst
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")
+        sign_files(vol, collect_files(vol, [[b"src", b"a.c"]]), ALICE, "reviewed")
+        fi = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+        await ops.write(fi.fh, 0, b"int b;\n")
+        await ops.release(fi.fh)
+        for _ in range(burst + 2):
+            assert await refused(ops, ino)
+
+    with caplog.at_level(logging.INFO, logger="annofs"):
+        trio.run(main)
+    events = read_events(vol.store.path)
+    assert [e.verdict for e in events] == ["refused"] * (burst + 2)
+    explained = [e for e in events if e.explanation]
+    assert len(explained) == burst  # the rest only say that they were refused
+    assert "-int a;\n+int b;\n" in explained[0].explanation
+    assert explained[0].details is not None
+    assert explained[0].details["original"]["found_by"] == "edit graph"
+    assert all(e.reason == events[0].reason and e.details is None for e in events[burst:])
+    summaries = [r.getMessage() for r in caplog.records if "found by edit graph" in r.getMessage()]
+    assert len(summaries) == burst and "text diff -1 +1 lines" in summaries[0]

@@ -76,6 +76,28 @@ def test_one_line_patch_to_a_signed_c_file(signed: Mount) -> None:
     assert ok.returncode == 0 and ": allowed" in ok.stdout
 
 
+def test_a_refusal_is_explained_in_the_events_log_and_the_daemon_log(signed: Mount) -> None:
+    f = signed.path / "src" / "proj" / "main.c"
+    f.write_text(MAIN_C.replace("return 0;", "return 1;"))
+    assert refused(f)
+    # Recorded before open() failed: no waiting for the daemon.
+    out = subprocess.run(annofs_cmd("--store", str(signed.store), "events", "--json"),
+                         capture_output=True, text=True, check=True).stdout
+    [event] = [json.loads(line) for line in out.splitlines()]
+    assert event["verdict"] == "refused" and event["path"] == "/src/proj/main.c"
+    assert "-    return 0;\n" in event["explanation"]
+    assert "+    return 1;\n" in event["explanation"]
+    assert event["details"]["original"]["found_by"] == "edit graph"
+    assert event["details"]["diff_kind"] == "text"
+    log = (signed.store / "daemon.log").read_text()
+    [line] = [ln for ln in log.splitlines() if "/src/proj/main.c" in ln and "refused" in ln]
+    assert "found by edit graph" in line and "signed by alice-1" in line
+    assert "text diff -1 +1 lines" in line
+    shown = subprocess.run(annofs_cmd("--store", str(signed.store), "events", "--why"),
+                           capture_output=True, text=True, check=True).stdout
+    assert "refused" in shown.splitlines()[0] and "\n    +    return 1;\n" in shown
+
+
 def test_changed_bytes_of_an_elf(signed: Mount) -> None:
     f = signed.path / "src" / "proj" / "hello"
     data = bytearray(f.read_bytes())

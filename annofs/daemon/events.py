@@ -31,7 +31,8 @@ class Event:
     rule: str = ""
     pid: int = 0
     time: float = field(default_factory=time.time)
-    explanation: str = ""
+    explanation: str = ""  # the text `annofs why` shows; empty when not explained
+    details: dict[str, Any] | None = None  # the same as JSON (`annofs why --json`)
 
     def to_json(self) -> str:
         """The event as one line of JSON."""

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
+
+import trio
 
 from annofs.daemon.events import Event, EventLog
 from annofs.errors import AnnofsError, UsageError
+from annofs.explain.report import Explanation, RateLimit, explain
 from annofs.fs.enforce import OpenGuard
 from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
@@ -45,7 +50,8 @@ class PolicyHolder:
             self._check_locations()
             policy = load_policy(self.file)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
-        self.guard = OpenGuard(self.gate, self.record)
+        self.explained = RateLimit()
+        self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
 
     def _check_locations(self) -> None:
         """The policy and its keys directory must be outside the mount: else they could be
@@ -74,11 +80,28 @@ class PolicyHolder:
         log.info("policy reloaded from %s", self.file)
         return f"policy reloaded from {self.file}"
 
-    def record(self, path: str, version: Version, verdict: Verdict, pid: int) -> None:
-        """The verdict sink: refusals and warnings go to the events log."""
+    async def explain_refusal(self, path: Sequence[bytes], version: Version,
+                              verdict: Verdict) -> Explanation | None:
+        """The explanation of a refusal (SPEC §5), made in a worker thread; None once the
+        rate limit is spent, so a flood of refusals costs one line each, not one diff."""
+        if self.gate is None or not self.explained.allow(time.monotonic()):
+            return None
+        skipped = self.explained.suppressed()
+        if skipped:
+            log.info("%d refusal(s) before this one were not explained (rate limit)", skipped)
+        gate = self.gate
+        return await trio.to_thread.run_sync(
+            explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
+
+    def record(self, path: str, version: Version, verdict: Verdict, pid: int,
+               explanation: Explanation | None = None) -> None:
+        """The verdict sink: refusals (with their explanation) and warnings go to the
+        events log."""
         if verdict.allowed and not verdict.flagged:
             return
         self.events.record(Event(
             path=path, verdict="refused" if not verdict.allowed else "warned",
             reason=verdict.reason, digest=f"blake3:{version.digest.hex()}" if version.digest
-            else "", version=version.id, rule=verdict.rule, pid=pid))
+            else "", version=version.id, rule=verdict.rule, pid=pid,
+            explanation=explanation.to_text() if explanation is not None else "",
+            details=explanation.to_json() if explanation is not None else None))

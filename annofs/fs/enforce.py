@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import lmdb
 import pyfuse3
@@ -28,10 +29,17 @@ from annofs.trust.gate import TrustGate
 from annofs.trust.signing import path_text
 from annofs.trust.verdict import Verdict
 
+if TYPE_CHECKING:
+    from annofs.explain.report import Explanation
+
 log = logging.getLogger("annofs.fs")
 
-# Called for every judged open: (store path, version, verdict, pid).
-VerdictSink = Callable[[str, Version, Verdict, int], None]
+# Called for every judged open: (store path, version, verdict, pid, the explanation of a
+# refusal or None).
+VerdictSink = Callable[[str, Version, Verdict, int, "Explanation | None"], None]
+# Explains a refusal, off the event loop; None when it chose not to (a rate limit).
+RefusalExplainer = Callable[[Sequence[bytes], Version, Verdict],
+                            Awaitable["Explanation | None"]]
 
 
 @dataclass
@@ -45,9 +53,11 @@ class CacheState:
 class OpenGuard:
     """The policy's word at open(), and the page-cache rules that keep it true."""
 
-    def __init__(self, gate: TrustGate | None, sink: VerdictSink | None = None) -> None:
+    def __init__(self, gate: TrustGate | None, sink: VerdictSink | None = None,
+                 explainer: RefusalExplainer | None = None) -> None:
         self.gate = gate
         self.sink = sink
+        self.explainer = explainer
         self._cache: dict[int, CacheState] = {}
 
     @property
@@ -63,43 +73,54 @@ class OpenGuard:
         """The inode left the table."""
         self._cache.pop(ino, None)
 
-    def judge_in(self, txn: lmdb.Transaction, path: Sequence[bytes], version: Version,
-                 pid: int) -> Verdict | None:
+    def judge_in(self, txn: lmdb.Transaction, path: Sequence[bytes],
+                 version: Version) -> Verdict | None:
         """The verdict for reading `version` at `path`, decided in the read transaction
-        the version was read in (no second snapshot, no thread); EACCES (FUSEError) if
-        refused. None if the digest is not known yet: then `judge` must hash it first.
+        the version was read in (no second snapshot, no thread). None if the digest is not
+        known yet: then `judge` must hash it first. `conclude` acts on the verdict.
         """
         assert self.gate is not None
         if version.digest is None:
             return None
-        verdict = self.gate.verdict(path, version, txn)
-        self._conclude(path, version, verdict, pid)
-        return verdict
+        return self.gate.verdict(path, version, txn)
 
-    async def judge(self, path: Sequence[bytes], version: Version, pid: int) -> Version:
+    async def judge(self, path: Sequence[bytes], version: Version) -> tuple[Version, Verdict]:
         """Like `judge_in` for any version: a deferred digest is computed (and recorded)
-        in a worker thread first. Returns the version, its digest set."""
+        in a worker thread first. Returns the version, its digest set, and the verdict."""
         assert self.gate is not None
         if version.digest is None:
             # Hashing the whole content: not on the event loop.
             version = await trio.to_thread.run_sync(self.gate.volume.versions.ensure_digest,
                                                     version)
-        self._conclude(path, version, self.gate.verdict(path, version), pid)
-        return version
+        return version, self.gate.verdict(path, version)
 
-    def _conclude(self, path: Sequence[bytes], version: Version, verdict: Verdict,
-                  pid: int) -> None:
-        """Tell the sink; raise EACCES if the verdict refuses."""
-        if self.sink is None and verdict.allowed:
+    async def conclude(self, path: Sequence[bytes], version: Version, verdict: Verdict,
+                       pid: int) -> None:
+        """Record the verdict; a refusal is explained first, then raised as EACCES.
+
+        The explanation is made before the caller sees EACCES, so by the time a tool
+        reports the failure, the daemon log and the events log say why.
+        """
+        if verdict.allowed and self.sink is None:
             return
         text = path_text(path)
+        explanation = None
+        if not verdict.allowed and self.explainer is not None:
+            try:
+                explanation = await self.explainer(path, version, verdict)
+            except Exception as e:  # the refusal stands; only its explanation is missing
+                log.warning("explaining the refusal of %s failed: %s", text, e)
         if self.sink is not None:
             try:
-                self.sink(text, version, verdict, pid)
+                self.sink(text, version, verdict, pid, explanation)
             except Exception:
                 log.exception("recording the verdict for %s failed", text)
         if not verdict.allowed:
-            log.info("refused: %s (pid %d): %s", text, pid, verdict.reason)
+            if explanation is not None:
+                from annofs.explain.report import summary_line
+                log.info("pid %d: %s", pid, summary_line(explanation))
+            else:
+                log.info("refused: %s (pid %d): %s", text, pid, verdict.reason)
             raise pyfuse3.FUSEError(errno.EACCES)
 
     def file_info(self, fh: int, node: Inode, serves: int, *, pinned: bool,

@@ -616,9 +616,10 @@ class Operations(pyfuse3.Operations):
                     version = (self._open_file(txn, node).base if fresh else
                                self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
                     # Judged in the snapshot the version came from: one transaction.
-                    judged = self.guard.judge_in(txn, path, version, ctx.pid)
-                if judged is None:  # a deferred digest: hashed off the event loop first
-                    version = await self.guard.judge(path, version, ctx.pid)
+                    verdict = self.guard.judge_in(txn, path, version)
+                if verdict is None:  # a deferred digest: hashed off the event loop first
+                    version, verdict = await self.guard.judge(path, version)
+                await self.guard.conclude(path, version, verdict, ctx.pid)
             except BaseException:
                 if fresh and node.opens == 0:
                     self.open_files.pop(node.ino, None)  # refused: no handle holds it
