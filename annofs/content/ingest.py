@@ -47,8 +47,13 @@ def _read_size(stream: BinaryIO) -> int:
 
 
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
-                  params: ChunkParams) -> Ingested:
+                  params: ChunkParams, read_size: int | None = None) -> Ingested:
     """Read a stream to its end, storing each distinct fragment once.
+
+    `read_size` sizes the chunker's buffer; by default it is fitted to a regular file's
+    size (a stream that knows its length but has no file descriptor, such as a file
+    inside a NAR, passes it: a zero-filled 4 MiB buffer per small file costs more than
+    chunking it).
 
     Fragments are stored before any version refers to them: a crash in between leaves
     unreferenced fragments, which gc reclaims, never a version with missing data. Each
@@ -60,7 +65,8 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     lengths = array("I")
     new = 0
     first = True
-    for block, cuts, last in stream_blocks(stream, params, _read_size(stream)):
+    buf_size = read_size if read_size is not None else _read_size(stream)
+    for block, cuts, last in stream_blocks(stream, params, max(1, buf_size)):
         if not (first and last and len(cuts) == 1):
             # A one-fragment file's digest is its fragment's hash: no second pass.
             whole.update(block)

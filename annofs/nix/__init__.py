@@ -1,0 +1,1 @@
+"""Nix interoperability: NAR archives, Nix's base32, narinfo files and binary caches."""
