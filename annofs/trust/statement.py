@@ -13,6 +13,15 @@ compares public keys, never names (two names for one key are one signer; one nam
 claimed by anybody). The DSSE `keyid` is the key name, an unauthenticated hint; it must
 equal the signed `signer` field so that it cannot mislead a reader.
 
+A second kind carries a Nix binary cache's `Sig` (made by `annofs nix fetch`): the same
+in-toto statement (claim `built`, subjects the files of the store path) plus the narinfo
+`fingerprint` that the cache key signed, in an envelope of its own payload type, whose
+signature is over that fingerprint, not over the PAE (the cache never saw the
+statement). Its signature is checked like any other, every time it is read: a changed
+fingerprint or a signature by another key does not verify. What ties its subjects to
+the fingerprint's NarHash is the NAR they were restored from, checked by `nix fetch`;
+annofs/nix/fetch.py says why, and why such statements are not taken from `attest import`.
+
 Every parser here is strict: a malformed field is a UsageError naming where it was found
 and what is wrong, never a KeyError or TypeError.
 """
@@ -41,6 +50,15 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 # Our own predicate type: a URN, so it points at no host we do not own.
 PREDICATE_TYPE = "urn:annofs:statement:v1"
+# A narinfo signature: not DSSE-signed (the signature is over `fingerprint`), so the
+# envelope says so with a payload type no DSSE verifier would take for its own.
+NARINFO_PAYLOAD_TYPE = "application/vnd.annofs.nix-narinfo-sig+json"
+NARINFO_PREDICATE_TYPE = "urn:annofs:nix-narinfo-sig:v1"
+NARINFO_CLAIM = "built"
+# Nix's `1;<store path>;sha256:<nix base32>;<NarSize>;<references, ",">`, printable ASCII.
+_FINGERPRINT = re.compile(r"1;/[!-:<-~]+;sha256:[0-9a-df-np-sv-z]{52};[1-9][0-9]{0,18};"
+                          r"[!-:<-~]*")
+MAX_FINGERPRINT = 1 << 20
 
 KNOWN_CLAIMS = ("reviewed", "built", "authored", "reproduced")
 # `annofs label` statements carry this claim: a label is never an approval, so the word is
@@ -171,10 +189,17 @@ class Statement:
     public_key: bytes
     time: int  # seconds since the epoch, UTC
     label: str | None = None
+    fingerprint: str | None = None  # a narinfo signature's signed fingerprint
 
     def __post_init__(self) -> None:
         if not self.subjects:
             raise UsageError("a statement needs at least one subject")
+        if self.fingerprint is not None:
+            if self.label is not None or self.claim != NARINFO_CLAIM:
+                raise UsageError("a narinfo signature's statement has claim 'built' and "
+                                 "no label")
+            if not check_fingerprint(self.fingerprint):
+                raise UsageError(f"{self.fingerprint[:80]!r}: not a narinfo fingerprint")
         if self.label is None:
             check_claim(self.claim)
         else:
@@ -197,11 +222,13 @@ class Statement:
 
     @classmethod
     def checked_already(cls, subjects: tuple[Subject, ...], claim: str, signer: str,
-                        public_key: bytes, when: int, label: str | None) -> Statement:
+                        public_key: bytes, when: int, label: str | None,
+                        fingerprint: str | None = None) -> Statement:
         """Build without re-validating: for the parser, which checked each field."""
         obj = object.__new__(cls)
         for name, value in (("subjects", subjects), ("claim", claim), ("signer", signer),
-                            ("public_key", public_key), ("time", when), ("label", label)):
+                            ("public_key", public_key), ("time", when), ("label", label),
+                            ("fingerprint", fingerprint)):
             object.__setattr__(obj, name, value)
         return obj
 
@@ -215,11 +242,14 @@ class Statement:
         }
         if self.label is not None:
             predicate["label"] = self.label
+        if self.fingerprint is not None:
+            predicate["fingerprint"] = self.fingerprint
         return {
             "_type": STATEMENT_TYPE,
             "subject": [{"name": s.name, "digest": {"blake3": s.digest.hex()}}
                         for s in self.subjects],
-            "predicateType": PREDICATE_TYPE,
+            "predicateType": (PREDICATE_TYPE if self.fingerprint is None
+                              else NARINFO_PREDICATE_TYPE),
             "predicate": predicate,
         }
 
@@ -273,10 +303,16 @@ class SignedStatement:
         """Every subject digest, for O(1) 'does it cover this content'."""
         return frozenset(s.digest for s in self.statement.subjects)
 
+    @property
+    def signed_message(self) -> bytes:
+        """What the signature is over: the PAE, or a narinfo signature's fingerprint."""
+        fp = self.statement.fingerprint
+        return self.envelope.pae() if fp is None else fp.encode("ascii")
+
     @cached_property
     def signature_valid(self) -> bool:
-        """Whether the signature is the payload's public key's, over the PAE."""
-        return verify_signature(self.statement.public_key, self.envelope.pae(),
+        """Whether the signature is the payload's public key's, over `signed_message`."""
+        return verify_signature(self.statement.public_key, self.signed_message,
                                 self.envelope.sig)
 
     def names_of(self, digest: bytes) -> list[str]:
@@ -304,6 +340,21 @@ def sign_statement(statement: Statement, key: SecretKey) -> SignedStatement:
     payload = statement.payload()
     sig = key.sign(pae(PAYLOAD_TYPE.encode(), payload))
     return SignedStatement(statement, Envelope(PAYLOAD_TYPE, payload, key.name, sig))
+
+
+def check_fingerprint(text: str) -> bool:
+    """Whether `text` has the shape of a narinfo fingerprint (annofs/nix/narinfo.py)."""
+    return len(text) <= MAX_FINGERPRINT and _FINGERPRINT.fullmatch(text) is not None
+
+
+def narinfo_statement(subjects: Iterable[tuple[str, bytes]], signer: str, public_key: bytes,
+                      fingerprint: str, sig: bytes, when: int) -> SignedStatement:
+    """A narinfo `Sig` (by `signer`'s `public_key`, over `fingerprint`) as a statement
+    with claim `built` over (name, digest) subjects. The signature is not checked here:
+    `signature_valid` says, as for any statement."""
+    st = Statement(subjects=tuple(Subject(n, d) for n, d in subjects), claim=NARINFO_CLAIM,
+                   signer=signer, public_key=public_key, time=when, fingerprint=fingerprint)
+    return SignedStatement(st, Envelope(NARINFO_PAYLOAD_TYPE, st.payload(), signer, sig))
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -384,6 +435,11 @@ def _parse_envelope(data: str | bytes) -> Envelope:
     doc = _object(_load_json(data, "envelope"), "envelope",
                   ("payloadType", "payload", "signatures"))
     payload_type = _string(doc["payloadType"], "payloadType")
+    if payload_type == NARINFO_PAYLOAD_TYPE:
+        # Its subjects are bound to the signed NarHash only by the NAR they came from:
+        # taking them from a file would let anyone attach a cache's signature to any files.
+        raise _Bad("payloadType", "a narinfo signature is not imported from a file; "
+                                  "'annofs nix fetch' records it after checking the NAR")
     if payload_type != PAYLOAD_TYPE:
         raise _Bad("payloadType", f"expected {PAYLOAD_TYPE!r}, got {_show(payload_type)}")
     payload = _decode_b64(doc["payload"], "payload")
@@ -431,6 +487,10 @@ def open_envelope(env: Envelope, where: str) -> SignedStatement:
         raise UsageError(f"{where}: {e}") from None
     except UsageError as e:
         raise UsageError(f"{where}: payload: {e}") from None
+    if (env.payload_type == NARINFO_PAYLOAD_TYPE) != (st.fingerprint is not None) or \
+            env.payload_type not in (PAYLOAD_TYPE, NARINFO_PAYLOAD_TYPE):
+        raise UsageError(f"{where}: payloadType {env.payload_type!r} does not match the "
+                         f"payload's predicateType")
     if env.keyid != st.signer:
         raise UsageError(f"{where}: signatures[0].keyid {env.keyid!r} is not the signer the "
                          f"payload names ({st.signer!r})")
@@ -441,7 +501,8 @@ def _parse_statement(doc: Any) -> Statement:
     doc = _object(doc, "payload", ("_type", "subject", "predicateType", "predicate"))
     if doc["_type"] != STATEMENT_TYPE:
         raise _Bad("payload._type", f"expected {STATEMENT_TYPE!r}, got {_show(doc['_type'])}")
-    if doc["predicateType"] != PREDICATE_TYPE:
+    narinfo = doc["predicateType"] == NARINFO_PREDICATE_TYPE
+    if doc["predicateType"] != PREDICATE_TYPE and not narinfo:
         raise _Bad("payload.predicateType",
                    f"expected {PREDICATE_TYPE!r}, got {_show(doc['predicateType'])}")
     subjects_raw = doc["subject"]
@@ -469,7 +530,17 @@ def _parse_statement(doc: Any) -> Statement:
                        f"expected 64 lowercase hex digits, got {_show(hexd)}")
         subjects.append(Subject(name, bytes.fromhex(hexd)))
     pred = _object(doc["predicate"], "payload.predicate",
-                   ("claim", "signer", "publicKey", "time"), ("label",))
+                   ("claim", "signer", "publicKey", "time", *(("fingerprint",) if narinfo
+                                                             else ())), ("label",))
+    fingerprint = None
+    if narinfo:
+        fingerprint = _string(pred["fingerprint"], "payload.predicate.fingerprint")
+        if not check_fingerprint(fingerprint):
+            raise _Bad("payload.predicate.fingerprint",
+                       f"{_show(fingerprint)} is not a narinfo fingerprint")
+        if pred["claim"] != NARINFO_CLAIM or "label" in pred:
+            raise _Bad("payload.predicate.claim", "a narinfo signature claims 'built', "
+                                                  "with no label")
     claim = _string(pred["claim"], "payload.predicate.claim")
     if not _WORD.fullmatch(claim):
         raise _Bad("payload.predicate.claim", f"{claim!r} is not a lowercase word")
@@ -492,7 +563,8 @@ def _parse_statement(doc: Any) -> Statement:
     when = _parse_time(pred["time"], "payload.predicate.time")
     # Every field was checked above, as it was read: skip __post_init__'s second pass
     # (it doubles the cost of reading a statement over a 40,000-file tree).
-    return Statement.checked_already(tuple(subjects), claim, signer, pub, when, label)
+    return Statement.checked_already(tuple(subjects), claim, signer, pub, when, label,
+                                     fingerprint)
 
 
 def load_signed(data: str | bytes, where: str) -> SignedStatement:
