@@ -63,3 +63,11 @@ class StoreError(AnnofsError):
     """The store itself cannot be used: missing, wrong format, locked."""
 
     errno = errno.EIO
+
+
+class RefusedError(AnnofsError):
+    """Verification said no (no trusted signature, a hash that does not match): exit 1,
+    and nothing was changed."""
+
+    errno = errno.EACCES
+    exit_status = 1
