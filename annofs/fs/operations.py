@@ -626,8 +626,10 @@ class Operations(pyfuse3.Operations):
                 raise
             if access == os.O_RDONLY:
                 pinned = version
-        with self.vol.store.read() as txn:
-            of = self._open_file(txn, node)
+        of = self.open_files.get(node.ino)  # made above when judged: no second snapshot
+        if of is None:
+            with self.vol.store.read() as txn:
+                of = self._open_file(txn, node)
         node.opens += 1
         if flags & os.O_TRUNC:
             # libfuse asks for atomic O_TRUNC: the kernel sends no setattr, the open must
