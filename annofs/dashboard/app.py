@@ -1,0 +1,296 @@
+"""The dashboard's routes: a Starlette app over a store, read-only.
+
+    GET /                      the page (static/index.html; app.js and style.css beside it)
+    GET /api/info              store, mountpoint, policy summary (key names only), live or not
+    GET /api/coverage?path=    counts per directory under a store directory, and its files
+    GET /api/file?path=        a file's digest, versions along the edit graph, statements
+    GET /api/explain?path=[&version=]   the explanation (Explanation.to_json())
+    GET /api/events?limit=     the events log (refusals and warnings), newest last
+    GET /api/live              server-sent events: every judged open, as it happens
+
+Nothing here writes: any method but GET and HEAD is answered 405 before routing, and
+no route reads a secret key (statements carry key names and public keys; only names are
+shown). Blocking work runs in a worker thread, one request at a time, so the filesystem
+served on the same trio loop never waits for the page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from annofs.daemon.events import read_events
+from annofs.daemon.feed import Feed, FeedItem
+from annofs.dashboard.coverage import CoverageReader, parse_store_path
+from annofs.errors import AnnofsError, NotFoundError, UsageError
+from annofs.trust.annotations import AnnotationStore
+from annofs.trust.gate import TrustGate
+from annofs.volume import Volume
+
+STATIC = Path(__file__).parent / "static"
+KEEPALIVE = 15.0
+MAX_EVENTS = 5000
+
+T = TypeVar("T")
+
+# What the page may load: only what this server serves (no CDN, no inline script).
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass
+class Dashboard:
+    """What the routes read: the volume, its statements, the policy, the live feed."""
+
+    vol: Volume
+    store: Path
+    gate: TrustGate | None = None  # the mount's (its policy follows reloads), or --policy's
+    feed: Feed | None = None  # None: the store is not mounted here, no live opens
+    mountpoint: Path | None = None
+    annotations: AnnotationStore = field(init=False)
+    reader: CoverageReader = field(init=False)
+    limiter: trio.CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.annotations = (self.gate.annotations if self.gate is not None
+                            else AnnotationStore(self.vol.store))
+        self.reader = CoverageReader(self.vol, self.annotations, self.gate)
+        # One computation at a time: the reader's caches are not locked, and the page
+        # should never take more than one core from the filesystem.
+        self.limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread, after any other dashboard computation."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    # -- what the routes compute ------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The header of the page."""
+        policy = None
+        if self.gate is not None:
+            p = self.gate.policy
+            policy = {"source": p.source, "mode": p.mode.value, "default": p.default.value,
+                      "trusted": sorted({names[0] for k, names in p.trusted.items() if names
+                                         and k not in p.revoked}),
+                      "revoked": sorted({names[0] for k, names in p.trusted.items() if names
+                                         and k in p.revoked}),
+                      "rules": [r.describe() for r in p.rules]}
+        with self.vol.store.read() as txn:
+            statements = self.annotations.count(txn)
+        return {"store": str(self.store),
+                "mountpoint": str(self.mountpoint) if self.mountpoint else None,
+                "live": self.feed is not None, "policy": policy, "statements": statements}
+
+    def explain(self, path: str, version: int | None) -> dict[str, Any]:
+        """The explanation of the verdict for a file (its current version by default)."""
+        from annofs.explain.report import explain
+
+        if self.gate is None:
+            raise UsageError("no policy: explanations need one (annofs dashboard --policy "
+                             "FILE, or a mount with --policy)")
+        parts = parse_store_path(path)
+        with self.vol.store.read() as txn:
+            if version is None:
+                a = self.vol.namespace.resolve(txn, parts)
+                if not a.is_reg:
+                    raise UsageError(f"{path}: not a regular file")
+                version = int(a.target)
+            if not self.vol.versions.exists(txn, version):
+                raise NotFoundError(f"version {version}: no such version")
+            v = self.vol.versions.get(txn, version)
+        e = explain(self.vol, self.annotations, self.gate.policy, parts, v)
+        return e.to_json()
+
+    def events(self, limit: int) -> list[dict[str, Any]]:
+        """The events log's last `limit` events, oldest first."""
+        return [asdict(e) for e in read_events(self.store)[-limit:]]
+
+
+def item_json(item: FeedItem) -> dict[str, Any]:
+    """A live open for the page."""
+    return {"seq": item.seq, "signers": list(item.signers), **asdict(item.event)}
+
+
+# -- middleware ------------------------------------------------------------------------------
+
+
+class ReadOnly:
+    """405 for anything but GET and HEAD, before any route sees it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
+            response = JSONResponse({"error": "the dashboard is read-only"}, status_code=405,
+                                    headers={"Allow": "GET, HEAD", **_HEADERS})
+            await response(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """The same defensive headers on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (k.lower().encode(), v.encode()) for k, v in _HEADERS.items()
+                    if k.lower().encode() not in present]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+def _error(e: AnnofsError) -> JSONResponse:
+    status = 404 if isinstance(e, NotFoundError) else 400
+    return JSONResponse({"error": str(e)}, status_code=status)
+
+
+def _query_int(request: Request, name: str, default: int | None, lo: int,
+               hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise UsageError(f"{name}={raw!r}: expected a number from {lo} to {hi}")
+    return int(raw)
+
+
+def create_app(d: Dashboard, *, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The ASGI app over `d`. `allowed_hosts`: Host header values accepted (None: any);
+    a loopback dashboard accepts only its own address, which stops a web page from
+    reading it through a DNS name rebound to 127.0.0.1."""
+
+    def api(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            try:
+                return JSONResponse(await fn(request))
+            except AnnofsError as e:
+                return _error(e)
+        return route
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def info(request: Request) -> Any:
+        return await d.run(d.info)
+
+    async def coverage(request: Request) -> Any:
+        parts = parse_store_path(request.query_params.get("path", "/"))
+        return await d.run(d.reader.coverage, parts)
+
+    async def file(request: Request) -> Any:
+        path = request.query_params.get("path")
+        if not path:
+            raise UsageError("path: missing (the store path of a file)")
+        return await d.run(d.reader.file, parse_store_path(path))
+
+    async def explain(request: Request) -> Any:
+        path = request.query_params.get("path")
+        if not path:
+            raise UsageError("path: missing (the store path of a file)")
+        version = _query_int(request, "version", None, 0, 2**63 - 1)
+        return await d.run(d.explain, path, version)
+
+    async def events(request: Request) -> Any:
+        limit = _query_int(request, "limit", 500, 1, MAX_EVENTS)
+        assert limit is not None
+        return await d.run(d.events, limit)
+
+    async def live(request: Request) -> Response:
+        if d.feed is None:
+            return _error(NotFoundError("no live opens: this store is not mounted by this "
+                                        "dashboard's daemon"))
+        last = request.headers.get("last-event-id", "")
+        since = int(last) if last.isdigit() else 0
+        return StreamingResponse(_sse(d.feed, since), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", api(info)),
+        Route("/api/coverage", api(coverage)),
+        Route("/api/file", api(file)),
+        Route("/api/explain", api(explain)),
+        Route("/api/events", api(events)),
+        Route("/api/live", live),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    middleware = [Middleware(ReadOnly), Middleware(SecurityHeaders)]
+    if allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def loopback_hosts(host: str) -> list[str]:
+    """Host header values a loopback dashboard at `host` answers to."""
+    return sorted({host, f"[{host}]", "localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def _message(kind: str, data: Any, seq: int | None = None) -> bytes:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _sse(feed: Feed, since: int) -> AsyncIterator[bytes]:
+    """The live stream: recent opens first (those after `since`), then each new batch."""
+    with feed.subscribe() as sub:
+        # No await between subscribing and copying `recent`: nothing is published in
+        # between (publish runs on this loop), so nothing is sent twice or missed.
+        backlog = [item_json(i) for i in feed.recent if i.seq > since]
+        yield _message("hello", {"backlog": len(backlog)})
+        if backlog:
+            yield _message("opens", backlog, backlog[-1]["seq"])
+        while True:
+            batch: list[FeedItem] = []
+            with trio.move_on_after(KEEPALIVE):
+                batch.append(await sub.receive.receive())
+            # A build opening thousands of files: one message per batch, not per open.
+            while len(batch) < 1000:
+                try:
+                    batch.append(sub.receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if not batch:
+                yield b": keepalive\n\n"
+                continue
+            if sub.dropped:
+                yield _message("dropped", {"count": sub.dropped})
+                sub.dropped = 0
+            yield _message("opens", [item_json(i) for i in batch], batch[-1].seq)
+            await trio.sleep(0.05)  # let a flood gather into the next batch

@@ -1,0 +1,111 @@
+"""Serving the dashboard: where it listens, and hypercorn on the caller's trio loop.
+
+The listening socket is bound by `bind()` before anything else happens (before the mount
+is made, for `annofs mount --dashboard`), so a taken port or a bad address is a one-line
+error at the command, not a daemon that mounted and then could not serve. Hypercorn is
+handed the bound socket (`fd://`), and runs as one more task of the loop that serves the
+filesystem: no thread, no second event loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from annofs.errors import UsageError
+
+log = logging.getLogger("annofs.dashboard")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where the dashboard listens."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can connect."""
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def url(self) -> str:
+        """The page's address."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+
+def parse_listen(text: str, *, allow_remote: bool = False) -> ListenAddress:
+    """`HOST:PORT` (`[v6]:PORT`; `localhost` means 127.0.0.1). A non-loopback address
+    is refused unless `allow_remote`: the page shows what is read and signed here."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise UsageError(f"{text!r}: the dashboard address must be HOST:PORT, "
+                         f"e.g. 127.0.0.1:8080")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise UsageError(f"{text!r}: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"{text!r}: {host!r} is not an IP address "
+                         f"(give one, e.g. 127.0.0.1)") from None
+    if not ip.is_loopback and not allow_remote:
+        raise UsageError(f"{text!r}: not a loopback address; the dashboard shows every file "
+                         f"read here, so other machines may see it only if you also pass "
+                         f"--dashboard-allow-remote")
+    return ListenAddress(str(ip), port)
+
+
+def bind(addr: ListenAddress) -> socket.socket:
+    """A listening TCP socket at `addr` (UsageError naming the address if that fails)."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"{addr.host}:{addr.port}: the dashboard cannot listen here "
+                         f"({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def bound_address(sock: socket.socket) -> ListenAddress:
+    """The address a bound socket listens at (the real port, if 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return ListenAddress(host, port)
+
+
+async def serve(app: object, sock: socket.socket,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` (ASGI) on the bound `sock` until cancelled; started once listening.
+
+    Hypercorn takes the socket over (it closes it when done)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    url = bound_address(sock).url
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("annofs.dashboard.http")
+    # Server-sent events streams stay open: at shutdown, do not wait for them.
+    config.graceful_timeout = 0.5
+    config.h2_max_concurrent_streams = 16
+    config.include_server_header = False
+    config.keep_alive_timeout = 30
+    log.info("dashboard at %s", url)
+    await hypercorn_serve(app, config, mode="asgi",  # type: ignore[arg-type]
+                          task_status=task_status)
