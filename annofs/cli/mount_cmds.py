@@ -14,14 +14,26 @@ from annofs.cli.context import store_path
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
 @click.option("--policy", type=click.Path(path_type=Path), default=None,
               help="The trust policy (TOML) to enforce at open(); outside the mount.")
+@click.option("--dashboard", "dashboard", metavar="HOST:PORT", default=None,
+              help="Serve the dashboard (a read-only web page) here, e.g. 127.0.0.1:8080.")
+@click.option("--dashboard-allow-remote", is_flag=True,
+              help="Allow a --dashboard address that other machines can reach.")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.pass_context
 def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, policy: Path | None,
-              mountpoint: Path) -> None:
+              dashboard: str | None, dashboard_allow_remote: bool, mountpoint: Path) -> None:
     """Serve the store at MOUNTPOINT; returns once the mount works (unless --foreground)."""
     from annofs.daemon.mount import MountOptions, mount  # pyfuse3 and trio: only here
+    from annofs.dashboard.server import parse_listen, remote_warning
 
-    mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other, policy))
+    addr = None
+    if dashboard is not None:
+        addr = parse_listen(dashboard, allow_remote=dashboard_allow_remote)
+        if not addr.loopback:
+            click.echo(remote_warning(addr), err=True)
+    mount(MountOptions(store_path(ctx), mountpoint, foreground, allow_other, policy, addr))
+    if addr is not None and not foreground:
+        click.echo(f"dashboard: {addr.url}")
 
 
 @click.command("umount")

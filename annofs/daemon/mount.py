@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from annofs.daemon.events import EventLog
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.daemon.registry import STATE_FILE, MountInfo, read_state
+from annofs.dashboard.server import ListenAddress, bind, serve_for_mount
 from annofs.errors import AnnofsError, StoreError, UsageError
 from annofs.fs.operations import Operations
 from annofs.store.lock import store_lock
@@ -43,6 +46,7 @@ class MountOptions:
     foreground: bool = False
     allow_other: bool = False
     policy: Path | None = None
+    dashboard: ListenAddress | None = None
 
 
 def check_mountable(opts: MountOptions) -> None:
@@ -88,7 +92,8 @@ def _setup_logging(store: Path, foreground: bool) -> None:
         root.addHandler(sh)
 
 
-async def _serve(ops: Operations, policy: PolicyHolder) -> None:
+async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
+                 dashboard: socket.socket | None) -> None:
     invalidator = Invalidator()
     commands = DaemonCommands(ops, invalidator, policy)
     control = ControlServer(ops.vol.store.path, commands.handlers())
@@ -98,6 +103,9 @@ async def _serve(ops: Operations, policy: PolicyHolder) -> None:
         nursery.start_soon(_reload_loop, policy, invalidator, ops)
         nursery.start_soon(invalidator.run)
         await nursery.start(control.serve)
+        if dashboard is not None:
+            await nursery.start(serve_for_mount, dashboard, ops.vol, policy.guard,
+                                policy.gate, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -131,6 +139,8 @@ async def _signal_loop() -> None:
 
 def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; report readiness on `ready_fd` (one line)."""
+    # Bound first: a taken port must fail the command before anything is mounted.
+    dashboard = bind(opts.dashboard) if opts.dashboard is not None else None
     # Held for the mount's life: gc must not run offline under a live daemon.
     lock = contextlib.ExitStack()
     lock.enter_context(store_lock(opts.store, exclusive=False, what="mount"))
@@ -159,7 +169,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         os.close(ready_fd)
     clean = False
     try:
-        trio.run(_serve, ops, policy)
+        trio.run(_serve, ops, policy, opts.mountpoint, dashboard)
         clean = True
     finally:
         try:
@@ -177,8 +187,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
 
 def mount(opts: MountOptions) -> None:
     """`annofs mount`: in the foreground, or daemonised once the mount works."""
-    opts = MountOptions(opts.store.resolve(), opts.mountpoint.resolve(), opts.foreground,
-                        opts.allow_other, opts.policy.resolve() if opts.policy else None)
+    opts = dataclasses.replace(opts, store=opts.store.resolve(),
+                               mountpoint=opts.mountpoint.resolve(),
+                               policy=opts.policy.resolve() if opts.policy else None)
     if opts.policy is not None:
         check_policy_location(opts.policy, opts.mountpoint)  # the most precise reason first
     check_mountable(opts)

@@ -13,10 +13,17 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from annofs.errors import UsageError
+
+if TYPE_CHECKING:
+    from annofs.fs.enforce import OpenGuard
+    from annofs.trust.gate import TrustGate
+    from annofs.volume import Volume
 
 log = logging.getLogger("annofs.dashboard")
 
@@ -66,6 +73,13 @@ def parse_listen(text: str, *, allow_remote: bool = False) -> ListenAddress:
     return ListenAddress(str(ip), port)
 
 
+def remote_warning(addr: ListenAddress) -> str:
+    """What to tell a user who asked for a dashboard other machines can reach."""
+    return (f"warning: the dashboard at {addr.url} is reachable from other machines: "
+            f"anyone who can connect sees which files are read here, and why refused "
+            f"ones differ from their signed originals (no encryption, no login)")
+
+
 def bind(addr: ListenAddress) -> socket.socket:
     """A listening TCP socket at `addr` (UsageError naming the address if that fails)."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
@@ -109,3 +123,20 @@ async def serve(app: object, sock: socket.socket,
     log.info("dashboard at %s", url)
     await hypercorn_serve(app, config, mode="asgi",  # type: ignore[arg-type]
                           task_status=task_status)
+
+
+async def serve_for_mount(sock: socket.socket, vol: Volume, guard: OpenGuard,
+                          gate: TrustGate | None, mountpoint: Path,
+                          task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+    """`annofs mount --dashboard`: the page over the mounted volume, with the live feed
+    of every open the guard judges (its verdict sink is teed into the feed)."""
+    from annofs.daemon.feed import Feed
+    from annofs.dashboard.app import Dashboard, create_app, loopback_hosts
+
+    feed = Feed()
+    guard.sink = feed.tee(guard.sink)
+    addr = bound_address(sock)
+    app = create_app(Dashboard(vol, vol.store.path, gate, feed, mountpoint),
+                     allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
+    await serve(app, sock, task_status=task_status)
