@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 # fuse3/libfuse3-dev/pkg-config: pyfuse3 builds against libfuse3 and mounts with fusermount3.
 # nix-bin: the real Nix, the oracle for NAR and narinfo tests. borgbackup, restic: the peers
 # benchmarks compare against. xz-utils/zstd/bzip2: binary cache compressions. git: --git import.
+# chromium: the real browser the dashboard's test drives (through PyPI's playwright).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
-              xz-utils zstd bzip2 borgbackup restic)
+              xz-utils zstd bzip2 borgbackup restic chromium)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
