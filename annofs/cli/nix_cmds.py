@@ -1,0 +1,154 @@
+"""`annofs nix fetch` and `annofs nix sign`: Nix binary caches.
+
+`nix fetch` writes to the filesystem: with the store mounted (or --dest inside a mount)
+it asks the mount's daemon to do it, so the new paths show in the mount at once;
+otherwise it works on the --store directly. The policy whose trusted keys check the
+narinfo signatures is --policy, else $ANNOFS_POLICY, else (mounted) the mount's own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from annofs.cli.context import Progress, open_volume, store_path
+from annofs.cli.paths import parse_store_path, resolve_target
+from annofs.cli.trust_cmds import POLICY_ENV
+from annofs.daemon.registry import read_state
+from annofs.errors import UsageError
+from annofs.store.lock import store_lock
+
+
+@click.group("nix")
+def nix_group() -> None:
+    """Nix binary caches: verified import, and signing as a rebuilder."""
+
+
+def _policy_file(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    env = os.environ.get(POLICY_ENV)
+    return Path(env) if env else None
+
+
+def _report(f: dict[str, Any], out_prefix: str) -> None:
+    path = out_prefix + "/".join(f["dest"])
+    n = f["files"]
+    if f["already"]:
+        what = (f"already present, NAR matches; {f['statements']} new signature"
+                f"{'s' if f['statements'] != 1 else ''} recorded")
+    else:
+        what = f"{n} file{'s' if n != 1 else ''}, {f['nar_size']} NAR bytes"
+    click.echo(f"fetched {f['store_path']} -> {path}: {what}; signed by "
+               f"{', '.join(f['signers'])}")
+    for note in f["notes"]:
+        click.echo(f"note: {note}", err=True)
+
+
+@nix_group.command("fetch")
+@click.option("--cache", "caches", multiple=True, required=True, metavar="DIR",
+              help="A binary cache directory (as 'nix copy --to file://DIR' writes); "
+                   "repeatable: agreeing caches add their signatures.")
+@click.option("--dest", default=None, metavar="PATH",
+              help="Where store paths go (default /nix/store in the filesystem).")
+@click.option("--recursive", is_flag=True, help="Also fetch every path it references.")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
+              help=f"The policy whose trusted keys count (default: ${POLICY_ENV}, or the "
+                   f"mount's).")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
+                  recursive: bool, policy_file: Path | None, paths: tuple[str, ...]) -> None:
+    """Import STOREPATHs from binary caches, verifying signatures and NarHash first.
+
+    A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
+    unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
+    """
+    from annofs.nix.fetch import DEFAULT_DEST, fetch, host_dir
+    from annofs.nix.narinfo import store_path_arg
+
+    if not paths:
+        raise UsageError("no STOREPATH given")
+    for p in paths:
+        store_path_arg(p)  # a typo is exit 2 before anything is read
+    cache_dirs = [host_dir(c) for c in caches]
+    for c in cache_dirs:
+        if not c.is_dir():
+            raise UsageError(f"{c}: no such cache directory")
+    policy_path = _policy_file(policy_file)
+    store = store_path(ctx)
+    if dest is not None:
+        target = resolve_target(dest, store)
+        store, dest_parts, mount = target.store, list(target.parts), target.mount
+    else:
+        dest_parts, mount = list(DEFAULT_DEST), None
+    state = read_state(store)
+    if mount is not None or state is not None:
+        from annofs.daemon.client import request
+
+        if mount is None and dest is not None:
+            raise UsageError(f"{store}: mounted at {state['mountpoint']}; give --dest as a "
+                             f"path inside the mount")
+        result = request(store, "nix-fetch", caches=[str(c) for c in cache_dirs],
+                         paths=list(paths), recursive=recursive,
+                         dest=[p.decode("utf-8", "surrogateescape") for p in dest_parts],
+                         policy=str(policy_path.resolve()) if policy_path else None)
+        mp = mount.mountpoint if mount is not None else Path(state["mountpoint"])
+        for f in result["fetched"]:
+            _report(f, f"{mp}/")
+        return
+    from annofs.trust.policy import load_policy
+
+    if policy_path is None:
+        raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV} (its trusted "
+                         f"keys decide which cache signatures count)")
+    policy = load_policy(policy_path)
+    progress = Progress("nix fetch")
+    try:
+        with store_lock(store, exclusive=False, what="nix fetch"), \
+                open_volume(ctx, store=store) as vol:
+            done = fetch(vol, policy, cache_dirs, paths, dest=dest_parts, recursive=recursive,
+                         progress=progress)
+            vol.store.sync()
+    finally:
+        progress.close()
+    for f in done:
+        _report(f.to_json(), "/")
+
+
+@nix_group.command("sign")
+@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+              metavar="SECRET", help="The secret key file (Nix format).")
+@click.option("--cache", "cache", required=True, metavar="DIR",
+              help="The binary cache directory holding the narinfo files.")
+@click.option("--dest", default="/nix/store", show_default=True, metavar="PATH",
+              help="Where the store paths are in the filesystem.")
+@click.argument("paths", nargs=-1)
+@click.pass_context
+def nix_sign_cmd(ctx: click.Context, key_file: Path, cache: str, dest: str,
+                 paths: tuple[str, ...]) -> None:
+    """Add a Sig to STOREPATHs' narinfo files, after checking the tree in the filesystem
+    hashes to the narinfo's NarHash: annofs as an independent rebuilder."""
+    from annofs.nix.fetch import host_dir
+    from annofs.nix.narinfo import store_path_arg
+    from annofs.nix.sign import sign_path
+    from annofs.trust.keys import load_secret_key
+
+    if not paths:
+        raise UsageError("no STOREPATH given")
+    for p in paths:
+        store_path_arg(p)
+    key = load_secret_key(key_file)
+    cache_dir = host_dir(cache)
+    if not cache_dir.is_dir():
+        raise UsageError(f"{cache_dir}: no such cache directory")
+    target = resolve_target(dest, store_path(ctx))
+    dest_parts = target.parts if target.mount is not None else parse_store_path(dest)
+    with open_volume(ctx, store=target.store) as vol:
+        for p in paths:
+            s = sign_path(vol, cache_dir, p, key, dest=dest_parts)
+            click.echo(f"signed {s.store_path} by {key.name} in {s.narinfo}"
+                       + ("" if s.added else " (already signed by this key)"))

@@ -1,0 +1,453 @@
+"""`annofs nix fetch`: store paths from a Nix binary cache directory, verified first.
+
+For each store path: read `<hash>.narinfo` from each `--cache` directory (the layout
+`nix copy --to file://DIR` writes), check every `Sig` over the narinfo's fingerprint with
+the policy's trusted keys, and refuse unless at least one signature by a trusted,
+unrevoked key holds (`RefusedError`, exit 1). Then stream the NAR (decompressed on the
+fly, never whole in memory) into `restore_nar_into`, which builds the tree in a staging
+root. Its `before_swap` hook compares the NAR's SHA-256 and size with the signed NarHash
+and NarSize (and the unsigned FileHash and FileSize with the compressed file), and in the
+same transaction that swaps the tree in, records each signature as a statement: a NAR
+that does not match adds nothing at all, and a tree never appears without its
+signatures.
+
+How a narinfo signature becomes a statement. A cache signs only the fingerprint
+`1;PATH;sha256:NARHASH;NARSIZE;REFS`, not files, and not a DSSE envelope: annofs cannot
+make an in-toto statement the cache key signed. So the statement (trust/statement.py,
+`narinfo_statement`) carries the fingerprint itself, and its signature is the narinfo's
+`Sig` bytes, verified against the fingerprint with the key's public half every time the
+statement is read; the policy then treats it like any other statement (claim `built`,
+distinct signers by public key). Its subjects are the BLAKE3 digests of every regular
+file of the tree, named `<hash>-<name>/<path>` as `annofs sign` of the store path would
+name them, so a rule on `/nix/store/**` counts the cache keys as signers of each file.
+
+What binds those subjects to the NarHash is the NAR they were restored from: this
+module checks that binding as the tree is added, from the very bytes it restores. The
+cache signature cannot vouch for it (it never covered file digests), which is why these
+statements are not accepted from `attest import` (a file of them could attach a cache's
+signature to any content); `annofs nix sign` re-checks the binding the other way, by
+dumping the tree back to a NAR and hashing it, as `nix store verify` would.
+
+A closure (`--recursive`) is resolved and every narinfo checked before any NAR is read;
+each path is then added atomically on its own, references first (as Nix substitutes), so
+a NAR found bad part-way leaves the paths before it, each complete and verified.
+A path already present at its destination is not fetched again: its NAR hash is
+computed from the tree, and if it equals the narinfo's, the signatures not yet recorded
+are added; any other content there is a refusal.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import hashlib
+import lzma
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lmdb
+
+from annofs.errors import NotFoundError, RefusedError, UsageError
+from annofs.nix.nar import NarError, RestoredTree, dump_volume, nar_hash, restore_nar_into
+from annofs.nix.narinfo import (
+    HASH_PART_LEN,
+    NarInfo,
+    SigCheck,
+    StorePath,
+    check_signatures,
+    distinct_signers,
+    format_sha256,
+    parse_narinfo,
+)
+from annofs.trust.annotations import AnnotationStore
+from annofs.trust.policy import Policy
+from annofs.trust.signing import collect_files
+from annofs.trust.statement import SignedStatement, narinfo_statement
+from annofs.volume import Volume
+
+DEFAULT_DEST = (b"nix", b"store")
+_READ = 1 << 20
+
+Progress = Callable[[int, int], None]
+
+
+# -- the NAR stream ----------------------------------------------------------------------------
+
+
+class _Hashing:
+    """The compressed file as read: its SHA-256 and size, for FileHash and FileSize."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        n = self._f.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self.sha256.update(memoryview(b)[:n])
+            self.size += n
+        return n
+
+    def drain(self) -> None:
+        """Read what the decompressor left (e.g. padding after the last frame)."""
+        while self.read(_READ):
+            pass
+
+    def readable(self) -> bool:
+        return True
+
+
+_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (lzma.LZMAError, EOFError, OSError)
+
+
+def _decompressor(raw: _Hashing, compression: str) -> BinaryIO:
+    if compression == "none":
+        return raw  # type: ignore[return-value]
+    if compression == "xz":
+        return lzma.LZMAFile(raw)  # type: ignore[arg-type]
+    if compression == "bzip2":
+        return bz2.BZ2File(raw)  # type: ignore[arg-type]
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                      closefd=False)
+
+
+class _NarStream:
+    """The decompressed NAR, bounded by NarSize: a bigger stream (a decompression bomb,
+    or the wrong file) stops as soon as it passes the size the narinfo signed, and a
+    corrupt compressed stream is a refusal, not a crash."""
+
+    def __init__(self, raw: _Hashing, info: NarInfo, where: str) -> None:
+        self._raw = raw
+        self._info = info
+        self._where = where
+        self._inner = _decompressor(raw, info.compression)
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = _READ
+        # One byte past NarSize is enough to know it is too long.
+        n = min(n, self._info.nar_size + 1 - self.size)
+        if n <= 0:
+            return b""
+        try:
+            data = self._inner.read(n)
+        except _DECOMPRESS_ERRORS as e:
+            raise RefusedError(f"{self._where}: the {self._info.compression} stream is "
+                               f"corrupt ({e})") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise RefusedError(f"{self._where}: the zstd stream is corrupt ({e})") from None
+            raise
+        self.size += len(data)
+        if self.size > self._info.nar_size:
+            raise RefusedError(f"{self._where}: the NAR is larger than NarSize "
+                               f"{self._info.nar_size} (the narinfo signed another NAR)")
+        return data
+
+
+# -- resolving narinfos ------------------------------------------------------------------------
+
+
+@dataclass
+class Resolved:
+    """A store path's narinfos (the first, and others agreeing with it) and their worth."""
+
+    store_path: StorePath
+    sources: list[tuple[Path, NarInfo]]  # cache directory, narinfo; first is primary
+    checks: list[SigCheck]
+    signers: dict[bytes, str]  # public key -> name, the signatures that count
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def info(self) -> NarInfo:
+        """The primary narinfo (the one the NAR is read through)."""
+        return self.sources[0][1]
+
+
+def read_narinfo(cache: Path, hash_part: str) -> NarInfo | None:
+    """`cache/<hash>.narinfo`, parsed; None if the cache has none."""
+    path = cache / f"{hash_part}.narinfo"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a narinfo") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    info = parse_narinfo(data, str(path))
+    if info.store_path.hash_part != hash_part:
+        raise RefusedError(f"{path}: describes {info.store_path}, not a path with hash "
+                           f"{hash_part}")
+    return info
+
+
+def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
+            expected: str | None = None) -> Resolved:
+    """Find and check a store path's narinfos; RefusedError unless a trusted key signed it.
+
+    Several caches may describe the path: those whose fingerprint equals the first's
+    add their signatures (two builders that agree); one that disagrees is noted and
+    counts for nothing.
+    """
+    sources: list[tuple[Path, NarInfo]] = []
+    notes: list[str] = []
+    for cache in caches:
+        info = read_narinfo(cache, hash_part)
+        if info is None:
+            continue
+        if expected is not None and info.store_path.full != expected:
+            raise RefusedError(f"{info.source}: describes {info.store_path}, not {expected}")
+        if sources and info.fingerprint() != sources[0][1].fingerprint():
+            notes.append(f"{info.source} disagrees ({info.nar_hash_text}, "
+                         f"{info.nar_size} bytes): its signatures do not count")
+            continue
+        sources.append((cache, info))
+    if not sources:
+        where = ", ".join(str(c) for c in caches)
+        raise RefusedError(f"{expected or hash_part}: no {hash_part}.narinfo in {where}")
+    merged: dict[str, SigCheck] = {}
+    for _cache, info in sources:
+        for c in check_signatures(info, policy):
+            merged.setdefault(c.sig.text, c)
+    checks = list(merged.values())
+    signers = distinct_signers(checks)
+    first = sources[0][1]
+    if not signers:
+        why = "; ".join(c.problem for c in checks) or "the narinfo has no Sig line"
+        raise RefusedError(f"{first.store_path}: no valid signature by a trusted key ({why})")
+    return Resolved(first.store_path, sources, checks, signers, notes)
+
+
+def resolve_closure(caches: Sequence[Path], roots: Sequence[tuple[str, str | None]],
+                    policy: Policy, recursive: bool) -> list[Resolved]:
+    """Every requested path (and with `recursive` every reference, transitively),
+    references before the paths that refer to them."""
+    done: dict[str, Resolved] = {}
+    order: list[Resolved] = []
+
+    def visit(hash_part: str, expected: str | None, stack: set[str]) -> None:
+        if hash_part in done or hash_part in stack:
+            return
+        r = resolve(caches, hash_part, policy, expected)
+        stack.add(hash_part)
+        if recursive:
+            for ref in r.info.reference_paths():
+                ref_hash = ref.rsplit("/", 1)[1][:HASH_PART_LEN]
+                if ref_hash != hash_part:
+                    visit(ref_hash, ref, stack)
+        stack.discard(hash_part)
+        done[hash_part] = r
+        order.append(r)
+
+    for hash_part, expected in roots:
+        visit(hash_part, expected, set())
+    return order
+
+
+# -- adding ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fetched:
+    """What fetching one store path did."""
+
+    store_path: str
+    dest: tuple[bytes, ...]
+    files: int
+    signers: list[str]
+    statements: int  # new statements recorded
+    already: bool  # the tree was there already (only signatures were added)
+    nar_size: int
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """As the daemon answers a command (names as text)."""
+        d = dataclasses.asdict(self)
+        d["dest"] = [p.decode("utf-8", "surrogateescape") for p in self.dest]
+        return d
+
+
+def _subject_name(base: str, path: Sequence[bytes]) -> str:
+    # As trust.signing names them: relative to the parent of the signed store path.
+    return "/".join([base, *(p.decode("utf-8", "backslashreplace") for p in path)])
+
+
+def _statements(r: Resolved, subjects: list[tuple[str, bytes]]) -> list[SignedStatement]:
+    fp = r.info.fingerprint()
+    when = int(time.time())
+    out = []
+    for c in r.checks:
+        if c.counts and c.key is not None:
+            out.append(narinfo_statement(subjects, c.sig.key_name, c.key, fp, c.sig.sig, when))
+    return out
+
+
+def _record(vol: Volume, txn: lmdb.Transaction, ann: AnnotationStore, r: Resolved,
+            files: list[tuple[str, bytes, int]]) -> int:
+    """Record the signatures over (subject name, digest, version id) files; how many new.
+
+    A signature already recorded over the same subjects (an earlier fetch) is not
+    recorded twice, although its statement's time would make it a new one.
+    """
+    if not files:
+        return 0  # a store path that is only a symlink: nothing to open, nothing to sign
+    subjects = [(n, d) for n, d, _ in files]
+    digests = frozenset(d for _, d, _ in files)
+    have = {(ss.envelope.sig, ss.statement.fingerprint)
+            for ss in ann.covering(txn, files[0][1]) if ss.digests == digests}
+    added = 0
+    for ss in _statements(r, subjects):
+        if (ss.envelope.sig, ss.statement.fingerprint) in have:
+            continue
+        added += ann.add(txn, ss)
+    if added:
+        done: set[bytes] = set()
+        for _, digest, vid in files:
+            if digest not in done:
+                done.add(digest)
+                ann.index_fragments(txn, digest, vol.versions.get(txn, vid).hashes)
+    return added
+
+
+def _open_nar(r: Resolved) -> tuple[Path, NarInfo, BinaryIO]:
+    """The NAR file of the first agreeing cache that has it."""
+    tried = []
+    for cache, info in r.sources:
+        path = cache / info.url
+        try:
+            return path, info, open(path, "rb")  # closed by the caller
+        except FileNotFoundError:
+            tried.append(str(path))
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    raise RefusedError(f"{r.store_path}: the NAR is missing ({', '.join(tried)})")
+
+
+def _check_nar(info: NarInfo, where: str, got_sha256: bytes, got_size: int) -> None:
+    if got_size != info.nar_size:
+        raise RefusedError(f"{where}: NAR size mismatch: {got_size} bytes, the narinfo "
+                           f"signed NarSize {info.nar_size}")
+    if got_sha256 != info.nar_hash:
+        raise RefusedError(f"{where}: NAR hash mismatch: {format_sha256(got_sha256)}, the "
+                           f"narinfo signed NarHash {info.nar_hash_text}")
+
+
+def _check_file(info: NarInfo, where: str, raw: _Hashing) -> None:
+    raw.drain()
+    if info.file_size is not None and raw.size != info.file_size:
+        raise RefusedError(f"{where}: FileSize mismatch: {raw.size} bytes, the narinfo says "
+                           f"{info.file_size}")
+    if info.file_hash is not None and raw.sha256.digest() != info.file_hash:
+        raise RefusedError(f"{where}: FileHash mismatch: "
+                           f"{format_sha256(raw.sha256.digest())}, the narinfo says "
+                           f"{format_sha256(info.file_hash)}")
+
+
+def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
+             progress: Progress | None = None) -> Fetched:
+    """Add one resolved store path at `dest_dir/<base name>` (see the module docstring)."""
+    base = r.store_path.base
+    dest = (*dest_dir, base.encode())
+    ann = AnnotationStore(vol.store)
+    signers = sorted(r.signers.values())
+    if _exists(vol, dest):
+        return _add_signatures(vol, ann, r, dest, signers)
+    nar_path, info, f = _open_nar(r)
+    where = str(nar_path)
+    raw = _Hashing(f)
+    stream = _NarStream(raw, info, where)
+    counted: list[int] = []
+
+    def before_swap(txn: lmdb.Transaction, tree: RestoredTree) -> None:
+        _check_nar(info, where, tree.nar.sha256, tree.nar.size)
+        _check_file(info, where, raw)
+        files = [(_subject_name(base, rf.path), rf.digest, rf.version) for rf in tree.files]
+        counted.append(_record(vol, txn, ann, r, files))
+
+    try:
+        with f:
+            tree = restore_nar_into(vol, stream, dest, source=where,  # type: ignore[arg-type]
+                                    before_swap=before_swap, progress=progress)
+    except NarError as e:
+        # The signed NarHash describes a well-formed NAR: a malformed one is not it.
+        raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
+    return Fetched(r.store_path.full, dest, len(tree.files), signers, counted[0], False,
+                   info.nar_size, r.notes)
+
+
+def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[bytes, ...],
+                    signers: list[str]) -> Fetched:
+    """The path is there: if its NAR is the signed one, record the signatures over it."""
+    where = "/" + b"/".join(dest).decode("utf-8", "backslashreplace")
+    got = nar_hash(dump_volume(vol, dest))
+    if (got.sha256, got.size) != (r.info.nar_hash, r.info.nar_size):
+        raise RefusedError(f"{where}: already exists with other content "
+                           f"({got}, {got.size} bytes; the narinfo signed "
+                           f"{r.info.nar_hash_text}, {r.info.nar_size} bytes)")
+    refs = collect_files(vol, [dest]) if _has_files(vol, dest) else []
+    files = [(ref.name, ref.digest, ref.version.id) for ref in refs]
+    with vol.store.write() as txn:
+        added = _record(vol, txn, ann, r, files)
+    return Fetched(r.store_path.full, dest, len(files), signers, added, True,
+                   r.info.nar_size, r.notes)
+
+
+def _exists(vol: Volume, dest: tuple[bytes, ...]) -> bool:
+    with vol.store.read() as txn:
+        try:
+            vol.namespace.resolve(txn, list(dest))
+        except NotFoundError:
+            return False
+    return True
+
+
+def _has_files(vol: Volume, dest: tuple[bytes, ...]) -> bool:
+    with vol.store.read() as txn:
+        a = vol.namespace.resolve(txn, list(dest))
+    return a.is_reg or a.is_dir
+
+
+def fetch(vol: Volume, policy: Policy, caches: Sequence[Path], paths: Sequence[str], *,
+          dest: Sequence[bytes] = DEFAULT_DEST, recursive: bool = False,
+          progress: Progress | None = None) -> list[Fetched]:
+    """Fetch `paths` (full store paths, base names or hash parts) from `caches`."""
+    from annofs.nix.narinfo import store_path_arg
+
+    if not caches:
+        raise UsageError("no --cache DIR given")
+    for c in caches:
+        if not c.is_dir():
+            raise UsageError(f"{c}: no such cache directory")
+    if not paths:
+        raise UsageError("no STOREPATH given")
+    roots = []
+    for p in paths:
+        h = store_path_arg(p)
+        roots.append((h, p.rstrip("/") if p.startswith("/") else None))
+    order = resolve_closure(caches, roots, policy, recursive)
+    return [add_path(vol, r, dest, progress) for r in order]
+
+
+def signers_text(names: Sequence[str]) -> str:
+    """`cache-a-1, cache-b-1`."""
+    return ", ".join(names)
+
+
+def host_dir(text: str) -> Path:
+    """A --cache argument: an existing directory, absolute (the daemon may run elsewhere)."""
+    return Path(os.path.abspath(text))
