@@ -9,6 +9,7 @@ import click
 
 from annofs.cli.context import default_store
 from annofs.cli.copy_cmds import cp_cmd
+from annofs.cli.dashboard_cmds import dashboard_cmd
 from annofs.cli.events_cmds import events_cmd
 from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
 from annofs.cli.maintenance_cmds import fsck_cmd, gc_cmd
@@ -39,7 +40,8 @@ def cli(ctx: click.Context, store: Path | None) -> None:
 
 for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
                 umount_cmd, fsck_cmd, gc_cmd, cp_cmd, events_cmd, key_group, sign_cmd,
-                label_cmd, attest_group, verify_cmd, policy_group, why_cmd, nix_group):
+                label_cmd, attest_group, verify_cmd, policy_group, why_cmd,
+                dashboard_cmd, nix_group):
     cli.add_command(command)
 
 

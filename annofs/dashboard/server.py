@@ -23,6 +23,7 @@ from annofs.errors import UsageError
 if TYPE_CHECKING:
     from annofs.fs.enforce import OpenGuard
     from annofs.trust.gate import TrustGate
+    from annofs.trust.policy import Policy
     from annofs.volume import Volume
 
 log = logging.getLogger("annofs.dashboard")
@@ -140,3 +141,21 @@ async def serve_for_mount(sock: socket.socket, vol: Volume, guard: OpenGuard,
     app = create_app(Dashboard(vol, vol.store.path, gate, feed, mountpoint),
                      allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
     await serve(app, sock, task_status=task_status)
+
+
+def serve_store(store: Path, sock: socket.socket, policy: Policy | None) -> None:
+    """`annofs dashboard`: the page over a store that is not mounted here (coverage,
+    files, the events log; no live opens), until interrupted."""
+    from annofs.dashboard.app import Dashboard, create_app, loopback_hosts
+    from annofs.trust.gate import TrustGate
+    from annofs.volume import Volume
+
+    vol = Volume.open(store)
+    try:
+        gate = TrustGate(vol, policy) if policy is not None else None
+        addr = bound_address(sock)
+        app = create_app(Dashboard(vol, store, gate),
+                         allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
+        trio.run(serve, app, sock)
+    finally:
+        vol.close()
