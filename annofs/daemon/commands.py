@@ -38,7 +38,7 @@ class DaemonCommands:
     def handlers(self) -> dict[str, Any]:
         """op name -> handler, for the ControlServer."""
         return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload,
-                "gc": self.gc}
+                "gc": self.gc, "nix-fetch": self.nix_fetch}
 
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.
@@ -75,3 +75,38 @@ class DaemonCommands:
         self.ops.dirty_since_sync = True
         self.inv.path_changed(self.ops.inodes, made)
         return {"path": [p.decode("utf-8", "surrogateescape") for p in made]}
+
+    async def nix_fetch(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """`annofs nix fetch` into the mount; the new store paths show at once.
+
+        Like gc it runs on the event loop: the mount waits while NARs are read (the
+        restore is one staging tree swapped in by one transaction, so no reader ever
+        sees half a path). The policy is the file the command names, else the mount's.
+        """
+        from pathlib import Path
+
+        from annofs.nix.fetch import fetch
+        from annofs.trust.policy import load_policy
+
+        caches, paths = args.get("caches"), args.get("paths")
+        if not isinstance(caches, list) or not all(isinstance(c, str) for c in caches) or \
+                not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise UsageError("control: 'caches' and 'paths' must be lists of strings")
+        dest = _parts(args, "dest")
+        policy_file = args.get("policy")
+        if isinstance(policy_file, str):
+            policy = load_policy(Path(policy_file))
+        elif self.policy.gate is not None:
+            policy = self.policy.gate.policy
+        else:
+            raise UsageError("no policy: give --policy FILE (this mount has none; its trusted "
+                             "keys would decide which cache signatures count)")
+        await self.ops.commit_all()
+        done = fetch(self.ops.vol, policy, [Path(c) for c in caches], paths, dest=dest,
+                     recursive=bool(args.get("recursive", False)))
+        self.ops.dirty_since_sync = True
+        for f in done:
+            # Every level: /nix may be new, and the kernel may hold a negative entry for it.
+            for i in range(1, len(f.dest) + 1):
+                self.inv.path_changed(self.ops.inodes, list(f.dest[:i]))
+        return {"fetched": [f.to_json() for f in done]}
