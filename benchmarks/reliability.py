@@ -1,0 +1,417 @@
+"""Crash consistency: `kill -9` of the daemon at random moments under a writer that fsyncs.
+
+A writer runs as its own process on the real mount (`python -m benchmarks.reliability
+writer ROOT JOURNAL SEED`): it creates files (in one or several writes), appends,
+overwrites, edits a large file in place, truncates, replaces files by write-fsync-rename,
+moves and removes them. Before each change it appends an *intent* to a journal on the
+host (outside the mount): every path the change touches and the BLAKE3 digest of the
+content it will have (or null: absent). After the change is fsynced (the file, and the
+directory for a new, moved or removed name) it appends a *synced* record naming the
+intent and fsyncs the journal. Some changes are left unsynced on purpose.
+
+After each kill the store must pass `annofs fsck` (offline), mount again, and every path
+must hold one of these states, in journal order per path: the state of the last synced
+intent touching it (or the verified state the cycle started from), or a state a later
+intent gave it. So nothing fsynced is lost, nothing is torn: annofs makes a version at
+close/fsync only, so a half-done write of several `write()` calls is never seen (stricter
+than POSIX, which allows any prefix of unsynced data), and no name appears that the
+writer never made.
+
+`CrashLoop` is the driver, shared by tests/t4_reliability_crash.py (8 cycles; 50 with
+ANNOFS_FULL=1) and the figure `crash` here (50 cycles, or ANNOFS_CRASH_CYCLES).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+REPO = Path(__file__).resolve().parents[1]
+EMPTY = blake3.blake3(b"").hexdigest()
+BIG = "big"  # the large file the writer edits in place
+BIG_SIZE = 6 << 20
+SUBDIR = "sub"
+MAX_FILES = 40
+# What a killed daemon's mount answers; anything else the writer sees is a failure.
+DEAD_MOUNT = {errno.ENOTCONN, errno.ECONNABORTED}
+
+
+def digest(data: bytes | None) -> str | None:
+    """The journal's name for a state: BLAKE3 hex of the content, None for absent."""
+    return None if data is None else blake3.blake3(data).hexdigest()
+
+
+# -- the writer (a separate process) -----------------------------------------------------
+
+
+class Writer:
+    """Changes files under `root` and journals what it intends and what it fsynced."""
+
+    def __init__(self, root: Path, journal: Path, rnd: random.Random, tag: str) -> None:
+        self.root = root
+        self.rnd = rnd
+        self.tag = tag
+        self.n = 0
+        self.seq = 0
+        self.jfd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # What the files hold now, as far as this process knows (it is the only writer).
+        self.files: dict[str, bytes] = {}
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                self.files[str(p.relative_to(root))] = p.read_bytes()
+
+    def _journal(self, rec: dict, sync: bool) -> None:
+        # One write(2) per record: the journal survives the death of any process; the
+        # fsync is for the synced records, as an application would do it.
+        os.write(self.jfd, (json.dumps(rec) + "\n").encode())
+        if sync:
+            os.fsync(self.jfd)
+
+    def intent(self, states: dict[str, bytes | None]) -> int:
+        """Record the states a change is about to give these paths; its sequence number."""
+        self.seq += 1
+        self._journal({"seq": self.seq, "intent": {p: digest(d) for p, d in states.items()}},
+                      sync=False)
+        return self.seq
+
+    def synced(self, seq: int) -> None:
+        """Record that intent `seq` is fsynced (every path it touched)."""
+        self._journal({"synced": seq}, sync=True)
+
+    def _fsync_dir(self, rel: str) -> None:
+        fd = os.open(self.root / os.path.dirname(rel) if os.path.dirname(rel) else self.root,
+                     os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _name(self) -> str:
+        self.n += 1
+        name = f"{self.tag}-{self.n}"
+        return f"{SUBDIR}/{name}" if self.rnd.random() < 0.3 else name
+
+    def _data(self, size: int) -> bytes:
+        return self.rnd.randbytes(size)
+
+    def _write_all(self, fd: int, data: bytes, pieces: int, at: int | None = None) -> None:
+        cuts = sorted(self.rnd.randrange(len(data) + 1) for _ in range(pieces - 1))
+        pos = 0
+        for end in [*cuts, len(data)]:
+            if at is None:
+                os.write(fd, data[pos:end])
+            else:
+                os.pwrite(fd, data[pos:end], at + pos)
+            pos = end
+
+    # -- the changes --
+
+    def new_file(self, name: str, data: bytes, sync: bool) -> None:
+        self.intent({name: b""})  # the name exists (empty) as soon as it is created
+        fd = os.open(self.root / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            seq = self.intent({name: data})
+            self.files[name] = b""
+            self._write_all(fd, data, self.rnd.randint(1, 4))
+            self.files[name] = data
+            if sync:
+                os.fsync(fd)
+                self._fsync_dir(name)
+                self.synced(seq)
+        finally:
+            os.close(fd)
+
+    def rewrite(self, name: str, new: bytes, flags: int, sync: bool,
+                at: int | None = None, patch: bytes = b"") -> None:
+        """Append (O_APPEND), replace (O_TRUNC) or patch in place (`at`) one file."""
+        seq = self.intent({name: new})
+        fd = os.open(self.root / name, os.O_WRONLY | flags)
+        try:
+            if at is not None:
+                os.pwrite(fd, patch, at)
+            else:
+                self._write_all(fd, new if flags & os.O_TRUNC else patch,
+                                self.rnd.randint(1, 3))
+            self.files[name] = new
+            if sync:
+                os.fsync(fd)
+                self.synced(seq)
+        finally:
+            os.close(fd)
+
+    def truncate(self, name: str, size: int, sync: bool) -> None:
+        old = self.files[name]
+        new = old[:size] + bytes(max(0, size - len(old)))
+        seq = self.intent({name: new})
+        fd = os.open(self.root / name, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+            self.files[name] = new
+            if sync:
+                os.fsync(fd)
+                self.synced(seq)
+        finally:
+            os.close(fd)
+
+    def replace(self, target: str, data: bytes) -> None:
+        """The atomic-replace idiom: write a temporary name, fsync, rename over, fsync dir."""
+        tmp = f".tmp-{self.tag}-{self.n}"
+        self.new_file(tmp, data, sync=True)
+        seq = self.intent({tmp: None, target: data})
+        os.rename(self.root / tmp, self.root / target)
+        del self.files[tmp]
+        self.files[target] = data
+        self._fsync_dir(target)
+        self.synced(seq)
+
+    def move(self, src: str, dst: str) -> None:
+        data = self.files[src]
+        seq = self.intent({src: None, dst: data})
+        os.rename(self.root / src, self.root / dst)
+        del self.files[src]
+        self.files[dst] = data
+        self._fsync_dir(src)
+        self._fsync_dir(dst)
+        self.synced(seq)
+
+    def remove(self, name: str) -> None:
+        seq = self.intent({name: None})
+        os.unlink(self.root / name)
+        del self.files[name]
+        self._fsync_dir(name)
+        self.synced(seq)
+
+    def step(self) -> None:
+        """One random change."""
+        rnd = self.rnd
+        sync = rnd.random() < 0.75
+        small = sorted(n for n in self.files if n != BIG and not n.startswith(".tmp"))
+        op = rnd.random()
+        if BIG not in self.files:
+            self.new_file(BIG, self._data(BIG_SIZE), sync=True)
+        elif op < 0.25 or not small:
+            if len(small) >= MAX_FILES:
+                self.remove(rnd.choice(small))
+                return
+            size = rnd.choice([0, 1, 100, 4_000, 70_000, 300_000])
+            self.new_file(self._name(), self._data(size), sync)
+        elif op < 0.40:
+            name = rnd.choice(small)
+            if len(self.files[name]) > 1_000_000:
+                self.truncate(name, rnd.randrange(1000), sync)
+                return
+            patch = self._data(rnd.choice([1, 50, 9_000, 120_000]))
+            self.rewrite(name, self.files[name] + patch, os.O_APPEND, sync, patch=patch)
+        elif op < 0.52:
+            name = rnd.choice(small)
+            data = self._data(rnd.choice([0, 10, 5_000, 200_000]))
+            self.rewrite(name, data, os.O_TRUNC, sync)
+        elif op < 0.68:
+            old = self.files[BIG]
+            at = rnd.randrange(len(old) + 1)
+            patch = self._data(rnd.choice([1, 17, 4096, 70_000]))
+            new = old[:at] + patch + old[at + len(patch):]
+            self.rewrite(BIG, new, 0, sync, at=at, patch=patch)
+        elif op < 0.74:
+            name = rnd.choice(small)
+            self.truncate(name, rnd.randrange(2 * len(self.files[name]) + 10), sync)
+        elif op < 0.86:
+            target = rnd.choice(small) if rnd.random() < 0.7 else self._name()
+            self.replace(target, self._data(rnd.choice([0, 300, 50_000])))
+        elif op < 0.94:
+            self.move(rnd.choice(small), self._name())
+        else:
+            self.remove(rnd.choice(small))
+
+
+def writer_main(root: Path, journal: Path, seed: int, tag: str) -> int:
+    """Run changes until the mount dies under us (exit 0) or something is wrong (exit 1)."""
+    w = Writer(root, journal, random.Random(seed), tag)
+    try:
+        while True:
+            w.step()
+    except OSError as e:
+        if e.errno in DEAD_MOUNT:
+            return 0
+        traceback.print_exc()
+        return 1
+
+
+# -- checking what survived --------------------------------------------------------------
+
+
+def observe(root: Path) -> dict[str, str]:
+    """Every file under `root` and the digest of what reading it gives."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = blake3.blake3(p.read_bytes()).hexdigest()
+        elif not p.is_dir():
+            out[str(p.relative_to(root))] = "not a regular file"
+    return out
+
+
+@dataclass
+class Verdict:
+    """One cycle's check: what was wrong, and how much was checked."""
+
+    problems: list[str] = field(default_factory=list)
+    synced: int = 0  # synced intents in the journal
+    paths: int = 0  # paths checked
+    later: int = 0  # paths found in a state newer than their last synced one
+
+
+def verify(base: dict[str, str], journal: Path, seen: dict[str, str]) -> Verdict:
+    """Whether `seen` (after the crash) is allowed by `base` (the verified state before
+    the cycle) and the journal of the cycle (see the module docstring)."""
+    v = Verdict()
+    # per path: the states in order; index 0 is the base, which is durable
+    history: dict[str, list[str | None]] = {p: [d] for p, d in base.items()}
+    last_synced: dict[str, int] = dict.fromkeys(base, 0)
+    where: dict[int, dict[str, int]] = {}  # intent seq -> path -> index in history
+    for line in journal.read_text().splitlines():
+        rec = json.loads(line)
+        if "intent" in rec:
+            where[rec["seq"]] = {}
+            for p, d in rec["intent"].items():
+                h = history.setdefault(p, [None])
+                last_synced.setdefault(p, 0)
+                where[rec["seq"]][p] = len(h)
+                h.append(d)
+        else:
+            v.synced += 1
+            for p, i in where[rec["synced"]].items():
+                last_synced[p] = max(last_synced[p], i)
+    for p in sorted(history.keys() | seen.keys()):
+        v.paths += 1
+        got = seen.get(p)
+        if p not in history:
+            v.problems.append(f"{p}: present ({got}) but the writer never made it")
+            continue
+        states, k = history[p], last_synced[p]
+        if got in states[k:]:
+            v.later += got != states[k]
+            continue
+        what = "absent" if got is None else f"content {got[:16]}"
+        shown = ", ".join("absent" if s is None else s[:16] for s in states[k:])
+        if got in states[:k]:
+            v.problems.append(f"{p}: {what} is older than what was fsynced (allowed: {shown})")
+        else:
+            v.problems.append(f"{p}: {what} was never written (allowed: {shown})")
+    return v
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+@dataclass
+class CrashReport:
+    """What a run of crash cycles found."""
+
+    seed: int
+    cycles: int = 0
+    survived: int = 0
+    synced: int = 0
+    later: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CrashLoop:
+    """Drives cycles of: mount, writer, kill -9 at a random moment, fsck, remount, verify.
+
+    `start()` mounts the store at `mountpoint` and returns once it is a mount; `pid()`
+    is the daemon's pid; `reap()` waits for the killed daemon and lazily unmounts what it
+    left (conftest's Mount.kill, FuseDaemon.kill). `annofs` runs the command line.
+    """
+
+    store: Path
+    mountpoint: Path
+    work: Path
+    start: Callable[[], None]
+    pid: Callable[[], int]
+    reap: Callable[[], None]
+    annofs: Callable[..., subprocess.CompletedProcess]
+    seed: int
+    log: Callable[[str], None] = print
+    kill_after: tuple[float, float] = (0.3, 2.0)
+    base: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.mountpoint / "w"
+
+    def run(self, cycles: int) -> CrashReport:
+        """`cycles` kills; the store is mounted when it returns (unless a cycle failed)."""
+        rep = CrashReport(self.seed)
+        rnd = random.Random(self.seed)
+        self.log(f"crash loop: seed {self.seed} (ANNOFS_CRASH_SEED={self.seed} repeats it)")
+        (self.root / SUBDIR).mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+        self.base = observe(self.root)
+        for cycle in range(cycles):
+            problems, verdict = self.cycle(cycle, rnd)
+            rep.cycles += 1
+            if verdict is not None:
+                rep.synced += verdict.synced
+                rep.later += verdict.later
+            if problems:
+                rep.problems += [f"cycle {cycle} (seed {self.seed}): {p}" for p in problems]
+                break
+            rep.survived += 1
+        return rep
+
+    def cycle(self, cycle: int, rnd: random.Random) -> tuple[list[str], Verdict | None]:
+        journal = self.work / f"journal-{cycle}.jsonl"
+        journal.unlink(missing_ok=True)
+        wseed = rnd.randrange(1 << 32)
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.reliability", "writer", str(self.root),
+             str(journal), str(wseed), f"c{cycle}"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rnd.uniform(*self.kill_after))
+        os.kill(self.pid(), signal.SIGKILL)
+        try:
+            _, err = writer.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            writer.kill()
+            _, err = writer.communicate()
+            self.reap()
+            return [f"the writer hung after the daemon was killed: {err.decode()[-2000:]}"], None
+        self.reap()
+        if writer.returncode != 0:
+            return [f"writer (seed {wseed}) failed before the kill:\n{err.decode()[-3000:]}"], None
+        fsck = self.annofs("--store", str(self.store), "fsck")
+        if fsck.returncode != 0:
+            return [f"annofs fsck after the kill:\n{fsck.stdout}{fsck.stderr}"], None
+        self.start()
+        seen = observe(self.root)
+        verdict = verify(self.base, journal, seen)
+        self.base = seen
+        self.log(f"cycle {cycle}: {verdict.synced} synced changes, {verdict.paths} paths, "
+                 f"{verdict.later} newer than synced, "
+                 f"{len(verdict.problems)} problem(s)")
+        return verdict.problems, verdict
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "writer":
+        sys.exit(writer_main(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]),
+                             sys.argv[5]))
+    print("usage: python -m benchmarks.reliability writer ROOT JOURNAL SEED TAG",
+          file=sys.stderr)
+    sys.exit(2)
