@@ -328,7 +328,7 @@ BAD: dict[str, Bad] = {
             e, json.dumps({**json.loads(good_line(e)), "extra": True}))],
         lambda e: f"{e.tmp}/att.jsonl:1: envelope: unknown field 'extra'"),
     "import-missing-file": Bad(lambda e: ["attest", "import", str(e.tmp / "none.jsonl")],
-                               lambda e: f"{e.tmp}/none.jsonl: no such file"),
+                               lambda e: f"{e.tmp}/none.jsonl: no such statements file"),
     "import-empty-file": Bad(lambda e: ["attest", "import", attest_file(e, "", "  ")],
                              lambda e: f"{e.tmp}/att.jsonl: no statements in the file"),
     "verify-bad-policy": Bad(lambda e: ["verify", "--policy", str(e.policy(

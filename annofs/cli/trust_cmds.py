@@ -147,16 +147,12 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
     """Add the envelopes of a JSON-lines FILE ('-': stdin); every signature is checked first."""
     from annofs.trust.annotations import AnnotationStore
     from annofs.trust.statement import load_signed
+    from annofs.userfile import read_user_file
 
     if file == "-":
         data, name = sys.stdin.buffer.read(), "<stdin>"
     else:
-        try:
-            data = Path(file).read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"{file}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"{file}: is a directory") from None
+        data = read_user_file(Path(file), "statements file")
         name = file
     statements = []
     for no, line in enumerate(data.split(b"\n"), 1):

@@ -20,6 +20,7 @@ import nacl.exceptions
 import nacl.signing
 
 from annofs.errors import ExistsError, UsageError
+from annofs.userfile import read_user_file
 
 PUBLIC_SIZE = 32
 SEED_SIZE = 32
@@ -148,14 +149,7 @@ def parse_secret_key(text: str, where: str) -> SecretKey:
 
 
 def _read_key_file(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such key file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a key file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the key file ({e.strerror})") from None
+    data = read_user_file(path, "key file")
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:

@@ -42,6 +42,7 @@ from annofs.errors import UsageError
 from annofs.trust.keys import check_key_name, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.statement import LABEL_CLAIM, check_word
+from annofs.userfile import read_user_file
 
 # Each loaded policy gets a new generation: verdict caches key on it.
 _GENERATIONS = itertools.count(1)
@@ -471,14 +472,7 @@ def parse_policy(text: str, path: Path) -> Policy:
 
 def load_policy(path: Path) -> Policy:
     """Read and parse a policy file; UsageError naming the file and the problem."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such policy file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a policy file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the policy ({e.strerror})") from None
+    data = read_user_file(path, "policy file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
