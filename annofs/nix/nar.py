@@ -95,6 +95,7 @@ def _string(s: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class _Regular:
+    where: str  # for messages
     executable: bool
     size: int
     chunks: Callable[[], Iterator[bytes]]
@@ -113,7 +114,7 @@ class _Directory:
 _Node = _Regular | _Symlink | _Directory
 
 
-def _dump(root: _Node, where: str) -> Iterator[bytes]:
+def _dump(root: _Node) -> Iterator[bytes]:
     """The NAR of a tree described by nodes, as chunks of at least _FLUSH bytes (but the
     last): the small strings of a tree of small files become few, large writes."""
     buf = bytearray(_string(MAGIC))
@@ -123,7 +124,7 @@ def _dump(root: _Node, where: str) -> Iterator[bytes]:
         buf += _DIR_OPEN
         stack.append(root.entries())
     else:
-        yield from _leaf(root, buf, where)
+        yield from _leaf(root, buf)
     while stack:
         if len(buf) >= _FLUSH:
             yield bytes(buf)
@@ -141,7 +142,7 @@ def _dump(root: _Node, where: str) -> Iterator[bytes]:
             buf += _DIR_OPEN
             stack.append(node.entries())
         else:
-            yield from _leaf(node, buf, where)
+            yield from _leaf(node, buf)
             buf += _CLOSE
     if buf:
         yield bytes(buf)
@@ -153,7 +154,7 @@ _ENTRY = _string(b"entry") + _string(b"(") + _string(b"name")
 _NODE = _string(b"node")
 
 
-def _leaf(node: _Regular | _Symlink, buf: bytearray, where: str) -> Iterator[bytes]:
+def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
     """Append a file's or symlink's node to `buf`; a file's bytes go out as they are read
     (after what `buf` held), never gathered whole."""
     if isinstance(node, _Symlink):
@@ -177,7 +178,7 @@ def _leaf(node: _Regular | _Symlink, buf: bytearray, where: str) -> Iterator[byt
             buf.clear()
         yield chunk
     if done != node.size:
-        raise UsageError(f"{where}: a file changed size while it was archived "
+        raise UsageError(f"{node.where}: changed size while it was archived "
                          f"({node.size} bytes expected, {done} found)")
     buf += _PAD[: -node.size % 8] + _CLOSE
 
@@ -190,7 +191,7 @@ def _host_node(path: bytes, st: os.stat_result) -> _Node:
                 while chunk := f.read(_READ):
                     yield chunk
         # Nix looks at the owner's execute bit only (archive.cc: st_mode & S_IXUSR).
-        return _Regular(bool(st.st_mode & stat.S_IXUSR), st.st_size, chunks)
+        return _Regular(shown, bool(st.st_mode & stat.S_IXUSR), st.st_size, chunks)
     if stat.S_ISLNK(st.st_mode):
         return _Symlink(os.readlink(path))
     if stat.S_ISDIR(st.st_mode):
@@ -213,7 +214,7 @@ def _kind_name(mode: int) -> str:
 def dump_host(path: Path) -> Iterator[bytes]:
     """The NAR of a host file or tree, as `nix-store --dump PATH` writes it."""
     raw = os.fsencode(path)
-    return _dump(_host_node(raw, os.lstat(raw)), os.fsdecode(raw))
+    return _dump(_host_node(raw, os.lstat(raw)))
 
 
 def dump_volume(vol: Volume, path: Sequence[bytes]) -> Iterator[bytes]:
@@ -225,14 +226,14 @@ def dump_volume(vol: Volume, path: Sequence[bytes]) -> Iterator[bytes]:
     """
     with vol.store.read() as txn:
         top = vol.namespace.resolve(txn, list(path))
-        yield from _dump(_volume_node(vol, txn, top, tuple(path)), show_path(path))
+        yield from _dump(_volume_node(vol, txn, top, tuple(path)))
 
 
 def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,
                  path: tuple[bytes, ...]) -> _Node:
     if a.is_reg:
         v = vol.versions.get(txn, int(a.target))
-        return _Regular(bool(a.mode & stat.S_IXUSR), v.size,
+        return _Regular(show_path(path), bool(a.mode & stat.S_IXUSR), v.size,
                         lambda: vol.versions.iter_bytes(txn, v))
     if a.is_symlink:
         assert isinstance(a.target, bytes)
@@ -369,9 +370,9 @@ class NarReader:
             tag = self._tag((b"entry", b")"))
             if tag == b")":
                 open_dirs.pop()
-                self._path = self._path[:-1] if open_dirs else ()
                 if open_dirs:
-                    self._path_pop_entry()
+                    self._path = self._path[:-1]
+                    self._tag((b")",))  # the subdirectory's `entry (` in its parent
                 continue
             self._tag((b"(",))
             self._tag((b"name",))
@@ -391,10 +392,6 @@ class NarReader:
             else:
                 self._tag((b")",))  # closes `entry (`
         self._end()
-
-    def _path_pop_entry(self) -> None:
-        """A subdirectory ended: its `entry (` in the parent closes too."""
-        self._tag((b")",))
 
     def _node(self, path: tuple[bytes, ...]) -> NarEntry:
         """Parse `( type ...` up to a file's contents, a symlink's `)`, or a directory's
@@ -517,12 +514,14 @@ class NarContents:
     def read(self, size: int = -1) -> bytes:
         """Up to `size` bytes (all that is left if negative)."""
         want = self.left if size is None or size < 0 else min(size, self.left)
-        buf = bytearray(want)
-        got = 0
-        view = memoryview(buf)
-        while got < want:
-            got += self.readinto(view[got:])
-        return bytes(buf)
+        # Step by step: the size is what the archive claims, and it may lie.
+        parts = []
+        while want:
+            buf = bytearray(min(want, _READ))
+            n = self.readinto(buf)
+            parts.append(bytes(buf[:n]) if n < len(buf) else bytes(buf))
+            want -= n
+        return b"".join(parts)
 
     def skip_rest(self) -> None:
         """Read (and so check and hash) what the consumer left."""
