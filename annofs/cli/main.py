@@ -14,6 +14,7 @@ from annofs.cli.events_cmds import events_cmd
 from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
 from annofs.cli.maintenance_cmds import fsck_cmd, gc_cmd
 from annofs.cli.mount_cmds import mount_cmd, umount_cmd
+from annofs.cli.nar_cmds import nar_group
 from annofs.cli.nix_cmds import nix_group
 from annofs.cli.tree_cmds import export_cmd, import_cmd, init_cmd
 from annofs.cli.trust_cmds import (
@@ -41,7 +42,7 @@ def cli(ctx: click.Context, store: Path | None) -> None:
 for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
                 umount_cmd, fsck_cmd, gc_cmd, cp_cmd, events_cmd, key_group, sign_cmd,
                 label_cmd, attest_group, verify_cmd, policy_group, why_cmd,
-                dashboard_cmd, nix_group):
+                dashboard_cmd, nix_group, nar_group):
     cli.add_command(command)
 
 

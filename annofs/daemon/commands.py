@@ -110,3 +110,28 @@ class DaemonCommands:
             for i in range(1, len(f.dest) + 1):
                 self.inv.path_changed(self.ops.inodes, list(f.dest[:i]))
         return {"fetched": [f.to_json() for f in done]}
+
+    async def nar_restore(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Unpack a NAR file (a host path the client names) at a new path in the mount.
+
+        The daemon opens the file itself: only the mount's owner or root reach this
+        channel, so it reads nothing its caller could not. It runs on the event loop, as
+        gc does: fragments are stored before the versions that use them, and a gc must
+        not fall between (the mount waits for the restore, as it does for a gc).
+        """
+        from annofs.nix.nar import restore_nar_into
+
+        dest = _parts(args, "dest")
+        file, source = args.get("file"), args.get("source", "NAR")
+        if not isinstance(file, str) or not isinstance(source, str):
+            raise UsageError("control: 'file' and 'source' must be strings")
+        try:
+            f = open(file, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise UsageError(f"{source}: {e.strerror}") from None
+        with f:
+            tree = restore_nar_into(self.ops.vol, f, dest, source=source)
+        for i in range(1, len(dest) + 1):  # parents it made may be cached as missing
+            self.inv.path_changed(self.ops.inodes, dest[:i])
+        return {"files": len(tree.files), "directories": tree.directories,
+                "symlinks": tree.symlinks, "nar_hash": str(tree.nar), "nar_size": tree.nar.size}
