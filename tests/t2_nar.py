@@ -1,0 +1,230 @@
+"""NARs against the real Nix (Debian's nix-bin): dumps byte for byte equal to
+`nix-store --dump`, hashes equal to `nix-hash`, restores that dump back to the same
+archive; and a malformed archive, found at any point, leaves the store as it was."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import lmdb
+import pytest
+from nar_cases import MALFORMED, directory, entry, nar, regular, symlink
+from t2_store import P, check_consistency, dump_tree
+
+from annofs.errors import ExistsError, NotADirectoryError_, UsageError
+from annofs.nix.nar import (
+    NarError,
+    RestoredTree,
+    dump_host,
+    dump_volume,
+    nar_hash,
+    restore_nar_host,
+    restore_nar_into,
+)
+from annofs.transfer.import_tree import TreeImporter
+from annofs.volume import Volume
+
+ODD_NAME = b"odd \x01\xff\xfe\n name"  # control bytes, a newline, not UTF-8
+
+
+@pytest.fixture
+def vol(vol: Volume) -> Iterator[Volume]:
+    """The conftest store, checked for consistency after the test."""
+    yield vol
+    check_consistency(vol)
+
+
+def make_tree(root: Path, big: int = 3 << 20) -> Path:
+    """A tree with every kind of entry a NAR holds, and the bit patterns that matter."""
+    rnd = random.Random(7)
+    root.mkdir()
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "emptydir").mkdir()
+    (root / "hello.txt").write_bytes(b"hello\n")
+    (root / "empty").write_bytes(b"")
+    (root / "seven").write_bytes(b"1234567")  # padding of 1
+    (root / "eight").write_bytes(b"12345678")  # no padding
+    (root / "sub" / "run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    os.chmod(root / "sub" / "run.sh", 0o755)
+    (root / "sub" / "group-x").write_bytes(b"x")
+    os.chmod(root / "sub" / "group-x", 0o654)  # Nix looks at the owner's x bit only
+    (root / "sub" / "owner-x").write_bytes(b"x")
+    os.chmod(root / "sub" / "owner-x", 0o700)
+    (root / "sub" / "deeper" / "big.bin").write_bytes(rnd.randbytes(big))  # many fragments
+    (root / "sub" / "deeper" / "mib+3").write_bytes(rnd.randbytes((1 << 20) + 3))
+    os.symlink("../hello.txt", root / "sub" / "link")
+    os.symlink("/nonexistent/absolute", root / "dangling")
+    os.symlink("emptydir", root / "dirlink")
+    (root / os.fsdecode(ODD_NAME)).write_bytes(b"odd\n")
+    (root / "B-upper").write_bytes(b"sorted before lower case")
+    (root / "a.b").write_bytes(b"")
+    (root / "a-b").write_bytes(b"")  # '-' < '.' in bytes
+    return root
+
+
+def nix(*args: str) -> bytes:
+    return subprocess.run(list(args), check=True, capture_output=True).stdout
+
+
+@pytest.fixture(scope="module")
+def nix_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
+    """(host tree, its copy added to /nix/store by nix-store --add, Nix's dump of it)."""
+    tree = make_tree(tmp_path_factory.mktemp("nar") / "tree")
+    store_path = Path(nix("nix-store", "--add", str(tree)).decode().strip())
+    return tree, store_path, nix("nix-store", "--dump", str(store_path))
+
+
+def test_dump_host_is_nix_store_dump(nix_tree: tuple[Path, Path, bytes]) -> None:
+    tree, store_path, nix_dump = nix_tree
+    assert b"".join(dump_host(store_path)) == nix_dump
+    # The host tree itself (modes as made, not canonicalised by the Nix store) too.
+    assert b"".join(dump_host(tree)) == nix("nix-store", "--dump", str(tree))
+    for part in ("hello.txt", "empty", "sub/run.sh", "sub/link", "dangling",
+                 "sub/deeper/big.bin"):
+        assert b"".join(dump_host(tree / part)) == nix("nix-store", "--dump", str(tree / part))
+
+
+def test_dump_volume_is_nix_store_dump(vol: Volume, nix_tree: tuple[Path, Path, bytes]) -> None:
+    tree, store_path, nix_dump = nix_tree
+    TreeImporter(vol).run(store_path, P("/nix/store/" + store_path.name))
+    TreeImporter(vol).run(tree, P("/src/tree"))
+    assert b"".join(dump_volume(vol, P("/nix/store/" + store_path.name))) == nix_dump
+    assert b"".join(dump_volume(vol, P("/src/tree"))) == nix("nix-store", "--dump", str(tree))
+    big = "/src/tree/sub/deeper/big.bin"
+    with vol.store.read() as txn:
+        v = vol.versions.get(txn, int(vol.namespace.resolve(txn, P(big)).target))
+    assert v.count > 3  # the file crosses fragments
+    assert b"".join(dump_volume(vol, P(big))) == nix("nix-store", "--dump",
+                                                      str(tree / "sub/deeper/big.bin"))
+
+
+def test_nar_hash_is_nix_hash(vol: Volume, nix_tree: tuple[Path, Path, bytes]) -> None:
+    _tree, store_path, nix_dump = nix_tree
+    TreeImporter(vol).run(store_path, P("/imported"))
+    want = "sha256:" + nix("nix-hash", "--type", "sha256", "--base32", str(store_path)).decode()\
+        .strip()
+    assert str(nar_hash(dump_volume(vol, P("/imported")))) == want
+    assert str(nar_hash(dump_host(store_path))) == want
+    # ... and the NarHash Nix itself recorded for the path.
+    info = nix("nix-store", "--query", "--hash", str(store_path)).decode().strip()
+    assert info == want
+    assert nar_hash([nix_dump]).size == len(nix_dump)
+
+
+def test_restore_of_nix_dump_dumps_identical(vol: Volume,
+                                            nix_tree: tuple[Path, Path, bytes]) -> None:
+    _tree, store_path, nix_dump = nix_tree
+    dest = P("/nix/store/" + store_path.name)
+    got = restore_nar_into(vol, io.BytesIO(nix_dump), dest)
+    assert b"".join(dump_volume(vol, dest)) == nix_dump
+    assert got.nar == nar_hash([nix_dump])
+    assert got.kind == "directory" and got.dest == tuple(dest)
+    assert got.symlinks == 3 and got.directories == 4
+    # Every regular file is listed, with the version that holds it and its digest.
+    files = {f.path: f for f in got.files}
+    host_files = {tuple(os.fsencode(p.relative_to(store_path)).split(b"/")): p
+                  for p in store_path.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert files.keys() == host_files.keys()
+    with vol.store.read() as txn:
+        for rel, f in files.items():
+            data = host_files[rel].read_bytes()
+            assert f.digest == blake3.blake3(data).digest() and f.size == len(data)
+            assert vol.namespace.resolve(txn, [*dest, *rel]).target == f.version
+            assert f.executable == bool(host_files[rel].stat().st_mode & 0o100)
+    with vol.store.read() as txn:
+        assert vol.namespace.staging_roots(txn) == []
+
+
+def test_restore_host_of_nix_dump(tmp_path: Path, nix_tree: tuple[Path, Path, bytes]) -> None:
+    _tree, _store_path, nix_dump = nix_tree
+    h = restore_nar_host(io.BytesIO(nix_dump), tmp_path / "out")
+    assert h == nar_hash([nix_dump])
+    assert nix("nix-store", "--dump", str(tmp_path / "out")) == nix_dump
+    with pytest.raises(UsageError, match="already exists"):
+        restore_nar_host(io.BytesIO(nix_dump), tmp_path / "out")
+
+
+def test_restore_single_file_and_symlink(vol: Volume) -> None:
+    for name, data in ((b"f", nar(regular(b"data", executable=True))),
+                       (b"l", nar(symlink(b"/some/where")))):
+        got = restore_nar_into(vol, io.BytesIO(data), [b"top", name])
+        assert b"".join(dump_volume(vol, [b"top", name])) == data
+        assert got.kind == ("regular" if name == b"f" else "symlink")
+    assert dump_tree(vol, "/top")["f"][1] & 0o777 == 0o755
+    f = restore_nar_into(vol, io.BytesIO(nar(regular(b"data"))), [b"g"]).files
+    assert [(x.path, x.size, x.executable) for x in f] == [((), 4, False)]
+
+
+def test_restore_refuses_existing_dest_unless_replace(vol: Volume) -> None:
+    data = nar(directory(entry(b"a", regular(b"1"))))
+    restore_nar_into(vol, io.BytesIO(data), P("/x/y"))
+    before = dump_tree(vol)
+    with pytest.raises(ExistsError, match="/x/y: already exists"):
+        restore_nar_into(vol, io.BytesIO(nar(regular(b"2"))), P("/x/y"))
+    assert dump_tree(vol) == before
+    restore_nar_into(vol, io.BytesIO(nar(regular(b"2"))), P("/x/y"), replace=True)
+    assert dump_tree(vol, "/x")["y"][3] == b"2"
+    with pytest.raises(NotADirectoryError_, match="/x/y: not a directory"):
+        restore_nar_into(vol, io.BytesIO(data), P("/x/y/z"))
+
+
+def test_before_swap_sees_the_hash_and_can_refuse(vol: Volume) -> None:
+    data = nar(directory(entry(b"a", regular(b"1")), entry(b"b", regular(b"22"))))
+    seen: list[RestoredTree] = []
+
+    def refuse(txn: lmdb.Transaction, tree: RestoredTree) -> None:
+        seen.append(tree)
+        raise UsageError("NarHash mismatch")
+
+    before = dump_tree(vol)
+    with pytest.raises(UsageError, match="NarHash mismatch"):
+        restore_nar_into(vol, io.BytesIO(data), P("/nix/store/x"), before_swap=refuse)
+    assert seen[0].nar == nar_hash([data]) and len(seen[0].files) == 2
+    assert dump_tree(vol) == before
+    with vol.store.read() as txn:
+        assert vol.namespace.staging_roots(txn) == []
+
+
+def _no_trace(vol: Volume, before: dict) -> None:
+    assert dump_tree(vol) == before
+    with vol.store.read() as txn:
+        assert vol.namespace.staging_roots(txn) == []
+
+
+@pytest.mark.parametrize(("case", "data", "message"), MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_nar_writes_nothing(vol: Volume, case: str, data: bytes, message: str) -> None:
+    restore_nar_into(vol, io.BytesIO(nar(regular(b"old"))), P("/keep/me"))
+    before = dump_tree(vol)
+    with pytest.raises(NarError, match=re.escape(message)):
+        restore_nar_into(vol, io.BytesIO(data), P("/new/tree"), source="bad.nar")
+    _no_trace(vol, before)
+
+
+def test_fault_after_many_batches_writes_nothing(vol: Volume) -> None:
+    # More entries than one batch holds, then a bad name at the very end.
+    names = [f"f{i:05}".encode() for i in range(5000)]
+    good = nar(directory(*(entry(n, regular(n)) for n in names)))
+    bad = nar(directory(*(entry(n, regular(n)) for n in names), entry(b"f99999/x", regular(b""))))
+    before = dump_tree(vol)
+    with pytest.raises(NarError, match="contains '/'"):
+        restore_nar_into(vol, io.BytesIO(bad), P("/many"))
+    _no_trace(vol, before)
+    with pytest.raises(NarError, match="trailing bytes"):
+        restore_nar_into(vol, io.BytesIO(good + b"\0"), P("/many"))
+    _no_trace(vol, before)
+    got = restore_nar_into(vol, io.BytesIO(good), P("/many"))
+    assert len(got.files) == 5000
+    assert b"".join(dump_volume(vol, P("/many"))) == good
+
+
+def test_dump_refuses_what_a_nar_cannot_hold(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UsageError, match="a FIFO cannot be put in a NAR"):
+        b"".join(dump_host(tmp_path))
