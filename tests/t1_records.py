@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import random
 import stat
+import struct
+import zlib
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -179,6 +181,18 @@ def _samples() -> dict[str, bytes]:
 SAMPLES = _samples()
 
 
+def _fields(kind: str) -> Any:
+    """A sample record's msgpack array (its layout number first), without the checksum."""
+    return msgpack.unpackb(SAMPLES[kind][:-4])
+
+
+def _repack(fields: Any) -> bytes:
+    """Pack as a record of layout 2 is stored: msgpack, then a CRC-32 of it, so a test
+    reaches the decoder's checks behind the checksum."""
+    body = msgpack.packb(fields, use_bin_type=True)
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
 def _decodes_or_corrupt(decode: Decoder, raw: bytes) -> None:
     with contextlib.suppress(CorruptionError):
         decode(raw)
@@ -217,28 +231,54 @@ def test_byte_flips_never_raise_anything_but_corruption(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", DECODERS)
-@pytest.mark.parametrize("layout", [0, 2, -1, "1", None])
+def test_every_bit_flip_is_corruption(kind: str) -> None:
+    """Bit rot in a stored record is caught by its checksum: never decoded, never used."""
+    raw = SAMPLES[kind]
+    for bit in range(len(raw) * 8):
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CorruptionError, match="checksum"):
+            DECODERS[kind](bytes(flipped))
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_layout_2_without_its_checksum_is_corruption(kind: str) -> None:
+    with pytest.raises(CorruptionError, match="checksum"):
+        DECODERS[kind](SAMPLES[kind][:-4])
+
+
+@pytest.mark.parametrize("kind", ["version", "attrs", "dir"])
+def test_layout_1_records_are_still_read(kind: str) -> None:
+    """Records written before checksums (layout 1: no trailer) decode as they did."""
+    fields = _fields(kind)
+    fields[0] = 1
+    legacy = msgpack.packb(fields, use_bin_type=True)
+    assert DECODERS[kind](legacy) == DECODERS[kind](SAMPLES[kind])
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+@pytest.mark.parametrize("layout", [0, 3, -1, "1", None])
 def test_unknown_layout_is_corruption(kind: str, layout: object) -> None:
-    fields = msgpack.unpackb(SAMPLES[kind])
+    fields = _fields(kind)
     fields[0] = layout
     with pytest.raises(CorruptionError, match="layout"):
-        DECODERS[kind](msgpack.packb(fields, use_bin_type=True))
+        DECODERS[kind](_repack(fields))
 
 
 @pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("delta", [-1, +1])
 def test_wrong_field_count_is_corruption(kind: str, delta: int) -> None:
-    fields = msgpack.unpackb(SAMPLES[kind])
+    fields = _fields(kind)
     fields = fields[:-1] if delta < 0 else [*fields, 0]
     with pytest.raises(CorruptionError):
-        DECODERS[kind](msgpack.packb(fields, use_bin_type=True))
+        DECODERS[kind](_repack(fields))
 
 
 @pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("value", [{1: 2}, "not a list", 5, None, b"bytes"])
 def test_not_an_array_is_corruption(kind: str, value: object) -> None:
     with pytest.raises(CorruptionError):
-        DECODERS[kind](msgpack.packb(value, use_bin_type=True))
+        DECODERS[kind](_repack(value))
 
 
 # Each record's fields (after the layout number) and what a decoded value may be.
@@ -279,7 +319,7 @@ def _attrs_well_typed(a: Attrs) -> bool:
 
 def _misdecoded(kind: str, fields: list[Any]) -> str | None:
     """None if the record raises CorruptionError or decodes well typed, else what went wrong."""
-    raw = msgpack.packb(fields, use_bin_type=True)
+    raw = _repack(fields)
     try:
         rec = DECODERS[kind](raw)
     except CorruptionError:
@@ -300,7 +340,7 @@ def test_wrongly_typed_field_is_corruption(kind: str) -> None:
         for value in WRONG_VALUES:
             if isinstance(value, ok):
                 continue
-            fields = msgpack.unpackb(SAMPLES[kind])
+            fields = _fields(kind)
             fields[1 + i] = value
             problem = _misdecoded(kind, fields)
             if problem:
@@ -312,7 +352,7 @@ def test_wrongly_typed_field_is_corruption(kind: str) -> None:
 def test_malformed_edit_is_corruption() -> None:
     problems = []
     for edit in ([1, 2], [1, 2, 3, 4], 3, "abc", [b"a", b"b", b"c"]):
-        fields = msgpack.unpackb(SAMPLES["version"])
+        fields = _fields("version")
         fields[5] = edit
         problem = _misdecoded("version", fields)
         if problem:
@@ -327,9 +367,9 @@ def test_malformed_edit_is_corruption() -> None:
 def _version_fields(**change: Any) -> bytes:
     """A valid version record (two fragments, 5 + 7 bytes) with some fields replaced."""
     names = ["parent", "size", "digest", "created_ns", "edit", "hashes", "lengths"]
-    fields = dict(zip(names, msgpack.unpackb(SAMPLES["version"])[1:], strict=True))
+    fields = dict(zip(names, _fields("version")[1:], strict=True))
     fields.update(change)
-    return msgpack.packb([1, *(fields[n] for n in names)], use_bin_type=True)
+    return _repack([2, *(fields[n] for n in names)])
 
 
 def test_sample_version_is_consistent() -> None:

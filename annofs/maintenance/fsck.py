@@ -122,7 +122,11 @@ def check_store(vol: Volume, *, verify_data: bool = True,
         for key, raw in txn.cursor(db=db["meta"]):
             name = bytes(key)
             if name == b"root" or name.startswith(b"staging:"):
-                a = decode_attrs(raw, name.decode())
+                try:
+                    a = decode_attrs(raw, f"{name.decode()} directory")
+                except CorruptionError as e:
+                    problems.append(str(e))
+                    continue
                 if not a.is_dir:
                     problems.append(f"{name.decode()}: not a directory")
                 dir_refs[int(a.target)] += 1

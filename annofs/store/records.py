@@ -3,11 +3,20 @@
 Every record is a msgpack array whose first element is the record layout's number, so a
 later layout can be read beside an old one. Never pickle: a store may come from elsewhere,
 and a record that does not decode is reported as corruption, not executed.
+
+Layout 2 follows the array with a CRC-32 of it (4 bytes, big-endian): a flipped bit in a
+record is caught when it is read, not used. Fragments carry their BLAKE3 hash; without
+this a flipped bit in an entry's version id, a mode or a length would serve another
+file's bytes or wrong metadata without any error. CRC-32 catches every error of up to 3
+bits (and every burst up to 32) in records this size; bit rot is not an adversary.
+Layout 1 records (written before checksums) are still read, unchecked.
 """
 
 from __future__ import annotations
 
 import stat
+import struct
+import zlib
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,19 +26,32 @@ import msgpack
 from annofs.errors import CorruptionError
 from annofs.store.keys import HASH_SIZE
 
-_LAYOUT = 1
+_LAYOUT = 2
+_UNCHECKED_LAYOUT = 1
+_CRC = struct.Struct(">I")
 
 
 def _pack(fields: list[Any]) -> bytes:
-    return msgpack.packb([_LAYOUT, *fields], use_bin_type=True)
+    body = msgpack.packb([_LAYOUT, *fields], use_bin_type=True)
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def _unpack(raw: bytes | memoryview, what: str, nfields: int) -> list[Any]:
+    view = memoryview(raw)
+    n = len(view) - _CRC.size
+    checked = n > 0 and zlib.crc32(view[:n]) == _CRC.unpack_from(view, n)[0]
     try:
-        rec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        rec = msgpack.unpackb(view[:n] if checked else view, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise CorruptionError(f"{what}: record does not decode ({e})") from e
-    if not isinstance(rec, list) or len(rec) != nfields + 1 or rec[0] != _LAYOUT:
+        # Not a whole record, and no checksum matches: damaged (or not a record at all).
+        raise CorruptionError(f"{what}: record does not decode and does not match its "
+                              f"checksum ({e})") from e
+    if not isinstance(rec, list) or len(rec) != nfields + 1:
+        raise CorruptionError(f"{what}: record has an unknown layout")
+    if rec[0] == _LAYOUT and not checked:
+        raise CorruptionError(f"{what}: record of layout {_LAYOUT} does not match its "
+                              f"checksum (damaged on disk)")
+    if rec[0] != (_LAYOUT if checked else _UNCHECKED_LAYOUT):
         raise CorruptionError(f"{what}: record has an unknown layout")
     return rec[1:]
 
