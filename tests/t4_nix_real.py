@@ -280,3 +280,8 @@ def test_fetch_into_a_mounted_store(mounted: Mount, nixw: NixWorld, tmp_path: Pa
     assert nix_dump_sha256(inside) == nix_dump_sha256(nixw.top)  # visible at once
     dep = mounted.path / nixw.dep.lstrip("/")
     assert dep.read_text() == "a dependency\n"
+    # A cache inside the mount would be read by the daemon through itself: refused.
+    inner = shutil.copytree(nixw.caches["none"], mounted.path / "cache")
+    res = annofs(mounted.store, "nix", "fetch", "--cache", str(inner), "--policy", str(pol),
+                 nixw.top)
+    assert res.returncode == 2 and "must be outside the mount" in res.stderr

@@ -7,10 +7,11 @@ then tells the mount's inode table and the kernel what changed.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from annofs.daemon.invalidate import Invalidator
-from annofs.daemon.policy_holder import PolicyHolder
+from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.errors import UsageError
 from annofs.fs.operations import Operations
 from annofs.maintenance.gc import collect
@@ -24,6 +25,14 @@ def _parts(args: dict[str, Any], key: str) -> list[bytes]:
     if any(p in (b"", b".", b"..") or b"/" in p for p in parts):
         raise UsageError(f"control: '{key}' has an invalid name")
     return parts
+
+
+def check_outside(path: Path, mountpoint: Path, what: str) -> None:
+    """Refuse a host path inside the mount (the daemon would read through itself)."""
+    try:
+        check_policy_location(path, mountpoint)
+    except UsageError:
+        raise UsageError(f"{path}: {what} must be outside the mount ({mountpoint})") from None
 
 
 class DaemonCommands:
@@ -83,8 +92,6 @@ class DaemonCommands:
         restore is one staging tree swapped in by one transaction, so no reader ever
         sees half a path). The policy is the file the command names, else the mount's.
         """
-        from pathlib import Path
-
         from annofs.nix.fetch import fetch
         from annofs.trust.policy import load_policy
 
@@ -94,7 +101,11 @@ class DaemonCommands:
             raise UsageError("control: 'caches' and 'paths' must be lists of strings")
         dest = _parts(args, "dest")
         policy_file = args.get("policy")
+        # Reading a cache or a policy through this very mount would wait on this handler.
+        for c in caches:
+            check_outside(Path(c), self.policy.mountpoint, "the cache")
         if isinstance(policy_file, str):
+            check_outside(Path(policy_file), self.policy.mountpoint, "the policy")
             policy = load_policy(Path(policy_file))
         elif self.policy.gate is not None:
             policy = self.policy.gate.policy

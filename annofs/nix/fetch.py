@@ -55,6 +55,7 @@ from annofs.errors import NotFoundError, RefusedError, UsageError
 from annofs.nix.nar import NarError, RestoredTree, dump_volume, nar_hash, restore_nar_into
 from annofs.nix.narinfo import (
     HASH_PART_LEN,
+    MAX_NARINFO,
     NarInfo,
     SigCheck,
     StorePath,
@@ -182,7 +183,8 @@ def read_narinfo(cache: Path, hash_part: str) -> NarInfo | None:
     """`cache/<hash>.narinfo`, parsed; None if the cache has none."""
     path = cache / f"{hash_part}.narinfo"
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_NARINFO + 1)  # parse_narinfo refuses what is larger
     except FileNotFoundError:
         return None
     except IsADirectoryError:
