@@ -228,3 +228,47 @@ def test_dump_refuses_what_a_nar_cannot_hold(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UsageError, match="a FIFO cannot be put in a NAR"):
         b"".join(dump_host(tmp_path))
+
+
+class Pipe:
+    """A stream that cannot seek, as stdin from a pipe or a decompressor."""
+
+    def __init__(self, data: bytes) -> None:
+        self._b = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._b.read(n)
+
+    def seekable(self) -> bool:
+        return False
+
+
+def every_key(vol: Volume) -> dict[tuple[str, bytes], bytes]:
+    with vol.store.read() as txn:
+        return {(name, bytes(k)): bytes(v) for name, db in vol.store.db.items()
+                for k, v in txn.cursor(db=db)}
+
+
+def test_checked_before_anything_is_written(vol: Volume) -> None:
+    # A fault at the very end, read from a pipe: not one key of the store changes.
+    data = nar(directory(*(entry(f"f{i:02}".encode(), regular(os.urandom(5000)))
+                           for i in range(50))))
+    before = every_key(vol)
+    with pytest.raises(NarError, match="trailing bytes"):
+        restore_nar_into(vol, Pipe(data + b"\0"), P("/x"))  # type: ignore[arg-type]
+    assert every_key(vol) == before
+    seen = []
+
+    def verify(h: object) -> None:
+        seen.append(h)
+        raise UsageError("NarHash does not match the narinfo")
+
+    for stream in (io.BytesIO(data), Pipe(data)):
+        with pytest.raises(UsageError, match="does not match"):
+            restore_nar_into(vol, stream, P("/x"), verify=verify)  # type: ignore[arg-type]
+        assert every_key(vol) == before
+    assert seen == [nar_hash([data])] * 2
+    assert not [p for p in vol.store.path.iterdir() if "spool" in p.name]
+    got = restore_nar_into(vol, Pipe(data), P("/x"), verify=seen.append)  # type: ignore[arg-type]
+    assert got.nar == seen[-1] == nar_hash([data])
+    assert b"".join(dump_volume(vol, P("/x"))) == data

@@ -19,11 +19,14 @@ bytes): a NAR it accepts has one meaning, and can write nothing outside its dest
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import shutil
 import stat
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -696,22 +699,68 @@ def _check_dest(vol: Volume, txn: lmdb.Transaction, dest: Sequence[bytes],
         a = child
 
 
+Verify = Callable[[NarHash], None]
+
+
+def _check(stream: BinaryIO, source: str) -> NarHash:
+    """Read a whole NAR, checking it; its hash."""
+    checker = NarReader(stream, source)
+    for _e in checker.entries():
+        pass
+    assert checker.hash is not None
+    return checker.hash
+
+
+@contextlib.contextmanager
+def checked_nar(reader: BinaryIO, source: str, spool_dir: Path,
+                verify: Verify | None = None) -> Iterator[BinaryIO]:
+    """The NAR `reader` gives, checked whole before the caller reads it again.
+
+    A NAR is only known good at its last byte, and a restore that met a fault late
+    would have changed the store (fragments stored, ids taken) before it. So a seekable
+    stream is read twice (check, then seek back); any other (a pipe, a decompressor) is
+    copied to a temporary file in `spool_dir` while it is checked: disk, never memory.
+    `verify(hash)` runs after the check, before anything is written: the place to
+    compare NarHash and NarSize with what a narinfo promised.
+    """
+    try:
+        start = reader.tell() if reader.seekable() else None
+    except (AttributeError, OSError):
+        start = None
+    if start is not None:
+        h = _check(reader, source)
+        if verify is not None:
+            verify(h)
+        reader.seek(start)
+        yield reader
+        return
+    with tempfile.TemporaryFile(dir=spool_dir, prefix="nar-spool-") as spool:
+        h = _check(_Tee(reader, spool), source)  # type: ignore[arg-type]
+        if verify is not None:
+            verify(h)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
+
+
 def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
                      replace: bool = False, source: str = "NAR",
+                     verify: Verify | None = None,
                      before_swap: BeforeSwap | None = None,
                      progress: Progress | None = None) -> RestoredTree:
     """Unpack the NAR read from `reader` at the store path `dest`, atomically.
 
-    The tree is built in a staging root and swapped in with one transaction after the
-    whole archive was read and found well-formed (trailing bytes included): a bad NAR,
-    found at any point, or an exception from `before_swap`, leaves the namespace as it
-    was (fragments already stored are unreferenced, and gc takes them). Missing parents
-    of `dest` are made with the swap; `dest` itself must not exist unless `replace`.
+    The whole archive is checked first (see `checked_nar`: a pipe is spooled to a
+    temporary file in the store's directory), so a malformed NAR, or a `verify(hash)`
+    that raises, changes nothing in the store at all. Then the tree is built in a staging
+    root and swapped in with one transaction: a fault after the check (the file changed
+    under us, an I/O error, `before_swap` raising) leaves the namespace as it was (any
+    fragments stored are unreferenced, and gc takes them). Missing parents of `dest` are
+    made with the swap; `dest` itself must not exist unless `replace`.
 
     `before_swap(txn, tree)` runs inside the swap's write transaction, with `tree.nar`
-    (NarHash and NarSize of what was read) and every file known: the place to compare
-    them with a narinfo and to record statements over the files, so that the tree and
-    what is said about it appear together or not at all. Raising there adds nothing.
+    (NarHash and NarSize of what was read) and every file known: the place to record
+    statements over the files, so that the tree and what is said about it appear
+    together or not at all. Raising there adds nothing to the namespace.
 
     `source` names the archive in error messages. Regular files get mode 0644 (0755 if
     executable), directories 0755, the caller's uid and gid and the current time, as
@@ -724,34 +773,26 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
         check_name(name)
     with vol.store.read() as txn:
         _check_dest(vol, txn, dest, replace)
-    return _Restorer(vol, dest, replace, progress).run(NarReader(reader, source), before_swap)
+    with checked_nar(reader, source, vol.store.path, verify) as stream:
+        return _Restorer(vol, dest, replace, progress).run(NarReader(stream, source),
+                                                           before_swap)
 
 
 def restore_nar_host(reader: BinaryIO, dest: Path, *, source: str = "NAR") -> NarHash:
     """Unpack a NAR to the host path `dest` (which must not exist), as `nix-store --restore`
-    does, but strictly: the archive is checked whole before anything is written.
-
-    The NAR is spooled to a temporary file beside `dest` while it is checked (a NAR is
-    only known good at its last byte), then unpacked from it; on any error nothing is
-    left at `dest`.
+    does, but strictly: the archive is checked whole (see `checked_nar`) before anything
+    is written, and it is built beside `dest` and renamed into place at the end.
     """
-    import shutil
-    import tempfile
-
     if dest.exists() or dest.is_symlink():
         raise UsageError(f"{dest}: already exists")
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent}: no such directory")
-    with tempfile.TemporaryFile(dir=dest.parent) as spool:
-        checker = NarReader(_Tee(reader, spool), source)
-        for _e in checker.entries():
-            pass
-        assert checker.hash is not None
-        spool.seek(0)
+    with checked_nar(reader, source, dest.parent) as stream:
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             top = staging / "top"
-            for e in NarReader(spool, source).entries():  # type: ignore[arg-type]
+            r = NarReader(stream, source)
+            for e in r.entries():
                 host = top.joinpath(*(os.fsdecode(p) for p in e.path)) if e.path else top
                 if e.kind == "directory":
                     host.mkdir(0o755)
@@ -766,7 +807,8 @@ def restore_nar_host(reader: BinaryIO, dest: Path, *, source: str = "NAR") -> Na
             os.rename(top, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return checker.hash
+    assert r.hash is not None
+    return r.hash
 
 
 class _Tee:
