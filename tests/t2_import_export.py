@@ -1,8 +1,8 @@
 """Import and export (annofs/transfer/) between real host trees and a real store.
 
 Round trips are compared byte for byte with their metadata; incremental re-imports are
-checked by counting the files the importer opens (it reads each file with the builtin
-`open`, which the tests replace in its module).
+checked by the files the kernel saw opened and read (inotify, see host_reads), and by the
+importer's own counts.
 """
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from host_reads import HostReads
 from t2_store import P, check_consistency, count_rows, dump_tree
 
 from annofs.content.history import ancestry
 from annofs.errors import NotADirectoryError_, UsageError
-from annofs.transfer import import_tree
+from annofs.transfer import readers
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import ImportStats, TreeImporter
 from annofs.volume import Volume
 
 AS_ROOT = os.geteuid() == 0
+Watch = Callable[[Path], HostReads]
 BASE_NS = 1_600_000_000_123_456_789  # time stamps with every nanosecond digit in use
 
 
@@ -137,17 +139,18 @@ def run_import(vol: Volume, src: Path, dest: str, **kw: Any) -> ImportStats:
 
 
 @pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths the importer opens to read, in order."""
-    seen: list[str] = []
-    real_open = open
+def watch() -> Iterator[Callable[[Path], HostReads]]:
+    """Start watching which files of a host tree any process opens and reads (inotify):
+    the importer reads in worker processes, so the kernel is asked, not a patched `open`."""
+    made: list[HostReads] = []
 
-    def counting_open(file: Any, *args: Any, **kw: Any) -> Any:
-        seen.append(os.fsdecode(file))
-        return real_open(file, *args, **kw)
+    def start(root: Path) -> HostReads:
+        made.append(HostReads(root))
+        return made[-1]
 
-    monkeypatch.setattr(import_tree, "open", counting_open, raising=False)
-    return seen
+    yield start
+    for w in made:
+        w.close()
 
 
 # -- round trip ----------------------------------------------------------------------------
@@ -207,14 +210,14 @@ def test_sockets_are_skipped_and_reported(vol: Volume, tmp_path: Path) -> None:
 # -- incremental re-import -----------------------------------------------------------------
 
 
-def test_second_import_reads_nothing(vol: Volume, tmp_path: Path, opened: list[str]) -> None:
+def test_second_import_reads_nothing(vol: Volume, tmp_path: Path, watch: Watch) -> None:
     src = make_tree(tmp_path / "src")
     first = run_import(vol, src, "/dst")
     tree = dump_tree(vol, "/dst")
     versions = count_rows(vol, "versions")
-    opened.clear()
+    opened = watch(src)
     second = run_import(vol, src, "/dst")
-    assert opened == []
+    assert opened.paths() == []
     assert (second.files_read, second.bytes_read, second.new_bytes, second.removed) == (0, 0, 0, 0)
     assert second.files == first.files
     assert second.files_reused == first.files_read
@@ -227,7 +230,7 @@ def test_second_import_reads_nothing(vol: Volume, tmp_path: Path, opened: list[s
 
 
 def test_one_changed_file_is_the_one_read(vol: Volume, tmp_path: Path,
-                                          opened: list[str]) -> None:
+                                          watch: Watch) -> None:
     src = make_tree(tmp_path / "src")
     run_import(vol, src, "/dst")
     with vol.store.read() as txn:
@@ -235,9 +238,9 @@ def test_one_changed_file_is_the_one_read(vol: Volume, tmp_path: Path,
     target = src / "sub" / "nested.txt"
     target.write_bytes(b"nested\n" * 50 + b"changed\n" + b"nested\n" * 49)
     os.utime(target, ns=(BASE_NS + 1, BASE_NS + 1))
-    opened.clear()
+    opened = watch(src)
     stats = run_import(vol, src, "/dst")
-    assert opened == [str(target)]
+    assert opened.paths() == opened.read_paths() == [str(target)]
     assert (stats.files_read, stats.bytes_read) == (1, target.stat().st_size)
     assert 0 < stats.new_bytes <= target.stat().st_size
     assert stats.removed == 0
@@ -249,14 +252,14 @@ def test_one_changed_file_is_the_one_read(vol: Volume, tmp_path: Path,
 
 
 def test_touched_unchanged_file_is_read_but_adds_no_version(
-        vol: Volume, tmp_path: Path, opened: list[str]) -> None:
+        vol: Volume, tmp_path: Path, watch: Watch) -> None:
     src = make_tree(tmp_path / "src")
     run_import(vol, src, "/dst")
     versions = count_rows(vol, "versions")
     os.utime(src / "big.bin", ns=(BASE_NS + 5, BASE_NS + 5))
-    opened.clear()
+    opened = watch(src)
     stats = run_import(vol, src, "/dst")
-    assert opened == [str(src / "big.bin")]
+    assert opened.paths() == [str(src / "big.bin")]
     assert (stats.files_read, stats.new_bytes) == (1, 0)
     assert count_rows(vol, "versions") == versions  # same content: not an edit
     assert dump_tree(vol, "/dst")["big.bin"][3] == (src / "big.bin").read_bytes()
@@ -265,7 +268,7 @@ def test_touched_unchanged_file_is_read_but_adds_no_version(
 
 
 def test_delete_and_rename_are_picked_up(vol: Volume, tmp_path: Path,
-                                         opened: list[str]) -> None:
+                                         watch: Watch) -> None:
     src = make_tree(tmp_path / "src")
     run_import(vol, src, "/dst")
     (src / "a.txt").unlink()
@@ -273,10 +276,10 @@ def test_delete_and_rename_are_picked_up(vol: Volume, tmp_path: Path,
     (src / "emptydir").rmdir()
     (src / "ro").chmod(0o755)
     shutil.rmtree(src / "ro")
-    opened.clear()
+    opened = watch(src)
     stats = run_import(vol, src, "/dst")
     assert stats.removed == 4
-    assert opened == [str(src / "sub" / "renamed" / "x.txt")]
+    assert opened.paths() == [str(src / "sub" / "renamed" / "x.txt")]
     assert stats.new_bytes == 0  # a renamed file's content is already stored
     tree = dump_tree(vol, "/dst")
     assert "a.txt" not in tree and "sub/deeper" not in tree and "ro/f" not in tree
@@ -394,11 +397,15 @@ def test_destination_below_a_file_is_refused(vol: Volume, tmp_path: Path) -> Non
 # -- atomicity -----------------------------------------------------------------------------
 
 
+# Each read and each change to the staging tree on its own: a failure falls between writes.
+ONE_BY_ONE = {"workers": 0, "batch_files": 1, "ops_per_txn": 1}
+
+
 def _fail_on_call(monkeypatch: pytest.MonkeyPatch, n: int,
                   vol: Volume | None = None) -> list[int]:
     """Make the importer's n-th read fail; returns, per call, the directory nodes stored."""
     calls: list[int] = []
-    real = import_tree.ingest_stream
+    real = readers._read_one
 
     def flaky(*args: Any, **kw: Any) -> Any:
         calls.append(count_rows(vol, "dirs") if vol is not None else 0)
@@ -406,7 +413,7 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, n: int,
             raise OSError(5, "Input/output error (injected)")
         return real(*args, **kw)
 
-    monkeypatch.setattr(import_tree, "ingest_stream", flaky)
+    monkeypatch.setattr(readers, "_read_one", flaky)
     return calls
 
 
@@ -424,7 +431,7 @@ def test_failed_reimport_leaves_the_destination_as_it_was(
     (src / "empty").unlink()
     calls = _fail_on_call(monkeypatch, 3, vol)
     with pytest.raises(OSError, match="injected"):
-        run_import(vol, src, "/dst")
+        run_import(vol, src, "/dst", **ONE_BY_ONE)
     assert len(calls) == 3
     assert calls[-1] > dirs_before, "the failure came before the staging tree was changed"
     assert dump_tree(vol) == before
@@ -514,7 +521,7 @@ def test_next_release_stores_little(vol: Volume, releases: tuple[Path, Path]) ->
 
 
 def test_next_release_in_place_reads_only_changed_files(
-        vol: Volume, releases: tuple[Path, Path], tmp_path: Path, opened: list[str]) -> None:
+        vol: Volume, releases: tuple[Path, Path], tmp_path: Path, watch: Watch) -> None:
     old, new = releases
     work = tmp_path / "work"
     shutil.copytree(old, work)
@@ -531,9 +538,9 @@ def test_next_release_in_place_reads_only_changed_files(
     for rel in set(_files(old)) - set(_files(new)):
         (work / rel).unlink()
     assert touched
-    opened.clear()
+    opened = watch(work)
     stats = run_import(vol, work, "/rel")
-    assert sorted(opened) == sorted(touched)
+    assert opened.paths() == sorted(touched)
     assert stats.files_read == len(touched)
     assert stats.files_reused == len(_files(new)) - len(touched)
     assert stats.new_bytes <= stats.bytes_read == sum(os.path.getsize(t) for t in touched)
