@@ -63,6 +63,7 @@ from annofs.nix.narinfo import (
     distinct_signers,
     format_sha256,
     parse_narinfo,
+    store_path_arg,
 )
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
@@ -109,20 +110,25 @@ class _Hashing:
         return True
 
 
-_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (lzma.LZMAError, EOFError, OSError)
+# What a corrupt or truncated stream raises: lzma and bz2 raise these (bz2 an OSError,
+# both an EOFError when the stream stops early); zstandard its own ZstdError.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (lzma.LZMAError, EOFError, OSError)
 
 
-def _decompressor(raw: _Hashing, compression: str) -> BinaryIO:
+def _decompressor(raw: _Hashing, compression: str
+                  ) -> tuple[BinaryIO, tuple[type[BaseException], ...]]:
+    """A reader of the decompressed stream, and the exceptions that mean it is corrupt."""
     if compression == "none":
-        return raw  # type: ignore[return-value]
+        return raw, ()  # type: ignore[return-value]
     if compression == "xz":
-        return lzma.LZMAFile(raw)  # type: ignore[arg-type]
+        return lzma.LZMAFile(raw), _STREAM_ERRORS  # type: ignore[arg-type]
     if compression == "bzip2":
-        return bz2.BZ2File(raw)  # type: ignore[arg-type]
-    import zstandard
+        return bz2.BZ2File(raw), _STREAM_ERRORS  # type: ignore[arg-type]
+    import zstandard  # only zstd caches pay for loading it
 
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                      closefd=False)
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                        closefd=False)
+    return reader, (zstandard.ZstdError, *_STREAM_ERRORS)  # type: ignore[return-value]
 
 
 class _NarStream:
@@ -134,7 +140,7 @@ class _NarStream:
         self._raw = raw
         self._info = info
         self._where = where
-        self._inner = _decompressor(raw, info.compression)
+        self._inner, self._errors = _decompressor(raw, info.compression)
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -146,13 +152,9 @@ class _NarStream:
             return b""
         try:
             data = self._inner.read(n)
-        except _DECOMPRESS_ERRORS as e:
+        except self._errors as e:
             raise RefusedError(f"{self._where}: the {self._info.compression} stream is "
-                               f"corrupt ({e})") from None
-        except Exception as e:
-            if type(e).__name__ == "ZstdError":
-                raise RefusedError(f"{self._where}: the zstd stream is corrupt ({e})") from None
-            raise
+                               f"corrupt ({e or type(e).__name__})") from None
         self.size += len(data)
         if self.size > self._info.nar_size:
             raise RefusedError(f"{self._where}: the NAR is larger than NarSize "
@@ -212,7 +214,8 @@ def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
         info = read_narinfo(cache, hash_part)
         if info is None:
             continue
-        if expected is not None and info.store_path.full != expected:
+        if expected is not None and expected not in (info.store_path.full,
+                                                      info.store_path.base):
             raise RefusedError(f"{info.source}: describes {info.store_path}, not {expected}")
         if sources and info.fingerprint() != sources[0][1].fingerprint():
             notes.append(f"{info.source} disagrees ({info.nar_hash_text}, "
@@ -428,8 +431,6 @@ def fetch(vol: Volume, policy: Policy, caches: Sequence[Path], paths: Sequence[s
           dest: Sequence[bytes] = DEFAULT_DEST, recursive: bool = False,
           progress: Progress | None = None) -> list[Fetched]:
     """Fetch `paths` (full store paths, base names or hash parts) from `caches`."""
-    from annofs.nix.narinfo import store_path_arg
-
     if not caches:
         raise UsageError("no --cache DIR given")
     for c in caches:
@@ -440,7 +441,7 @@ def fetch(vol: Volume, policy: Policy, caches: Sequence[Path], paths: Sequence[s
     roots = []
     for p in paths:
         h = store_path_arg(p)
-        roots.append((h, p.rstrip("/") if p.startswith("/") else None))
+        roots.append((h, None if p == h else p.rstrip("/")))
     order = resolve_closure(caches, roots, policy, recursive)
     return [add_path(vol, r, dest, progress) for r in order]
 
