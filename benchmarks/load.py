@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 
 import blake3
 
+from benchmarks.registry import Context, FigureResult, Row, figure
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = 3  # shared files replaced by rename
 KINDS = ("own", "swap", "reader", "log")
@@ -348,6 +350,65 @@ def _check(root: Path, results: list[Result], rep: LoadReport) -> None:
                                 f"{sorted(missing)[:3]}")
         if len(recs) != len(set(recs)) or set(recs) - appended:
             rep.problems.append("log: records duplicated or never written")
+
+
+# -- the figure -----------------------------------------------------------------------------
+
+FIGURE_CLIENTS = 8
+
+
+@figure("load", "concurrent readers and writers on the mount: ops/s, latency, nothing lost")
+def load(ctx: Context) -> FigureResult:
+    """The same load on the mount and on the native disk; nothing may be lost on either."""
+    from annofs.maintenance.fsck import check_store
+    from annofs.volume import Volume
+    from benchmarks.mount import code_revision, daemon, daemon_log_note, new_store, running
+
+    seconds = 5.0 if ctx.quick else 30.0
+    seed = 1
+    store = new_store(ctx.work / "load-store")
+    ann = daemon(ctx, store, "mnt-load")
+    with running(ann):
+        ctx.log(f"load: {FIGURE_CLIENTS} clients on the mount for {seconds:.0f} s")
+        with ann.guard("the load run", seconds + 2 * GRACE):
+            a = run_load(ann.mountpoint / "load", FIGURE_CLIENTS, seconds, seed, ctx.work)
+    vol = Volume.open(store)
+    try:
+        fsck = check_store(vol).problems
+    finally:
+        vol.close()
+    ctx.log(f"load: the same on the native disk for {seconds:.0f} s")
+    n = run_load(ctx.work / "load-native", FIGURE_CLIENTS, seconds, seed, ctx.work)
+    bad = a.lost_writes + len(a.problems) + len(fsck)
+    rows = [
+        Row(f"operations/s at {FIGURE_CLIENTS} clients (4 threads, 4 processes)",
+            f"{a.ops_per_s:.0f} ops/s", f"{n.ops_per_s:.0f} ops/s native",
+            a.ops_per_s / n.ops_per_s),
+        Row("latency p50 (one open..close, or a write+rename)", f"{a.p50_ms:.2f} ms",
+            f"{n.p50_ms:.2f} ms native", a.p50_ms / n.p50_ms if n.p50_ms else None),
+        Row("latency p99", f"{a.p99_ms:.2f} ms", f"{n.p99_ms:.2f} ms native",
+            a.p99_ms / n.p99_ms if n.p99_ms else None),
+        Row("lost writes, torn reads, hangs, fsck problems after the load",
+            f"{a.lost_writes} lost, {len(a.problems)} other, {len(fsck)} fsck",
+            f"{n.lost_writes} lost, {len(n.problems)} other native", float(bad), "<= 0"),
+    ]
+    kinds = "; ".join(f"{k} {c} ops, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                      for k, (c, p50, p99) in a.by_kind.items())
+    problems = " / ".join(a.problems[:3] + fsck[:3])
+    notes = (
+        f"{FIGURE_CLIENTS} clients for {seconds:.0f} s (seed {seed}), alternately threads of "
+        "the benchmark and separate processes: writers of their own file (overwrite, append, "
+        "in-place write, truncate, each read back at once), writers replacing 3 shared "
+        "files by write + rename, O_APPEND writers of one shared log, and readers of the "
+        "shared files and the log. Checked: every read of a shared file is one whole "
+        "version (self-checking content), every own file ends with its writer's last "
+        "content, every shared file with the last version of one of its writers, every "
+        "log record is there once and whole, no worker still running 60 s after its end, "
+        f"and fsck of the store afterwards. Per kind on the mount: {kinds}. The baseline "
+        f"is the same load (same seed) in a directory of the native disk. Code: "
+        f"{code_revision()}. {daemon_log_note(ann)}"
+        + (f" Problems: {problems}" if problems else ""))
+    return FigureResult(rows, notes)
 
 
 if __name__ == "__main__":

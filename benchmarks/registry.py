@@ -20,7 +20,8 @@ from pathlib import Path
 
 # Modules holding @figure functions, imported in this order (it is the table's order).
 FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount", "benchmarks.cp",
-                  "benchmarks.trust", "benchmarks.explain")
+                  "benchmarks.trust", "benchmarks.explain", "benchmarks.load",
+                  "benchmarks.reliability")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 
