@@ -47,7 +47,7 @@ class DaemonCommands:
     def handlers(self) -> dict[str, Any]:
         """op name -> handler, for the ControlServer."""
         return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload,
-                "gc": self.gc, "nix-fetch": self.nix_fetch}
+                "gc": self.gc, "nix-fetch": self.nix_fetch, "nar-restore": self.nar_restore}
 
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.
@@ -136,12 +136,14 @@ class DaemonCommands:
         file, source = args.get("file"), args.get("source", "NAR")
         if not isinstance(file, str) or not isinstance(source, str):
             raise UsageError("control: 'file' and 'source' must be strings")
+        check_outside(Path(file), self.policy.mountpoint, "the NAR")
         try:
             f = open(file, "rb")  # noqa: SIM115 - closed below
         except OSError as e:
             raise UsageError(f"{source}: {e.strerror}") from None
         with f:
             tree = restore_nar_into(self.ops.vol, f, dest, source=source)
+        self.ops.dirty_since_sync = True
         for i in range(1, len(dest) + 1):  # parents it made may be cached as missing
             self.inv.path_changed(self.ops.inodes, dest[:i])
         return {"files": len(tree.files), "directories": tree.directories,
