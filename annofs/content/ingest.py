@@ -83,8 +83,14 @@ def _read_size(stream: BinaryIO) -> int:
 
 
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
-                  params: ChunkParams, batch: FragmentBatch | None = None) -> Ingested:
+                  params: ChunkParams, batch: FragmentBatch | None = None,
+                  read_size: int | None = None) -> Ingested:
     """Read a stream to its end, storing each distinct fragment once.
+
+    `read_size` sizes the chunker's buffer; by default it is fitted to a regular file's
+    size. A stream that knows its length but has no file descriptor (a file inside a
+    NAR, used by annofs.nix.nar) passes it: a zero-filled 4 MiB buffer per small file
+    costs more than chunking it.
 
     Fragments are stored before any version refers to them: a crash in between leaves
     unreferenced fragments, which gc reclaims, never a version with missing data. Each
@@ -101,7 +107,8 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     hashes = bytearray()
     lengths = array("I")
     first = True
-    for block, cuts, last in stream_blocks(stream, params, _read_size(stream)):
+    buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
+    for block, cuts, last in stream_blocks(stream, params, buf_size):
         if not (first and last and len(cuts) == 1):
             # A one-fragment file's digest is its fragment's hash: no second pass.
             whole.update(block)
