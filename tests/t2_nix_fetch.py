@@ -89,7 +89,9 @@ def nothing_added(vol: Volume) -> bool:
         names = [n for n, _ in vol.namespace.listdir(txn, int(vol.namespace.root(txn).target))]
         staging = vol.namespace.staging_roots(txn)
         statements = AnnotationStore(vol.store).count(txn)
-    return names == [] and staging == [] and statements == 0
+        # The NAR is checked whole before the restore stores anything: not even fragments.
+        fragments = txn.stat(vol.store.db["fragments"])["entries"]
+    return names == [] and staging == [] and statements == 0 and fragments == 0
 
 
 def verdicts(vol: Volume, pol: Policy, top: str) -> dict[str, str]:

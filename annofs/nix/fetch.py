@@ -4,11 +4,13 @@ For each store path: read `<hash>.narinfo` from each `--cache` directory (the la
 `nix copy --to file://DIR` writes), check every `Sig` over the narinfo's fingerprint with
 the policy's trusted keys, and refuse unless at least one signature by a trusted,
 unrevoked key holds (`RefusedError`, exit 1). Then stream the NAR (decompressed on the
-fly, never whole in memory) into `restore_nar_into`, which builds the tree in a staging
-root. Its `before_swap` hook compares the NAR's SHA-256 and size with the signed NarHash
-and NarSize (and the unsigned FileHash and FileSize with the compressed file), and in the
-same transaction that swaps the tree in, records each signature as a statement: a NAR
-that does not match adds nothing at all, and a tree never appears without its
+fly, never whole in memory) into `restore_nar_into`. It reads the whole NAR once
+(spooled to a temporary file in the store directory, since a decompressor cannot seek)
+and calls our `verify`, which compares its SHA-256 and size with the signed NarHash and
+NarSize (and the unsigned FileHash and FileSize with the compressed file) before
+anything is stored; then it builds the tree in a staging root, and our `before_swap`
+records each signature as a statement in the same transaction that swaps the tree in:
+a NAR that does not match adds nothing at all, and a tree never appears without its
 signatures.
 
 How a narinfo signature becomes a statement. A cache signs only the fingerprint
@@ -52,7 +54,14 @@ from typing import Any, BinaryIO
 import lmdb
 
 from annofs.errors import NotFoundError, RefusedError, UsageError
-from annofs.nix.nar import NarError, RestoredTree, dump_volume, nar_hash, restore_nar_into
+from annofs.nix.nar import (
+    NarError,
+    NarHash,
+    RestoredTree,
+    dump_volume,
+    nar_hash,
+    restore_nar_into,
+)
 from annofs.nix.narinfo import (
     HASH_PART_LEN,
     MAX_NARINFO,
@@ -378,16 +387,22 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
     stream = _NarStream(raw, info, where)
     counted: list[int] = []
 
-    def before_swap(txn: lmdb.Transaction, tree: RestoredTree) -> None:
-        _check_nar(info, where, tree.nar.sha256, tree.nar.size)
+    def verify(h: NarHash) -> None:
+        # After the whole NAR was read and checked, before anything is stored.
+        _check_nar(info, where, h.sha256, h.size)
         _check_file(info, where, raw)
+
+    def before_swap(txn: lmdb.Transaction, tree: RestoredTree) -> None:
+        # The tree was restored from a second read of the checked bytes: check those too.
+        _check_nar(info, where, tree.nar.sha256, tree.nar.size)
         files = [(_subject_name(base, rf.path), rf.digest, rf.version) for rf in tree.files]
         counted.append(_record(vol, txn, ann, r, files))
 
     try:
         with f:
             tree = restore_nar_into(vol, stream, dest, source=where,  # type: ignore[arg-type]
-                                    before_swap=before_swap, progress=progress)
+                                    verify=verify, before_swap=before_swap,
+                                    progress=progress)
     except NarError as e:
         # The signed NarHash describes a well-formed NAR: a malformed one is not it.
         raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
