@@ -34,7 +34,7 @@ from typing import BinaryIO, Literal
 
 import lmdb
 
-from annofs.content.ingest import ingest_stream
+from annofs.content.ingest import FragmentBatch, ingest_stream
 from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import ExistsError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import MAX_NAME, check_name, now_ns
@@ -49,6 +49,8 @@ MAGIC = b"nix-archive-1"
 MAX_TARGET = 4095
 MAX_DEPTH = 256
 _MAX_TAG = 16  # the longest keyword is "executable"
+_KEYWORDS = (b"(", b")", b"type", b"regular", b"symlink", b"directory", b"executable",
+             b"contents", b"target", b"entry", b"name", b"node")
 
 _U64 = struct.Struct("<Q")
 _PAD = bytes(8)
@@ -152,22 +154,26 @@ def _dump(root: _Node) -> Iterator[bytes]:
 
 
 _CLOSE = _string(b")")
+_TOKENS = {k: _string(k) for k in _KEYWORDS}  # keywords as they are encoded
 _DIR_OPEN = _string(b"(") + _string(b"type") + _string(b"directory")
 _ENTRY = _string(b"entry") + _string(b"(") + _string(b"name")
 _NODE = _string(b"node")
+
+
+_REGULAR = _string(b"(") + _string(b"type") + _string(b"regular")
+_EXECUTABLE = _string(b"executable") + _string(b"")
+_CONTENTS = _string(b"contents")
+_SYMLINK = _string(b"(") + _string(b"type") + _string(b"symlink") + _string(b"target")
 
 
 def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
     """Append a file's or symlink's node to `buf`; a file's bytes go out as they are read
     (after what `buf` held), never gathered whole."""
     if isinstance(node, _Symlink):
-        buf += (_string(b"(") + _string(b"type") + _string(b"symlink") + _string(b"target")
-                + _string(node.target) + _CLOSE)
+        buf += _SYMLINK + _string(node.target) + _CLOSE
         return
-    buf += _string(b"(") + _string(b"type") + _string(b"regular")
-    if node.executable:
-        buf += _string(b"executable") + _string(b"")
-    buf += _string(b"contents") + _U64.pack(node.size)
+    buf += _REGULAR + _EXECUTABLE + _CONTENTS if node.executable else _REGULAR + _CONTENTS
+    buf += _U64.pack(node.size)
     done = 0
     for chunk in node.chunks():
         done += len(chunk)
@@ -282,7 +288,7 @@ class NarReader:
     def __init__(self, stream: BinaryIO, source: str = "NAR") -> None:
         self._stream = stream
         self.source = source
-        self._buf = bytearray()
+        self._buf = b""
         self._off = 0  # consumed bytes of _buf
         self.pos = 0  # bytes consumed from the archive (the offset errors report)
         self._read = 0  # bytes read from the stream
@@ -303,27 +309,30 @@ class NarReader:
     def _fill(self, n: int) -> bool:
         """Make at least `n` unconsumed bytes buffered; False at the end of the stream."""
         while len(self._buf) - self._off < n:
-            if self._off:
-                del self._buf[: self._off]
-                self._off = 0
-            data = self._stream.read(max(n - len(self._buf), 1 << 16))
+            data = self._stream.read(max(n, 1 << 16))
             if not data:
                 return False
             self._sha.update(data)
             self._read += len(data)
-            self._buf += data
+            self._buf = self._buf[self._off :] + data
+            self._off = 0
         return True
 
     def _take(self, n: int, what: str) -> bytes:
-        if not self._fill(n):
+        if len(self._buf) - self._off < n and not self._fill(n):
             raise self.error(f"truncated: the archive ends inside {what}")
-        out = bytes(self._buf[self._off : self._off + n])
+        out = self._buf[self._off : self._off + n]
         self._off += n
         self.pos += n
         return out
 
     def _u64(self, what: str) -> int:
-        return _U64.unpack(self._take(8, what))[0]
+        if len(self._buf) - self._off < 8 and not self._fill(8):
+            raise self.error(f"truncated: the archive ends inside {what}")
+        n = _U64.unpack_from(self._buf, self._off)[0]
+        self._off += 8
+        self.pos += 8
+        return n
 
     def _padding(self, n: int, what: str) -> None:
         pad = -n % 8
@@ -342,6 +351,15 @@ class NarReader:
         return s
 
     def _tag(self, expected: tuple[bytes, ...]) -> bytes:
+        """One of the keywords `expected` (each is 16 bytes or more, encoded)."""
+        for tag in expected:
+            token = _TOKENS[tag]
+            if (len(self._buf) - self._off >= len(token) or self._fill(len(token))) \
+                    and self._buf.startswith(token, self._off):
+                self._off += len(token)
+                self.pos += len(token)
+                return tag
+        # Not a match: read it again slowly, to say exactly what is wrong.
         at = self.pos
         want = " or ".join(repr(e.decode()) for e in expected)
         n = self._u64(f"a keyword ({want})")
@@ -349,10 +367,7 @@ class NarReader:
             raise self.error(f"expected {want}, found a string of {n} bytes", at)
         s = self._take(n, f"a keyword ({want})")
         self._padding(n, "a keyword")
-        if s not in expected:
-            raise self.error(f"expected {want}, found {s.decode('utf-8', 'backslashreplace')!r}",
-                             at)
-        return s
+        raise self.error(f"expected {want}, found {s.decode('utf-8', 'backslashreplace')!r}", at)
 
     # -- the grammar --------------------------------------------------------------
 
@@ -582,6 +597,9 @@ class _Restorer:
         self.pending_bytes = 0
         self.top: Attrs | None = None  # a one-file or symlink archive's entry
         self.uid, self.gid = os.getuid(), os.getgid()
+        # Small files' fragments wait here too: a commit per file would cost more than
+        # chunking it. Flushed before any version naming them is stored.
+        self.batch = FragmentBatch(vol.store, vol.fragments)
 
     def _attrs(self, mode: int, size: int, target: int | bytes) -> Attrs:
         t = now_ns()
@@ -595,7 +613,7 @@ class _Restorer:
                     tree = RestoredTree(self.dest, e.kind, NarHash(b"", 0))
                     if e.kind == "directory":
                         self._start_staging()
-                self._add(reader, tree, e)
+                self._add(tree, e)
             assert tree is not None and reader.hash is not None
             tree.nar = reader.hash
             self._finish(tree, before_swap)
@@ -616,7 +634,7 @@ class _Restorer:
             # from one transaction to the next, so entries go in without path walks.
             self.dir_ids[()] = int(ns.root(txn, self.root).target)
 
-    def _add(self, reader: NarReader, tree: RestoredTree, e: NarEntry) -> None:
+    def _add(self, tree: RestoredTree, e: NarEntry) -> None:
         if e.kind == "directory":
             tree.directories += 1
             if e.path:
@@ -629,8 +647,8 @@ class _Restorer:
             return
         assert e.contents is not None
         got = ingest_stream(self.vol.store, self.vol.fragments, e.contents,  # type: ignore[arg-type]
-                            self.vol.params, read_size=min(max(e.size, 1), 4 << 20))
-        tree.new_bytes += got.new_bytes
+                            self.vol.params, batch=self.batch,
+                            read_size=min(max(e.size, 1), 4 << 20))
         mode = stat.S_IFREG | (0o755 if e.executable else 0o644)
         self._queue(e.path, self._attrs(mode, e.size, EMPTY_VERSION), (got, tree, e.executable))
         self.pending_bytes += len(got.hashes)
@@ -640,6 +658,7 @@ class _Restorer:
     def _queue(self, path: tuple[bytes, ...], a: Attrs, file: object) -> None:
         self.pending.append((path, a, file))
         if len(self.pending) >= _BATCH_ENTRIES or self.pending_bytes >= _BATCH_HASH_BYTES:
+            self.batch.flush()
             with self.vol.store.write() as txn:
                 self._flush(txn)
 
@@ -664,6 +683,8 @@ class _Restorer:
     def _finish(self, tree: RestoredTree, before_swap: BeforeSwap | None) -> None:
         ns = self.vol.namespace
         parent, name = list(self.dest[:-1]), self.dest[-1]
+        self.batch.flush()
+        tree.new_bytes = self.batch.new_bytes
         with self.vol.store.write() as txn:
             self._flush(txn)
             _check_dest(self.vol, txn, self.dest, self.replace)
