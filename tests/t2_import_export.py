@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from host_reads import HostReads
 from t2_store import P, check_consistency, count_rows, dump_tree
 
 from annofs.content.history import ancestry
 from annofs.errors import NotADirectoryError_, UsageError
-from annofs.transfer import readers
+from annofs.transfer import hostwalk, readers
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import ImportStats, TreeImporter
 from annofs.volume import Volume
@@ -308,6 +309,84 @@ def test_file_replaced_by_other_kinds(vol: Volume, tmp_path: Path) -> None:
     assert host_tree(export(vol, "/dst", tmp_path / "out")) == host_tree(src)
 
 
+def test_pure_rename_stores_no_new_bytes(vol: Volume, tmp_path: Path, watch: Watch) -> None:
+    src = make_tree(tmp_path / "src")
+    first = run_import(vol, src, "/dst")
+    (src / "big.bin").rename(src / "sub" / "moved.bin")
+    opened = watch(src)
+    stats = run_import(vol, src, "/dst")
+    assert opened.read_paths() == [str(src / "sub" / "moved.bin")]
+    assert (stats.files_read, stats.bytes_read) == (1, 300_000)
+    assert stats.new_bytes == 0 and stats.removed == 1
+    assert count_rows(vol, "fragments") > 0
+    tree = dump_tree(vol, "/dst")
+    assert "big.bin" not in tree
+    assert tree["sub/moved.bin"][3] == (src / "sub" / "moved.bin").read_bytes()
+    assert first.new_bytes > 300_000
+
+
+def _many_files(root: Path) -> Path:
+    """Hundreds of small files in nested directories, a few multi-fragment ones, one over
+    readers.SMALL_FILE (streamed), duplicates, and an empty file."""
+    rng = random.Random(7)
+    for i in range(600):
+        d = root / f"d{i % 7}" / f"e{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.txt").write_bytes(rng.randbytes(rng.randrange(0, 3000)))
+    (root / "big1").write_bytes(rng.randbytes(400_000))
+    (root / "big2").write_bytes(rng.randbytes(readers.SMALL_FILE + 123_457))
+    (root / "d1" / "dup").write_bytes((root / "big1").read_bytes())
+    (root / "empty").write_bytes(b"")
+    return root
+
+
+def test_worker_processes_give_what_one_process_gives(tmp_path: Path, watch: Watch) -> None:
+    """The parallel path (spawned readers, tiny batches so that the pool starts and several
+    batches are in flight) against the serial reference: the same tree, digests, stats."""
+    src = _many_files(tmp_path / "src")
+    results = {}
+    ways: dict[str, dict[str, Any]] = {"serial": {"workers": 0},
+                                       "parallel": {"workers": 2, "batch_files": 16}}
+    for name, kw in ways.items():
+        v = Volume.open(tmp_path / name, create=True)
+        try:
+            stats = run_import(v, src, "/t", **kw)
+            with v.store.read() as txn:
+                digests = {}
+                for rel in dump_tree(v, "/t"):
+                    a = v.namespace.resolve(txn, P("/t/" + rel))
+                    if a.is_reg:
+                        digests[rel] = v.versions.get(txn, int(a.target)).digest
+            results[name] = (stats, dump_tree(v, "/t"), digests)
+            check_consistency(v)
+            if name == "parallel":
+                opened = watch(src)
+                again = run_import(v, src, "/t", **kw)
+                assert opened.paths() == [] and again.files_read == 0
+        finally:
+            v.close()
+    (s_stats, s_tree, s_digests), (p_stats, p_tree, p_digests) = results.values()
+    assert p_stats.workers == 2 and s_stats.workers == 0
+    assert p_tree == s_tree
+    assert p_digests == s_digests
+    assert all(d == blake3.blake3((src / rel).read_bytes()).digest()
+               for rel, d in p_digests.items())
+    for field_name in ("files", "files_read", "bytes_read", "new_bytes", "dirs"):
+        assert getattr(p_stats, field_name) == getattr(s_stats, field_name), field_name
+    assert p_stats.new_bytes < p_stats.bytes_read  # the duplicate was stored once
+
+
+def test_removed_directory_takes_its_cache_records(vol: Volume, tmp_path: Path) -> None:
+    src = _many_files(tmp_path / "src")
+    run_import(vol, src, "/t")
+    records = count_rows(vol, "importcache")
+    assert records == 1 + 7 + 7 * 5  # one per directory holding files
+    shutil.rmtree(src / "d3")
+    stats = run_import(vol, src, "/t")
+    assert stats.files_read == 0 and stats.removed == 1
+    assert count_rows(vol, "importcache") == records - 6
+
+
 # -- what is taken -------------------------------------------------------------------------
 
 
@@ -352,8 +431,19 @@ def git_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def test_git_takes_only_tracked_files(vol: Volume, git_repo: Path) -> None:
+def test_git_takes_only_tracked_files(vol: Volume, git_repo: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    real = hostwalk.subprocess.run
+
+    def counting(args: list[str], **kw: Any) -> Any:
+        calls.append(args)
+        return real(args, **kw)
+
+    monkeypatch.setattr(hostwalk.subprocess, "run", counting)
     run_import(vol, git_repo, "/flake", git=True)
+    # One listing of the index for the whole tree (and one to find the work tree's top).
+    assert len(calls) == 2 and any("ls-files" in c for c in calls)
     assert set(dump_tree(vol, "/flake")) == {
         "README", ".gitignore", "src", "src/main.py", "src/pkg", "src/pkg/mod.py"}
     # From a subdirectory of the work tree, names are relative to it.

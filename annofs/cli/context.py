@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
@@ -52,20 +52,27 @@ def open_volume(ctx: click.Context, *, create: bool = False,
 class Progress:
     """A progress bar on a terminal (files and bytes); silent otherwise."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, force: bool = False) -> None:
+        """A bar on stderr if it is a terminal, or always with `force` (--progress)."""
         self._bar = None
-        if sys.stderr.isatty():
+        self._started = time.monotonic()
+        if force or sys.stderr.isatty():
+            # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
+            from tqdm import tqdm
+
             self._bar = tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False)
+                             file=sys.stderr, leave=False, mininterval=0.25)
         self.files = 0
 
     def __call__(self, files: int, nbytes: int) -> None:
         self.files += files
         if self._bar is not None:
             self._bar.update(nbytes)
-            self._bar.set_postfix(files=self.files, refresh=False)
+            rate = self.files / max(time.monotonic() - self._started, 1e-9)
+            self._bar.set_postfix_str(f"{self.files} files, {rate:.0f} files/s", refresh=False)
 
     def close(self) -> None:
-        """Remove the bar."""
+        """Draw the final counts, then remove the bar."""
         if self._bar is not None:
+            self._bar.refresh()
             self._bar.close()

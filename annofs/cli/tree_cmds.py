@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from annofs.cli.context import Progress, open_volume, store_path
-from annofs.cli.paths import parse_store_path
-from annofs.store.lock import store_lock
+from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
+from annofs.cli.paths import parse_store_path, resolve_target
+from annofs.daemon import client
+from annofs.store.lock import import_lease, store_lock
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import TreeImporter
 
@@ -27,20 +30,31 @@ def init_cmd(ctx: click.Context) -> None:
 @click.option("--git", "git", is_flag=True, help="Only the files git tracks, as flakes do.")
 @click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
               help="Skip paths matching GLOB (relative path or base name); repeatable.")
+@click.option("--progress", "show_progress", is_flag=True,
+              help="Show the progress bar even when stderr is not a terminal.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
-def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], src: Path,
-               dest: str) -> None:
-    """Copy the host directory SRC into the store at DEST; unchanged files are not read."""
-    dest_parts = parse_store_path(dest)
+def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_progress: bool,
+               src: Path, dest: str) -> None:
+    """Copy the host directory SRC into the store at DEST; unchanged files are not read.
+
+    DEST is a path inside a mounted annofs (the mount shows the import at once), or a path
+    in the --store's namespace.
+    """
+    target = resolve_target(dest, store_path(ctx))
+    if target.mount is None:
+        require_unmounted(target.store)
     started = time.monotonic()
-    progress = Progress("import")
+    progress = Progress("import", force=show_progress)
     try:
-        with store_lock(store_path(ctx), exclusive=False, what="import"), \
-                open_volume(ctx) as vol:
-            stats = TreeImporter(vol, excludes=excludes, git=git, progress=progress).run(
-                src, dest_parts)
+        # The lease keeps a gc (offline: the store lock; under a mount: the daemon) from
+        # taking the fragments and staging tree not referenced yet for garbage.
+        with store_lock(target.store, exclusive=False, what="import"), \
+                import_lease(target.store), open_volume(ctx, store=target.store) as vol:
+            importer = TreeImporter(vol, excludes=excludes, git=git, progress=progress)
+            stats = importer.run(src, target.parts, staging=(
+                DaemonStaging(target.store) if target.mount is not None else None))
     finally:
         progress.close()
     took = time.monotonic() - started
@@ -48,9 +62,31 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], src: Pa
         f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
         f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
         f"{stats.removed} removed; {stats.bytes_read} bytes read, {stats.new_bytes} new bytes "
-        f"stored; {took:.2f} s")
+        f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
     for rel in stats.skipped:
         click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
+
+
+class DaemonStaging:
+    """An import into a mounted store: the daemon makes the staging tree and swaps it in
+    (its caches must learn of the swap); this process fills it, beside the daemon."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+
+    def begin(self, dest: Sequence[bytes]) -> str:
+        """See import_tree.Staging."""
+        got = client.request(self.store, "import-begin", dest=_names(dest), gid=os.getgid())
+        return str(got["root"])
+
+    def finish(self, root: str, dest: Sequence[bytes]) -> None:
+        """See import_tree.Staging."""
+        client.request(self.store, "import-finish", root=root, dest=_names(dest),
+                       gid=os.getgid())
+
+
+def _names(parts: Sequence[bytes]) -> list[str]:
+    return [p.decode("utf-8", "surrogateescape") for p in parts]
 
 
 @click.command("export")

@@ -13,8 +13,11 @@ from typing import Any
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.errors import UsageError
+from annofs.fs.inodes import ROOT
 from annofs.fs.operations import Operations
 from annofs.maintenance.gc import collect
+from annofs.store.lock import imports_running
+from annofs.transfer.import_tree import begin_staging, finish_staging
 
 
 def _parts(args: dict[str, Any], key: str) -> list[bytes]:
@@ -47,7 +50,8 @@ class DaemonCommands:
     def handlers(self) -> dict[str, Any]:
         """op name -> handler, for the ControlServer."""
         return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload,
-                "gc": self.gc, "nix-fetch": self.nix_fetch, "nar-restore": self.nar_restore}
+                "gc": self.gc, "nix-fetch": self.nix_fetch, "nar-restore": self.nar_restore,
+                "import-begin": self.import_begin, "import-finish": self.import_finish}
 
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.
@@ -58,6 +62,10 @@ class DaemonCommands:
         Offline writers are refused while a store is mounted, so nothing else races it.
         """
         prune = bool(args.get("prune_history", False))
+        if imports_running(self.ops.vol.store.path):
+            # Its fragments and staging tree are not referenced yet: gc would free them.
+            raise UsageError(f"{self.ops.vol.store.path}: an import is running; "
+                             f"run gc when it has finished")
         await self.ops.commit_all()
         rep = collect(self.ops.vol, prune_history=prune,
                       extra_roots=self.ops.held_versions(),
@@ -148,3 +156,61 @@ class DaemonCommands:
             self.inv.path_changed(self.ops.inodes, dest[:i])
         return {"files": len(tree.files), "directories": tree.directories,
                 "symlinks": tree.symlinks, "nar_hash": str(tree.nar), "nar_size": tree.nar.size}
+
+    async def import_begin(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Start an import into the mount: a staging tree cloned from the destination.
+
+        The importing command fills the staging tree itself (in the store, beside the
+        daemon: nothing the mount shows refers to it) and asks `import-finish` to swap it
+        in, so the mount's caches learn of the change at once.
+        """
+        dest = _parts(args, "dest")
+        if not dest:
+            raise UsageError("import: the destination must be below the mount's root")
+        gid = _id(args, "gid")
+        await self.ops.commit_all()  # the clone takes what was written, as a reader would
+        vol = self.ops.vol
+        with vol.store.write() as txn:
+            root = begin_staging(vol, txn, dest, uid, gid)
+        self.ops.dirty_since_sync = True
+        return {"root": root}
+
+    async def import_finish(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Swap an import's staging tree in as its destination; the mount shows it at once."""
+        dest = _parts(args, "dest")
+        root = args.get("root")
+        if not dest or not isinstance(root, str):
+            raise UsageError("control: import-finish needs 'root' and 'dest'")
+        gid = _id(args, "gid")
+        await self.ops.commit_all()
+        vol = self.ops.vol
+        with vol.store.write() as txn:
+            finish_staging(vol, txn, root, dest, uid, gid)
+        # Directory node ids cached by inodes under the destination are gone.
+        vol.namespace.cow_epoch += 1
+        self.ops.dirty_since_sync = True
+        self._invalidate_tree(dest)
+        return {"path": [p.decode("utf-8", "surrogateescape") for p in dest]}
+
+    def _invalidate_tree(self, parts: list[bytes]) -> None:
+        """The entry at `parts` was replaced: drop what the kernel caches of it and below."""
+        inodes = self.ops.inodes
+        for i in range(1, len(parts) + 1):  # parents it made may be cached as missing
+            self.inv.path_changed(inodes, parts[:i])
+        node = inodes.get(ROOT)
+        for name in parts:
+            node = inodes.at(node.ino, name) if node is not None else None
+        if node is None:
+            return
+        for other in list(inodes.by_ino.values()):
+            if other.ino != node.ino and inodes.is_within(other, node):
+                self.inv.entry(other.parent, other.name)
+                self.inv.inode(other.ino)
+        self.inv.inode(node.ino)
+
+
+def _id(args: dict[str, Any], key: str) -> int:
+    raw = args.get(key)
+    if type(raw) is not int or raw < 0:
+        raise UsageError(f"control: '{key}' must be a non-negative integer")
+    return raw

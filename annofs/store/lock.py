@@ -32,3 +32,37 @@ def store_lock(store_path: Path, *, exclusive: bool, what: str) -> Iterator[None
         yield
     finally:
         os.close(fd)
+
+
+IMPORT_LOCK = "import.lock"
+
+
+@contextlib.contextmanager
+def import_lease(store_path: Path) -> Iterator[None]:
+    """Held (shared) by every import while it runs, including one into a mounted store.
+
+    An import stores fragments and builds a staging tree before anything visible refers to
+    them; gc under a mount would take both for garbage. The daemon's gc asks
+    `imports_running` first. A killed import's lease goes with its process.
+    """
+    fd = os.open(store_path / IMPORT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def imports_running(store_path: Path) -> bool:
+    """Whether some process holds an import lease on the store."""
+    try:
+        fd = os.open(store_path / IMPORT_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
