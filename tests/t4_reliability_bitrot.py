@@ -198,3 +198,36 @@ def test_flipped_hard_link_record_bit(damaged: Damaged) -> None:
     m.stop()
     logged_corruption(m, damaged.what)
     fsck_names(m.store, damaged.what)
+
+
+def test_flipped_counter_bit_never_replaces_a_record(store: Path, tmp_path: Path) -> None:
+    """The version counter is a bare number: one that went down (a cleared bit) would
+    give a new version the id of another file's, silently replacing its content."""
+    vol = Volume.open(store)
+    try:
+        with vol.store.write() as txn:
+            n = int.from_bytes(vol.store.get_meta(txn, "next:version") or b"", "big")
+            vol.store.put_meta(txn, "next:version", u64(n & ~(1 << (n.bit_length() - 1))))
+    finally:
+        vol.close()
+    res = annofs("--store", str(store), "fsck", check=False)
+    assert res.returncode == 1 and res.stdout.startswith("counter next:version: "), res.stdout
+    m = Mount(store, tmp_path / "mnt")
+    m.start()
+    try:
+        with pytest.raises(OSError) as e:
+            (m.path / "t" / "small.txt").write_bytes(b"a new version")
+        assert e.value.errno == errno.EIO
+        healthy(m, skip=())  # nothing replaced
+    finally:
+        m.stop()
+    logged_corruption(m, "counter next:version")
+    res = annofs("--store", str(store), "fsck", "--repair", check=False)
+    assert res.returncode == 0 and "repaired: counter next:version" in res.stdout, res.stdout
+    m.start()
+    try:
+        (m.path / "t" / "small.txt").write_bytes(b"a new version")
+        assert (m.path / "t" / "small.txt").read_bytes() == b"a new version"
+        healthy(m, skip=("small.txt",))
+    finally:
+        m.stop()

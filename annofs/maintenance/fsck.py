@@ -169,6 +169,8 @@ def check_store(vol: Volume, *, verify_data: bool = True,
                 problems.append(f"link {lid}: version {link.attrs.target} missing")
         problems += [f"link {lid}: referenced but missing" for lid in link_refs
                      if lid not in links]
+        problems += [f"counter next:{c}: {n}, but {c} {last} exists (new ids would replace "
+                     f"records)" for c, n, last in vol.store.damaged_counters(txn)]
     return rep
 
 

@@ -68,6 +68,9 @@ def repair_store(vol: Volume) -> list[str]:
                 txn.put(bytes(k), encode_link(dataclasses.replace(link, nlink=n)), db=db["links"])
                 fixed.append(f"link {lid}: nlink {link.nlink} -> {n}")
         _repair_fragment_refs(vol, txn, fixed)
+        for counter, n, last in vol.store.damaged_counters(txn):
+            vol.store.put_meta(txn, f"next:{counter}", u64(last + 1))
+            fixed.append(f"counter next:{counter}: {n} -> {last + 1}")
     vol.store.sync()
     return fixed
 

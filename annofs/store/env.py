@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lmdb
 
-from annofs.errors import StoreError
+from annofs.errors import CorruptionError, StoreError
 from annofs.store.keys import from_u64, u64
 
 FORMAT_VERSION = 3  # 3: refcounts count edits (own_counts); 2: raw fragment values
@@ -31,6 +31,9 @@ DB_NAMES = (
     "signed_fragments",  # fragment hash + signed content digest -> b""
     "version_digests",  # content digest + version id -> b"" (may be stale: check on use)
 )
+
+# The id-keyed database each counter allocates keys of.
+COUNTER_TABLES = {"version": "versions", "dir": "dirs", "link": "links"}
 
 
 class Store:
@@ -70,12 +73,35 @@ class Store:
             raise
 
     def next_id(self, txn: lmdb.Transaction, counter: str) -> int:
-        """Allocate the next id of a counter inside a write transaction."""
+        """Allocate the next id of a counter inside a write transaction.
+
+        A counter is a bare number: a flipped bit that lowers it would hand out an id in
+        use, and the new record would silently replace another file's. So the id is
+        checked to be free (CorruptionError if not: nothing is written).
+        """
         key = b"next:" + counter.encode()
         raw = txn.get(key, db=self.db["meta"])
         n = from_u64(raw) if raw is not None else 1
+        table = COUNTER_TABLES.get(counter)
+        if table is not None and txn.get(u64(n), db=self.db[table]) is not None:
+            raise CorruptionError(f"counter next:{counter} is {n}, but {counter} {n} exists "
+                                  f"(the counter is damaged; annofs fsck --repair resets it)")
         txn.put(key, u64(n + 1), db=self.db["meta"])
         return n
+
+    def damaged_counters(self, txn: lmdb.Transaction) -> list[tuple[str, int, int]]:
+        """(counter, its next id, the highest id in use) of each counter that would hand
+        out an id already in use (fsck reports them, repair moves them past it)."""
+        out = []
+        for counter, table in COUNTER_TABLES.items():
+            raw = txn.get(b"next:" + counter.encode(), db=self.db["meta"])
+            # next_id starts an absent counter at 1; a damaged length hands out nothing
+            n = 1 if raw is None else from_u64(raw) if len(raw) == 8 else 0
+            with txn.cursor(db=self.db[table]) as cur:
+                last = from_u64(cur.key()) if cur.last() else -1
+            if last >= n:
+                out.append((counter, n, last))
+        return out
 
     def get_meta(self, txn: lmdb.Transaction, key: str) -> bytes | None:
         """A raw metadata value."""
