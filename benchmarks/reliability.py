@@ -59,7 +59,11 @@ def digest(data: bytes | None) -> str | None:
 
 
 class Writer:
-    """Changes files under `root` and journals what it intends and what it fsynced."""
+    """Changes files under `root` and journals what it intends and what it fsynced.
+
+    Files are tracked by inode (hard links share one), so a change made through one name
+    is journalled for every name of the file.
+    """
 
     def __init__(self, root: Path, journal: Path, rnd: random.Random, tag: str) -> None:
         self.root = root
@@ -69,10 +73,22 @@ class Writer:
         self.seq = 0
         self.jfd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         # What the files hold now, as far as this process knows (it is the only writer).
-        self.files: dict[str, bytes] = {}
+        self.ino: dict[str, int] = {}  # name -> inode
+        self.data: dict[int, bytes] = {}  # inode -> content
+        dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.sub = dirs[0] if dirs else SUBDIR  # renamed from time to time
         for p in sorted(root.rglob("*")):
             if p.is_file():
-                self.files[str(p.relative_to(root))] = p.read_bytes()
+                st = p.lstat()
+                self.ino[str(p.relative_to(root))] = st.st_ino
+                self.data.setdefault(st.st_ino, p.read_bytes())
+
+    def content(self, name: str) -> bytes:
+        return self.data[self.ino[name]]
+
+    def names(self, name: str) -> list[str]:
+        """Every name of the file `name` is one of (hard links)."""
+        return [n for n, i in self.ino.items() if i == self.ino[name]]
 
     def _journal(self, rec: dict, sync: bool) -> None:
         # One write(2) per record: the journal survives the death of any process; the
@@ -88,13 +104,17 @@ class Writer:
                       sync=False)
         return self.seq
 
+    def intent_content(self, name: str, data: bytes) -> int:
+        """A content change of the file `name`: every one of its names shows it."""
+        return self.intent(dict.fromkeys(self.names(name), data))
+
     def synced(self, seq: int) -> None:
         """Record that intent `seq` is fsynced (every path it touched)."""
         self._journal({"synced": seq}, sync=True)
 
     def _fsync_dir(self, rel: str) -> None:
-        fd = os.open(self.root / os.path.dirname(rel) if os.path.dirname(rel) else self.root,
-                     os.O_RDONLY | os.O_DIRECTORY)
+        d = os.path.dirname(rel)
+        fd = os.open(self.root / d if d else self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
@@ -103,7 +123,7 @@ class Writer:
     def _name(self) -> str:
         self.n += 1
         name = f"{self.tag}-{self.n}"
-        return f"{SUBDIR}/{name}" if self.rnd.random() < 0.3 else name
+        return f"{self.sub}/{name}" if self.rnd.random() < 0.3 else name
 
     def _data(self, size: int) -> bytes:
         return self.rnd.randbytes(size)
@@ -118,16 +138,21 @@ class Writer:
                 os.pwrite(fd, data[pos:end], at + pos)
             pos = end
 
+    def _new_inode(self, name: str, data: bytes) -> None:
+        key = min(self.data, default=0) - 1  # writer-local keys below any real inode
+        self.ino[name] = key
+        self.data[key] = data
+
     # -- the changes --
 
     def new_file(self, name: str, data: bytes, sync: bool) -> None:
         self.intent({name: b""})  # the name exists (empty) as soon as it is created
         fd = os.open(self.root / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
+            self._new_inode(name, b"")
             seq = self.intent({name: data})
-            self.files[name] = b""
             self._write_all(fd, data, self.rnd.randint(1, 4))
-            self.files[name] = data
+            self.data[self.ino[name]] = data
             if sync:
                 os.fsync(fd)
                 self._fsync_dir(name)
@@ -138,7 +163,7 @@ class Writer:
     def rewrite(self, name: str, new: bytes, flags: int, sync: bool,
                 at: int | None = None, patch: bytes = b"") -> None:
         """Append (O_APPEND), replace (O_TRUNC) or patch in place (`at`) one file."""
-        seq = self.intent({name: new})
+        seq = self.intent_content(name, new)
         fd = os.open(self.root / name, os.O_WRONLY | flags)
         try:
             if at is not None:
@@ -146,7 +171,7 @@ class Writer:
             else:
                 self._write_all(fd, new if flags & os.O_TRUNC else patch,
                                 self.rnd.randint(1, 3))
-            self.files[name] = new
+            self.data[self.ino[name]] = new
             if sync:
                 os.fsync(fd)
                 self.synced(seq)
@@ -154,13 +179,13 @@ class Writer:
             os.close(fd)
 
     def truncate(self, name: str, size: int, sync: bool) -> None:
-        old = self.files[name]
+        old = self.content(name)
         new = old[:size] + bytes(max(0, size - len(old)))
-        seq = self.intent({name: new})
+        seq = self.intent_content(name, new)
         fd = os.open(self.root / name, os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
-            self.files[name] = new
+            self.data[self.ino[name]] = new
             if sync:
                 os.fsync(fd)
                 self.synced(seq)
@@ -173,25 +198,70 @@ class Writer:
         self.new_file(tmp, data, sync=True)
         seq = self.intent({tmp: None, target: data})
         os.rename(self.root / tmp, self.root / target)
-        del self.files[tmp]
-        self.files[target] = data
+        self.ino[target] = self.ino.pop(tmp)
         self._fsync_dir(target)
         self.synced(seq)
 
     def move(self, src: str, dst: str) -> None:
-        data = self.files[src]
-        seq = self.intent({src: None, dst: data})
+        seq = self.intent({src: None, dst: self.content(src)})
         os.rename(self.root / src, self.root / dst)
-        del self.files[src]
-        self.files[dst] = data
+        self.ino[dst] = self.ino.pop(src)
         self._fsync_dir(src)
         self._fsync_dir(dst)
+        self.synced(seq)
+
+    def move_while_open(self, src: str, dst: str) -> None:
+        """Write, rename the open file, write more, fsync: the bytes follow the file."""
+        old = self.content(src)
+        part1, part2 = self._data(self.rnd.randrange(1, 9000)), self._data(50)
+        fd = os.open(self.root / src, os.O_WRONLY | os.O_APPEND)
+        try:
+            self.intent_content(src, old + part1)
+            os.write(fd, part1)
+            self.data[self.ino[src]] = old + part1
+            # The rename may carry the content as of the last commit or with part1.
+            self.intent({src: None, dst: old})
+            self.intent({dst: old + part1})
+            os.rename(self.root / src, self.root / dst)
+            self.ino[dst] = self.ino.pop(src)
+            seq = self.intent_content(dst, old + part1 + part2)
+            os.write(fd, part2)
+            self.data[self.ino[dst]] = old + part1 + part2
+            os.fsync(fd)
+            self._fsync_dir(src)
+            self._fsync_dir(dst)
+            self.synced(seq)
+        finally:
+            os.close(fd)
+
+    def link(self, src: str, dst: str) -> None:
+        seq = self.intent({dst: self.content(src)})
+        os.link(self.root / src, self.root / dst)
+        self.ino[dst] = self.ino[src]
+        self._fsync_dir(dst)
+        self.synced(seq)
+
+    def rename_dir(self) -> None:
+        """Rename the subdirectory with everything in it."""
+        new = f"d-{self.tag}-{self.n}"
+        self.n += 1
+        inside = [n for n in self.ino if n.startswith(self.sub + "/")]
+        states: dict[str, bytes | None] = dict.fromkeys(inside)
+        states.update({new + n[len(self.sub):]: self.content(n) for n in inside})
+        seq = self.intent(states)
+        os.rename(self.root / self.sub, self.root / new)
+        for n in inside:
+            self.ino[new + n[len(self.sub):]] = self.ino.pop(n)
+        self.sub = new
+        self._fsync_dir(new)
         self.synced(seq)
 
     def remove(self, name: str) -> None:
         seq = self.intent({name: None})
         os.unlink(self.root / name)
-        del self.files[name]
+        key = self.ino.pop(name)
+        if key not in self.ino.values():
+            del self.data[key]
         self._fsync_dir(name)
         self.synced(seq)
 
@@ -199,41 +269,47 @@ class Writer:
         """One random change."""
         rnd = self.rnd
         sync = rnd.random() < 0.75
-        small = sorted(n for n in self.files if n != BIG and not n.startswith(".tmp"))
+        small = sorted(n for n in self.ino if n != BIG and not n.startswith(".tmp"))
         op = rnd.random()
-        if BIG not in self.files:
+        if BIG not in self.ino:
             self.new_file(BIG, self._data(BIG_SIZE), sync=True)
-        elif op < 0.25 or not small:
+        elif op < 0.22 or not small:
             if len(small) >= MAX_FILES:
                 self.remove(rnd.choice(small))
                 return
             size = rnd.choice([0, 1, 100, 4_000, 70_000, 300_000])
             self.new_file(self._name(), self._data(size), sync)
-        elif op < 0.40:
+        elif op < 0.36:
             name = rnd.choice(small)
-            if len(self.files[name]) > 1_000_000:
+            if len(self.content(name)) > 1_000_000:
                 self.truncate(name, rnd.randrange(1000), sync)
                 return
             patch = self._data(rnd.choice([1, 50, 9_000, 120_000]))
-            self.rewrite(name, self.files[name] + patch, os.O_APPEND, sync, patch=patch)
-        elif op < 0.52:
+            self.rewrite(name, self.content(name) + patch, os.O_APPEND, sync, patch=patch)
+        elif op < 0.48:
             name = rnd.choice(small)
             data = self._data(rnd.choice([0, 10, 5_000, 200_000]))
             self.rewrite(name, data, os.O_TRUNC, sync)
-        elif op < 0.68:
-            old = self.files[BIG]
+        elif op < 0.62:
+            old = self.content(BIG)
             at = rnd.randrange(len(old) + 1)
             patch = self._data(rnd.choice([1, 17, 4096, 70_000]))
             new = old[:at] + patch + old[at + len(patch):]
             self.rewrite(BIG, new, 0, sync, at=at, patch=patch)
-        elif op < 0.74:
+        elif op < 0.67:
             name = rnd.choice(small)
-            self.truncate(name, rnd.randrange(2 * len(self.files[name]) + 10), sync)
-        elif op < 0.86:
+            self.truncate(name, rnd.randrange(2 * len(self.content(name)) + 10), sync)
+        elif op < 0.77:
             target = rnd.choice(small) if rnd.random() < 0.7 else self._name()
             self.replace(target, self._data(rnd.choice([0, 300, 50_000])))
-        elif op < 0.94:
+        elif op < 0.83:
             self.move(rnd.choice(small), self._name())
+        elif op < 0.87:
+            self.move_while_open(rnd.choice(small), self._name())
+        elif op < 0.92:
+            self.link(rnd.choice(small), self._name())
+        elif op < 0.94:
+            self.rename_dir()
         else:
             self.remove(rnd.choice(small))
 
@@ -306,12 +382,15 @@ def verify(base: dict[str, str], journal: Path, seen: dict[str, str]) -> Verdict
         if got in states[k:]:
             v.later += got != states[k]
             continue
-        what = "absent" if got is None else f"content {got[:16]}"
         shown = ", ".join("absent" if s is None else s[:16] for s in states[k:])
-        if got in states[:k]:
-            v.problems.append(f"{p}: {what} is older than what was fsynced (allowed: {shown})")
+        if got is None:
+            v.problems.append(f"{p}: lost: absent after the crash (allowed: {shown})")
+        elif got in states[:k]:
+            v.problems.append(f"{p}: content {got[:16]} is older than what was fsynced "
+                              f"(allowed: {shown})")
         else:
-            v.problems.append(f"{p}: {what} was never written (allowed: {shown})")
+            v.problems.append(f"{p}: content {got[:16]} was never written: torn or foreign "
+                              f"(allowed: {shown})")
     return v
 
 

@@ -8,6 +8,7 @@ printed; ANNOFS_CRASH_SEED repeats a run.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from fuse_helpers import annofs
 from annofs.content.fragments import fragment_hash
 from annofs.content.versions import EMPTY_VERSION
 from annofs.volume import Volume
-from benchmarks.reliability import CrashLoop
+from benchmarks.reliability import CrashLoop, digest, verify
 
 FULL = os.environ.get("ANNOFS_FULL") == "1"
 CYCLES = int(os.environ.get("ANNOFS_CRASH_CYCLES", "50" if FULL else "8"))
@@ -53,6 +54,27 @@ def test_kill_9_under_a_fsyncing_writer(mounted: Mount, tmp_path: Path) -> None:
     assert rep.synced >= CYCLES, "the writer fsynced almost nothing: the test proved little"
     mounted.stop()
     fsck_ok(mounted.store)
+
+
+def test_the_crash_check_catches_loss_tearing_and_strays(tmp_path: Path) -> None:
+    """verify() itself: what it must allow and what it must refuse."""
+    d = {k: digest(k.encode()) for k in ("a0", "a1", "a2", "b1")}
+    journal = tmp_path / "j"
+    records = [{"seq": 1, "intent": {"a": d["a1"]}}, {"synced": 1},
+               {"seq": 2, "intent": {"a": d["a2"], "b": d["b1"]}},
+               {"seq": 3, "intent": {"b": None}}]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = {"a": d["a0"], "old": d["a0"]}
+    ok = [{"a": d["a1"], "old": d["a0"]}, {"a": d["a2"], "b": d["b1"], "old": d["a0"]}]
+    for seen in ok:
+        assert not verify(base, journal, seen).problems, seen
+    bad = {"older than what was fsynced": {"a": d["a0"], "old": d["a0"]},
+           "was never written": {"a": digest(b"torn"), "old": d["a0"]},
+           "never made it": {"a": d["a1"], "old": d["a0"], "stray": d["a0"]},
+           "lost: absent": {"a": d["a1"]}}
+    for why, seen in bad.items():
+        problems = verify(base, journal, seen).problems
+        assert len(problems) == 1 and why in problems[0], (why, problems)
 
 
 # -- import and gc, killed ------------------------------------------------------------------
