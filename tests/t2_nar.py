@@ -15,6 +15,8 @@ from pathlib import Path
 import blake3
 import lmdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nar_cases import MALFORMED, directory, entry, nar, regular, symlink
 from t2_store import P, check_consistency, dump_tree
 
@@ -272,3 +274,30 @@ def test_checked_before_anything_is_written(vol: Volume) -> None:
     got = restore_nar_into(vol, Pipe(data), P("/x"), verify=seen.append)  # type: ignore[arg-type]
     assert got.nar == seen[-1] == nar_hash([data])
     assert b"".join(dump_volume(vol, P("/x"))) == data
+
+
+RESTORE_FUZZ = max(20, int(os.environ.get("ANNOFS_FUZZ_EXAMPLES", "300")) // 6)
+
+
+@settings(max_examples=RESTORE_FUZZ, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1,
+                max_size=3), st.booleans())
+def test_fuzz_restore_adds_a_whole_tree_or_nothing(vol: Volume, flips: list[tuple[int, int]],
+                                                   pipe: bool) -> None:
+    from nar_cases import GOOD
+
+    data = bytearray(GOOD)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    before = dump_tree(vol)
+    dest = P(f"/fuzz/{len(before)}")
+    stream = Pipe(bytes(data)) if pipe else io.BytesIO(bytes(data))
+    try:
+        got = restore_nar_into(vol, stream, dest)  # type: ignore[arg-type]
+    except NarError as e:
+        assert "\n" not in str(e)
+        _no_trace(vol, before)
+    else:
+        assert b"".join(dump_volume(vol, dest)) == bytes(data)
+        assert got.nar == nar_hash([bytes(data)])
