@@ -125,3 +125,15 @@ def test_dump_refuses_a_terminal(store: Path, tmp_path: Path) -> None:
         os.close(slave)
         os.close(master)
     assert res.returncode == 2 and b"stdout is a terminal" in res.stderr
+
+
+def test_restore_refuses_a_terminal_on_stdin(store: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        res = subprocess.run([sys.executable, "-m", "annofs.cli.main", "--store", str(store),
+                              "nar", "restore", "-", "/t"], stdin=slave, capture_output=True,
+                             timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert refused(res, "stdin is a terminal")

@@ -96,6 +96,8 @@ def hash_cmd(ctx: click.Context, host: bool, paths: tuple[str, ...]) -> None:
 def _open_nar(file: str) -> Iterator[tuple[BinaryIO, str]]:
     """The archive FILE (`-`: stdin) and its name for messages."""
     if file == "-":
+        if sys.stdin.isatty():
+            raise UsageError("stdin is a terminal: give the NAR as a file or through a pipe")
         yield sys.stdin.buffer, "stdin"
         return
     try:
@@ -144,6 +146,9 @@ def _restore_mounted(file: str, store: Path, parts: list[bytes], dest: str) -> N
     """Have the daemon restore (it reads FILE itself; stdin is spooled to a file first)."""
     with contextlib.ExitStack() as stack:
         if file == "-":
+            if sys.stdin.isatty():
+                raise UsageError("stdin is a terminal: give the NAR as a file or through a "
+                                 "pipe")
             spool = stack.enter_context(tempfile.NamedTemporaryFile(prefix="annofs-nar-"))
             shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
             spool.flush()
