@@ -23,8 +23,12 @@ from annofs.store.keys import HASH_SIZE
 from annofs.store.records import Version
 from chunker import ChunkParams, cut_lengths
 
-# How much new content to chunk per step: large enough to amortise the call, small enough
-# that a one-byte edit reads little past the resynchronisation point.
+# How much new content to chunk per step, at most: large enough to amortise the call. The
+# first step ends just past the old cut that follows the dirty range, and steps double
+# from there: a one-byte edit usually resynchronises at that cut, and every base
+# fragment read is a B-tree lookup and a page fault on a cold store (measured on a 1 GiB
+# file: a 1 MiB first window read 1.6 MB of scattered LMDB pages in 385 faults, which
+# readahead turned into 416 MB of disk reads and 340 ms).
 _WINDOW = 1 << 20
 
 
@@ -93,7 +97,11 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
         return start >= visible and end <= size and not dirty.touches(start, end)
 
     resume: int | None = None  # index of the old fragment where the tail is kept
-    window = _WINDOW
+    # First step: to one byte past the old cut at or after the last dirty byte, the most
+    # likely resynchronisation point (the byte past it lets the chunker confirm that cut).
+    j = bisect_left(starts, hi)
+    first_end = (starts[j] if j < len(starts) else size) + 1
+    window = min(_WINDOW, max(params.min_size, first_end - pos))
     scanned = 0
     while pos < size and resume is None:
         if zero is not None and in_hole(pos, pos + zero[0]):
@@ -125,6 +133,7 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
                     break
         pos += off
         scanned += off
+        window = min(_WINDOW, window * 2)
     if resume is None:
         tail_hashes, tail_lengths = b"", array("I")
     else:
