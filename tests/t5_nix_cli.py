@@ -74,6 +74,11 @@ def test_fetch_refusals_are_exit_1_and_success_is_one_line(world: dict[str, Path
     assert ok.stdout == (f"fetched /nix/store/{H1}-hello -> /nix/store/{H1}-hello: 2 files, "
                          f"{ok.stdout.split(', ')[1].split()[0]} NAR bytes; signed by "
                          f"cache-a-1\n")
+    # The cache's signature signs the NAR, not the files: attest export leaves it out.
+    exported = annofs(s, "attest", "export", f"/nix/store/{H1}-hello")
+    assert exported.returncode == 0 and exported.stdout == ""
+    assert exported.stderr == ("annofs: 1 binary-cache signature(s) not exported: they sign "
+                               "a NAR, not files (fetch the path again to carry them)\n")
 
 
 def test_sign_errors_and_success(world: dict[str, Path]) -> None:

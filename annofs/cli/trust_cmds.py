@@ -133,7 +133,14 @@ def attest_export_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
             for f in files:
                 for ss in ann.for_digest(txn, f.digest):
                     found.setdefault(ss.id, ss)
-    statements = sorted(found.values(), key=lambda ss: (ss.statement.time, ss.id))
+    # A binary cache's signature covers a NAR's fingerprint, not these files: it is only
+    # worth something next to the NAR (annofs nix fetch), so attest import refuses it.
+    cache_sigs = [ss for ss in found.values() if ss.statement.fingerprint is not None]
+    if cache_sigs:
+        click.echo(f"annofs: {len(cache_sigs)} binary-cache signature(s) not exported: they "
+                   f"sign a NAR, not files (fetch the path again to carry them)", err=True)
+    statements = sorted((ss for ss in found.values() if ss.statement.fingerprint is None),
+                        key=lambda ss: (ss.statement.time, ss.id))
     out = sys.stdout
     for line in export_lines(statements):
         out.write(line + "\n")
