@@ -24,8 +24,11 @@ def _parts(args: dict[str, Any], key: str) -> list[bytes]:
     raw = args.get(key)
     if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
         raise UsageError(f"control: '{key}' must be a list of names")
-    parts = [p.encode("utf-8", "surrogateescape") for p in raw]
-    if any(p in (b"", b".", b"..") or b"/" in p for p in parts):
+    try:
+        parts = [p.encode("utf-8", "surrogateescape") for p in raw]
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raise UsageError(f"control: '{key}' has a name that is not bytes") from None
+    if any(p in (b"", b".", b"..") or b"/" in p or b"\0" in p for p in parts):
         raise UsageError(f"control: '{key}' has an invalid name")
     return parts
 
@@ -61,7 +64,9 @@ class DaemonCommands:
         versions still being written (spilled ahead of a close) are kept explicitly.
         Offline writers are refused while a store is mounted, so nothing else races it.
         """
-        prune = bool(args.get("prune_history", False))
+        prune = args.get("prune_history", False)
+        if not isinstance(prune, bool):
+            raise UsageError("control: 'prune_history' must be true or false")
         if imports_running(self.ops.vol.store.path):
             # Its fragments and staging tree are not referenced yet: gc would free them.
             raise UsageError(f"{self.ops.vol.store.path}: an import is running; "

@@ -73,6 +73,11 @@ class ControlServer:
                 uid = _peer_uid(conn)
                 if uid not in (self.owner, 0):
                     log.warning("control: refused a connection from uid %d", uid)
+                    # Take the request (unparsed, for a second at most) before answering:
+                    # closing with unread data resets the connection, and the client would
+                    # see ECONNRESET instead of the refusal.
+                    with trio.move_on_after(1):
+                        await _drain_request(stream)
                     answer: dict[str, Any] = {"ok": False, "status": 2,
                                               "error": "permission denied: not the mount's owner"}
                 else:
@@ -81,6 +86,11 @@ class ControlServer:
                 answer = {"ok": False, "status": 2, "error": str(e)}
             except (OSError, trio.BrokenResourceError):
                 return  # the client went away
+            except Exception:
+                # An exception escaping here would end the nursery, and with it the
+                # daemon and the mount: one bad request must never do that.
+                log.exception("control: a request failed")
+                answer = {"ok": False, "status": 1, "error": "control: internal error"}
             try:
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -104,6 +114,16 @@ class ControlServer:
             return {"ok": False, "status": 1, "error": f"internal error: {e}"}
 
 
+async def _drain_request(stream: trio.SocketStream) -> None:
+    """Read and drop one request line (at most MAX_REQUEST bytes)."""
+    seen = 0
+    while seen <= MAX_REQUEST:
+        data = await stream.receive_some(65536)
+        if not data or b"\n" in data:
+            return
+        seen += len(data)
+
+
 async def _read_request(stream: trio.SocketStream) -> Any:
     buf = bytearray()
     while b"\n" not in buf:
@@ -117,3 +137,6 @@ async def _read_request(stream: trio.SocketStream) -> Any:
         return json.loads(bytes(buf).split(b"\n", 1)[0] or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"control: request is not JSON ({e})") from None
+    except RecursionError:
+        # json's decoder recurses once per nesting level: "[[[[..." a few thousand deep.
+        raise UsageError("control: request is nested too deeply") from None
