@@ -48,36 +48,48 @@ class TreeExporter:
             self._export(txn, top, dest, 0)
         return self.stats
 
-    def _export(self, txn: lmdb.Transaction, a: Attrs, host: Path, link: int) -> None:
+    def _export(self, txn: lmdb.Transaction, top: Attrs, top_host: Path, top_link: int) -> None:
         ns = self.vol.namespace
-        if link and link in self._links:
-            os.link(self._links[link], host, follow_symlinks=False)
-            self.stats.hard_links += 1
-            return
-        if a.is_dir:
-            os.mkdir(host, 0o700)
-            self.stats.dirs += 1
-            for name, child, child_link in ns.iter_entries(txn, a.target):
-                self._export(txn, child, host / os.fsdecode(name), child_link)
-        elif a.is_reg:
-            v = self.vol.versions.get(txn, int(a.target))
-            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                for frag in self.vol.versions.iter_bytes(txn, v):
-                    f.write(frag)
-            self.stats.files += 1
-            self.stats.bytes += v.size
-            if self.progress:
-                self.progress(1, v.size)
-        elif a.is_symlink:
-            assert isinstance(a.target, bytes)
-            os.symlink(a.target, host)
-            self.stats.symlinks += 1
-        else:
-            os.mknod(host, a.mode, int(a.target))
-        if link:
-            self._links[link] = host
-        self._set_meta(host, a)
+        # An explicit stack, not recursion: a tree may be thousands of levels deep. A
+        # directory's metadata is set once its entries are written (writing them changes
+        # its mtime, and a read-only mode would refuse them): the `done` entry.
+        stack: list[tuple[Attrs, Path, int, bool]] = [(top, top_host, top_link, False)]
+        while stack:
+            a, host, link, done = stack.pop()
+            if done:
+                self._set_meta(host, a)
+                continue
+            if link and link in self._links:
+                os.link(self._links[link], host, follow_symlinks=False)
+                self.stats.hard_links += 1
+                continue
+            if a.is_dir:
+                os.mkdir(host, 0o700)
+                self.stats.dirs += 1
+                stack.append((a, host, link, True))
+                entries = list(ns.iter_entries(txn, a.target))
+                for name, child, child_link in reversed(entries):
+                    stack.append((child, host / os.fsdecode(name), child_link, False))
+                continue
+            if a.is_reg:
+                v = self.vol.versions.get(txn, int(a.target))
+                fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    for frag in self.vol.versions.iter_bytes(txn, v):
+                        f.write(frag)
+                self.stats.files += 1
+                self.stats.bytes += v.size
+                if self.progress:
+                    self.progress(1, v.size)
+            elif a.is_symlink:
+                assert isinstance(a.target, bytes)
+                os.symlink(a.target, host)
+                self.stats.symlinks += 1
+            else:
+                os.mknod(host, a.mode, int(a.target))
+            if link:
+                self._links[link] = host
+            self._set_meta(host, a)
 
     def _set_meta(self, host: Path, a: Attrs) -> None:
         if self._as_root:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,27 @@ class _Read:
     link_key: tuple[int, int] | None
 
 
+def _prefetch(src: bytes, stop: threading.Event) -> None:
+    """List and stat the tree ahead of the walk, in the same order, so that the walk finds
+    directory and inode metadata in the kernel's caches. When the tree is not cached,
+    the walk's reads of metadata, one at a time, were a third of a cold import; this
+    thread waits on the disk for them (the GIL is released in the system calls) while
+    the walk and the readers get on."""
+    stack = [src]
+    try:
+        while stack and not stop.is_set():
+            with os.scandir(stack.pop()) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            subdirs = []
+            for e in entries:
+                e.stat(follow_symlinks=False)
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+            stack.extend(reversed(subdirs))
+    except OSError:
+        return  # the walk itself meets and reports the problem
+
+
 class TreeImporter:
     """Imports one host directory to one store path."""
 
@@ -179,6 +201,9 @@ class TreeImporter:
         self._tracked: set[str] | None = None
         self._tracked_dirs: set[str] = set()
         self._cache_db = vol.store.db["importcache"]
+        # Directories whose key is longer (thousands of levels deep) are not cached:
+        # they are read again on every import.
+        self._max_key = vol.store.env.max_key_size()
         self._ops: list[Op] = []
         self._wdirs: dict[tuple[bytes, ...], int] = {}
         self._link_first: dict[tuple[int, int], tuple[tuple[bytes, ...], bytes]] = {}
@@ -249,12 +274,20 @@ class TreeImporter:
         with self.vol.store.read() as txn:
             top = int(self.vol.namespace.root(txn, self._root).target)
         stack: list[tuple[bytes, tuple[bytes, ...], int | None]] = [(src, (), top)]
-        while stack:
-            host, stage, base = stack.pop()
-            subdirs = self._import_dir(pool, host, stage, base, dest)
-            stack.extend(reversed(subdirs))
-            if len(self._ops) >= self.ops_per_txn:
-                self._flush()
+        stop = threading.Event()
+        ahead = threading.Thread(target=_prefetch, args=(src, stop), daemon=True,
+                                 name="import-prefetch")
+        ahead.start()
+        try:
+            while stack:
+                host, stage, base = stack.pop()
+                subdirs = self._import_dir(pool, host, stage, base, dest)
+                stack.extend(reversed(subdirs))
+                if len(self._ops) >= self.ops_per_txn:
+                    self._flush()
+        finally:
+            stop.set()
+            ahead.join()
 
     def _import_dir(self, pool: ReadPool, host: bytes,
                     stage: tuple[bytes, ...], base: int | None,
@@ -270,7 +303,8 @@ class TreeImporter:
         if base is not None:
             with self.vol.store.read() as txn:
                 present = ns.raw_entries(txn, base)
-                raw_cache = txn.get(d.key, db=self._cache_db)
+                raw_cache = (txn.get(d.key, db=self._cache_db)
+                             if len(d.key) <= self._max_key else None)
             if raw_cache is not None:
                 cached = msgpack.unpackb(raw_cache)
         subdirs: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
@@ -434,6 +468,8 @@ class TreeImporter:
 
         def remove(txn: lmdb.Transaction) -> None:
             ns.remove_tree(txn, self._wdir(txn, d.stage), name)
+            if len(sub_key) > self._max_key:
+                return  # every record below would have a longer key: there are none
             with txn.cursor(db=self._cache_db) as cur:
                 if cur.set_range(sub_key):
                     while cur.key().startswith(sub_key):
@@ -444,7 +480,7 @@ class TreeImporter:
 
     def _settle(self, d: _Dir) -> None:
         """Once a walked directory has every read applied, queue its new cache record."""
-        if d.walked and d.pending == 0 and d.changed:
+        if d.walked and d.pending == 0 and d.changed and len(d.key) <= self._max_key:
             record = d.record
             self._ops.append(lambda txn: txn.put(d.key, msgpack.packb(record),
                                                  db=self._cache_db))
