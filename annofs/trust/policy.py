@@ -240,7 +240,9 @@ class _Parser:
 
     def fail(self, line: int | None, fieldname: str, problem: str) -> UsageError:
         where = f"{self.name}:{line}" if line is not None else self.name
-        return UsageError(f"{where}: {fieldname}: {problem}")
+        # Field names and values come from the file: a key "\n" must not break the
+        # error's one line.
+        return UsageError(_one_line(f"{where}: {fieldname}: {problem}"))
 
     def parse(self) -> Policy:
         try:
@@ -447,6 +449,13 @@ class _Parser:
                                 f"{'s' if len(resolved) != 1 else ''}")
             key_names, keys = tuple(items), frozenset(resolved)
         return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i))
+
+
+def _one_line(text: str) -> str:
+    """`text` with unprintable characters (newlines, controls) escaped as in repr."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _show(value: Any) -> str:
