@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,9 +106,11 @@ def bound_address(sock: socket.socket) -> ListenAddress:
     return ListenAddress(host, port)
 
 
-async def serve(app: object, sock: socket.socket,
+async def serve(app: object, sock: socket.socket, *,
+                shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `app` (ASGI) on the bound `sock` until cancelled; started once listening.
+    """Serve `app` (ASGI) on the bound `sock` until cancelled, or until
+    `shutdown_trigger()` returns; started once listening.
 
     Hypercorn takes the socket over (it closes it when done)."""
     from hypercorn.config import Config
@@ -123,7 +128,7 @@ async def serve(app: object, sock: socket.socket,
     config.keep_alive_timeout = 30
     log.info("dashboard at %s", url)
     await hypercorn_serve(app, config, mode="asgi",  # type: ignore[arg-type]
-                          task_status=task_status)
+                          shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
 async def serve_for_mount(sock: socket.socket, vol: Volume, guard: OpenGuard,
@@ -156,6 +161,14 @@ def serve_store(store: Path, sock: socket.socket, policy: Policy | None) -> None
         addr = bound_address(sock)
         app = create_app(Dashboard(vol, store, gate),
                          allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
-        trio.run(serve, app, sock)
+        trio.run(partial(serve, app, sock, shutdown_trigger=_until_interrupted))
     finally:
         vol.close()
+
+
+async def _until_interrupted() -> None:
+    # A signal receiver, not KeyboardInterrupt: that would be raised in whichever task
+    # runs when Ctrl-C comes, a request handler's, and end in a traceback.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
