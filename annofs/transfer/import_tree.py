@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,27 @@ class _Read:
     link_key: tuple[int, int] | None
 
 
+def _prefetch(src: bytes, stop: threading.Event) -> None:
+    """List and stat the tree ahead of the walk, in the same order, so that the walk finds
+    directory and inode metadata in the kernel's caches. When the tree is not cached,
+    the walk's reads of metadata, one at a time, were a third of a cold import; this
+    thread waits on the disk for them (the GIL is released in the system calls) while
+    the walk and the readers get on."""
+    stack = [src]
+    try:
+        while stack and not stop.is_set():
+            with os.scandir(stack.pop()) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            subdirs = []
+            for e in entries:
+                e.stat(follow_symlinks=False)
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+            stack.extend(reversed(subdirs))
+    except OSError:
+        return  # the walk itself meets and reports the problem
+
+
 class TreeImporter:
     """Imports one host directory to one store path."""
 
@@ -252,12 +274,26 @@ class TreeImporter:
         with self.vol.store.read() as txn:
             top = int(self.vol.namespace.root(txn, self._root).target)
         stack: list[tuple[bytes, tuple[bytes, ...], int | None]] = [(src, (), top)]
-        while stack:
-            host, stage, base = stack.pop()
-            subdirs = self._import_dir(pool, host, stage, base, dest)
-            stack.extend(reversed(subdirs))
-            if len(self._ops) >= self.ops_per_txn:
-                self._flush()
+        stop = threading.Event()
+        ahead = threading.Thread(target=_prefetch, args=(src, stop), daemon=True,
+                                 name="import-prefetch")
+        with self.vol.store.read() as txn:
+            # Only for a first import: a re-import's tree is usually in the caches (it was
+            # just edited), and there the second walk only competes for the GIL.
+            first = self.vol.namespace.is_empty(txn, top)
+        if first:
+            ahead.start()
+        try:
+            while stack:
+                host, stage, base = stack.pop()
+                subdirs = self._import_dir(pool, host, stage, base, dest)
+                stack.extend(reversed(subdirs))
+                if len(self._ops) >= self.ops_per_txn:
+                    self._flush()
+        finally:
+            stop.set()
+            if first:
+                ahead.join()
 
     def _import_dir(self, pool: ReadPool, host: bytes,
                     stage: tuple[bytes, ...], base: int | None,

@@ -107,11 +107,17 @@ def _worker_batch(jobs: list[Job]) -> BatchResult:
 
 
 def default_workers() -> int:
-    """One reader per core the process may use."""
+    """Two readers per core the process may use (at most 8).
+
+    Reading a tree that is not in the page cache waits on the disk more than it computes:
+    on the 2-core test machine the cold linux-6.1 import took 14.4 s with 2 workers,
+    11.3 s with 4 and 11.3 s with 6.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return min(8, 2 * cores)
 
 
 class ReadPool:
