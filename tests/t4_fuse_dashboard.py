@@ -33,6 +33,9 @@ int main(void) {
 }
 """
 
+BLOB = bytes(range(256)) * 64  # 16 KiB, not text
+PATCHED_BLOB = BLOB[:5000] + b"\xde\xad\xbe\xef" + BLOB[5004:]
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip)")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"needs Debian's chromium at {CHROMIUM}")
@@ -46,7 +49,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def dashboard(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str]]:
-    """/src/proj (4 files, signed by alice-1) and /src/vendor (2 files, unsigned), mounted
+    """/src/proj (5 files, signed by alice-1) and /src/vendor (2 files, unsigned), mounted
     with an enforcing policy (/src/** needs one signer) and the dashboard."""
     mounted.stop()
     proj = tmp_path / "proj"
@@ -55,6 +58,7 @@ def dashboard(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str]]:
     (proj / "util.c").write_text("int util(void) { return 1; }\n")
     (proj / "README").write_text("a project\n")
     (proj / "lib" / "x.c").write_text("int x;\n")
+    (proj / "blob.bin").write_bytes(BLOB)
     vendor = tmp_path / "vendor"
     vendor.mkdir()
     (vendor / "a.c").write_text("int a;\n")
@@ -109,6 +113,8 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     page = browser_page
     main_c = m.path / "src" / "proj" / "main.c"
     main_c.write_text(MAIN_C.replace("return 0;", 'return system("id");'))  # not judged
+    blob = m.path / "src" / "proj" / "blob.bin"
+    blob.write_bytes(PATCHED_BLOB)
 
     requests: list[str] = []
     problems: list[str] = []
@@ -122,6 +128,7 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     assert refused(m.path / "src" / "vendor" / "a.c")  # unsigned: no original to show
     for name in ("README", "lib/x.c", "util.c"):
         assert (m.path / "src" / "proj" / name).read_bytes()
+    assert refused(blob)
     assert refused(main_c)
 
     ok = page.locator('#opens tr.ev[data-path="/src/proj/util.c"]')
@@ -131,6 +138,16 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     assert ok.get_attribute("data-verdict") == "allowed"
     assert bad.get_attribute("data-verdict") == "refused"
     assert "needs 1 distinct trusted signer" in bad.locator("td.reason").inner_text()
+
+    # A patched binary: its changed byte range, in hex, the changed bytes marked.
+    binary = page.locator('#opens tr.ev[data-path="/src/proj/blob.bin"]')
+    binary.click()
+    hexdiff = page.locator('#opens tr.expl-row pre.diff[data-kind="binary"]')
+    hexdiff.wait_for()
+    assert "[0x1388, 0x138c)" in hexdiff.locator(".dl.hunk").first.inner_text()
+    assert hexdiff.locator(".dl.add b.chg").all_inner_texts() == ["de", "ad", "be", "ef"]
+    binary.click()  # folds it again
+    assert hexdiff.count() == 0
 
     # The refusal expands into its explanation: the signed original and a coloured diff.
     bad.click()
@@ -148,6 +165,7 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     vendor = page.locator('#opens tr.ev[data-path="/src/vendor/a.c"]')
     assert vendor.get_attribute("data-verdict") == "refused"
     assert page.locator("#opens tr.ev[data-verdict=allowed]").count() == 3
+    assert page.locator("#opens tr.ev[data-verdict=refused]").count() == 3
 
     # Filters: by verdict, then by path.
     page.select_option("#f-verdict", "refused")
@@ -158,28 +176,29 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     page.fill("#f-path", "")
     save(page, tmp_path, "dashboard-live.png")
 
-    # Coverage of /src: proj has 4 files, 3 still signed (main.c was patched); vendor 2
-    # unsigned; under /src/** every unsigned file would be refused.
+    # Coverage of /src: proj has 5 files, 3 still signed (main.c and blob.bin were
+    # patched); vendor 2 unsigned; under /src/** every unsigned file would be refused.
     page.goto(url + "#coverage=/src")
     page.locator('#cov-total[data-path="/src"]').wait_for()
     assert [total(page, f) for f in ("files", "signed", "unsigned", "labelled", "refused")] \
-        == [6, 3, 3, 0, 3]
+        == [7, 3, 4, 0, 4]
     rows = {r.get_attribute("data-path"): r for r in page.locator("#cov-dirs tr.dir").all()}
     assert sorted(rows) == ["/src/proj", "/src/vendor"]
     proj = rows["/src/proj"]
     cells = [proj.locator(f"[data-field={f}]").inner_text() for f in ("files", "signed",
                                                                          "unsigned")]
-    assert cells == ["4", "3", "1"]
+    assert cells == ["5", "3", "2"]
     assert "alice-1 (3)" in proj.locator("td.key").inner_text()
     share = proj.locator(".bar-signed").evaluate(
         "e => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width")
-    assert abs(share - 0.75) < 0.02
+    assert abs(share - 0.6) < 0.02
     assert rows["/src/vendor"].locator("[data-field=signed]").inner_text() == "0"
     proj.locator("a").click()  # into the directory
     page.locator('#cov-total[data-path="/src/proj"]').wait_for()
-    assert total(page, "files") == 4
+    assert total(page, "files") == 5
     files = {r.get_attribute("data-path"): r for r in page.locator("#cov-files tr.file").all()}
-    assert sorted(files) == ["/src/proj/README", "/src/proj/main.c", "/src/proj/util.c"]
+    assert sorted(files) == ["/src/proj/README", "/src/proj/blob.bin", "/src/proj/main.c",
+                             "/src/proj/util.c"]
     assert "unsigned" in files["/src/proj/main.c"].inner_text()
     assert "alice-1" in files["/src/proj/util.c"].inner_text()
     save(page, tmp_path, "dashboard-coverage.png")
@@ -194,6 +213,16 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     assert "alice-1 (reviewed)" in versions.nth(1).inner_text()
     assert "alice-1" not in versions.nth(0).inner_text()
     save(page, tmp_path, "dashboard-file.png")
+
+    # The events log keeps the refusals, each with the explanation made at the time.
+    page.goto(url + "#events")
+    logged = page.locator('#history tr.ev[data-path="/src/proj/main.c"]')
+    logged.wait_for()
+    assert logged.get_attribute("data-verdict") == "refused"
+    assert page.locator("#history tr.ev").count() == 3
+    logged.click()
+    assert page.locator("#history pre.diff .dl.add").filter(
+        has_text='return system("id");').count() == 1
 
     # The page loads nothing but what the daemon serves, breaks no rule of its own
     # Content-Security-Policy, and writes are refused.

@@ -47,7 +47,7 @@ function fileLink(path) {
 function renderDiff(diff, kind) {
   const pre = el("pre", { class: "diff", "data-kind": kind || "" });
   let side = "";
-  for (const line of diff.split("\n")) {
+  for (const line of diff.replace(/\n$/, "").split("\n")) {
     let cls = "ctx";
     if (kind === "binary" || kind?.startsWith("binary")) {
       if (line.startsWith("@@")) { cls = "hunk"; side = ""; }
