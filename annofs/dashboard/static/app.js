@@ -27,6 +27,20 @@ async function getJSON(url) {
   return body;
 }
 
+// Fetch `url` into a view: "loading…" in `box` meanwhile, the error there on failure (null).
+async function load(box, url) {
+  box.textContent = "loading…";
+  try {
+    const value = await getJSON(url);
+    box.textContent = "";
+    return value;
+  } catch (err) {
+    box.textContent = "";
+    box.append(el("span", { class: "error", text: String(err.message || err) }));
+    return null;
+  }
+}
+
 const q = (path) => encodeURIComponent(path);
 const when = (t) => new Date(t * 1000).toLocaleTimeString();
 const whenFull = (t) => new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19);
@@ -250,16 +264,8 @@ function totalsBox(t, hasPolicy) {
 
 async function showCoverage(path) {
   const crumbs = document.getElementById("crumbs");
-  crumbs.textContent = "loading…";
-  let c;
-  try {
-    c = await getJSON(`/api/coverage?path=${q(path)}`);
-  } catch (err) {
-    crumbs.textContent = "";
-    crumbs.append(el("span", { class: "error", text: String(err.message || err) }));
-    return;
-  }
-  crumbs.textContent = "";
+  const c = await load(crumbs, `/api/coverage?path=${q(path)}`);
+  if (!c) return;
   const names = c.path.split("/").filter(Boolean);
   crumbs.append(el("a", { href: "#coverage=/", text: "/" }));
   names.forEach((n, i) => {
@@ -304,16 +310,8 @@ async function showCoverage(path) {
 
 async function showFile(path) {
   const body = document.getElementById("file-body");
-  body.textContent = "loading…";
-  let f;
-  try {
-    f = await getJSON(`/api/file?path=${q(path)}`);
-  } catch (err) {
-    body.textContent = "";
-    body.append(el("p", { class: "error", text: String(err.message || err) }));
-    return;
-  }
-  body.textContent = "";
+  const f = await load(body, `/api/file?path=${q(path)}`);
+  if (!f) return;
   const dir = f.path.slice(0, f.path.lastIndexOf("/")) || "/";
   body.append(
     el("h2", { class: "path", text: f.path }),
@@ -389,6 +387,11 @@ async function start() {
     document.getElementById("policy").textContent = p
       ? `policy ${p.source}: mode ${p.mode}, default ${p.default}; trusted keys: ${p.trusted.join(", ") || "none"}`
       : "no policy";
+    if (info.live && !p) {
+      const note = document.getElementById("live-off");
+      note.textContent = "This mount has no policy (mount --policy FILE): opens are not judged, so none are listed.";
+      note.hidden = false;
+    }
     if (info.live) connectLive();
     else {
       document.getElementById("live-off").hidden = false;
