@@ -314,31 +314,39 @@ class TreeImporter:
             if raw_cache is not None:
                 cached = msgpack.unpackb(raw_cache)
         subdirs: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
-        seen: set[bytes] = set()
         filtering = bool(self.excludes) or self._tracked is not None
+        # The unchanged file is the hot path of a re-import: locals, counts kept here.
+        get_cached, get_present, record = cached.get, present.get, d.record
+        is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
+        seen = 0  # wanted names the stored directory has (the others are new)
+        wanted: list[bytes] = []
+        files = reused = 0
         for e in entries:
             name = e.name
             st = e.stat(follow_symlinks=False)
             mode = st.st_mode
-            if filtering and not self._wanted(b"/".join([*stage, name]), stat.S_ISDIR(mode)):
+            if filtering and not self._wanted(b"/".join([*stage, name]), is_dir(mode)):
                 continue
+            raw = get_present(name)
+            if is_reg(mode) and st.st_nlink == 1:
+                c = get_cached(name)
+                if (c is not None and c[2] == st.st_ctime_ns and c[1] == st.st_mtime_ns
+                        and c[0] == st.st_size and c[3] == st.st_ino and c[4] == raw):
+                    record[name] = c
+                    seen += 1
+                    wanted.append(name)
+                    files += 1
+                    reused += 1
+                    continue
             if stat.S_ISSOCK(mode):
                 stats.skipped.append(os.fsdecode(b"/".join([*stage, name])))
                 continue
-            seen.add(name)
-            raw = present.get(name)
-            if stat.S_ISREG(mode):
-                stats.files += 1
+            seen += raw is not None
+            wanted.append(name)
+            if is_reg(mode):
+                files += 1
                 if st.st_nlink > 1:
-                    self._hard_linked(pool, d, e.path, name, st, raw, cached.get(name))
-                    continue
-                c = cached.get(name)
-                if (c is not None and raw is not None and c[4] == raw and c[0] == st.st_size
-                        and c[1] == st.st_mtime_ns and c[2] == st.st_ctime_ns
-                        and c[3] == st.st_ino):
-                    d.record[name] = c
-                    stats.files_reused += 1
-                    self._tick(0)
+                    self._hard_linked(pool, d, e.path, name, st, raw, get_cached(name))
                     continue
                 old = self._decode(raw, d, name) if raw is not None else None
                 if old is not None and (not old.is_reg or old.link):
@@ -379,8 +387,13 @@ class TreeImporter:
                 if old is None or not self._same(old, new):
                     self._queue(d, lambda txn, d=d, name=name, new=new, old=old: self._put(
                         txn, self._wdir(txn, d.stage), name, old is not None, new))
-        for name in present.keys() - seen:
-            self._remove(d, name)
+        stats.files += files
+        stats.files_reused += reused
+        if reused and self.progress:
+            self.progress(reused, 0)
+        if seen < len(present):
+            for name in present.keys() - set(wanted):
+                self._remove(d, name)
         d.walked = True
         self._settle(d)
         return subdirs
