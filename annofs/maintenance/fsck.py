@@ -14,6 +14,7 @@ Checks, in one read snapshot:
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,8 +59,19 @@ class FsckReport:
 def check_store(vol: Volume, *, verify_data: bool = True,
                 progress: Progress | None = None) -> FsckReport:
     """Check the whole store; with `verify_data`, read and hash every fragment and digest."""
-    db = vol.store.db
     rep = FsckReport()
+    try:
+        _check(vol, rep, verify_data, progress)
+    except (lmdb.Error, struct.error) as e:
+        # Damage below the records: LMDB's own pages (struct.error: a key cut short).
+        rep.problems.append(f"the store's LMDB database is damaged ({type(e).__name__}: "
+                            f"{e}); the check stopped there")
+    return rep
+
+
+def _check(vol: Volume, rep: FsckReport, verify_data: bool,
+           progress: Progress | None) -> None:
+    db = vol.store.db
     problems = rep.problems
     with vol.store.read() as txn:
         occurrences: Counter[bytes] = Counter()
@@ -171,7 +183,6 @@ def check_store(vol: Volume, *, verify_data: bool = True,
                      if lid not in links]
         problems += [f"counter next:{c}: {n}, but {c} {last} exists (new ids would replace "
                      f"records)" for c, n, last in vol.store.damaged_counters(txn)]
-    return rep
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

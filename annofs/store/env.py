@@ -242,11 +242,15 @@ def open_store(path: Path, *, create: bool = False) -> Store:
         env.reader_check()  # read slots of killed processes would keep pages from reuse
     except lmdb.Error as e:
         raise StoreError(f"{path}: cannot open the store: {e}") from e
-    store = Store(path, env)
-    # A read transaction: opening a store (a reader beside a running daemon, say) must not
-    # queue behind the writer lock.
-    with store.read() as txn:
-        fmt = store.get_meta(txn, "format")
+    try:
+        store = Store(path, env)
+        # A read transaction: opening a store (a reader beside a running daemon, say) must
+        # not queue behind the writer lock.
+        with store.read() as txn:
+            fmt = store.get_meta(txn, "format")
+    except lmdb.Error as e:
+        env.close()
+        raise CorruptionError(f"{path}: the store's LMDB database is damaged: {e}") from e
     if fmt is None:
         if not create:
             env.close()
