@@ -21,7 +21,8 @@ from pathlib import Path
 # Modules holding @figure functions, imported in this order (it is the table's order).
 FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount", "benchmarks.cp",
                   "benchmarks.trust", "benchmarks.explain", "benchmarks.load",
-                  "benchmarks.reliability", "benchmarks.nar", "benchmarks.import_tree")
+                  "benchmarks.reliability", "benchmarks.nar", "benchmarks.import_tree",
+                  "benchmarks.dashboard")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 
