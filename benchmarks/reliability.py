@@ -17,12 +17,18 @@ close/fsync only, so a half-done write of several `write()` calls is never seen 
 than POSIX, which allows any prefix of unsynced data), and no name appears that the
 writer never made.
 
+Every other cycle is also a simulated machine crash: the saved state of the daemon's
+last sync is marked as from an earlier boot, so the next open takes the store back to
+that sync (annofs/store/env.py), dropping whatever was committed but never synced; the
+same check applies (what was journalled as fsynced was synced by the fsync).
+
 `CrashLoop` is the driver, shared by tests/t4_reliability_crash.py (8 cycles; 50 with
 ANNOFS_FULL=1) and the figure `crash` here (50 cycles, or ANNOFS_CRASH_CYCLES).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -38,6 +44,7 @@ from pathlib import Path
 
 import blake3
 
+from annofs.store.env import read_synced_meta, write_synced_meta
 from benchmarks.registry import Context, FigureResult, Row, figure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -428,6 +435,9 @@ class CrashLoop:
     seed: int
     log: Callable[[str], None] = print
     kill_after: tuple[float, float] = (0.3, 2.0)
+    # Every Nth cycle (N > 0) is a simulated machine crash: the store comes back at the
+    # daemon's last sync (annofs/store/env.py), not at its last commit.
+    power_loss_every: int = 2
     base: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -476,6 +486,13 @@ class CrashLoop:
         self.reap()
         if writer.returncode != 0:
             return [f"writer (seed {wseed}) failed before the kill:\n{err.decode()[-3000:]}"], None
+        power = self.power_loss_every and cycle % self.power_loss_every == 1
+        if power:
+            # As if the machine had stopped too: the next open takes the store back to
+            # the daemon's last sync; everything journalled as fsynced must be there.
+            rec = read_synced_meta(self.store)
+            assert rec is not None, "the daemon never synced"
+            write_synced_meta(self.store, dataclasses.replace(rec, boot="a boot before"))
         fsck = self.annofs("--store", str(self.store), "fsck")
         if fsck.returncode != 0:
             return [f"annofs fsck after the kill:\n{fsck.stdout}{fsck.stderr}"], None
@@ -483,8 +500,8 @@ class CrashLoop:
         seen = observe(self.root)
         verdict = verify(self.base, journal, seen)
         self.base = seen
-        self.log(f"cycle {cycle}: {verdict.synced} synced changes, {verdict.paths} paths, "
-                 f"{verdict.later} newer than synced, "
+        self.log(f"cycle {cycle}{' (power loss)' if power else ''}: {verdict.synced} synced "
+                 f"changes, {verdict.paths} paths, {verdict.later} newer than synced, "
                  f"{len(verdict.problems)} problem(s)")
         return verdict.problems, verdict
 
@@ -532,7 +549,9 @@ def crash(ctx: Context) -> FigureResult:
         "truncates, replaces by write-fsync-rename, moves and removes files on the mount, "
         "journalling on the host what it is about to do and, after the fsync (of the file, "
         "and of the directory for a name change), what is durable. The daemon is killed "
-        "with SIGKILL 0.3-2 s into the cycle; `annofs fsck` must pass offline; after a "
+        "with SIGKILL 0.3-2 s into the cycle (every other cycle also as a machine crash: "
+        "the store is taken back to the daemon's last sync, as after a reboot); `annofs "
+        "fsck` must pass offline; after a "
         "remount every path must hold the state of its last fsynced change or of a later "
         f"one (never older, never torn, never unknown). {rep.later} paths were seen newer "
         "than their last fsync (unsynced changes that had been committed by a close). "
