@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from array import array
@@ -40,7 +41,9 @@ def fragment_starts(v: Version) -> array:
     key = (v.id, v.created_ns, v.size, v.count)
     starts = _STARTS_CACHE.get(key)
     if starts is not None:
-        _STARTS_CACHE.move_to_end(key)
+        # Reads run in worker threads too: another may have evicted the key meanwhile.
+        with contextlib.suppress(KeyError):
+            _STARTS_CACHE.move_to_end(key)
         return starts
     starts = array("Q", accumulate(v.lengths, initial=0))
     _STARTS_CACHE[key] = starts
@@ -192,7 +195,11 @@ class VersionStore:
                 yield int.from_bytes(key, "big")
 
     def read(self, txn: lmdb.Transaction, v: Version, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a version, short at EOF. Every fragment is checked."""
+        """Bytes [offset, offset+size) of a version, short at EOF. Every fragment is checked.
+
+        In a transaction opened with `buffers=True` the fragments are hashed and sliced in
+        LMDB's map, and the one join is the only copy: the result never points into the map.
+        """
         end = min(v.size, offset + size)
         if offset >= end:
             return b""
@@ -200,14 +207,25 @@ class VersionStore:
         i = bisect_right(starts, offset) - 1
         parts = []
         pos = offset
+        get = self.fragments.get
         while pos < end:
-            frag = self.fragments.get(txn, v.fragment_hash(i))
-            lo = pos - starts[i]
-            hi = min(len(frag), end - starts[i])
-            parts.append(frag[lo:hi] if (lo, hi) != (0, len(frag)) else frag)
-            pos = starts[i] + hi
+            frag = get(txn, v.fragment_hash(i))
+            base = starts[i]
+            lo = pos - base
+            hi = min(len(frag), end - base)
+            parts.append(frag[lo:hi] if lo or hi != len(frag) else frag)
+            pos = base + hi
             i += 1
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
+
+    def read_snapshot(self, v: Version, offset: int, size: int) -> bytes:
+        """`read` in a read transaction of its own, without copying fragments out of the map
+        before the join. Safe in a worker thread. `v` must be stored, or be a version whose
+        fragments are (a spilled open file's): a fresh snapshot sees only committed data."""
+        with self._store.env.begin(buffers=True) as txn:
+            return self.read(txn, v, offset, size)
 
     def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes]:
         """The whole content, fragment by fragment, each checked."""

@@ -54,13 +54,11 @@ class OpenFile:
         if offset >= end:
             return b""
         if not self.overlay:
-            with vol.store.read() as txn:
-                return vol.versions.read(txn, self.base, offset, end - offset)
+            return vol.versions.read_snapshot(self.base, offset, end - offset)
         buf = bytearray(end - offset)
         base_n = max(0, min(end, self.overlay.base_visible(self.base.size)) - offset)
         if base_n > 0:
-            with vol.store.read() as txn:
-                buf[:base_n] = vol.versions.read(txn, self.base, offset, base_n)
+            buf[:base_n] = vol.versions.read_snapshot(self.base, offset, base_n)
         self.overlay.overlay(offset, buf)
         return bytes(buf)
 
