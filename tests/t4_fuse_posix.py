@@ -1085,12 +1085,14 @@ def test_every_handler_answers_only_with_fuse_errors() -> None:
     # pyfuse3 ends its main loop on any other exception and the mount then answers
     # ECONNABORTED forever: every operation annofs implements must be wrapped by
     # fuse_handler (domain errors -> errno; anything else logged, EIO). t3 checks what
-    # the wrapper does; this checks that nothing bypasses it.
+    # the wrapper does; this checks that nothing bypasses it. (`init` is a synchronous
+    # hook, not a request: pyfuse3 calls it from a C callback that reports and drops any
+    # exception.)
     from annofs.fs.operations import Operations
 
     base = set(vars(pyfuse3.Operations))
     handlers = [n for n, f in vars(Operations).items()
-                if n in base and not n.startswith("_") and callable(f)]
+                if n in base and not n.startswith("_") and callable(f) and n != "init"]
     assert len(handlers) >= 25
     unwrapped = [n for n in handlers if not hasattr(vars(Operations)[n], "__wrapped__")]
     assert unwrapped == []

@@ -24,6 +24,7 @@ from annofs.daemon.control import ControlServer
 from annofs.daemon.events import EventLog
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
+from annofs.daemon.readahead import raise_readahead
 from annofs.daemon.registry import STATE_FILE, MountInfo, read_state
 from annofs.dashboard.server import ListenAddress, bind, serve_for_mount
 from annofs.errors import AnnofsError, StoreError, UsageError
@@ -102,12 +103,20 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         nursery.start_soon(_signal_loop)
         nursery.start_soon(_reload_loop, policy, invalidator, ops)
         nursery.start_soon(invalidator.run)
+        nursery.start_soon(_tune_readahead, ops, mountpoint)
         await nursery.start(control.serve)
         if dashboard is not None:
             await nursery.start(serve_for_mount, dashboard, ops.vol, policy.guard,
                                 policy.gate, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_readahead(ops: Operations, mountpoint: Path) -> None:
+    """Raise the readahead window once FUSE_INIT is answered (the reply resets it)."""
+    await ops.init_done.wait()
+    await trio.sleep(0)  # the reply is sent in the same call that set the event
+    raise_readahead(mountpoint)
 
 
 async def _sync_loop(ops: Operations) -> None:

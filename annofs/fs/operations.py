@@ -48,6 +48,11 @@ ATTR_TIMEOUT = 60.0
 # Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
 BLOCK_SIZE = 128 * 1024
 
+# Reads at least this big go to a worker thread (at most READ_THREADS at once); smaller
+# ones, the reads of small files, cost less than the hand-off (~50-100 us) and stay here.
+THREAD_READ_BYTES = 256 * 1024
+READ_THREADS = 2
+
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
 MAX_XATTR_VALUE = 64 * 1024
@@ -83,9 +88,17 @@ class Operations(pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.dirty_since_sync = False
+        self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        # Set when FUSE_INIT is answered: the kernel then applies what we replied and
+        # settings may be tuned past it (see annofs.daemon.readahead).
+        self.init_done = trio.Event()
         # Work counters, readable as the root's user.annofs.stats (JSON): what a commit
         # cost is observable without timing it.
         self.stats: Counter[str] = Counter()
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering FUSE_INIT; the reply follows at once."""
+        self.init_done.set()
 
     # -- locating ---------------------------------------------------------------------
 
@@ -671,10 +684,18 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
-        if h.pinned is not None:
-            with self.vol.store.read() as txn:
-                return self.vol.versions.read(txn, h.pinned, off, size)
-        return self.open_files[h.node.ino].read(self.vol, off, size)
+        v = h.pinned
+        if v is None:
+            of = self.open_files[h.node.ino]
+            if of.overlay:  # unflushed bytes: read here, where writes change them
+                return of.read(self.vol, off, size)
+            v = of.base
+        if size < THREAD_READ_BYTES:
+            return self.vol.versions.read_snapshot(v, off, size)
+        # Big reads (the kernel's readahead, several in flight) in worker threads: hashing
+        # and the page faults under it run without the GIL, beside this loop's replies.
+        return await trio.to_thread.run_sync(self.vol.versions.read_snapshot, v, off, size,
+                                             limiter=self._read_threads)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
