@@ -51,15 +51,15 @@ def mount_device(mountpoint: Path, mountinfo: Path = MOUNTINFO) -> str | None:
     return found
 
 
-def raise_readahead(mountpoint: Path, kib: int = READAHEAD_KIB,
-                    bdi_root: Path = SYSFS_BDI) -> int | None:
+def raise_readahead(mountpoint: Path, kib: int = READAHEAD_KIB, bdi_root: Path = SYSFS_BDI,
+                    mountinfo: Path = MOUNTINFO) -> int | None:
     """Raise the mount's readahead window to `kib` (never lowers it); returns the window
     in force, or None when it cannot be read or set (not root, no sysfs): then the
     kernel's default stays, which is slower but as correct."""
     try:
-        dev = mount_device(mountpoint)
+        dev = mount_device(mountpoint, mountinfo)
         if dev is None:
-            log.info("readahead: %s not found in %s", mountpoint, MOUNTINFO)
+            log.info("readahead: %s not found in %s", mountpoint, mountinfo)
             return None
         path = bdi_root / dev / "read_ahead_kb"
         current = int(path.read_text())
