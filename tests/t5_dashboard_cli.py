@@ -78,7 +78,7 @@ def store(tmp_path: Path) -> Path:
 def served(store: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     proc = subprocess.Popen(
-        annofs_cmd("--store", str(store), "dashboard", "--listen", f"127.0.0.1:{port}",
+        annofs_cmd("dashboard", "--store", str(store), "--listen", f"127.0.0.1:{port}",
                    "--policy", str(store.parent / "policy.toml")),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"

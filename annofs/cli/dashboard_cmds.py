@@ -15,6 +15,8 @@ from annofs.errors import StoreError
 
 
 @click.command("dashboard")
+@click.option("--store", "store_opt", type=click.Path(path_type=Path), default=None,
+              help="The store (as the global --store; either place works).")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
               help="Where to serve the page.")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
@@ -22,15 +24,15 @@ from annofs.errors import StoreError
 @click.option("--allow-remote", is_flag=True,
               help="Allow a --listen address that other machines can reach.")
 @click.pass_context
-def dashboard_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
-                  allow_remote: bool) -> None:
+def dashboard_cmd(ctx: click.Context, store_opt: Path | None, listen: str,
+                  policy_file: Path | None, allow_remote: bool) -> None:
     """Serve the read-only dashboard for the store: coverage by signatures, files and
     their histories, the events log. Live opens need `annofs mount --dashboard`.
     Runs until interrupted (Ctrl-C)."""
     from annofs.dashboard.server import bind, parse_listen, remote_warning, serve_store
     from annofs.trust.policy import load_policy
 
-    store = store_path(ctx)
+    store = store_opt or store_path(ctx)
     if not (store / "db" / "data.mdb").exists():
         raise StoreError(f"{store}: no annofs store here (run annofs init)")
     addr = parse_listen(listen, allow_remote=allow_remote)
