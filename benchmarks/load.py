@@ -354,6 +354,10 @@ def _check(root: Path, results: list[Result], rep: LoadReport) -> None:
 
 # -- the figure -----------------------------------------------------------------------------
 
+
+def _ms(x: float) -> str:
+    return f"{x:.2f} ms" if x >= 1 else f"{x * 1000:.0f} µs"
+
 FIGURE_CLIENTS = 8
 
 
@@ -384,9 +388,9 @@ def load(ctx: Context) -> FigureResult:
         Row(f"operations/s at {FIGURE_CLIENTS} clients (4 threads, 4 processes)",
             f"{a.ops_per_s:.0f} ops/s", f"{n.ops_per_s:.0f} ops/s native",
             a.ops_per_s / n.ops_per_s),
-        Row("latency p50 (one open..close, or a write+rename)", f"{a.p50_ms:.2f} ms",
-            f"{n.p50_ms:.2f} ms native", a.p50_ms / n.p50_ms if n.p50_ms else None),
-        Row("latency p99", f"{a.p99_ms:.2f} ms", f"{n.p99_ms:.2f} ms native",
+        Row("latency p50 (one open..close, or a write+rename)", _ms(a.p50_ms),
+            f"{_ms(n.p50_ms)} native", a.p50_ms / n.p50_ms if n.p50_ms else None),
+        Row("latency p99", _ms(a.p99_ms), f"{_ms(n.p99_ms)} native",
             a.p99_ms / n.p99_ms if n.p99_ms else None),
         Row("lost writes, torn reads, hangs, fsck problems after the load",
             f"{a.lost_writes} lost, {len(a.problems)} other, {len(fsck)} fsck",
