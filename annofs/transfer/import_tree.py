@@ -499,10 +499,16 @@ class TreeImporter:
 
     def _settle(self, d: _Dir) -> None:
         """Once a walked directory has every read applied, queue its new cache record."""
-        if d.walked and d.pending == 0 and d.changed and len(d.key) <= self._max_key:
-            record = d.record
-            self._ops.append(lambda txn: txn.put(d.key, msgpack.packb(record),
-                                                 db=self._cache_db))
+        if not (d.walked and d.pending == 0 and d.changed):
+            return
+
+        def settle(txn: lmdb.Transaction) -> None:
+            if len(d.key) <= self._max_key:
+                txn.put(d.key, msgpack.packb(d.record), db=self._cache_db)
+            # Nothing more is written there (hard links are placed at the end, looked up
+            # again): the id cache holds the directories in progress, not the whole tree.
+            self._wdirs.pop(d.stage, None)
+        self._ops.append(settle)
 
     def _flush(self) -> None:
         """Apply the queued changes in one write transaction."""
