@@ -127,6 +127,9 @@ class ReadPool:
     worker processes: the pool starts at the first full batch. At most `inflight` batches
     are outstanding, so memory stays bounded whatever the tree's size; `done` receives
     each batch's results in submission order.
+
+    Workers are spawned, so a script that imports with workers must guard its top level
+    with `if __name__ == "__main__":` (the usual multiprocessing rule), or pass 0.
     """
 
     def __init__(self, store: Store, fragments: FragmentStore, params: ChunkParams, *,
@@ -172,10 +175,17 @@ class ReadPool:
         self._jobs, self._tags, self._bytes = [], [], 0
         if self._pool is None and full and self._workers > 0:
             self._start()
-        fut: Future[BatchResult]
+        fut: Future[BatchResult] | None = None
         if self._pool is not None:
-            fut = self._pool.submit(_worker_batch, jobs)
-        else:
+            try:
+                fut = self._pool.submit(_worker_batch, jobs)
+            except OSError:
+                if self._inflight:
+                    raise
+                # No processes to be had (a limit, a sandbox): read here, as small imports do.
+                self.close()
+                self._workers = self.started_workers = 0
+        if fut is None:
             fut = Future()
             fut.set_result(read_batch(self._store, self._fragments, self._params, jobs))
         self._inflight.append((fut, tags))
