@@ -136,25 +136,27 @@ class VersionStore:
     def create(
         self,
         txn: lmdb.Transaction,
-        parent: int,
+        parent: int | Version,
         hashes: bytes,
         lengths: array,
         digest: bytes | None,
     ) -> Version:
         """Store a new version derived from `parent`; its fragments must already be stored.
 
+        `parent` is an id, or the stored version itself when the caller holds it decoded
+        already (records are immutable in what is compared here: hashes and lengths).
         If the content equals the parent's, no node is added and the parent is returned:
         a close without a change is not an edit.
         """
-        base = self.get(txn, parent)
+        base = parent if isinstance(parent, Version) else self.get(txn, parent)
         if base.hashes == hashes:
             return base
         vid = self._store.next_id(txn, "version")
         size = sum(lengths)
         if size == 0:
             digest = EMPTY_DIGEST
-        v = Version(vid, parent, size, digest, time.time_ns(), compute_edit(base, hashes, lengths),
-                    hashes, lengths)
+        v = Version(vid, base.id, size, digest, time.time_ns(),
+                    compute_edit(base, hashes, lengths), hashes, lengths)
         txn.put(u64(vid), encode_version(v), db=self._db)
         if digest is not None:
             txn.put(digest + u64(vid), b"", db=self._store.db["version_digests"])
