@@ -12,6 +12,7 @@ never names a fragment that is not stored.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -90,8 +91,25 @@ def _read_one(store: Store, fragments: FragmentStore, params: ChunkParams,
 _worker: tuple[Store, FragmentStore, ChunkParams] | None = None
 
 
-def _init_worker(store_path: str, params: str) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this worker when the importer dies. A killed importer (kill -9) cannot
+    shut its pool down, and the workers hold each other's queue pipes open, so they would
+    wait for work forever (and keep the importer's stderr open)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os._exit(1)
+
+
+def _init_worker(store_path: str, params: str, parent: int) -> None:
     global _worker
+    _die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the importer shuts the pool down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     store = open_store(Path(store_path))
@@ -203,6 +221,6 @@ class ReadPool:
         ctx = multiprocessing.get_context("spawn")
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self._workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(str(self._store.path), str(self._params)))
+            initargs=(str(self._store.path), str(self._params), os.getpid()))
         self.started_workers = self._workers
 
