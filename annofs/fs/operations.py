@@ -7,6 +7,7 @@ nothing. Handlers run on the trio loop; only large re-chunking goes to a thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -33,8 +34,9 @@ from annofs.errors import (
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
-from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold
+from annofs.fs.openfile import INLINE_BYTES, SPILL_BYTES, OpenFile, fold
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
+from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
 from annofs.volume import Volume
 
@@ -732,19 +734,25 @@ class Operations(pyfuse3.Operations):
             # 1 GiB file's record is 2.3 MB, not worth decoding again for a 1-byte edit.
             parent: Version | int = (of.base if of.base.id == of.parent_version
                                      else of.parent_version)
-            if node.orphan is None:
-                folded = await fold(self.vol, of, self.stats)
-            if node.orphan is not None:
-                # Nothing names the file any more (maybe since the fold began): its bytes
-                # need no version, and stay in the open file until the last close.
-                node.orphan = dataclasses.replace(node.orphan, size=of.size, mtime_ns=mtime)
-                return
-            with self.vol.store.write() as txn:
-                v = self.vol.versions.create(txn, parent, folded.hashes, folded.lengths,
-                                             None)
-                t = now_ns()
-                self._change(txn, node, lambda a: dataclasses.replace(
-                    a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
+            # A small change reads a few scattered pages of the store: fault them alone,
+            # not with the disk's whole readahead window each (see annofs.store.advice).
+            # It is re-chunked inline, so the advice lasts only this synchronous stretch.
+            small = of.overlay.nbytes <= INLINE_BYTES
+            with random_access(self.vol.store) if small else contextlib.nullcontext():
+                if node.orphan is None:
+                    folded = await fold(self.vol, of, self.stats)
+                if node.orphan is not None:
+                    # Nothing names the file any more (maybe since the fold began): its
+                    # bytes need no version, and stay in the open file until the last close.
+                    node.orphan = dataclasses.replace(node.orphan, size=of.size,
+                                                      mtime_ns=mtime)
+                    return
+                with self.vol.store.write() as txn:
+                    v = self.vol.versions.create(txn, parent, folded.hashes, folded.lengths,
+                                                 None)
+                    t = now_ns()
+                    self._change(txn, node, lambda a: dataclasses.replace(
+                        a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
             self.stats["commits"] += 1
             of.base, of.parent_version, of.mtime_ns = v, v.id, None
             self.guard.committed(node, v.id)
