@@ -29,12 +29,53 @@ from annofs.volume import Volume
 log = logging.getLogger("annofs.daemon")
 
 
+# Mountpoints as resolved before they were mounted: once mounted, resolving one would
+# stat the mount's root, a request to the daemon that is running the check.
+_REAL_MOUNTPOINTS: dict[Path, str] = {}
+
+
+def remember_mountpoint(mountpoint: Path) -> None:
+    """Resolve a mountpoint for later checks; call before it is mounted."""
+    _REAL_MOUNTPOINTS[mountpoint] = os.path.realpath(mountpoint)
+
+
+def _within(path: str, mp: str) -> bool:
+    return path == mp or path.startswith(mp.rstrip("/") + "/")
+
+
 def check_policy_location(policy: Path, mountpoint: Path) -> None:
-    """Refuse a policy file (or keys dir) inside the mount it would govern."""
-    real = Path(os.path.realpath(policy))
-    mp = Path(os.path.realpath(mountpoint))
-    if real == mp or mp in real.parents:
-        raise UsageError(f"{policy}: the policy must live outside the mount ({mountpoint})")
+    """Refuse a policy file (or keys dir, or key file) inside the mount it would govern.
+
+    Symlinks are followed by hand, and the path is refused before any step would look
+    inside the mount: realpath() would stat through it, and a daemon checking a path
+    through its own mount from its event loop waits for itself forever.
+    """
+    mp = _REAL_MOUNTPOINTS.get(mountpoint) or os.path.realpath(mountpoint)
+    inside = UsageError(f"{policy}: the policy must live outside the mount ({mountpoint})")
+    pending = list(reversed(Path(os.path.abspath(policy)).parts[1:]))
+    cur, hops = "/", 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            cur = os.path.dirname(cur)  # cur has no symlinks: ".." is its parent
+            continue
+        nxt = os.path.join(cur, part)
+        if _within(nxt, mp):
+            raise inside
+        if not os.path.islink(nxt):
+            cur = nxt
+            continue
+        hops += 1
+        if hops > 40:
+            raise UsageError(f"{policy}: too many levels of symbolic links")
+        target = Path(os.readlink(nxt))
+        if target.is_absolute():
+            cur = "/"
+            pending.extend(reversed(target.parts[1:]))
+        else:
+            pending.extend(reversed(target.parts))
 
 
 class PolicyHolder:
@@ -42,6 +83,7 @@ class PolicyHolder:
 
     def __init__(self, vol: Volume, policy_file: Path | None, mountpoint: Path,
                  events: EventLog) -> None:
+        remember_mountpoint(mountpoint)
         self.file = policy_file.resolve() if policy_file else None
         self.mountpoint = mountpoint
         self.events = events
@@ -64,7 +106,12 @@ class PolicyHolder:
             return  # load_policy reports it precisely
         keys_dir = doc.get("trusted-keys-dir")
         if isinstance(keys_dir, str) and keys_dir:
-            check_policy_location(self.file.parent / keys_dir, self.mountpoint)
+            directory = self.file.parent / keys_dir
+            check_policy_location(directory, self.mountpoint)
+            # Each key file too: a trusted key that lives in the mount could be replaced
+            # by anyone who may write there.
+            for key_file in sorted(directory.glob("*.public")):
+                check_policy_location(key_file, self.mountpoint)
 
     def reload(self) -> str:
         """Re-read the policy file; on error keep the old policy and raise."""
