@@ -63,6 +63,8 @@ def read_batch(store: Store, fragments: FragmentStore, params: ChunkParams,
             out.append(_read_one(store, fragments, params, batch, path, size))
         except OSError as e:
             out.append(ReadError(e.errno or 0, e.strerror or str(e), path))
+        if batch.full:
+            batch.flush()
     batch.flush()
     return BatchResult(out, batch.new_bytes)
 
