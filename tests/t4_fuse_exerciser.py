@@ -1,4 +1,4 @@
-"""The random-operation exerciser (tests/exerciser.py) against a real mount, with the
+"""The random-operation exerciser (benchmarks/exerciser.py) against a real mount, with the
 native disk as the oracle, and periodic remounts.
 
 Several thousand operations by default (CI); ANNOFS_FULL=1 runs 100k, ANNOFS_EXERCISER_OPS
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from exerciser import Exerciser, Generator, Mismatch, Op, shrink
 from fuse_helpers import new_mount, stop_and_check
+
+from benchmarks.exerciser import Exerciser, Generator, Mismatch, Op, shrink
 
 FULL = os.environ.get("ANNOFS_FULL") == "1"
 OPS = int(os.environ.get("ANNOFS_EXERCISER_OPS", "100000" if FULL else "10000"))
