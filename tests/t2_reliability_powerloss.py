@@ -168,3 +168,24 @@ def test_without_saved_metas_the_images_are_damaged_and_fsck_says_so(states: dic
         codes.append(res.returncode)
     assert all(c in (1, 2, -6) for c in codes), codes
     assert any(c in (1, 2) for c in codes), codes
+
+
+def test_an_older_synced_state_never_replaces_a_newer_record(tmp_path: Path) -> None:
+    """Several processes sync one store (an importer and its readers): the record is
+    always the newest synced state, whose pages the pins protect."""
+    from annofs.store.env import _save_metas, meta_txnid
+
+    vol = Volume.open(tmp_path / "s", create=True)
+    try:
+        put_file(vol, b"x", b"one")
+        vol.store.sync()
+        older = read_synced_meta(tmp_path / "s")
+        put_file(vol, b"y", b"two")
+        vol.store.sync()
+        newer = read_synced_meta(tmp_path / "s")
+        assert older is not None and newer is not None
+        assert meta_txnid(newer.metas) > meta_txnid(older.metas)
+        _save_metas(tmp_path / "s", older.metas)  # a slower process's sync, finishing late
+        assert read_synced_meta(tmp_path / "s").metas == newer.metas
+    finally:
+        vol.close()

@@ -329,9 +329,32 @@ def write_synced_meta(path: Path, rec: SyncedMeta) -> None:
         os.close(fd)
 
 
+_TXNID = struct.Struct("=Q")
+_TXNID_AT = 144  # in an LMDB meta page: page header (16), then MDB_meta up to mm_txnid
+
+
+def meta_txnid(metas: bytes) -> int:
+    """The newest transaction id of the two meta pages."""
+    psize = len(metas) // 2
+    return max(_TXNID.unpack_from(metas, i * psize + _TXNID_AT)[0] for i in (0, 1))
+
+
 def _save_metas(path: Path, metas: bytes) -> None:
-    last = read_synced_meta(path)
-    write_synced_meta(path, SyncedMeta(last.seq + 1 if last else 1, boot_id(), metas))
+    """Record a synced state, unless a newer one is recorded (several processes sync).
+
+    Why never an older one: the newest record's state is protected by its writer's pin,
+    and any live writer's pin is no newer than it (an older pin keeps LMDB from reusing
+    pages freed after it, so it protects every newer state too)."""
+    fd = os.open(path / "db" / SYNCED_META, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        last = read_synced_meta(path)
+        if last is not None and len(last.metas) == len(metas) and \
+                meta_txnid(last.metas) > meta_txnid(metas):
+            return
+        write_synced_meta(path, SyncedMeta(last.seq + 1 if last else 1, boot_id(), metas))
+    finally:
+        os.close(fd)
 
 
 def recover_after_reboot(path: Path) -> bool:
