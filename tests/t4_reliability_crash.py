@@ -8,12 +8,15 @@ printed; ANNOFS_CRASH_SEED repeats a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -105,19 +108,27 @@ def store_tree(store: Path, dest: str, out: Path) -> dict[str, str] | None:
 
 
 def kill_at_random(argv: list[str], delay: float) -> bool:
-    """Run a command and kill -9 it after `delay` seconds; True if it was still running."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return True
-    finally:
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-    assert proc.returncode == 0, err
+    """Run a command and kill -9 it after `delay` seconds; True if it was still running.
+
+    Its stderr goes to a file, not a pipe: helper processes of a killed command (import's
+    readers) could hold a pipe open after it died."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
+            time.sleep(0.5)
+            left = group_members(proc.pid)
+            if left:  # a known bug of import's reader pool (see the report); not ours to keep
+                print(f"{len(left)} processes of the killed command still ran: {left}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            return True
+        err.seek(0)
+        assert proc.returncode == 0, err.read().decode()
     return False
 
 
@@ -129,7 +140,7 @@ def startup() -> float:
 def timed(argv: list[str]) -> float:
     """Run a command to its end; how long it took."""
     t = time.monotonic()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=300)
     return time.monotonic() - t
 
 
@@ -198,6 +209,18 @@ def add_garbage(store: Path, rnd: random.Random, n: int = 60_000) -> None:
                 parent = vol.versions.create(txn, parent, h, array("I", [len(data)]), None).id
     finally:
         vol.close()
+
+
+def group_members(pgid: int) -> list[str]:
+    """Processes still in a process group: 'pid command'."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and os.getpgid(int(d.name)) == pgid:
+                out.append(f"{d.name} {(d / 'cmdline').read_bytes()[:80]!r}")
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return out
 
 
 def garbage_store(tmp_path: Path, rnd: random.Random) -> tuple[Path, dict[str, str], float]:
