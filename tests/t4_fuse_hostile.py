@@ -153,9 +153,10 @@ def test_cli_names_a_256_byte_name_clearly(mnt: Mount, tmp_path: Path) -> None:
 # -- deep trees -------------------------------------------------------------------------------
 
 
-def make_deep(root: Path, depth: int, leaf: bytes = b"deep") -> None:
-    """`depth` nested directories `d` under root and a file `leaf` at the bottom, made
-    through directory descriptors (the full path would pass PATH_MAX)."""
+def make_deep(root: Path, depth: int, leaf: bytes = b"deep", *, link: bool = False) -> None:
+    """`depth` nested directories `d` under root and a file `leaf` at the bottom (and a
+    hard link `leaf2` to it), made through directory descriptors (the full path would
+    pass PATH_MAX)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(depth):
@@ -166,6 +167,8 @@ def make_deep(root: Path, depth: int, leaf: bytes = b"deep") -> None:
         f = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
         os.write(f, leaf)
         os.close(f)
+        if link:
+            os.link("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         os.close(fd)
 
@@ -215,11 +218,12 @@ def deep_tmp(tmp_path: Path) -> Iterator[Path]:
 
 def test_import_and_export_of_a_tree_2000_levels_deep(deep_tmp: Path) -> None:
     """Regression: the import cache keyed a directory by its whole path, past LMDB's
-    511-byte key limit (a traceback); export recursed once per level."""
+    511-byte key limit (a traceback); export recursed once per level, and so did
+    `annofs cp` of a tree with a hard link in it."""
     tmp_path = deep_tmp
     src = tmp_path / "src"
     src.mkdir()
-    make_deep(src, DEPTH)
+    make_deep(src, DEPTH, link=True)
     store = tmp_path / "store"
     annofs("--store", str(store), "init")
     for _ in range(2):  # the second import meets what the first stored

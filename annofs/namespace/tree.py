@@ -12,6 +12,7 @@ import dataclasses
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lmdb
 
@@ -498,24 +499,54 @@ class Namespace:
 
     def _copy_hard_linked(self, txn: lmdb.Transaction, dir_id: int, remap: dict[int, int],
                           names: dict[int, list[tuple[int, bytes]]]) -> int | None:
-        """Copy `dir_id` if hard links lie below it (sharing what has none); else None."""
-        planned: list[tuple[bytes, Attrs, str]] = []
-        found = False
-        for name, a in list(self._iter_raw(txn, dir_id)):
-            if a.link:
-                found = True
-                planned.append((name, a, "link"))
-            elif a.is_dir:
-                sub = self._copy_hard_linked(txn, int(a.target), remap, names)
-                if sub is not None:
-                    found = True
-                    planned.append((name, dataclasses.replace(a, target=sub), "copied"))
+        """Copy `dir_id` if hard links lie below it (sharing what has none); else None.
+
+        Depth first with an explicit stack, not recursion: a tree may be thousands of
+        levels deep. A directory is copied after its subdirectories, as it needs their ids.
+        """
+        # Per directory being walked: [dir id, its entries, next index, planned, found]
+        stack: list[list[Any]] = [[dir_id, list(self._iter_raw(txn, dir_id)), 0, [], False]]
+        child: int | None = None
+        returning = False
+        while True:
+            frame = stack[-1]
+            entries, planned = frame[1], frame[3]
+            if returning:  # the subdirectory at frame[2] is done: `child` is its copy
+                name, a = entries[frame[2]]
+                if child is not None:
+                    frame[4] = True
+                    planned.append((name, dataclasses.replace(a, target=child), "copied"))
                 else:
                     planned.append((name, a, "share"))
-            else:
-                planned.append((name, a, "share"))
-        if not found:
-            return None
+                frame[2] += 1
+                returning = False
+            descended = False
+            while frame[2] < len(entries):
+                name, a = entries[frame[2]]
+                if a.link:
+                    frame[4] = True
+                    planned.append((name, a, "link"))
+                elif a.is_dir:
+                    sub = int(a.target)
+                    stack.append([sub, list(self._iter_raw(txn, sub)), 0, [], False])
+                    descended = True
+                    break
+                else:
+                    planned.append((name, a, "share"))
+                frame[2] += 1
+            if descended:
+                continue
+            child = self._copy_planned(txn, frame[0], planned, remap, names) \
+                if frame[4] else None
+            stack.pop()
+            if not stack:
+                return child
+            returning = True
+
+    def _copy_planned(self, txn: lmdb.Transaction, dir_id: int,
+                      planned: list[tuple[bytes, Attrs, str]], remap: dict[int, int],
+                      names: dict[int, list[tuple[int, bytes]]]) -> int:
+        """A new directory for `dir_id` holding its planned entries; its id."""
         new_id = self._store.next_id(txn, "dir")
         self._put_header(txn, new_id, DirHeader(1, self.header(txn, dir_id).nsubdirs))
         for name, a, how in planned:
