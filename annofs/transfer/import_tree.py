@@ -231,7 +231,8 @@ class TreeImporter:
                         workers=self.workers, done=self._read_done,
                         batch_files=self.batch_files, batch_bytes=self.batch_bytes)
         try:
-            self._walk(pool, os.fsencode(src), dest)
+            # Absolute: the readers are other processes, whatever their working directory.
+            self._walk(pool, os.fsencode(os.path.abspath(src)), dest)
             pool.finish()
             self.stats.workers = pool.started_workers
             top = src.stat()
