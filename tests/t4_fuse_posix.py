@@ -15,6 +15,7 @@ it reaches the mount through directory descriptors, as pytest's tmp_path is priv
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import json
@@ -1122,3 +1123,49 @@ def test_corrupt_fragment_reads_eio_and_the_mount_lives(mounted: Mount) -> None:
     res = annofs("--store", str(mounted.store), "fsck", check=False)
     assert res.returncode == 1
     assert "content does not match its hash" in res.stdout
+
+
+# -- calls annofs does not implement, and the fallbacks tools use (found by stress-ng) ---------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def test_fallocate_is_eopnotsupp_and_posix_fallocate_falls_back(d: Path) -> None:
+    f = touch(d / "f", b"abc")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert _libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(10_000)) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+        os.posix_fallocate(fd, 0, 10_000)  # glibc writes zeros instead
+        assert os.fstat(fd).st_size == 10_000
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"abc" + bytes(10_000 - 3)
+
+
+def test_o_tmpfile_is_eopnotsupp(d: Path) -> None:
+    assert errno_of(os.open, d, os.O_TMPFILE | os.O_RDWR, 0o600) == errno.EOPNOTSUPP
+
+
+def test_copy_file_range_copies_through_the_kernel_fallback(d: Path) -> None:
+    data = random.Random(3).randbytes(300_000)
+    src, dst = touch(d / "src", data), touch(d / "dst")
+    a, b = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    try:
+        copied = 0
+        while copied < len(data):
+            n = os.copy_file_range(a, b, len(data) - copied)
+            assert n > 0
+            copied += n
+    finally:
+        os.close(a)
+        os.close(b)
+    assert dst.read_bytes() == data
+
+
+def test_xattr_create_and_replace_flags(d: Path) -> None:
+    f = touch(d / "f")
+    os.setxattr(f, "user.a", b"1", os.XATTR_CREATE)
+    assert errno_of(os.setxattr, f, "user.a", b"2", os.XATTR_CREATE) == errno.EEXIST
+    assert errno_of(os.setxattr, f, "user.b", b"2", os.XATTR_REPLACE) == errno.ENODATA
+    assert os.getxattr(f, "user.a") == b"1" and os.listxattr(f) == ["user.a"]
