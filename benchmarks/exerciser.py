@@ -22,6 +22,8 @@ Before a remount every slot is closed (a remount ends the daemon's handles).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
@@ -75,6 +77,7 @@ class Generator:
         "chmod": 2, "utime": 2, "setxattr": 3, "removexattr": 2, "read": 8,
         "readdir": 4, "stat": 4, "readlink": 1, "fsync": 2, "open": 5, "close": 4,
         "fd_write": 5, "fd_read": 4, "fd_stat": 2, "fd_truncate": 1, "fd_fsync": 1,
+        "exchange": 2, "noreplace": 1,
     }
 
     def __init__(self, seed: int) -> None:
@@ -149,8 +152,8 @@ class Generator:
             return Op(kind, (self.some_file(), self.offset(), self.data()))
         if kind == "truncate":
             return Op(kind, (self.some_file(), self.offset()))
-        if kind in ("rename", "link"):
-            src = self.dir_path() if kind == "rename" and r.random() < 0.2 else self.some_file()
+        if kind in ("rename", "link", "exchange", "noreplace"):
+            src = self.dir_path() if kind != "link" and r.random() < 0.2 else self.some_file()
             dst = r.choice([self.new_file(), self.some_file(), self.dir_path()])
             return Op(kind, (src, dst))
         if kind == "symlink":
@@ -169,7 +172,7 @@ class Generator:
             return Op(kind, (self.some_file(), r.choice(XATTR_NAMES)))
         if kind == "open":
             return Op(kind, (self.slot(opening=True), self.some_file(),
-                             r.choice(["r", "rw", "rw", "rwc", "append"])))
+                             r.choice(["r", "rw", "rw", "rwc", "append", "trunc"])))
         if kind == "close":
             s = self.slot()
             self.opened.discard(s)
@@ -191,7 +194,18 @@ class Generator:
 Outcome = tuple[str, Any]
 
 _OPEN_FLAGS = {"r": os.O_RDONLY, "rw": os.O_RDWR, "rwc": os.O_RDWR | os.O_CREAT,
-               "append": os.O_WRONLY | os.O_APPEND}
+               "append": os.O_WRONLY | os.O_APPEND, "trunc": os.O_RDWR | os.O_TRUNC}
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    """rename(2) with flags; OSError with the kernel's errno."""
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old, None, new)
 
 
 def _stat_view(st: os.stat_result) -> tuple[Any, ...]:
@@ -254,6 +268,10 @@ class Side:
             return os.stat(self.p(a[0])).st_size
         if k == "rename":
             os.rename(self.p(a[0]), self.p(a[1]))
+            return None
+        if k in ("exchange", "noreplace"):
+            renameat2(self.p(a[0]), self.p(a[1]),
+                      RENAME_EXCHANGE if k == "exchange" else RENAME_NOREPLACE)
             return None
         if k == "link":
             os.link(self.p(a[0]), self.p(a[1]), follow_symlinks=False)
