@@ -24,6 +24,7 @@ import trio
 
 from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import (
+    CorruptionError,
     ExistsError,
     InvalidOperationError,
     IsADirectoryError_,
@@ -54,6 +55,9 @@ BLOCK_SIZE = 128 * 1024
 # ones, the reads of small files, cost less than the hand-off (~50-100 us) and stay here.
 THREAD_READ_BYTES = 256 * 1024
 READ_THREADS = 2
+# Files up to this size are put in the kernel's page cache at their first open (see
+# Operations._push_content): most files of a source tree; bigger ones read as usual.
+PUSH_BYTES = 128 * 1024
 
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
@@ -668,8 +672,40 @@ class Operations(pyfuse3.Operations):
         fh = self._new_handle(node)
         self.handles[fh].pinned = pinned
         serves = pinned.id if pinned is not None else of.parent_version
-        return self.guard.file_info(fh, node, serves, pinned=pinned is not None,
+        first = self.guard.state(node).cached_version is None
+        info = self.guard.file_info(fh, node, serves, pinned=pinned is not None,
                                     writer=access != os.O_RDONLY)
+        if first and access == os.O_RDONLY and not info.direct_io:
+            self._push_content(node, pinned if pinned is not None else
+                               None if of.dirty else of.base, info)
+        return info
+
+    def _push_content(self, node: Inode, v: Version | None, info: pyfuse3.FileInfo) -> None:
+        """Put a small file's content in the kernel's page cache as it is opened.
+
+        Then its reads never come here: that saves the READ round trip, and the GETATTR
+        that follows one (the kernel marks atime stale after every FUSE read, so the
+        reader's next fstat, such as tar's "changed as we read it" check, asks again):
+        5 requests per file become 3 for `tar -c`. Only at an inode's first open (the
+        kernel holds no page of it yet) and only verified bytes of the version this handle
+        serves, which the kept cache then holds (FileInfo.keep_cache).
+        """
+        if v is None or not 0 < v.size <= PUSH_BYTES:
+            return
+        try:
+            data = self.vol.versions.read_snapshot(v, 0, v.size)
+        except CorruptionError:
+            # The open stands (undamaged ranges stay readable); reads of the damaged
+            # fragment fail with EIO, and say so in the log, as without the push.
+            return
+        try:
+            pyfuse3.notify_store(node.ino, 0, data)
+        except OSError as e:
+            # Not fatal: reads come here as usual. ENOSYS: the kernel cannot take stores.
+            log.debug("notify_store of inode %d: %s", node.ino, e)
+            return
+        self.stats["pushed_files"] += 1
+        info.keep_cache = True
 
     @fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
