@@ -1,7 +1,7 @@
 """kill -9 of the daemon: whatever was fsynced is there after a remount, nothing read
 back is torn, and the store passes `annofs fsck`.
 
-A few cycles by default; more with ANNOFS_CRASH_CYCLES (e.g. 50 for a soak run).
+A few cycles by default; 50 with ANNOFS_FULL=1, or ANNOFS_CRASH_CYCLES.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 from conftest import Mount
 from fuse_helpers import annofs, stop_and_check
 
-CYCLES = int(os.environ.get("ANNOFS_CRASH_CYCLES", "3"))
+CYCLES = int(os.environ.get("ANNOFS_CRASH_CYCLES",
+                            "50" if os.environ.get("ANNOFS_FULL") == "1" else "3"))
 
 
 @pytest.fixture
