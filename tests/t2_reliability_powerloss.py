@@ -189,3 +189,14 @@ def test_an_older_synced_state_never_replaces_a_newer_record(tmp_path: Path) -> 
         assert read_synced_meta(tmp_path / "s").metas == newer.metas
     finally:
         vol.close()
+
+
+def test_sync_inside_a_write_transaction_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    vol = Volume.open(tmp_path / "s", create=True)
+    try:
+        with pytest.raises(RuntimeError, match="inside a write transaction"), \
+                vol.store.write():
+            vol.store.sync()
+        vol.store.sync()  # outside: fine
+    finally:
+        vol.close()

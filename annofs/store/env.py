@@ -83,6 +83,7 @@ class Store:
         self._synced = 0
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
+        self._writer: int | None = None  # the thread inside write(), if any
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -101,7 +102,11 @@ class Store:
             self._arm()
         try:
             with self.env.begin(write=True) as txn:
-                yield txn
+                self._writer = threading.get_ident()
+                try:
+                    yield txn
+                finally:
+                    self._writer = None
         except BaseException:
             for callback in self.on_abort:
                 callback()
@@ -172,6 +177,9 @@ class Store:
     def sync(self) -> None:
         """Flush committed transactions to disk; the state they make is the one a machine
         crash comes back to (see the module docstring). Thread-safe."""
+        if self._writer == threading.get_ident():
+            # LMDB's writer lock is not recursive: this thread would wait for itself.
+            raise RuntimeError("Store.sync() inside a write transaction")
         with self._sync_lock:
             # Under the writer lock no commit falls between reading the meta pages and
             # pinning the state they describe.
