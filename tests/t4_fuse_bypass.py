@@ -300,3 +300,23 @@ def test_policy_and_keys_cannot_be_reached_through_the_mount(signed: Mount,
     assert res.returncode == 2 and "outside the mount" in res.stderr, res.stderr
     signed.start("--policy", str(tmp_path / "policy.toml"))
     assert (proj(signed) / "main.c").read_bytes()
+
+
+def test_a_directory_moved_across_rules_with_a_hard_link_inside(signed: Mount) -> None:
+    """Moving a directory does not look for hard links inside it, so one file can get
+    names under two rules after all. Regression: the open through the strict name was
+    judged under the loose name (the inode's first), and read the patch; now every name
+    of a hard-linked file is judged and the strictest verdict holds."""
+    sub = proj(signed) / "sub"
+    sub.mkdir()
+    (sub / "a.c").write_bytes((proj(signed) / "main.c").read_bytes())
+    os.link(sub / "a.c", proj(signed) / "b.c")
+    scratch = signed.path / "scratch"
+    scratch.mkdir()
+    os.rename(sub, scratch / "sub")
+    assert os.stat(scratch / "sub" / "a.c").st_nlink == 2
+    with open(scratch / "sub" / "a.c", "r+b") as w:
+        w.write(PATCH)
+    assert refused(proj(signed) / "b.c")
+    # Known: while the kernel also knows the strict name, the loose one is refused too.
+    assert refused(scratch / "sub" / "a.c")

@@ -152,6 +152,16 @@ class InodeTable:
         parts.reverse()
         return parts
 
+    def paths(self, node: Inode) -> list[list[bytes]]:
+        """Every name of the inode the kernel has looked up (several for a hard link),
+        its primary name first."""
+        out = [self.path(node)]
+        for parent, name in sorted(node.locations):
+            holder = self.by_ino.get(parent)
+            if (parent, name) != (node.parent, node.name) and holder is not None:
+                out.append([*self.path(holder), name])
+        return out
+
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""
         while True:

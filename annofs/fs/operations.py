@@ -638,7 +638,12 @@ class Operations(pyfuse3.Operations):
         if access != os.O_WRONLY and self.guard.active:
             # Judge what is stored: unflushed bytes carry no signature.
             await self._commit(node)
-            path = self.inodes.path(node)
+            # The kernel does not say through which name an open came: a hard-linked
+            # file is judged under each name it knows, and the strictest verdict holds.
+            # (Hard links do not cross rules, but a directory moved with one inside can
+            # take a name of it under a looser rule.)
+            paths = self.inodes.paths(node)
+            path = paths[0]
             fresh = node.ino not in self.open_files
             try:
                 with self.vol.store.read() as txn:
@@ -648,8 +653,20 @@ class Operations(pyfuse3.Operations):
                                self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
                     # Judged in the snapshot the version came from: one transaction.
                     verdict = self.guard.judge_in(txn, path, version)
+                    for other in paths[1:]:
+                        if verdict is None or not verdict.allowed:
+                            break
+                        other_verdict = self.guard.judge_in(txn, other, version)
+                        if other_verdict is not None and not other_verdict.allowed:
+                            path, verdict = other, other_verdict
                 if verdict is None:  # a deferred digest: hashed off the event loop first
                     version, verdict = await self.guard.judge(path, version)
+                    for other in paths[1:]:
+                        if not verdict.allowed:
+                            break
+                        _, other_verdict = await self.guard.judge(other, version)
+                        if not other_verdict.allowed:
+                            path, verdict = other, other_verdict
                 await self.guard.conclude(path, version, verdict, ctx.pid)
             except BaseException:
                 if fresh and node.opens == 0:
