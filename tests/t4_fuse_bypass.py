@@ -320,3 +320,14 @@ def test_a_directory_moved_across_rules_with_a_hard_link_inside(signed: Mount) -
     assert refused(proj(signed) / "b.c")
     # Known: while the kernel also knows the strict name, the loose one is refused too.
     assert refused(scratch / "sub" / "a.c")
+
+
+def test_odd_names_do_not_escape_a_rule(signed: Mount) -> None:
+    """Undecodable bytes, a leading dot, a newline, a glob character: each name is still
+    under /src/**, and unsigned content there is refused."""
+    base = os.fsencode(proj(signed))
+    for name in (b"\xff\xfe.c", b".hidden", b"new\nline.c", b"star*.c", b"[x].c", b"..c"):
+        path = os.path.join(base, name)
+        with open(path, "wb") as w:
+            w.write(PATCH)
+        assert refused(Path(os.fsdecode(path))), name
