@@ -352,10 +352,10 @@ class _NoSlot(Exception):
 def _xattrs(path: str) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
+        return {n: os.getxattr(path, n, follow_symlinks=False)
+                for n in sorted(names) if n.startswith("user.")}
     except OSError as e:
-        return {"<listxattr>": errno.errorcode[e.errno].encode()}
-    return {n: os.getxattr(path, n, follow_symlinks=False)
-            for n in sorted(names) if n.startswith("user.")}
+        return {"<xattrs>": errno.errorcode[e.errno].encode()}
 
 
 def tree_view(root: Path) -> dict[str, tuple[Any, ...]]:
@@ -366,13 +366,20 @@ def tree_view(root: Path) -> dict[str, tuple[Any, ...]]:
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
-            st = os.lstat(full)
+            try:
+                st = os.lstat(full)
+            except OSError as e:  # a directory without search permission
+                out[rel] = (errno.errorcode.get(e.errno, str(e.errno)),)
+                continue
             if stat.S_ISLNK(st.st_mode):
                 body: Any = os.readlink(full)
                 xattrs: dict[str, bytes] = {}  # user xattrs on symlinks: EPERM everywhere
             elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    body = f.read()
+                try:
+                    with open(full, "rb") as f:
+                        body = f.read()
+                except OSError as e:  # e.g. mode 000, for an ordinary user
+                    body = errno.errorcode.get(e.errno, str(e.errno))
                 xattrs = _xattrs(full)
             else:
                 body, xattrs = None, _xattrs(full)
@@ -388,6 +395,8 @@ def diff_trees(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> 
             lines.append(f"{rel}: missing under test")
         elif rel not in b:
             lines.append(f"{rel}: only under test")
+        elif len(a[rel]) != len(b[rel]):
+            lines.append(f"{rel}: {a[rel][:2]} under test, {b[rel][:2]} on disk")
         elif a[rel] != b[rel]:
             fields = ("filemode", "mode", "nlink", "size", "body", "xattrs")
             for name, x, y in zip(fields, a[rel], b[rel], strict=True):
@@ -420,6 +429,7 @@ class Run:
     remounts: int = 0
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
+    errnos: dict[str, int] = field(default_factory=dict)  # how the shared failures failed
 
 
 class Exerciser:
@@ -456,6 +466,7 @@ class Exerciser:
             st.skipped += 1
         elif want[0] == "errno":
             st.errors += 1
+            st.errnos[want[1]] = st.errnos.get(want[1], 0) + 1
         if got != want:
             def short(o: Outcome) -> str:
                 v = o[1]

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Mount
-from fuse_helpers import new_mount, stop_and_check
+from fuse_helpers import NOBODY, as_user, new_mount, stop_and_check
 
 from benchmarks.exerciser import Exerciser, Generator, Mismatch, Op, shrink
 
@@ -74,5 +78,53 @@ def test_random_operations_match_the_native_disk(tmp_path: Path, seed: int) -> N
         assert run.ops == OPS and run.tree_checks > 0
         assert run.errors < run.ops * 0.75, "most operations failed: the generator is off"
     finally:
+        stop_and_check(m)
+    assert not m.log_problems(), "the daemon logged:\n" + "\n".join(m.log_problems())
+
+
+@pytest.fixture
+def public_base() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp_path is private to root)."""
+    base = Path(tempfile.mkdtemp(prefix="annofs-exerciser-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_as_nobody(test_root: str, oracle_root: str, seed: int, count: int) -> str:
+    """In a child dropped to uid/gid 65534: the exerciser's outcome, as text."""
+    try:
+        run = Exerciser(Path(test_root), Path(oracle_root), seed=seed).run(
+            Generator(seed).ops(count))
+    except Mismatch as e:
+        return f"mismatch: {e}"
+    return f"ok {run.ops} {run.errors} {run.errnos.get('EACCES', 0)} {run.errnos.get('EPERM', 0)}"
+
+
+def test_random_operations_as_another_user(public_base: Path) -> None:
+    """The same comparison as an ordinary user (uid 65534) through --allow-other: the
+    kernel's permission checks (default_permissions) meet annofs's modes, owners and
+    setgid directories; chmod 000 on a directory really locks its owner out."""
+    (public_base / "fs").mkdir()
+    m = new_mount(public_base / "fs", "--allow-other")
+    m.path.chmod(0o755)
+    try:
+        roots = []
+        for root in (m.path / "x", public_base / "oracle"):
+            root.mkdir()
+            os.chown(root, NOBODY, NOBODY)
+            roots.append(str(root))
+        count = max(1000, OPS // 3)
+        out = as_user(_run_as_nobody, roots[0], roots[1], SEEDS[0], count)
+        assert out.startswith("ok "), out
+        ops, errors, eacces, eperm = map(int, out.split()[1:])
+        assert ops == count and errors < ops
+        assert eacces > 0, "no permission was ever denied: the run tests nothing of them"
+        print(f"as uid {NOBODY}: {ops} operations ({errors} failed alike, {eacces} EACCES, "
+              f"{eperm} EPERM)")
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(public_base / "oracle")], check=False)
         stop_and_check(m)
     assert not m.log_problems(), "the daemon logged:\n" + "\n".join(m.log_problems())
