@@ -77,7 +77,7 @@ class Generator:
         "chmod": 2, "utime": 2, "setxattr": 3, "removexattr": 2, "read": 8,
         "readdir": 4, "stat": 4, "readlink": 1, "fsync": 2, "open": 5, "close": 4,
         "fd_write": 5, "fd_read": 4, "fd_stat": 2, "fd_truncate": 1, "fd_fsync": 1,
-        "exchange": 2, "noreplace": 1,
+        "exchange": 2, "noreplace": 1, "chown": 1,
     }
 
     def __init__(self, seed: int) -> None:
@@ -163,6 +163,9 @@ class Generator:
         if kind == "chmod":
             return Op(kind, (self.some_file(), r.choice([0o644, 0o600, 0o755, 0o000, 0o4755,
                                                     0o2775, 0o1777, r.randrange(0o7777)])))
+        if kind == "chown":
+            ids = (0, 65534, 1234, -1)
+            return Op(kind, (self.some_file(), r.choice(ids), r.choice(ids)))
         if kind == "utime":
             return Op(kind, (self.some_file(), r.randrange(0, 2**33) * 10**9 + r.randrange(10**9)))
         if kind == "setxattr":
@@ -211,7 +214,7 @@ def renameat2(old: str, new: str, flags: int) -> None:
 def _stat_view(st: os.stat_result) -> tuple[Any, ...]:
     """What is compared of a stat: no inode number, no times but mtime for non-dirs."""
     size = None if stat.S_ISDIR(st.st_mode) else st.st_size
-    return (stat.filemode(st.st_mode), st.st_mode, st.st_nlink, size)
+    return (stat.filemode(st.st_mode), st.st_mode, st.st_nlink, size, st.st_uid, st.st_gid)
 
 
 class Side:
@@ -291,6 +294,9 @@ class Side:
         if k == "chmod":
             os.chmod(self.p(a[0]), a[1])
             return _stat_view(os.stat(self.p(a[0])))
+        if k == "chown":
+            os.chown(self.p(a[0]), a[1], a[2], follow_symlinks=False)
+            return _stat_view(os.lstat(self.p(a[0])))
         if k == "utime":
             os.utime(self.p(a[0]), ns=(a[1], a[1]), follow_symlinks=False)
             return os.lstat(self.p(a[0])).st_mtime_ns
@@ -398,7 +404,7 @@ def diff_trees(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> 
         elif len(a[rel]) != len(b[rel]):
             lines.append(f"{rel}: {a[rel][:2]} under test, {b[rel][:2]} on disk")
         elif a[rel] != b[rel]:
-            fields = ("filemode", "mode", "nlink", "size", "body", "xattrs")
+            fields = ("filemode", "mode", "nlink", "size", "uid", "gid", "body", "xattrs")
             for name, x, y in zip(fields, a[rel], b[rel], strict=True):
                 if x != y:
                     if isinstance(x, bytes) and isinstance(y, bytes):

@@ -925,6 +925,22 @@ def test_owner_may_chmod_own_file(pub: int) -> None:
     assert stat.S_IMODE(as_user(make_and_chmod, pub)) == 0o600
 
 
+def test_truncating_open_by_the_owner_drops_setuid_and_setgid(pub: int) -> None:
+    """As the kernel does for truncate(2) and write(2) by a caller without CAP_FSETID;
+    an O_TRUNC open is truncated by annofs itself (atomic O_TRUNC), so annofs must.
+    Found by the exerciser run as an ordinary user."""
+    def modes(dfd: int) -> list[int]:
+        out = []
+        for mode in (0o6775, 0o6765):  # setgid goes only with group execute
+            _write_at(dfd, "suid", b"x", os.O_CREAT | os.O_WRONLY)
+            os.chmod("suid", mode, dir_fd=dfd)
+            _write_at(dfd, "suid", b"", os.O_WRONLY | os.O_TRUNC)
+            out.append(stat.S_IMODE(os.stat("suid", dir_fd=dfd).st_mode))
+        return out
+
+    assert as_user(modes, pub) == [0o775, 0o2765]
+
+
 def test_chown_by_a_non_root_owner_is_eperm(pub: int) -> None:
     def make_and_chown(dfd: int) -> None:
         _write_at(dfd, "mine", b"", os.O_CREAT | os.O_WRONLY)

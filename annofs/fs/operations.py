@@ -686,6 +686,8 @@ class Operations(pyfuse3.Operations):
                 if of.size:
                     of.overlay.truncate(0)
                     of.mtime_ns = now_ns()
+            if ctx.uid != 0:
+                self._kill_privs(node)
         fh = self._new_handle(node)
         self.handles[fh].pinned = pinned
         serves = pinned.id if pinned is not None else of.parent_version
@@ -723,6 +725,17 @@ class Operations(pyfuse3.Operations):
             return
         self.stats["pushed_files"] += 1
         info.keep_cache = True
+
+    def _kill_privs(self, node: Inode) -> None:
+        """A truncation by a caller without CAP_FSETID drops setuid, and setgid with
+        group execute, as the kernel's should_remove_suid does for a truncate it sends
+        us: an atomic O_TRUNC open comes here instead. (Root is taken as CAP_FSETID.)"""
+        with self.vol.store.read() as txn:
+            mode = self._attrs(txn, node).mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            with self.vol.store.write() as txn:
+                self._change(txn, node, lambda a: dataclasses.replace(a, mode=a.mode & ~kill))
 
     @fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
