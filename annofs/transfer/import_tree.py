@@ -369,7 +369,9 @@ class TreeImporter:
                         txn, self._wdir(txn, d.stage), name, self._dir_attrs(None, st)))
                     subdirs.append((e.path, (*stage, name), None))
                 else:
-                    if not self._same(old, self._dir_attrs(old, st)):
+                    # Compared in place: no would-be entry built per unchanged directory.
+                    if (old.mode, old.uid, old.gid, old.mtime_ns, old.size) != (
+                            st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, 0):
                         self._queue(d, lambda txn, d=d, name=name, st=st: ns.set_attrs(
                             txn, self._wdir(txn, d.stage), name,
                             lambda a, st=st: self._dir_attrs(a, st)))
