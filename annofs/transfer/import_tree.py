@@ -2,7 +2,9 @@
 
 The import is built in a staging tree that starts as an O(1) clone of the destination and
 is swapped in with one transaction at the end: an import that fails half-way (an
-unreadable file, a crash) leaves the destination as it was.
+unreadable file, a crash) leaves the destination as it was. Into a mounted store, the
+daemon makes the staging root and swaps it in (`Staging`; its caches must learn of the
+swap), and the importing command fills it beside the daemon.
 
 How it goes fast (SPEC §8: a first import no slower than `cp -a`, a re-import after a
 small change in proportion to the change):
