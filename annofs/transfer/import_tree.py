@@ -26,6 +26,7 @@ small change in proportion to the change):
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import stat
 import threading
@@ -184,6 +185,9 @@ def _prefetch(src: bytes, stop: threading.Event) -> None:
         return  # the walk itself meets and reports the problem
 
 
+_first = operator.itemgetter(0)
+
+
 class TreeImporter:
     """Imports one host directory to one store path."""
 
@@ -304,8 +308,15 @@ class TreeImporter:
         """Queue what makes the staged directory `stage` match the host directory `host`;
         returns its subdirectories to walk next, with their stored node ids (None: new)."""
         ns, stats = self.vol.namespace, self.stats
-        with os.scandir(host) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        # Through a directory descriptor: each stat is then an fstatat of a name, not a
+        # walk of the whole path again (a sixth of a re-import's stat time on linux-6.1).
+        fd = os.open(host, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with os.scandir(fd) as it:
+                listed = sorted([(os.fsencode(e.name), e.stat(follow_symlinks=False))
+                                 for e in it], key=_first)
+        finally:
+            os.close(fd)
         d = _Dir(stage, cache_key(dest, stage), {})
         present: dict[bytes, bytes] = {}
         cached: dict[bytes, list] = {}
@@ -324,9 +335,7 @@ class TreeImporter:
         seen = 0  # wanted names the stored directory has (the others are new)
         wanted: list[bytes] = []
         files = reused = 0
-        for e in entries:
-            name = e.name
-            st = e.stat(follow_symlinks=False)
+        for name, st in listed:
             mode = st.st_mode
             if filtering and not self._wanted(b"/".join([*stage, name]), is_dir(mode)):
                 continue
@@ -349,7 +358,7 @@ class TreeImporter:
             if is_reg(mode):
                 files += 1
                 if st.st_nlink > 1:
-                    self._hard_linked(pool, d, e.path, name, st, raw, get_cached(name))
+                    self._hard_linked(pool, d, host + b"/" + name, name, st, raw, get_cached(name))
                     continue
                 old = self._decode(raw, d, name) if raw is not None else None
                 if old is not None and (not old.is_reg or old.link):
@@ -357,7 +366,7 @@ class TreeImporter:
                     old = None
                 d.changed = True
                 d.pending += 1
-                pool.add(e.path, st.st_size, _Read(
+                pool.add(host + b"/" + name, st.st_size, _Read(
                     d, name, st, int(old.target) if old is not None else EMPTY_VERSION,
                     old is not None, None))
             elif stat.S_ISDIR(mode):
@@ -369,7 +378,7 @@ class TreeImporter:
                 if old is None:
                     self._queue(d, lambda txn, d=d, name=name, st=st: ns.create(
                         txn, self._wdir(txn, d.stage), name, self._dir_attrs(None, st)))
-                    subdirs.append((e.path, (*stage, name), None))
+                    subdirs.append((host + b"/" + name, (*stage, name), None))
                 else:
                     # Compared in place: no would-be entry built per unchanged directory.
                     if (old.mode, old.uid, old.gid, old.mtime_ns, old.size) != (
@@ -377,10 +386,10 @@ class TreeImporter:
                         self._queue(d, lambda txn, d=d, name=name, st=st: ns.set_attrs(
                             txn, self._wdir(txn, d.stage), name,
                             lambda a, st=st: self._dir_attrs(a, st)))
-                    subdirs.append((e.path, (*stage, name), int(old.target)))
+                    subdirs.append((host + b"/" + name, (*stage, name), int(old.target)))
             else:
                 if stat.S_ISLNK(mode):
-                    target: int | bytes = os.readlink(e.path)
+                    target: int | bytes = os.readlink(host + b"/" + name)
                     stats.symlinks += 1
                 else:  # FIFOs and device nodes keep their type and device number
                     target = st.st_rdev
