@@ -80,9 +80,28 @@ def _fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+class _UnwantedReplies(logging.Filter):
+    """Demotes pyfuse3's ERROR for a release answered after the kernel dropped it.
+
+    The kernel sends RELEASE after close() has returned; when an unmount tears the
+    connection down first, it aborts the request, and our answer finds nothing (ENOENT).
+    Nothing is lost (a release has no answer to wait for); it is worth a debug line only.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            msg = record.getMessage()
+            if msg.startswith(("fuse_release(): ", "fuse_releasedir(): ")) and \
+                    msg.endswith("No such file or directory"):
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _setup_logging(store: Path, foreground: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    logging.getLogger("pyfuse3").addFilter(_UnwantedReplies())
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     fh = logging.FileHandler(store / "daemon.log")
     fh.setFormatter(fmt)
