@@ -568,13 +568,14 @@ def exerciser_figure(ctx: Context) -> FigureResult:
                 f"({run.errors} failed alike)", "", None)]
     notes = (f"benchmarks/exerciser.py, seed {seed}: {run.ops} seeded random operations "
              "(create, write at offsets incl. far past the end, append, truncate, rename "
-             "incl. over existing names and across directories, unlink incl. open files, "
-             "mkdir/rmdir, symlink, hard link, chmod, utime, user xattrs, read, readdir, "
+             "incl. over existing names, across directories, RENAME_EXCHANGE and "
+             "RENAME_NOREPLACE, unlink incl. open files, mkdir/rmdir, symlink, hard link, "
+             "chmod, chown, utime, user xattrs, read, readdir, "
              "stat, fsync, and writes/reads/truncates through descriptors held open) on a "
              "real annofs mount and on the native disk, every outcome (result or errno) "
-             "compared, the whole trees (mode, nlink, size, content, xattrs, symlink "
+             "compared, the whole trees (mode, nlink, size, owner, content, xattrs, symlink "
              f"targets) compared every 250 operations and after each of {run.remounts} "
              "remounts. Not compared: inode numbers, atime/ctime, directory sizes. Any "
-             "mismatch fails the figure. CI runs 10k operations "
-             "(tests/t4_fuse_exerciser.py); ANNOFS_FULL=1 runs 100k.")
+             "mismatch fails the figure. CI runs 10k operations as root and 3.3k as an "
+             "ordinary user (tests/t4_fuse_exerciser.py); ANNOFS_FULL=1 runs 100k and 33k.")
     return FigureResult(rows, notes)
