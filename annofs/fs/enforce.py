@@ -9,6 +9,9 @@ The kernel keeps one page cache per inode, shared by every handle. So a handle m
 it only if it holds the version that handle serves, and a writer opening an inode that
 has pinned readers bypasses it (direct_io): its writes then invalidate the cached range
 instead of filling it with unverified bytes, and the readers' reads come back to us.
+Once such a writer has committed, the pinned readers still fill the cache with their own
+(older) version: until the last of them closes, new handles bypass the cache too, and the
+next open after that drops it (`_MIXED`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ VerdictSink = Callable[[str, Version, Verdict, int, "Explanation | None"], None]
 # Explains a refusal, off the event loop; None when it chose not to (a rate limit).
 RefusalExplainer = Callable[[Sequence[bytes], Version, Verdict],
                             Awaitable["Explanation | None"]]
+
+
+# `CacheState.cached_version` when the kernel's cache may hold bytes of more than one
+# version: pinned readers of an older one read it, a newer one was committed meanwhile.
+_MIXED = -1
 
 
 @dataclass
@@ -127,10 +135,14 @@ class OpenGuard:
                   writer: bool) -> pyfuse3.FileInfo:
         """FileInfo for a handle serving version `serves`: keep the cache only if it fits."""
         st = self.state(node)
-        keep = st.cached_version == serves
-        st.cached_version = serves
         if pinned:
             st.pinned += 1
+        if st.cached_version == _MIXED and st.pinned > (1 if pinned else 0):
+            # Readers pinned to an older version still fill the cache with it: reading
+            # it, this handle would get those bytes instead of the ones it serves.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
+        keep = st.cached_version == serves
+        st.cached_version = serves
         direct = writer and st.pinned > 0
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep and not direct, direct_io=direct)
 
@@ -141,8 +153,11 @@ class OpenGuard:
             st.pinned -= 1
 
     def committed(self, node: Inode, version: int) -> None:
-        """The mount wrote a new version: the kernel's cache holds the writer's bytes."""
-        self.state(node).cached_version = version
+        """The mount wrote a new version: the kernel's cache holds the writer's bytes,
+        unless readers pinned to the version before are open: they went on filling it with
+        theirs (the writer went around it, see `file_info`)."""
+        st = self.state(node)
+        st.cached_version = _MIXED if st.pinned > 0 else version
 
     def rule_of(self, path: Sequence[bytes]) -> int | str | None:
         """The policy rule a path falls under (an index, None for the default)."""

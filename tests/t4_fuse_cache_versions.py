@@ -1,0 +1,45 @@
+"""The kernel's page cache of an inode shared by handles serving different versions: a
+reader pinned to the version it opened, a writer that committed a newer one since, and
+the handles opened after (annofs.fs.enforce). Every handle reads the bytes it serves.
+"""
+
+from __future__ import annotations
+
+from conftest import Mount
+from t4_fuse_trust import signed
+
+__all__ = ["signed"]  # the fixture, used by name
+
+OLD = b"old content 1234\n"
+NEW = b"NEW CONTENT 5678\n"
+
+
+def test_a_pinned_reader_after_a_commit_does_not_leave_its_version_for_new_opens(
+        signed: Mount) -> None:
+    """The pinned reader re-reads after a writer (direct_io) committed: its old bytes went
+    back into the cache, and the next open must not be given them for the new version."""
+    (signed.path / "scratch").mkdir()
+    f = signed.path / "scratch" / "a.txt"
+    f.write_bytes(OLD)
+    with open(f, "rb", buffering=0) as old_reader:
+        assert old_reader.read() == OLD
+        with open(f, "wb", buffering=0) as w:
+            w.write(NEW)
+        old_reader.seek(0)
+        assert old_reader.read() == OLD  # pinned
+        with open(f, "rb", buffering=0) as new_reader:  # while the pinned one is open
+            assert new_reader.read() == NEW
+            old_reader.seek(0)
+            assert old_reader.read() == OLD
+    assert f.read_bytes() == NEW  # after both closed
+
+
+def test_a_writer_opened_before_a_pinned_reader(signed: Mount) -> None:
+    f = signed.path / "src" / "proj" / "main.c"
+    original = f.read_bytes()
+    patch = b"int evil(void) { return 666; }\n"
+    with open(f, "r+b", buffering=0) as w, open(f, "rb", buffering=0) as r:
+        assert r.read() == original
+        w.write(patch)  # after the reader's open: not what it was judged on
+        r.seek(0)
+        assert r.read() == original
