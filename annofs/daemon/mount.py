@@ -141,7 +141,9 @@ async def _tune_readahead(ops: Operations, mountpoint: Path) -> None:
 async def _sync_loop(ops: Operations) -> None:
     while True:
         await trio.sleep(SYNC_INTERVAL)
-        if ops.dirty_since_sync:
+        # Also when only other processes (an import into the mount) committed: the
+        # store's pin on this process's last sync would keep their freed pages from reuse.
+        if ops.dirty_since_sync or ops.vol.store.pin_behind():
             await ops.sync()
 
 

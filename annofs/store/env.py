@@ -127,12 +127,24 @@ class Store:
         while not self._stop.wait(interval):
             if self.sync_interval is None:
                 return  # turned off
-            if self._commits != self._synced:
+            if self._commits != self._synced or self.pin_behind():
                 try:
                     self.sync()
                 except lmdb.Error:
                     log.exception("%s: periodic sync failed", self.path)
                     return
+
+    def pin_behind(self) -> bool:
+        """Whether other processes committed since this one's last sync. Its pin then keeps
+        every page they free from reuse, and the file grows by all of them (an idle daemon
+        during an import into its mount): a writer syncs again to move the pin on."""
+        pin = self._pin
+        if pin is None:
+            return False
+        try:
+            return pin.id() != self.env.info()["last_txnid"]
+        except lmdb.Error:  # replaced (and ended) by a sync in another thread meanwhile
+            return False
 
     def next_id(self, txn: lmdb.Transaction, counter: str) -> int:
         """Allocate the next id of a counter inside a write transaction.
