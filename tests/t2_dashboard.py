@@ -1,10 +1,13 @@
 """The dashboard on a real store, in process: coverage counts, a file's history, the
-routes (read-only, loopback, no secrets), the live feed's stream."""
+routes (read-only, loopback, no secrets, only with the access token), the live feed's
+stream."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +18,26 @@ from t2_trust import ALICE, BOB, MALLORY, P, policy, sign, write
 
 from annofs.daemon.events import Event, EventLog
 from annofs.daemon.feed import Feed
-from annofs.dashboard.app import Dashboard, _sse, create_app, loopback_hosts
+from annofs.dashboard.app import Dashboard, TokenGate, _sse, create_app, loopback_hosts
 from annofs.dashboard.coverage import CoverageReader
-from annofs.dashboard.server import bind, parse_listen
+from annofs.dashboard.server import (
+    URL_FILE,
+    access_url,
+    bind,
+    new_token,
+    parse_listen,
+    remove_url_file,
+    write_url_file,
+)
 from annofs.errors import UsageError
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.volume import Volume
+
+TOKEN = new_token()
+BASE = "http://127.0.0.1:8080"
+COOKIE = "annofs-dashboard-8080"
 
 RULES = """
 [[rules]]
@@ -161,12 +176,133 @@ def test_a_taken_port_is_a_clear_error() -> None:
 
 
 @pytest.fixture
-def client(vol: Volume, gate: TrustGate, store_dir: Path) -> Iterator[TestClient]:
+def anonymous(vol: Volume, gate: TrustGate, store_dir: Path) -> Iterator[TestClient]:
+    """A client of the dashboard that has not been given its token."""
     EventLog(store_dir).record(Event(path="/src/proj/main.c", verdict="refused",
                                      reason="rules[0] /src/**: needs 1", pid=42))
-    app = create_app(Dashboard(vol, store_dir, gate), allowed_hosts=loopback_hosts("127.0.0.1"))
-    with TestClient(app, backend="trio", base_url="http://127.0.0.1:8080") as c:
+    app = create_app(Dashboard(vol, store_dir, gate), token=TOKEN,
+                     allowed_hosts=loopback_hosts("127.0.0.1"))
+    with TestClient(app, backend="trio", base_url=BASE) as c:
         yield c
+
+
+@pytest.fixture
+def client(anonymous: TestClient) -> TestClient:
+    """A client that opened the URL with the token once (as a browser would)."""
+    r = anonymous.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    anonymous.cookies.set(COOKIE, TOKEN)
+    return anonymous
+
+
+EVERY_ROUTE = ("/", "/static/app.js", "/static/style.css", "/static/index.html",
+               "/api/info", "/api/coverage?path=/", "/api/coverage?path=/src/proj",
+               "/api/file?path=/src/proj/main.c", "/api/explain?path=/src/proj/main.c",
+               "/api/events", "/api/live", "/nothing-here")
+
+
+def test_without_the_token_every_route_is_401(anonymous: TestClient, store_dir: Path) -> None:
+    for url in EVERY_ROUTE:
+        r = anonymous.get(url)
+        assert r.status_code == 401, url
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert "set-cookie" not in r.headers
+        # Where to find the URL, and nothing of the store: no path, no code, no diff.
+        assert str(store_dir / URL_FILE) in r.text, url
+        assert "main.c" not in r.text and "proj" not in r.text and "alice" not in r.text
+        assert "app.js" not in r.text and "function" not in r.text
+        if url.startswith("/api/"):
+            assert "needs its access token" in r.json()["error"]
+        else:
+            assert r.headers["content-type"].startswith("text/html")
+    assert anonymous.head("/").status_code == 401
+
+
+def test_a_wrong_token_or_cookie_is_401(anonymous: TestClient) -> None:
+    for bad in ("wrong", "", TOKEN[:-1], TOKEN + "x", TOKEN.upper(), "é" * 43, "\x00"):
+        r = anonymous.get("/", params={"token": bad}, follow_redirects=False)
+        assert r.status_code == 401 and "set-cookie" not in r.headers, bad
+        assert "not the dashboard's" in r.text
+        assert anonymous.get("/api/info", params={"token": bad}).status_code == 401
+        # Raw bytes: a client may send anything, not only ASCII.
+        r = anonymous.get("/api/info", headers={"cookie": f"{COOKIE}={bad}".encode()})
+        assert r.status_code == 401, bad
+        r = anonymous.get("/api/info", headers={"authorization": f"Bearer {bad}".encode()})
+        assert r.status_code == 401, bad
+    # Twice, even if both are right: the redirect would have to choose.
+    r = anonymous.get(f"/?token={TOKEN}&token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 401
+    # The right token under another port's cookie name (another dashboard's) is not ours.
+    anonymous.cookies.set("annofs-dashboard-8081", TOKEN)
+    assert anonymous.get("/api/info").status_code == 401
+    anonymous.cookies.clear()
+    # Basic, or the token as a cookie's value without the name: not accepted.
+    assert anonymous.get("/api/info", headers={"authorization": f"Basic {TOKEN}"}
+                         ).status_code == 401
+    assert anonymous.get("/api/info", headers={"cookie": TOKEN}).status_code == 401
+
+
+def test_the_right_token_sets_a_strict_cookie_and_redirects_without_it(
+        anonymous: TestClient) -> None:
+    r = anonymous.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    parts = [p.strip().lower() for p in cookie.split(";")]
+    assert parts[0] == f"{COOKIE}={TOKEN}".lower()
+    assert {"httponly", "samesite=strict", "path=/"} <= set(parts)
+    assert not any(p.startswith(("expires", "max-age", "domain")) for p in parts)
+    # Other parameters stay; the token goes.
+    r = anonymous.get("/api/coverage", params={"path": "/src/proj", "token": TOKEN},
+                      follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/api/coverage?path=%2Fsrc%2Fproj"
+    # "//host" would send the browser to another site.
+    r = anonymous.get(f"{BASE}//evil.example/x?token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/evil.example/x"
+    # Followed, as a browser does: the cookie comes back, and the API answers.
+    r = anonymous.get(f"/api/info?token={TOKEN}")
+    assert r.status_code == 200 and str(r.url) == f"{BASE}/api/info"
+    assert r.json()["policy"]["trusted"] == ["alice-1", "bob-1"]
+    assert anonymous.get("/").status_code == 200
+    assert anonymous.get("/static/app.js").status_code == 200
+
+
+def test_a_script_may_send_the_token_as_a_bearer_header(anonymous: TestClient) -> None:
+    r = anonymous.get("/api/info", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["statements"] == 3
+    assert "set-cookie" not in r.headers
+
+
+def test_token_comparison() -> None:
+    gate = TokenGate(create_app, TOKEN, Path("/x"))  # type: ignore[arg-type]
+    assert gate.matches(TOKEN)
+    for other in ("", TOKEN[:-1], TOKEN + " ", " " + TOKEN, new_token(), "é", "\udcff"):
+        assert not gate.matches(other), other
+    # 256 random bits, URL-safe: nothing to quote in a URL or a cookie.
+    tokens = {new_token() for _ in range(100)}
+    assert len(tokens) == 100
+    assert all(len(t) == 43 and t.replace("-", "").replace("_", "").isalnum() for t in tokens)
+
+
+def test_the_url_file_is_private_and_goes_with_its_server(tmp_path: Path) -> None:
+    addr = parse_listen("127.0.0.1:8080")
+    url = access_url(addr, TOKEN)
+    assert url == f"http://127.0.0.1:8080/?token={TOKEN}"
+    old = os.umask(0)  # even under a permissive umask
+    try:
+        path = write_url_file(tmp_path, url)
+    finally:
+        os.umask(old)
+    assert path == tmp_path / URL_FILE and path.read_text() == url + "\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A second dashboard of the same store replaces it; the first, stopping, leaves it.
+    other = access_url(addr, new_token())
+    write_url_file(tmp_path, other)
+    remove_url_file(tmp_path, url)
+    assert path.read_text().strip() == other
+    remove_url_file(tmp_path, other)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    remove_url_file(tmp_path, other)  # gone already: nothing to do
 
 
 def test_page_and_static_files_are_served(client: TestClient) -> None:
@@ -229,7 +365,8 @@ def test_other_host_names_are_refused(client: TestClient) -> None:
 
 
 def test_no_policy_means_no_explanations(vol: Volume, store_dir: Path) -> None:
-    with TestClient(create_app(Dashboard(vol, store_dir)), backend="trio") as c:
+    with TestClient(create_app(Dashboard(vol, store_dir), token=TOKEN), backend="trio",
+                    headers={"authorization": f"Bearer {TOKEN}"}) as c:
         r = c.get("/api/explain", params={"path": "/src/proj/main.c"})
         assert r.status_code == 400 and "no policy" in r.json()["error"]
         assert c.get("/api/info").json()["policy"] is None

@@ -28,8 +28,20 @@ def dashboard_cmd(ctx: click.Context, store_opt: Path | None, listen: str,
                   policy_file: Path | None, allow_remote: bool) -> None:
     """Serve the read-only dashboard for the store: coverage by signatures, files and
     their histories, the events log. Live opens need `annofs mount --dashboard`.
-    Runs until interrupted (Ctrl-C)."""
-    from annofs.dashboard.server import bind, parse_listen, remote_warning, serve_store
+    Open the URL it prints (it carries the access token; also in STORE/dashboard.url,
+    readable by the store's owner only). Runs until interrupted (Ctrl-C)."""
+    from annofs.dashboard.server import (
+        URL_FILE,
+        access_url,
+        bind,
+        bound_address,
+        new_token,
+        parse_listen,
+        remote_warning,
+        remove_url_file,
+        serve_store,
+        write_url_file,
+    )
     from annofs.trust.policy import load_policy
 
     store = store_opt or store_path(ctx)
@@ -46,6 +58,17 @@ def dashboard_cmd(ctx: click.Context, store_opt: Path | None, listen: str,
     if state is not None:
         click.echo(f"note: {store} is mounted at {state['mountpoint']}; this page shows no "
                    f"live opens (mount with --dashboard for those)", err=True)
-    click.echo(f"dashboard: {addr.url} (Ctrl-C to stop)", err=True)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
-        serve_store(store, sock, policy)
+    token = new_token()
+    url = access_url(bound_address(sock), token)  # the real port, if 0 was asked for
+    try:
+        url_file = write_url_file(store, url)
+    except OSError as e:
+        sock.close()
+        raise StoreError(f"{store / URL_FILE}: cannot write the dashboard's URL "
+                         f"({e.strerror or e})") from None
+    click.echo(f"dashboard: {url} (also in {url_file}; Ctrl-C to stop)", err=True)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how it is meant to stop
+            serve_store(store, sock, token, policy)
+    finally:
+        remove_url_file(store, url)

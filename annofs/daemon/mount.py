@@ -26,7 +26,17 @@ from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.daemon.readahead import raise_readahead
 from annofs.daemon.registry import STATE_FILE, MountInfo, read_state
-from annofs.dashboard.server import ListenAddress, bind, serve_for_mount
+from annofs.dashboard.server import (
+    URL_FILE,
+    ListenAddress,
+    access_url,
+    bind,
+    bound_address,
+    new_token,
+    remove_url_file,
+    serve_for_mount,
+    write_url_file,
+)
 from annofs.errors import AnnofsError, StoreError, UsageError
 from annofs.fs.operations import Operations
 from annofs.store.lock import store_lock
@@ -113,7 +123,7 @@ def _setup_logging(store: Path, foreground: bool) -> None:
 
 
 async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
-                 dashboard: socket.socket | None) -> None:
+                 dashboard: socket.socket | None, token: str) -> None:
     invalidator = Invalidator()
     commands = DaemonCommands(ops, invalidator, policy)
     control = ControlServer(ops.vol.store.path, commands.handlers())
@@ -125,7 +135,7 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         nursery.start_soon(_tune_readahead, ops, mountpoint)
         await nursery.start(control.serve)
         if dashboard is not None:
-            await nursery.start(serve_for_mount, dashboard, ops.vol, policy.guard,
+            await nursery.start(serve_for_mount, dashboard, token, ops.vol, policy.guard,
                                 policy.gate, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -171,6 +181,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
     """Mount and serve until unmounted; report readiness on `ready_fd` (one line)."""
     # Bound first: a taken port must fail the command before anything is mounted.
     dashboard = bind(opts.dashboard) if opts.dashboard is not None else None
+    token = new_token()
     # Held for the mount's life: gc must not run offline under a live daemon.
     lock = contextlib.ExitStack()
     lock.enter_context(store_lock(opts.store, exclusive=False, what="mount"))
@@ -183,9 +194,23 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         lock.close()
         raise
     ops = Operations(vol, policy.guard)
+    url = None
+    if dashboard is not None:
+        # Before readiness is reported: `annofs mount` reads the URL from here to print
+        # it. The token is never logged (the log is kept; this file goes at unmount).
+        url = access_url(bound_address(dashboard), token)
+        try:
+            write_url_file(opts.store, url)
+        except OSError as e:
+            vol.close()
+            lock.close()
+            raise StoreError(f"{opts.store / URL_FILE}: cannot write the dashboard's URL "
+                             f"({e.strerror or e})") from None
     try:
         pyfuse3.init(ops, str(opts.mountpoint), _fuse_options(opts))
     except RuntimeError as e:
+        if url is not None:
+            remove_url_file(opts.store, url)
         vol.close()
         lock.close()
         raise UsageError(f"{opts.mountpoint}: mount failed ({e})") from e
@@ -195,12 +220,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         json.dumps({"pid": os.getpid(), "mountpoint": str(opts.mountpoint)}))
     registry.register(MountInfo(os.getpid(), opts.store, opts.mountpoint))
     log.info("mounted %s at %s", opts.store, opts.mountpoint)
+    if url is not None and ready_fd is None:
+        print(f"dashboard: {url}", file=sys.stderr, flush=True)
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
     clean = False
     try:
-        trio.run(_serve, ops, policy, opts.mountpoint, dashboard)
+        trio.run(_serve, ops, policy, opts.mountpoint, dashboard, token)
         clean = True
     finally:
         try:
@@ -211,6 +238,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             (opts.store / STATE_FILE).unlink()
         registry.unregister(opts.mountpoint)
+        if url is not None:
+            remove_url_file(opts.store, url)
         vol.close()
         lock.close()
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")

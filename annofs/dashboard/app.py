@@ -8,7 +8,10 @@
     GET /api/events?limit=     the events log (refusals and warnings), newest last
     GET /api/live              server-sent events: every judged open, as it happens
 
-Nothing here writes: any method but GET and HEAD is answered 405 before routing, and
+Every request needs the server's access token (`TokenGate`): `/?token=...` once, which
+sets a cookie, then the cookie (or `Authorization: Bearer TOKEN`, for scripts). Without
+it, every path, the page and its static files included, is a 401 naming where the URL
+is. Nothing here writes: any method but GET and HEAD is answered 405 before routing, and
 no route reads a secret key (statements carry key names and public keys; only names are
 shown). Blocking work runs in a worker thread, one request at a time, so the filesystem
 served on the same trio loop never waits for the page.
@@ -16,18 +19,28 @@ served on the same trio loop never waits for the page.
 
 from __future__ import annotations
 
+import hmac
+import html
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
 import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -35,6 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from annofs.daemon.events import read_events
 from annofs.daemon.feed import Feed, FeedItem
 from annofs.dashboard.coverage import CoverageReader, parse_store_path
+from annofs.dashboard.server import URL_FILE
 from annofs.errors import AnnofsError, NotFoundError, UsageError
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
@@ -177,6 +191,79 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+class TokenGate:
+    """Only a client that knows the server's token gets past: `?token=` (right) sets an
+    HttpOnly, SameSite=Strict cookie and redirects to the same URL without the token
+    (so it leaves the address bar and the history); the cookie, or an
+    `Authorization: Bearer` header, then lets requests through. Anything else is a 401.
+
+    The cookie's name carries the port: cookies are per host, not per port, and two
+    dashboards on one machine must not overwrite each other's."""
+
+    def __init__(self, app: ASGIApp, token: str, url_file: Path) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.url_file = url_file
+
+    def matches(self, given: str) -> bool:
+        """Whether `given` is the token (in constant time; any text is safe to give)."""
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        cookie = cookie_name(scope)
+        given = request.query_params.getlist("token")
+        if given:
+            if len(given) == 1 and self.matches(given[0]):
+                response: Response = RedirectResponse(_without_token(request),
+                                                      status_code=303)
+                response.set_cookie(cookie, self.token.decode(), httponly=True,
+                                    samesite="strict", path="/")
+            else:
+                response = self.refuse(scope, "this access token is not the dashboard's")
+            await response(scope, receive, send)
+            return
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        if self.matches(request.cookies.get(cookie, "")) or (
+                scheme.lower() == "bearer" and self.matches(bearer.strip())):
+            await self.app(scope, receive, send)
+            return
+        await self.refuse(scope, "the dashboard needs its access token")(scope, receive, send)
+
+    def refuse(self, scope: Scope, why: str) -> Response:
+        """The 401: JSON for the page's API calls, a short page for a browser."""
+        where = (f"open the URL that `annofs mount --dashboard` or `annofs dashboard` "
+                 f"printed, or the one in {self.url_file} (readable by the store's owner)")
+        headers = {"WWW-Authenticate": 'Bearer realm="annofs dashboard"'}
+        if scope["path"].startswith("/api/"):
+            return JSONResponse({"error": f"{why}: {where}"}, status_code=401,
+                                headers=headers)
+        body = (f"<!doctype html><html lang=en><meta charset=utf-8>"
+                f"<title>annofs dashboard: access token needed</title>"
+                f"<h1>annofs dashboard</h1><p>{html.escape(why, quote=False)}: "
+                f"{html.escape(where, quote=False)}.</p>")
+        return HTMLResponse(body, status_code=401, headers=headers)
+
+
+def cookie_name(scope: Scope) -> str:
+    """The access cookie of the server `scope` reached (one per port)."""
+    server = scope.get("server")
+    return f"annofs-dashboard-{server[1] if server and server[1] else 0}"
+
+
+def _without_token(request: Request) -> str:
+    """The request's path and query, the token taken out: where the redirect goes."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(request.scope["path"])
+    # "//host/x" would be a protocol-relative URL: a redirect to another site.
+    path = "/" + path.lstrip("/")
+    query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+    return f"{path}?{query}" if query else path
+
+
 # -- the app ---------------------------------------------------------------------------------
 
 
@@ -195,10 +282,12 @@ def _query_int(request: Request, name: str, default: int | None, lo: int,
     return int(raw)
 
 
-def create_app(d: Dashboard, *, allowed_hosts: list[str] | None = None) -> Starlette:
-    """The ASGI app over `d`. `allowed_hosts`: Host header values accepted (None: any);
-    a loopback dashboard accepts only its own address, which stops a web page from
-    reading it through a DNS name rebound to 127.0.0.1."""
+def create_app(d: Dashboard, *, token: str,
+               allowed_hosts: list[str] | None = None) -> Starlette:
+    """The ASGI app over `d`, answering only clients that know `token`. `allowed_hosts`:
+    Host header values accepted (None: any); a loopback dashboard accepts only its own
+    address, which stops a web page from reading it through a DNS name rebound to
+    127.0.0.1."""
 
     def api(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
@@ -258,6 +347,7 @@ def create_app(d: Dashboard, *, allowed_hosts: list[str] | None = None) -> Starl
     middleware = [Middleware(ReadOnly), Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
+    middleware.append(Middleware(TokenGate, token=token, url_file=d.store / URL_FILE))
     return Starlette(routes=routes, middleware=middleware)
 
 

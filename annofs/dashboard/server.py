@@ -5,12 +5,20 @@ is made, for `annofs mount --dashboard`), so a taken port or a bad address is a 
 error at the command, not a daemon that mounted and then could not serve. Hypercorn is
 handed the bound socket (`fd://`), and runs as one more task of the loop that serves the
 filesystem: no thread, no second event loop.
+
+Every server has its own access token (`new_token`): the page and every route answer
+only a browser that came through `http://HOST:PORT/?token=...` (see `app.TokenGate`).
+That URL is printed by the command and written to `<store>/dashboard.url`, readable by
+the store's owner only, so other local users who can reach the port see nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
+import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -30,6 +38,9 @@ if TYPE_CHECKING:
     from annofs.volume import Volume
 
 log = logging.getLogger("annofs.dashboard")
+
+# In the store (a 0700 directory), mode 0600: the page's URL with its access token.
+URL_FILE = "dashboard.url"
 
 
 @dataclass(frozen=True)
@@ -77,11 +88,46 @@ def parse_listen(text: str, *, allow_remote: bool = False) -> ListenAddress:
     return ListenAddress(str(ip), port)
 
 
+def new_token() -> str:
+    """A fresh access token for one server (256 random bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def access_url(addr: ListenAddress, token: str) -> str:
+    """The URL that lets a browser in: the page's address with the token."""
+    return f"{addr.url}?token={token}"
+
+
+def write_url_file(store: Path, url: str) -> Path:
+    """Write `url` to `<store>/dashboard.url`, readable and writable by the owner only
+    (created 0600 under a temporary name, then renamed over any older one)."""
+    path = store / URL_FILE
+    tmp = store / f"{URL_FILE}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def remove_url_file(store: Path, url: str) -> None:
+    """Remove `<store>/dashboard.url` if it still holds `url` (another dashboard of the
+    same store may have written its own since: that one stays)."""
+    path = store / URL_FILE
+    with contextlib.suppress(OSError):
+        if path.read_text().strip() == url:
+            path.unlink()
+
+
 def remote_warning(addr: ListenAddress) -> str:
     """What to tell a user who asked for a dashboard other machines can reach."""
-    return (f"warning: the dashboard at {addr.url} is reachable from other machines: "
-            f"anyone who can connect sees which files are read here, and why refused "
-            f"ones differ from their signed originals (no encryption, no login)")
+    return (f"warning: the dashboard at {addr.url} is reachable from other machines over "
+            f"plain HTTP: anyone who sees its traffic can take the access token, and then "
+            f"sees which files are read here, and why refused ones differ from their "
+            f"signed originals")
 
 
 def bind(addr: ListenAddress) -> socket.socket:
@@ -131,7 +177,7 @@ async def serve(app: object, sock: socket.socket, *,
                           shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
-async def serve_for_mount(sock: socket.socket, vol: Volume, guard: OpenGuard,
+async def serve_for_mount(sock: socket.socket, token: str, vol: Volume, guard: OpenGuard,
                           gate: TrustGate | None, mountpoint: Path,
                           task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                           ) -> None:
@@ -143,14 +189,14 @@ async def serve_for_mount(sock: socket.socket, vol: Volume, guard: OpenGuard,
     feed = Feed()
     guard.sink = feed.tee(guard.sink)
     addr = bound_address(sock)
-    app = create_app(Dashboard(vol, vol.store.path, gate, feed, mountpoint),
+    app = create_app(Dashboard(vol, vol.store.path, gate, feed, mountpoint), token=token,
                      allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
     await serve(app, sock, task_status=task_status)
 
 
-def serve_store(store: Path, sock: socket.socket, policy: Policy | None) -> None:
+def serve_store(store: Path, sock: socket.socket, token: str, policy: Policy | None) -> None:
     """`annofs dashboard`: the page over a store that is not mounted here (coverage,
-    files, the events log; no live opens), until interrupted."""
+    files, the events log; no live opens), until interrupted. Only `token` lets in."""
     from annofs.dashboard.app import Dashboard, create_app, loopback_hosts
     from annofs.trust.gate import TrustGate
     from annofs.volume import Volume
@@ -159,7 +205,7 @@ def serve_store(store: Path, sock: socket.socket, policy: Policy | None) -> None
     try:
         gate = TrustGate(vol, policy) if policy is not None else None
         addr = bound_address(sock)
-        app = create_app(Dashboard(vol, store, gate),
+        app = create_app(Dashboard(vol, store, gate), token=token,
                          allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)
         trio.run(partial(serve, app, sock, shutdown_trigger=_until_interrupted))
     finally:
