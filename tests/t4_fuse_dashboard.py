@@ -1,6 +1,8 @@
 """The dashboard of a real mount, in a real headless Chromium: opens appear live with
 their verdicts, a refusal expands into its explanation and diff, the coverage numbers are
-the tree's, a file shows its versions. Screenshots are saved (ANNOFS_SCREENSHOT_DIR too).
+the tree's, a file shows its versions. The page is opened as a user would: through the
+URL with the access token, from <store>/dashboard.url; without it, nothing is shown.
+Screenshots are saved (ANNOFS_SCREENSHOT_DIR too).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import urllib.error
@@ -48,9 +51,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def dashboard(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str]]:
+def dashboard(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str, str]]:
     """/src/proj (5 files, signed by alice-1) and /src/vendor (2 files, unsigned), mounted
-    with an enforcing policy (/src/** needs one signer) and the dashboard."""
+    with an enforcing policy (/src/** needs one signer) and the dashboard: the mount,
+    the page's address, and the URL with the access token (from <store>/dashboard.url)."""
     mounted.stop()
     proj = tmp_path / "proj"
     (proj / "lib").mkdir(parents=True)
@@ -72,7 +76,12 @@ def dashboard(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str]]:
     policy = write_policy(tmp_path / "policy.toml")
     port = free_port()
     mounted.start("--policy", str(policy), "--dashboard", f"127.0.0.1:{port}")
-    yield mounted, f"http://127.0.0.1:{port}/"
+    url_file = mounted.store / "dashboard.url"
+    assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+    access = url_file.read_text().strip()
+    url = f"http://127.0.0.1:{port}/"
+    assert access.startswith(url + "?token=") and len(access) == len(url) + 7 + 43
+    yield mounted, url, access
 
 
 @pytest.fixture
@@ -108,8 +117,8 @@ def total(page: sync_api.Page, field: str) -> int:
 
 
 def test_live_opens_refusal_diff_and_coverage_in_chromium(
-        dashboard: tuple[Mount, str], browser_page: sync_api.Page, tmp_path: Path) -> None:
-    m, url = dashboard
+        dashboard: tuple[Mount, str, str], browser_page: sync_api.Page, tmp_path: Path) -> None:
+    m, url, access = dashboard
     page = browser_page
     main_c = m.path / "src" / "proj" / "main.c"
     main_c.write_text(MAIN_C.replace("return 0;", 'return system("id");'))  # not judged
@@ -121,8 +130,9 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     page.on("request", lambda r: requests.append(r.url))
     page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: problems.append(str(exc)))
-    page.goto(url + "#live")
+    page.goto(access + "#live")
     page.locator("#status[data-state=live]").wait_for()
+    assert page.url == url + "#live"  # the token left the address bar (and the history)
     assert "mode enforce" in page.locator("#policy").inner_text()
 
     assert refused(m.path / "src" / "vendor" / "a.c")  # unsigned: no original to show
@@ -232,6 +242,55 @@ def test_live_opens_refusal_diff_and_coverage_in_chromium(
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_without_the_token_the_browser_sees_nothing(
+        dashboard: tuple[Mount, str, str], browser_page: sync_api.Page) -> None:
+    m, url, access = dashboard
+    page = browser_page
+    assert refused(m.path / "src" / "vendor" / "a.c")  # something the page would show
+    for where in (url, url + "?token=wrong", url + "static/app.js",
+                  url + "api/events"):
+        r = page.goto(where)
+        assert r is not None and r.status == 401, where
+        text = page.locator("body").inner_text()
+        assert str(m.store / "dashboard.url") in text and "a.c" not in text, where
+    # The same browser, once through the URL: in, and the cookie keeps it in.
+    page.goto(access + "#events")
+    page.locator('#history tr.ev[data-path="/src/vendor/a.c"]').wait_for()
+    cookies = page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [
+        (f"annofs-dashboard-{url.rsplit(':', 1)[1].rstrip('/')}", True, "Strict")]
+    assert page.goto(url + "api/info").status == 200
+    # Another program on the machine, without the token: 401, whatever it asks for.
+    for route in ("", "api/info", "api/live", "api/explain?path=/src/vendor/a.c"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + route, timeout=10)
+        assert e.value.code == 401, route
+
+
+def test_a_daemonised_mount_prints_the_url_with_the_real_port(mounted: Mount,
+                                                               tmp_path: Path) -> None:
+    mounted.stop()
+    res = subprocess.run(annofs_cmd("--store", str(mounted.store), "mount", "--dashboard",
+                                    "127.0.0.1:0", str(mounted.path)),
+                         capture_output=True, text=True, timeout=60)
+    try:
+        assert res.returncode == 0, res.stderr
+        url_file = mounted.store / "dashboard.url"
+        access = url_file.read_text().strip()
+        assert res.stdout == f"dashboard: {access} (also in {url_file})\n"
+        port = int(access.split(":")[2].split("/")[0])
+        assert port != 0 and access.startswith(f"http://127.0.0.1:{port}/?token=")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/info", headers={
+            "Authorization": "Bearer " + access.split("token=")[1]})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        # The token is not in the daemon's log.
+        assert access.split("token=")[1] not in (mounted.store / "daemon.log").read_text()
+    finally:
+        subprocess.run(annofs_cmd("umount", str(mounted.path)), check=True, timeout=60)
+    assert not url_file.exists()
 
 
 @pytest.mark.expected_log("mount failed")
