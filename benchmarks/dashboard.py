@@ -5,6 +5,7 @@ read costs nothing extra. The same signed tree as `trust` is read through a moun
 enforcing policy, with and without `--dashboard` (and with a page subscribed to the live
 feed, so every open is published and sent). Coverage of the tree is asked for twice over
 HTTP: the first answer reads every version and statement, the second uses the caches.
+Both clients send the access token from <store>/dashboard.url as a bearer header.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from benchmarks.registry import Context, FigureResult, Row, figure
 from benchmarks.trust import FILES, QUICK_FILES, _cmd, _make_tree, _policy, _read_all
 
 
+def _access(store: Path) -> tuple[str, str]:
+    """The page's address and access token, from `<store>/dashboard.url`."""
+    url, _, token = (store / "dashboard.url").read_text().strip().partition("?token=")
+    return url, token
+
+
+def _get(url: str, token: str) -> urllib.request.Request:
+    """A GET of `url` with the access token."""
+    return urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,8 +44,9 @@ def _free_port() -> int:
 _SUBSCRIBER = """
 import json, sys, urllib.request
 n, kind = 0, ""
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=300) as r:
+    with urllib.request.urlopen(req, timeout=300) as r:
         for raw in r:
             line = raw.decode().rstrip("\\n")
             if line.startswith("event: "):
@@ -51,18 +64,14 @@ print(n, flush=True)
 def _read(ctx: Context, store: Path, policy: Path, *, dashboard: bool) -> tuple[float, int]:
     mnt = ctx.work / "dashboard" / "mnt"
     mnt.mkdir(exist_ok=True)
-    extra: list[str] = []
-    url = ""
-    if dashboard:
-        port = _free_port()
-        extra = ["--dashboard", f"127.0.0.1:{port}"]
-        url = f"http://127.0.0.1:{port}/"
+    extra = ["--dashboard", "127.0.0.1:0"] if dashboard else []
     subprocess.run(_cmd(store, "mount", "--policy", str(policy), *extra, str(mnt)),
                    check=True, capture_output=True)
     sub = None
     try:
         if dashboard:
-            sub = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, url + "api/live"],
+            url, token = _access(store)  # written before the mount reported ready
+            sub = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, url + "api/live", token],
                                    stdout=subprocess.PIPE, text=True)
             assert sub.stdout is not None
             assert sub.stdout.readline().strip() == "ready"
@@ -79,14 +88,16 @@ def _read(ctx: Context, store: Path, policy: Path, *, dashboard: bool) -> tuple[
 
 def _coverage_times(ctx: Context, store: Path, policy: Path) -> tuple[float, float, int]:
     port = _free_port()
-    url = f"http://127.0.0.1:{port}/api/coverage?path=/"
     proc = subprocess.Popen(_cmd(store, "dashboard", "--policy", str(policy), "--listen",
                                  f"127.0.0.1:{port}"), stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(url.replace("coverage?path=/", "info"), timeout=5).close()
+                base, token = _access(store)
+                if base != f"http://127.0.0.1:{port}/":
+                    raise FileNotFoundError("not this server's yet")
+                urllib.request.urlopen(_get(base + "api/info", token), timeout=5).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -96,7 +107,8 @@ def _coverage_times(ctx: Context, store: Path, policy: Path) -> tuple[float, flo
         files = 0
         for _ in range(3):
             start = time.perf_counter()
-            with urllib.request.urlopen(url, timeout=300) as r:
+            with urllib.request.urlopen(_get(base + "api/coverage?path=/", token),
+                                        timeout=300) as r:
                 files = json.loads(r.read())["total"]["files"]
             times.append(time.perf_counter() - start)
     finally:
