@@ -67,11 +67,12 @@ class DaemonCommands:
         prune = args.get("prune_history", False)
         if not isinstance(prune, bool):
             raise UsageError("control: 'prune_history' must be true or false")
+        await self.ops.commit_all()
+        # Checked after the last await: no import can begin between the check and gc.
         if imports_running(self.ops.vol.store.path):
             # Its fragments and staging tree are not referenced yet: gc would free them.
             raise UsageError(f"{self.ops.vol.store.path}: an import is running; "
                              f"run gc when it has finished")
-        await self.ops.commit_all()
         rep = collect(self.ops.vol, prune_history=prune,
                       extra_roots=self.ops.held_versions(),
                       keep_fragments=self.ops.unstored_fragments())
