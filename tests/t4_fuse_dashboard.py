@@ -308,6 +308,9 @@ def test_dashboard_port_taken_fails_the_mount(mounted: Mount, tmp_path: Path) ->
     assert res.returncode == 2
     assert f"127.0.0.1:{port}: the dashboard cannot listen here" in res.stderr
     assert not os.path.ismount(other)
+    log = (mounted.store / "daemon.log").read_text()
+    assert f"mount failed: 127.0.0.1:{port}: the dashboard cannot listen here" in log
+    assert "Traceback" not in log  # a user's mistake is one line, not a stack
     far = subprocess.run(annofs_cmd("--store", str(mounted.store), "mount", "--dashboard",
                                     "0.0.0.0:8080", str(other)), capture_output=True, text=True)
     assert far.returncode == 2 and "not a loopback address" in far.stderr

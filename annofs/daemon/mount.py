@@ -277,7 +277,10 @@ def mount(opts: MountOptions) -> None:
     except Exception as e:
         with contextlib.suppress(OSError):
             os.write(w, f"{e}\n".encode())
-        log.exception("mount failed")
+        if isinstance(e, AnnofsError):  # the user's to fix, said in one line
+            log.error("mount failed: %s", e)
+        else:
+            log.exception("mount failed")
         os._exit(2)
     os._exit(0)
 
