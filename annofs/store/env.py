@@ -124,15 +124,20 @@ class Store:
             self._syncer.start()
 
     def _sync_every(self, interval: float) -> None:
+        failing = False
         while not self._stop.wait(interval):
             if self.sync_interval is None:
                 return  # turned off
             if self._commits != self._synced or self.pin_behind():
                 try:
                     self.sync()
-                except lmdb.Error:
-                    log.exception("%s: periodic sync failed", self.path)
-                    return
+                except (lmdb.Error, OSError) as e:
+                    # A full disk, say: say it once, and keep trying (it may pass).
+                    if not failing:
+                        log.error("%s: periodic sync failed: %s", self.path, e)
+                    failing = True
+                else:
+                    failing = False
 
     def pin_behind(self) -> bool:
         """Whether other processes committed since this one's last sync. Its pin then keeps
@@ -202,8 +207,12 @@ class Store:
                 commits = self._commits
             finally:
                 w.abort()
-            self.env.sync(True)
-            _save_metas(self.path, metas)
+            try:
+                self.env.sync(True)
+                _save_metas(self.path, metas)
+            except BaseException:
+                pin.abort()  # not durable: the old pin still guards the saved state
+                raise
             old, self._pin = self._pin, pin
             if old is not None:
                 old.abort()
