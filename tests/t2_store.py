@@ -739,3 +739,12 @@ def test_the_consistency_check_sees_wrong_counts(store_dir: Path) -> None:
             check_consistency(vol)
     finally:
         vol.close()
+
+
+def test_an_unwritable_crash_record_is_a_one_line_store_error(store_dir: Path) -> None:
+    Volume.open(store_dir, create=True).close()
+    record = store_dir / "db" / "synced-meta"
+    record.unlink()
+    record.mkdir()  # cannot be opened for writing, as on a read-only filesystem
+    with pytest.raises(StoreError, match=f"^{store_dir}: cannot open the store: Is a directory$"):
+        Volume.open(store_dir)

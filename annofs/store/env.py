@@ -265,7 +265,10 @@ def open_store(path: Path, *, create: bool = False) -> Store:
         (path / "db").mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o700)
     if marker.exists():
-        recover_after_reboot(path)
+        try:
+            recover_after_reboot(path)
+        except OSError as e:  # a read-only or full filesystem, a store not ours
+            raise StoreError(f"{path}: cannot open the store: {e.strerror}") from e
     try:
         env = _open_env(path)
         env.reader_check()  # read slots of killed processes would keep pages from reuse
