@@ -89,16 +89,28 @@ def test_a_reader_opened_before_a_rename_over_the_path_keeps_its_version(
     assert refused(f)
 
 
-def test_read_write_handles_read_what_is_written_after_their_open(signed: Mount) -> None:
-    """Known and documented (SECURITY.md, open finding): only read-only handles are pinned
-    to the verified version; an O_RDWR handle reads the file as it is now, including a
-    patch written through another handle after the open."""
+def test_a_verified_read_write_handle_is_the_only_writer(signed: Mount) -> None:
+    """A read-write handle is judged at open but reads the file as it is (its own writes
+    included): while it is open, no other handle may write what it would read."""
     f = proj(signed) / "main.c"
+    original = f.read_bytes()
     with open(f, "r+b", buffering=0) as rw:
-        patch_in_place(f)
+        for how in (lambda: os.open(f, os.O_RDWR), lambda: os.open(f, os.O_WRONLY),
+                    lambda: os.open(f, os.O_WRONLY | os.O_TRUNC), lambda: os.truncate(f, 1)):
+            with pytest.raises(OSError) as e:
+                how()
+            assert e.value.errno == errno.EBUSY
+        assert rw.read() == original  # nothing another handle wrote
         rw.seek(0)
-        assert rw.read(len(PATCH)) == PATCH
-    assert refused(f)
+        rw.write(b"/* mine */")  # its own writes it reads back
+        rw.seek(0)
+        assert rw.read(10) == b"/* mine */"
+        os.ftruncate(rw.fileno(), len(original))  # and truncates through itself
+    assert refused(f)  # what it wrote is unsigned: the next open is refused
+    with open(f, "wb"):  # a writer open first: a read-write open beside it is refused
+        with pytest.raises(OSError) as e:
+            os.open(f, os.O_RDWR)
+        assert e.value.errno == errno.EBUSY
 
 
 # -- other ways to open ---------------------------------------------------------------------------

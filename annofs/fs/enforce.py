@@ -52,10 +52,13 @@ _MIXED = -1
 
 @dataclass
 class CacheState:
-    """Per inode: the version the kernel may cache, and how many handles are pinned."""
+    """Per inode: the version the kernel may cache, how many handles are pinned, how many
+    may write, and how many are verified read-write handles."""
 
     cached_version: int | None = None
     pinned: int = 0
+    writers: int = 0
+    verified_rw: int = 0
 
 
 class OpenGuard:
@@ -146,11 +149,40 @@ class OpenGuard:
         direct = writer and st.pinned > 0
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep and not direct, direct_io=direct)
 
-    def released(self, node: Inode, *, pinned: bool) -> None:
+    def check_writers(self, node: Inode, *, writer: bool, verified_rw: bool) -> None:
+        """EBUSY for a second writer beside a verified read-write handle.
+
+        A read-write handle is judged at open like a reader, but it is not pinned: it
+        reads the file as it is, its own writes included. So while one is open it must
+        be the inode's only writer, or another handle could write unverified bytes for
+        it to read; and it cannot be opened beside another writer. (Truncate by path
+        is a writer too: `check_truncate`.)
+        """
+        if not self.active:
+            return
+        st = self.state(node)
+        if (writer and st.verified_rw) or (verified_rw and st.writers):
+            raise pyfuse3.FUSEError(errno.EBUSY)
+
+    def check_truncate(self, node: Inode, by_verified_rw: bool) -> None:
+        """EBUSY for a truncate beside a verified read-write handle, unless through it."""
+        if self.active and not by_verified_rw and self.state(node).verified_rw:
+            raise pyfuse3.FUSEError(errno.EBUSY)
+
+    def opened(self, node: Inode, *, writer: bool, verified_rw: bool) -> None:
+        """A handle was opened (after `check_writers`)."""
+        st = self.state(node)
+        st.writers += writer
+        st.verified_rw += verified_rw
+
+    def released(self, node: Inode, *, pinned: bool, writer: bool = False,
+                 verified_rw: bool = False) -> None:
         """A handle closed."""
         st = self._cache.get(node.ino)
-        if st is not None and pinned:
-            st.pinned -= 1
+        if st is not None:
+            st.pinned -= pinned
+            st.writers -= writer
+            st.verified_rw -= verified_rw
 
     def committed(self, node: Inode, version: int) -> None:
         """The mount wrote a new version: the kernel's cache holds the writer's bytes,

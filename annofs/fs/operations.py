@@ -75,6 +75,8 @@ class Handle:
     next_offset: int = 1
     # The version a read-only handle serves: the one the policy judged at open.
     pinned: Version | None = None
+    writer: bool = False  # opened with write access
+    verified_rw: bool = False  # opened read-write and judged: the inode's only writer
 
 
 class Operations(pyfuse3.Operations):
@@ -251,6 +253,8 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size:
+            via = self.handles.get(fh) if fh is not None else None
+            self.guard.check_truncate(node, via is not None and via.verified_rw)
             await self._truncate(node, attr.st_size)
         t = now_ns()
 
@@ -635,6 +639,9 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         access = flags & os.O_ACCMODE
         pinned: Version | None = None
+        writer = access != os.O_RDONLY
+        verified_rw = access == os.O_RDWR and self.guard.active
+        self.guard.check_writers(node, writer=writer, verified_rw=verified_rw)
         if access != os.O_WRONLY and self.guard.active:
             # Judge what is stored: unflushed bytes carry no signature.
             await self._commit(node)
@@ -689,7 +696,9 @@ class Operations(pyfuse3.Operations):
             if ctx.uid != 0:
                 self._kill_privs(node)
         fh = self._new_handle(node)
-        self.handles[fh].pinned = pinned
+        h = self.handles[fh]
+        h.pinned, h.writer, h.verified_rw = pinned, writer, verified_rw
+        self.guard.opened(node, writer=writer, verified_rw=verified_rw)
         serves = pinned.id if pinned is not None else of.parent_version
         first = self.guard.state(node).cached_version is None
         info = self.guard.file_info(fh, node, serves, pinned=pinned is not None,
@@ -747,7 +756,10 @@ class Operations(pyfuse3.Operations):
         with self.vol.store.read() as txn:
             self._open_file(txn, node)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True), entry
+        fh = self._new_handle(node)
+        self.handles[fh].writer = True  # a new file: nothing to judge, but a writer
+        self.guard.opened(node, writer=True, verified_rw=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -840,7 +852,8 @@ class Operations(pyfuse3.Operations):
             await self._commit(node)
         finally:
             node.opens -= 1
-            self.guard.released(node, pinned=h.pinned is not None)
+            self.guard.released(node, pinned=h.pinned is not None, writer=h.writer,
+                                verified_rw=h.verified_rw)
             if node.opens == 0:
                 self.open_files.pop(node.ino, None)
             self.inodes.maybe_drop(node)
