@@ -13,8 +13,6 @@ from annofs.cli.context import Progress, open_volume, require_unmounted, store_p
 from annofs.cli.paths import parse_store_path, resolve_target
 from annofs.daemon import client
 from annofs.store.lock import import_lease, store_lock
-from annofs.transfer.export_tree import TreeExporter
-from annofs.transfer.import_tree import TreeImporter
 
 
 @click.command("init")
@@ -42,6 +40,8 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     DEST is a path inside a mounted annofs (the mount shows the import at once), or a path
     in the --store's namespace.
     """
+    from annofs.transfer.import_tree import TreeImporter  # lazy: other commands skip it
+
     target = resolve_target(dest, store_path(ctx))
     if target.mount is None:
         require_unmounted(target.store)
@@ -95,6 +95,8 @@ def _names(parts: Sequence[bytes]) -> list[str]:
 @click.pass_context
 def export_cmd(ctx: click.Context, src: str, dest: Path) -> None:
     """Copy the store path SRC out to the new host path DEST."""
+    from annofs.transfer.export_tree import TreeExporter  # lazy: other commands skip it
+
     src_parts = parse_store_path(src)
     progress = Progress("export")
     try:
