@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,10 +21,25 @@ from annofs.cli.paths import parse_store_path
 from annofs.errors import UsageError
 from annofs.store.lock import store_lock
 
+if TYPE_CHECKING:
+    from annofs.trust.policy import Policy
+
 # The trust modules (nacl, tomllib, msgpack) load inside each command: every other
 # command's start-up stays as quick as it was.
 
 POLICY_ENV = "ANNOFS_POLICY"
+
+
+def given_policy(policy_file: Path | None) -> Policy:
+    """The policy of --policy FILE, else of $ANNOFS_POLICY; UsageError if neither."""
+    from annofs.trust.policy import load_policy
+
+    if policy_file is None:
+        env = os.environ.get(POLICY_ENV)
+        if not env:
+            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
+        policy_file = Path(env)
+    return load_policy(policy_file)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -191,16 +207,10 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
 def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, ...]) -> None:
     """The verdict for each file (or each file under a tree); exit 1 if any is refused."""
     from annofs.trust.gate import TrustGate
-    from annofs.trust.policy import load_policy
     from annofs.trust.signing import collect_files
     from annofs.trust.statement import format_digest
 
-    if policy_file is None:
-        env = os.environ.get(POLICY_ENV)
-        if not env:
-            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
-        policy_file = Path(env)
-    policy = load_policy(policy_file)
+    policy = given_policy(policy_file)
     if not paths:
         raise UsageError("no PATH given")
     parts = [parse_store_path(p) for p in paths]

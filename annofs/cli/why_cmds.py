@@ -8,7 +8,6 @@ a path in the --store's namespace. Directories are explained file by file.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import click
 
 from annofs.cli.context import open_volume, store_path
 from annofs.cli.paths import resolve_target
+from annofs.cli.trust_cmds import POLICY_ENV, given_policy
 from annofs.errors import UsageError
-
-POLICY_ENV = "ANNOFS_POLICY"
 
 
 @click.command("why")
@@ -37,15 +35,9 @@ def why_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool, diff_li
     """
     from annofs.explain.report import explain
     from annofs.trust.annotations import AnnotationStore
-    from annofs.trust.policy import load_policy
     from annofs.trust.signing import collect_files
 
-    if policy_file is None:
-        env = os.environ.get(POLICY_ENV)
-        if not env:
-            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
-        policy_file = Path(env)
-    policy = load_policy(policy_file)
+    policy = given_policy(policy_file)
     if not paths:
         raise UsageError("no PATH given")
     by_store: dict[Path, list[list[bytes]]] = {}
