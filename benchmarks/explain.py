@@ -33,20 +33,17 @@ from annofs.trust.policy import parse_policy
 from annofs.trust.signing import collect_files, sign_files
 from annofs.volume import Volume
 from benchmarks.registry import Context, FigureResult, Row, figure
+from benchmarks.trust import PER_DIR
+from benchmarks.trust import _make_tree as make_c_tree
 
 FILES, QUICK_FILES = 100_000, 2_000
-PER_DIR = 250
 TARGET_MS = 100.0
 
 
 def _make_tree(root: Path, files: int) -> bytes:
-    """Small C files, and one 200 KB source (several fragments) at d0000/big.c."""
-    for i in range(files):
-        d = root / f"d{i // PER_DIR:04d}"
-        if i % PER_DIR == 0:
-            d.mkdir(parents=True)
-        (d / f"f{i:06d}.c").write_bytes(b"/* file %d */\nint f%d(void) { return %d; }\n"
-                                        % (i, i, i))
+    """The trust figure's small C files, and one 200 KB source (several fragments) at
+    d0000/big.c."""
+    make_c_tree(root, files)
     rng = random.Random(5)
     big = "".join(f"int g{i}(int x) {{ return x ^ {rng.getrandbits(32)}; }}\n"
                   for i in range(5000)).encode()
