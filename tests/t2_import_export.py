@@ -27,7 +27,7 @@ from t2_store import P, check_consistency, count_rows, dump_tree
 
 from annofs.content.history import ancestry
 from annofs.errors import NotADirectoryError_, UsageError
-from annofs.transfer import hostwalk, readers
+from annofs.transfer import hostwalk, readers, scanhelper
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import ImportStats, TreeImporter
 from annofs.volume import Volume
@@ -135,7 +135,22 @@ def export(vol: Volume, src: str, dest: Path) -> Path:
     return dest
 
 
+# A re-import scans directories for changes in this process, or with a scan helper
+# process too (scan_helper_after directories in; the default waits for a larger tree than
+# these): every test here runs both ways (see the `scan_mode` fixture).
+_SCAN_HELPER_AFTER: int | None = None
+
+
+@pytest.fixture(autouse=True, params=["one process", "scan helper"])
+def scan_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    global _SCAN_HELPER_AFTER
+    _SCAN_HELPER_AFTER = None if request.param == "one process" else 0
+    yield request.param
+    _SCAN_HELPER_AFTER = None
+
+
 def run_import(vol: Volume, src: Path, dest: str, **kw: Any) -> ImportStats:
+    kw.setdefault("scan_helper_after", _SCAN_HELPER_AFTER)
     return TreeImporter(vol, **kw).run(src, P(dest))
 
 
@@ -374,6 +389,61 @@ def test_worker_processes_give_what_one_process_gives(tmp_path: Path, watch: Wat
     for field_name in ("files", "files_read", "bytes_read", "new_bytes", "dirs"):
         assert getattr(p_stats, field_name) == getattr(s_stats, field_name), field_name
     assert p_stats.new_bytes < p_stats.bytes_read  # the duplicate was stored once
+
+
+def _change_across(src: Path) -> set[Path]:
+    """Changes spread over _many_files' tree, of every kind a re-import must find; the
+    files whose content must be read again."""
+    changed = src / "d2" / "e4" / "f9.txt"
+    changed.write_bytes(b"changed content\n")
+    shutil.rmtree(src / "d5" / "e0")
+    (src / "d6" / "new" / "deeper").mkdir(parents=True)
+    (src / "d6" / "new" / "deeper" / "n.txt").write_bytes(b"new file\n")
+    (src / "d0" / "e1").chmod(0o700)
+    (src / "d3" / "e2" / "f17.txt").unlink()
+    (src / "d3" / "e2" / "f17.txt").mkdir()  # a file that became a directory
+    os.symlink("../e1", src / "d4" / "e3" / "link")
+    (src / "d1" / "e2" / "f22.txt").rename(src / "d1" / "e2" / "moved.txt")
+    return {changed, src / "d6" / "new" / "deeper" / "n.txt", src / "d1" / "e2" / "moved.txt"}
+
+
+def test_reimport_scan_finds_every_change(vol: Volume, tmp_path: Path, watch: Watch,
+                                          scan_mode: str) -> None:
+    """Changes in many directories, found by the scan in this process or shared with the
+    scan helper (which must have been given work): only the changed files are read, and
+    the store says what the host says."""
+    src = _many_files(tmp_path / "src")
+    run_import(vol, src, "/t", workers=0)
+    run_import(vol, src, "/t", workers=0)  # the directories' records as a re-import keeps them
+    read_again = _change_across(src)
+    opened = watch(src)
+    stats = run_import(vol, src, "/t", workers=0)
+    assert sorted(opened.read_paths()) == sorted(str(p) for p in read_again)
+    assert stats.files_read == len(read_again)
+    assert stats.removed == 3  # d5/e0 (one tree), f17.txt (now a directory), f22.txt
+    assert (stats.scan_requests > 0) == (scan_mode == "scan helper")
+    assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
+    # And once more, unchanged: nothing read, every file counted once.
+    opened = watch(src)
+    again = run_import(vol, src, "/t", workers=0)
+    assert opened.paths() == [] and again.files_read == 0
+    assert (again.files, again.dirs) == (stats.files, stats.dirs)
+    assert again.files == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_a_scan_helper_that_dies_leaves_its_work_to_the_importer(
+        vol: Volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper exits after reading part of its first request: what it was given is
+    scanned by the importer, and the import is complete."""
+    src = _many_files(tmp_path / "src")
+    run_import(vol, src, "/t", workers=0)
+    read_again = _change_across(src)
+    monkeypatch.setattr(scanhelper, "_command", lambda: [
+        sys.executable, "-c", "import sys; sys.stdin.buffer.read(64); sys.exit(3)"])
+    stats = run_import(vol, src, "/t", workers=0, scan_helper_after=0)
+    assert stats.scan_requests > 0
+    assert stats.files_read == len(read_again)
+    assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
 
 
 def test_removed_directory_takes_its_cache_records(vol: Volume, tmp_path: Path) -> None:

@@ -248,21 +248,6 @@ class Namespace:
                 name = bytes(key[8:])
                 yield name, decode_attrs(raw, f"entry {name!r} of directory {dir_id}")
 
-    def raw_entries(self, txn: lmdb.Transaction, dir_id: int) -> dict[bytes, bytes]:
-        """A directory's entries as stored (name -> encoded record), not decoded: a re-import
-        compares them with what it wrote last time, and decoding every entry cost more than
-        the rest of an unchanged directory's check."""
-        prefix = u64(dir_id)
-        out: dict[bytes, bytes] = {}
-        with txn.cursor(db=self._entries) as cur:
-            if not cur.set_range(prefix):
-                return out
-            for key, raw in cur:
-                if key[:8] != prefix:
-                    break
-                out[bytes(key[8:])] = bytes(raw)
-        return out
-
     def listdir(self, txn: lmdb.Transaction, dir_id: int,
                 after: bytes | None = None) -> Iterator[tuple[bytes, Attrs]]:
         """Entries of a directory in name order, hard links resolved; resumes after `after`."""

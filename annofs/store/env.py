@@ -250,6 +250,12 @@ def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
     )
 
 
+def open_env_readonly(path: Path) -> lmdb.Environment:
+    """The LMDB environment of the store at `path`, read-only, for a helper process that
+    only reads beside the one that has the store open (no Store: no sync, no repair)."""
+    return _open_env(path, readonly=True)
+
+
 def open_store(path: Path, *, create: bool = False) -> Store:
     """Open the store at `path`; with `create`, make it first (idempotent).
 

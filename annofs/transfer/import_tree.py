@@ -41,11 +41,22 @@ import msgpack
 
 from annofs.content.ingest import Ingested
 from annofs.content.versions import EMPTY_VERSION
-from annofs.errors import NotADirectoryError_, UsageError
+from annofs.errors import CorruptionError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import check_name, now_ns
 from annofs.store.records import Attrs, decode_attrs, encode_attrs
 from annofs.transfer.hostwalk import git_dirs, git_tracked, is_excluded
 from annofs.transfer.readers import BatchResult, ReadError, ReadPool, default_workers
+from annofs.transfer.scan import (
+    Item,
+    Scanner,
+    cached_record,
+    dir_record,
+    dir_unchanged,
+    file_unchanged,
+    list_host_dir,
+    raw_entries,
+)
+from annofs.transfer.scanhelper import ScanHelper
 from annofs.volume import Volume
 
 Progress = Callable[[int, int], None]  # (files done, bytes read) increments
@@ -58,6 +69,9 @@ OPS_PER_TXN = 20_000
 # comes first: while the readers commit fragments, an older snapshot keeps LMDB from
 # reusing the pages their commits free (1000 directories alone: the store grew by 40%).
 READS_PER_SNAPSHOT = 1000
+# A re-import starts its scan helper (`scanhelper`) after scanning this many directories
+# with more still to go: a small tree is scanned before a helper would have started.
+SCAN_HELPER_AFTER = 64
 SNAPSHOT_SECONDS = 0.05
 
 
@@ -75,6 +89,7 @@ class ImportStats:
     hard_links: int = 0
     removed: int = 0
     workers: int = 0
+    scan_requests: int = 0  # subtrees a re-import's scan helper was given
     skipped: list[str] = field(default_factory=list)
 
 
@@ -200,8 +215,10 @@ class TreeImporter:
     def __init__(self, vol: Volume, *, excludes: Sequence[str] = (), git: bool = False,
                  progress: Progress | None = None, workers: int | None = None,
                  batch_files: int = 256, batch_bytes: int = 16 << 20,
-                 ops_per_txn: int = OPS_PER_TXN) -> None:
+                 ops_per_txn: int = OPS_PER_TXN,
+                 scan_helper_after: int | None = SCAN_HELPER_AFTER) -> None:
         self.vol = vol
+        self.scan_helper_after = scan_helper_after
         self.ops_per_txn = ops_per_txn
         self.excludes = list(excludes)
         self.git = git
@@ -279,27 +296,43 @@ class TreeImporter:
         return text in (self._tracked_dirs if is_dir else self._tracked)
 
     def _walk(self, pool: ReadPool, src: bytes, dest: list[bytes]) -> None:
-        """Every directory, parents before children, in name order (depth first).
+        """Every directory, parents before children.
+
+        A re-import (the destination has entries, no filters) first scans each directory
+        for changes without changing anything (`scan`), here and in a helper process, and
+        only a directory that is not clean goes through `_import_dir`; anything else
+        (a first import, --git, --exclude) goes through it directory by directory.
 
         A directory's stored node (`base`) is read when it is reached, in a read transaction
         renewed often (READS_PER_SNAPSHOT): a snapshot held for the whole import kept LMDB
         from reusing any page freed meanwhile (the store grew by 40% on a first import), one
         per directory cost a tenth of a re-import of a tree of small directories. Any
         snapshot taken since the staging root was made will do: nodes the staging tree
-        reaches change only through this import's own queued changes, and none touches a
-        directory (or its cache record) before it has been walked.
+        reaches change only through this import's own queued changes, which touch only
+        directories already scanned or walked (the node ids they had stay readable, still
+        held by the destination), and their cache records.
         """
         with self.vol.store.read() as txn:
             top = int(self.vol.namespace.root(txn, self._root).target)
-        stack: list[tuple[bytes, tuple[bytes, ...], int | None]] = [(src, (), top)]
-        stop = threading.Event()
-        ahead = threading.Thread(target=_prefetch, args=(src, stop), daemon=True,
-                                 name="import-prefetch")
-        with self.vol.store.read() as txn:
-            # Only for a first import: a re-import's tree is usually in the caches (it was
-            # just edited), and there the second walk only competes for the GIL.
             first = self.vol.namespace.is_empty(txn, top)
-        if first:
+        try:
+            if first or self.excludes or self._tracked is not None:
+                self._walk_all(pool, [(src, (), top)], dest, prefetch=first)
+            else:
+                self._walk_scanning(pool, (src, (), top), dest)
+        finally:
+            if self._snap is not None:
+                self._snap.abort()
+                self._snap = None
+
+    def _walk_all(self, pool: ReadPool, stack: list[tuple[bytes, tuple[bytes, ...], int | None]],
+                  dest: list[bytes], *, prefetch: bool = False) -> None:
+        """`_import_dir` for every directory below those on `stack`, depth first in name
+        order; `prefetch`: list the tree ahead (a first import, see _prefetch)."""
+        stop = threading.Event()
+        ahead = threading.Thread(target=_prefetch, args=(stack[0][0], stop), daemon=True,
+                                 name="import-prefetch")
+        if prefetch:
             ahead.start()
         try:
             while stack:
@@ -309,12 +342,70 @@ class TreeImporter:
                 if len(self._ops) >= self.ops_per_txn:
                     self._flush()
         finally:
-            if self._snap is not None:
-                self._snap.abort()
-                self._snap = None
             stop.set()
-            if first:
+            if prefetch:
                 ahead.join()
+
+    def _walk_scanning(self, pool: ReadPool, top: Item, dest: list[bytes]) -> None:
+        """Scan the stored tree against the host, on both cores once it proves large
+        (`scan_helper_after` directories), and import what is not clean."""
+        scanner = Scanner(self.vol.store.db["entries"], self._cache_db, self._max_key,
+                          cache_key(dest, ()))
+        pile: list[Item] = [top]
+        helper: ScanHelper | None = None
+        scanned = 0
+        try:
+            while True:
+                if helper is not None:
+                    for answer in helper.take():
+                        self._count_clean(answer.files, answer.dirs)
+                        for item in answer.dirty:
+                            self._import_changed(pool, item, dest, pile)
+                        pile[:0] = answer.rest  # the bottom: back to the helper next
+                    helper.feed(pile)
+                if pile:
+                    item = pile.pop()
+                    got = scanner.scan(self._reader(), item)
+                    if got is None:
+                        self._import_changed(pool, item, dest, pile)
+                    else:
+                        self._count_clean(got[0], got[1])
+                        pile.extend(reversed(got[2]))
+                    scanned += 1
+                    if (helper is None and self.scan_helper_after is not None
+                            and scanned >= self.scan_helper_after and pile):
+                        helper = ScanHelper(self.vol.store.path, scanner.dest_key,
+                                            self._max_key)
+                elif helper is not None and helper.busy:
+                    helper.wait()
+                else:
+                    break
+                if len(self._ops) >= self.ops_per_txn:
+                    self._flush()
+        finally:
+            if helper is not None:
+                self.stats.scan_requests = helper.requests
+                helper.close()
+
+    def _import_changed(self, pool: ReadPool, item: Item, dest: list[bytes],
+                        pile: list[Item]) -> None:
+        """`_import_dir` for a directory that is not clean: its stored subdirectories
+        go on the pile to scan, new ones are imported whole at once."""
+        new: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
+        for sub in reversed(self._import_dir(pool, *item, dest)):
+            if sub[2] is None:
+                new.append(sub)
+            else:
+                pile.append((sub[0], sub[1], sub[2]))
+        if new:
+            self._walk_all(pool, new, dest)
+
+    def _count_clean(self, files: int, dirs: int) -> None:
+        self.stats.files += files
+        self.stats.files_reused += files
+        self.stats.dirs += dirs
+        if files and self.progress:
+            self.progress(files, 0)
 
     def _reader(self) -> lmdb.Transaction:
         """The walk's read transaction, renewed now and then (see _walk)."""
@@ -334,25 +425,14 @@ class TreeImporter:
         """Queue what makes the staged directory `stage` match the host directory `host`;
         returns its subdirectories to walk next, with their stored node ids (None: new)."""
         ns, stats = self.vol.namespace, self.stats
-        # Through a directory descriptor: each stat is then an fstatat of a name, not a
-        # walk of the whole path again (a sixth of a re-import's stat time on linux-6.1).
-        fd = os.open(host, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with os.scandir(fd) as it:
-                listed = sorted([(os.fsencode(e.name), e.stat(follow_symlinks=False))
-                                 for e in it], key=_first)
-        finally:
-            os.close(fd)
+        listed = sorted(list_host_dir(host), key=_first)
         d = _Dir(stage, cache_key(dest, stage), {})
         present: dict[bytes, bytes] = {}
         cached: dict[bytes, list] = {}
         if base is not None:
             txn = self._reader()
-            present = ns.raw_entries(txn, base)
-            raw_cache = (txn.get(d.key, db=self._cache_db)
-                         if len(d.key) <= self._max_key else None)
-            if raw_cache is not None:
-                cached = msgpack.unpackb(raw_cache)
+            present = raw_entries(txn, self.vol.store.db["entries"], base)
+            cached = cached_record(txn, self._cache_db, d.key, self._max_key)
         subdirs: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
         filtering = bool(self.excludes) or self._tracked is not None
         # The unchanged file is the hot path of a re-import: locals, counts kept here.
@@ -368,8 +448,7 @@ class TreeImporter:
             raw = get_present(name)
             if is_reg(mode) and st.st_nlink == 1:
                 c = get_cached(name)
-                if (c is not None and c[2] == st.st_ctime_ns and c[1] == st.st_mtime_ns
-                        and c[0] == st.st_size and c[3] == st.st_ino and c[4] == raw):
+                if file_unchanged(c, st, raw):
                     record[name] = c
                     seen += 1
                     wanted.append(name)
@@ -395,23 +474,38 @@ class TreeImporter:
                 pool.add(host + b"/" + name, st.st_size, _Read(
                     d, name, st, int(old.target) if old is not None else EMPTY_VERSION,
                     old is not None, None))
-            elif stat.S_ISDIR(mode):
+            elif is_dir(mode):
                 stats.dirs += 1
+                # An unchanged subdirectory: its entry is byte for byte the one recorded
+                # with the host's attributes last time, so nothing is decoded (decoding
+                # each was a tenth of a re-import). See dir_record.
+                c = get_cached(name)
+                if dir_unchanged(c, st, raw):
+                    record[name] = c
+                    subdirs.append((host + b"/" + name, (*stage, name), c[6]))
+                    continue
                 old = self._decode(raw, d, name) if raw is not None else None
                 if old is not None and (not old.is_dir or old.link):
                     self._remove(d, name)
                     old = None
                 if old is None:
-                    self._queue(d, lambda txn, d=d, name=name, st=st: ns.create(
-                        txn, self._wdir(txn, d.stage), name, self._dir_attrs(None, st)))
+                    self._queue(d, lambda txn, d=d, name=name, st=st: self._made_dir(
+                        d, name, st, ns.create(txn, self._wdir(txn, d.stage), name,
+                                               self._dir_attrs(None, st))))
                     subdirs.append((host + b"/" + name, (*stage, name), None))
                 else:
                     # Compared in place: no would-be entry built per unchanged directory.
                     if (old.mode, old.uid, old.gid, old.mtime_ns, old.size) != (
                             st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, 0):
-                        self._queue(d, lambda txn, d=d, name=name, st=st: ns.set_attrs(
-                            txn, self._wdir(txn, d.stage), name,
-                            lambda a, st=st: self._dir_attrs(a, st)))
+                        self._queue(d, lambda txn, d=d, name=name, st=st: self._made_dir(
+                            d, name, st, ns.set_attrs(
+                                txn, self._wdir(txn, d.stage), name,
+                                lambda a, st=st: self._dir_attrs(a, st))))
+                    else:
+                        rec = dir_record(st, raw, int(old.target))
+                        if rec != c:
+                            record[name] = rec
+                            d.changed = True  # only for the record (kept from now on)
                     subdirs.append((host + b"/" + name, (*stage, name), int(old.target)))
             else:
                 if stat.S_ISLNK(mode):
@@ -513,6 +607,10 @@ class TreeImporter:
         d.record[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                           b"" if link_key is not None else written, vid]
 
+    @staticmethod
+    def _made_dir(d: _Dir, name: bytes, st: os.stat_result, written: Attrs) -> None:
+        d.record[name] = dir_record(st, encode_attrs(written), int(written.target))
+
     # -- queued changes ---------------------------------------------------------------
 
     def _queue(self, d: _Dir, op: Op) -> None:
@@ -585,7 +683,11 @@ class TreeImporter:
 
     @staticmethod
     def _decode(raw: bytes, d: _Dir, name: bytes) -> Attrs:
-        return decode_attrs(raw, f"entry {name!r} of staged directory {d.key!r}")
+        try:
+            return decode_attrs(raw, "entry")
+        except CorruptionError as e:  # named here: formatting the name for each entry cost
+            raise CorruptionError(f"entry {name!r} of staged directory {d.key!r}: "
+                                  f"{str(e).removeprefix('entry: ')}") from e
 
     @staticmethod
     def _same(old: Attrs, new: Attrs) -> bool:
