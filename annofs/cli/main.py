@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
 from annofs.cli.context import default_store
-from annofs.cli.copy_cmds import cp_cmd
-from annofs.cli.dashboard_cmds import dashboard_cmd
-from annofs.cli.events_cmds import events_cmd
-from annofs.cli.history_cmds import cat_cmd, diff_cmd, log_cmd
-from annofs.cli.maintenance_cmds import fsck_cmd, gc_cmd
-from annofs.cli.mount_cmds import mount_cmd, umount_cmd
-from annofs.cli.nar_cmds import nar_group
-from annofs.cli.nix_cmds import nix_group
-from annofs.cli.tree_cmds import export_cmd, import_cmd, init_cmd
-from annofs.cli.trust_cmds import (
-    attest_group,
-    key_group,
-    label_cmd,
-    policy_group,
-    sign_cmd,
-    verify_cmd,
-)
-from annofs.cli.why_cmds import why_cmd
 from annofs.errors import AnnofsError
 
+# Each command's module is imported when the command runs (or --help lists them all):
+# importing every command module was a fifth of a command's start-up, paid by each one
+# (a re-import of a large tree, where start-up is a quarter of the time, among them).
+COMMANDS = {
+    "init": "tree_cmds:init_cmd", "import": "tree_cmds:import_cmd",
+    "export": "tree_cmds:export_cmd", "log": "history_cmds:log_cmd",
+    "cat": "history_cmds:cat_cmd", "diff": "history_cmds:diff_cmd",
+    "mount": "mount_cmds:mount_cmd", "umount": "mount_cmds:umount_cmd",
+    "fsck": "maintenance_cmds:fsck_cmd", "gc": "maintenance_cmds:gc_cmd",
+    "cp": "copy_cmds:cp_cmd", "events": "events_cmds:events_cmd",
+    "key": "trust_cmds:key_group", "sign": "trust_cmds:sign_cmd",
+    "label": "trust_cmds:label_cmd", "attest": "trust_cmds:attest_group",
+    "verify": "trust_cmds:verify_cmd", "policy": "trust_cmds:policy_group",
+    "why": "why_cmds:why_cmd", "dashboard": "dashboard_cmds:dashboard_cmd",
+    "nix": "nix_cmds:nix_group", "nar": "nar_cmds:nar_group",
+}
 
-@click.group()
+
+class LazyGroup(click.Group):
+    """A command group whose commands are imported by name when needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, sorted."""
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command `cmd_name`, its module imported now; None if there is none."""
+        where = COMMANDS.get(cmd_name)
+        if where is None:
+            return None
+        module, attr = where.split(":")
+        command = getattr(importlib.import_module(f"annofs.cli.{module}"), attr)
+        assert isinstance(command, click.Command) and command.name == cmd_name
+        return command
+
+
+@click.group(cls=LazyGroup)
 @click.option("--store", "store", type=click.Path(path_type=Path), default=None,
               help="The store directory (default: $ANNOFS_STORE, else $XDG_DATA_HOME/annofs).")
 @click.version_option(package_name="annofs")
@@ -37,13 +55,6 @@ from annofs.errors import AnnofsError
 def cli(ctx: click.Context, store: Path | None) -> None:
     """annofs: a filesystem that binds signatures to content and refuses unsigned reads."""
     ctx.obj = {"store": store or default_store()}
-
-
-for command in (init_cmd, import_cmd, export_cmd, log_cmd, cat_cmd, diff_cmd, mount_cmd,
-                umount_cmd, fsck_cmd, gc_cmd, cp_cmd, events_cmd, key_group, sign_cmd,
-                label_cmd, attest_group, verify_cmd, policy_group, why_cmd,
-                dashboard_cmd, nix_group, nar_group):
-    cli.add_command(command)
 
 
 def main() -> None:
