@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -444,6 +445,38 @@ def test_a_scan_helper_that_dies_leaves_its_work_to_the_importer(
     assert stats.scan_requests > 0
     assert stats.files_read == len(read_again)
     assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_scan_helper_ends_with_a_killed_importer(vol: Volume, tmp_path: Path) -> None:
+    """kill -9 of the importer leaves no helper behind: it reads its requests from the
+    importer, and the pipe closes with it."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from annofs.transfer.scanhelper import ScanHelper\n"
+        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500)\n"
+        "print(h._proc.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    importer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                text=True)
+    assert importer.stdout is not None
+    helper = int(importer.stdout.readline())
+    time.sleep(0.3)  # started and waiting for requests
+    assert _running(helper)
+    importer.kill()
+    importer.wait()
+    deadline = time.monotonic() + 10
+    while _running(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(helper), "the scan helper outlived its importer"
 
 
 def test_removed_directory_takes_its_cache_records(vol: Volume, tmp_path: Path) -> None:

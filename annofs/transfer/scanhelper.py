@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -181,6 +182,9 @@ def serve() -> None:
     from annofs.store.env import open_env_readonly
     from annofs.transfer.scan import Scanner
 
+    # Ctrl-C reaches the whole process group; the importer ends the helper by closing
+    # its stdin (and a killed importer closes it too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     init = _read(inp)
     if not isinstance(init, list):
@@ -212,7 +216,7 @@ def serve() -> None:
                     pile.extend(reversed(got[2]))
             _write(out, [req_id, files, dirs, [list(i) for i in dirty],
                          [list(i) for i in pile]])
-    except BrokenPipeError:
-        pass  # the importer is gone
-    finally:
+    except BrokenPipeError:  # the importer is gone: nothing to say, to no one
         env.close()
+        os._exit(0)
+    env.close()
