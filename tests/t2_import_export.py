@@ -423,6 +423,7 @@ def test_reimport_scan_finds_every_change(vol: Volume, tmp_path: Path, watch: Wa
     assert stats.files_read == len(read_again)
     assert stats.removed == 3  # d5/e0 (one tree), f17.txt (now a directory), f22.txt
     assert (stats.scan_requests > 0) == (scan_mode == "scan helper")
+    assert not stats.scan_helper_died
     assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
     # And once more, unchanged: nothing read, every file counted once.
     opened = watch(src)
@@ -442,7 +443,7 @@ def test_a_scan_helper_that_dies_leaves_its_work_to_the_importer(
     monkeypatch.setattr(scanhelper, "_command", lambda: [
         sys.executable, "-c", "import sys; sys.stdin.buffer.read(64); sys.exit(3)"])
     stats = run_import(vol, src, "/t", workers=0, scan_helper_after=0)
-    assert stats.scan_requests > 0
+    assert stats.scan_requests > 0 and stats.scan_helper_died
     assert stats.files_read == len(read_again)
     assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
 
@@ -462,7 +463,7 @@ def test_scan_helper_ends_with_a_killed_importer(vol: Volume, tmp_path: Path) ->
         "import sys, time\n"
         "from pathlib import Path\n"
         "from annofs.transfer.scanhelper import ScanHelper\n"
-        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500)\n"
+        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500, b'/')\n"
         "print(h._proc.pid, flush=True)\n"
         "time.sleep(120)\n")
     importer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
@@ -552,6 +553,54 @@ def test_git_takes_only_tracked_files(vol: Volume, git_repo: Path,
     # From a subdirectory of the work tree, names are relative to it.
     run_import(vol, git_repo / "src", "/sub", git=True)
     assert set(dump_tree(vol, "/sub")) == {"main.py", "pkg", "pkg/mod.py"}
+
+
+def test_git_reimport_reads_only_changed_tracked_files(
+        vol: Volume, git_repo: Path, watch: Watch, scan_mode: str) -> None:
+    """A flake's second evaluation: the tracked set is taken again, and only tracked files
+    that changed are read (untracked and ignored ones are not even opened)."""
+    for d in ("docs", "lib"):  # more tracked directories: the helper gets some of them
+        (git_repo / d).mkdir()
+        (git_repo / d / "tracked").write_bytes(b"tracked\n")
+        _git(git_repo, "add", f"{d}/tracked")
+        (git_repo / d / "untracked").write_bytes(b"untracked\n")
+    _git(git_repo, "commit", "-q", "-m", "more")
+    run_import(vol, git_repo, "/flake", git=True)
+    run_import(vol, git_repo, "/flake", git=True)
+    (git_repo / "src" / "pkg" / "mod.py").write_bytes(b"x = 2\n")
+    (git_repo / "notes.txt").write_bytes(b"untracked, changed\n")
+    (git_repo / "src" / "pkg" / "new.py").write_bytes(b"tracked from now on\n")
+    (git_repo / "src" / "pkg" / "other.py").write_bytes(b"never tracked\n")
+    _git(git_repo, "add", "src/pkg/new.py")
+    _git(git_repo, "rm", "-q", "--cached", "README")  # still on disk, no longer tracked
+    opened = watch(git_repo)
+    stats = run_import(vol, git_repo, "/flake", git=True, scan_helper_after=(
+        0 if scan_mode == "scan helper" else None))
+    # (git itself reads its index under .git/)
+    assert sorted(p for p in opened.read_paths() if "/.git/" not in p) == sorted(
+        str(git_repo / "src" / "pkg" / n) for n in ("mod.py", "new.py"))
+    assert stats.removed == 1
+    assert (stats.scan_requests > 0) == (scan_mode == "scan helper")
+    assert not stats.scan_helper_died
+    tree = dump_tree(vol, "/flake")
+    assert set(tree) == {".gitignore", "src", "src/main.py", "src/pkg", "src/pkg/mod.py",
+                         "src/pkg/new.py", "docs", "docs/tracked", "lib", "lib/tracked"}
+    assert tree["src/pkg/mod.py"][3] == b"x = 2\n"
+
+
+def test_exclude_kept_on_reimport(vol: Volume, tmp_path: Path, watch: Watch) -> None:
+    src = make_tree(tmp_path / "src")
+    run_import(vol, src, "/dst", excludes=["*.bin", "sub/deeper"])
+    (src / "big.bin").write_bytes(b"changed but excluded")
+    (src / "sub" / "deeper" / "x.txt").write_bytes(b"changed but excluded")
+    (src / "sub" / "nested.txt").write_bytes(b"changed\n")
+    opened = watch(src)
+    stats = run_import(vol, src, "/dst", excludes=["*.bin", "sub/deeper"])
+    assert opened.read_paths() == [str(src / "sub" / "nested.txt")]
+    assert stats.removed == 0
+    tree = dump_tree(vol, "/dst")
+    assert "big.bin" not in tree and "sub/deeper" not in tree
+    assert tree["sub/nested.txt"][3] == b"changed\n"
 
 
 def test_git_outside_a_work_tree_is_a_usage_error(vol: Volume, tmp_path: Path) -> None:

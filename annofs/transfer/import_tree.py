@@ -44,7 +44,7 @@ from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import CorruptionError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import check_name, now_ns
 from annofs.store.records import Attrs, decode_attrs, encode_attrs
-from annofs.transfer.hostwalk import git_dirs, git_tracked, is_excluded
+from annofs.transfer.hostwalk import HostFilter, git_tracked
 from annofs.transfer.readers import BatchResult, ReadError, ReadPool, default_workers
 from annofs.transfer.scan import (
     Item,
@@ -90,6 +90,7 @@ class ImportStats:
     removed: int = 0
     workers: int = 0
     scan_requests: int = 0  # subtrees a re-import's scan helper was given
+    scan_helper_died: bool = False  # it ended early: the importer scanned its part
     skipped: list[str] = field(default_factory=list)
 
 
@@ -227,8 +228,7 @@ class TreeImporter:
         self.batch_files = batch_files
         self.batch_bytes = batch_bytes
         self.stats = ImportStats()
-        self._tracked: set[str] | None = None
-        self._tracked_dirs: set[str] = set()
+        self._filter: HostFilter | None = None
         self._cache_db = vol.store.db["importcache"]
         # Directories whose key is longer (thousands of levels deep) are not cached:
         # they are read again on every import.
@@ -253,9 +253,8 @@ class TreeImporter:
             raise UsageError("the destination must be below the root, e.g. /src/NAME")
         for name in dest:
             check_name(name)
-        if self.git:
-            self._tracked = git_tracked(src)
-            self._tracked_dirs = git_dirs(self._tracked)
+        if self.git or self.excludes:
+            self._filter = HostFilter(self.excludes, git_tracked(src) if self.git else None)
         staging = staging or LocalStaging(self.vol)
         dest = list(dest)
         self._root = staging.begin(dest)
@@ -287,21 +286,13 @@ class TreeImporter:
 
     # -- the walk -------------------------------------------------------------------
 
-    def _wanted(self, rel: bytes, is_dir: bool) -> bool:
-        text = os.fsdecode(rel)
-        if is_excluded(text, self.excludes):
-            return False
-        if self._tracked is None:
-            return True
-        return text in (self._tracked_dirs if is_dir else self._tracked)
-
     def _walk(self, pool: ReadPool, src: bytes, dest: list[bytes]) -> None:
         """Every directory, parents before children.
 
-        A re-import (the destination has entries, no filters) first scans each directory
-        for changes without changing anything (`scan`), here and in a helper process, and
-        only a directory that is not clean goes through `_import_dir`; anything else
-        (a first import, --git, --exclude) goes through it directory by directory.
+        A re-import (the destination has entries) first scans each directory for changes
+        without changing anything (`scan`), here and in a helper process, and only a
+        directory that is not clean goes through `_import_dir`; a first import goes through
+        it directory by directory.
 
         A directory's stored node (`base`) is read when it is reached, in a read transaction
         renewed often (READS_PER_SNAPSHOT): a snapshot held for the whole import kept LMDB
@@ -316,8 +307,8 @@ class TreeImporter:
             top = int(self.vol.namespace.root(txn, self._root).target)
             first = self.vol.namespace.is_empty(txn, top)
         try:
-            if first or self.excludes or self._tracked is not None:
-                self._walk_all(pool, [(src, (), top)], dest, prefetch=first)
+            if first:
+                self._walk_all(pool, [(src, (), top)], dest, prefetch=True)
             else:
                 self._walk_scanning(pool, (src, (), top), dest)
         finally:
@@ -350,7 +341,7 @@ class TreeImporter:
         """Scan the stored tree against the host, on both cores once it proves large
         (`scan_helper_after` directories), and import what is not clean."""
         scanner = Scanner(self.vol.store.db["entries"], self._cache_db, self._max_key,
-                          cache_key(dest, ()))
+                          cache_key(dest, ()), self._filter)
         pile: list[Item] = [top]
         helper: ScanHelper | None = None
         scanned = 0
@@ -375,7 +366,7 @@ class TreeImporter:
                     if (helper is None and self.scan_helper_after is not None
                             and scanned >= self.scan_helper_after and pile):
                         helper = ScanHelper(self.vol.store.path, scanner.dest_key,
-                                            self._max_key)
+                                            self._max_key, top[0], self.excludes, self.git)
                 elif helper is not None and helper.busy:
                     helper.wait()
                 else:
@@ -384,8 +375,9 @@ class TreeImporter:
                     self._flush()
         finally:
             if helper is not None:
-                self.stats.scan_requests = helper.requests
                 helper.close()
+                self.stats.scan_requests = helper.requests
+                self.stats.scan_helper_died = helper.died
 
     def _import_changed(self, pool: ReadPool, item: Item, dest: list[bytes],
                         pile: list[Item]) -> None:
@@ -434,7 +426,7 @@ class TreeImporter:
             present = raw_entries(txn, self.vol.store.db["entries"], base)
             cached = cached_record(txn, self._cache_db, d.key, self._max_key)
         subdirs: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
-        filtering = bool(self.excludes) or self._tracked is not None
+        takes = self._filter.wanted if self._filter is not None else None
         # The unchanged file is the hot path of a re-import: locals, counts kept here.
         get_cached, get_present, record = cached.get, present.get, d.record
         is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
@@ -443,7 +435,7 @@ class TreeImporter:
         files = reused = 0
         for name, st in listed:
             mode = st.st_mode
-            if filtering and not self._wanted(b"/".join([*stage, name]), is_dir(mode)):
+            if takes is not None and not takes(b"/".join([*stage, name]), is_dir(mode)):
                 continue
             raw = get_present(name)
             if is_reg(mode) and st.st_nlink == 1:

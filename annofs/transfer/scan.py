@@ -21,6 +21,7 @@ import lmdb
 import msgpack
 
 from annofs.store.keys import u64
+from annofs.transfer.hostwalk import HostFilter
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -98,11 +99,12 @@ class Scanner:
     transaction the caller provides."""
 
     def __init__(self, entries_db: lmdb._Database, cache_db: lmdb._Database, max_key: int,
-                 dest_key: bytes) -> None:
+                 dest_key: bytes, host_filter: HostFilter | None = None) -> None:
         self.entries_db = entries_db
         self.cache_db = cache_db
         self.max_key = max_key
         self.dest_key = dest_key  # cache key of the destination (ends with a slash)
+        self.wanted = host_filter.wanted if host_filter is not None else None
 
     def key(self, stage: tuple[bytes, ...]) -> bytes:
         """The import-cache key of a staged directory (see import_tree.cache_key)."""
@@ -118,13 +120,17 @@ class Scanner:
         except OSError:
             return None
         present = raw_entries(txn, self.entries_db, base)
-        if len(present) != len(listed):
+        wanted = self.wanted
+        if wanted is None and len(present) != len(listed):
             return None
         cached = cached_record(txn, self.cache_db, self.key(stage), self.max_key)
         get_cached, get_present = cached.get, present.get
-        files, subdirs = 0, []
+        files, subdirs, taken = 0, [], 0
         for name, st in listed:
             mode = st.st_mode
+            if wanted is not None and not wanted(b"/".join((*stage, name)), _IS_DIR(mode)):
+                continue
+            taken += 1
             if _IS_REG(mode):
                 if st.st_nlink != 1 or not file_unchanged(get_cached(name), st,
                                                           get_present(name)):
@@ -137,6 +143,8 @@ class Scanner:
                 subdirs.append((name, c[6]))
             else:
                 return None
+        if taken != len(present):  # the store has entries the host no longer has
+            return None
         subdirs.sort()
         return files, len(subdirs), [(host + b"/" + name, (*stage, name), node)
                                      for name, node in subdirs]

@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -82,7 +83,11 @@ def _command() -> list[str]:
 class ScanHelper:
     """The importer's side: starts the helper, hands it subtrees, collects answers."""
 
-    def __init__(self, store_path: Path, dest_key: bytes, max_key: int) -> None:
+    def __init__(self, store_path: Path, dest_key: bytes, max_key: int, src: bytes,
+                 excludes: Sequence[str] = (), git: bool = False) -> None:
+        """A helper for the import of the host directory `src` (with its --exclude
+        patterns and --git, which the helper applies itself: it runs git ls-files too)
+        to the destination whose import-cache key is `dest_key`."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(annofs.__file__)))
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(
@@ -96,9 +101,11 @@ class ScanHelper:
         self._ready = threading.Condition()
         self._next_id = 0
         self.alive = True
+        self.died = False  # ended before it was closed
         self.requests = 0
         try:
-            _write(self._to, [os.fsencode(store_path), dest_key, max_key])
+            _write(self._to, [os.fsencode(store_path), dest_key, max_key, src,
+                              list(excludes), git])
         except OSError:
             self._died()
         self._reader = threading.Thread(target=self._read_answers, args=(self._proc.stdout,),
@@ -170,6 +177,7 @@ class ScanHelper:
     def _died(self) -> None:
         """Gone (or never started): what it was given is the importer's to scan again."""
         with self._ready:
+            self.died = self.died or self.alive  # not when closed
             self.alive = False
             lost = list(self._outstanding.values())
             self._outstanding.clear()
@@ -180,6 +188,7 @@ class ScanHelper:
 def serve() -> None:
     """The helper process: answer requests on stdin until it closes."""
     from annofs.store.env import open_env_readonly
+    from annofs.transfer.hostwalk import HostFilter, git_tracked
     from annofs.transfer.scan import Scanner
 
     # Ctrl-C reaches the whole process group; the importer ends the helper by closing
@@ -189,10 +198,14 @@ def serve() -> None:
     init = _read(inp)
     if not isinstance(init, list):
         return
-    store_path, dest_key, max_key = init
+    store_path, dest_key, max_key, src, excludes, git = init
+    host_filter = None
+    if excludes or git:
+        host_filter = HostFilter(excludes, git_tracked(Path(os.fsdecode(src))) if git else None)
     env = open_env_readonly(Path(os.fsdecode(store_path)))
     scanner = Scanner(env.open_db(b"entries", create=False),
-                      env.open_db(b"importcache", create=False), max_key, dest_key)
+                      env.open_db(b"importcache", create=False), max_key, dest_key,
+                      host_filter)
     try:
         while (msg := _read(inp)) is not None:
             req_id, raw_item, budget = msg  # type: ignore[misc]
