@@ -171,6 +171,9 @@ def import_figure(ctx: Context) -> FigureResult:
             s, line = annofs_import(store, tree, "/src/tree")
             reimports.append(log_run("annofs re-import", Run(s, line)))
         second["annofs"] = min(reimports, key=lambda r: r.seconds)
+        git_reimports = reimport_with_git(ctx, work, store, tree, changed, log_run)
+        if git_reimports:
+            second["annofs-git"] = min(git_reimports, key=lambda r: r.seconds)
         borg, restic = shutil.which("borg"), shutil.which("restic")
         benv = borg_env(work)
         borg_version = restic_version = "not installed"
@@ -229,7 +232,29 @@ def import_figure(ctx: Context) -> FigureResult:
     return FigureResult(_rows(first, second, cp_cli, startup, sync_run),
                         _notes(origin, nfiles, ndirs, nlinks, nbytes, first, second, sizes,
                                cp_cli, changed.path.relative_to(tree), cold_note,
-                               borg_version, restic_version, reimports))
+                               borg_version, restic_version, reimports, git_reimports))
+
+
+def reimport_with_git(ctx: Context, work: Path, store: Path, tree: Path, changed: OneChange,
+                      log_run: Callable[[str, Run], Run]) -> list[Run]:
+    """What a flake's next evaluation pays: `annofs import --git` over the same
+    destination, each after one more line. Every file of the tree is put in a git index
+    kept outside the tree (GIT_DIR, `git add -f -N`: names only, no objects written), so
+    the tree itself is not changed and the tracked set is the whole tree."""
+    git = shutil.which("git")
+    if git is None:
+        ctx.log("import: git is not installed: no --git re-import row")
+        return []
+    env = {**os.environ, "GIT_DIR": str(work / "tree.git"), "GIT_WORK_TREE": str(tree)}
+    subprocess.run([git, "init", "-q"], env=env, check=True, cwd=work)
+    subprocess.run([git, "add", "-f", "-N", "."], env=env, check=True, cwd=tree)
+    annofs_import(store, tree, "/src/tree", "--git", env=env)  # its records, as a flake's
+    runs = []
+    for _ in range(REIMPORTS):
+        changed.change()
+        s, line = annofs_import(store, tree, "/src/tree", "--git", env=env)
+        runs.append(log_run("annofs re-import --git", Run(s, line)))
+    return runs
 
 
 def _rows(first: dict[str, Run], second: dict[str, Run], cp_cli: Run, startup: Run,
@@ -245,6 +270,10 @@ def _rows(first: dict[str, Run], second: dict[str, Run], cp_cli: Run, startup: R
     r = second["annofs"].seconds
     rows.append(Row("re-import after one changed file / first import", s(r), s(a), r / a,
                     TARGET_REIMPORT))
+    if "annofs-git" in second:
+        g = second["annofs-git"].seconds
+        rows.append(Row("re-import after one changed file, --git (every file tracked) / "
+                        "first import", s(g), s(a), g / a))
     for tool, what in (("borg", "borg create"), ("restic", "restic backup")):
         if tool in second:
             rows.append(Row(f"{what}: second run after one change / its first run",
@@ -267,7 +296,7 @@ def _rows(first: dict[str, Run], second: dict[str, Run], cp_cli: Run, startup: R
 def _notes(origin: str, nfiles: int, ndirs: int, nlinks: int, nbytes: int,
            first: dict[str, Run], second: dict[str, Run], sizes: dict[str, int], cp_cli: Run,
            changed: Path, cold_note: str, borg_version: str, restic_version: str,
-           reimports: list[Run]) -> str:
+           reimports: list[Run], git_reimports: list[Run]) -> str:
     mb: Callable[[int], str] = lambda n: f"{n / 1e6:.0f} MB"  # noqa: E731
     size_text = ", ".join(f"{k} {mb(v)}" for k, v in sizes.items())
     return f"""Tree: {origin}: {nfiles} files, {ndirs} directories, {nlinks} symlinks,
@@ -282,8 +311,12 @@ appended to `{changed}` (nothing dropped in between: its own data as its first r
 it); annofs re-imported {REIMPORTS} times, each after one more line, and the row keeps the
 best ({", ".join(f"{r.seconds:.2f} s" for r in reimports)}). At the end one more line,
 caches dropped, and annofs once more (cold re-import row: the store and the tree's
-metadata read from disk). Every annofs run is the command line (`python -m annofs.cli.main`,
-start-up included), its code {code_revision()}.
+metadata read from disk). The --git row (what a flake's next evaluation pays): right after
+annofs's re-imports, the whole tree put in a git index kept outside it (`GIT_DIR=... git
+add -f -N .`), one `import --git` over /src/tree, then {REIMPORTS} more, each after one more
+line, best kept ({", ".join(f"{r.seconds:.2f} s" for r in git_reimports) or "no git"}).
+Every annofs run is the command line (`python -m annofs.cli.main`, start-up included), its
+code {code_revision()}.
 annofs first import: {first['annofs'].note}. Re-import: {second['annofs'].note}. Cold
 re-import: {second['annofs-cold'].note}. `annofs cp /src/tree /src/tree-copy`:
 {cp_cli.seconds * 1000:.0f} ms end to end. Space on disk after the first run (du -sb):

@@ -161,12 +161,14 @@ def new_store(path: Path) -> Path:
     return path
 
 
-def annofs_import(store: Path, src: Path, dest: str) -> tuple[float, str]:
-    """`annofs --store STORE import SRC DEST`; returns (seconds, its summary line)."""
+def annofs_import(store: Path, src: Path, dest: str, *options: str,
+                  env: dict[str, str] | None = None) -> tuple[float, str]:
+    """`annofs --store STORE import [OPTIONS] SRC DEST`; returns (seconds, its summary
+    line)."""
     start = time.perf_counter()
-    proc = subprocess.run(annofs_cmd("--store", str(store), "import", str(src), dest),
+    proc = subprocess.run(annofs_cmd("--store", str(store), "import", *options, str(src), dest),
                           capture_output=True, text=True, check=False,
-                          cwd=code(store.parent).cwd)
+                          cwd=code(store.parent).cwd, env=env)
     took = time.perf_counter() - start
     if proc.returncode != 0:
         raise MountProblem(f"`annofs --store {store} import {src} {dest}` exited with "
