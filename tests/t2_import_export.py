@@ -433,18 +433,69 @@ def test_reimport_scan_finds_every_change(vol: Volume, tmp_path: Path, watch: Wa
     assert again.files == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def test_a_scan_helper_that_dies_leaves_its_work_to_the_importer(
-        vol: Volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The helper exits after reading part of its first request: what it was given is
-    scanned by the importer, and the import is complete."""
+# Helpers that go wrong: (command for the answers' fd, whether requests get sent).
+BAD_HELPERS: dict[str, tuple[Callable[[int], list[str]], bool]] = {
+    # exits after reading part of its first request
+    "dies": (lambda fd: [sys.executable, "-c",
+                         "import sys; sys.stdin.buffer.read(64); sys.exit(3)"], True),
+    # cannot be started at all
+    "cannot start": (lambda fd: ["/nonexistent/python3"], False),
+    # answers with something that is not an answer, and waits for its stdin to close
+    "garbles": (lambda fd: [sys.executable, "-c",
+                            "import os, sys; sys.stdin.buffer.read(64); "
+                            f"os.write({fd}, bytes([0, 0, 0, 5]) + b'hello'); "
+                            "sys.stdin.buffer.read()"], True),
+}
+
+
+@pytest.mark.parametrize("how", list(BAD_HELPERS))
+def test_a_scan_helper_gone_wrong_leaves_its_work_to_the_importer(
+        vol: Volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """What the helper was given is scanned by the importer, and the import is whole."""
     src = _many_files(tmp_path / "src")
     run_import(vol, src, "/t", workers=0)
     read_again = _change_across(src)
-    monkeypatch.setattr(scanhelper, "_command", lambda: [
-        sys.executable, "-c", "import sys; sys.stdin.buffer.read(64); sys.exit(3)"])
+    command, sent = BAD_HELPERS[how]
+    monkeypatch.setattr(scanhelper, "_command", command)
     stats = run_import(vol, src, "/t", workers=0, scan_helper_after=0)
-    assert stats.scan_requests > 0 and stats.scan_helper_died
+    assert stats.scan_helper_died
+    assert (stats.scan_requests > 0) == sent
     assert stats.files_read == len(read_again)
+    assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
+
+
+def test_scan_helper_answers_are_not_on_its_stdout(
+        vol: Volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper interpreter that prints (a sitecustomize, a warning) garbles nothing."""
+    src = _many_files(tmp_path / "src")
+    run_import(vol, src, "/t", workers=0)
+    read_again = _change_across(src)
+    monkeypatch.setattr(scanhelper, "_command", lambda fd: [
+        sys.executable, "-P", "-c", "print('noise' * 1000, flush=True); "
+        f"from annofs.transfer.scanhelper import serve; serve({fd})"])
+    stats = run_import(vol, src, "/t", workers=0, scan_helper_after=0)
+    assert stats.scan_requests > 0 and not stats.scan_helper_died
+    assert stats.files_read == len(read_again)
+    assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
+
+
+def test_hard_links_across_directories_are_not_read_again(
+        vol: Volume, tmp_path: Path, watch: Watch, scan_mode: str) -> None:
+    """Which name of a hard-linked file the walk meets first depends on who scans what
+    (with the helper): none is read again on a re-import whichever it is."""
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i}").mkdir(parents=True)
+        (src / f"d{i}" / "own").write_bytes(b"own %d\n" % i)
+    for i in range(20):
+        (src / f"d{i}" / "shared").write_bytes(b"linked %d\n" % i)
+        os.link(src / f"d{i}" / "shared", src / f"d{39 - i}" / "also")
+    run_import(vol, src, "/t", workers=0)
+    for _ in range(4):
+        opened = watch(src)
+        stats = run_import(vol, src, "/t", workers=0)
+        assert opened.read_paths() == [] and stats.files_read == 0
+        assert stats.hard_links == 20
     assert host_tree(export(vol, "/t", tmp_path / "out")) == host_tree(src)
 
 
@@ -463,7 +514,7 @@ def test_scan_helper_ends_with_a_killed_importer(vol: Volume, tmp_path: Path) ->
         "import sys, time\n"
         "from pathlib import Path\n"
         "from annofs.transfer.scanhelper import ScanHelper\n"
-        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500, b'/')\n"
+        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500)\n"
         "print(h._proc.pid, flush=True)\n"
         "time.sleep(120)\n")
     importer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,

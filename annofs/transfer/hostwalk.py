@@ -17,9 +17,9 @@ def is_excluded(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
 
-def git_tracked(src: Path) -> set[bytes]:
-    """Relative paths (as bytes, the host's names) git tracks under `src`, as flakes take
-    them: one `git` call in all."""
+def git_listing(src: Path) -> tuple[bytes, bytes]:
+    """What git tracks under `src`, as flakes take it: `git ls-files -z` (one `git` call
+    for the whole tree) and the work tree's prefix of `src`."""
     try:
         out = subprocess.run(
             ["git", "-C", str(src), "ls-files", "-z", "--cached", "--full-name", "."],
@@ -34,9 +34,14 @@ def git_tracked(src: Path) -> set[bytes]:
     except subprocess.CalledProcessError as e:
         msg = e.stderr.decode(errors="replace").strip().splitlines()
         raise UsageError(f"{src}: not a git work tree ({msg[-1] if msg else 'git failed'})") from e
-    names = out.stdout.split(b"\0")
-    if top:
-        names = [n[len(top):] if n.startswith(top) else n for n in names]
+    return out.stdout, top
+
+
+def tracked_paths(listing: bytes, prefix: bytes) -> set[bytes]:
+    """The relative paths (as bytes, the host's names) of a git_listing."""
+    names = listing.split(b"\0")
+    if prefix:
+        names = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
     tracked = set(names)
     tracked.discard(b"")
     return tracked

@@ -25,6 +25,7 @@ small change in proportion to the change):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
 import os
@@ -44,7 +45,7 @@ from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import CorruptionError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import check_name, now_ns
 from annofs.store.records import Attrs, decode_attrs, encode_attrs
-from annofs.transfer.hostwalk import HostFilter, git_tracked
+from annofs.transfer.hostwalk import HostFilter, git_listing, tracked_paths
 from annofs.transfer.readers import BatchResult, ReadError, ReadPool, default_workers
 from annofs.transfer.scan import (
     Item,
@@ -229,6 +230,7 @@ class TreeImporter:
         self.batch_bytes = batch_bytes
         self.stats = ImportStats()
         self._filter: HostFilter | None = None
+        self._git_listing: tuple[bytes, bytes] | None = None
         self._cache_db = vol.store.db["importcache"]
         # Directories whose key is longer (thousands of levels deep) are not cached:
         # they are read again on every import.
@@ -236,7 +238,8 @@ class TreeImporter:
         self._ops: list[Op] = []
         self._wdirs: dict[tuple[bytes, ...], int] = {}
         self._link_first: dict[tuple[int, int], tuple[tuple[bytes, ...], bytes]] = {}
-        self._link_later: list[tuple[tuple[int, int], tuple[bytes, ...], bytes]] = []
+        self._link_later: list[tuple[tuple[int, int], tuple[bytes, ...], bytes, bytes]] = []
+        self._link_vid: dict[tuple[int, int], int] = {}  # version each first name got
         self._root = ""
         self._snap: lmdb.Transaction | None = None
         self._snap_uses = 0
@@ -253,8 +256,11 @@ class TreeImporter:
             raise UsageError("the destination must be below the root, e.g. /src/NAME")
         for name in dest:
             check_name(name)
+        if self.git:
+            self._git_listing = git_listing(src)
         if self.git or self.excludes:
-            self._filter = HostFilter(self.excludes, git_tracked(src) if self.git else None)
+            self._filter = HostFilter(self.excludes, None if self._git_listing is None
+                                      else tracked_paths(*self._git_listing))
         staging = staging or LocalStaging(self.vol)
         dest = list(dest)
         self._root = staging.begin(dest)
@@ -300,8 +306,10 @@ class TreeImporter:
         per directory cost a tenth of a re-import of a tree of small directories. Any
         snapshot taken since the staging root was made will do: nodes the staging tree
         reaches change only through this import's own queued changes, which touch only
-        directories already scanned or walked (the node ids they had stay readable, still
-        held by the destination), and their cache records.
+        directories already scanned or walked (and, copying on write, their ancestors,
+        scanned before them), and their cache records. A copy leaves the node ids below
+        it as they were, and nothing frees a node the staging tree still reaches, so
+        any id read in any of those snapshots stays readable.
         """
         with self.vol.store.read() as txn:
             top = int(self.vol.namespace.root(txn, self._root).target)
@@ -342,7 +350,7 @@ class TreeImporter:
         (`scan_helper_after` directories), and import what is not clean."""
         scanner = Scanner(self.vol.store.db["entries"], self._cache_db, self._max_key,
                           cache_key(dest, ()), self._filter)
-        pile: list[Item] = [top]
+        pile: collections.deque[Item] = collections.deque([top])  # right end: next here
         helper: ScanHelper | None = None
         scanned = 0
         try:
@@ -352,7 +360,7 @@ class TreeImporter:
                         self._count_clean(answer.files, answer.dirs)
                         for item in answer.dirty:
                             self._import_changed(pool, item, dest, pile)
-                        pile[:0] = answer.rest  # the bottom: back to the helper next
+                        pile.extendleft(reversed(answer.rest))  # the helper's next
                     helper.feed(pile)
                 if pile:
                     item = pile.pop()
@@ -366,7 +374,8 @@ class TreeImporter:
                     if (helper is None and self.scan_helper_after is not None
                             and scanned >= self.scan_helper_after and pile):
                         helper = ScanHelper(self.vol.store.path, scanner.dest_key,
-                                            self._max_key, top[0], self.excludes, self.git)
+                                            self._max_key, self.excludes,
+                                            self._git_listing)
                 elif helper is not None and helper.busy:
                     helper.wait()
                 else:
@@ -380,7 +389,7 @@ class TreeImporter:
                 self.stats.scan_helper_died = helper.died
 
     def _import_changed(self, pool: ReadPool, item: Item, dest: list[bytes],
-                        pile: list[Item]) -> None:
+                        pile: collections.deque[Item]) -> None:
         """`_import_dir` for a directory that is not clean: its stored subdirectories
         go on the pile to scan, new ones are imported whole at once."""
         new: list[tuple[bytes, tuple[bytes, ...], int | None]] = []
@@ -531,13 +540,6 @@ class TreeImporter:
         to it once every file is in. Its names are made afresh on every import."""
         if raw is not None:
             self._remove(d, name, counted=False)
-        key = (st.st_dev, st.st_ino)
-        if key in self._link_first:
-            self._link_later.append((key, d.stage, name))
-            self.stats.hard_links += 1
-            return
-        self._link_first[key] = (d.stage, name)
-        d.changed = True
         vid = EMPTY_VERSION
         if raw is not None:
             old = decode_attrs(raw, "entry")
@@ -546,6 +548,18 @@ class TreeImporter:
                     vid = int(self.vol.namespace.link_attrs(txn, old.link).target)
             elif old.is_reg:
                 vid = int(old.target)
+        key = (st.st_dev, st.st_ino)
+        if key in self._link_first:
+            self._link_later.append((key, d.stage, name, d.key))
+            self.stats.hard_links += 1
+            # Recorded too: which name comes first can change between imports (with the
+            # scan helper it depends on timing), and a first name without a record was
+            # read again. The stored content's version: right unless the file changed
+            # now, when the next import reads it once more.
+            d.record[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, b"", vid]
+            return
+        self._link_first[key] = (d.stage, name)
+        d.changed = True
         if (c is not None and vid != EMPTY_VERSION and c[5] == vid
                 and c[:4] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]):
             self.stats.files_reused += 1
@@ -564,7 +578,27 @@ class TreeImporter:
             ns.hard_link(txn, self._wdir(txn, first_stage), first_name,
                          self._wdir(txn, stage), name)
 
-        return [lambda txn, k=k, s=s, n=n: link(txn, k, s, n) for k, s, n in self._link_later]
+        def record_versions(txn: lmdb.Transaction) -> None:
+            """Each later name's cache record gets the version its first name got (known
+            only now), so that it is found unchanged next time if it comes first then."""
+            by_dir: dict[bytes, list[tuple[bytes, int]]] = {}
+            for k, _s, n, dkey in self._link_later:
+                if k in self._link_vid and len(dkey) <= self._max_key:
+                    by_dir.setdefault(dkey, []).append((n, self._link_vid[k]))
+            for dkey, names in by_dir.items():
+                raw = txn.get(dkey, db=self._cache_db)
+                if raw is None:
+                    continue
+                record, changed = msgpack.unpackb(raw), False
+                for n, vid in names:
+                    c = record.get(n)
+                    if c is not None and c[4] == b"" and c[5] != vid:
+                        c[5], changed = vid, True
+                if changed:
+                    txn.put(dkey, msgpack.packb(record), db=self._cache_db)
+
+        return [*(lambda txn, k=k, s=s, n=n: link(txn, k, s, n)
+                  for k, s, n, _dkey in self._link_later), record_versions]
 
     # -- results of reads -------------------------------------------------------------
 
@@ -595,6 +629,8 @@ class TreeImporter:
             vid = self.vol.versions.create(txn, parent, content.hashes, content.lengths,
                                            content.digest).id
         written = self._put(txn, self._wdir(txn, d.stage), name, exists, self._attrs(st, vid))
+        if link_key is not None:
+            self._link_vid[link_key] = vid
         # Hard-linked names are remade on every import: only the content is looked up.
         d.record[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                           b"" if link_key is not None else written, vid]
