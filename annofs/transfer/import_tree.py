@@ -216,7 +216,7 @@ class TreeImporter:
 
     def __init__(self, vol: Volume, *, excludes: Sequence[str] = (), git: bool = False,
                  progress: Progress | None = None, workers: int | None = None,
-                 batch_files: int = 256, batch_bytes: int = 16 << 20,
+                 batch_files: int = 2048, batch_bytes: int = 32 << 20,
                  ops_per_txn: int = OPS_PER_TXN,
                  scan_helper_after: int | None = SCAN_HELPER_AFTER) -> None:
         self.vol = vol

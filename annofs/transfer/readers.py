@@ -58,7 +58,7 @@ def read_batch(store: Store, fragments: FragmentStore, params: ChunkParams,
                jobs: Sequence[Job]) -> BatchResult:
     """Read, chunk and hash each file, storing its fragments; every fragment is committed
     when this returns. A file that cannot be read gives a ReadError; the others go on."""
-    batch = FragmentBatch(store, fragments)
+    batch = FragmentBatch(store, fragments, limit=32 << 20)
     out: list[Ingested | ReadError] = []
     for path, size in jobs:
         try:
