@@ -514,7 +514,7 @@ def test_scan_helper_ends_with_a_killed_importer(vol: Volume, tmp_path: Path) ->
         "import sys, time\n"
         "from pathlib import Path\n"
         "from annofs.transfer.scanhelper import ScanHelper\n"
-        f"h = ScanHelper(Path({str(vol.store.path)!r}), b'/t/', 500)\n"
+        f"h = ScanHelper(Path({str(vol.store.path)!r}), [b't'], 500)\n"
         "print(h._proc.pid, flush=True)\n"
         "time.sleep(120)\n")
     importer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,

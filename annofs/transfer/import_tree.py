@@ -50,6 +50,7 @@ from annofs.transfer.readers import BatchResult, ReadError, ReadPool, default_wo
 from annofs.transfer.scan import (
     Item,
     Scanner,
+    cache_key,
     cached_record,
     dir_record,
     dir_unchanged,
@@ -155,12 +156,6 @@ class LocalStaging:
         """See Staging."""
         with self.vol.store.write() as txn:
             finish_staging(self.vol, txn, root, dest, os.getuid(), os.getgid())
-
-
-def cache_key(dest: Sequence[bytes], rel: Sequence[bytes]) -> bytes:
-    """A directory's import-cache key: its full store path and a slash (a prefix of its
-    subdirectories' keys, so removing a tree's records is one range)."""
-    return b"/" + b"/".join([*dest, *rel]) + b"/"
 
 
 @dataclass
@@ -349,7 +344,7 @@ class TreeImporter:
         """Scan the stored tree against the host, on both cores once it proves large
         (`scan_helper_after` directories), and import what is not clean."""
         scanner = Scanner(self.vol.store.db["entries"], self._cache_db, self._max_key,
-                          cache_key(dest, ()), self._filter)
+                          dest, self._filter)
         pile: collections.deque[Item] = collections.deque([top])  # right end: next here
         helper: ScanHelper | None = None
         scanned = 0
@@ -373,7 +368,7 @@ class TreeImporter:
                     scanned += 1
                     if (helper is None and self.scan_helper_after is not None
                             and scanned >= self.scan_helper_after and pile):
-                        helper = ScanHelper(self.vol.store.path, scanner.dest_key,
+                        helper = ScanHelper(self.vol.store.path, dest,
                                             self._max_key, self.excludes,
                                             self._git_listing)
                 elif helper is not None and helper.busy:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Sequence
 
 import lmdb
 import msgpack
@@ -62,6 +63,12 @@ def raw_entries(txn: lmdb.Transaction, entries_db: lmdb._Database,
     return out
 
 
+def cache_key(dest: Sequence[bytes], rel: Sequence[bytes]) -> bytes:
+    """A directory's import-cache key: its full store path and a slash (a prefix of its
+    subdirectories' keys, so removing a tree's records is one range)."""
+    return b"/" + b"/".join([*dest, *rel]) + b"/"
+
+
 def cached_record(txn: lmdb.Transaction, cache_db: lmdb._Database, key: bytes,
                   max_key: int) -> dict[bytes, list]:
     """A directory's import-cache record (empty if none; keys longer than LMDB takes are
@@ -99,16 +106,12 @@ class Scanner:
     transaction the caller provides."""
 
     def __init__(self, entries_db: lmdb._Database, cache_db: lmdb._Database, max_key: int,
-                 dest_key: bytes, host_filter: HostFilter | None = None) -> None:
+                 dest: Sequence[bytes], host_filter: HostFilter | None = None) -> None:
         self.entries_db = entries_db
         self.cache_db = cache_db
         self.max_key = max_key
-        self.dest_key = dest_key  # cache key of the destination (ends with a slash)
+        self.dest = list(dest)  # the import's destination, as store path names
         self.wanted = host_filter.wanted if host_filter is not None else None
-
-    def key(self, stage: tuple[bytes, ...]) -> bytes:
-        """The import-cache key of a staged directory (see import_tree.cache_key)."""
-        return self.dest_key + b"".join(name + b"/" for name in stage)
 
     def scan(self, txn: lmdb.Transaction,
              item: Item) -> tuple[int, int, list[Item]] | None:
@@ -123,7 +126,7 @@ class Scanner:
         wanted = self.wanted
         if wanted is None and len(present) != len(listed):
             return None
-        cached = cached_record(txn, self.cache_db, self.key(stage), self.max_key)
+        cached = cached_record(txn, self.cache_db, cache_key(self.dest, stage), self.max_key)
         get_cached, get_present = cached.get, present.get
         files, subdirs, taken = 0, [], 0
         for name, st in listed:

@@ -112,12 +112,12 @@ def _child_env() -> dict[str, str]:
 class ScanHelper:
     """The importer's side: starts the helper, hands it subtrees, collects answers."""
 
-    def __init__(self, store_path: Path, dest_key: bytes, max_key: int,
+    def __init__(self, store_path: Path, dest: Sequence[bytes], max_key: int,
                  excludes: Sequence[str] = (),
                  git_listing: tuple[bytes, bytes] | None = None) -> None:
-        """A helper for an import to the destination whose import-cache key is
-        `dest_key`, with its --exclude patterns and, for --git, the listing the importer
-        took (hostwalk.git_listing; one listing, so both sides filter alike)."""
+        """A helper for an import to the store path `dest`, with its --exclude patterns
+        and, for --git, the listing the importer took (hostwalk.git_listing; one
+        listing, so both sides filter alike)."""
         self._outstanding: dict[int, list[Item]] = {}
         self._answers: collections.deque[Answer] = collections.deque()
         self._ready = threading.Condition()
@@ -151,7 +151,7 @@ class ScanHelper:
                                         name="import-scan-answers")
         self._reader.start()
         try:
-            _write(self._to, [os.fsencode(store_path), dest_key, max_key, list(excludes),
+            _write(self._to, [os.fsencode(store_path), list(dest), max_key, list(excludes),
                               git_listing])
         except OSError:
             self._died()
@@ -247,14 +247,14 @@ def serve(answers_fd: int) -> None:
     init = _read(inp)
     if not isinstance(init, list):
         return
-    store_path, dest_key, max_key, excludes, git_listing = init
+    store_path, dest, max_key, excludes, git_listing = init
     host_filter = None
     if excludes or git_listing is not None:
         host_filter = HostFilter(excludes, None if git_listing is None
                                  else tracked_paths(*git_listing))
     env = open_env_readonly(Path(os.fsdecode(store_path)))
     scanner = Scanner(env.open_db(b"entries", create=False),
-                      env.open_db(b"importcache", create=False), max_key, dest_key,
+                      env.open_db(b"importcache", create=False), max_key, dest,
                       host_filter)
     try:
         while (msg := _read(inp)) is not None:
