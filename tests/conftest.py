@@ -22,7 +22,21 @@ import pytest
 
 from annofs.volume import Volume
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The folder beside the clone that developers and CI have. Tests must never read it (a
+# clone elsewhere has none): every open() under it in the test process raises, so CI,
+# which has it, fails instead of passing by accident. What tests need is carried in
+# tests/ (tests/vectors/fastcdc came from there).
+OUTSIDE = str(Path(__file__).resolve().parents[2] / "shared") + os.sep
+
+
+def _refuse_outside_reads(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if path.startswith(OUTSIDE):
+            raise PermissionError(f"{path}: tests may not read outside the repository")
+
+
+sys.addaudithook(_refuse_outside_reads)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,4 +1,7 @@
-"""chunker against the shared FastCDC reference vectors (shared/vectors/fastcdc).
+"""chunker against the FastCDC reference vectors carried in tests/vectors/fastcdc.
+
+The vectors (image, expected cut points, their README) were copied from the shared
+reference set (shared/vectors/fastcdc) so a clone anywhere can run this test.
 
 The ronomon sets are what fastcdc 1.7.0 (PyPI) and fastcdc-rs's ronomon module assert
 on SekienAkashita.jpg. Every entry point must give exactly those cuts, and BLAKE3 of
@@ -17,7 +20,7 @@ import pytest
 
 from chunker import ChunkParams, chunk_file, chunk_stream, cut_lengths, iter_chunks
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "fastcdc"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "fastcdc"
 DOC = json.loads((VECTORS / "expected.json").read_text())
 IMAGE = (VECTORS / DOC["file"]).read_bytes()
 
