@@ -94,3 +94,71 @@ def test_fsck_command_exit_status(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "refcount 5" in bad.stdout
     fixed = run("fsck", "--repair")
     assert fixed.returncode == 0 and "repaired: fragment" in fixed.stdout
+
+
+class _Interrupted:
+    """Staging that is interrupted (Ctrl-C) just before the swap: every file was read
+    and stored, nothing names it."""
+
+    def __init__(self, vol: Volume) -> None:
+        from annofs.transfer.import_tree import LocalStaging
+
+        self.local = LocalStaging(vol)
+
+    def begin(self, dest: list[bytes]) -> str:
+        return self.local.begin(dest)
+
+    def finish(self, root: str, dest: list[bytes]) -> None:
+        raise KeyboardInterrupt
+
+
+def test_fsck_reports_what_an_interrupted_import_left_and_gc_frees_exactly_that(
+        vol: Volume, tmp_path: Path) -> None:
+    from annofs.maintenance.gc import collect
+
+    TreeImporter(vol).run(make_tree(tmp_path / "kept"), [b"kept"])
+    clean = check_store(vol)
+    assert clean.ok and not clean.reclaimable
+    src = tmp_path / "big"
+    rnd = random.Random(3)
+    for i in range(30):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 3}" / f"f{i}").write_bytes(rnd.randbytes(30_000 + i))
+    try:
+        TreeImporter(vol).run(src, [b"big"], staging=_Interrupted(vol))
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the import was not interrupted")
+    rep = check_store(vol)
+    assert rep.ok, rep.problems
+    # 30 new files nobody names; their bytes are all new (random), so all reclaimable.
+    assert rep.reclaimable_versions == 30
+    assert rep.reclaimable_bytes >= sum(30_000 + i for i in range(30))
+    freed = collect(vol)
+    assert freed.versions_freed == rep.reclaimable_versions
+    assert freed.fragments_freed == rep.reclaimable_fragments
+    assert freed.bytes_freed == rep.reclaimable_bytes
+    after = check_store(vol)
+    assert after.ok and not after.reclaimable
+
+
+def test_fsck_command_names_reclaimable_space_and_the_command_that_frees_it(
+        tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run = lambda *a: subprocess.run(annofs_cmd("--store", str(store), *a),  # noqa: E731
+                                    capture_output=True, text=True)
+    assert run("init").returncode == 0
+    src = make_tree(tmp_path / "src")
+    assert run("import", str(src), "/t").returncode == 0
+    assert "reclaimable" not in run("fsck").stdout
+    (src / "d2" / "f2").write_bytes(b"changed")
+    (src / "d0" / "keep").unlink()
+    (src / "d1" / "hard").unlink()
+    assert run("import", str(src), "/t").returncode == 0
+    out = run("fsck")
+    # The replaced versions are history (kept); the removed file's is not.
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reclaimable: 1 versions" in out.stdout and "`annofs gc` frees them" in out.stdout
+    assert run("gc").returncode == 0
+    assert "reclaimable" not in run("fsck").stdout

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -50,29 +51,56 @@ def open_volume(ctx: click.Context, *, create: bool = False,
 
 
 class Progress:
-    """A progress bar on a terminal (files and bytes); silent otherwise."""
+    """A progress bar on a terminal (files and bytes, or counted stages); silent otherwise."""
 
     def __init__(self, what: str, *, force: bool = False) -> None:
         """A bar on stderr if it is a terminal, or always with `force` (--progress)."""
+        self._what = what
+        self._show = force or sys.stderr.isatty()
         self._bar = None
         self._started = time.monotonic()
-        if force or sys.stderr.isatty():
-            # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
-            from tqdm import tqdm
-
-            self._bar = tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False, mininterval=0.25)
+        self._unit = "files"
+        if self._show:
+            self._bar = self._new_bar(what, None, bytes_bar=True)
         self.files = 0
+
+    @staticmethod
+    def _new_bar(desc: str, total: int | None, *, bytes_bar: bool, unit: str = "it") -> Any:
+        # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
+        from tqdm import tqdm
+
+        if bytes_bar:
+            return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                        file=sys.stderr, leave=False, mininterval=0.25)
+        # A counted stage: tqdm shows the percentage and the time left from the total.
+        return tqdm(desc=desc, total=total, unit=f" {unit}", file=sys.stderr, leave=False,
+                    mininterval=0.25)
+
+    def stage(self, desc: str, total: int | None, unit: str) -> None:
+        """Start a counted stage (`total` items of `unit`, if known cheaply): the bar
+        then shows a percentage and the time left instead of files and bytes."""
+        self.close()
+        self._unit = unit
+        self.files = 0
+        self._started = time.monotonic()
+        if self._show:
+            self._bar = self._new_bar(f"{self._what}: {desc}", total, bytes_bar=False,
+                                      unit=unit)
 
     def __call__(self, files: int, nbytes: int) -> None:
         self.files += files
-        if self._bar is not None:
-            self._bar.update(nbytes)
-            rate = self.files / max(time.monotonic() - self._started, 1e-9)
-            self._bar.set_postfix_str(f"{self.files} files, {rate:.0f} files/s", refresh=False)
+        if self._bar is None:
+            return
+        if self._bar.total is not None or self._unit != "files":
+            self._bar.update(files)
+            return
+        self._bar.update(nbytes)
+        rate = self.files / max(time.monotonic() - self._started, 1e-9)
+        self._bar.set_postfix_str(f"{self.files} files, {rate:.0f} files/s", refresh=False)
 
     def close(self) -> None:
         """Draw the final counts, then remove the bar."""
         if self._bar is not None:
             self._bar.refresh()
             self._bar.close()
+            self._bar = None

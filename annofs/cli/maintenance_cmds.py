@@ -38,6 +38,13 @@ def fsck_cmd(ctx: click.Context, repair: bool) -> None:
     click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
                f"{rep.versions} versions, {rep.directories} directories, {rep.entries} entries: "
                + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)
+    if rep.reclaimable:
+        # Not a problem (exit 0): what an interrupted import or removed files left behind.
+        unfinished = (f", {rep.unfinished_imports} unfinished import(s)"
+                      if rep.unfinished_imports else "")
+        click.echo(f"reclaimable: {rep.reclaimable_versions} versions, "
+                   f"{rep.reclaimable_fragments} fragments ({rep.reclaimable_bytes} bytes)"
+                   f"{unfinished}; `annofs gc` frees them")
     if not rep.ok:
         sys.exit(1)
 

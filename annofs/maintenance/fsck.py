@@ -10,6 +10,11 @@ Checks, in one read snapshot:
   its directory entries; no entry or root points at a missing node;
 - every regular file entry's (or link's) version exists;
 - every link's nlink equals the entries pointing at it.
+
+It also says what `annofs gc` would free (not a problem: an interrupted import leaves
+fragments and versions nothing names, and the user should hear of them and how to free
+them): versions no name reaches from the root and gc would not keep (the same formula,
+`gc.kept_versions`), the fragments only they or nothing use, and unfinished imports.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import struct
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import blake3
 import lmdb
 
 from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
+from annofs.maintenance.gc import kept_versions, signed_digests
 from annofs.store.keys import from_u64
 from annofs.store.records import (
     Attrs,
+    Link,
     Version,
     decode_attrs,
     decode_dir,
@@ -36,8 +43,17 @@ from annofs.store.records import (
 )
 from annofs.volume import Volume
 
-Progress = Callable[[int, int], None]
 T = TypeVar("T")
+
+
+class Progress(Protocol):
+    """Where a check reports how far it got: counted stages with totals."""
+
+    def stage(self, desc: str, total: int | None, unit: str) -> None:
+        """A new stage of `total` items of `unit` begins."""
+
+    def __call__(self, items: int, nbytes: int) -> None:
+        """`items` more done (`nbytes` of data among them)."""
 
 
 @dataclass
@@ -50,10 +66,22 @@ class FsckReport:
     versions: int = 0
     directories: int = 0
     entries: int = 0
+    # What `annofs gc` would free (see the module docstring).
+    reclaimable_versions: int = 0
+    reclaimable_fragments: int = 0
+    reclaimable_bytes: int = 0
+    unfinished_imports: int = 0
 
     @property
     def ok(self) -> bool:
+        """No problem found."""
         return not self.problems
+
+    @property
+    def reclaimable(self) -> bool:
+        """gc would free something."""
+        return bool(self.reclaimable_versions or self.reclaimable_fragments
+                    or self.unfinished_imports)
 
 
 def check_store(vol: Volume, *, verify_data: bool = True,
@@ -77,6 +105,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         occurrences: Counter[bytes] = Counter()
         used: set[bytes] = set()
         versions = {}
+        if progress:
+            progress.stage("versions", txn.stat(db["versions"])["entries"], "versions")
         for key, raw in txn.cursor(db=db["versions"]):
             vid = from_u64(key)
             try:
@@ -87,6 +117,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
             versions[vid] = v
             occurrences.update(own_counts(v))
             used.update(v.fragment_hash(i) for i in range(v.count))
+            if progress:
+                progress(1, 0)
         rep.versions = len(versions)
         for v in versions.values():
             if v.parent not in versions:
@@ -97,10 +129,14 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         problems += _cycles(versions)
 
         bad_fragments: set[bytes] = set()
+        sizes: dict[bytes, int] = {}
+        if progress:
+            progress.stage("fragments", txn.stat(db["fragments"])["entries"], "fragments")
         for h_raw, raw in txn.cursor(db=db["fragments"]):
             h = bytes(h_raw)
             rep.fragments += 1
             rep.fragment_bytes += len(raw)
+            sizes[h] = len(raw)
             if verify_data and blake3.blake3(raw).digest() != h:
                 problems.append(f"fragment {h.hex()}: content does not match its hash")
                 bad_fragments.add(h)
@@ -118,7 +154,12 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 problems.append(f"fragment {bytes(h).hex()}: refcount but no occurrence")
 
         if verify_data:
+            if progress:
+                progress.stage("digests", sum(v.digest is not None for v in versions.values()),
+                               "files")
             for v in versions.values():
+                if progress and v.digest is not None:
+                    progress(1, v.size)
                 if v.digest is None or any(
                         v.fragment_hash(i) in bad_fragments for i in range(v.count)):
                     continue
@@ -183,6 +224,48 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                      if lid not in links]
         problems += [f"counter next:{c}: {n}, but {c} {last} exists (new ids would replace "
                      f"records)" for c, n, last in vol.store.damaged_counters(txn)]
+
+        rep.unfinished_imports = len(vol.namespace.staging_roots(txn))
+        root = txn.get(b"root", db=db["meta"])
+        if root is not None and not problems:
+            # Only a consistent store has a meaningful answer to "what would gc free".
+            live = _reachable_versions(int(decode_attrs(root, "root directory").target),
+                                       entries, links)
+            keep = kept_versions(versions, live, signed_digests(vol, txn),
+                                 prune_history=False)
+            doomed: Counter[bytes] = Counter()
+            for vid, v in versions.items():
+                if vid not in keep:
+                    rep.reclaimable_versions += 1
+                    doomed.update(own_counts(v))
+            for h, size in sizes.items():
+                if occurrences[h] == doomed[h]:  # only doomed versions use it, or none
+                    rep.reclaimable_fragments += 1
+                    rep.reclaimable_bytes += size
+
+
+def _reachable_versions(root_dir: int, entries: dict[int, list[tuple[bytes, Attrs]]],
+                        links: dict[int, Link]) -> set[int]:
+    """The versions that names reachable from the root refer to (staging trees and
+    directories nothing reaches do not count)."""
+    live: set[int] = set()
+    seen: set[int] = set()
+    stack = [root_dir]
+    while stack:
+        dir_id = stack.pop()
+        if dir_id in seen:
+            continue
+        seen.add(dir_id)
+        for _name, a in entries.get(dir_id, ()):
+            if a.link:
+                link = links.get(a.link)
+                if link is not None and link.attrs.is_reg:
+                    live.add(int(link.attrs.target))
+            elif a.is_dir:
+                stack.append(int(a.target))
+            elif a.is_reg:
+                live.add(int(a.target))
+    return live
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

@@ -41,7 +41,7 @@ class GcReport:
     versions_kept: int = 0
 
 
-def _signed_digests(vol: Volume, txn: lmdb.Transaction) -> set[bytes]:
+def signed_digests(vol: Volume, txn: lmdb.Transaction) -> set[bytes]:
     """Digests some statement signs (the trust layer's index, if the store has one)."""
     db = vol.store.db.get("signed_digests")
     if db is None:
@@ -86,15 +86,9 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
         versions: dict[int, Version] = {
             from_u64(k): decode_version(from_u64(k), raw)
             for k, raw in txn.cursor(db=vol.store.db["versions"])}
-        signed = _signed_digests(vol, txn)
-        live = _live_versions(vol, txn) | (extra_roots or set()) | {EMPTY_VERSION}
-    live |= {vid for vid, v in versions.items() if v.digest is not None and v.digest in signed}
-    keep = set(live)
-    if not prune_history:
-        for vid in list(live):
-            while vid in versions and versions[vid].parent not in keep:
-                vid = versions[vid].parent
-                keep.add(vid)
+        signed = signed_digests(vol, txn)
+        live = _live_versions(vol, txn) | (extra_roots or set())
+    keep = kept_versions(versions, live, signed, prune_history=prune_history)
     rep.versions_kept = len(keep & versions.keys())
     doomed = [v for vid, v in versions.items() if vid not in keep]
     with vol.store.write() as txn:
@@ -110,6 +104,21 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     rep.fragments_freed = fragments_before - _count(vol, "fragments")
     vol.store.sync()
     return rep
+
+
+def kept_versions(versions: dict[int, Version], live: Set[int], signed: Set[bytes], *,
+                  prune_history: bool) -> set[int]:
+    """The versions gc keeps: `live` (what names, links and open handles refer to), every
+    version whose digest a statement signs, the empty root, and, unless `prune_history`,
+    every ancestor of those. One formula for gc and for fsck's "reclaimable"."""
+    keep = set(live) | {EMPTY_VERSION}
+    keep |= {vid for vid, v in versions.items() if v.digest is not None and v.digest in signed}
+    if not prune_history:
+        for vid in list(keep):
+            while vid in versions and versions[vid].parent not in keep:
+                vid = versions[vid].parent
+                keep.add(vid)
+    return keep
 
 
 def _count(vol: Volume, db: str) -> int:
