@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -49,24 +50,41 @@ def _when(ns: int) -> str:
 
 
 @click.command("log")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per version, per line (schema in the README).")
 @click.argument("path")
 @click.pass_context
-def log_cmd(ctx: click.Context, path: str) -> None:
+def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
     """The file's versions along the edit graph, newest first."""
     store, vp = _target(ctx, path)
     with open_volume(ctx, store=store) as vol:
         head = _file_version(vol, vp)
         with vol.store.read() as txn:
             chain = ancestry(txn, vol.versions, head.id)
+        if not as_json:
+            click.echo(f"{'version':>8}  {'time (UTC)':19}  {'size':>12}  digest")
         for v in chain:
             v = vol.versions.ensure_digest(v)
+            assert v.digest is not None
+            if as_json:
+                click.echo(json.dumps(_version_json(v), sort_keys=True))
+                continue
             edit = ""
             if v.edit is not None:
                 edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
                         f"-> {v.edit.added} new")
-            assert v.digest is not None
             click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
                        f"blake3:{v.digest.hex()}{edit}")
+
+
+def _version_json(v: Version) -> dict[str, object]:
+    """`annofs log --json`'s object for one version."""
+    assert v.digest is not None
+    edit = None if v.edit is None else {
+        "start": v.edit.start, "removed": v.edit.removed, "added": v.edit.added}
+    return {"version": v.id, "parent": v.parent,
+            "time": dt.datetime.fromtimestamp(v.created_ns / 1e9, dt.UTC).isoformat(),
+            "size": v.size, "digest": f"blake3:{v.digest.hex()}", "edit": edit}
 
 
 @click.command("cat")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 
 import click
@@ -18,8 +20,10 @@ from annofs.store.lock import store_lock
 @click.option("--repair", is_flag=True,
               help="Rewrite counts from the data and drop what nothing reaches (never "
                    "reachable data); then check again.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: the counts, the problems, what gc would free.")
 @click.pass_context
-def fsck_cmd(ctx: click.Context, repair: bool) -> None:
+def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
     """Check every fragment hash, reference and count; exit 1 if anything is wrong."""
     progress = Progress("fsck")
     try:
@@ -33,6 +37,16 @@ def fsck_cmd(ctx: click.Context, repair: bool) -> None:
             rep = check_store(vol, progress=progress)
     finally:
         progress.close()
+    if as_json:
+        click.echo(json.dumps({
+            "ok": rep.ok, "problems": rep.problems, "fragments": rep.fragments,
+            "fragment_bytes": rep.fragment_bytes, "versions": rep.versions,
+            "directories": rep.directories, "entries": rep.entries,
+            "reclaimable": {"versions": rep.reclaimable_versions,
+                            "fragments": rep.reclaimable_fragments,
+                            "bytes": rep.reclaimable_bytes,
+                            "unfinished_imports": rep.unfinished_imports}}, sort_keys=True))
+        sys.exit(0 if rep.ok else 1)
     for p in rep.problems:
         click.echo(p)
     click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
@@ -52,8 +66,9 @@ def fsck_cmd(ctx: click.Context, repair: bool) -> None:
 @click.command("gc")
 @click.option("--prune-history", is_flag=True,
               help="Also drop old versions no name refers to (annofs log shows less).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: what was freed.")
 @click.pass_context
-def gc_cmd(ctx: click.Context, prune_history: bool) -> None:
+def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
     """Free versions and fragments nothing references (never signed originals)."""
     store = store_path(ctx)
     if read_state(store) is not None:
@@ -68,6 +83,9 @@ def gc_cmd(ctx: click.Context, prune_history: bool) -> None:
                 rep = collect(vol, prune_history=prune_history, progress=progress)
         finally:
             progress.close()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(rep), sort_keys=True))
+        return
     click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
                + (f"; dropped {rep.staging_dropped} unfinished imports"

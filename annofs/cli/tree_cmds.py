@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -30,11 +31,13 @@ def init_cmd(ctx: click.Context) -> None:
               help="Skip paths matching GLOB (relative path or base name); repeatable.")
 @click.option("--progress", "show_progress", is_flag=True,
               help="Show the progress bar even when stderr is not a terminal.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The summary as one JSON object (schema in the README).")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
 def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_progress: bool,
-               src: Path, dest: str) -> None:
+               as_json: bool, src: Path, dest: str) -> None:
     """Copy the host directory SRC into the store at DEST; unchanged files are not read.
 
     DEST is a path inside a mounted annofs (the mount shows the import at once), or a path
@@ -58,11 +61,20 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     finally:
         progress.close()
     took = time.monotonic() - started
-    click.echo(
-        f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
-        f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
-        f"{stats.removed} removed; {stats.bytes_read} bytes read, {stats.new_bytes} new bytes "
-        f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
+    if as_json:
+        click.echo(json.dumps({
+            "source": str(src), "dest": dest, "files": stats.files,
+            "files_read": stats.files_read, "files_unchanged": stats.files_reused,
+            "directories": stats.dirs, "symlinks": stats.symlinks, "removed": stats.removed,
+            "bytes_read": stats.bytes_read, "new_bytes": stats.new_bytes,
+            "seconds": round(took, 3), "skipped": stats.skipped}, sort_keys=True))
+    else:
+        click.echo(
+                f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
+            f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} "
+            f"symlinks, {stats.removed} removed; {stats.bytes_read} bytes read, "
+            f"{stats.new_bytes} new bytes stored; {took:.2f} s "
+            f"({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
     for rel in stats.skipped:
         click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
     if stats.scan_helper_died:  # the import is whole; only slower than it should be
