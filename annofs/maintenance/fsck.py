@@ -23,14 +23,14 @@ import struct
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import blake3
 import lmdb
 
 from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
-from annofs.maintenance.gc import kept_versions, signed_digests
+from annofs.maintenance.gc import Progress, kept_versions, signed_digests
 from annofs.store.keys import from_u64
 from annofs.store.records import (
     Attrs,
@@ -45,15 +45,6 @@ from annofs.volume import Volume
 
 T = TypeVar("T")
 
-
-class Progress(Protocol):
-    """Where a check reports how far it got: counted stages with totals."""
-
-    def stage(self, desc: str, total: int | None, unit: str) -> None:
-        """A new stage of `total` items of `unit` begins."""
-
-    def __call__(self, items: int, nbytes: int) -> None:
-        """`items` more done (`nbytes` of data among them)."""
 
 
 @dataclass

@@ -10,8 +10,9 @@ staging trees a crash left behind. Run with the store to itself (see store.lock)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Set
+from collections.abc import Set
 from dataclasses import dataclass
+from typing import Protocol
 
 import lmdb
 
@@ -25,7 +26,17 @@ from annofs.store.records import (
 )
 from annofs.volume import Volume
 
-Progress = Callable[[int, int], None]
+
+class Progress(Protocol):
+    """Where gc or fsck reports how far it got: counted stages with totals."""
+
+    def stage(self, desc: str, total: int | None, unit: str) -> None:
+        """A new stage of `total` items of `unit` begins."""
+
+    def __call__(self, items: int, nbytes: int) -> None:
+        """`items` more done (`nbytes` of data among them)."""
+
+
 # Fragments are deleted in batches: one huge transaction would hold every freed page.
 _BATCH = 10_000
 
@@ -91,6 +102,8 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     keep = kept_versions(versions, live, signed, prune_history=prune_history)
     rep.versions_kept = len(keep & versions.keys())
     doomed = [v for vid, v in versions.items() if vid not in keep]
+    if progress:
+        progress.stage("freeing versions", len(doomed), "versions")
     with vol.store.write() as txn:
         for v in versions.values():
             if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
