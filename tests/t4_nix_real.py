@@ -285,3 +285,51 @@ def test_fetch_into_a_mounted_store(mounted: Mount, nixw: NixWorld, tmp_path: Pa
     res = annofs(mounted.store, "nix", "fetch", "--cache", str(inner), "--policy", str(pol),
                  nixw.top)
     assert res.returncode == 2 and "must be outside the mount" in res.stderr
+
+
+def test_fetch_over_http_from_a_real_nix_cache_into_a_mount(mounted: Mount, nixw: NixWorld,
+                                                            tmp_path: Path) -> None:
+    """A cache `nix copy --to file://` wrote, served on loopback as nix-serve or an S3
+    site would: the mount's daemon downloads in a worker thread (the mount answers
+    meanwhile) and adds exactly what the real Nix has."""
+    from cache_server import Faults, serve_cache
+
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    faults = Faults(stall_seconds=2.0)
+    nar = next(p for p in (nixw.caches["xz"] / "nar").iterdir())
+    faults.stall_after[nar.relative_to(nixw.caches["xz"]).as_posix()] = nar.stat().st_size // 2
+    (mounted.path / "other").write_bytes(b"readable meanwhile\n")
+    with serve_cache(nixw.caches["xz"], faults) as url:
+        proc = subprocess.Popen(annofs_cmd("--store", str(mounted.store), "nix", "fetch",
+                                           "--cache", url, "--policy", str(pol),
+                                           "--recursive", nixw.top),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # While one NAR's download stalls (half sent, the rest two seconds later), the
+        # mount serves other requests: the network is not on the event loop.
+        import time
+
+        deadline = time.monotonic() + 20
+        while not any(r.startswith("nar/") for r in faults.requests):
+            assert time.monotonic() < deadline, "the fetch never asked for a NAR"
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert (mounted.path / "other").read_bytes() == b"readable meanwhile\n"
+        assert os.listdir(mounted.path)
+        assert time.monotonic() - started < 1.0
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    inside = mounted.path / nixw.top.lstrip("/")
+    assert str(inside) in out
+    assert nix_dump_sha256(inside) == nix_dump_sha256(nixw.top)
+    assert "nix-cache-info" in faults.requests
+
+
+def test_fetch_from_a_file_url(nixw: NixWorld, store: Path, tmp_path: Path) -> None:
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    res = annofs(store, "nix", "fetch", "--cache", f"file://{nixw.caches['bzip2']}",
+                 "--policy", str(pol), nixw.dep)
+    assert res.returncode == 0, res.stderr
+    assert f"fetched {nixw.dep}" in res.stdout
+    bad = annofs(store, "nix", "fetch", "--cache", "ftp://example.invalid/cache", "--policy",
+                 str(pol), nixw.dep)
+    assert bad.returncode == 2 and "unsupported cache URL" in bad.stderr

@@ -49,9 +49,10 @@ def _report(f: dict[str, Any], out_prefix: str) -> None:
 
 
 @nix_group.command("fetch")
-@click.option("--cache", "caches", multiple=True, required=True, metavar="DIR",
-              help="A binary cache directory (as 'nix copy --to file://DIR' writes); "
-                   "repeatable: agreeing caches add their signatures.")
+@click.option("--cache", "caches", multiple=True, required=True, metavar="DIR|URL",
+              help="A binary cache: a directory (as 'nix copy --to file://DIR' writes), "
+                   "a file:// or an http(s):// URL; repeatable: agreeing caches add "
+                   "their signatures.")
 @click.option("--dest", default=None, metavar="PATH",
               help="Where store paths go (default /nix/store in the filesystem).")
 @click.option("--recursive", is_flag=True, help="Also fetch every path it references.")
@@ -67,17 +68,15 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
     unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
     """
-    from annofs.nix.fetch import DEFAULT_DEST, fetch, host_dir
+    from annofs.nix.cache import DirectoryCache
+    from annofs.nix.fetch import DEFAULT_DEST, cache_args, fetch
     from annofs.nix.narinfo import store_path_arg
 
     if not paths:
         raise UsageError("no STOREPATH given")
     for p in paths:
         store_path_arg(p)  # a typo is exit 2 before anything is read
-    cache_dirs = [host_dir(c) for c in caches]
-    for c in cache_dirs:
-        if not c.is_dir():
-            raise UsageError(f"{c}: no such cache directory")
+    cache_list = cache_args(caches)
     policy_path = _policy_file(policy_file)
     store = store_path(ctx)
     if dest is not None:
@@ -92,7 +91,9 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         if mount is None and dest is not None:
             raise UsageError(f"{store}: mounted at {state['mountpoint']}; give --dest as a "
                              f"path inside the mount")
-        result = request(store, "nix-fetch", caches=[str(c) for c in cache_dirs],
+        result = request(store, "nix-fetch", caches=[
+                             str(c.path) if isinstance(c, DirectoryCache) else c.where
+                             for c in cache_list],
                          paths=list(paths), recursive=recursive,
                          dest=[p.decode("utf-8", "surrogateescape") for p in dest_parts],
                          policy=str(policy_path.resolve()) if policy_path else None)
@@ -110,7 +111,7 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     try:
         with store_lock(store, exclusive=False, what="nix fetch"), \
                 open_volume(ctx, store=store) as vol:
-            done = fetch(vol, policy, cache_dirs, paths, dest=dest_parts, recursive=recursive,
+            done = fetch(vol, policy, cache_list, paths, dest=dest_parts, recursive=recursive,
                          progress=progress)
             vol.store.sync()
     finally:

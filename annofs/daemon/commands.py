@@ -7,8 +7,11 @@ then tells the mount's inode table and the kernel what changed.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from annofs.daemon.invalidate import Invalidator
 from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
@@ -106,7 +109,8 @@ class DaemonCommands:
         restore is one staging tree swapped in by one transaction, so no reader ever
         sees half a path). The policy is the file the command names, else the mount's.
         """
-        from annofs.nix.fetch import fetch
+        from annofs.nix.cache import DirectoryCache
+        from annofs.nix.fetch import cache_args, fetch, mirror_remote
         from annofs.trust.policy import load_policy
 
         caches, paths = args.get("caches"), args.get("paths")
@@ -115,9 +119,11 @@ class DaemonCommands:
             raise UsageError("control: 'caches' and 'paths' must be lists of strings")
         dest = _parts(args, "dest")
         policy_file = args.get("policy")
+        cache_list = cache_args(caches)
         # Reading a cache or a policy through this very mount would wait on this handler.
-        for c in caches:
-            check_outside(Path(c), self.policy.mountpoint, "the cache")
+        for c in cache_list:
+            if isinstance(c, DirectoryCache):
+                check_outside(c.path, self.policy.mountpoint, "the cache")
         if isinstance(policy_file, str):
             check_outside(Path(policy_file), self.policy.mountpoint, "the policy")
             policy = load_policy(Path(policy_file))
@@ -126,9 +132,14 @@ class DaemonCommands:
         else:
             raise UsageError("no policy: give --policy FILE (this mount has none; its trusted "
                              "keys would decide which cache signatures count)")
-        await self.ops.commit_all()
-        done = fetch(self.ops.vol, policy, [Path(c) for c in caches], paths, dest=dest,
-                     recursive=bool(args.get("recursive", False)))
+        recursive = bool(args.get("recursive", False))
+        with tempfile.TemporaryDirectory(dir=self.ops.vol.store.path, prefix="fetch-") as tmp:
+            # Remote caches are read in a worker thread: the network must not hold up
+            # the mount. What they sent is then fetched, and checked, from local copies.
+            local = await trio.to_thread.run_sync(mirror_remote, cache_list, paths, policy,
+                                                  recursive, Path(tmp))
+            await self.ops.commit_all()
+            done = fetch(self.ops.vol, policy, local, paths, dest=dest, recursive=recursive)
         self.ops.dirty_since_sync = True
         for f in done:
             # Every level: /nix may be new, and the kernel may hold a negative entry for it.

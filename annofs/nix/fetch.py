@@ -1,8 +1,9 @@
-"""`annofs nix fetch`: store paths from a Nix binary cache directory, verified first.
+"""`annofs nix fetch`: store paths from Nix binary caches, verified first.
 
-For each store path: read `<hash>.narinfo` from each `--cache` directory (the layout
-`nix copy --to file://DIR` writes), check every `Sig` over the narinfo's fingerprint with
-the policy's trusted keys, and refuse unless at least one signature by a trusted,
+For each store path: read `<hash>.narinfo` from each `--cache` (a directory in the layout
+`nix copy --to file://DIR` writes, or a `file://` or `http(s)://` URL: nix/cache.py),
+check every `Sig` over the narinfo's fingerprint with the policy's trusted keys, and
+refuse unless at least one signature by a trusted,
 unrevoked key holds (`RefusedError`, exit 1). Then stream the NAR (decompressed on the
 fly, never whole in memory) into `restore_nar_into`. It reads the whole NAR once
 (spooled to a temporary file in the store directory, since a decompressor cannot seek)
@@ -54,6 +55,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from annofs.errors import NotFoundError, RefusedError, UsageError
+from annofs.nix.cache import BinaryCache, DirectoryCache, HttpCache, open_cache
 from annofs.nix.nar import (
     NarError,
     NarHash,
@@ -64,7 +66,6 @@ from annofs.nix.nar import (
 )
 from annofs.nix.narinfo import (
     HASH_PART_LEN,
-    MAX_NARINFO,
     NarInfo,
     SigCheck,
     StorePath,
@@ -179,7 +180,7 @@ class Resolved:
     """A store path's narinfos (the first, and others agreeing with it) and their worth."""
 
     store_path: StorePath
-    sources: list[tuple[Path, NarInfo]]  # cache directory, narinfo; first is primary
+    sources: list[tuple[BinaryCache, NarInfo]]  # cache, narinfo; the first is primary
     checks: list[SigCheck]
     signers: dict[bytes, str]  # public key -> name, the signatures that count
     notes: list[str] = field(default_factory=list)
@@ -190,26 +191,20 @@ class Resolved:
         return self.sources[0][1]
 
 
-def read_narinfo(cache: Path, hash_part: str) -> NarInfo | None:
-    """`cache/<hash>.narinfo`, parsed; None if the cache has none."""
-    path = cache / f"{hash_part}.narinfo"
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_NARINFO + 1)  # parse_narinfo refuses what is larger
-    except FileNotFoundError:
+def read_narinfo(cache: BinaryCache, hash_part: str) -> NarInfo | None:
+    """`<hash>.narinfo` of a cache, parsed; None if the cache has none."""
+    path = f"{cache.where.rstrip('/')}/{hash_part}.narinfo"
+    data = cache.narinfo(hash_part)  # at most MAX_NARINFO + 1: parse_narinfo refuses more
+    if data is None:
         return None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a narinfo") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    info = parse_narinfo(data, str(path))
+    info = parse_narinfo(data, path)
     if info.store_path.hash_part != hash_part:
         raise RefusedError(f"{path}: describes {info.store_path}, not a path with hash "
                            f"{hash_part}")
     return info
 
 
-def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
+def resolve(caches: Sequence[BinaryCache], hash_part: str, policy: Policy,
             expected: str | None = None) -> Resolved:
     """Find and check a store path's narinfos; RefusedError unless a trusted key signed it.
 
@@ -217,7 +212,7 @@ def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
     add their signatures (two builders that agree); one that disagrees is noted and
     counts for nothing.
     """
-    sources: list[tuple[Path, NarInfo]] = []
+    sources: list[tuple[BinaryCache, NarInfo]] = []
     notes: list[str] = []
     for cache in caches:
         info = read_narinfo(cache, hash_part)
@@ -232,7 +227,7 @@ def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
             continue
         sources.append((cache, info))
     if not sources:
-        where = ", ".join(str(c) for c in caches)
+        where = ", ".join(c.where for c in caches)
         raise RefusedError(f"{expected or hash_part}: no {hash_part}.narinfo in {where}")
     merged: dict[str, SigCheck] = {}
     for _cache, info in sources:
@@ -247,7 +242,7 @@ def resolve(caches: Sequence[Path], hash_part: str, policy: Policy,
     return Resolved(first.store_path, sources, checks, signers, notes)
 
 
-def resolve_closure(caches: Sequence[Path], roots: Sequence[tuple[str, str | None]],
+def resolve_closure(caches: Sequence[BinaryCache], roots: Sequence[tuple[str, str | None]],
                     policy: Policy, recursive: bool) -> list[Resolved]:
     """Every requested path (and with `recursive` every reference, transitively),
     references before the paths that refer to them."""
@@ -338,17 +333,15 @@ def _record(vol: Volume, txn: lmdb.Transaction, ann: AnnotationStore, r: Resolve
     return added
 
 
-def _open_nar(r: Resolved) -> tuple[Path, NarInfo, BinaryIO]:
-    """The NAR file of the first agreeing cache that has it."""
+def _open_nar(r: Resolved) -> tuple[str, NarInfo, BinaryIO]:
+    """The NAR file of the first agreeing cache that has it: (where, narinfo, stream)."""
     tried = []
     for cache, info in r.sources:
-        path = cache / info.url
-        try:
-            return path, info, open(path, "rb")  # closed by the caller
-        except FileNotFoundError:
-            tried.append(str(path))
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+        where = f"{cache.where.rstrip('/')}/{info.url}"
+        f = cache.open_nar(info.url)  # closed by the caller
+        if f is not None:
+            return where, info, f
+        tried.append(where)
     raise RefusedError(f"{r.store_path}: the NAR is missing ({', '.join(tried)})")
 
 
@@ -381,8 +374,7 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
     signers = sorted(r.signers.values())
     if _exists(vol, dest):
         return _add_signatures(vol, ann, r, dest, signers)
-    nar_path, info, f = _open_nar(r)
-    where = str(nar_path)
+    where, info, f = _open_nar(r)
     raw = _Hashing(f)
     stream = _NarStream(raw, info, where)
     counted: list[int] = []
@@ -442,23 +434,72 @@ def _has_files(vol: Volume, dest: tuple[bytes, ...]) -> bool:
     return a.is_reg or a.is_dir
 
 
-def fetch(vol: Volume, policy: Policy, caches: Sequence[Path], paths: Sequence[str], *,
-          dest: Sequence[bytes] = DEFAULT_DEST, recursive: bool = False,
-          progress: Progress | None = None) -> list[Fetched]:
-    """Fetch `paths` (full store paths, base names or hash parts) from `caches`."""
-    if not caches:
-        raise UsageError("no --cache DIR given")
-    for c in caches:
-        if not c.is_dir():
-            raise UsageError(f"{c}: no such cache directory")
+def _roots(paths: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(hash part, the path as given unless only a hash) for each STOREPATH argument."""
     if not paths:
         raise UsageError("no STOREPATH given")
     roots = []
     for p in paths:
         h = store_path_arg(p)
         roots.append((h, None if p == h else p.rstrip("/")))
-    order = resolve_closure(caches, roots, policy, recursive)
+    return roots
+
+
+def fetch(vol: Volume, policy: Policy, caches: Sequence[BinaryCache | Path],
+          paths: Sequence[str], *, dest: Sequence[bytes] = DEFAULT_DEST,
+          recursive: bool = False, progress: Progress | None = None) -> list[Fetched]:
+    """Fetch `paths` (full store paths, base names or hash parts) from `caches` (a Path
+    is a cache directory)."""
+    if not caches:
+        raise UsageError("no --cache given")
+    sources = [DirectoryCache(c) if isinstance(c, Path) else c for c in caches]
+    order = resolve_closure(sources, _roots(paths), policy, recursive)
     return [add_path(vol, r, dest, progress) for r in order]
+
+
+def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: Policy,
+                  recursive: bool, into: Path) -> list[BinaryCache]:
+    """Copy what a fetch of `paths` will read from remote caches into local directories
+    under `into`: the narinfos, and the NARs of those a trusted key signed. Returns the
+    caches to fetch from, remote ones replaced by their local copies (named as before).
+
+    A mount's daemon calls this in a worker thread: the network is slow, and the event
+    loop serves every process's requests. The fetch that follows, on the loop, then
+    reads only local files, and checks everything again.
+    """
+    remote = [c for c in caches if isinstance(c, HttpCache)]
+    if not remote:
+        return list(caches)
+    local = {id(c): DirectoryCache(into / str(i), c.where) for i, c in enumerate(remote)}
+    for copy in local.values():
+        (copy.path / "nar").mkdir(parents=True)
+    order = resolve_closure(caches, _roots(paths), policy, recursive)
+    for r in order:
+        for cache, info in r.sources:
+            copy = local.get(id(cache))
+            if copy is None:
+                continue
+            data = cache.narinfo(r.store_path.hash_part)
+            if data is not None:
+                (copy.path / f"{r.store_path.hash_part}.narinfo").write_bytes(data)
+            nar = copy.path / info.url
+            if nar.exists():
+                continue
+            f = cache.open_nar(info.url)
+            if f is None:
+                continue  # missing there: the fetch says so, naming the cache
+            nar.parent.mkdir(parents=True, exist_ok=True)
+            # Bounded like the fetch: a body past FileSize (or NarSize, uncompressed)
+            # is a refusal there; here it need not be stored whole.
+            limit = (info.file_size if info.file_size is not None else info.nar_size) + 1
+            with f, open(nar, "wb") as out:
+                while limit > 0:
+                    chunk = f.read(min(_READ, limit))
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    limit -= len(chunk)
+    return [local.get(id(c), c) for c in caches]
 
 
 def signers_text(names: Sequence[str]) -> str:
@@ -467,5 +508,10 @@ def signers_text(names: Sequence[str]) -> str:
 
 
 def host_dir(text: str) -> Path:
-    """A --cache argument: an existing directory, absolute (the daemon may run elsewhere)."""
+    """A directory argument, absolute (the daemon may run in another directory)."""
     return Path(os.path.abspath(text))
+
+
+def cache_args(texts: Sequence[str]) -> list[BinaryCache]:
+    """The --cache arguments, each checked (a missing directory, an unknown scheme)."""
+    return [open_cache(t) for t in texts]

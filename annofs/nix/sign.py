@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annofs.errors import RefusedError
+from annofs.nix.cache import DirectoryCache
 from annofs.nix.fetch import DEFAULT_DEST, read_narinfo
 from annofs.nix.nar import dump_volume, nar_hash
 from annofs.nix.narinfo import sign_narinfo, store_path_arg
@@ -41,7 +42,7 @@ def sign_path(vol: Volume, cache: Path, path: str, key: SecretKey, *,
               dest: Sequence[bytes] = DEFAULT_DEST) -> Signed:
     """Check the tree against its narinfo and add `key`'s Sig (see the module docstring)."""
     hash_part = store_path_arg(path)
-    info = read_narinfo(cache, hash_part)
+    info = read_narinfo(DirectoryCache(cache), hash_part)
     if info is None:
         raise RefusedError(f"{path}: no {hash_part}.narinfo in {cache}")
     if path.startswith("/") and info.store_path.full != path.rstrip("/"):
