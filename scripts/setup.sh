@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 # nix-bin: the real Nix, the oracle for NAR and narinfo tests. borgbackup, restic: the peers
 # benchmarks compare against. xz-utils/zstd/bzip2: binary cache compressions. git: --git import.
 # chromium: the real browser the dashboard's test drives (through PyPI's playwright).
+# openssh-client: ssh-keygen signs SSHSIG statements and is the oracle for their tests.
 # stress-ng: filesystem stressors with verification run against the mount
 # (tests/t4_fuse_stressng.py; pjdfstest, xfstests' fsx and LTP are not packaged).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
-              xz-utils zstd bzip2 borgbackup restic chromium stress-ng)
+              xz-utils zstd bzip2 borgbackup restic chromium stress-ng
+              openssh-client)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
