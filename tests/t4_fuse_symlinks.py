@@ -157,7 +157,9 @@ def test_a_signed_file_swapped_for_a_symlink_is_refused(mnt: Mount, base: Path,
     assert "needs 1 distinct trusted signer, has 0" in ev.reason  # type: ignore[attr-defined]
     assert ev.digest.startswith("annofs-symlink-v1:")  # type: ignore[attr-defined]
     assert f"symlink to {target!r}" in ev.explanation  # type: ignore[attr-defined]
-    assert "signed original" in ev.explanation  # type: ignore[attr-defined]
+    # The signed tree names this path: the explanation says a signed file was here.
+    assert "signed original (found by signed tree path)" in ev.explanation  # type: ignore[attr-defined]
+    assert "a signed regular file was here; now a symlink" in ev.explanation  # type: ignore[attr-defined]
 
 
 def test_a_signed_directory_swapped_for_a_symlink_refuses_paths_through_it(
