@@ -599,3 +599,46 @@ def test_symlink_statements_export_and_import(vol: Volume, tmp_path: Path) -> No
     assert back.id == ss.id and back.statement == ss.statement
     assert any(s.symlink and s.name == "proj/link" for s in back.statement.subjects)
     assert symlink_digest(b"../other/x") in back.digests
+
+
+def test_a_relative_target_must_land_under_a_rule_as_strict(vol: Volume) -> None:
+    """A relative target's meaning depends on where the symlink is: under a rule that
+    needs signers it must land, lexically, under a rule at least as strict."""
+    from annofs.trust.symlink import content_verdict, lexical_destination
+
+    assert lexical_destination(P("/src/proj/a"), b"../x/./y") == tuple(P("/src/x/y"))
+    assert lexical_destination(P("/src/a"), b"../../x") is None  # out of the mount
+    pol = policy('[[rules]]\npath = "/src/loose/**"\nsigners = 0\n' + ONE, ALICE)
+    for name, target in (("up", b"../../../other/x"), ("out", b"../../../../etc/passwd"),
+                         ("same", b"../sub/c.c"), ("abs", b"/other/x")):
+        put_symlink(vol, f"/src/proj/sub/{name}", target)
+    sign(vol, ALICE, "/src/proj")
+    gate = TrustGate(vol, pol)
+
+    def judged(path: str) -> Verdict:
+        [f] = collect_files(vol, [P(path)])
+        return content_verdict(gate, f.path, f.version)
+
+    assert judged("/src/proj/sub/same").allowed
+    assert judged("/src/proj/sub/abs").allowed  # absolute: what the signer approved
+    v = judged("/src/proj/sub/up")  # lands on /other/x, which no rule guards
+    assert not v.allowed and v.status == "refused" and v.signers == ("alice-1",)
+    assert v.reason == ("rules[1] /src/**: signed, but its relative target leads to "
+                        "/other/x, under a looser rule (default allow)")
+    assert "leads out of the mount" in judged("/src/proj/sub/out").reason
+    # The same signed string one level deeper lands on /src/other/x: the same rule.
+    with vol.store.write() as txn:
+        vol.namespace.make_dirs(txn, P("/src/proj/sub/deeper"), 0, 0)
+        vol.namespace.make_dirs(txn, P("/src/loose"), 0, 0)
+    rename(vol, "/src/proj/sub/up", "/src/proj/sub/deeper/up")
+    assert judged("/src/proj/sub/deeper/up").allowed
+    # Under a rule that asks nothing, nothing is asked of it.
+    rename(vol, "/src/proj/sub/deeper/up", "/src/loose/up")
+    assert judged("/src/loose/up").allowed
+    # warn mode flags it instead.
+    warn = policy('mode = "warn"\n[[rules]]\npath = "/src/loose/**"\nsigners = 0\n' + ONE,
+                  ALICE)
+    rename(vol, "/src/loose/up", "/src/proj/sub/up")
+    [f] = collect_files(vol, [P("/src/proj/sub/up")])
+    w = content_verdict(TrustGate(vol, warn), f.path, f.version)
+    assert w.allowed and w.flagged and w.reason.startswith("would be refused (mode warn): ")

@@ -66,6 +66,7 @@ def make_mount(base: Path, policy_mode: str = "enforce", signers: int = 1) -> Mo
     os.symlink("loop2", tree / "loop1")
     os.symlink("loop1", tree / "loop2")
     os.symlink(str(mp / "scratch/approved.c"), tree / "to-scratch")
+    os.symlink("../../proj/main.c", tree / "lib" / "deep")  # lands on /src/proj/main.c
     keys = base / "keys"
     keys.mkdir()
     run("--store", str(store), "init")
@@ -166,14 +167,14 @@ def test_a_signed_directory_swapped_for_a_symlink_refuses_paths_through_it(
         mnt: Mount) -> None:
     def swap() -> None:
         lib = proj(mnt) / "lib"
-        os.unlink(lib / "util.c")  # the attacker owns the directory
+        for name in os.listdir(lib):  # the attacker owns the directory
+            os.unlink(lib / name)
         os.rmdir(lib)
         (mnt.path / "scratch" / "lib").mkdir()
         (mnt.path / "scratch" / "lib" / "util.c").write_bytes(EVIL)
         os.symlink("../../scratch/lib", lib)
 
     os.chown(proj(mnt) / "lib", NOBODY, NOBODY)
-    os.chown(proj(mnt) / "lib" / "util.c", NOBODY, NOBODY)
     as_user(swap)
     assert errno_of(read, proj(mnt) / "lib" / "util.c") == errno.EACCES
     assert errno_of(read, proj(mnt) / "dirlink" / "util.c") == errno.EACCES  # via a signed link
@@ -240,3 +241,28 @@ def test_the_kernel_does_not_cache_symlink_targets(base: Path) -> None:
         assert errno_of(os.readlink, p / "main.c") == errno.EACCES
     finally:
         stop_and_check(m)
+
+
+def test_a_signed_relative_target_planted_elsewhere_cannot_climb_to_a_looser_place(
+        mnt: Mount) -> None:
+    """Approval is bound to content, and a relative target means something else at
+    another depth: lib/deep -> ../../proj/main.c is signed (it lands on the signed
+    main.c), the same string put in main.c's place lands on /proj/main.c, which no
+    rule guards. Refused: a relative target under a rule that needs signers must land
+    under a rule at least as strict."""
+    loose = mnt.path / "proj"
+    loose.mkdir()
+    os.chown(loose, NOBODY, NOBODY)
+
+    def plant() -> None:
+        (loose / "main.c").write_bytes(EVIL)
+        swap_for_symlink(str(proj(mnt) / "main.c"), "../../proj/main.c")
+
+    assert as_user(read, proj(mnt) / "lib" / "deep") == MAIN  # signed, where it was signed
+    as_user(plant)
+    assert errno_of(read, proj(mnt) / "main.c") == errno.EACCES
+    [ev, *_] = refusals(mnt, "/src/proj/main.c")
+    assert "signed, but its relative target leads to /proj/main.c, under a looser rule " \
+           "(default allow)" in ev.reason  # type: ignore[attr-defined]
+    # The signed lib/deep still lands on main.c, which is now the refused symlink.
+    assert errno_of(read, proj(mnt) / "lib" / "deep") == errno.EACCES

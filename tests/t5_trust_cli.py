@@ -312,7 +312,8 @@ BAD: dict[str, Bad] = {
                                      "common parent",
                            setup=lambda e: copy_proj(e)),
     "sign-empty-dir": Bad(lambda e: ["sign", "--key", str(e.key("s-1")[0]), "/src/empty"],
-                          lambda e: "nothing to sign: no regular files or symlinks in the given paths",
+                          lambda e: "nothing to sign: no regular files or symlinks in the "
+                                    "given paths",
                           setup=lambda e: import_empty_dir(e)),
     "import-bad-json": Bad(lambda e: ["attest", "import", attest_file(e, good_line(e), "{")],
                            lambda e: f"{e.tmp}/att.jsonl:2: envelope: not valid JSON "

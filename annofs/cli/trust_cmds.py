@@ -212,7 +212,7 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, .
     refused."""
     from annofs.trust.gate import TrustGate
     from annofs.trust.signing import collect_files
-    from annofs.trust.symlink import digest_text
+    from annofs.trust.symlink import content_verdict, digest_text
 
     policy = given_policy(policy_file)
     if not paths:
@@ -222,7 +222,7 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, .
     with open_volume(ctx) as vol:
         gate = TrustGate(vol, policy)
         for f in collect_files(vol, parts):
-            v = gate.verdict(f.path, f.version)
+            v = content_verdict(gate, f.path, f.version)
             refused += not v.allowed
             # A symlink is judged as content (its target), never followed.
             what = f.text if f.target is None else \

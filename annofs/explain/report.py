@@ -29,7 +29,7 @@ from annofs.trust.gate import TrustGate
 from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest, format_subject_digest
-from annofs.trust.symlink import Content, Symlink
+from annofs.trust.symlink import Content, Symlink, position_verdict
 from annofs.trust.verdict import Verdict, decide
 from annofs.volume import Volume
 
@@ -275,8 +275,8 @@ def explain_symlink(vol: Volume, annotations: AnnotationStore, policy: Policy,
     text_path = path_text(path)
     with vol.store.read() as txn:
         if verdict is None:
-            verdict = decide(text_path, link.digest, policy,
-                             annotations.for_digest(txn, link.digest))
+            verdict = position_verdict(policy, path, link.target, decide(
+                text_path, link.digest, policy, annotations.for_digest(txn, link.digest)))
         e = Explanation(text_path, 0, link.digest, link.size, verdict, target=link.target)
         if verdict.satisfied:
             return e
