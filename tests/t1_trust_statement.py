@@ -18,6 +18,8 @@ from annofs.trust.statement import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
+    SYMLINK_DIGEST_ALGORITHM,
+    SYMLINK_DIGEST_CONTEXT,
     Envelope,
     Statement,
     Subject,
@@ -29,6 +31,7 @@ from annofs.trust.statement import (
     parse_digest,
     parse_envelope,
     sign_statement,
+    symlink_digest,
 )
 
 # RFC 8032 TEST 1 key (also key "A" of DSSE's own test vectors).
@@ -448,3 +451,53 @@ def test_subject_names_read_back(name: str) -> None:
     ss = signed(subjects=[(name, D1), ("other", D2)])
     back = load_signed(ss.envelope.to_json(), "f:1")
     assert [s.name for s in back.statement.subjects] == [name, "other"]
+
+
+# -- symlinks: a subject kind of their own ----------------------------------------------------
+
+
+def test_symlink_digest_is_domain_separated_from_file_digests() -> None:
+    import blake3
+
+    target = b"/etc/shadow"
+    d = symlink_digest(target)
+    assert len(d) == 32
+    # A file whose bytes are the target string (plainly, or with any tag a tagged
+    # encoding in the plain hash mode might use) never has the symlink's digest.
+    assert d != blake3.blake3(target).digest()
+    assert d != blake3.blake3(b"symlink\0" + target).digest()
+    assert d not in {blake3.blake3(b"annofs symlink target v1" + target).digest(),
+                     blake3.blake3(b"annofs symlink target v1\0" + target).digest()}
+    assert symlink_digest(b"/etc/shadow") == d  # deterministic
+    assert symlink_digest(b"/etc/shado") != d and symlink_digest(b"etc/shadow") != d
+    # The reference value (BLAKE3 derive_key mode), pinned so it cannot drift.
+    assert d == blake3.blake3(target, derive_key_context=SYMLINK_DIGEST_CONTEXT).digest()
+
+
+def test_symlink_subject_round_trip() -> None:
+    link = symlink_digest(b"../lib/libc.so.6")
+    ss = signed(subjects=[Subject("proj/a.c", D1), Subject("proj/lib.so", link, symlink=True)])
+    back = load_signed(ss.envelope.to_json(), "f:1")
+    assert back.statement == ss.statement
+    assert back.statement.subjects[1].symlink and not back.statement.subjects[0].symlink
+    doc = json.loads(base64.b64decode(json.loads(ss.envelope.to_json())["payload"]))
+    assert doc["subject"] == [
+        {"name": "proj/a.c", "digest": {"blake3": D1.hex()}},
+        {"name": "proj/lib.so", "digest": {SYMLINK_DIGEST_ALGORITHM: link.hex()}}]
+    assert ss.digests == {D1, link}
+
+
+@pytest.mark.parametrize(("digest", "message"), [
+    ({"blake3": D1.hex(), SYMLINK_DIGEST_ALGORITHM: D1.hex()}, "unknown field"),
+    ({SYMLINK_DIGEST_ALGORITHM: "ab"}, "expected 64 lowercase hex digits"),
+    ({SYMLINK_DIGEST_ALGORITHM: D1.hex().upper()}, "expected 64 lowercase hex digits"),
+    ({"sha256": D1.hex()}, "missing 'blake3'"),
+    ({}, "missing 'blake3'"),
+])
+def test_symlink_subject_digests_are_parsed_strictly(digest: dict[str, Any],
+                                                      message: str) -> None:
+    def mut(p: dict[str, Any]) -> None:
+        p["subject"][0]["digest"] = digest
+    with pytest.raises(UsageError) as e:
+        load_signed(payload_case(mut), "att.jsonl:3")
+    assert message in str(e.value), str(e.value)

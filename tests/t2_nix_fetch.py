@@ -115,7 +115,9 @@ def test_fetch_verifies_streams_and_records_signatures(vol: Volume, tmp_path: Pa
     assert done.files == 2 and done.signers == ["cache-a-1"] and done.statements == 1
     got = nar_hash(dump_volume(vol, [b"nix", b"store", f"{H1}-hello".encode()]))
     assert got.sha256 == hashlib.sha256(nar).digest() and got.size == len(nar)
+    # The symlink is covered as a NAR covers it: by its target (SPEC §4).
     assert verdicts(vol, pol, f"{H1}-hello") == {f"{H1}-hello/bin/hi": "allowed",
+                                                 f"{H1}-hello/bin/link": "allowed",
                                                  f"{H1}-hello/share/greeting": "allowed"}
     # Fetching again from the same cache finds the path there and adds nothing new.
     [again] = fetch(vol, pol, [cache], [H1])
@@ -232,3 +234,31 @@ def test_recursive_follows_references_first(vol: Volume, tmp_path: Path, nar: by
     (cache / f"{H2}.narinfo").unlink()
     with pytest.raises(RefusedError, match=f"no {H2}.narinfo"):
         fetch(vol, pol, [cache], [H1], recursive=True, dest=[b"elsewhere"])
+
+
+def test_built_statements_cover_symlinks(vol: Volume, tmp_path: Path, nar: bytes) -> None:
+    """Nix store paths are full of symlinks: each is a subject of the cache's `built`
+    statement (by its target), so a symlink put in place of one is refused, and a store
+    path that is one symlink is signed too."""
+    cache = tmp_path / "cache"
+    add_to_cache(cache, H1, "hello", nar, [A])
+    (tmp_path / "lonely").parent.mkdir(exist_ok=True)
+    os.symlink("/nix/store/" + H1 + "-hello/bin/hi", tmp_path / "lonely")
+    add_to_cache(cache, H2, "only-a-link", b"".join(dump_host(tmp_path / "lonely")), [A])
+    pol = policy(tmp_path)
+    fetch(vol, pol, [cache], [H1, H2])
+    link = collect_files(vol, [[b"nix", b"store", f"{H1}-hello".encode(), b"bin", b"link"]])
+    [ref] = link
+    assert ref.is_symlink and ref.target == b"../share/greeting"
+    with vol.store.read() as txn:
+        [ss] = AnnotationStore(vol.store).for_digest(txn, ref.digest)
+    assert ss.statement.claim == "built" and ss.statement.fingerprint is not None
+    assert [s.name for s in ss.statement.subjects if s.symlink] == [f"{H1}-hello/bin/link"]
+    assert verdicts(vol, pol, f"{H2}-only-a-link") == {f"{H2}-only-a-link": "allowed"}
+    # Swapped for a symlink elsewhere: no statement covers that target.
+    gate = TrustGate(vol, pol)
+    from annofs.trust.symlink import symlink_content
+    assert gate.verdict(ref.path, symlink_content(b"/tmp/evil")).status == "refused"
+    # Fetched again (the path is there): nothing new, symlinks included in the match.
+    [again] = fetch(vol, pol, [cache], [H1])
+    assert again.already and again.statements == 0

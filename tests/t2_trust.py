@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import io
 import random
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from t2_store import check_consistency
 
 from annofs.content.ingest import ingest_stream
 from annofs.errors import CorruptionError, NotFoundError, UsageError
+from annofs.namespace.tree import new_file_attrs
 from annofs.store.records import Version
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.annotations import AnnotationStore
@@ -25,7 +27,14 @@ from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey, generate_key
 from annofs.trust.policy import Mode, Policy, parse_policy
 from annofs.trust.signing import collect_files, sign_files
-from annofs.trust.statement import make_statement, sign_statement
+from annofs.trust.statement import (
+    Subject,
+    load_signed,
+    make_statement,
+    sign_statement,
+    symlink_digest,
+)
+from annofs.trust.symlink import symlink_content
 from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
 
@@ -492,3 +501,144 @@ def test_gc_keeps_the_signed_original(vol: Volume) -> None:
     collect(vol, prune_history=True)
     with vol.store.read() as txn:
         assert not vol.versions.exists(txn, signed.id)
+
+
+# -- symlinks are content (SPEC §4: statements cover the tree) ------------------------------------
+
+
+def put_symlink(vol: Volume, path: str, target: bytes) -> None:
+    """Make `path` a symlink to `target`, replacing what is there (as rm + ln -s does)."""
+    p = P(path)
+    with vol.store.write() as txn:
+        dir_id = vol.namespace.writable_dir(txn, p[:-1])
+        if vol.namespace.get(txn, dir_id, p[-1]) is not None:
+            vol.namespace.remove(txn, dir_id, p[-1])
+        a = new_file_attrs(stat.S_IFLNK | 0o777, 0, 0)
+        vol.namespace.create(txn, dir_id, p[-1],
+                             dataclasses.replace(a, target=target, size=len(target)))
+
+
+def link_verdict(vol: Volume, pol: Policy, path: str) -> Verdict:
+    with vol.store.read() as txn:
+        a = vol.namespace.resolve(txn, P(path))
+    assert a.is_symlink and isinstance(a.target, bytes)
+    return TrustGate(vol, pol).verdict(P(path), symlink_content(a.target))
+
+
+def test_sign_collects_symlinks_as_subjects(vol: Volume) -> None:
+    put_symlink(vol, "/src/proj/link", b"sub/c.c")
+    put_symlink(vol, "/src/proj/sub/abs", b"/etc/passwd")
+    files = collect_files(vol, [P("/src/proj")])
+    names = [f.name for f in files]
+    assert names == ["proj/a.c", "proj/b.c", "proj/big.bin", "proj/link", "proj/sub/abs",
+                     "proj/sub/c.c"]
+    link = files[names.index("proj/link")]
+    assert link.is_symlink and link.target == b"sub/c.c"
+    assert link.digest == symlink_digest(b"sub/c.c")
+    # A symlink given by itself is its own subject (not followed).
+    [only] = collect_files(vol, [P("/src/proj/sub/abs")])
+    assert only.name == "abs" and only.digest == symlink_digest(b"/etc/passwd")
+    pol = policy(ONE, ALICE)
+    assert not link_verdict(vol, pol, "/src/proj/link").allowed
+    sign(vol, ALICE, "/src/proj")
+    assert link_verdict(vol, pol, "/src/proj/link").allowed
+    assert link_verdict(vol, pol, "/src/proj/sub/abs").allowed
+    with vol.store.read() as txn:
+        [st] = AnnotationStore(vol.store).for_digest(txn, symlink_digest(b"sub/c.c"))
+    subj = {s.name: s for s in st.statement.subjects}
+    assert subj["proj/link"].symlink and not subj["proj/a.c"].symlink
+
+
+def test_a_symlink_in_place_of_a_signed_file_is_refused(vol: Volume) -> None:
+    pol = policy(ONE, ALICE)
+    sign(vol, ALICE, "/src/proj")
+    assert status(vol, pol, "/src/proj/a.c") == "allowed"
+    for target in (b"/tmp/evil", b"/etc/passwd", b"../../other/x", b"b.c"):
+        put_symlink(vol, "/src/proj/a.c", target)
+        v = link_verdict(vol, pol, "/src/proj/a.c")
+        assert not v.allowed and v.status == "refused", target
+        assert "needs 1 distinct trusted signer, has 0" in v.reason
+    # A changed target is new content, as a changed file is.
+    put_symlink(vol, "/src/proj/ok", b"a.c")
+    sign(vol, ALICE, "/src/proj/ok")
+    assert link_verdict(vol, pol, "/src/proj/ok").allowed
+    put_symlink(vol, "/src/proj/ok", b"/etc/passwd")
+    assert not link_verdict(vol, pol, "/src/proj/ok").allowed
+
+
+def test_file_and_symlink_digests_never_approve_each_other(vol: Volume, tmp_path: Path) -> None:
+    """A file whose bytes are "/etc/shadow", signed, approves no symlink to /etc/shadow;
+    a signed symlink to it approves no file holding those bytes."""
+    pol = policy(ONE, ALICE)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "file").write_bytes(b"/etc/shadow")
+    TreeImporter(vol).run(tmp_path / "t", [b"src", b"t"])
+    put_symlink(vol, "/src/t/link", b"/etc/shadow")
+    sign(vol, ALICE, "/src/t/file")
+    assert status(vol, pol, "/src/t/file") == "allowed"
+    assert not link_verdict(vol, pol, "/src/t/link").allowed
+    # The reverse: bob signs only the symlink; under a policy trusting bob alone the
+    # file holding the same string is unsigned.
+    put_symlink(vol, "/src/t/link2", b"/etc/shadow")
+    ss = sign_statement(make_statement([Subject("link2", symlink_digest(b"/etc/shadow"),
+                                                 symlink=True)], "reviewed", BOB), BOB)
+    with vol.store.write() as txn:
+        AnnotationStore(vol.store).add(txn, ss)
+    pol_bob = policy(ONE, BOB)
+    assert link_verdict(vol, pol_bob, "/src/t/link2").allowed
+    assert status(vol, pol_bob, "/src/t/file") == "refused"
+
+
+def test_symlink_statements_export_and_import(vol: Volume, tmp_path: Path) -> None:
+    put_symlink(vol, "/src/proj/link", b"../other/x")
+    sign(vol, ALICE, "/src/proj")
+    with vol.store.read() as txn:
+        [ss] = AnnotationStore(vol.store).for_digest(txn, symlink_digest(b"../other/x"))
+    line = ss.envelope.to_json()
+    back = load_signed(line, "f:1")
+    assert back.id == ss.id and back.statement == ss.statement
+    assert any(s.symlink and s.name == "proj/link" for s in back.statement.subjects)
+    assert symlink_digest(b"../other/x") in back.digests
+
+
+def test_a_relative_target_must_land_under_a_rule_as_strict(vol: Volume) -> None:
+    """A relative target's meaning depends on where the symlink is: under a rule that
+    needs signers it must land, lexically, under a rule at least as strict."""
+    from annofs.trust.symlink import content_verdict, lexical_destination
+
+    assert lexical_destination(P("/src/proj/a"), b"../x/./y") == tuple(P("/src/x/y"))
+    assert lexical_destination(P("/src/a"), b"../../x") is None  # out of the mount
+    pol = policy('[[rules]]\npath = "/src/loose/**"\nsigners = 0\n' + ONE, ALICE)
+    for name, target in (("up", b"../../../other/x"), ("out", b"../../../../etc/passwd"),
+                         ("same", b"../sub/c.c"), ("abs", b"/other/x")):
+        put_symlink(vol, f"/src/proj/sub/{name}", target)
+    sign(vol, ALICE, "/src/proj")
+    gate = TrustGate(vol, pol)
+
+    def judged(path: str) -> Verdict:
+        [f] = collect_files(vol, [P(path)])
+        return content_verdict(gate, f.path, f.version)
+
+    assert judged("/src/proj/sub/same").allowed
+    assert judged("/src/proj/sub/abs").allowed  # absolute: what the signer approved
+    v = judged("/src/proj/sub/up")  # lands on /other/x, which no rule guards
+    assert not v.allowed and v.status == "refused" and v.signers == ("alice-1",)
+    assert v.reason == ("rules[1] /src/**: signed, but its relative target leads to "
+                        "/other/x, under a looser rule (default allow)")
+    assert "leads out of the mount" in judged("/src/proj/sub/out").reason
+    # The same signed string one level deeper lands on /src/other/x: the same rule.
+    with vol.store.write() as txn:
+        vol.namespace.make_dirs(txn, P("/src/proj/sub/deeper"), 0, 0)
+        vol.namespace.make_dirs(txn, P("/src/loose"), 0, 0)
+    rename(vol, "/src/proj/sub/up", "/src/proj/sub/deeper/up")
+    assert judged("/src/proj/sub/deeper/up").allowed
+    # Under a rule that asks nothing, nothing is asked of it.
+    rename(vol, "/src/proj/sub/deeper/up", "/src/loose/up")
+    assert judged("/src/loose/up").allowed
+    # warn mode flags it instead.
+    warn = policy('mode = "warn"\n[[rules]]\npath = "/src/loose/**"\nsigners = 0\n' + ONE,
+                  ALICE)
+    rename(vol, "/src/loose/up", "/src/proj/sub/up")
+    [f] = collect_files(vol, [P("/src/proj/sub/up")])
+    w = content_verdict(TrustGate(vol, warn), f.path, f.version)
+    assert w.allowed and w.flagged and w.reason.startswith("would be refused (mode warn): ")

@@ -312,7 +312,8 @@ BAD: dict[str, Bad] = {
                                      "common parent",
                            setup=lambda e: copy_proj(e)),
     "sign-empty-dir": Bad(lambda e: ["sign", "--key", str(e.key("s-1")[0]), "/src/empty"],
-                          lambda e: "nothing to sign: no regular files in the given paths",
+                          lambda e: "nothing to sign: no regular files or symlinks in the "
+                                    "given paths",
                           setup=lambda e: import_empty_dir(e)),
     "import-bad-json": Bad(lambda e: ["attest", "import", attest_file(e, good_line(e), "{")],
                            lambda e: f"{e.tmp}/att.jsonl:2: envelope: not valid JSON "
@@ -389,3 +390,58 @@ def test_writing_commands_refuse_a_mounted_store(env: Env) -> None:
     assert dump_store(env.store) == before
     assert ok(env.run("attest", "export", "/src/proj")) == exported.read_bytes()
     ok(env.run("verify", "--policy", str(env.policy(ONE)), "/src/proj"))
+
+
+def test_symlinks_are_signed_verified_exported_and_explained(env: Env, tmp_path: Path) -> None:
+    """Statements cover the tree: a symlink is signed as its target, a symlink put in
+    place of a signed file is refused by verify (exit 1) and explained by why, and
+    attest export/import carries symlink subjects to another store."""
+    alice, _ = env.key("alice-1")
+    os.symlink("sub/c.c", env.src / "link")
+    os.symlink("/etc/passwd", env.src / "sub" / "host")
+    ok(env.run("import", str(env.src), "/src/proj"))
+    out = ok(env.run("sign", "--key", str(alice), "/src/proj")).decode()
+    assert out.startswith("signed (reviewed): 3 files and 2 symlinks by alice-1, statement ")
+    policy = env.policy(ONE)
+    proc = env.run("verify", "--policy", str(policy), "/src/proj")
+    ok(proc)
+    got = verdicts(proc)
+    assert got["/src/proj/link -> 'sub/c.c'"] == "allowed"
+    assert got["/src/proj/sub/host -> '/etc/passwd'"] == "allowed"
+    assert "[annofs-symlink-v1:" in proc.stdout.decode()
+    exported = ok(env.run("attest", "export", "/src/proj/link"))
+    [doc] = [json.loads(line) for line in exported.decode().splitlines()]
+    subjects = json.loads(base64.b64decode(doc["payload"]))["subject"]
+    assert {"name": "proj/link", "digest": {"annofs-symlink-v1": subjects[
+        [s["name"] for s in subjects].index("proj/link")]["digest"]["annofs-symlink-v1"]}} \
+        in subjects
+    assert sum("annofs-symlink-v1" in s["digest"] for s in subjects) == 2
+
+    # A signed file swapped for a symlink to a host file: refused, and explained. (A
+    # symlink to /etc/passwd would be allowed: that content, like a file's, is signed
+    # wherever it is, here as sub/host.)
+    (env.src / "a.c").unlink()
+    os.symlink("/etc/shadow", env.src / "a.c")
+    ok(env.run("import", str(env.src), "/src/proj"))
+    proc = env.run("verify", "--policy", str(policy), "/src/proj")
+    assert proc.returncode == 1
+    assert verdicts(proc)["/src/proj/a.c -> '/etc/shadow'"] == "refused"
+    proc = env.run("why", "--policy", str(policy), "/src/proj/a.c")
+    assert proc.returncode == 1
+    text = proc.stdout.decode()
+    assert "content: symlink to '/etc/shadow' (annofs-symlink-v1:" in text
+    assert "signed original (found by signed tree path)" in text
+    assert "a signed regular file was here; now a symlink" in text
+    doc = json.loads(ok(env.run("why", "--json", "--policy", str(policy),
+                                "/src/proj/link")))
+    assert doc["kind"] == "symlink" and doc["target"] == "sub/c.c" and doc["allowed"]
+
+    # The statements carry the symlinks to another store with the same tree.
+    (tmp_path / "att.jsonl").write_bytes(exported)
+    o = make_env(tmp_path / "other")
+    os.symlink("sub/c.c", o.src / "link")
+    ok(o.run("import", str(o.src), "/src/proj"))
+    ok(o.run("attest", "import", str(tmp_path / "att.jsonl")))
+    shutil.copy(env.tmp / "keys" / "alice-1.public", o.tmp / "keys")
+    proc = o.run("verify", "--policy", str(o.policy(ONE)), "/src/proj/link")
+    assert verdicts(ok(proc) and proc) == {"/src/proj/link -> 'sub/c.c'": "allowed"}

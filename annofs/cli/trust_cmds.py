@@ -82,8 +82,11 @@ def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str
         ss, added = sign_files(vol, files, key, claim, label=label)
         vol.store.sync()
     what = f"labelled {label}" if label is not None else f"signed ({claim})"
-    n = len(files)
-    click.echo(f"{what}: {n} file{'s' if n != 1 else ''} by {key.name}, statement "
+    links = sum(f.is_symlink for f in files)
+    n = len(files) - links
+    kinds = f"{n} file{'s' if n != 1 else ''}" + (
+        f" and {links} symlink{'s' if links != 1 else ''}" if links else "")
+    click.echo(f"{what}: {kinds} by {key.name}, statement "
                f"{ss.id.hex()[:16]}" + ("" if added else " (already stored)"))
 
 
@@ -205,10 +208,11 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
 @click.argument("paths", nargs=-1)
 @click.pass_context
 def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, ...]) -> None:
-    """The verdict for each file (or each file under a tree); exit 1 if any is refused."""
+    """The verdict for each file and symlink (or each under a tree); exit 1 if any is
+    refused."""
     from annofs.trust.gate import TrustGate
     from annofs.trust.signing import collect_files
-    from annofs.trust.statement import format_digest
+    from annofs.trust.symlink import content_verdict, digest_text
 
     policy = given_policy(policy_file)
     if not paths:
@@ -218,9 +222,12 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, .
     with open_volume(ctx) as vol:
         gate = TrustGate(vol, policy)
         for f in collect_files(vol, parts):
-            v = gate.verdict(f.path, f.version)
+            v = content_verdict(gate, f.path, f.version)
             refused += not v.allowed
-            click.echo(f"{f.text}: {v.status}: {v.reason}  [{format_digest(f.digest)}]")
+            # A symlink is judged as content (its target), never followed.
+            what = f.text if f.target is None else \
+                f"{f.text} -> {f.target.decode('utf-8', 'backslashreplace')!r}"
+            click.echo(f"{what}: {v.status}: {v.reason}  [{digest_text(f.version)}]")
     if refused:
         sys.exit(1)
 

@@ -19,7 +19,7 @@ import trio
 from annofs.daemon.events import Event
 from annofs.explain.report import Explanation
 from annofs.fs.enforce import VerdictSink
-from annofs.store.records import Version
+from annofs.trust.symlink import Content, digest_text
 from annofs.trust.verdict import Verdict
 
 RECENT = 500
@@ -38,12 +38,11 @@ class FeedItem:
     signers: tuple[str, ...] = field(default=())
 
 
-def event_of(path: str, version: Version, verdict: Verdict, pid: int,
+def event_of(path: str, version: Content, verdict: Verdict, pid: int,
              explanation: Explanation | None = None) -> Event:
-    """The event for a judged open (as the events log would word it)."""
+    """The event for a judged open or symlink read (as the events log would word it)."""
     return Event(path=path, verdict=_EVENT_WORD.get(verdict.status, verdict.status),
-                 reason=verdict.reason,
-                 digest=f"blake3:{version.digest.hex()}" if version.digest else "",
+                 reason=verdict.reason, digest=digest_text(version),
                  version=version.id, rule=verdict.rule, pid=pid,
                  explanation=explanation.to_text() if explanation is not None else "",
                  details=explanation.to_json() if explanation is not None else None)
@@ -79,7 +78,7 @@ class Feed:
     def tee(self, sink: VerdictSink | None) -> VerdictSink:
         """A verdict sink that calls `sink` (the events log's) and then publishes."""
 
-        def both(path: str, version: Version, verdict: Verdict, pid: int,
+        def both(path: str, version: Content, verdict: Verdict, pid: int,
                  explanation: Explanation | None = None) -> None:
             try:
                 if sink is not None:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import trio
 
-from annofs.daemon.events import Event, EventLog
+from annofs.daemon.events import EventLog
+from annofs.daemon.feed import event_of
 from annofs.errors import AnnofsError, UsageError
 from annofs.explain.report import Explanation, RateLimit, explain
 from annofs.fs.enforce import OpenGuard
-from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
 from annofs.trust.policy import load_policy, permissive_policy
+from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
 
@@ -127,7 +128,7 @@ class PolicyHolder:
         log.info("policy reloaded from %s", self.file)
         return f"policy reloaded from {self.file}"
 
-    async def explain_refusal(self, path: Sequence[bytes], version: Version,
+    async def explain_refusal(self, path: Sequence[bytes], version: Content,
                               verdict: Verdict) -> Explanation | None:
         """The explanation of a refusal (SPEC §5), made in a worker thread; None once the
         rate limit is spent, so a flood of refusals costs one line each, not one diff."""
@@ -140,15 +141,10 @@ class PolicyHolder:
         return await trio.to_thread.run_sync(
             explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
 
-    def record(self, path: str, version: Version, verdict: Verdict, pid: int,
+    def record(self, path: str, version: Content, verdict: Verdict, pid: int,
                explanation: Explanation | None = None) -> None:
         """The verdict sink: refusals (with their explanation) and warnings go to the
         events log."""
         if verdict.allowed and not verdict.flagged:
             return
-        self.events.record(Event(
-            path=path, verdict="refused" if not verdict.allowed else "warned",
-            reason=verdict.reason, digest=f"blake3:{version.digest.hex()}" if version.digest
-            else "", version=version.id, rule=verdict.rule, pid=pid,
-            explanation=explanation.to_text() if explanation is not None else "",
-            details=explanation.to_json() if explanation is not None else None))
+        self.events.record(event_of(path, version, verdict, pid, explanation))

@@ -37,7 +37,8 @@ from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
 from annofs.trust.signing import path_text
-from annofs.trust.statement import SignedStatement
+from annofs.trust.statement import SignedStatement, symlink_digest
+from annofs.trust.symlink import Content
 from annofs.trust.verdict import decide
 from annofs.volume import Volume
 
@@ -79,6 +80,7 @@ class Candidate:
     trusted_signers: tuple[str, ...]  # keys that count for the rule at this file's path
     satisfies: bool  # the original would be allowed at this path
     distance: int | None = None  # edits back along the graph (EDIT_GRAPH only)
+    symlink: bool = False  # the signed content is a symlink's (its statements say so)
 
     @property
     def size(self) -> int | None:
@@ -127,7 +129,7 @@ def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Ver
 
 class _Finder:
     def __init__(self, vol: Volume, ann: AnnotationStore, txn: lmdb.Transaction,
-                 version: Version, path: Sequence[bytes], policy: Policy | None) -> None:
+                 version: Content, path: Sequence[bytes], policy: Policy | None) -> None:
         self.vol, self.ann, self.txn = vol, ann, txn
         self.version, self.path, self.policy = version, tuple(path), policy
         self._signed: dict[bytes, bool] = {}
@@ -206,17 +208,20 @@ class _Finder:
                 continue
             looked = 0
             for name, a, _link in ns.iter_entries(txn, int(d.target)):
-                if not a.is_reg or (k == len(path) - 1 and name == path[-1]):
+                if not (a.is_reg or a.is_symlink) or (k == len(path) - 1
+                                                      and name == path[-1]):
                     continue
                 looked += 1
                 if looked > TREE_ENTRIES_PER_DIR:
                     break
-                nv = self.vol.versions.get(txn, int(a.target))
-                if nv.digest is None or not self.signed(nv.digest):
+                # A signed symlink beside it is as good a witness as a signed file.
+                nd = (symlink_digest(a.target) if isinstance(a.target, bytes)
+                      else self.vol.versions.get(txn, int(a.target)).digest)
+                if nd is None or not self.signed(nd):
                     continue
                 here = (*path[:k], name)
-                for sid in self.ann.ids_for_digest(txn, nv.digest):
-                    for sub_name in self.ann.names_for(txn, nv.digest, sid):
+                for sid in self.ann.ids_for_digest(txn, nd):
+                    for sub_name in self.ann.names_for(txn, nd, sid):
                         rel = _rel_name(here, sub_name, path)
                         if rel is None:
                             continue
@@ -236,7 +241,7 @@ class _Finder:
     def candidate(self, digest: bytes, how: str, distance: int | None) -> Candidate:
         txn, policy = self.txn, self.policy
         v = version_for_digest(self.vol, txn, digest)
-        if v is not None:
+        if v is not None and isinstance(self.version, Version):
             sb, sf = shared(self.version, v)
         else:
             sb, sf = 0, 0
@@ -255,7 +260,9 @@ class _Finder:
             signers, ok = verdict.signers, verdict.satisfied
         else:
             signers, ok = (), False
-        return Candidate(digest, how, v, sb, sf, tuple(sigs), signers, ok, distance)
+        symlink = any(s.symlink for ss in statements for s in ss.statement.subjects
+                      if s.digest == digest)
+        return Candidate(digest, how, v, sb, sf, tuple(sigs), signers, ok, distance, symlink)
 
 
 def _rel_name(here: Sequence[bytes], sub_name: str, path: Sequence[bytes]) -> str | None:
@@ -269,23 +276,25 @@ def _rel_name(here: Sequence[bytes], sub_name: str, path: Sequence[bytes]) -> st
     return "/".join(p.decode("utf-8", "backslashreplace") for p in path[prefix:])
 
 
-def find_original(vol: Volume, annotations: AnnotationStore, version: Version,
+def find_original(vol: Volume, annotations: AnnotationStore, version: Content,
                   path: Sequence[bytes], policy: Policy | None,
                   txn: lmdb.Transaction | None = None) -> list[Candidate]:
     """Candidates for the signed original of `version` (read at store path `path`).
 
     The first is the original (by the first way that found any); the rest follow by
     shared bytes. Empty: no signed original anywhere. `version` should have its digest.
+    A symlink (no edit graph, no fragments) is looked for by the signed tree path only.
     """
     if txn is None:
         with vol.store.read() as t:
             return find_original(vol, annotations, version, path, policy, t)
     f = _Finder(vol, annotations, txn, version, path, policy)
     found: dict[bytes, tuple[str, int | None]] = {}
-    for d, dist in f.by_edit_graph():
-        found.setdefault(d, (EDIT_GRAPH, dist))
-    for d in f.by_fragments():
-        found.setdefault(d, (SHARED_FRAGMENTS, None))
+    if isinstance(version, Version):
+        for d, dist in f.by_edit_graph():
+            found.setdefault(d, (EDIT_GRAPH, dist))
+        for d in f.by_fragments():
+            found.setdefault(d, (SHARED_FRAGMENTS, None))
     if not found:
         for d in f.by_tree_path():
             found.setdefault(d, (TREE_PATH, None))

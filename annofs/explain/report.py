@@ -28,7 +28,8 @@ from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
-from annofs.trust.statement import format_digest
+from annofs.trust.statement import format_digest, format_subject_digest
+from annofs.trust.symlink import Content, Symlink, position_verdict
 from annofs.trust.verdict import Verdict, decide
 from annofs.volume import Volume
 
@@ -82,6 +83,20 @@ class Explanation:
     diff: str = ""
     diff_kind: str = ""  # text, binary, identical, too large, content not stored
     ranges: list[ByteRange] = field(default_factory=list)
+    target: bytes | None = None  # a symlink's target: its content (None for a file)
+
+    @property
+    def digest_text(self) -> str:
+        """The content digest with its kind's algorithm name."""
+        return format_subject_digest(self.digest, self.target is not None)
+
+    @property
+    def content_text(self) -> str:
+        """What the content is, for a line of text."""
+        if self.target is not None:
+            shown = self.target.decode("utf-8", "backslashreplace")
+            return f"symlink to {shown!r} ({self.digest_text})"
+        return f"{self.digest_text} ({self.size} bytes, version {self.version})"
 
     @property
     def original(self) -> Candidate | None:
@@ -92,8 +107,8 @@ class Explanation:
 
     def _candidate_lines(self, c: Candidate, indent: str) -> list[str]:
         size = f"{c.size} bytes, version {c.version.id}" if c.version is not None \
-            else "content not in this store"
-        out = [f"{indent}{format_digest(c.digest)} ({size})"]
+            else "a symlink" if c.symlink else "content not in this store"
+        out = [f"{indent}{format_subject_digest(c.digest, c.symlink)} ({size})"]
         for s in c.signatures:
             kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
             names = ", ".join(s.names) or "?"
@@ -114,8 +129,7 @@ class Explanation:
         lines = [f"{self.path}: {v.status}",
                  f"  rule: {v.rule} (needs {_plural(v.needed, 'trusted signer')})",
                  f"  verdict: {v.reason}",
-                 f"  content: {format_digest(self.digest)} ({self.size} bytes, "
-                 f"version {self.version})"]
+                 f"  content: {self.content_text}"]
         if v.claims:
             lines.append(f"  claims by trusted keys: {', '.join(v.claims)}")
         if not self.searched:
@@ -146,7 +160,8 @@ class Explanation:
 
     def _candidate_json(self, c: Candidate) -> dict[str, Any]:
         return {
-            "digest": format_digest(c.digest),
+            "digest": format_subject_digest(c.digest, c.symlink),
+            "kind": "symlink" if c.symlink else "file",
             "found_by": c.how,
             "edits_back": c.distance,
             "version": c.version.id if c.version is not None else None,
@@ -175,9 +190,12 @@ class Explanation:
             "missing": v.missing,
             "not_counted": list(v.ignored),
             "reason": v.reason,
-            "digest": format_digest(self.digest),
+            "digest": self.digest_text,
             "size": self.size,
             "version": self.version,
+            "kind": "symlink" if self.target is not None else "file",
+            "target": (self.target.decode("utf-8", "backslashreplace")
+                       if self.target is not None else None),
         }
         if not self.searched:
             return out
@@ -196,12 +214,15 @@ class Explanation:
 
 
 def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
-            path: Sequence[bytes], version: Version, verdict: Verdict | None = None, *,
+            path: Sequence[bytes], version: Content, verdict: Verdict | None = None, *,
             diff_lines: int = TEXT_DIFF_LINES) -> Explanation:
-    """The explanation for `version` read at store path `path` under `policy`.
+    """The explanation for `version` read at store path `path` under `policy` (a
+    symlink's content: `explain_symlink`).
 
     CPU work (digest, diff) proportional to the file: call it off an event loop.
     """
+    if isinstance(version, Symlink):
+        return explain_symlink(vol, annotations, policy, path, version, verdict)
     version = vol.versions.ensure_digest(version)
     assert version.digest is not None
     text_path = path_text(path)
@@ -244,6 +265,31 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
     return e
 
 
+def explain_symlink(vol: Volume, annotations: AnnotationStore, policy: Policy,
+                    path: Sequence[bytes], link: Symlink,
+                    verdict: Verdict | None = None) -> Explanation:
+    """The explanation for a symlink's content (its target) at `path`: the verdict and,
+    if refused, what a signed tree had at this path (found by the signed tree path:
+    a symlink has no edit graph and no fragments). No diff: what was signed here was
+    either another target (known only by its digest) or a file, said in `diff_kind`."""
+    text_path = path_text(path)
+    with vol.store.read() as txn:
+        if verdict is None:
+            verdict = position_verdict(policy, path, link.target, decide(
+                text_path, link.digest, policy, annotations.for_digest(txn, link.digest)))
+        e = Explanation(text_path, 0, link.digest, link.size, verdict, target=link.target)
+        if verdict.satisfied:
+            return e
+        e.searched = True
+        e.would_satisfy = would_satisfy(policy, text_path)
+        e.candidates = find_original(vol, annotations, link, path, policy, txn)
+    c = e.original
+    if c is not None:
+        e.diff_kind = ("a symlink to another target was signed here" if c.symlink
+                       else "a signed regular file was here; now a symlink")
+    return e
+
+
 XATTR_LIMIT = 64 << 10  # the kernel's XATTR_SIZE_MAX: a larger value cannot be read
 
 
@@ -267,7 +313,11 @@ def why_xattr(gate: TrustGate, path: Sequence[bytes], version: Version,
 def summary_line(e: Explanation) -> str:
     """One line for the daemon log and the events log at a refusal (no diff body)."""
     v = e.verdict
-    head = f"{v.status} {e.path}: {v.reason} [{format_digest(e.digest)[:23]}]"
+    if e.target is not None:
+        shown = e.target.decode("utf-8", "backslashreplace")
+        head = f"{v.status} {e.path} (symlink to {shown!r}): {v.reason} [{e.digest_text[:34]}]"
+    else:
+        head = f"{v.status} {e.path}: {v.reason} [{format_digest(e.digest)[:23]}]"
     if not e.searched:
         return head
     c = e.original

@@ -30,6 +30,7 @@ from annofs.fs.inodes import Inode
 from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
 from annofs.trust.signing import path_text
+from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -37,11 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("annofs.fs")
 
-# Called for every judged open: (store path, version, verdict, pid, the explanation of a
-# refusal or None).
-VerdictSink = Callable[[str, Version, Verdict, int, "Explanation | None"], None]
+# Called for every judged open or symlink read: (store path, content, verdict, pid, the
+# explanation of a refusal or None). The content is a file's version or a symlink's.
+VerdictSink = Callable[[str, Content, Verdict, int, "Explanation | None"], None]
 # Explains a refusal, off the event loop; None when it chose not to (a rate limit).
-RefusalExplainer = Callable[[Sequence[bytes], Version, Verdict],
+RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict],
                             Awaitable["Explanation | None"]]
 
 
@@ -105,9 +106,10 @@ class OpenGuard:
                                                     version)
         return version, self.gate.verdict(path, version)
 
-    async def conclude(self, path: Sequence[bytes], version: Version, verdict: Verdict,
+    async def conclude(self, path: Sequence[bytes], version: Content, verdict: Verdict,
                        pid: int) -> None:
         """Record the verdict; a refusal is explained first, then raised as EACCES.
+        `version` is the content judged: a file's version, or a symlink's (readlink).
 
         The explanation is made before the caller sees EACCES, so by the time a tool
         reports the failure, the daemon log and the events log say why.

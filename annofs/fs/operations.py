@@ -39,6 +39,7 @@ from annofs.fs.openfile import INLINE_BYTES, SPILL_BYTES, OpenFile, fold
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
+from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.fs")
@@ -289,6 +290,13 @@ class Operations(pyfuse3.Operations):
         if not a.is_symlink:
             raise pyfuse3.FUSEError(errno.EINVAL)
         assert isinstance(a.target, bytes)
+        if self.guard.active and self.guard.gate is not None:
+            # A symlink is content, judged like a file at open (trust/symlink.py). The
+            # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
+            # so a refusal here refuses every path through it too.
+            path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
+                                                a.target)
+            await self.guard.conclude(path, link, verdict, ctx.pid)
         return a.target
 
     # -- directories ----------------------------------------------------------------------

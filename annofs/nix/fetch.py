@@ -20,9 +20,10 @@ make an in-toto statement the cache key signed. So the statement (trust/statemen
 `narinfo_statement`) carries the fingerprint itself, and its signature is the narinfo's
 `Sig` bytes, verified against the fingerprint with the key's public half every time the
 statement is read; the policy then treats it like any other statement (claim `built`,
-distinct signers by public key). Its subjects are the BLAKE3 digests of every regular
-file of the tree, named `<hash>-<name>/<path>` as `annofs sign` of the store path would
-name them, so a rule on `/nix/store/**` counts the cache keys as signers of each file.
+distinct signers by public key). Its subjects are the digests of every regular file
+and symlink of the tree (a NAR covers symlinks: their targets are signed content),
+named `<hash>-<name>/<path>` as `annofs sign` of the store path would name them, so a
+rule on `/nix/store/**` counts the cache keys as signers of each file and symlink.
 
 What binds those subjects to the NarHash is the NAR they were restored from: this
 module checks that binding as the tree is added, from the very bytes it restores. The
@@ -78,7 +79,7 @@ from annofs.nix.narinfo import (
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
 from annofs.trust.signing import collect_files
-from annofs.trust.statement import SignedStatement, narinfo_statement
+from annofs.trust.statement import SignedStatement, Subject, narinfo_statement, symlink_digest
 from annofs.volume import Volume
 
 DEFAULT_DEST = (b"nix", b"store")
@@ -296,7 +297,7 @@ def _subject_name(base: str, path: Sequence[bytes]) -> str:
     return "/".join([base, *(p.decode("utf-8", "backslashreplace") for p in path)])
 
 
-def _statements(r: Resolved, subjects: list[tuple[str, bytes]]) -> list[SignedStatement]:
+def _statements(r: Resolved, subjects: list[Subject]) -> list[SignedStatement]:
     fp = r.info.fingerprint()
     when = int(time.time())
     out = []
@@ -307,18 +308,19 @@ def _statements(r: Resolved, subjects: list[tuple[str, bytes]]) -> list[SignedSt
 
 
 def _record(vol: Volume, txn: lmdb.Transaction, ann: AnnotationStore, r: Resolved,
-            files: list[tuple[str, bytes, int]]) -> int:
-    """Record the signatures over (subject name, digest, version id) files; how many new.
+            files: list[tuple[Subject, int | None]]) -> int:
+    """Record the signatures over (subject, version id) files and (subject, None)
+    symlinks; how many new.
 
     A signature already recorded over the same subjects (an earlier fetch) is not
     recorded twice, although its statement's time would make it a new one.
     """
     if not files:
-        return 0  # a store path that is only a symlink: nothing to open, nothing to sign
-    subjects = [(n, d) for n, d, _ in files]
-    digests = frozenset(d for _, d, _ in files)
+        return 0  # cannot happen for a well-formed NAR: its top node is one of these
+    subjects = [s for s, _ in files]
+    digests = frozenset(s.digest for s in subjects)
     have = {(ss.envelope.sig, ss.statement.fingerprint)
-            for ss in ann.covering(txn, files[0][1]) if ss.digests == digests}
+            for ss in ann.covering(txn, subjects[0].digest) if ss.digests == digests}
     added = 0
     for ss in _statements(r, subjects):
         if (ss.envelope.sig, ss.statement.fingerprint) in have:
@@ -326,10 +328,10 @@ def _record(vol: Volume, txn: lmdb.Transaction, ann: AnnotationStore, r: Resolve
         added += ann.add(txn, ss)
     if added:
         done: set[bytes] = set()
-        for _, digest, vid in files:
-            if digest not in done:
-                done.add(digest)
-                ann.index_fragments(txn, digest, vol.versions.get(txn, vid).hashes)
+        for s, vid in files:
+            if vid is not None and s.digest not in done:  # a symlink has no fragments
+                done.add(s.digest)
+                ann.index_fragments(txn, s.digest, vol.versions.get(txn, vid).hashes)
     return added
 
 
@@ -387,7 +389,10 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
     def before_swap(txn: lmdb.Transaction, tree: RestoredTree) -> None:
         # The tree was restored from a second read of the checked bytes: check those too.
         _check_nar(info, where, tree.nar.sha256, tree.nar.size)
-        files = [(_subject_name(base, rf.path), rf.digest, rf.version) for rf in tree.files]
+        files: list[tuple[Subject, int | None]] = [
+            (Subject(_subject_name(base, rf.path), rf.digest), rf.version) for rf in tree.files]
+        files += [(Subject(_subject_name(base, path), symlink_digest(target), True), None)
+                  for path, target in tree.links]
         counted.append(_record(vol, txn, ann, r, files))
 
     try:
@@ -411,8 +416,8 @@ def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[
         raise RefusedError(f"{where}: already exists with other content "
                            f"({got}, {got.size} bytes; the narinfo signed "
                            f"{r.info.nar_hash_text}, {r.info.nar_size} bytes)")
-    refs = collect_files(vol, [dest]) if _has_files(vol, dest) else []
-    files = [(ref.name, ref.digest, ref.version.id) for ref in refs]
+    refs = collect_files(vol, [dest])
+    files = [(ref.subject, None if ref.is_symlink else ref.version.id) for ref in refs]
     with vol.store.write() as txn:
         added = _record(vol, txn, ann, r, files)
     return Fetched(r.store_path.full, dest, len(files), signers, added, True,
@@ -426,12 +431,6 @@ def _exists(vol: Volume, dest: tuple[bytes, ...]) -> bool:
         except NotFoundError:
             return False
     return True
-
-
-def _has_files(vol: Volume, dest: tuple[bytes, ...]) -> bool:
-    with vol.store.read() as txn:
-        a = vol.namespace.resolve(txn, list(dest))
-    return a.is_reg or a.is_dir
 
 
 def _roots(paths: Sequence[str]) -> list[tuple[str, str | None]]:

@@ -572,6 +572,7 @@ class RestoredTree:
     files: list[RestoredFile] = field(default_factory=list)  # in archive order
     directories: int = 0  # the top one included
     symlinks: int = 0
+    links: list[tuple[tuple[bytes, ...], bytes]] = field(default_factory=list)  # (path, target)
     new_bytes: int = 0  # payload bytes the store did not hold before
 
 
@@ -642,6 +643,7 @@ class _Restorer:
             return
         if e.kind == "symlink":
             tree.symlinks += 1
+            tree.links.append((e.path, e.target))
             a = self._attrs(stat.S_IFLNK | 0o777, len(e.target), e.target)
             self._queue(e.path, a, None)
             return

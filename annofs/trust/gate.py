@@ -21,6 +21,7 @@ or a `tar` reads each file once), so the uncached path is the one that must be c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -29,6 +30,9 @@ from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
+
+if TYPE_CHECKING:
+    from annofs.trust.symlink import Symlink
 
 
 class TrustGate:
@@ -64,9 +68,10 @@ class TrustGate:
         self.cache.clear()
         self.by_statements.clear()
 
-    def verdict(self, path: Sequence[bytes], version: Version,
+    def verdict(self, path: Sequence[bytes], version: Version | Symlink,
                 txn: lmdb.Transaction | None = None) -> Verdict:
-        """The verdict for `version` read at store path `path` (a list of names).
+        """The verdict for `version` read at store path `path` (a list of names); a
+        symlink's content (trust/symlink.py) is judged like a file's.
 
         `txn`: a read transaction to look the statements up in (the one the version was
         read in); only for a version whose digest is known. Without one, a deferred
@@ -74,6 +79,7 @@ class TrustGate:
         from a worker thread for large files).
         """
         if version.digest is None:
+            assert isinstance(version, Version)  # a symlink's digest is always known
             if txn is not None:
                 raise ValueError("verdict in a caller's transaction needs a known digest")
             version = self._vol.versions.ensure_digest(version)

@@ -1,7 +1,9 @@
 """Signing files of the namespace: which files, under which subject names, and storing it.
 
 `annofs sign` and `annofs label` make ONE statement over every file they are given: a
-file argument contributes itself, a directory every regular file below it. A subject's
+file or symlink argument contributes itself (a symlink is not followed), a directory
+every regular file and symlink below it: statements cover the tree, as a NAR does, and
+a symlink's subject is its target (trust/symlink.py). A subject's
 name is its path relative to the PARENT of the argument it came from:
 
     annofs sign /src/proj           ->  proj/README, proj/src/main.c, ...
@@ -19,11 +21,12 @@ from dataclasses import dataclass
 
 from annofs.errors import UsageError
 from annofs.namespace.tree import Namespace
-from annofs.store.records import Version
+from annofs.store.records import Attrs
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.keys import SecretKey
 from annofs.trust.pathglob import path_text  # defined with the globs it feeds
-from annofs.trust.statement import SignedStatement, make_statement, sign_statement
+from annofs.trust.statement import SignedStatement, Subject, make_statement, sign_statement
+from annofs.trust.symlink import Content, Symlink, symlink_content
 from annofs.volume import Volume
 
 
@@ -34,17 +37,33 @@ def _subject_name(parts: Sequence[bytes]) -> str:
 
 @dataclass(frozen=True)
 class FileRef:
-    """A regular file found from a PATH argument, with its current version (digest set)."""
+    """A regular file found from a PATH argument, with its current version (digest set),
+    or a symlink, with its target as its content."""
 
     path: tuple[bytes, ...]
     name: str  # the subject name (see the module docstring)
-    version: Version
+    version: Content
 
     @property
     def digest(self) -> bytes:
-        """The content's BLAKE3 digest."""
+        """The content's digest: BLAKE3 of a file, `symlink_digest` of a symlink."""
         assert self.version.digest is not None
         return self.version.digest
+
+    @property
+    def is_symlink(self) -> bool:
+        """Whether this is a symlink (its content is its target)."""
+        return isinstance(self.version, Symlink)
+
+    @property
+    def target(self) -> bytes | None:
+        """A symlink's target; None for a regular file."""
+        return self.version.target if isinstance(self.version, Symlink) else None
+
+    @property
+    def subject(self) -> Subject:
+        """The statement subject this file or symlink becomes."""
+        return Subject(self.name, self.digest, self.is_symlink)
 
     @property
     def text(self) -> str:
@@ -54,13 +73,15 @@ class FileRef:
 
 def collect_files(vol: Volume, paths: Sequence[Sequence[bytes]], *,
                   unique_names: bool = False) -> list[FileRef]:
-    """Every regular file at or under `paths`, in argument then name order, each once.
+    """Every regular file and symlink at or under `paths`, in argument then name order,
+    each once (symlinks are not followed).
 
     Digests deferred at write time are computed here (and recorded), after every path
     was found and, with `unique_names`, after checking that no two files would have the
     same subject name: a mistake in the arguments changes nothing in the store.
     """
-    found: list[tuple[tuple[bytes, ...], str, int]] = []
+    # (path, subject name, version id of a file or target of a symlink)
+    found: list[tuple[tuple[bytes, ...], str, int | bytes]] = []
     seen: set[tuple[bytes, ...]] = set()
     ns: Namespace = vol.namespace
     with vol.store.read() as txn:
@@ -68,13 +89,14 @@ def collect_files(vol: Volume, paths: Sequence[Sequence[bytes]], *,
             arg = tuple(arg)
             a = ns.resolve(txn, arg)
             base = max(len(arg) - 1, 0)
-            if a.is_reg:
+            if a.is_reg or a.is_symlink:
                 if arg not in seen:
                     seen.add(arg)
-                    found.append((arg, _subject_name(arg[base:]), int(a.target)))
+                    found.append((arg, _subject_name(arg[base:]), _content_key(a)))
                 continue
             if not a.is_dir:
-                raise UsageError(f"{path_text(arg)}: not a regular file or directory")
+                raise UsageError(f"{path_text(arg)}: not a regular file, symlink or "
+                                 f"directory")
             # Depth-first, names in order: the statement lists files as `find` would.
             stack = [(arg, int(a.target))]
             while stack:
@@ -82,13 +104,15 @@ def collect_files(vol: Volume, paths: Sequence[Sequence[bytes]], *,
                 subdirs = []
                 for name, child, _link in ns.iter_entries(txn, dir_id):
                     p = (*dir_path, name)
-                    if child.is_reg and p not in seen:
+                    if (child.is_reg or child.is_symlink) and p not in seen:
                         seen.add(p)
-                        found.append((p, _subject_name(p[base:]), int(child.target)))
+                        found.append((p, _subject_name(p[base:]), _content_key(child)))
                     elif child.is_dir:
                         subdirs.append((p, int(child.target)))
                 stack.extend(reversed(subdirs))
-        versions = [vol.versions.get(txn, vid) for _, _, vid in found]
+        versions: list[Content] = [
+            symlink_content(key) if isinstance(key, bytes) else vol.versions.get(txn, key)
+            for _, _, key in found]
     if unique_names:
         first: dict[str, tuple[bytes, ...]] = {}
         for p, n, _ in found:
@@ -97,8 +121,16 @@ def collect_files(vol: Volume, paths: Sequence[Sequence[bytes]], *,
                                  f"subject {n!r}; sign them in separate statements, or sign "
                                  f"a common parent")
             first[n] = p
-    return [FileRef(p, n, vol.versions.ensure_digest(v))
+    return [FileRef(p, n, v if isinstance(v, Symlink) else vol.versions.ensure_digest(v))
             for (p, n, _), v in zip(found, versions, strict=True)]
+
+
+def _content_key(a: Attrs) -> int | bytes:
+    """A regular file's version id, or a symlink's target."""
+    if a.is_symlink:
+        assert isinstance(a.target, bytes)
+        return a.target
+    return int(a.target)
 
 
 def sign_files(vol: Volume, files: Sequence[FileRef], key: SecretKey, claim: str, *,
@@ -110,16 +142,15 @@ def sign_files(vol: Volume, files: Sequence[FileRef], key: SecretKey, claim: str
     statement and all its index entries are stored, or nothing is.
     """
     if not files:
-        raise UsageError("nothing to sign: no regular files in the given paths")
-    st = make_statement(((f.name, f.digest) for f in files), claim, key, label=label,
-                        when=when)
+        raise UsageError("nothing to sign: no regular files or symlinks in the given paths")
+    st = make_statement((f.subject for f in files), claim, key, label=label, when=when)
     ss = sign_statement(st, key)
     ann = annotations or AnnotationStore(vol.store)
     with vol.store.write() as txn:
         added = ann.add(txn, ss)
         done: set[bytes] = set()
         for f in files:
-            if f.digest not in done:
+            if f.digest not in done and not f.is_symlink:  # a symlink has no fragments
                 done.add(f.digest)
                 ann.index_fragments(txn, f.digest, f.version.hashes)
     return ss, added

@@ -1,6 +1,6 @@
 """Statements: who claims what about which contents, signed as in-toto in DSSE.
 
-A statement lists subjects (a relative path and the content's BLAKE3 digest), a claim
+A statement lists subjects (a relative path and the content's digest), a claim
 (`reviewed`, `built`, `authored`, `reproduced`, or a user word), an optional label (for
 `annofs label`: a signed annotation that is not an approval, e.g. `malicious`), the
 signer's key name and public key, and the time. Its one canonical form is an in-toto
@@ -21,6 +21,16 @@ statement). Its signature is checked like any other, every time it is read: a ch
 fingerprint or a signature by another key does not verify. What ties its subjects to
 the fingerprint's NarHash is the NAR they were restored from, checked by `nix fetch`;
 annofs/nix/fetch.py says why, and why such statements are not taken from `attest import`.
+
+Statements cover the tree, as a NAR does: a subject is a regular file, digest
+`{"blake3": <hex>}` (BLAKE3 of its bytes, as `b3sum` prints), or a symlink, digest
+`{"annofs-symlink-v1": <hex>}`: BLAKE3 in its key-derivation mode over the target's
+bytes, with the context string SYMLINK_DIGEST_CONTEXT (`symlink_digest`). The two modes
+differ in the flags of every compression, so no file's digest is any symlink's: a
+signed file whose bytes are "/etc/shadow" approves no symlink to /etc/shadow, nor the
+reverse. (A tag prefixed to the target in the plain mode would not do: a file could
+hold the tagged string.) The digest set's key says which kind a subject is, for tools
+outside annofs; annofs matches by digest, which cannot be confused across kinds.
 
 Every parser here is strict: a malformed field is a UsageError naming where it was found
 and what is wrong, never a KeyError or TypeError.
@@ -75,6 +85,11 @@ _BAD_COMPONENT = re.compile(r"(?:^|/)\.{0,2}(?:/|$)")  # an empty, '.' or '..' c
 _PLAIN_NAME = re.compile(r"[\w+-][\w.+-]*(?:/[\w+-][\w.+-]*)*", re.ASCII)
 _SUBJECT_FIELDS = {"name", "digest"}
 _DIGEST_FIELDS = {"blake3"}
+# A symlink subject's digest algorithm (in-toto DigestSet key) and BLAKE3 derive_key
+# context: see the module docstring. Changing either changes every symlink's digest.
+SYMLINK_DIGEST_ALGORITHM = "annofs-symlink-v1"
+SYMLINK_DIGEST_CONTEXT = "annofs 2026-12-06 symlink target v1"
+_SYMLINK_FIELDS = {SYMLINK_DIGEST_ALGORITHM}
 MAX_NAME = 4096  # PATH_MAX: a subject name longer than any path is not a path
 
 DIGEST_PREFIX = "blake3:"
@@ -104,6 +119,16 @@ def check_claim(claim: str) -> None:
 def format_digest(digest: bytes) -> str:
     """`blake3:<64 hex>`, as `b3sum` prints the hex."""
     return DIGEST_PREFIX + digest.hex()
+
+
+def symlink_digest(target: bytes) -> bytes:
+    """A symlink's content digest: BLAKE3 derive_key(SYMLINK_DIGEST_CONTEXT) of its target."""
+    return blake3.blake3(target, derive_key_context=SYMLINK_DIGEST_CONTEXT).digest()
+
+
+def format_subject_digest(digest: bytes, symlink: bool) -> str:
+    """`blake3:<hex>` for a file, `annofs-symlink-v1:<hex>` for a symlink."""
+    return f"{SYMLINK_DIGEST_ALGORITHM}:{digest.hex()}" if symlink else format_digest(digest)
 
 
 def parse_digest(text: str, where: str) -> bytes:
@@ -173,10 +198,16 @@ def check_subject_name(name: Any, field: str) -> None:
 
 @dataclass(frozen=True)
 class Subject:
-    """One file a statement covers: its path relative to what was signed, and its digest."""
+    """One file or symlink a statement covers: its path relative to what was signed, and
+    its digest (`symlink_digest` of the target for a symlink)."""
 
     name: str
     digest: bytes
+    symlink: bool = False
+
+    def digest_json(self) -> dict[str, str]:
+        """The in-toto DigestSet: the algorithm names the kind."""
+        return {SYMLINK_DIGEST_ALGORITHM if self.symlink else "blake3": self.digest.hex()}
 
 
 @dataclass(frozen=True)
@@ -246,8 +277,7 @@ class Statement:
             predicate["fingerprint"] = self.fingerprint
         return {
             "_type": STATEMENT_TYPE,
-            "subject": [{"name": s.name, "digest": {"blake3": s.digest.hex()}}
-                        for s in self.subjects],
+            "subject": [{"name": s.name, "digest": s.digest_json()} for s in self.subjects],
             "predicateType": (PREDICATE_TYPE if self.fingerprint is None
                               else NARINFO_PREDICATE_TYPE),
             "predicate": predicate,
@@ -320,11 +350,12 @@ class SignedStatement:
         return [s.name for s in self.statement.subjects if s.digest == digest]
 
 
-def make_statement(subjects: Iterable[tuple[str, bytes]], claim: str, key: SecretKey, *,
-                   label: str | None = None, when: int | None = None) -> Statement:
-    """A statement by `key` (unsigned yet) over (name, digest) pairs."""
+def make_statement(subjects: Iterable[tuple[str, bytes] | Subject], claim: str,
+                   key: SecretKey, *, label: str | None = None,
+                   when: int | None = None) -> Statement:
+    """A statement by `key` (unsigned yet) over subjects ((name, digest) pairs are files)."""
     return Statement(
-        subjects=tuple(Subject(n, d) for n, d in subjects),
+        subjects=tuple(s if isinstance(s, Subject) else Subject(*s) for s in subjects),
         claim=LABEL_CLAIM if label is not None else claim,
         signer=key.name,
         public_key=key.public,
@@ -347,12 +378,14 @@ def check_fingerprint(text: str) -> bool:
     return len(text) <= MAX_FINGERPRINT and _FINGERPRINT.fullmatch(text) is not None
 
 
-def narinfo_statement(subjects: Iterable[tuple[str, bytes]], signer: str, public_key: bytes,
-                      fingerprint: str, sig: bytes, when: int) -> SignedStatement:
+def narinfo_statement(subjects: Iterable[tuple[str, bytes] | Subject], signer: str,
+                      public_key: bytes, fingerprint: str, sig: bytes,
+                      when: int) -> SignedStatement:
     """A narinfo `Sig` (by `signer`'s `public_key`, over `fingerprint`) as a statement
-    with claim `built` over (name, digest) subjects. The signature is not checked here:
-    `signature_valid` says, as for any statement."""
-    st = Statement(subjects=tuple(Subject(n, d) for n, d in subjects), claim=NARINFO_CLAIM,
+    with claim `built` over subjects ((name, digest) pairs are files). The signature is
+    not checked here: `signature_valid` says, as for any statement."""
+    st = Statement(subjects=tuple(s if isinstance(s, Subject) else Subject(*s)
+                                  for s in subjects), claim=NARINFO_CLAIM,
                    signer=signer, public_key=public_key, time=when, fingerprint=fingerprint)
     return SignedStatement(st, Envelope(NARINFO_PAYLOAD_TYPE, st.payload(), signer, sig))
 
@@ -522,13 +555,20 @@ def _parse_statement(doc: Any) -> Statement:
         if name in names:
             raise _Bad(f"payload.subject[{i}].name", f"{name!r} appears twice")
         names.add(name)
+        symlink = False
+        algorithm = "blake3"
         if not (type(dig) is dict and dig.keys() == _DIGEST_FIELDS):
-            _object(dig, f"payload.subject[{i}].digest", ("blake3",))
-        hexd = dig["blake3"]
+            # A symlink's digest, or else exactly {"blake3": ...} (raises saying what is
+            # wrong): never both kinds, never an algorithm we do not know.
+            if type(dig) is dict and dig.keys() == _SYMLINK_FIELDS:
+                symlink, algorithm = True, SYMLINK_DIGEST_ALGORITHM
+            else:
+                _object(dig, f"payload.subject[{i}].digest", ("blake3",))
+        hexd = dig[algorithm]
         if not isinstance(hexd, str) or not _HEX64.fullmatch(hexd):
-            raise _Bad(f"payload.subject[{i}].digest.blake3",
+            raise _Bad(f"payload.subject[{i}].digest.{algorithm}",
                        f"expected 64 lowercase hex digits, got {_show(hexd)}")
-        subjects.append(Subject(name, bytes.fromhex(hexd)))
+        subjects.append(Subject(name, bytes.fromhex(hexd), symlink))
     pred = _object(doc["predicate"], "payload.predicate",
                    ("claim", "signer", "publicKey", "time", *(("fingerprint",) if narinfo
                                                              else ())), ("label",))
