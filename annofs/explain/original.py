@@ -79,6 +79,7 @@ class Candidate:
     trusted_signers: tuple[str, ...]  # keys that count for the rule at this file's path
     satisfies: bool  # the original would be allowed at this path
     distance: int | None = None  # edits back along the graph (EDIT_GRAPH only)
+    withheld: bool = False  # reduced for a caller who may not read it (explain.visibility)
 
     @property
     def size(self) -> int | None:
@@ -105,8 +106,8 @@ def shared(a: Version, b: Version) -> tuple[int, int]:
     return sum(n * la[h] for h, n in common.items()), sum(common.values())
 
 
-def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Version | None:
-    """A stored version whose content has `digest` (the newest of them), or None."""
+def version_ids_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> list[int]:
+    """Ids of versions indexed with content `digest`, oldest first (may be stale: gc)."""
     db = vol.store.db["version_digests"]
     found: list[int] = []
     with txn.cursor(db=db) as cur:
@@ -115,6 +116,12 @@ def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Ver
                 if key[:HASH_SIZE] != digest:
                     break
                 found.append(int.from_bytes(key[HASH_SIZE:], "big"))
+    return found
+
+
+def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Version | None:
+    """A stored version whose content has `digest` (the newest of them), or None."""
+    found = version_ids_for_digest(vol, txn, digest)
     for vid in reversed(found):
         raw = txn.get(u64(vid), db=vol.store.db["versions"])
         if raw is None:

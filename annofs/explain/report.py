@@ -25,7 +25,6 @@ from annofs.explain.diff import (
 from annofs.explain.original import EDIT_GRAPH, Candidate, find_original
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.gate import TrustGate
 from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest
@@ -91,6 +90,8 @@ class Explanation:
     # -- text --------------------------------------------------------------------------------
 
     def _candidate_lines(self, c: Candidate, indent: str) -> list[str]:
+        if c.withheld:
+            return _withheld_lines(c, indent)
         size = f"{c.size} bytes, version {c.version.id}" if c.version is not None \
             else "content not in this store"
         out = [f"{indent}{format_digest(c.digest)} ({size})"]
@@ -145,6 +146,8 @@ class Explanation:
     # -- JSON --------------------------------------------------------------------------------
 
     def _candidate_json(self, c: Candidate) -> dict[str, Any]:
+        if c.withheld:
+            return _withheld_json(c)
         return {
             "digest": format_digest(c.digest),
             "found_by": c.how,
@@ -193,6 +196,31 @@ class Explanation:
             out["summary"] = {"ranges": len(self.ranges), "changed": changed,
                               "inserted": inserted, "deleted": deleted}
         return out
+
+
+def _withheld_lines(c: Candidate, indent: str) -> list[str]:
+    """A candidate the caller may not read: that it exists and who signed it, no more."""
+    out = [f"{indent}(content, name and digest withheld: you may not read it)"]
+    for s in c.signatures:
+        kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
+        out.append(f"{indent}  signed by {s.signer} "
+                   f"({'trusted' if s.trusted else 'not trusted'}), {kind}")
+    if c.trusted_signers:
+        out.append(f"{indent}  counts here for: {', '.join(c.trusted_signers)}"
+                   + ("" if c.satisfies else " (not enough for the rule)"))
+    return out
+
+
+def _withheld_json(c: Candidate) -> dict[str, Any]:
+    return {
+        "withheld": True,
+        "found_by": c.how,
+        "edits_back": c.distance,
+        "trusted_signers": list(c.trusted_signers),
+        "satisfies_rule": c.satisfies,
+        "statements": [{"signer": s.signer, "trusted": s.trusted, "claim": s.claim,
+                        "label": s.label} for s in c.signatures],
+    }
 
 
 def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
@@ -257,13 +285,6 @@ def cap_text(text: str, limit: int = XATTR_LIMIT) -> bytes:
     return data[:limit - len(note)].decode("utf-8", "ignore").encode() + note
 
 
-def why_xattr(gate: TrustGate, path: Sequence[bytes], version: Version,
-              verdict: Verdict | None = None) -> bytes:
-    """The value of `user.annofs.why`: the text explanation, at most XATTR_LIMIT bytes."""
-    e = explain(gate.volume, gate.annotations, gate.policy, path, version, verdict)
-    return cap_text(e.to_text())
-
-
 def summary_line(e: Explanation) -> str:
     """One line for the daemon log and the events log at a refusal (no diff body)."""
     v = e.verdict
@@ -320,3 +341,10 @@ class RateLimit:
     def suppressed(self) -> int:
         n, self._skipped = self._skipped, 0
         return n
+
+    def retry_after(self, now: float) -> float:
+        """Seconds from `now` until `allow` would say yes again (0: it would now)."""
+        tokens = self._tokens
+        if self._last is not None:
+            tokens = min(self._burst, tokens + (now - self._last) * self._burst / self._per)
+        return max(0.0, (1 - tokens) * self._per / self._burst)

@@ -32,6 +32,7 @@ from annofs.errors import (
     NotEmptyError,
     NotFoundError,
 )
+from annofs.explain.throttle import PerCaller, limited_text
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
@@ -103,6 +104,11 @@ class Operations(pyfuse3.Operations):
         # Work counters, readable as the root's user.annofs.stats (JSON): what a commit
         # cost is observable without timing it.
         self.stats: Counter[str] = Counter()
+        # user.annofs.why: a token bucket per uid and one explanation at a time; what an
+        # explanation shows depends on the caller (the owner of the mount sees all).
+        self.why_limit = PerCaller()
+        self._why_threads = trio.CapacityLimiter(1)
+        self.owner_uid = os.getuid()
 
     def init(self) -> None:
         """pyfuse3 calls this while answering FUSE_INIT; the reply follows at once."""
@@ -547,7 +553,7 @@ class Operations(pyfuse3.Operations):
         if name == ANNOFS_XATTRS + b"stats" and node.ino == ROOT:
             return json.dumps(dict(self.stats), sort_keys=True).encode()
         if name.startswith(ANNOFS_XATTRS):
-            return await self._annofs_xattr(node, name)
+            return await self._annofs_xattr(node, name, ctx)
         self._check_xattr_name(name, writing=False)
         with self.vol.store.read() as txn:
             value = self._attrs(txn, node).xattrs.get(name)
@@ -587,8 +593,15 @@ class Operations(pyfuse3.Operations):
         if writing and name.startswith(ANNOFS_XATTRS):
             raise pyfuse3.FUSEError(errno.EPERM)  # computed by annofs, never written
 
-    async def _annofs_xattr(self, node: Inode, name: bytes) -> bytes:
+    async def _annofs_xattr(self, node: Inode, name: bytes,
+                            ctx: pyfuse3.RequestContext) -> bytes:
         """The read-only attributes annofs computes."""
+        if name == ANNOFS_XATTRS + b"why" and self.guard.gate is not None:
+            # Bounded per user before any work: explanations cost CPU.
+            wait = self.why_limit.wait(ctx.uid, trio.current_time())
+            if wait:
+                self.stats["why_limited"] += 1
+                return limited_text(wait)
         await self._commit(node)
         with self.vol.store.read() as txn:
             a = self._attrs(txn, node)
@@ -608,10 +621,14 @@ class Operations(pyfuse3.Operations):
                 return b"off: no policy loaded"
             verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
             if name == ANNOFS_XATTRS + b"why":
-                # The full explanation (original, diff): CPU work, off the event loop.
-                from annofs.explain.report import why_xattr
-                return await trio.to_thread.run_sync(
-                    why_xattr, gate, self.inodes.path(node), v, verdict)
+                # The full explanation (original, diff), as this caller may see it: CPU
+                # work, off the event loop, one at a time.
+                from annofs.explain.visibility import caller_of, why_xattr
+                caller = caller_of(ctx.uid, ctx.gid, ctx.pid, self.owner_uid)
+                async with self._why_threads:
+                    self.stats["why_explained"] += 1
+                    return await trio.to_thread.run_sync(
+                        why_xattr, gate, self.inodes.path(node), v, verdict, caller)
             signers = ", ".join(verdict.signers) or "none"
             return f"{verdict.status}; signers: {signers}; rule: {verdict.rule}".encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
