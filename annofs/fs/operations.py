@@ -32,7 +32,7 @@ from annofs.errors import (
     NotEmptyError,
     NotFoundError,
 )
-from annofs.explain.throttle import PerCaller, limited_text
+from annofs.explain.throttle import PerCaller, Recent, limited_text
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
@@ -107,6 +107,7 @@ class Operations(pyfuse3.Operations):
         # user.annofs.why: a token bucket per uid and one explanation at a time; what an
         # explanation shows depends on the caller (the owner of the mount sees all).
         self.why_limit = PerCaller()
+        self.why_recent = Recent()
         self._why_threads = trio.CapacityLimiter(1)
         self.owner_uid = os.getuid()
 
@@ -596,18 +597,24 @@ class Operations(pyfuse3.Operations):
     async def _annofs_xattr(self, node: Inode, name: bytes,
                             ctx: pyfuse3.RequestContext) -> bytes:
         """The read-only attributes annofs computes."""
-        if name == ANNOFS_XATTRS + b"why" and self.guard.gate is not None:
-            # Bounded per user before any work: explanations cost CPU.
-            wait = self.why_limit.wait(ctx.uid, trio.current_time())
-            if wait:
-                self.stats["why_limited"] += 1
-                return limited_text(wait)
         await self._commit(node)
         with self.vol.store.read() as txn:
             a = self._attrs(txn, node)
             if not a.is_reg:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             v = self.vol.versions.get(txn, int(a.target))
+        why_key = None
+        if name == ANNOFS_XATTRS + b"why" and self.guard.gate is not None:
+            # Bounded per user before the work: explanations cost CPU.
+            now = trio.current_time()
+            why_key = (ctx.uid, node.ino, v.id, self.guard.gate.policy.generation)
+            recent = self.why_recent.get(why_key, now)
+            if recent is not None:
+                return recent
+            wait = self.why_limit.wait(ctx.uid, now)
+            if wait:
+                self.stats["why_limited"] += 1
+                return limited_text(wait)
         if name == ANNOFS_XATTRS + b"version":
             return str(v.id).encode()
         if name == ANNOFS_XATTRS + b"digest":
@@ -627,8 +634,10 @@ class Operations(pyfuse3.Operations):
                 caller = caller_of(ctx.uid, ctx.gid, ctx.pid, self.owner_uid)
                 async with self._why_threads:
                     self.stats["why_explained"] += 1
-                    return await trio.to_thread.run_sync(
+                    value = await trio.to_thread.run_sync(
                         why_xattr, gate, self.inodes.path(node), v, verdict, caller)
+                self.why_recent.put(why_key, value, trio.current_time())
+                return value
             signers = ", ".join(verdict.signers) or "none"
             return f"{verdict.status}; signers: {signers}; rule: {verdict.rule}".encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
