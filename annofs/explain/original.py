@@ -35,7 +35,7 @@ from annofs.errors import AnnofsError
 from annofs.store.keys import HASH_SIZE, u64
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.policy import Policy
+from annofs.trust.policy import Policy, signer_name
 from annofs.trust.signing import path_text
 from annofs.trust.statement import SignedStatement
 from annofs.trust.verdict import decide
@@ -253,8 +253,7 @@ class _Finder:
             st = ss.statement
             trusted = policy is not None and st.public_key in policy.trusted \
                 and st.public_key not in policy.revoked and ss.signature_valid
-            shown = (policy.name_of(st.public_key) if policy is not None else None) \
-                or st.signer
+            shown = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid)
             sigs.append(Signature(ss.id, shown, trusted, st.claim, st.label, st.time,
                                   tuple(self.ann.names_for(txn, digest, ss.id))))
         if policy is not None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from annofs.errors import UsageError
-from annofs.trust.keys import check_key_name, load_public_key, parse_public_key
+from annofs.trust.keys import check_key_name, key_fingerprint, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.statement import LABEL_CLAIM, check_word
 from annofs.userfile import read_user_file
@@ -161,6 +161,19 @@ class Policy:
             lines.append(f"  key {', '.join(names)}{state}")
         lines.extend(f"  {r.describe()}" for r in self.rules)
         return "\n".join(lines)
+
+
+def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
+                valid: bool = True) -> str:
+    """How to show who signed a statement: the policy's name for a key it trusts; any
+    other key by its fingerprint, the name it gives itself only as a claim (anybody can
+    make a key called alice-1). `valid`: the statement's signature verifies (else even a
+    trusted key's name is only claimed)."""
+    name = policy.name_of(key) if policy is not None and valid else None
+    if name is not None:
+        return name
+    what = "untrusted key" if valid else "bad signature by key"
+    return f"{what} {key_fingerprint(key)} (claims {_one_line(repr(claimed))})"
 
 
 def permissive_policy() -> Policy:
