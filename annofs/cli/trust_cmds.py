@@ -19,6 +19,7 @@ import click
 from annofs.cli.context import open_volume, require_unmounted, store_path
 from annofs.cli.paths import parse_store_path
 from annofs.errors import UsageError
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 if TYPE_CHECKING:
@@ -220,7 +221,8 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, .
         for f in collect_files(vol, parts):
             v = gate.verdict(f.path, f.version)
             refused += not v.allowed
-            click.echo(f"{f.text}: {v.status}: {v.reason}  [{format_digest(f.digest)}]")
+            click.echo(one_line(f"{f.text}: {v.status}: {v.reason}  "
+                                f"[{format_digest(f.digest)}]"))
     if refused:
         sys.exit(1)
 

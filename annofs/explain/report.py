@@ -23,6 +23,7 @@ from annofs.explain.diff import (
     text_diff,
 )
 from annofs.explain.original import EDIT_GRAPH, Candidate, find_original
+from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Default, Policy
@@ -97,7 +98,7 @@ class Explanation:
         out = [f"{indent}{format_digest(c.digest)} ({size})"]
         for s in c.signatures:
             kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
-            names = ", ".join(s.names) or "?"
+            names = one_line(", ".join(s.names)) or "?"
             out.append(f"{indent}  signed by {s.signer} "
                        f"({'trusted' if s.trusted else 'not trusted'}), {kind}, "
                        f"{_when(s.time)}, as {names}")
@@ -112,7 +113,7 @@ class Explanation:
     def to_text(self) -> str:
         """The human-readable explanation."""
         v = self.verdict
-        lines = [f"{self.path}: {v.status}",
+        lines = [f"{one_line(self.path)}: {v.status}",
                  f"  rule: {v.rule} (needs {_plural(v.needed, 'trusted signer')})",
                  f"  verdict: {v.reason}",
                  f"  content: {format_digest(self.digest)} ({self.size} bytes, "
@@ -255,8 +256,9 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
         a = vol.versions.read(txn, c.version, 0, c.version.size)
         b = vol.versions.read(txn, version, 0, version.size)
     names = [n for s in c.signatures for n in s.names]
-    a_name = f"original/{names[0]}" if names else f"original@{c.version.id}"
-    b_name = text_path.lstrip("/")
+    # Names go into the diff's header lines: escaped, so none can add a line.
+    a_name = one_line(f"original/{names[0]}") if names else f"original@{c.version.id}"
+    b_name = one_line(text_path.lstrip("/"))
     if a == b:
         e.diff_kind = "identical"
     elif is_text(a) and is_text(b):
@@ -287,6 +289,10 @@ def cap_text(text: str, limit: int = XATTR_LIMIT) -> bytes:
 
 def summary_line(e: Explanation) -> str:
     """One line for the daemon log and the events log at a refusal (no diff body)."""
+    return one_line(_summary(e))
+
+
+def _summary(e: Explanation) -> str:
     v = e.verdict
     head = f"{v.status} {e.path}: {v.reason} [{format_digest(e.digest)[:23]}]"
     if not e.searched:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from annofs.errors import UsageError
+from annofs.printable import one_line
 from annofs.trust.keys import check_key_name, key_fingerprint, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.statement import LABEL_CLAIM, check_word
@@ -173,7 +174,7 @@ def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
     if name is not None:
         return name
     what = "untrusted key" if valid else "bad signature by key"
-    return f"{what} {key_fingerprint(key)} (claims {_one_line(repr(claimed))})"
+    return f"{what} {key_fingerprint(key)} (claims {one_line(repr(claimed))})"
 
 
 def permissive_policy() -> Policy:
@@ -255,7 +256,7 @@ class _Parser:
         where = f"{self.name}:{line}" if line is not None else self.name
         # Field names and values come from the file: a key "\n" must not break the
         # error's one line.
-        return UsageError(_one_line(f"{where}: {fieldname}: {problem}"))
+        return UsageError(one_line(f"{where}: {fieldname}: {problem}"))
 
     def parse(self) -> Policy:
         try:
@@ -462,13 +463,6 @@ class _Parser:
                                 f"{'s' if len(resolved) != 1 else ''}")
             key_names, keys = tuple(items), frozenset(resolved)
         return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i))
-
-
-def _one_line(text: str) -> str:
-    """`text` with unprintable characters (newlines, controls) escaped as in repr."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _show(value: Any) -> str:
