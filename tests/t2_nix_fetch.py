@@ -208,16 +208,17 @@ def test_refusals_add_nothing(vol: Volume, tmp_path: Path, nar: bytes, case: str
     assert nothing_added(vol)
 
 
-@pytest.mark.parametrize("store_dir", ["/tmp/evil", "/nix/store/sub", "/gnu/store"])
+# (not "store_dir": that is conftest's fixture naming the annofs store)
+@pytest.mark.parametrize("nix_dir", ["/tmp/evil", "/nix/store/sub", "/gnu/store"])
 def test_a_narinfo_for_another_store_dir_is_refused(vol: Volume, tmp_path: Path, nar: bytes,
-                                                    store_dir: str) -> None:
+                                                    nix_dir: str) -> None:
     """Signed by a trusted key, but for a path outside /nix/store: Nix refuses it ("not
     in the Nix store"); so does annofs, rather than install it under /nix/store."""
     cache = tmp_path / "cache"
-    add_to_cache(cache, H1, "hello", nar, [A], store_dir=store_dir)
+    add_to_cache(cache, H1, "hello", nar, [A], store_dir=nix_dir)
     with pytest.raises(UsageError) as e:
         fetch(vol, policy(tmp_path), [cache], [H1])
-    assert str(e.value) == (f"{cache}/{H1}.narinfo:1: StorePath: '{store_dir}/{H1}-hello' "
+    assert str(e.value) == (f"{cache}/{H1}.narinfo:1: StorePath: '{nix_dir}/{H1}-hello' "
                             f"is not in the Nix store /nix/store")
     assert nothing_added(vol)
 
