@@ -14,6 +14,7 @@ import pytest
 from t2_explain import PATCHED, import_tree, pol, vol, why
 from t2_trust import P, current, write
 
+from annofs.explain import visibility
 from annofs.explain.report import Explanation
 from annofs.explain.visibility import (
     WITHHELD_DIFF,
@@ -145,3 +146,20 @@ def test_a_caller_s_groups_come_from_its_process(tmp_path: Path) -> None:
     assert process_groups(0, 0) == frozenset()
     c = caller_of(65534, 65534, os.getpid(), owner_uid=0)
     assert not c.sees_all and c.groups == frozenset()  # this process is not uid 65534
+
+
+def test_the_same_content_readable_elsewhere_is_shown(vol: Volume, pol: Policy,
+                                                      patched: str) -> None:
+    chmod(vol, "/src/proj", 0o700)
+    with vol.store.write() as txn:  # a copy (the same version) the caller may read
+        vol.namespace.copy(txn, P("/src/proj/main.c"), P("/pub-main.c"))
+    e = for_caller(why(vol, pol, patched), vol, P(patched), NOBODY)
+    assert SECRET.decode() in e.diff and not e.original.withheld
+
+
+def test_the_walk_is_bounded_and_then_withholds(vol: Volume, pol: Policy, patched: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    full = why(vol, pol, patched)
+    assert SECRET.decode() in for_caller(full, vol, P(patched), NOBODY).diff  # by the walk
+    monkeypatch.setattr(visibility, "WALK_ENTRIES", 2)
+    assert_withheld(shown(for_caller(full, vol, P(patched), NOBODY)), vol)

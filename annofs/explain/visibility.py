@@ -133,53 +133,64 @@ def _places(path: Sequence[bytes], c: Candidate) -> Iterator[tuple[bytes, ...]]:
                     yield place
 
 
-def candidate_visible(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
-                      c: Candidate, caller: Caller) -> bool:
-    """Whether `caller` could open the content of candidate `c` at some current path.
+def visible_candidates(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
+                       cands: Sequence[Candidate], caller: Caller) -> list[bool]:
+    """For each candidate, whether `caller` could open its content at some current path.
 
-    First the places its subject names suggest, then a breadth-first walk of the
-    directories the caller may search (at most WALK_ENTRIES entries: beyond that, not
-    found, so withheld), looking for a readable file holding one of the versions with
-    that content.
+    First the places its subject names suggest, then one breadth-first walk of the
+    directories the caller may search, for all candidates still unseen (at most
+    WALK_ENTRIES entries: beyond that, not found, so withheld), looking for a readable
+    file holding one of the versions with that content.
     """
     if caller.sees_all:
-        return True
-    ids = set(version_ids_for_digest(vol, txn, c.digest))
-    if c.version is not None:
-        ids.add(c.version.id)
-    if not ids:
-        return False  # content not stored anywhere: nothing anybody could open
-    for place in _places(path, c):
-        try:
-            a = readable_at(vol, txn, place, caller)
-        except AnnofsError:
-            continue  # damaged or vanished: not evidence of permission
-        if a is not None and int(a.target) in ids:
-            return True
-    return _walk_finds(vol, txn, ids, caller)
+        return [True] * len(cands)
+    found = [False] * len(cands)
+    wanted: dict[int, int] = {}  # version id -> candidate index, for the walk
+    for i, c in enumerate(cands):
+        ids = set(version_ids_for_digest(vol, txn, c.digest))
+        if c.version is not None:
+            ids.add(c.version.id)
+        for place in _places(path, c):
+            try:
+                a = readable_at(vol, txn, place, caller)
+            except AnnofsError:
+                continue  # damaged or vanished: not evidence of permission
+            if a is not None and int(a.target) in ids:
+                found[i] = True
+                break
+        else:
+            wanted.update((vid, i) for vid in ids)
+    if wanted:
+        for i in _walk_finds(vol, txn, wanted, caller):
+            found[i] = True
+    return found
 
 
-def _walk_finds(vol: Volume, txn: lmdb.Transaction, ids: set[int], caller: Caller) -> bool:
+def _walk_finds(vol: Volume, txn: lmdb.Transaction, wanted: dict[int, int],
+                caller: Caller) -> set[int]:
+    """Indexes (`wanted`'s values) of the versions found readable by the walk."""
     ns = vol.namespace
     root = ns.root(txn)
+    out: set[int] = set()
     if not caller.may(root, _SEARCH):
-        return False
+        return out
     queue = deque([int(root.target)])
     seen = 0
+    todo = set(wanted.values())
     try:
-        while queue:
+        while queue and out != todo:
             for _name, a, _link in ns.iter_entries(txn, queue.popleft()):
                 seen += 1
                 if seen > WALK_ENTRIES:
-                    return False
+                    return out
                 if a.is_dir:
                     if caller.may(a, _SEARCH):
                         queue.append(int(a.target))
-                elif a.is_reg and int(a.target) in ids and caller.may(a, _READ):
-                    return True
+                elif a.is_reg and int(a.target) in wanted and caller.may(a, _READ):
+                    out.add(wanted[int(a.target)])
     except AnnofsError:
-        return False
-    return False
+        return out  # what was found stays found; the rest stays withheld
+    return out
 
 
 def withheld(c: Candidate) -> Candidate:
@@ -197,7 +208,7 @@ def for_caller(e: Explanation, vol: Volume, path: Sequence[bytes],
         return e
     with vol.store.read() as txn:
         own = readable_at(vol, txn, path, caller) is not None
-        shown = [candidate_visible(vol, txn, path, c, caller) for c in e.candidates]
+        shown = visible_candidates(vol, txn, path, e.candidates, caller)
     cands = [c if ok else withheld(c) for c, ok in zip(e.candidates, shown, strict=True)]
     out = dataclasses.replace(e, candidates=cands)
     if e.candidates and not (own and shown[0]):
