@@ -11,6 +11,7 @@ from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 
@@ -28,13 +29,13 @@ def fsck_cmd(ctx: click.Context, repair: bool) -> None:
             with store_lock(store_path(ctx), exclusive=True, what="fsck --repair"), \
                     open_volume(ctx) as vol:
                 for line in repair_store(vol):
-                    click.echo(f"repaired: {line}")
+                    click.echo(one_line(f"repaired: {line}"))
         with open_volume(ctx) as vol:
             rep = check_store(vol, progress=progress)
     finally:
         progress.close()
     for p in rep.problems:
-        click.echo(p)
+        click.echo(one_line(p))  # a name in a problem must not forge another
     click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
                f"{rep.versions} versions, {rep.directories} directories, {rep.entries} entries: "
                + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)
