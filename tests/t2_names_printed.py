@@ -15,6 +15,7 @@ from t2_trust import ALICE, policy, sign, write
 
 from annofs.daemon.events import Event, EventLog, format_event
 from annofs.daemon.mount import OneLineFormatter
+from annofs.explain.diff import text_diff
 from annofs.explain.report import explain, summary_line
 from annofs.printable import one_line
 from annofs.transfer.import_tree import TreeImporter
@@ -80,3 +81,12 @@ def test_explanations_escape_names(vol: Volume, tmp_path: Path) -> None:
     assert "/src/x\\n2026-12-06" in text.splitlines()[0]
     line = summary_line(e)
     assert "\n" not in line and "\x1b" not in line
+
+
+def test_a_text_diff_shows_control_characters_instead_of_sending_them() -> None:
+    a = b"int a;\n\tint tab;\n"
+    b = b"int a;\n\tint tab;\n\x1b]52;c;ZWNobyBldmls\x07 /* \x1b[2J */\n"
+    d = text_diff(a, b, "original/a.c", "src/a.c")
+    assert "\x1b" not in d and "\x07" not in d
+    assert "+\\x1b]52;c;ZWNobyBldmls\\x07 /* \\x1b[2J */\n" in d
+    assert " \tint tab;\n" in d  # tabs stay
