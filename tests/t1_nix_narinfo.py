@@ -157,6 +157,14 @@ def test_with_sig_keeps_every_line_and_adds_one() -> None:
     (REAL.replace(b"References: ", b"References: " + H2.encode() + b"-.hidden"), ":8: Refer"),
     (REAL.replace(b"StorePath: /nix/store/", b"StorePath: nix/store/"), ":1: StorePath:"),
     (REAL.replace(b"StorePath: /nix/store/", b"StorePath: /nix/../"), ":1: StorePath:"),
+    (REAL.replace(b"StorePath: /nix/store/", b"StorePath: /tmp/evil/"),
+     ":1: StorePath: '/tmp/evil/hmmcv5niyd3ys36pvvhps7ayndghchjb-annofs-test-hello' is not "
+     "in the Nix store /nix/store"),
+    (REAL.replace(b"StorePath: /nix/store/", b"StorePath: /nix/store/sub/"),
+     ":1: StorePath: '/nix/store/sub/hmmcv5niyd3ys36pvvhps7ayndghchjb-annofs-test-hello' is "
+     "not in the Nix store /nix/store"),
+    (REAL.replace(b"StorePath: /nix/store/", b"StorePath: /gnu/store/"), "not in the Nix store"),
+    (REAL.replace(b"-annofs-test-hello", b"-annofs test"), ":1: StorePath:"),
     (REAL + b"no colon here\n", ":11: expected 'Key: value'"),
     (REAL + b"Key:value\n", ":11: Key: expected a space after ':'"),
     (REAL.replace(b"\n", b"\r\n"), ":1: StorePath: contains a control character"),

@@ -104,6 +104,11 @@ def test_glob_matches_undecodable_names() -> None:
     ("/[ab", "'[' without a closing ']'"),
     ("/ab\\", "escapes nothing"),
     ("/[z-a]", "bad character set"),
+    ("/src/../etc/**", "'..' as a path component: store paths have none"),
+    ("/src/./x", "'.' as a path component: store paths have none"),
+    ("/..", "'..' as a path component"),
+    ("/src/\\.\\./**", "'..' as a path component"),
+    ("/src/x/.", "'.' as a path component"),
 ])
 def test_glob_errors(glob: str, message: str) -> None:
     with pytest.raises(UsageError, match=None) as e:
@@ -294,6 +299,11 @@ ERROR_CASES = [
      "policy.toml:2: rules[0].path: 'src/**': a path glob starts with '/' (e.g. /src/**)"),
     ('[[rules]]\npath = "/src/a**"\nsigners = 1\n',
      "policy.toml:2: rules[0].path: '/src/a**': '**' must be a whole path component"),
+    ('[[rules]]\npath = "/src/../etc/**"\nsigners = 1\n',
+     "policy.toml:2: rules[0].path: '/src/../etc/**': '..' as a path component: store "
+     "paths have none, so the rule would match nothing"),
+    ('[[rules]]\npath = "/src//x"\nsigners = 1\n',
+     "policy.toml:2: rules[0].path: '/src//x': empty path component"),
     ('[[rules]]\npath = "/src/[a"\nsigners = 1\n',
      "policy.toml:2: rules[0].path: '/src/[a': '[' without a closing ']'"),
     ('[[rules]]\npath = "/src/**"\nsigners = 1\nclaims = "built"\n',

@@ -43,15 +43,16 @@ def test_invalid_signature_does_not_count() -> None:
     forged = dataclasses.replace(good, envelope=dataclasses.replace(good.envelope,
                                                                     sig=bytes(64)))
     v = decide("/src/f", D, pol(), [st(ALICE), forged])
-    assert not v.allowed and v.ignored == ("bob-1: bad signature",)
+    bob = base64.b64encode(BOB.public).decode()
+    assert not v.allowed and v.ignored == (f"bad signature by key {bob} (claims 'bob-1')",)
 
 
 def test_reason_lists_what_did_not_count() -> None:
     stranger = generate_key("carol-1")
     v = decide("/src/f", D, pol(), [st(stranger)])
-    short = base64.b64encode(stranger.public).decode()[:8]
+    key = base64.b64encode(stranger.public).decode()
     assert v.reason == ("rules[0] /src/**: needs 2 distinct trusted signers, has 0; "
-                        f"not counted: carol-1: key {short}... not trusted")
+                        f"not counted: untrusted key {key} (claims 'carol-1')")
 
 
 def test_no_statements_and_signers_zero() -> None:

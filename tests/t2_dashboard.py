@@ -33,6 +33,7 @@ from annofs.errors import UsageError
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
+from annofs.trust.keys import key_fingerprint
 from annofs.volume import Volume
 
 TOKEN = new_token()
@@ -107,7 +108,8 @@ def test_coverage_without_a_policy_and_untrusted_signers(vol: Volume) -> None:
     gate = TrustGate(vol, policy(RULES, ALICE))
     docs = CoverageReader(vol, gate.annotations, gate).file(P("/docs/readme"))
     # Signed, but by a key this policy does not trust: shown as such.
-    assert [(s["signer"], s["trusted"]) for s in docs["signatures"]] == [("mallory-1", False)]
+    mallory = f"untrusted key {key_fingerprint(MALLORY.public)} (claims 'mallory-1')"
+    assert [(s["signer"], s["trusted"]) for s in docs["signatures"]] == [(mallory, False)]
 
 
 def test_coverage_sees_new_statements(vol: Volume, gate: TrustGate) -> None:

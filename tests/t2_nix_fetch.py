@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from annofs.errors import RefusedError
+from annofs.errors import RefusedError, UsageError
 from annofs.nix.fetch import fetch
 from annofs.nix.nar import dump_host, dump_volume, nar_hash
 from annofs.nix.narinfo import HASH_CHARS, fingerprint, format_sha256
@@ -48,7 +48,8 @@ def make_tree(root: Path, text: str = "hello\n") -> Path:
 
 def add_to_cache(cache: Path, hash_part: str, name: str, nar: bytes, keys: list[SecretKey],
                  *, compression: str = "xz", refs: tuple[str, ...] = (),
-                 signed_nar: bytes | None = None, signed_size: int | None = None) -> Path:
+                 signed_nar: bytes | None = None, signed_size: int | None = None,
+                 store_dir: str = "/nix/store") -> Path:
     """Write nar/<file> and <hash>.narinfo, signed by `keys` over `signed_nar`'s hash."""
     (cache / "nar").mkdir(parents=True, exist_ok=True)
     compress, ext = _COMPRESS[compression]
@@ -58,8 +59,8 @@ def add_to_cache(cache: Path, hash_part: str, name: str, nar: bytes, keys: list[
     target = signed_nar if signed_nar is not None else nar
     digest = hashlib.sha256(target).digest()
     size = signed_size if signed_size is not None else len(target)
-    path = f"/nix/store/{hash_part}-{name}"
-    fp = fingerprint(path, digest, size, [f"/nix/store/{r}" for r in refs])
+    path = f"{store_dir}/{hash_part}-{name}"
+    fp = fingerprint(path, digest, size, [f"{store_dir}/{r}" for r in refs])
     lines = [f"StorePath: {path}", f"URL: {url}", f"Compression: {compression}",
              f"FileHash: {format_sha256(hashlib.sha256(data).digest())}",
              f"FileSize: {len(data)}", f"NarHash: {format_sha256(digest)}",
@@ -206,6 +207,21 @@ def test_refusals_add_nothing(vol: Volume, tmp_path: Path, nar: bytes, case: str
     assert expected in msg
     if case == "zstd":  # no checksum in the frame: the NAR itself is found wrong
         assert "corrupt" in msg or "NAR hash mismatch" in msg or "not the NAR" in msg
+    assert nothing_added(vol)
+
+
+# (not "store_dir": that is conftest's fixture naming the annofs store)
+@pytest.mark.parametrize("nix_dir", ["/tmp/evil", "/nix/store/sub", "/gnu/store"])
+def test_a_narinfo_for_another_store_dir_is_refused(vol: Volume, tmp_path: Path, nar: bytes,
+                                                    nix_dir: str) -> None:
+    """Signed by a trusted key, but for a path outside /nix/store: Nix refuses it ("not
+    in the Nix store"); so does annofs, rather than install it under /nix/store."""
+    cache = tmp_path / "cache"
+    add_to_cache(cache, H1, "hello", nar, [A], store_dir=nix_dir)
+    with pytest.raises(UsageError) as e:
+        fetch(vol, policy(tmp_path), [cache], [H1])
+    assert str(e.value) == (f"{cache}/{H1}.narinfo:1: StorePath: '{nix_dir}/{H1}-hello' "
+                            f"is not in the Nix store /nix/store")
     assert nothing_added(vol)
 
 

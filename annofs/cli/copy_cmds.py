@@ -8,6 +8,7 @@ from annofs.cli.context import open_volume, require_unmounted, store_path
 from annofs.cli.paths import resolve_target
 from annofs.daemon import client
 from annofs.errors import UsageError
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 
@@ -28,11 +29,11 @@ def cp_cmd(ctx: click.Context, src: str, dst: str) -> None:
         made = client.request(s.store, "cp", src=[p.decode("utf-8", "surrogateescape")
                                                    for p in s.parts],
                                dst=[p.decode("utf-8", "surrogateescape") for p in d.parts])
-        click.echo(f"copied {src} -> {s.mount.mountpoint}/{'/'.join(made['path'])}")
+        click.echo(one_line(f"copied {src} -> {s.mount.mountpoint}/{'/'.join(made['path'])}"))
         return
     require_unmounted(s.store)
     with store_lock(s.store, exclusive=False, what="cp"), open_volume(ctx) as vol:
         with vol.store.write() as txn:
             made_parts = vol.namespace.copy(txn, s.parts, d.parts)
         vol.store.sync()
-    click.echo(f"copied {src} -> /{b'/'.join(made_parts).decode(errors='replace')}")
+    click.echo(one_line(f"copied {src} -> /{b'/'.join(made_parts).decode(errors='replace')}"))

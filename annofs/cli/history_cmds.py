@@ -14,6 +14,7 @@ from annofs.cli.paths import VersionedPath, resolve_target, split_version
 from annofs.content.history import ancestry
 from annofs.errors import UsageError
 from annofs.explain.diff import render_diff
+from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.volume import Volume
 
@@ -116,6 +117,6 @@ def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
             data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)
-    name_a = "/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}"
-    name_b = "/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}"
+    name_a = one_line("/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}")
+    name_b = one_line("/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}")
     click.echo(render_diff(data_a, data_b, name_a, name_b), nl=False)

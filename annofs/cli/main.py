@@ -10,6 +10,7 @@ import click
 
 from annofs.cli.context import default_store
 from annofs.errors import AnnofsError
+from annofs.printable import one_line
 
 # Each command's module is imported when the command runs (or --help lists them all):
 # importing every command module was a fifth of a command's start-up, paid by each one
@@ -66,14 +67,15 @@ def main() -> None:
         sys.exit(130)
     except click.ClickException as e:
         # One line, as for every other bad input; --help has the long form.
-        click.echo(f"annofs: {e.format_message()}", err=True)
+        click.echo(f"annofs: {one_line(e.format_message())}", err=True)
         sys.exit(2)
     except AnnofsError as e:
-        click.echo(f"annofs: {e}", err=True)
+        click.echo(f"annofs: {one_line(str(e))}", err=True)  # names in it: one line
         sys.exit(e.exit_status)
     except OSError as e:
         name = e.filename if e.filename is not None else ""
-        click.echo(f"annofs: {name}: {e.strerror}" if name else f"annofs: {e}", err=True)
+        click.echo(one_line(f"annofs: {name}: {e.strerror}" if name else f"annofs: {e}"),
+                   err=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

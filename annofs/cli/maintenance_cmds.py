@@ -13,6 +13,7 @@ from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 
@@ -32,7 +33,7 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
             with store_lock(store_path(ctx), exclusive=True, what="fsck --repair"), \
                     open_volume(ctx) as vol:
                 for line in repair_store(vol):
-                    click.echo(f"repaired: {line}")
+                    click.echo(one_line(f"repaired: {line}"))
         with open_volume(ctx) as vol:
             rep = check_store(vol, progress=progress)
     finally:
@@ -48,7 +49,7 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
                             "unfinished_imports": rep.unfinished_imports}}, sort_keys=True))
         sys.exit(0 if rep.ok else 1)
     for p in rep.problems:
-        click.echo(p)
+        click.echo(one_line(p))  # a name in a problem must not forge another
     click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
                f"{rep.versions} versions, {rep.directories} directories, {rep.entries} entries: "
                + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)

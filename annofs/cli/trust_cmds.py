@@ -19,6 +19,7 @@ import click
 from annofs.cli.context import open_volume, require_unmounted, store_path
 from annofs.cli.paths import parse_store_path
 from annofs.errors import UsageError
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, .
             # A symlink is judged as content (its target), never followed.
             what = f.text if f.target is None else \
                 f"{f.text} -> {f.target.decode('utf-8', 'backslashreplace')!r}"
-            click.echo(f"{what}: {v.status}: {v.reason}  [{digest_text(f.version)}]")
+            click.echo(one_line(f"{what}: {v.status}: {v.reason}  [{digest_text(f.version)}]"))
     if refused:
         sys.exit(1)
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from annofs.printable import one_line
+
 EVENTS_FILE = "events.jsonl"
 MAX_BYTES = 16 << 20
 
@@ -114,4 +116,5 @@ def format_event(e: Event) -> str:
     """One line for people."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
     rule = f" [{e.rule}]" if e.rule else ""
-    return f"{when} {e.verdict:<8} pid {e.pid:<7} {e.path}{rule}: {e.reason}"
+    # The path is a name anybody who may write may choose: never a second line.
+    return one_line(f"{when} {e.verdict:<8} pid {e.pid:<7} {e.path}{rule}: {e.reason}")

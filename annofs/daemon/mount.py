@@ -39,6 +39,7 @@ from annofs.dashboard.server import (
 )
 from annofs.errors import AnnofsError, StoreError, UsageError
 from annofs.fs.operations import Operations
+from annofs.printable import one_line
 from annofs.store.lock import store_lock
 from annofs.volume import Volume
 
@@ -108,11 +109,19 @@ class _UnwantedReplies(logging.Filter):
         return True
 
 
+class OneLineFormatter(logging.Formatter):
+    """Each record on one line: a message quoting a file name (which may hold a
+    newline) cannot forge a log line. A traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
 def _setup_logging(store: Path, foreground: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     logging.getLogger("pyfuse3").addFilter(_UnwantedReplies())
-    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    fmt = OneLineFormatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     fh = logging.FileHandler(store / "daemon.log")
     fh.setFormatter(fmt)
     root.addHandler(fh)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from annofs.printable import one_line
+
 # Beyond this, a byte-level comparison of a binary is too slow for an interactive answer.
 BINARY_DIFF_LIMIT = 4 << 20
 TEXT_DIFF_LINES = 400
@@ -30,7 +32,11 @@ def text_diff(a: bytes, b: bytes, a_name: str, b_name: str,
         fromfile=a_name, tofile=b_name))
     out = []
     for line in lines[:max_lines]:
-        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+        # Content is anybody's: a terminal escape or a bare CR in it is shown, not obeyed.
+        body = line[:-1] if line.endswith("\n") else line
+        body = one_line(body, keep="\t")
+        out.append(body + "\n" if line.endswith("\n")
+                   else body + "\n\\ No newline at end of file\n")
     if len(lines) > max_lines:
         out.append(f"... diff cut at {max_lines} of {len(lines)} lines\n")
     return "".join(out)

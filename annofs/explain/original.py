@@ -35,7 +35,7 @@ from annofs.errors import AnnofsError
 from annofs.store.keys import HASH_SIZE, u64
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.policy import Policy
+from annofs.trust.policy import Policy, signer_name
 from annofs.trust.signing import path_text
 from annofs.trust.statement import SignedStatement, symlink_digest
 from annofs.trust.symlink import Content
@@ -81,6 +81,7 @@ class Candidate:
     satisfies: bool  # the original would be allowed at this path
     distance: int | None = None  # edits back along the graph (EDIT_GRAPH only)
     symlink: bool = False  # the signed content is a symlink's (its statements say so)
+    withheld: bool = False  # reduced for a caller who may not read it (explain.visibility)
 
     @property
     def size(self) -> int | None:
@@ -107,8 +108,8 @@ def shared(a: Version, b: Version) -> tuple[int, int]:
     return sum(n * la[h] for h, n in common.items()), sum(common.values())
 
 
-def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Version | None:
-    """A stored version whose content has `digest` (the newest of them), or None."""
+def version_ids_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> list[int]:
+    """Ids of versions indexed with content `digest`, oldest first (may be stale: gc)."""
     db = vol.store.db["version_digests"]
     found: list[int] = []
     with txn.cursor(db=db) as cur:
@@ -117,6 +118,12 @@ def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Ver
                 if key[:HASH_SIZE] != digest:
                     break
                 found.append(int.from_bytes(key[HASH_SIZE:], "big"))
+    return found
+
+
+def version_for_digest(vol: Volume, txn: lmdb.Transaction, digest: bytes) -> Version | None:
+    """A stored version whose content has `digest` (the newest of them), or None."""
+    found = version_ids_for_digest(vol, txn, digest)
     for vid in reversed(found):
         raw = txn.get(u64(vid), db=vol.store.db["versions"])
         if raw is None:
@@ -251,8 +258,7 @@ class _Finder:
             st = ss.statement
             trusted = policy is not None and st.public_key in policy.trusted \
                 and st.public_key not in policy.revoked and ss.signature_valid
-            shown = (policy.name_of(st.public_key) if policy is not None else None) \
-                or st.signer
+            shown = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid)
             sigs.append(Signature(ss.id, shown, trusted, st.claim, st.label, st.time,
                                   tuple(self.ann.names_for(txn, digest, ss.id))))
         if policy is not None:

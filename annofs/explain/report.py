@@ -23,9 +23,8 @@ from annofs.explain.diff import (
     text_diff,
 )
 from annofs.explain.original import EDIT_GRAPH, Candidate, find_original
-from annofs.store.records import Version
+from annofs.printable import one_line
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.gate import TrustGate
 from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest, format_subject_digest
@@ -106,12 +105,14 @@ class Explanation:
     # -- text --------------------------------------------------------------------------------
 
     def _candidate_lines(self, c: Candidate, indent: str) -> list[str]:
+        if c.withheld:
+            return _withheld_lines(c, indent)
         size = f"{c.size} bytes, version {c.version.id}" if c.version is not None \
             else "a symlink" if c.symlink else "content not in this store"
         out = [f"{indent}{format_subject_digest(c.digest, c.symlink)} ({size})"]
         for s in c.signatures:
             kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
-            names = ", ".join(s.names) or "?"
+            names = one_line(", ".join(s.names)) or "?"
             out.append(f"{indent}  signed by {s.signer} "
                        f"({'trusted' if s.trusted else 'not trusted'}), {kind}, "
                        f"{_when(s.time)}, as {names}")
@@ -126,7 +127,7 @@ class Explanation:
     def to_text(self) -> str:
         """The human-readable explanation."""
         v = self.verdict
-        lines = [f"{self.path}: {v.status}",
+        lines = [f"{one_line(self.path)}: {v.status}",
                  f"  rule: {v.rule} (needs {_plural(v.needed, 'trusted signer')})",
                  f"  verdict: {v.reason}",
                  f"  content: {self.content_text}"]
@@ -159,6 +160,8 @@ class Explanation:
     # -- JSON --------------------------------------------------------------------------------
 
     def _candidate_json(self, c: Candidate) -> dict[str, Any]:
+        if c.withheld:
+            return _withheld_json(c)
         return {
             "digest": format_subject_digest(c.digest, c.symlink),
             "kind": "symlink" if c.symlink else "file",
@@ -213,6 +216,31 @@ class Explanation:
         return out
 
 
+def _withheld_lines(c: Candidate, indent: str) -> list[str]:
+    """A candidate the caller may not read: that it exists and who signed it, no more."""
+    out = [f"{indent}(content, name and digest withheld: you may not read it)"]
+    for s in c.signatures:
+        kind = f"label {s.label}" if s.label is not None else f"claim {s.claim}"
+        out.append(f"{indent}  signed by {s.signer} "
+                   f"({'trusted' if s.trusted else 'not trusted'}), {kind}")
+    if c.trusted_signers:
+        out.append(f"{indent}  counts here for: {', '.join(c.trusted_signers)}"
+                   + ("" if c.satisfies else " (not enough for the rule)"))
+    return out
+
+
+def _withheld_json(c: Candidate) -> dict[str, Any]:
+    return {
+        "withheld": True,
+        "found_by": c.how,
+        "edits_back": c.distance,
+        "trusted_signers": list(c.trusted_signers),
+        "satisfies_rule": c.satisfies,
+        "statements": [{"signer": s.signer, "trusted": s.trusted, "claim": s.claim,
+                        "label": s.label} for s in c.signatures],
+    }
+
+
 def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
             path: Sequence[bytes], version: Content, verdict: Verdict | None = None, *,
             diff_lines: int = TEXT_DIFF_LINES) -> Explanation:
@@ -248,8 +276,9 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
         a = vol.versions.read(txn, c.version, 0, c.version.size)
         b = vol.versions.read(txn, version, 0, version.size)
     names = [n for s in c.signatures for n in s.names]
-    a_name = f"original/{names[0]}" if names else f"original@{c.version.id}"
-    b_name = text_path.lstrip("/")
+    # Names go into the diff's header lines: escaped, so none can add a line.
+    a_name = one_line(f"original/{names[0]}") if names else f"original@{c.version.id}"
+    b_name = one_line(text_path.lstrip("/"))
     if a == b:
         e.diff_kind = "identical"
     elif is_text(a) and is_text(b):
@@ -303,15 +332,12 @@ def cap_text(text: str, limit: int = XATTR_LIMIT) -> bytes:
     return data[:limit - len(note)].decode("utf-8", "ignore").encode() + note
 
 
-def why_xattr(gate: TrustGate, path: Sequence[bytes], version: Version,
-              verdict: Verdict | None = None) -> bytes:
-    """The value of `user.annofs.why`: the text explanation, at most XATTR_LIMIT bytes."""
-    e = explain(gate.volume, gate.annotations, gate.policy, path, version, verdict)
-    return cap_text(e.to_text())
-
-
 def summary_line(e: Explanation) -> str:
     """One line for the daemon log and the events log at a refusal (no diff body)."""
+    return one_line(_summary(e))
+
+
+def _summary(e: Explanation) -> str:
     v = e.verdict
     if e.target is not None:
         shown = e.target.decode("utf-8", "backslashreplace")
@@ -370,3 +396,10 @@ class RateLimit:
     def suppressed(self) -> int:
         n, self._skipped = self._skipped, 0
         return n
+
+    def retry_after(self, now: float) -> float:
+        """Seconds from `now` until `allow` would say yes again (0: it would now)."""
+        tokens = self._tokens
+        if self._last is not None:
+            tokens = min(self._burst, tokens + (now - self._last) * self._burst / self._per)
+        return max(0.0, (1 - tokens) * self._per / self._burst)

@@ -32,6 +32,7 @@ from annofs.errors import (
     NotEmptyError,
     NotFoundError,
 )
+from annofs.explain.throttle import PerCaller, Recent, limited_text
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
@@ -104,6 +105,12 @@ class Operations(pyfuse3.Operations):
         # Work counters, readable as the root's user.annofs.stats (JSON): what a commit
         # cost is observable without timing it.
         self.stats: Counter[str] = Counter()
+        # user.annofs.why: a token bucket per uid and one explanation at a time; what an
+        # explanation shows depends on the caller (the owner of the mount sees all).
+        self.why_limit = PerCaller()
+        self.why_recent = Recent()
+        self._why_threads = trio.CapacityLimiter(1)
+        self.owner_uid = os.getuid()
 
     def init(self) -> None:
         """pyfuse3 calls this while answering FUSE_INIT; the reply follows at once."""
@@ -555,7 +562,7 @@ class Operations(pyfuse3.Operations):
         if name == ANNOFS_XATTRS + b"stats" and node.ino == ROOT:
             return json.dumps(dict(self.stats), sort_keys=True).encode()
         if name.startswith(ANNOFS_XATTRS):
-            return await self._annofs_xattr(node, name)
+            return await self._annofs_xattr(node, name, ctx)
         self._check_xattr_name(name, writing=False)
         with self.vol.store.read() as txn:
             value = self._attrs(txn, node).xattrs.get(name)
@@ -595,7 +602,8 @@ class Operations(pyfuse3.Operations):
         if writing and name.startswith(ANNOFS_XATTRS):
             raise pyfuse3.FUSEError(errno.EPERM)  # computed by annofs, never written
 
-    async def _annofs_xattr(self, node: Inode, name: bytes) -> bytes:
+    async def _annofs_xattr(self, node: Inode, name: bytes,
+                            ctx: pyfuse3.RequestContext) -> bytes:
         """The read-only attributes annofs computes."""
         await self._commit(node)
         with self.vol.store.read() as txn:
@@ -603,6 +611,18 @@ class Operations(pyfuse3.Operations):
             if not a.is_reg:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             v = self.vol.versions.get(txn, int(a.target))
+        why_key = None
+        if name == ANNOFS_XATTRS + b"why" and self.guard.gate is not None:
+            # Bounded per user before the work: explanations cost CPU.
+            now = trio.current_time()
+            why_key = (ctx.uid, node.ino, v.id, self.guard.gate.policy.generation)
+            recent = self.why_recent.get(why_key, now)
+            if recent is not None:
+                return recent
+            wait = self.why_limit.wait(ctx.uid, now)
+            if wait:
+                self.stats["why_limited"] += 1
+                return limited_text(wait)
         if name == ANNOFS_XATTRS + b"version":
             return str(v.id).encode()
         if name == ANNOFS_XATTRS + b"digest":
@@ -616,10 +636,16 @@ class Operations(pyfuse3.Operations):
                 return b"off: no policy loaded"
             verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
             if name == ANNOFS_XATTRS + b"why":
-                # The full explanation (original, diff): CPU work, off the event loop.
-                from annofs.explain.report import why_xattr
-                return await trio.to_thread.run_sync(
-                    why_xattr, gate, self.inodes.path(node), v, verdict)
+                # The full explanation (original, diff), as this caller may see it: CPU
+                # work, off the event loop, one at a time.
+                from annofs.explain.visibility import caller_of, why_xattr
+                caller = caller_of(ctx.uid, ctx.gid, ctx.pid, self.owner_uid)
+                async with self._why_threads:
+                    self.stats["why_explained"] += 1
+                    value = await trio.to_thread.run_sync(
+                        why_xattr, gate, self.inodes.path(node), v, verdict, caller)
+                self.why_recent.put(why_key, value, trio.current_time())
+                return value
             signers = ", ".join(verdict.signers) or "none"
             return f"{verdict.status}; signers: {signers}; rule: {verdict.rule}".encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

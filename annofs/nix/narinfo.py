@@ -121,6 +121,19 @@ def parse_store_path(text: str) -> StorePath:
     return StorePath(store_dir, check_base_name(base))
 
 
+NIX_STORE_DIR = "/nix/store"
+
+
+def parse_nix_store_path(text: str) -> StorePath:
+    """A store path directly in /nix/store, as Nix requires of a narinfo's StorePath (it
+    refuses others: "not in the Nix store"); raises _Bad. What is fetched is installed
+    at /nix/store/<base name>: a narinfo signed for another path must not be."""
+    sp = parse_store_path(text)
+    if sp.store_dir != NIX_STORE_DIR:
+        raise _Bad(f"{_show(text)} is not in the Nix store {NIX_STORE_DIR}")
+    return sp
+
+
 def store_path_arg(text: str) -> str:
     """A STOREPATH argument: a full store path, a base name, or a bare hash part.
 
@@ -352,7 +365,7 @@ def _build(source: str, values: dict[str, tuple[str, int]], sigs: tuple[NarSig, 
         except _Bad as e:
             raise UsageError(f"{where}: {e}") from None
 
-    store_path = get("StorePath", parse_store_path)
+    store_path = get("StorePath", parse_nix_store_path)
     compression = get("Compression", _compression, "bzip2")  # Nix's default when absent
     refs = get("References", _references, ())
     deriver = get("Deriver", lambda v: None if v == "unknown-deriver" else check_base_name(v))

@@ -108,6 +108,13 @@ class SecretKey:
         return f"SecretKey(name={self.name!r})"
 
 
+def key_fingerprint(public: bytes) -> str:
+    """How a key is shown when no trusted name may be: its public key in base64, as in
+    a Nix `*.public` file and `trusted-public-keys` (so it can be looked up, or trusted,
+    as it is). One format everywhere a key is printed."""
+    return base64.b64encode(public).decode()
+
+
 def verify_signature(public: bytes, message: bytes, signature: bytes) -> bool:
     """Whether `signature` is the ed25519 signature of `message` by `public`."""
     if len(public) != PUBLIC_SIZE or len(signature) != SIGNATURE_SIZE:

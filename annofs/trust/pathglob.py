@@ -4,7 +4,7 @@ A small exact translator rather than a general glob library: a policy's security
 on which paths a rule covers, so the whole grammar fits in this docstring.
 
 - A glob is an absolute store path: it starts with '/', components are separated by '/',
-  and no component is empty.
+  and no component is empty, `.` or `..` (an error, not a rule that matches nothing).
 - `*` matches any run of characters inside one component (also a leading '.': a rule
   for `/src/*` must not let `/src/.hidden` escape it), `?` one character.
 - `[abc]`, `[a-z]`, `[!a-z]` (or `[^a-z]`) match one character of (not of) a set; a `]`
@@ -45,6 +45,12 @@ def translate(glob: str) -> str:
     for i, part in enumerate(parts):
         if not part:
             raise UsageError(f"{glob!r}: empty path component")
+        literal = re.sub(r"\\(.)", r"\1", part)
+        if literal in (".", ".."):
+            # A store path never has such a component: the rule would silently match
+            # nothing (or, worse, look as if it covered what `..` points at).
+            raise UsageError(f"{glob!r}: {literal!r} as a path component: store paths "
+                             f"have none, so the rule would match nothing")
         if part == "**":
             # At the end: one or more components; before another part: zero or more.
             out.append("/.+" if i == len(parts) - 1 else "(?:/[^/]+)*")

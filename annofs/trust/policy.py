@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from annofs.errors import UsageError
-from annofs.trust.keys import check_key_name, load_public_key, parse_public_key
+from annofs.printable import one_line
+from annofs.trust.keys import check_key_name, key_fingerprint, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.statement import LABEL_CLAIM, check_word
 from annofs.userfile import read_user_file
@@ -163,6 +164,19 @@ class Policy:
         return "\n".join(lines)
 
 
+def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
+                valid: bool = True) -> str:
+    """How to show who signed a statement: the policy's name for a key it trusts; any
+    other key by its fingerprint, the name it gives itself only as a claim (anybody can
+    make a key called alice-1). `valid`: the statement's signature verifies (else even a
+    trusted key's name is only claimed)."""
+    name = policy.name_of(key) if policy is not None and valid else None
+    if name is not None:
+        return name
+    what = "untrusted key" if valid else "bad signature by key"
+    return f"{what} {key_fingerprint(key)} (claims {one_line(repr(claimed))})"
+
+
 def permissive_policy() -> Policy:
     """A policy that allows everything (mode off): what a mount without --policy uses."""
     return Policy("(no policy)", Mode.OFF, Default.ALLOW, {}, frozenset(), ())
@@ -242,7 +256,7 @@ class _Parser:
         where = f"{self.name}:{line}" if line is not None else self.name
         # Field names and values come from the file: a key "\n" must not break the
         # error's one line.
-        return UsageError(_one_line(f"{where}: {fieldname}: {problem}"))
+        return UsageError(one_line(f"{where}: {fieldname}: {problem}"))
 
     def parse(self) -> Policy:
         try:
@@ -449,13 +463,6 @@ class _Parser:
                                 f"{'s' if len(resolved) != 1 else ''}")
             key_names, keys = tuple(items), frozenset(resolved)
         return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i))
-
-
-def _one_line(text: str) -> str:
-    """`text` with unprintable characters (newlines, controls) escaped as in repr."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _show(value: Any) -> str:

@@ -19,13 +19,12 @@ the rule says. Mode `enforce` refuses what is not met, `warn` allows it but flag
 
 from __future__ import annotations
 
-import base64
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from annofs.trust.policy import Default, Mode, Policy, Rule
+from annofs.trust.policy import Default, Mode, Policy, Rule, signer_name
 from annofs.trust.statement import MALICIOUS, SignedStatement
 
 
@@ -60,10 +59,6 @@ class Verdict:
         if not self.allowed:
             return "refused"
         return "warn" if self.flagged else "allowed"
-
-
-def _short(key: bytes) -> str:
-    return base64.b64encode(key).decode()[:8] + "..."
 
 
 def _plural(n: int, word: str) -> str:
@@ -104,13 +99,13 @@ def decide_covered(policy: Policy, rule: Rule | None,
 
     for ss in statements:
         st = ss.statement
-        shown = policy.name_of(st.public_key) or st.signer
+        # A name is shown only for a key the policy trusts: the rest claim theirs.
+        shown = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid)
         if not ss.signature_valid:
-            note(f"{st.signer}: bad signature")
+            note(shown)
             continue
         if st.public_key not in policy.trusted:
-            # The name alone could be anybody's: show which key it was.
-            note(f"{st.signer}: key {_short(st.public_key)} not trusted")
+            note(shown)  # "untrusted key ... (claims ...)"
             continue
         if st.public_key in policy.revoked:
             note(f"{shown}: key revoked")
