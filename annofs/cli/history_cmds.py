@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import click
+import lmdb
 
 from annofs.cli.context import open_volume, store_path
 from annofs.cli.paths import VersionedPath, resolve_target, split_version
+from annofs.cli.stores import settle
 from annofs.content.history import ancestry
-from annofs.errors import UsageError
+from annofs.errors import NotFoundError, UsageError
 from annofs.explain.diff import render_diff
 from annofs.store.records import Version
 from annofs.volume import Volume
@@ -20,7 +22,11 @@ from annofs.volume import Volume
 def _file_version(vol: Volume, vp: VersionedPath) -> Version:
     """The version a PATH[@VERSION] names; the version must be in the file's history."""
     with vol.store.read() as txn:
-        a = vol.namespace.resolve(txn, vp.parts)
+        try:
+            a = vol.namespace.resolve(txn, vp.parts)
+        except NotFoundError:
+            _not_a_version(vol, txn, vp)
+            raise
         if not a.is_reg:
             raise UsageError(f"{vp.text}: not a regular file")
         current = int(a.target)
@@ -33,14 +39,33 @@ def _file_version(vol: Volume, vp: VersionedPath) -> Version:
                      f"(see annofs log)")
 
 
+def _not_a_version(vol: Volume, txn: lmdb.Transaction, vp: VersionedPath) -> None:
+    """PATH@WORD where PATH exists and WORD is not a number: say so (UsageError), rather
+    than that no file is named PATH@WORD. A name with '@' in it stays a name otherwise."""
+    path, sep, word = vp.text.rpartition("@")
+    if not sep or not path or not vp.parts or not vp.parts[-1].endswith(b"@" + word.encode(
+            "utf-8", "surrogateescape")):
+        return
+    head = [*vp.parts[:-1], vp.parts[-1][:-len(word.encode("utf-8", "surrogateescape")) - 1]]
+    if head[-1]:
+        try:
+            vol.namespace.resolve(txn, head)
+        except NotFoundError:
+            return
+        raise UsageError(f"{vp.text}: version {word!r} is not a number (PATH@VERSION takes "
+                         f"a version id from annofs log)")
+
+
 def _target(ctx: click.Context, text: str) -> tuple[Path, VersionedPath]:
     """PATH[@VERSION] as (store, path in it): a host path inside a mount, or a store path.
 
     These commands only read, and LMDB serves readers in other processes beside the
-    daemon, so a mounted store is read directly (what the mount has flushed).
+    daemon, so a mounted store is read directly (after the daemon has stored what open
+    handles wrote).
     """
     path, version = split_version(text)
     t = resolve_target(path, store_path(ctx))
+    settle(t)
     return t.store, VersionedPath(text, t.parts, version)
 
 

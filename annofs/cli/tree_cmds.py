@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
-from annofs.cli.paths import parse_store_path, resolve_target
+from annofs.cli.paths import resolve_target
+from annofs.cli.stores import reading
 from annofs.daemon import client
 from annofs.store.lock import import_lease, store_lock
 
@@ -97,14 +98,14 @@ def _names(parts: Sequence[bytes]) -> list[str]:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.pass_context
 def export_cmd(ctx: click.Context, src: str, dest: Path) -> None:
-    """Copy the store path SRC out to the new host path DEST."""
+    """Copy SRC (a path in a mount, or in the --store) out to the new host path DEST."""
     from annofs.transfer.export_tree import TreeExporter  # lazy: other commands skip it
 
-    src_parts = parse_store_path(src)
+    target = resolve_target(src, store_path(ctx))
     progress = Progress("export")
     try:
-        with open_volume(ctx) as vol:
-            stats = TreeExporter(vol, progress=progress).run(src_parts, dest)
+        with reading(ctx, target) as vol:
+            stats = TreeExporter(vol, progress=progress).run(target.parts, dest)
     finally:
         progress.close()
     click.echo(f"exported {src} -> {dest}: {stats.files} files, {stats.dirs} directories, "
