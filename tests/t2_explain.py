@@ -239,3 +239,34 @@ def test_summary_line_and_rate_limit(vol: Volume, pol: Policy, tmp_path: Path) -
     assert [rl.allow(0.0) for _ in range(5)] == [True, True, True, False, False]
     assert rl.suppressed() == 2 and rl.suppressed() == 0
     assert rl.allow(20.0) and not rl.allow(20.0)  # one token back per 20 s
+
+
+def test_lone_rewritten_file_found_by_its_subject_name(vol: Volume, pol: Policy,
+                                                       tmp_path: Path) -> None:
+    # A lone signed file (subject name "settings.conf", no signed sibling), then replaced
+    # by a new file with no edit-graph link and no fragment in common: `sed -i`.
+    import_tree(vol, tmp_path, "solo", {"settings.conf": b"port = 80\n"})
+    sign(vol, ALICE, "/solo/tree/settings.conf")
+    signed = current(vol, "/solo/tree/settings.conf")
+    import_tree(vol, tmp_path, "solo2", {"settings.conf": b"port = 8080\n"})
+    with vol.store.write() as txn:  # rename(2) over the signed file
+        ns = vol.namespace
+        src_dir, dst_dir = ns.writable_dir(txn, P("/solo2/tree")), \
+            ns.writable_dir(txn, P("/solo/tree"))
+        raw = ns.detach(txn, src_dir, b"settings.conf")
+        ns.remove(txn, dst_dir, b"settings.conf")
+        ns.attach(txn, dst_dir, b"settings.conf", raw)
+    assert current(vol, "/solo/tree/settings.conf").parent == 0
+    e = why(vol, pol, "/solo/tree/settings.conf")
+    c = e.original
+    assert c is not None and c.how == TREE_PATH and c.digest == signed.digest
+    assert c.signatures[0].names == ("settings.conf",)
+    assert "-port = 80" in e.diff and "+port = 8080" in e.diff
+    assert "no signed original" not in e.to_text()
+    # The longest tail of the path wins: the tree statement names proj/util.c.
+    import_tree(vol, tmp_path, "lone", {"util.c": b"int util(void) { return 1; }\n"})
+    sign(vol, ALICE, "/lone/tree/util.c")
+    import_tree(vol, tmp_path, "again", {"proj/util.c": b"int util(void) { return 3; }\n"})
+    c = why(vol, pol, "/again/tree/proj/util.c").original
+    assert c is not None and c.how == TREE_PATH
+    assert c.signatures[0].names == ("proj/util.c",)
