@@ -264,11 +264,12 @@ def test_lone_rewritten_file_found_by_its_subject_name(vol: Volume, pol: Policy,
     assert "-port = 80" in e.diff and "+port = 8080" in e.diff
     assert "no signed original" not in e.to_text()
     # The longest tail of the path wins: the tree statement names proj/util.c.
-    import_tree(vol, tmp_path, "lone", {"util.c": b"int util(void) { return 1; }\n"})
+    import_tree(vol, tmp_path, "lone", {"util.c": b"int util(void) { return 4; }\n"})
     sign(vol, ALICE, "/lone/tree/util.c")
     import_tree(vol, tmp_path, "again", {"proj/util.c": b"int util(void) { return 3; }\n"})
     c = why(vol, pol, "/again/tree/proj/util.c").original
     assert c is not None and c.how == TREE_PATH
+    assert c.digest == current(vol, "/src/proj/util.c").digest
     assert c.signatures[0].names == ("proj/util.c",)
 
 
