@@ -26,7 +26,10 @@ from pathlib import Path
 import pytest
 from conftest import Mount
 from fuse_helpers import stop_and_check
+from t2_nix_fetch import H1, A, add_to_cache, make_tree
 from t5_cli import BASE_NS, ok, write
+
+from annofs.nix.nar import dump_host
 
 POLICY = """mode = "enforce"
 default = "allow"
@@ -57,7 +60,8 @@ def base_env(tmp: Path) -> dict[str, str]:
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with /src/proj imported; keys alice-1 and bob-1; the policy; a changed
     copy of the tree (proj2); statements over proj2 made in another store (side.jsonl);
-    a NAR of proj2 (proj.nar)."""
+    a NAR of proj2 (proj.nar); a binary cache with one store path signed by cache-a-1,
+    whose key the policy trusts."""
     tmp = tmp_path_factory.mktemp("mounted-cli") / "t"
     tmp.mkdir()
     env = base_env(tmp)
@@ -73,6 +77,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("alice-1", "bob-1"):
         ok(plain(None, "key", "generate", name, "--dir", "keys", cwd=tmp, env=env))
     (tmp / "policy.toml").write_text(POLICY)
+    (tmp / "keys" / f"{A.name}.public").write_text(A.public_key().to_text())
+    nar = b"".join(dump_host(make_tree(tmp / "hello")))
+    add_to_cache(tmp / "cache", H1, "hello", nar, [A])
     ok(plain(store, "init", cwd=tmp, env=env))
     ok(plain(store, "import", str(src), "/src/proj", cwd=tmp, env=env))
     side = tmp / "side"
@@ -187,6 +194,10 @@ def _restored(m: Path) -> None:
     assert opens(m / "src/restored/d.c") == b"int d;\n"
 
 
+def _fetched(m: Path) -> None:
+    assert opens(m / f"src/nix/{H1}-hello/share/greeting") == b"hello\n"
+
+
 def _exported(tmp: Path) -> None:
     out = tmp / "out"
     assert (out / "a.c").read_bytes() == b"int a = 2;\n"
@@ -221,6 +232,11 @@ STEPS = [
     Step("nar restore", lambda m: ["nar", "restore", "proj.nar", m.p("/src/restored")],
          after=_restored),
     Step("verify restored", lambda m: ["verify", m.p("/src/restored")], 1),
+    Step("nix fetch", lambda m: ["nix", "fetch", "--cache", "cache", "--dest", m.p("/src/nix"),
+                                 H1], after=_fetched),
+    Step("nix sign", lambda m: ["nix", "sign", "--key", "keys/bob-1.secret", "--cache", "cache",
+                                "--dest", m.p("/src/nix"), H1]),
+    Step("verify fetched", lambda m: ["verify", m.p(f"/src/nix/{H1}-hello")]),
     Step("cat PATH@WORD", lambda m: ["cat", m.p("/src/proj/a.c") + "@abc"], 2),
 ]
 
