@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import annofs_cmd
@@ -94,3 +96,67 @@ def test_fsck_command_exit_status(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "refcount 5" in bad.stdout
     fixed = run("fsck", "--repair")
     assert fixed.returncode == 0 and "repaired: fragment" in fixed.stdout
+
+
+def test_an_interrupted_import_is_reported_reclaimable_and_gc_frees_exactly_that(
+        vol: Volume, tmp_path: Path) -> None:
+    """Ctrl-C during an import leaves its fragments; a killed import also its staging tree
+    and versions. fsck says ok, and how much gc would free; gc then frees exactly that."""
+    from annofs.maintenance.gc import collect
+
+    src = make_tree(tmp_path / "src")
+    TreeImporter(vol).run(src, [b"t"])
+    rep = check_store(vol)
+    assert rep.ok and not rep.reclaimable.any
+    big = tmp_path / "big"
+    rnd = random.Random(3)
+    for i in range(40):
+        (big / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (big / f"d{i % 4}" / f"f{i}").write_bytes(rnd.randbytes(30_000))
+    seen = [0]
+
+    def interrupt(files: int, nbytes: int) -> None:
+        seen[0] += files
+        if seen[0] >= 20:
+            raise KeyboardInterrupt
+
+    try:
+        TreeImporter(vol, progress=interrupt, workers=1).run(big, [b"u"])
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the import was not interrupted")
+    # Killed (kill -9) just before the staging tree would have been swapped in.
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from pathlib import Path
+from annofs.transfer.import_tree import LocalStaging, TreeImporter
+from annofs.volume import Volume
+class Killed(LocalStaging):
+    def finish(self, root, dest):
+        os._exit(9)
+vol = Volume.open(Path({str(vol.store.path)!r}))
+TreeImporter(vol).run(Path({str(tmp_path / "src")!r}), [b"v"], staging=Killed(vol))
+"""], check=False)
+    assert killed.returncode == 9
+    rep = check_store(vol)
+    assert rep.ok, rep.problems
+    r = rep.reclaimable
+    assert r.staging_trees == 1 and r.versions >= 1 and r.bytes >= 20 * 30_000
+    res = subprocess.run(annofs_cmd("--store", str(vol.store.path), "fsck"),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == (
+        f"reclaimable: {r.bytes} bytes in {r.fragments} fragments, {r.versions} versions "
+        f"nothing refers to, 1 staging tree of interrupted imports; 'annofs gc' frees them")
+    got = collect(vol)
+    assert got.staging_dropped == 1
+    assert (got.versions_freed, got.fragments_freed, got.bytes_freed) == \
+        (r.versions, r.fragments, r.bytes)
+    after = check_store(vol)
+    assert after.ok and not after.reclaimable.any
+    res = subprocess.run(annofs_cmd("--store", str(vol.store.path), "fsck", "--json"),
+                         capture_output=True, text=True)
+    j = json.loads(res.stdout)
+    assert j["ok"] and j["reclaimable"] == {"versions": 0, "fragments": 0, "bytes": 0,
+                                            "staging_trees": 0}

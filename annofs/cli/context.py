@@ -50,29 +50,77 @@ def open_volume(ctx: click.Context, *, create: bool = False,
 
 
 class Progress:
-    """A progress bar on a terminal (files and bytes); silent otherwise."""
+    """A progress bar on a terminal; silent otherwise.
 
-    def __init__(self, what: str, *, force: bool = False) -> None:
+    Without a total it counts bytes, with items (files, ...) and their rate beside it.
+    With a total (`total=`, `set_total`, or a `phase`) it counts items against it, which
+    gives a percentage and the time left, with the bytes beside it.
+    """
+
+    def __init__(self, what: str, *, unit: str = "files", total: int | None = None,
+                 force: bool = False) -> None:
         """A bar on stderr if it is a terminal, or always with `force` (--progress)."""
+        self._show = force or sys.stderr.isatty()
+        self._what, self._unit = what, unit
         self._bar = None
+        self._by_items = False
         self._started = time.monotonic()
-        if force or sys.stderr.isatty():
-            # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
-            from tqdm import tqdm
-
-            self._bar = tqdm(desc=what, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False, mininterval=0.25)
         self.files = 0
+        self.bytes = 0
+        self._open(what, total)
+
+    def _open(self, desc: str, total: int | None) -> None:
+        if not self._show:
+            return
+        # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
+        from tqdm import tqdm
+
+        self._by_items = total is not None
+        if self._by_items:
+            self._bar = tqdm(desc=desc, total=total, unit=f" {self._unit}", file=sys.stderr,
+                             leave=False, mininterval=0.25)
+        else:
+            self._bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=sys.stderr, leave=False, mininterval=0.25)
+
+    def set_total(self, total: int) -> None:
+        """The number of items is known now: count them against it from here on."""
+        self.phase(None, total)
+
+    def phase(self, what: str | None, total: int | None, unit: str | None = None) -> None:
+        """A new stage of the work (its own bar, counted from zero)."""
+        self.close()
+        self._unit = unit or self._unit
+        self.files = self.bytes = 0
+        self._started = time.monotonic()
+        self._open(f"{self._what}: {what}" if what else self._what, total)
 
     def __call__(self, files: int, nbytes: int) -> None:
         self.files += files
-        if self._bar is not None:
+        self.bytes += nbytes
+        if self._bar is None:
+            return
+        if self._by_items:
+            self._bar.update(files)
+            if self.bytes:
+                self._bar.set_postfix_str(_size(self.bytes), refresh=False)
+        else:
             self._bar.update(nbytes)
             rate = self.files / max(time.monotonic() - self._started, 1e-9)
-            self._bar.set_postfix_str(f"{self.files} files, {rate:.0f} files/s", refresh=False)
+            self._bar.set_postfix_str(f"{self.files} {self._unit}, {rate:.0f} {self._unit}/s",
+                                      refresh=False)
 
     def close(self) -> None:
         """Draw the final counts, then remove the bar."""
         if self._bar is not None:
             self._bar.refresh()
             self._bar.close()
+            self._bar = None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -10,6 +10,10 @@ Checks, in one read snapshot:
   its directory entries; no entry or root points at a missing node;
 - every regular file entry's (or link's) version exists;
 - every link's nlink equals the entries pointing at it.
+
+It also reports what `annofs gc` would free (maintenance.reclaim): versions and
+fragments nothing keeps, and staging trees of interrupted imports. That is not a
+problem (fsck still says ok), only space that a gc gives back.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ import lmdb
 
 from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
-from annofs.store.keys import from_u64
+from annofs.maintenance.reclaim import (
+    Reclaimable,
+    doomed_versions,
+    freed_fragments,
+    reachable_versions,
+)
+from annofs.store.keys import HASH_SIZE, from_u64
+from annofs.store.lock import imports_running
 from annofs.store.records import (
     Attrs,
     Version,
@@ -36,7 +47,8 @@ from annofs.store.records import (
 )
 from annofs.volume import Volume
 
-Progress = Callable[[int, int], None]
+# (phase, items done, bytes done): phases are "fragments" then "digests".
+Progress = Callable[[str, int, int], None]
 T = TypeVar("T")
 
 
@@ -50,6 +62,7 @@ class FsckReport:
     versions: int = 0
     directories: int = 0
     entries: int = 0
+    reclaimable: Reclaimable = field(default_factory=Reclaimable)
 
     @property
     def ok(self) -> bool:
@@ -58,10 +71,14 @@ class FsckReport:
 
 def check_store(vol: Volume, *, verify_data: bool = True,
                 progress: Progress | None = None) -> FsckReport:
-    """Check the whole store; with `verify_data`, read and hash every fragment and digest."""
+    """Check the whole store; with `verify_data`, read and hash every fragment and digest.
+
+    `progress(phase, items, bytes)` is called as fragments are hashed and as version
+    digests are checked (the two long parts); `phase_totals` gives their sizes up front.
+    """
     rep = FsckReport()
     try:
-        _check(vol, rep, verify_data, progress)
+        _check(vol, rep, verify_data, progress, imports_running(vol.store.path))
     except (lmdb.Error, struct.error) as e:
         # Damage below the records: LMDB's own pages (struct.error: a key cut short).
         rep.problems.append(f"the store's LMDB database is damaged ({type(e).__name__}: "
@@ -69,8 +86,15 @@ def check_store(vol: Volume, *, verify_data: bool = True,
     return rep
 
 
+def phase_totals(vol: Volume) -> dict[str, int]:
+    """How many items each progress phase has (LMDB keeps entry counts: no scan)."""
+    with vol.store.read() as txn:
+        return {"fragments": int(txn.stat(vol.store.db["fragments"])["entries"]),
+                "digests": int(txn.stat(vol.store.db["versions"])["entries"])}
+
+
 def _check(vol: Volume, rep: FsckReport, verify_data: bool,
-           progress: Progress | None) -> None:
+           progress: Progress | None, importing: bool) -> None:
     db = vol.store.db
     problems = rep.problems
     with vol.store.read() as txn:
@@ -97,15 +121,19 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         problems += _cycles(versions)
 
         bad_fragments: set[bytes] = set()
+        orphans, orphan_bytes = 0, 0  # stored, but no version took them
         for h_raw, raw in txn.cursor(db=db["fragments"]):
             h = bytes(h_raw)
             rep.fragments += 1
             rep.fragment_bytes += len(raw)
+            if h not in occurrences:
+                orphans += 1
+                orphan_bytes += len(raw)
             if verify_data and blake3.blake3(raw).digest() != h:
                 problems.append(f"fragment {h.hex()}: content does not match its hash")
                 bad_fragments.add(h)
             if progress:
-                progress(1, len(raw))
+                progress("fragments", 1, len(raw))
         for h in used:
             if txn.get(h, db=db["fragments"]) is None:
                 problems.append(f"fragment {h.hex()}: used but not stored")
@@ -119,6 +147,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
 
         if verify_data:
             for v in versions.values():
+                if progress:
+                    progress("digests", 1, v.size if v.digest is not None else 0)
                 if v.digest is None or any(
                         v.fragment_hash(i) in bad_fragments for i in range(v.count)):
                     continue
@@ -131,6 +161,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
 
         dir_refs: Counter[int] = Counter()
         link_refs: Counter[int] = Counter()
+        tree_roots: list[int] = []  # the root, and staging trees of running imports
+        staging = 0
         for key, raw in txn.cursor(db=db["meta"]):
             name = bytes(key)
             if name == b"root" or name.startswith(b"staging:"):
@@ -142,6 +174,9 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 if not a.is_dir:
                     problems.append(f"{name.decode()}: not a directory")
                 dir_refs[int(a.target)] += 1
+                staging += name != b"root"
+                if name == b"root" or importing:
+                    tree_roots.append(int(a.target))
 
         entries: dict[int, list[tuple[bytes, Attrs]]] = defaultdict(list)
         for key, raw in txn.cursor(db=db["entries"]):
@@ -183,6 +218,17 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                      if lid not in links]
         problems += [f"counter next:{c}: {n}, but {c} {last} exists (new ids would replace "
                      f"records)" for c, n, last in vol.store.damaged_counters(txn)]
+
+        with txn.cursor(db=db["signed_digests"]) as cur:
+            signed = {bytes(k[:HASH_SIZE]) for k in cur.iternext(values=False)}
+        doomed = doomed_versions(versions, reachable_versions(tree_roots, entries, links),
+                                 signed)
+        freed = freed_fragments(doomed, occurrences)
+        freed_bytes = sum(len(raw) for h in freed
+                          if (raw := txn.get(h, db=db["fragments"])) is not None)
+        rep.reclaimable = Reclaimable(len(doomed), len(freed) + orphans,
+                                      freed_bytes + orphan_bytes,
+                                      0 if importing else staging)
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

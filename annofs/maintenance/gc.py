@@ -67,13 +67,15 @@ def _live_versions(vol: Volume, txn: lmdb.Transaction) -> set[int]:
 
 def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] | None = None,
             keep_fragments: Set[bytes] = frozenset(),
-            progress: Progress | None = None) -> GcReport:
+            progress: Progress | None = None,
+            on_total: Callable[[int], None] | None = None) -> GcReport:
     """Free unreferenced versions and fragments; returns what was freed.
 
     Under a live mount, `extra_roots` are the versions open handles serve and
     `keep_fragments` the fragments of versions still being written (stored ahead of their
     version); the caller must keep new commits from interleaving (the daemon runs this on
-    its event loop, where commits run too).
+    its event loop, where commits run too). `on_total` learns how many versions go before
+    `progress` counts them.
     """
     rep = GcReport()
     ns = vol.namespace
@@ -97,6 +99,8 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
                 keep.add(vid)
     rep.versions_kept = len(keep & versions.keys())
     doomed = [v for vid, v in versions.items() if vid not in keep]
+    if on_total is not None:
+        on_total(len(doomed))
     with vol.store.write() as txn:
         for v in versions.values():
             if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
