@@ -110,6 +110,8 @@ def test_log_cat_diff(tmp_path: Path) -> None:
         ok(annofs(store, "import", str(src), "/src/proj", cwd=tmp_path))
 
     lines = ok(annofs(store, "log", "/src/proj/f.txt", cwd=tmp_path)).decode().splitlines()
+    assert lines[0].split()[:2] == ["VERSION", "TIME"], lines  # the header
+    lines = lines[1:]
     assert len(lines) == 4, lines
     ids = [int(line.split()[0]) for line in lines]
     assert ids[-1] == 0 and ids == sorted(ids, reverse=True), lines

@@ -91,7 +91,9 @@ signers = 1
 def verdicts(proc: subprocess.CompletedProcess[bytes]) -> dict[str, str]:
     """path -> status from `annofs verify` output."""
     out = {}
-    for line in proc.stdout.decode().splitlines():
+    lines = proc.stdout.decode().splitlines()
+    assert lines[-1].startswith("verified "), lines  # the summary line
+    for line in lines[:-1]:
         path, status, _ = line.split(": ", 2)
         out[path] = status
     return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import sys
 from pathlib import Path
 
@@ -74,24 +76,63 @@ def _when(ns: int) -> str:
 
 
 @click.command("log")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per version, per line (no header).")
 @click.argument("path")
 @click.pass_context
-def log_cmd(ctx: click.Context, path: str) -> None:
-    """The file's versions along the edit graph, newest first."""
+def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
+    """The file's versions along the edit graph, newest first, with who signed each."""
+    from annofs.trust.annotations import AnnotationStore
+
     store, vp = _target(ctx, path)
     with open_volume(ctx, store=store) as vol:
         head = _file_version(vol, vp)
+        ann = AnnotationStore(vol.store)
         with vol.store.read() as txn:
             chain = ancestry(txn, vol.versions, head.id)
+        if not as_json:
+            click.echo(f"{'VERSION':>8}  {'TIME (UTC)':<19}  {'SIZE':>12}  "
+                       f"{'DIGEST':<71}  EDIT, SIGNATURES")
         for v in chain:
             v = vol.versions.ensure_digest(v)
+            assert v.digest is not None
+            with vol.store.read() as txn:
+                # No policy here says which keys are trusted: a name is only what the
+                # statement claims, so the key is shown with it.
+                sigs = [(ss.statement.signer,
+                         base64.b64encode(ss.statement.public_key).decode(),
+                         ss.statement.claim, ss.statement.label)
+                        for ss in ann.for_digest(txn, v.digest)]
+            if as_json:
+                click.echo(json.dumps(log_json(v, sigs)))
+                continue
             edit = ""
             if v.edit is not None:
                 edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
                         f"-> {v.edit.added} new")
-            assert v.digest is not None
+            signed = ""
+            if sigs:
+                signed = "  signed: " + ", ".join(
+                    f"{who} [key {key[:8]}...] "
+                    f"({f'label {label}' if label is not None else claim})"
+                    for who, key, claim, label in sigs)
             click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
-                       f"blake3:{v.digest.hex()}{edit}")
+                       f"blake3:{v.digest.hex()}{edit}{signed}")
+
+
+def log_json(v: Version, sigs: list[tuple[str, str, str, str | None]]
+             ) -> dict[str, object]:
+    """`log --json`, one per version: {"version", "parent", "time_ns", "size", "digest",
+    "edit": {"start", "removed", "added"} or null, "statements": [{"signer", "public_key",
+    "claim", "label"}]} (signer: the name the statement claims; no policy judges it)."""
+    assert v.digest is not None
+    return {"version": v.id, "parent": v.parent, "time_ns": v.created_ns, "size": v.size,
+            "digest": f"blake3:{v.digest.hex()}",
+            "edit": None if v.edit is None else {"start": v.edit.start,
+                                                 "removed": v.edit.removed,
+                                                 "added": v.edit.added},
+            "statements": [{"signer": who, "public_key": key, "claim": claim, "label": label}
+                           for who, key, claim, label in sigs]}
 
 
 @click.command("cat")

@@ -30,6 +30,7 @@ from annofs.errors import UsageError
 
 if TYPE_CHECKING:
     from annofs.trust.policy import Policy
+    from annofs.trust.verdict import Verdict
 
 # The trust modules (nacl, tomllib, msgpack) load inside each command: every other
 # command's start-up stays as quick as it was.
@@ -208,28 +209,56 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
 
 @click.command("verify")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
-              help=f"The policy file (default: ${POLICY_ENV}).")
+              help=f"The policy file (default: the mount's for paths in a mount, else "
+                   f"${POLICY_ENV}).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per file, per line (no summary line).")
 @click.argument("paths", nargs=-1)
 @click.pass_context
-def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, ...]) -> None:
-    """The verdict for each file (or each file under a tree); exit 1 if any is refused."""
+def verify_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool,
+               paths: tuple[str, ...]) -> None:
+    """The verdict for each file (or each file under a tree); exit 1 if any is refused.
+
+    Ends with a summary line: how many files, allowed, refused, warned.
+    """
+    import json
+    from collections import Counter
+
     from annofs.trust.gate import TrustGate
     from annofs.trust.signing import collect_files
     from annofs.trust.statement import format_digest
 
     if not paths:
         raise UsageError("no PATH given")
-    refused = 0
+    counts: Counter[str] = Counter()
     for target in group_targets(ctx, paths):
         policy = given_policy(policy_file, target)
         with reading(ctx, target) as vol:
             gate = TrustGate(vol, policy)
             for f in collect_files(vol, target.parts):
                 v = gate.verdict(f.path, f.version)
-                refused += not v.allowed
-                click.echo(f"{f.text}: {v.status}: {v.reason}  [{format_digest(f.digest)}]")
-    if refused:
+                counts[v.status] += 1
+                if as_json:
+                    click.echo(json.dumps(verify_json(f.text, f.digest, v)))
+                else:
+                    click.echo(f"{f.text}: {v.status}: {v.reason}  "
+                               f"[{format_digest(f.digest)}]")
+    if not as_json:
+        n = sum(counts.values())
+        parts = [f"{counts[s]} {s}" for s in ("allowed", "refused", "warn", "off") if counts[s]]
+        click.echo(f"verified {n} file{'s' if n != 1 else ''}: {', '.join(parts) or 'none'}")
+    if counts["refused"]:
         sys.exit(1)
+
+
+def verify_json(path: str, digest: bytes, v: Verdict) -> dict[str, object]:
+    """`verify --json`, one per file: {"path", "status", "allowed", "rule", "needed",
+    "signers", "claims", "labels", "reason", "digest"}."""
+    from annofs.trust.statement import format_digest
+
+    return {"path": path, "status": v.status, "allowed": v.allowed, "rule": v.rule,
+            "needed": v.needed, "signers": list(v.signers), "claims": list(v.claims),
+            "labels": list(v.labels), "reason": v.reason, "digest": format_digest(digest)}
 
 
 @click.group("policy")
