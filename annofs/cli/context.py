@@ -54,7 +54,8 @@ class Progress:
 
     Without a total it counts bytes, with items (files, ...) and their rate beside it.
     With a total (`total=`, `set_total`, or a `phase`) it counts items against it, which
-    gives a percentage and the time left, with the bytes beside it.
+    gives a percentage and the time left, with the bytes beside it; `set_total(n,
+    in_bytes=True)` counts bytes against a total of bytes instead.
     """
 
     def __init__(self, what: str, *, unit: str = "files", total: int | None = None,
@@ -69,31 +70,38 @@ class Progress:
         self.bytes = 0
         self._open(what, total)
 
-    def _open(self, desc: str, total: int | None) -> None:
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn at all (worth working out a total for)."""
+        return self._show
+
+    def _open(self, desc: str, total: int | None, in_bytes: bool = False) -> None:
         if not self._show:
             return
         # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
         from tqdm import tqdm
 
-        self._by_items = total is not None
+        self._by_items = total is not None and not in_bytes
         if self._by_items:
             self._bar = tqdm(desc=desc, total=total, unit=f" {self._unit}", file=sys.stderr,
                              leave=False, mininterval=0.25)
         else:
-            self._bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False, mininterval=0.25)
+            self._bar = tqdm(desc=desc, total=total, unit="B", unit_scale=True,
+                             unit_divisor=1024, file=sys.stderr, leave=False,
+                             mininterval=0.25)
 
-    def set_total(self, total: int) -> None:
-        """The number of items is known now: count them against it from here on."""
-        self.phase(None, total)
+    def set_total(self, total: int, *, in_bytes: bool = False) -> None:
+        """The total is known now (items, or bytes): count against it from here on."""
+        self.phase(None, total, in_bytes=in_bytes)
 
-    def phase(self, what: str | None, total: int | None, unit: str | None = None) -> None:
+    def phase(self, what: str | None, total: int | None, unit: str | None = None, *,
+              in_bytes: bool = False) -> None:
         """A new stage of the work (its own bar, counted from zero)."""
         self.close()
         self._unit = unit or self._unit
         self.files = self.bytes = 0
         self._started = time.monotonic()
-        self._open(f"{self._what}: {what}" if what else self._what, total)
+        self._open(f"{self._what}: {what}" if what else self._what, total, in_bytes)
 
     def __call__(self, files: int, nbytes: int) -> None:
         self.files += files

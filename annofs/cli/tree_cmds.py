@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +16,9 @@ from annofs.cli.paths import resolve_target
 from annofs.cli.stores import reading
 from annofs.daemon import client
 from annofs.store.lock import import_lease, store_lock
+
+if TYPE_CHECKING:
+    from annofs.transfer.import_tree import ImportStats
 
 
 @click.command("init")
@@ -31,11 +36,13 @@ def init_cmd(ctx: click.Context) -> None:
               help="Skip paths matching GLOB (relative path or base name); repeatable.")
 @click.option("--progress", "show_progress", is_flag=True,
               help="Show the progress bar even when stderr is not a terminal.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The summary as one JSON object (see the README for its fields).")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
 def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_progress: bool,
-               src: Path, dest: str) -> None:
+               as_json: bool, src: Path, dest: str) -> None:
     """Copy the host directory SRC into the store at DEST; unchanged files are not read.
 
     DEST is a path inside a mounted annofs (the mount shows the import at once), or a path
@@ -59,6 +66,27 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     finally:
         progress.close()
     took = time.monotonic() - started
+    if as_json:
+        click.echo(json.dumps(import_json(str(src), dest, stats, took)))
+    else:
+        _import_summary(src, dest, stats, took)
+    if stats.scan_helper_died:  # the import is whole; only slower than it should be
+        click.echo("annofs: warning: the scan helper process ended early; this import "
+                   "scanned the rest itself", err=True)
+
+
+def import_json(src: str, dest: str, stats: ImportStats, took: float) -> dict[str, object]:
+    """`import --json`: {"src", "dest", "files", "files_read", "files_unchanged", "dirs",
+    "symlinks", "hard_links", "removed", "bytes_read", "new_bytes", "seconds", "skipped"}."""
+    return {"src": src, "dest": dest, "files": stats.files, "files_read": stats.files_read,
+            "files_unchanged": stats.files_reused, "dirs": stats.dirs,
+            "symlinks": stats.symlinks, "hard_links": stats.hard_links,
+            "removed": stats.removed, "bytes_read": stats.bytes_read,
+            "new_bytes": stats.new_bytes, "seconds": round(took, 3),
+            "skipped": list(stats.skipped)}
+
+
+def _import_summary(src: Path, dest: str, stats: ImportStats, took: float) -> None:
     click.echo(
         f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
         f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
@@ -66,9 +94,6 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
         f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
     for rel in stats.skipped:
         click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
-    if stats.scan_helper_died:  # the import is whole; only slower than it should be
-        click.echo("annofs: warning: the scan helper process ended early; this import "
-                   "scanned the rest itself", err=True)
 
 
 class DaemonStaging:
@@ -105,7 +130,10 @@ def export_cmd(ctx: click.Context, src: str, dest: Path) -> None:
     progress = Progress("export")
     try:
         with reading(ctx, target) as vol:
-            stats = TreeExporter(vol, progress=progress).run(target.parts, dest)
+            exporter = TreeExporter(vol, progress=progress)
+            if progress.shown:
+                progress.set_total(exporter.size_of(target.parts)[1], in_bytes=True)
+            stats = exporter.run(target.parts, dest)
     finally:
         progress.close()
     click.echo(f"exported {src} -> {dest}: {stats.files} files, {stats.dirs} directories, "
