@@ -288,3 +288,47 @@ def test_every_path_command_offline_and_mounted(template: Path, tmp_path: Path) 
 
     for a, b in zip(offline.results, mounted.results, strict=True):
         assert a == b, f"{a[0]}: offline and mounted differ"
+
+
+def test_sign_in_the_mount_signs_what_an_open_writer_has_written(tmp_path: Path) -> None:
+    """The daemon stores what open handles wrote before a command reads the store beside
+    it: `sign MNT/f` while a writer still holds f open signs the bytes a reader would
+    see, and they open at once."""
+    from fuse_helpers import new_mount
+
+    (tmp_path / "keys").mkdir()
+    env = base_env(tmp_path)
+    ok(plain(None, "key", "generate", "alice-1", "--dir", "keys", cwd=tmp_path, env=env))
+    (tmp_path / "policy.toml").write_text(POLICY)
+    m = new_mount(tmp_path, "--policy", str(tmp_path / "policy.toml"))
+    writer: subprocess.Popen[str] | None = None
+    try:
+        (m.path / "src").mkdir()
+        f = m.path / "src" / "f"
+        # The writer is a process of its own: a descriptor this process held would be
+        # closed in each command it starts (close-on-exec), and that close is a FUSE
+        # flush, which stores the bytes anyway.
+        writer = subprocess.Popen(
+            [sys.executable, "-c", "import sys\n"
+             f"w = open({str(f)!r}, 'wb', buffering=0)\n"
+             "w.write(b'first\\n'); print('written', flush=True)\n"
+             "sys.stdin.readline(); w.write(b'second\\n'); w.close()\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == "written\n"
+        proc = plain(None, "sign", "--key", "keys/alice-1.secret", str(f), cwd=tmp_path,
+                     env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert opens(f) == b"first\n"
+        writer.stdin.write("go\n")
+        writer.stdin.close()
+        assert writer.wait(timeout=30) == 0
+        assert refused(f)  # the close stored new bytes: nobody signed those
+        verify = plain(None, "verify", str(f), cwd=tmp_path, env=env)
+        assert verify.returncode == 1 and b"/src/f: refused" in verify.stdout
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()  # it holds a file in the mount open: the unmount would fail
+            writer.wait()
+        stop_and_check(m)
+    assert not m.log_problems()
