@@ -20,7 +20,8 @@ from annofs.errors import UsageError
 
 @click.command("why")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
-              help=f"The policy file (default: ${POLICY_ENV}).")
+              help=f"The policy file (default: the mount's for paths in a mount, else "
+                   f"${POLICY_ENV}).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, per line.")
 @click.option("--diff-lines", type=click.IntRange(min=1), default=400, show_default=True,
               help="Cut a text diff after this many lines (with a note).")
