@@ -76,3 +76,17 @@ def test_messages_say_what_is_wrong(tmp_path: Path) -> None:
 def test_dashboard_takes_the_same_allow_remote_option_as_mount(tmp_path: Path) -> None:
     for args in (["mount", "--help"], ["dashboard", "--help"]):
         assert b"--dashboard-allow-remote" in ok(annofs(None, *args, cwd=tmp_path))
+
+
+def test_import_progress_has_a_total_and_a_percentage(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    ok(annofs(store, "init", cwd=tmp_path))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(bytes([i]) * 50_000)
+    proc = annofs(store, "import", "--progress", str(src), "/s", cwd=tmp_path)
+    ok(proc)
+    frames = proc.stderr.decode().replace("\r", "\n").splitlines()
+    done = [f for f in frames if "100%" in f]
+    assert done and "977k/977k" in done[-1] and "20 files" in done[-1], frames

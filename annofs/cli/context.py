@@ -90,6 +90,12 @@ class Progress:
                              unit_divisor=1024, file=sys.stderr, leave=False,
                              mininterval=0.25)
 
+    def grow(self, nbytes: int) -> None:
+        """More bytes are known to come (a walk found them): the byte total grows, and
+        with it a percentage and time left, exact once the walk is done."""
+        if self._bar is not None and not self._by_items:
+            self._bar.total = (self._bar.total or 0) + nbytes
+
     def set_total(self, total: int, *, in_bytes: bool = False) -> None:
         """The total is known now (items, or bytes): count against it from here on."""
         self.phase(None, total, in_bytes=in_bytes)

@@ -60,7 +60,8 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
         # taking the fragments and staging tree not referenced yet for garbage.
         with store_lock(target.store, exclusive=False, what="import"), \
                 import_lease(target.store), open_volume(ctx, store=target.store) as vol:
-            importer = TreeImporter(vol, excludes=excludes, git=git, progress=progress)
+            importer = TreeImporter(vol, excludes=excludes, git=git, progress=progress,
+                                    to_read=progress.grow if progress.shown else None)
             stats = importer.run(src, target.parts, staging=(
                 DaemonStaging(target.store) if target.mount is not None else None))
     finally:
