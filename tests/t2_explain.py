@@ -16,7 +16,7 @@ from t2_store import check_consistency
 from t2_trust import ALICE, BOB, P, current, policy, sign, write
 
 from annofs.explain.original import EDIT_GRAPH, SHARED_FRAGMENTS, TREE_PATH, find_original
-from annofs.explain.report import Explanation, explain
+from annofs.explain.report import Explanation, explain, summary_line
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
@@ -239,3 +239,57 @@ def test_summary_line_and_rate_limit(vol: Volume, pol: Policy, tmp_path: Path) -
     assert [rl.allow(0.0) for _ in range(5)] == [True, True, True, False, False]
     assert rl.suppressed() == 2 and rl.suppressed() == 0
     assert rl.allow(20.0) and not rl.allow(20.0)  # one token back per 20 s
+
+
+def test_lone_rewritten_file_found_by_its_subject_name(vol: Volume, pol: Policy,
+                                                       tmp_path: Path) -> None:
+    # A lone signed file (subject name "settings.conf", no signed sibling), then replaced
+    # by a new file with no edit-graph link and no fragment in common: `sed -i`.
+    import_tree(vol, tmp_path, "solo", {"settings.conf": b"port = 80\n"})
+    sign(vol, ALICE, "/solo/tree/settings.conf")
+    signed = current(vol, "/solo/tree/settings.conf")
+    import_tree(vol, tmp_path, "solo2", {"settings.conf": b"port = 8080\n"})
+    with vol.store.write() as txn:  # rename(2) over the signed file
+        ns = vol.namespace
+        src_dir, dst_dir = ns.writable_dir(txn, P("/solo2/tree")), \
+            ns.writable_dir(txn, P("/solo/tree"))
+        raw = ns.detach(txn, src_dir, b"settings.conf")
+        ns.remove(txn, dst_dir, b"settings.conf")
+        ns.attach(txn, dst_dir, b"settings.conf", raw)
+    assert current(vol, "/solo/tree/settings.conf").parent == 0
+    e = why(vol, pol, "/solo/tree/settings.conf")
+    c = e.original
+    assert c is not None and c.how == TREE_PATH and c.digest == signed.digest
+    assert c.signatures[0].names == ("settings.conf",)
+    assert "-port = 80" in e.diff and "+port = 8080" in e.diff
+    assert "no signed original" not in e.to_text()
+    # The longest tail of the path wins: the tree statement names proj/util.c.
+    import_tree(vol, tmp_path, "lone", {"util.c": b"int util(void) { return 4; }\n"})
+    sign(vol, ALICE, "/lone/tree/util.c")
+    import_tree(vol, tmp_path, "again", {"proj/util.c": b"int util(void) { return 3; }\n"})
+    c = why(vol, pol, "/again/tree/proj/util.c").original
+    assert c is not None and c.how == TREE_PATH
+    assert c.digest == current(vol, "/src/proj/util.c").digest
+    assert c.signatures[0].names == ("proj/util.c",)
+
+
+def test_a_malicious_label_is_said_to_be_why_and_what_would_lift_it(vol: Volume,
+                                                                     pol: Policy) -> None:
+    """Signed by alice-1 and labelled malicious by bob-1: no talk of a missing original
+    or of signers that would satisfy the rule (alice-1 does); the label is why."""
+    sign(vol, BOB, "/src/proj/util.c", claim="label", label="malicious")
+    e = why(vol, pol, "/src/proj/util.c")
+    assert not e.verdict.allowed and e.verdict.malicious == ("bob-1",)
+    text = e.to_text()
+    assert "no signed original" not in text and "would satisfy" not in text
+    assert "why: labelled malicious by bob-1 (trusted): the label refuses this content " \
+           "whatever its signatures; without it, alice-1 would meet the rule (1 of 1 " \
+           "needed)" in text
+    assert "would lift it: a revocation of bob-1's key (revoked-keys in the policy), or a " \
+           "policy that no longer trusts it; more signatures would not" in text
+    j = e.to_json()
+    assert j["label"]["malicious_by"] == ["bob-1"] and "revocation" in j["label"]["would_lift"]
+    assert "would lift it: a revocation of bob-1's key" in summary_line(e)
+    # Revoked, the label no longer counts and the file is allowed again.
+    revoked = policy(RULE, ALICE, BOB, extra='revoked-keys = ["bob-1"]')
+    assert why(vol, revoked, "/src/proj/util.c").verdict.allowed

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import annofs_cmd
@@ -96,69 +98,65 @@ def test_fsck_command_exit_status(tmp_path: Path) -> None:
     assert fixed.returncode == 0 and "repaired: fragment" in fixed.stdout
 
 
-class _Interrupted:
-    """Staging that is interrupted (Ctrl-C) just before the swap: every file was read
-    and stored, nothing names it."""
-
-    def __init__(self, vol: Volume) -> None:
-        from annofs.transfer.import_tree import LocalStaging
-
-        self.local = LocalStaging(vol)
-
-    def begin(self, dest: list[bytes]) -> str:
-        return self.local.begin(dest)
-
-    def finish(self, root: str, dest: list[bytes]) -> None:
-        raise KeyboardInterrupt
-
-
-def test_fsck_reports_what_an_interrupted_import_left_and_gc_frees_exactly_that(
+def test_an_interrupted_import_is_reported_reclaimable_and_gc_frees_exactly_that(
         vol: Volume, tmp_path: Path) -> None:
+    """Ctrl-C during an import leaves its fragments; a killed import also its staging tree
+    and versions. fsck says ok, and how much gc would free; gc then frees exactly that."""
     from annofs.maintenance.gc import collect
 
-    TreeImporter(vol).run(make_tree(tmp_path / "kept"), [b"kept"])
-    clean = check_store(vol)
-    assert clean.ok and not clean.reclaimable
-    src = tmp_path / "big"
+    src = make_tree(tmp_path / "src")
+    TreeImporter(vol).run(src, [b"t"])
+    rep = check_store(vol)
+    assert rep.ok and not rep.reclaimable.any
+    big = tmp_path / "big"
     rnd = random.Random(3)
-    for i in range(30):
-        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
-        (src / f"d{i % 3}" / f"f{i}").write_bytes(rnd.randbytes(30_000 + i))
+    for i in range(40):
+        (big / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (big / f"d{i % 4}" / f"f{i}").write_bytes(rnd.randbytes(30_000))
+    seen = [0]
+
+    def interrupt(files: int, nbytes: int) -> None:
+        seen[0] += files
+        if seen[0] >= 20:
+            raise KeyboardInterrupt
+
     try:
-        TreeImporter(vol).run(src, [b"big"], staging=_Interrupted(vol))
+        TreeImporter(vol, progress=interrupt, workers=1).run(big, [b"u"])
     except KeyboardInterrupt:
         pass
     else:
         raise AssertionError("the import was not interrupted")
+    # Killed (kill -9) just before the staging tree would have been swapped in.
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from pathlib import Path
+from annofs.transfer.import_tree import LocalStaging, TreeImporter
+from annofs.volume import Volume
+class Killed(LocalStaging):
+    def finish(self, root, dest):
+        os._exit(9)
+vol = Volume.open(Path({str(vol.store.path)!r}))
+TreeImporter(vol).run(Path({str(tmp_path / "src")!r}), [b"v"], staging=Killed(vol))
+"""], check=False)
+    assert killed.returncode == 9
     rep = check_store(vol)
     assert rep.ok, rep.problems
-    # 30 new files nobody names; their bytes are all new (random), so all reclaimable.
-    assert rep.reclaimable_versions == 30
-    assert rep.reclaimable_bytes >= sum(30_000 + i for i in range(30))
-    freed = collect(vol)
-    assert freed.versions_freed == rep.reclaimable_versions
-    assert freed.fragments_freed == rep.reclaimable_fragments
-    assert freed.bytes_freed == rep.reclaimable_bytes
+    r = rep.reclaimable
+    assert r.staging_trees == 1 and r.versions >= 1 and r.bytes >= 20 * 30_000
+    res = subprocess.run(annofs_cmd("--store", str(vol.store.path), "fsck"),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == (
+        f"reclaimable: {r.bytes} bytes in {r.fragments} fragments, {r.versions} versions "
+        f"nothing refers to, 1 staging tree of interrupted imports; 'annofs gc' frees them")
+    got = collect(vol)
+    assert got.staging_dropped == 1
+    assert (got.versions_freed, got.fragments_freed, got.bytes_freed) == \
+        (r.versions, r.fragments, r.bytes)
     after = check_store(vol)
-    assert after.ok and not after.reclaimable
-
-
-def test_fsck_command_names_reclaimable_space_and_the_command_that_frees_it(
-        tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    run = lambda *a: subprocess.run(annofs_cmd("--store", str(store), *a),  # noqa: E731
-                                    capture_output=True, text=True)
-    assert run("init").returncode == 0
-    src = make_tree(tmp_path / "src")
-    assert run("import", str(src), "/t").returncode == 0
-    assert "reclaimable" not in run("fsck").stdout
-    (src / "d2" / "f2").write_bytes(b"changed")
-    (src / "d0" / "keep").unlink()
-    (src / "d1" / "hard").unlink()
-    assert run("import", str(src), "/t").returncode == 0
-    out = run("fsck")
-    # The replaced versions are history (kept); the removed file's is not.
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "reclaimable: 1 versions" in out.stdout and "`annofs gc` frees them" in out.stdout
-    assert run("gc").returncode == 0
-    assert "reclaimable" not in run("fsck").stdout
+    assert after.ok and not after.reclaimable.any
+    res = subprocess.run(annofs_cmd("--store", str(vol.store.path), "fsck", "--json"),
+                         capture_output=True, text=True)
+    j = json.loads(res.stdout)
+    assert j["ok"] and j["reclaimable"] == {"versions": 0, "fragments": 0, "bytes": 0,
+                                            "staging_trees": 0}

@@ -148,3 +148,27 @@ def test_a_file_with_no_original_says_so(signed: Mount) -> None:
     assert "would satisfy rules[0] /src/**: statements over this content by 1 distinct " \
         "signer from any trusted key (alice-1), any claim" in res.stdout
     assert "no signed original" in os.getxattr(f, "user.annofs.why").decode()
+
+
+def test_sed_i_on_a_lone_signed_file_through_the_mount(signed: Mount, tmp_path: Path) -> None:
+    """A lone signed file (no signed sibling), rewritten by `sed -i` in the mount (a new
+    file renamed over it): the original is found by the statement's subject name, and
+    `annofs why MNT/...` judges by the mount's policy (no --policy)."""
+    d = signed.path / "src" / "etc"
+    d.mkdir()
+    f = d / "app.conf"
+    f.write_text("listen = 127.0.0.1\nport = 80\n")
+    keys = tmp_path / "keys"
+    res = subprocess.run(annofs_cmd("sign", "--key", str(keys / "alice-1.secret"), str(f)),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f.read_text().startswith("listen")  # signed through the daemon: opens at once
+    subprocess.run(["sed", "-i", "s/port = 80/port = 8080/", str(f)], check=True)
+    assert refused(f)
+    env = {k: v for k, v in os.environ.items() if k != "ANNOFS_POLICY"}
+    res = subprocess.run(annofs_cmd("why", str(f)), capture_output=True, text=True, env=env)
+    assert res.returncode == 1, res.stderr
+    assert "/src/etc/app.conf: refused" in res.stdout
+    assert "no signed original" not in res.stdout
+    assert "found by signed tree path" in res.stdout and "as app.conf" in res.stdout
+    assert "-port = 80\n" in res.stdout and "+port = 8080\n" in res.stdout

@@ -91,7 +91,9 @@ signers = 1
 def verdicts(proc: subprocess.CompletedProcess[bytes]) -> dict[str, str]:
     """path -> status from `annofs verify` output."""
     out = {}
-    for line in proc.stdout.decode().splitlines():
+    lines = proc.stdout.decode().splitlines()
+    assert lines[-1].startswith("verified "), lines  # the summary line
+    for line in lines[:-1]:
         path, status, _ = line.split(": ", 2)
         out[path] = status
     return out
@@ -383,10 +385,12 @@ def test_writing_commands_refuse_a_mounted_store(env: Env) -> None:
                                                       "mountpoint": "/mnt/x"}))
     before = dump_store(env.store)
     for args in (["sign", "--key", str(secret), "/src/proj"],
-                 ["label", "--key", str(secret), "--label", "malicious", "/src/proj"],
-                 ["attest", "import", str(exported)]):
+                 ["label", "--key", str(secret), "--label", "malicious", "/src/proj"]):
         assert fail(env.run(*args)) == f"{env.store}: mounted at /mnt/x; use paths inside " \
                                        f"the mount"
+    # attest import names no path: it goes to the mount's daemon, and there is none here.
+    assert fail(env.run("attest", "import", str(exported))) == \
+        f"{env.store}: its daemon (pid {os.getpid()}) is not serving /mnt/x"
     assert dump_store(env.store) == before
     assert ok(env.run("attest", "export", "/src/proj")) == exported.read_bytes()
     ok(env.run("verify", "--policy", str(env.policy(ONE)), "/src/proj"))

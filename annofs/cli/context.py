@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -51,52 +50,79 @@ def open_volume(ctx: click.Context, *, create: bool = False,
 
 
 class Progress:
-    """A progress bar on a terminal (files and bytes, or counted stages); silent otherwise."""
+    """A progress bar on a terminal; silent otherwise.
 
-    def __init__(self, what: str, *, force: bool = False) -> None:
+    Without a total it counts bytes, with items (files, ...) and their rate beside it.
+    With a total (`total=`, `set_total`, or a `phase`) it counts items against it, which
+    gives a percentage and the time left, with the bytes beside it; `set_total(n,
+    in_bytes=True)` counts bytes against a total of bytes instead.
+    """
+
+    def __init__(self, what: str, *, unit: str = "files", total: int | None = None,
+                 force: bool = False) -> None:
         """A bar on stderr if it is a terminal, or always with `force` (--progress)."""
-        self._what = what
         self._show = force or sys.stderr.isatty()
+        self._what, self._unit = what, unit
         self._bar = None
+        self._by_items = False
         self._started = time.monotonic()
-        self._unit = "files"
-        if self._show:
-            self._bar = self._new_bar(what, None, bytes_bar=True)
         self.files = 0
+        self.bytes = 0
+        self._open(what, total)
 
-    @staticmethod
-    def _new_bar(desc: str, total: int | None, *, bytes_bar: bool, unit: str = "it") -> Any:
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn at all (worth working out a total for)."""
+        return self._show
+
+    def _open(self, desc: str, total: int | None, in_bytes: bool = False) -> None:
+        if not self._show:
+            return
         # Imported here: tqdm is a fifth of a command's start-up, and most runs show none.
         from tqdm import tqdm
 
-        if bytes_bar:
-            return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                        file=sys.stderr, leave=False, mininterval=0.25)
-        # A counted stage: tqdm shows the percentage and the time left from the total.
-        return tqdm(desc=desc, total=total, unit=f" {unit}", file=sys.stderr, leave=False,
-                    mininterval=0.25)
+        self._by_items = total is not None and not in_bytes
+        if self._by_items:
+            self._bar = tqdm(desc=desc, total=total, unit=f" {self._unit}", file=sys.stderr,
+                             leave=False, mininterval=0.25)
+        else:
+            self._bar = tqdm(desc=desc, total=total, unit="B", unit_scale=True,
+                             unit_divisor=1024, file=sys.stderr, leave=False,
+                             mininterval=0.25)
 
-    def stage(self, desc: str, total: int | None, unit: str) -> None:
-        """Start a counted stage (`total` items of `unit`, if known cheaply): the bar
-        then shows a percentage and the time left instead of files and bytes."""
+    def grow(self, nbytes: int) -> None:
+        """More bytes are known to come (a walk found them): the byte total grows, and
+        with it a percentage and time left, exact once the walk is done."""
+        if self._bar is not None and not self._by_items:
+            self._bar.total = (self._bar.total or 0) + nbytes
+
+    def set_total(self, total: int, *, in_bytes: bool = False) -> None:
+        """The total is known now (items, or bytes): count against it from here on."""
+        self.phase(None, total, in_bytes=in_bytes)
+
+    def phase(self, what: str | None, total: int | None, unit: str | None = None, *,
+              in_bytes: bool = False) -> None:
+        """A new stage of the work (its own bar, counted from zero)."""
         self.close()
-        self._unit = unit
-        self.files = 0
+        self._unit = unit or self._unit
+        self.files = self.bytes = 0
         self._started = time.monotonic()
-        if self._show:
-            self._bar = self._new_bar(f"{self._what}: {desc}", total, bytes_bar=False,
-                                      unit=unit)
+        self._open(f"{self._what}: {what}" if what else self._what, total, in_bytes)
 
     def __call__(self, files: int, nbytes: int) -> None:
         self.files += files
+        self.bytes += nbytes
         if self._bar is None:
             return
-        if self._bar.total is not None or self._unit != "files":
+        if self._by_items:
             self._bar.update(files)
-            return
-        self._bar.update(nbytes)
-        rate = self.files / max(time.monotonic() - self._started, 1e-9)
-        self._bar.set_postfix_str(f"{self.files} files, {rate:.0f} files/s", refresh=False)
+            if self.bytes:
+                self._bar.set_postfix_str(_size(self.bytes), refresh=False)
+        else:
+            self._bar.update(nbytes)
+            rate = self.files / max(time.monotonic() - self._started, 1e-9)
+            self._bar.set_postfix_str(f"{self.files} {self._unit}, {rate:.0f} {self._unit}/s",
+                                      refresh=False)
 
     def close(self) -> None:
         """Draw the final counts, then remove the bar."""
@@ -104,3 +130,11 @@ class Progress:
             self._bar.refresh()
             self._bar.close()
             self._bar = None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

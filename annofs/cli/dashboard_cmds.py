@@ -21,9 +21,9 @@ from annofs.errors import StoreError
               help="Where to serve the page.")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
               help=f"The policy to judge files by (default: ${POLICY_ENV}, else none).")
-@click.option("--dashboard-allow-remote", "allow_remote", is_flag=True,
+@click.option("--dashboard-allow-remote", "--allow-remote", "allow_remote", is_flag=True,
               help="Allow a --listen address that other machines can reach (the same "
-                   "option as `annofs mount`'s).")
+                   "option as mount's; --allow-remote is kept as another name).")
 @click.pass_context
 def dashboard_cmd(ctx: click.Context, store_opt: Path | None, listen: str,
                   policy_file: Path | None, allow_remote: bool) -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import sys
 from pathlib import Path
 
 import click
+import lmdb
 
 from annofs.cli.context import open_volume, store_path
 from annofs.cli.paths import VersionedPath, resolve_target, split_version
+from annofs.cli.stores import settle
 from annofs.content.history import ancestry
-from annofs.errors import UsageError
+from annofs.errors import NotFoundError, UsageError
 from annofs.explain.diff import render_diff
-from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.volume import Volume
 
@@ -22,7 +24,11 @@ from annofs.volume import Volume
 def _file_version(vol: Volume, vp: VersionedPath) -> Version:
     """The version a PATH[@VERSION] names; the version must be in the file's history."""
     with vol.store.read() as txn:
-        a = vol.namespace.resolve(txn, vp.parts)
+        try:
+            a = vol.namespace.resolve(txn, vp.parts)
+        except NotFoundError:
+            _not_a_version(vol, txn, vp)
+            raise
         if not a.is_reg:
             raise UsageError(f"{vp.text}: not a regular file")
         current = int(a.target)
@@ -35,14 +41,33 @@ def _file_version(vol: Volume, vp: VersionedPath) -> Version:
                      f"(see annofs log)")
 
 
+def _not_a_version(vol: Volume, txn: lmdb.Transaction, vp: VersionedPath) -> None:
+    """PATH@WORD where PATH exists and WORD is not a number: say so (UsageError), rather
+    than that no file is named PATH@WORD. A name with '@' in it stays a name otherwise."""
+    path, sep, word = vp.text.rpartition("@")
+    if not sep or not path or not vp.parts or not vp.parts[-1].endswith(b"@" + word.encode(
+            "utf-8", "surrogateescape")):
+        return
+    head = [*vp.parts[:-1], vp.parts[-1][:-len(word.encode("utf-8", "surrogateescape")) - 1]]
+    if head[-1]:
+        try:
+            vol.namespace.resolve(txn, head)
+        except NotFoundError:
+            return
+        raise UsageError(f"{vp.text}: version {word!r} is not a number (PATH@VERSION takes "
+                         f"a version id from annofs log)")
+
+
 def _target(ctx: click.Context, text: str) -> tuple[Path, VersionedPath]:
     """PATH[@VERSION] as (store, path in it): a host path inside a mount, or a store path.
 
     These commands only read, and LMDB serves readers in other processes beside the
-    daemon, so a mounted store is read directly (what the mount has flushed).
+    daemon, so a mounted store is read directly (after the daemon has stored what open
+    handles wrote).
     """
     path, version = split_version(text)
     t = resolve_target(path, store_path(ctx))
+    settle(t)
     return t.store, VersionedPath(text, t.parts, version)
 
 
@@ -52,40 +77,62 @@ def _when(ns: int) -> str:
 
 @click.command("log")
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per version, per line (schema in the README).")
+              help="One JSON object per version, per line (no header).")
 @click.argument("path")
 @click.pass_context
 def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
-    """The file's versions along the edit graph, newest first."""
+    """The file's versions along the edit graph, newest first, with who signed each."""
+    from annofs.trust.annotations import AnnotationStore
+
     store, vp = _target(ctx, path)
     with open_volume(ctx, store=store) as vol:
         head = _file_version(vol, vp)
+        ann = AnnotationStore(vol.store)
         with vol.store.read() as txn:
             chain = ancestry(txn, vol.versions, head.id)
         if not as_json:
-            click.echo(f"{'version':>8}  {'time (UTC)':19}  {'size':>12}  digest")
+            click.echo(f"{'VERSION':>8}  {'TIME (UTC)':<19}  {'SIZE':>12}  "
+                       f"{'DIGEST':<71}  EDIT, SIGNATURES")
         for v in chain:
             v = vol.versions.ensure_digest(v)
             assert v.digest is not None
+            with vol.store.read() as txn:
+                # No policy here says which keys are trusted: a name is only what the
+                # statement claims, so the key is shown with it.
+                sigs = [(ss.statement.signer,
+                         base64.b64encode(ss.statement.public_key).decode(),
+                         ss.statement.claim, ss.statement.label)
+                        for ss in ann.for_digest(txn, v.digest)]
             if as_json:
-                click.echo(json.dumps(_version_json(v), sort_keys=True))
+                click.echo(json.dumps(log_json(v, sigs)))
                 continue
             edit = ""
             if v.edit is not None:
                 edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
                         f"-> {v.edit.added} new")
+            signed = ""
+            if sigs:
+                signed = "  signed: " + ", ".join(
+                    f"{who} [key {key[:8]}...] "
+                    f"({f'label {label}' if label is not None else claim})"
+                    for who, key, claim, label in sigs)
             click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
-                       f"blake3:{v.digest.hex()}{edit}")
+                       f"blake3:{v.digest.hex()}{edit}{signed}")
 
 
-def _version_json(v: Version) -> dict[str, object]:
-    """`annofs log --json`'s object for one version."""
+def log_json(v: Version, sigs: list[tuple[str, str, str, str | None]]
+             ) -> dict[str, object]:
+    """`log --json`, one per version: {"version", "parent", "time_ns", "size", "digest",
+    "edit": {"start", "removed", "added"} or null, "statements": [{"signer", "public_key",
+    "claim", "label"}]} (signer: the name the statement claims; no policy judges it)."""
     assert v.digest is not None
-    edit = None if v.edit is None else {
-        "start": v.edit.start, "removed": v.edit.removed, "added": v.edit.added}
-    return {"version": v.id, "parent": v.parent,
-            "time": dt.datetime.fromtimestamp(v.created_ns / 1e9, dt.UTC).isoformat(),
-            "size": v.size, "digest": f"blake3:{v.digest.hex()}", "edit": edit}
+    return {"version": v.id, "parent": v.parent, "time_ns": v.created_ns, "size": v.size,
+            "digest": f"blake3:{v.digest.hex()}",
+            "edit": None if v.edit is None else {"start": v.edit.start,
+                                                 "removed": v.edit.removed,
+                                                 "added": v.edit.added},
+            "statements": [{"signer": who, "public_key": key, "claim": claim, "label": label}
+                           for who, key, claim, label in sigs]}
 
 
 @click.command("cat")
@@ -117,6 +164,6 @@ def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
             data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)
-    name_a = one_line("/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}")
-    name_b = one_line("/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}")
+    name_a = "/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}"
+    name_b = "/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}"
     click.echo(render_diff(data_a, data_b, name_a, name_b), nl=False)

@@ -10,10 +10,9 @@ import click
 
 from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
 from annofs.daemon.registry import read_state
-from annofs.maintenance.fsck import check_store
+from annofs.maintenance.fsck import FsckReport, check_store, phase_totals
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
-from annofs.printable import one_line
 from annofs.store.lock import store_lock
 
 
@@ -25,49 +24,68 @@ from annofs.store.lock import store_lock
               help="One JSON object: the counts, the problems, what gc would free.")
 @click.pass_context
 def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
-    """Check every fragment hash, reference and count; exit 1 if anything is wrong."""
-    progress = Progress("fsck")
+    """Check every fragment hash, reference and count; exit 1 if anything is wrong.
+
+    Also says how much space `annofs gc` would give back (not a problem: exit 0).
+    """
+    progress = Progress("fsck", unit="fragments")
     try:
         if repair:
             require_unmounted(store_path(ctx))
             with store_lock(store_path(ctx), exclusive=True, what="fsck --repair"), \
                     open_volume(ctx) as vol:
                 for line in repair_store(vol):
-                    click.echo(one_line(f"repaired: {line}"))
+                    click.echo(f"repaired: {line}", err=as_json)
         with open_volume(ctx) as vol:
-            rep = check_store(vol, progress=progress)
+            totals = phase_totals(vol)
+            units = {"fragments": "fragments", "digests": "versions"}
+            phase = [""]
+
+            def step(name: str, items: int, nbytes: int) -> None:
+                if name != phase[0]:
+                    phase[0] = name
+                    progress.phase(name, totals[name], units[name])
+                progress(items, nbytes)
+
+            rep = check_store(vol, progress=step)
     finally:
         progress.close()
     if as_json:
-        click.echo(json.dumps({
-            "ok": rep.ok, "problems": rep.problems, "fragments": rep.fragments,
-            "fragment_bytes": rep.fragment_bytes, "versions": rep.versions,
-            "directories": rep.directories, "entries": rep.entries,
-            "reclaimable": {"versions": rep.reclaimable_versions,
-                            "fragments": rep.reclaimable_fragments,
-                            "bytes": rep.reclaimable_bytes,
-                            "unfinished_imports": rep.unfinished_imports}}, sort_keys=True))
-        sys.exit(0 if rep.ok else 1)
-    for p in rep.problems:
-        click.echo(one_line(p))  # a name in a problem must not forge another
-    click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
-               f"{rep.versions} versions, {rep.directories} directories, {rep.entries} entries: "
-               + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)
-    if rep.reclaimable:
-        # Not a problem (exit 0): what an interrupted import or removed files left behind.
-        unfinished = (f", {rep.unfinished_imports} unfinished import(s)"
-                      if rep.unfinished_imports else "")
-        click.echo(f"reclaimable: {rep.reclaimable_versions} versions, "
-                   f"{rep.reclaimable_fragments} fragments ({rep.reclaimable_bytes} bytes)"
-                   f"{unfinished}; `annofs gc` frees them")
+        click.echo(json.dumps(fsck_json(rep)))
+    else:
+        for p in rep.problems:
+            click.echo(p)
+        click.echo(f"checked {rep.fragments} fragments ({rep.fragment_bytes} bytes), "
+                   f"{rep.versions} versions, {rep.directories} directories, "
+                   f"{rep.entries} entries: "
+                   + ("ok" if rep.ok else f"{len(rep.problems)} problem(s)"), err=not rep.ok)
+        r = rep.reclaimable
+        if r.any:
+            staging = (f", {r.staging_trees} staging tree{'s' if r.staging_trees != 1 else ''}"
+                       f" of interrupted imports" if r.staging_trees else "")
+            click.echo(f"reclaimable: {r.bytes} bytes in {r.fragments} fragments, "
+                       f"{r.versions} versions nothing refers to{staging}; "
+                       f"'annofs gc' frees them")
     if not rep.ok:
         sys.exit(1)
+
+
+def fsck_json(rep: FsckReport) -> dict[str, object]:
+    """`fsck --json`: {"ok", "problems", "fragments", "fragment_bytes", "versions",
+    "directories", "entries", "reclaimable": {"versions", "fragments", "bytes",
+    "staging_trees"}}."""
+    return {"ok": rep.ok, "problems": rep.problems, "fragments": rep.fragments,
+            "fragment_bytes": rep.fragment_bytes, "versions": rep.versions,
+            "directories": rep.directories, "entries": rep.entries,
+            "reclaimable": dataclasses.asdict(rep.reclaimable)}
 
 
 @click.command("gc")
 @click.option("--prune-history", is_flag=True,
               help="Also drop old versions no name refers to (annofs log shows less).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: what was freed.")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {"versions_freed", "fragments_freed", "bytes_freed", '
+                   '"staging_dropped", "versions_kept"}.')
 @click.pass_context
 def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
     """Free versions and fragments nothing references (never signed originals)."""
@@ -78,14 +96,15 @@ def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
 
         rep = GcReport(**request(store, "gc", prune_history=prune_history))
     else:
-        progress = Progress("gc")
+        progress = Progress("gc", unit="versions")
         try:
             with store_lock(store, exclusive=True, what="gc"), open_volume(ctx) as vol:
-                rep = collect(vol, prune_history=prune_history, progress=progress)
+                rep = collect(vol, prune_history=prune_history, progress=progress,
+                              on_total=progress.set_total)
         finally:
             progress.close()
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(rep), sort_keys=True))
+        click.echo(json.dumps(dataclasses.asdict(rep)))
         return
     click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"

@@ -3,7 +3,8 @@
 PATH and DEST are host paths inside a live mount or paths in the --store's namespace, as
 for every command; with `--host`, a plain host path (to compare with Nix, or to unpack
 an archive strictly). Dumping and hashing only read, so a mounted store is read directly
-beside its daemon (LMDB serves readers in other processes), from one snapshot. A restore
+beside its daemon (LMDB serves readers in other processes), from one snapshot, after the
+daemon has stored what open handles wrote. A restore
 into a mount is made by the daemon, so the new tree shows in the mount at once.
 """
 
@@ -22,6 +23,7 @@ import click
 
 from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
 from annofs.cli.paths import resolve_target
+from annofs.cli.stores import reading
 from annofs.daemon import client
 from annofs.errors import NotFoundError, UsageError
 from annofs.store.lock import store_lock
@@ -43,7 +45,7 @@ def _dump_of(ctx: click.Context, path: str, host: bool) -> Iterator[Iterator[byt
         yield dump_host(Path(path))
         return
     t = resolve_target(path, store_path(ctx))
-    with open_volume(ctx, store=t.store) as vol:
+    with reading(ctx, t) as vol:
         try:
             with vol.store.read() as txn:
                 vol.namespace.resolve(txn, t.parts)

@@ -7,13 +7,18 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
-from annofs.cli.paths import parse_store_path, resolve_target
+from annofs.cli.paths import resolve_target
+from annofs.cli.stores import reading
 from annofs.daemon import client
 from annofs.store.lock import import_lease, store_lock
+
+if TYPE_CHECKING:
+    from annofs.transfer.import_tree import ImportStats
 
 
 @click.command("init")
@@ -32,7 +37,7 @@ def init_cmd(ctx: click.Context) -> None:
 @click.option("--progress", "show_progress", is_flag=True,
               help="Show the progress bar even when stderr is not a terminal.")
 @click.option("--json", "as_json", is_flag=True,
-              help="The summary as one JSON object (schema in the README).")
+              help="The summary as one JSON object (see the README for its fields).")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
@@ -55,31 +60,41 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
         # taking the fragments and staging tree not referenced yet for garbage.
         with store_lock(target.store, exclusive=False, what="import"), \
                 import_lease(target.store), open_volume(ctx, store=target.store) as vol:
-            importer = TreeImporter(vol, excludes=excludes, git=git, progress=progress)
+            importer = TreeImporter(vol, excludes=excludes, git=git, progress=progress,
+                                    to_read=progress.grow if progress.shown else None)
             stats = importer.run(src, target.parts, staging=(
                 DaemonStaging(target.store) if target.mount is not None else None))
     finally:
         progress.close()
     took = time.monotonic() - started
     if as_json:
-        click.echo(json.dumps({
-            "source": str(src), "dest": dest, "files": stats.files,
-            "files_read": stats.files_read, "files_unchanged": stats.files_reused,
-            "directories": stats.dirs, "symlinks": stats.symlinks, "removed": stats.removed,
-            "bytes_read": stats.bytes_read, "new_bytes": stats.new_bytes,
-            "seconds": round(took, 3), "skipped": stats.skipped}, sort_keys=True))
+        click.echo(json.dumps(import_json(str(src), dest, stats, took)))
     else:
-        click.echo(
-                f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
-            f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} "
-            f"symlinks, {stats.removed} removed; {stats.bytes_read} bytes read, "
-            f"{stats.new_bytes} new bytes stored; {took:.2f} s "
-            f"({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
-    for rel in stats.skipped:
-        click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
+        _import_summary(src, dest, stats, took)
     if stats.scan_helper_died:  # the import is whole; only slower than it should be
         click.echo("annofs: warning: the scan helper process ended early; this import "
                    "scanned the rest itself", err=True)
+
+
+def import_json(src: str, dest: str, stats: ImportStats, took: float) -> dict[str, object]:
+    """`import --json`: {"src", "dest", "files", "files_read", "files_unchanged", "dirs",
+    "symlinks", "hard_links", "removed", "bytes_read", "new_bytes", "seconds", "skipped"}."""
+    return {"src": src, "dest": dest, "files": stats.files, "files_read": stats.files_read,
+            "files_unchanged": stats.files_reused, "dirs": stats.dirs,
+            "symlinks": stats.symlinks, "hard_links": stats.hard_links,
+            "removed": stats.removed, "bytes_read": stats.bytes_read,
+            "new_bytes": stats.new_bytes, "seconds": round(took, 3),
+            "skipped": list(stats.skipped)}
+
+
+def _import_summary(src: Path, dest: str, stats: ImportStats, took: float) -> None:
+    click.echo(
+        f"imported {src} -> {dest}: {stats.files} files ({stats.files_read} read, "
+        f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
+        f"{stats.removed} removed; {stats.bytes_read} bytes read, {stats.new_bytes} new bytes "
+        f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
+    for rel in stats.skipped:
+        click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
 
 
 class DaemonStaging:
@@ -109,14 +124,17 @@ def _names(parts: Sequence[bytes]) -> list[str]:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.pass_context
 def export_cmd(ctx: click.Context, src: str, dest: Path) -> None:
-    """Copy the store path SRC out to the new host path DEST."""
+    """Copy SRC (a path in a mount, or in the --store) out to the new host path DEST."""
     from annofs.transfer.export_tree import TreeExporter  # lazy: other commands skip it
 
-    src_parts = parse_store_path(src)
+    target = resolve_target(src, store_path(ctx))
     progress = Progress("export")
     try:
-        with open_volume(ctx) as vol:
-            stats = TreeExporter(vol, progress=progress).run(src_parts, dest)
+        with reading(ctx, target) as vol:
+            exporter = TreeExporter(vol, progress=progress)
+            if progress.shown:
+                progress.set_total(exporter.size_of(target.parts)[1], in_bytes=True)
+            stats = exporter.run(target.parts, dest)
     finally:
         progress.close()
     click.echo(f"exported {src} -> {dest}: {stats.files} files, {stats.dirs} directories, "

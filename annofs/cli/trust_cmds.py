@@ -1,10 +1,11 @@
 """`annofs key`, `sign`, `label`, `attest`, `verify`, `policy check`: the trust commands.
 
-PATH arguments are paths in the --store's namespace (`/src/foo`). Every input is read
-and checked (keys, policy, envelopes, paths) before the store is written, so a bad one
-is a one-line error, exit 2, and an unchanged store. As for every writing command, a
-mounted store is not written behind its daemon's back (`sign`, `label`, `attest import`
-refuse; reading commands work).
+PATH arguments are host paths inside a live mount, or paths in the --store's namespace
+(`/src/foo`); see `annofs.cli.stores` for how a mounted store is reached. Every input
+is read and checked (keys, policy, envelopes, paths) before the store is written, so a
+bad one is a one-line error, exit 2, and an unchanged store. As for every writing
+command, a mounted store is not written through --store paths (`sign` and `label`
+refuse them: give the paths in the mount).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from typing import TYPE_CHECKING
 
 import click
 
-from annofs.cli.context import open_volume, require_unmounted, store_path
-from annofs.cli.paths import parse_store_path
+from annofs.cli.stores import (
+    StoreArgs,
+    group_targets,
+    mount_policy,
+    mounted_store,
+    one_store,
+    reading,
+    writing,
+)
 from annofs.errors import UsageError
 from annofs.printable import one_line
-from annofs.store.lock import store_lock
 
 if TYPE_CHECKING:
     from annofs.trust.policy import Policy
+    from annofs.trust.verdict import Verdict
 
 # The trust modules (nacl, tomllib, msgpack) load inside each command: every other
 # command's start-up stays as quick as it was.
@@ -31,14 +39,19 @@ if TYPE_CHECKING:
 POLICY_ENV = "ANNOFS_POLICY"
 
 
-def given_policy(policy_file: Path | None) -> Policy:
-    """The policy of --policy FILE, else of $ANNOFS_POLICY; UsageError if neither."""
+def given_policy(policy_file: Path | None, target: StoreArgs | None = None) -> Policy:
+    """The policy of --policy FILE, else (paths given through a mount) the mount's, else
+    of $ANNOFS_POLICY; UsageError if none."""
     from annofs.trust.policy import load_policy
 
+    if policy_file is None and target is not None:
+        policy_file = mount_policy(target)
     if policy_file is None:
         env = os.environ.get(POLICY_ENV)
         if not env:
-            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}")
+            has_none = (f" (the mount at {target.mount.mountpoint} has none)"
+                        if target is not None and target.mount is not None else "")
+            raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}{has_none}")
         policy_file = Path(env)
     return load_policy(policy_file)
 
@@ -76,12 +89,10 @@ def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str
     if not paths:
         raise UsageError("no PATH given")
     key = load_secret_key(key_file)
-    parts = [parse_store_path(p) for p in paths]
-    require_unmounted(store_path(ctx))
-    with store_lock(store_path(ctx), exclusive=False, what="sign"), open_volume(ctx) as vol:
-        files = collect_files(vol, parts, unique_names=True)
+    target = one_store(ctx, paths)
+    with writing(ctx, target, "label" if label is not None else "sign") as vol:
+        files = collect_files(vol, target.parts, unique_names=True)
         ss, added = sign_files(vol, files, key, claim, label=label)
-        vol.store.sync()
     what = f"labelled {label}" if label is not None else f"signed ({claim})"
     links = sum(f.is_symlink for f in files)
     n = len(files) - links
@@ -144,15 +155,15 @@ def attest_export_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
 
     if not paths:
         raise UsageError("no PATH given")
-    parts = [parse_store_path(p) for p in paths]
-    with open_volume(ctx) as vol:
-        files = collect_files(vol, parts)
-        ann = AnnotationStore(vol.store)
-        found: dict[bytes, SignedStatement] = {}
-        with vol.store.read() as txn:
-            for f in files:
-                for ss in ann.for_digest(txn, f.digest):
-                    found.setdefault(ss.id, ss)
+    found: dict[bytes, SignedStatement] = {}
+    for target in group_targets(ctx, paths):
+        with reading(ctx, target) as vol:
+            files = collect_files(vol, target.parts)
+            ann = AnnotationStore(vol.store)
+            with vol.store.read() as txn:
+                for f in files:
+                    for ss in ann.for_digest(txn, f.digest):
+                        found.setdefault(ss.id, ss)
     # A binary cache's signature covers a NAR's fingerprint, not these files: it is only
     # worth something next to the NAR (annofs nix fetch), so attest import refuses it.
     cache_sigs = [ss for ss in found.values() if ss.statement.fingerprint is not None]
@@ -188,13 +199,10 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
         statements.append(load_signed(line, f"{name}:{no}"))
     if not statements:
         raise UsageError(f"{name}: no statements in the file")
-    require_unmounted(store_path(ctx))
-    with store_lock(store_path(ctx), exclusive=False, what="attest import"), \
-            open_volume(ctx) as vol:
+    with writing(ctx, mounted_store(ctx), "attest import") as vol:
         ann = AnnotationStore(vol.store)
         with vol.store.write() as txn:
             added = sum(ann.add(txn, ss) for ss in statements)
-        vol.store.sync()
     click.echo(f"imported {added} statement{'s' if added != 1 else ''} from {name}"
                + (f" ({len(statements) - added} already stored)"
                   if added != len(statements) else ""))
@@ -205,32 +213,65 @@ def attest_import_cmd(ctx: click.Context, file: str) -> None:
 
 @click.command("verify")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
-              help=f"The policy file (default: ${POLICY_ENV}).")
+              help=f"The policy file (default: the mount's for paths in a mount, else "
+                   f"${POLICY_ENV}).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per file, per line (no summary line).")
 @click.argument("paths", nargs=-1)
 @click.pass_context
-def verify_cmd(ctx: click.Context, policy_file: Path | None, paths: tuple[str, ...]) -> None:
+def verify_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool,
+               paths: tuple[str, ...]) -> None:
     """The verdict for each file and symlink (or each under a tree); exit 1 if any is
-    refused."""
+    refused.
+
+    Ends with a summary line: how many were judged, allowed, refused, warned.
+    """
+    import json
+    from collections import Counter
+
     from annofs.trust.gate import TrustGate
     from annofs.trust.signing import collect_files
     from annofs.trust.symlink import content_verdict, digest_text
 
-    policy = given_policy(policy_file)
     if not paths:
         raise UsageError("no PATH given")
-    parts = [parse_store_path(p) for p in paths]
-    refused = 0
-    with open_volume(ctx) as vol:
-        gate = TrustGate(vol, policy)
-        for f in collect_files(vol, parts):
-            v = content_verdict(gate, f.path, f.version)
-            refused += not v.allowed
-            # A symlink is judged as content (its target), never followed.
-            what = f.text if f.target is None else \
-                f"{f.text} -> {f.target.decode('utf-8', 'backslashreplace')!r}"
-            click.echo(one_line(f"{what}: {v.status}: {v.reason}  [{digest_text(f.version)}]"))
-    if refused:
+    counts: Counter[str] = Counter()
+    for target in group_targets(ctx, paths):
+        policy = given_policy(policy_file, target)
+        with reading(ctx, target) as vol:
+            gate = TrustGate(vol, policy)
+            for f in collect_files(vol, target.parts):
+                v = content_verdict(gate, f.path, f.version)
+                counts[v.status] += 1
+                if as_json:
+                    click.echo(json.dumps(verify_json(f.text, digest_text(f.version), v,
+                                                      f.target)))
+                    continue
+                # A symlink is judged as content (its target), never followed.
+                what = f.text if f.target is None else \
+                    f"{f.text} -> {f.target.decode('utf-8', 'backslashreplace')!r}"
+                click.echo(one_line(f"{what}: {v.status}: {v.reason}  "
+                                    f"[{digest_text(f.version)}]"))
+    if not as_json:
+        n = sum(counts.values())
+        parts = [f"{counts[s]} {s}" for s in ("allowed", "refused", "warn", "off") if counts[s]]
+        click.echo(f"verified {n} file{'s' if n != 1 else ''}: {', '.join(parts) or 'none'}")
+    if counts["refused"]:
         sys.exit(1)
+
+
+def verify_json(path: str, digest: str, v: Verdict,
+                target: bytes | None = None) -> dict[str, object]:
+    """`verify --json`, one per file or symlink: {"path", "status", "allowed", "rule",
+    "needed", "signers", "claims", "labels", "reason", "digest"}, and "target" for a
+    symlink (its digest is then `annofs-symlink-v1:<hex>`)."""
+    out: dict[str, object] = {
+        "path": path, "status": v.status, "allowed": v.allowed, "rule": v.rule,
+        "needed": v.needed, "signers": list(v.signers), "claims": list(v.claims),
+        "labels": list(v.labels), "reason": v.reason, "digest": digest}
+    if target is not None:
+        out["target"] = target.decode("utf-8", "surrogateescape")
+    return out
 
 
 @click.group("policy")
@@ -244,7 +285,10 @@ def policy_check_cmd(file: Path) -> None:
     """Validate a policy file and summarise it; exit 2 with the first problem."""
     from annofs.trust.policy import load_policy
 
-    click.echo(load_policy(file).summary())
+    policy = load_policy(file)
+    click.echo(policy.summary())
+    for warning in policy.warnings():
+        click.echo(f"annofs: warning: {warning}", err=True)
 
 
 @policy_group.command("reload")

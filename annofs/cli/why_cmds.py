@@ -1,8 +1,8 @@
 """`annofs why`: why a file is refused, and how it differs from its signed original.
 
-PATH is a host path inside a live mount (the store is read directly beside the daemon:
-LMDB serves readers in other processes; what the mount has flushed is what is seen), or
-a path in the --store's namespace. Directories are explained file by file.
+PATH is a host path inside a live mount (the store is read directly beside the daemon,
+after it has stored what open handles wrote; the mount's policy decides unless --policy
+is given), or a path in the --store's namespace. Directories are explained file by file.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import click
 
-from annofs.cli.context import open_volume, store_path
-from annofs.cli.paths import resolve_target
+from annofs.cli.stores import group_targets, reading
 from annofs.cli.trust_cmds import POLICY_ENV, given_policy
 from annofs.errors import UsageError
 
 
 @click.command("why")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
-              help=f"The policy file (default: ${POLICY_ENV}).")
+              help=f"The policy file (default: the mount's for paths in a mount, else "
+                   f"${POLICY_ENV}).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, per line.")
 @click.option("--diff-lines", type=click.IntRange(min=1), default=400, show_default=True,
               help="Cut a text diff after this many lines (with a note).")
@@ -37,19 +37,15 @@ def why_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool, diff_li
     from annofs.trust.annotations import AnnotationStore
     from annofs.trust.signing import collect_files
 
-    policy = given_policy(policy_file)
     if not paths:
         raise UsageError("no PATH given")
-    by_store: dict[Path, list[list[bytes]]] = {}
-    for p in paths:
-        t = resolve_target(p, store_path(ctx))
-        by_store.setdefault(t.store, []).append(t.parts)
     refused = 0
     first = True
-    for store, parts in by_store.items():
-        with open_volume(ctx, store=store) as vol:
+    for target in group_targets(ctx, paths):
+        policy = given_policy(policy_file, target)
+        with reading(ctx, target) as vol:
             ann = AnnotationStore(vol.store)
-            for f in collect_files(vol, parts):
+            for f in collect_files(vol, target.parts):
                 e = explain(vol, ann, policy, f.path, f.version, diff_lines=diff_lines)
                 refused += not e.verdict.allowed
                 if as_json:

@@ -57,7 +57,19 @@ class DaemonCommands:
         """op name -> handler, for the ControlServer."""
         return {"ping": self.ping, "cp": self.cp, "policy-reload": self.policy_reload,
                 "gc": self.gc, "nix-fetch": self.nix_fetch, "nar-restore": self.nar_restore,
-                "import-begin": self.import_begin, "import-finish": self.import_finish}
+                "import-begin": self.import_begin, "import-finish": self.import_finish,
+                "commit": self.commit, "policy-file": self.policy_file}
+
+    async def commit(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Store what open handles have written, so a command reading the store beside the
+        daemon sees what a process reading the mount would (and signs exactly that)."""
+        await self.ops.commit_all()
+        return {}
+
+    async def policy_file(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """The policy file the mount enforces (None without one): `why` and `verify` of a
+        path in the mount judge by it when no --policy is given."""
+        return {"file": str(self.policy.file) if self.policy.file is not None else None}
 
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.

@@ -10,7 +10,10 @@ Three ways, tried in this order (SPEC §5, issue 6):
    (zeros, a licence header) says nothing about which one is the original and is skipped.
 3. TREE_PATH: a statement over a tree that covers a file near this one (a sibling, or a
    file in a parent directory) gives the subject name this file would have had in it; the
-   subject under that name is the original (the file was rewritten completely).
+   subject under that name is the original (the file was rewritten completely). With no
+   signed neighbour (a lone signed file rewritten by `sed -i`: a new file renamed over
+   it), the statements' subject names alone: a subject named by the longest tail of this
+   file's path (`proj/main.c`, else `main.c`), newest statement first.
 
 The first way that finds something gives the original; the other candidates of ways 1
 and 2 follow, ranked by shared bytes. Way 3 is asked only when those found nothing.
@@ -52,6 +55,7 @@ MAX_ANCESTORS = 10_000  # versions walked back along the edit graph
 COMMON_FRAGMENT = 64  # a fragment in more signed contents than this is not evidence
 MAX_CANDIDATES = 5
 TREE_ENTRIES_PER_DIR = 64  # files looked at in each parent directory (way 3)
+MAX_NAME_SCAN = 1_000_000  # signed (digest, statement) entries read for way 3 by name
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,41 @@ class _Finder:
                             found.append(got)
             if found:
                 return found  # the nearest directory that says anything decides
-        return found
+        return self.by_subject_name()
+
+    def by_subject_name(self) -> list[bytes]:
+        """Digests signed under a subject name that is a tail of this file's path.
+
+        No index maps names to statements, so the `signed_digests` entries (digest +
+        statement id -> subject names) are read, up to MAX_NAME_SCAN of them; an entry's
+        names are decoded only if they hold this file's base name. The longest matching
+        tail wins (`proj/main.c` says more than `main.c`), then the newest statement.
+        """
+        if not self.path:
+            return []
+        base = self.path[-1]
+        tails = {"/".join(p.decode("utf-8", "backslashreplace") for p in self.path[-k:]): k
+                 for k in range(1, len(self.path) + 1)}
+        best: dict[bytes, tuple[int, int]] = {}  # digest -> (tail length, statement time)
+        db = self.vol.store.db["signed_digests"]
+        with self.txn.cursor(db=db) as cur:
+            for n, (key, raw) in enumerate(cur.iternext()):
+                if n >= MAX_NAME_SCAN:
+                    break
+                raw = bytes(raw)
+                if base not in raw:
+                    continue
+                digest = bytes(key[:HASH_SIZE])
+                if digest == self.version.digest:
+                    continue
+                names = raw.decode("utf-8", "replace").split("\0")
+                k = max((tails.get(name, 0) for name in names), default=0)
+                if not k:
+                    continue
+                when = self.ann.summary(self.txn, bytes(key[HASH_SIZE:])).time
+                if (k, when) > best.get(digest, (0, 0)):
+                    best[digest] = (k, when)
+        return sorted(best, key=lambda d: best[d], reverse=True)
 
     # -- putting it together -----------------------------------------------------------------
 

@@ -67,6 +67,31 @@ def would_satisfy(policy: Policy, path: str) -> str:
             f"from {key_text}, {claim_text}")
 
 
+def label_advice(verdict: Verdict) -> tuple[str, str]:
+    """(why, what would lift it) for content a trusted key labelled malicious; ("", "")
+    otherwise. The label refuses the content whatever its signatures, so no signature
+    (and no signed original) is what it lacks: only the labeller's key losing trust is."""
+    if not verdict.malicious:
+        return "", ""
+    by = ", ".join(verdict.malicious)
+    keys = "key" if len(verdict.malicious) == 1 else "keys"
+    why = (f"labelled malicious by {by} (trusted): the label refuses this content whatever "
+           f"its signatures")
+    if verdict.signers and len(verdict.signers) >= verdict.needed:
+        why += (f"; without it, {', '.join(verdict.signers)} would meet the rule "
+                f"({len(verdict.signers)} of {verdict.needed} needed)")
+    lift = (f"a revocation of {by}'s {keys} (revoked-keys in the policy), or a policy that "
+            f"no longer trusts {'it' if len(verdict.malicious) == 1 else 'them'}; more "
+            f"signatures would not")
+    return why, lift
+
+
+def label_only(verdict: Verdict) -> bool:
+    """Refused by a malicious label alone: the signatures would otherwise meet the rule,
+    so there is no signed original to look for (this content is the signed one)."""
+    return bool(verdict.malicious) and len(verdict.signers) >= verdict.needed
+
+
 @dataclass
 class Explanation:
     """Everything `annofs why` says about one file."""
@@ -133,6 +158,10 @@ class Explanation:
                  f"  content: {self.content_text}"]
         if v.claims:
             lines.append(f"  claims by trusted keys: {', '.join(v.claims)}")
+        label_why, label_lift = label_advice(v)
+        if label_why:
+            lines.append(f"why: {label_why}")
+            lines.append(f"would lift it: {label_lift}")
         if not self.searched:
             return "\n".join(lines) + "\n"
         c = self.original
@@ -200,6 +229,10 @@ class Explanation:
             "target": (self.target.decode("utf-8", "backslashreplace")
                        if self.target is not None else None),
         }
+        label_why, label_lift = label_advice(v)
+        if label_why:
+            out["label"] = {"malicious_by": list(v.malicious), "why": label_why,
+                            "would_lift": label_lift}
         if not self.searched:
             return out
         out["original"] = self._candidate_json(self.original) if self.original else None
@@ -259,7 +292,7 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
             verdict = decide(text_path, version.digest, policy,
                              annotations.for_digest(txn, version.digest))
         e = Explanation(text_path, version.id, version.digest, version.size, verdict)
-        if verdict.satisfied:
+        if verdict.satisfied or label_only(verdict):
             return e
         e.searched = True
         e.would_satisfy = would_satisfy(policy, text_path)
@@ -345,7 +378,8 @@ def _summary(e: Explanation) -> str:
     else:
         head = f"{v.status} {e.path}: {v.reason} [{format_digest(e.digest)[:23]}]"
     if not e.searched:
-        return head
+        _, lift = label_advice(v)
+        return f"{head}; would lift it: {lift}" if lift else head
     c = e.original
     if c is None:
         return f"{head}; no signed original; would satisfy {e.would_satisfy}"

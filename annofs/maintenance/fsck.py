@@ -11,10 +11,9 @@ Checks, in one read snapshot:
 - every regular file entry's (or link's) version exists;
 - every link's nlink equals the entries pointing at it.
 
-It also says what `annofs gc` would free (not a problem: an interrupted import leaves
-fragments and versions nothing names, and the user should hear of them and how to free
-them): versions no name reaches from the root and gc would not keep (the same formula,
-`gc.kept_versions`), the fragments only they or nothing use, and unfinished imports.
+It also reports what `annofs gc` would free (maintenance.reclaim): versions and
+fragments nothing keeps, and staging trees of interrupted imports. That is not a
+problem (fsck still says ok), only space that a gc gives back.
 """
 
 from __future__ import annotations
@@ -30,11 +29,17 @@ import lmdb
 
 from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
 from annofs.errors import CorruptionError
-from annofs.maintenance.gc import Progress, kept_versions, signed_digests
+from annofs.maintenance.gc import signed_digests
+from annofs.maintenance.reclaim import (
+    Reclaimable,
+    doomed_versions,
+    freed_fragments,
+    reachable_versions,
+)
 from annofs.store.keys import from_u64
+from annofs.store.lock import imports_running
 from annofs.store.records import (
     Attrs,
-    Link,
     Version,
     decode_attrs,
     decode_dir,
@@ -43,8 +48,9 @@ from annofs.store.records import (
 )
 from annofs.volume import Volume
 
+# (phase, items done, bytes done): phases are "fragments" then "digests".
+Progress = Callable[[str, int, int], None]
 T = TypeVar("T")
-
 
 
 @dataclass
@@ -57,30 +63,23 @@ class FsckReport:
     versions: int = 0
     directories: int = 0
     entries: int = 0
-    # What `annofs gc` would free (see the module docstring).
-    reclaimable_versions: int = 0
-    reclaimable_fragments: int = 0
-    reclaimable_bytes: int = 0
-    unfinished_imports: int = 0
+    reclaimable: Reclaimable = field(default_factory=Reclaimable)
 
     @property
     def ok(self) -> bool:
-        """No problem found."""
         return not self.problems
-
-    @property
-    def reclaimable(self) -> bool:
-        """gc would free something."""
-        return bool(self.reclaimable_versions or self.reclaimable_fragments
-                    or self.unfinished_imports)
 
 
 def check_store(vol: Volume, *, verify_data: bool = True,
                 progress: Progress | None = None) -> FsckReport:
-    """Check the whole store; with `verify_data`, read and hash every fragment and digest."""
+    """Check the whole store; with `verify_data`, read and hash every fragment and digest.
+
+    `progress(phase, items, bytes)` is called as fragments are hashed and as version
+    digests are checked (the two long parts); `phase_totals` gives their sizes up front.
+    """
     rep = FsckReport()
     try:
-        _check(vol, rep, verify_data, progress)
+        _check(vol, rep, verify_data, progress, imports_running(vol.store.path))
     except (lmdb.Error, struct.error) as e:
         # Damage below the records: LMDB's own pages (struct.error: a key cut short).
         rep.problems.append(f"the store's LMDB database is damaged ({type(e).__name__}: "
@@ -88,16 +87,21 @@ def check_store(vol: Volume, *, verify_data: bool = True,
     return rep
 
 
+def phase_totals(vol: Volume) -> dict[str, int]:
+    """How many items each progress phase has (LMDB keeps entry counts: no scan)."""
+    with vol.store.read() as txn:
+        return {"fragments": int(txn.stat(vol.store.db["fragments"])["entries"]),
+                "digests": int(txn.stat(vol.store.db["versions"])["entries"])}
+
+
 def _check(vol: Volume, rep: FsckReport, verify_data: bool,
-           progress: Progress | None) -> None:
+           progress: Progress | None, importing: bool) -> None:
     db = vol.store.db
     problems = rep.problems
     with vol.store.read() as txn:
         occurrences: Counter[bytes] = Counter()
         used: set[bytes] = set()
         versions = {}
-        if progress:
-            progress.stage("versions", txn.stat(db["versions"])["entries"], "versions")
         for key, raw in txn.cursor(db=db["versions"]):
             vid = from_u64(key)
             try:
@@ -108,8 +112,6 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
             versions[vid] = v
             occurrences.update(own_counts(v))
             used.update(v.fragment_hash(i) for i in range(v.count))
-            if progress:
-                progress(1, 0)
         rep.versions = len(versions)
         for v in versions.values():
             if v.parent not in versions:
@@ -120,19 +122,19 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         problems += _cycles(versions)
 
         bad_fragments: set[bytes] = set()
-        sizes: dict[bytes, int] = {}
-        if progress:
-            progress.stage("fragments", txn.stat(db["fragments"])["entries"], "fragments")
+        orphans, orphan_bytes = 0, 0  # stored, but no version took them
         for h_raw, raw in txn.cursor(db=db["fragments"]):
             h = bytes(h_raw)
             rep.fragments += 1
             rep.fragment_bytes += len(raw)
-            sizes[h] = len(raw)
+            if h not in occurrences:
+                orphans += 1
+                orphan_bytes += len(raw)
             if verify_data and blake3.blake3(raw).digest() != h:
                 problems.append(f"fragment {h.hex()}: content does not match its hash")
                 bad_fragments.add(h)
             if progress:
-                progress(1, len(raw))
+                progress("fragments", 1, len(raw))
         for h in used:
             if txn.get(h, db=db["fragments"]) is None:
                 problems.append(f"fragment {h.hex()}: used but not stored")
@@ -145,12 +147,9 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 problems.append(f"fragment {bytes(h).hex()}: refcount but no occurrence")
 
         if verify_data:
-            if progress:
-                progress.stage("digests", sum(v.digest is not None for v in versions.values()),
-                               "files")
             for v in versions.values():
-                if progress and v.digest is not None:
-                    progress(1, v.size)
+                if progress:
+                    progress("digests", 1, v.size if v.digest is not None else 0)
                 if v.digest is None or any(
                         v.fragment_hash(i) in bad_fragments for i in range(v.count)):
                     continue
@@ -163,6 +162,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
 
         dir_refs: Counter[int] = Counter()
         link_refs: Counter[int] = Counter()
+        tree_roots: list[int] = []  # the root, and staging trees of running imports
+        staging = 0
         for key, raw in txn.cursor(db=db["meta"]):
             name = bytes(key)
             if name == b"root" or name.startswith(b"staging:"):
@@ -174,6 +175,9 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 if not a.is_dir:
                     problems.append(f"{name.decode()}: not a directory")
                 dir_refs[int(a.target)] += 1
+                staging += name != b"root"
+                if name == b"root" or importing:
+                    tree_roots.append(int(a.target))
 
         entries: dict[int, list[tuple[bytes, Attrs]]] = defaultdict(list)
         for key, raw in txn.cursor(db=db["entries"]):
@@ -216,47 +220,15 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         problems += [f"counter next:{c}: {n}, but {c} {last} exists (new ids would replace "
                      f"records)" for c, n, last in vol.store.damaged_counters(txn)]
 
-        rep.unfinished_imports = len(vol.namespace.staging_roots(txn))
-        root = txn.get(b"root", db=db["meta"])
-        if root is not None and not problems:
-            # Only a consistent store has a meaningful answer to "what would gc free".
-            live = _reachable_versions(int(decode_attrs(root, "root directory").target),
-                                       entries, links)
-            keep = kept_versions(versions, live, signed_digests(vol, txn),
-                                 prune_history=False)
-            doomed: Counter[bytes] = Counter()
-            for vid, v in versions.items():
-                if vid not in keep:
-                    rep.reclaimable_versions += 1
-                    doomed.update(own_counts(v))
-            for h, size in sizes.items():
-                if occurrences[h] == doomed[h]:  # only doomed versions use it, or none
-                    rep.reclaimable_fragments += 1
-                    rep.reclaimable_bytes += size
-
-
-def _reachable_versions(root_dir: int, entries: dict[int, list[tuple[bytes, Attrs]]],
-                        links: dict[int, Link]) -> set[int]:
-    """The versions that names reachable from the root refer to (staging trees and
-    directories nothing reaches do not count)."""
-    live: set[int] = set()
-    seen: set[int] = set()
-    stack = [root_dir]
-    while stack:
-        dir_id = stack.pop()
-        if dir_id in seen:
-            continue
-        seen.add(dir_id)
-        for _name, a in entries.get(dir_id, ()):
-            if a.link:
-                link = links.get(a.link)
-                if link is not None and link.attrs.is_reg:
-                    live.add(int(link.attrs.target))
-            elif a.is_dir:
-                stack.append(int(a.target))
-            elif a.is_reg:
-                live.add(int(a.target))
-    return live
+        signed = signed_digests(vol, txn)
+        doomed = doomed_versions(versions, reachable_versions(tree_roots, entries, links),
+                                 signed)
+        freed = freed_fragments(doomed, occurrences)
+        freed_bytes = sum(len(raw) for h in freed
+                          if (raw := txn.get(h, db=db["fragments"])) is not None)
+        rep.reclaimable = Reclaimable(len(doomed), len(freed) + orphans,
+                                      freed_bytes + orphan_bytes,
+                                      0 if importing else staging)
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

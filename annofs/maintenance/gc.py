@@ -10,9 +10,8 @@ staging trees a crash left behind. Run with the store to itself (see store.lock)
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Protocol
 
 import lmdb
 
@@ -26,17 +25,7 @@ from annofs.store.records import (
 )
 from annofs.volume import Volume
 
-
-class Progress(Protocol):
-    """Where gc or fsck reports how far it got: counted stages with totals."""
-
-    def stage(self, desc: str, total: int | None, unit: str) -> None:
-        """A new stage of `total` items of `unit` begins."""
-
-    def __call__(self, items: int, nbytes: int) -> None:
-        """`items` more done (`nbytes` of data among them)."""
-
-
+Progress = Callable[[int, int], None]
 # Fragments are deleted in batches: one huge transaction would hold every freed page.
 _BATCH = 10_000
 
@@ -78,13 +67,15 @@ def _live_versions(vol: Volume, txn: lmdb.Transaction) -> set[int]:
 
 def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] | None = None,
             keep_fragments: Set[bytes] = frozenset(),
-            progress: Progress | None = None) -> GcReport:
+            progress: Progress | None = None,
+            on_total: Callable[[int], None] | None = None) -> GcReport:
     """Free unreferenced versions and fragments; returns what was freed.
 
     Under a live mount, `extra_roots` are the versions open handles serve and
     `keep_fragments` the fragments of versions still being written (stored ahead of their
     version); the caller must keep new commits from interleaving (the daemon runs this on
-    its event loop, where commits run too).
+    its event loop, where commits run too). `on_total` learns how many versions go before
+    `progress` counts them.
     """
     rep = GcReport()
     ns = vol.namespace
@@ -98,12 +89,12 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
             from_u64(k): decode_version(from_u64(k), raw)
             for k, raw in txn.cursor(db=vol.store.db["versions"])}
         signed = signed_digests(vol, txn)
-        live = _live_versions(vol, txn) | (extra_roots or set())
+        live = _live_versions(vol, txn) | (extra_roots or set()) | {EMPTY_VERSION}
     keep = kept_versions(versions, live, signed, prune_history=prune_history)
     rep.versions_kept = len(keep & versions.keys())
     doomed = [v for vid, v in versions.items() if vid not in keep]
-    if progress:
-        progress.stage("freeing versions", len(doomed), "versions")
+    if on_total is not None:
+        on_total(len(doomed))
     with vol.store.write() as txn:
         for v in versions.values():
             if v.id in keep and v.id != EMPTY_VERSION and v.parent not in keep:
@@ -119,7 +110,7 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     return rep
 
 
-def kept_versions(versions: dict[int, Version], live: Set[int], signed: Set[bytes], *,
+def kept_versions(versions: Mapping[int, Version], live: Set[int], signed: Set[bytes], *,
                   prune_history: bool) -> set[int]:
     """The versions gc keeps: `live` (what names, links and open handles refer to), every
     version whose digest a statement signs, the empty root, and, unless `prune_history`,

@@ -230,7 +230,7 @@ def parse_sig(text: str) -> NarSig:
     if not sep:
         raise _Bad(f"{_show(text)}: expected KEYNAME:BASE64")
     try:
-        check_key_name(name, "key name")
+        check_key_name(name, "Sig")
     except UsageError as e:
         raise _Bad(str(e)) from None
     try:

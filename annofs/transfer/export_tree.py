@@ -48,6 +48,22 @@ class TreeExporter:
             self._export(txn, top, dest, 0)
         return self.stats
 
+    def size_of(self, src: Sequence[bytes]) -> tuple[int, int]:
+        """(regular files, bytes) under `src`, from directory entries alone (no content is
+        read): a progress bar's total, worth a walk only when a bar is shown."""
+        ns = self.vol.namespace
+        files = nbytes = 0
+        with self.vol.store.read() as txn:
+            stack = [ns.resolve(txn, src)]
+            while stack:
+                a = stack.pop()
+                if a.is_dir:
+                    stack.extend(child for _name, child, _link in ns.iter_entries(txn, a.target))
+                elif a.is_reg:
+                    files += 1
+                    nbytes += a.size
+        return files, nbytes
+
     def _export(self, txn: lmdb.Transaction, top: Attrs, top_host: Path, top_link: int) -> None:
         ns = self.vol.namespace
         # An explicit stack, not recursion: a tree may be thousands of levels deep. A

@@ -213,8 +213,12 @@ class TreeImporter:
                  progress: Progress | None = None, workers: int | None = None,
                  batch_files: int = 2048, batch_bytes: int = 32 << 20,
                  ops_per_txn: int = OPS_PER_TXN,
-                 scan_helper_after: int | None = SCAN_HELPER_AFTER) -> None:
+                 scan_helper_after: int | None = SCAN_HELPER_AFTER,
+                 to_read: Callable[[int], None] | None = None) -> None:
+        """`to_read(nbytes)` learns of each file the walk finds to read, with its size,
+        as `progress` learns of each file read: a progress bar's growing total."""
         self.vol = vol
+        self.to_read = to_read
         self.scan_helper_after = scan_helper_after
         self.ops_per_txn = ops_per_txn
         self.excludes = list(excludes)
@@ -467,7 +471,7 @@ class TreeImporter:
                     old = None
                 d.changed = True
                 d.pending += 1
-                pool.add(host + b"/" + name, st.st_size, _Read(
+                self._add(pool, host + b"/" + name, st, _Read(
                     d, name, st, int(old.target) if old is not None else EMPTY_VERSION,
                     old is not None, None))
             elif is_dir(mode):
@@ -562,7 +566,13 @@ class TreeImporter:
             self._queue(d, lambda txn: self._put_file(txn, d, name, st, vid, False, key))
             return
         d.pending += 1
-        pool.add(path, st.st_size, _Read(d, name, st, vid, False, key))
+        self._add(pool, path, st, _Read(d, name, st, vid, False, key))
+
+    def _add(self, pool: ReadPool, path: bytes, st: os.stat_result, tag: _Read) -> None:
+        """Hand a file to the readers (and its size to the progress total)."""
+        if self.to_read is not None:
+            self.to_read(st.st_size)
+        pool.add(path, st.st_size, tag)
 
     def _link_ops(self) -> list[Op]:
         ns = self.vol.namespace

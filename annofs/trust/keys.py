@@ -175,7 +175,7 @@ def load_secret_key(path: Path) -> SecretKey:
 
 def generate_key(name: str) -> SecretKey:
     """A new random key pair named `name`."""
-    check_key_name(name, "key name")
+    check_key_name(name, "key generate")
     sk = nacl.signing.SigningKey.generate()
     return SecretKey(name, bytes(sk), sk.verify_key.encode())
 

@@ -163,6 +163,18 @@ class Policy:
         lines.extend(f"  {r.describe()}" for r in self.rules)
         return "\n".join(lines)
 
+    def warnings(self) -> list[str]:
+        """What makes the policy do less than its author likely meant (`policy check`)."""
+        out = []
+        if not self.rules:
+            out.append(f"{self.source}: no rules: every path gets default = "
+                       f"{self.default.value!r}")
+        needs_keys = self.default is Default.REQUIRE or any(r.signers for r in self.rules)
+        if not self.trusted and (needs_keys or not self.rules):
+            out.append(f"{self.source}: no trusted keys (trusted-public-keys, "
+                       f"trusted-keys-dir): no signature counts")
+        return out
+
 
 def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
                 valid: bool = True) -> str:
