@@ -23,6 +23,7 @@ import mmap
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -42,6 +43,7 @@ from fuse_helpers import (
     errno_of,
     new_mount,
     renameat2,
+    run_as,
     stop_and_check,
     store_problems,
 )
@@ -1185,3 +1187,148 @@ def test_xattr_create_and_replace_flags(d: Path) -> None:
     assert errno_of(os.setxattr, f, "user.a", b"2", os.XATTR_CREATE) == errno.EEXIST
     assert errno_of(os.setxattr, f, "user.b", b"2", os.XATTR_REPLACE) == errno.ENODATA
     assert os.getxattr(f, "user.a") == b"1" and os.listxattr(f) == ["user.a"]
+
+
+# -- Unix sockets (issue 16) ------------------------------------------------------------------
+
+
+def _socket_round_trip(dfd: int) -> tuple[int, bytes]:
+    """bind, listen, connect and exchange bytes through a socket named in `dfd`; its mode.
+
+    Relative names from a changed directory: the caller may not reach the absolute path
+    (pytest's tmp_path is private), and sun_path holds 108 bytes at most.
+    """
+    os.fchdir(dfd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind("sock")
+        server.listen(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect("sock")
+            peer, _ = server.accept()
+            with peer:
+                client.sendall(b"ping")
+                got = peer.recv(16)
+                peer.sendall(got + b" pong")
+                answer = client.recv(16)
+    mode = os.lstat("sock").st_mode
+    os.unlink("sock")
+    return mode, answer
+
+
+def _connect_and_ask(dfd: int, name: str) -> bytes:
+    os.fchdir(dfd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(name)
+        client.sendall(b"hello")
+        return client.recv(64)
+
+
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_unix_socket_binds_connects_and_carries_bytes(pub: int, who: str) -> None:
+    creds = (0, 0, ()) if who == "root" else (NOBODY, NOBODY, ())
+    mode, answer = run_as(creds, _socket_round_trip, pub)
+    assert stat.S_ISSOCK(mode) and answer == b"ping pong"
+
+
+def test_a_socket_bound_by_one_user_is_reached_by_another(d: Path, pub: int) -> None:
+    """The node in the mount names the listening socket for every process: a client of
+    another uid connects when the socket's mode lets it write, and not otherwise."""
+    here = os.getcwd()
+    os.fchdir(pub)
+    try:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind("srv")
+    finally:
+        os.chdir(here)
+    with server:
+        server.listen(1)
+        os.chmod(d / "pub" / "srv", 0o700)
+        assert errno_of(as_user, _connect_and_ask, pub, "srv") == errno.EACCES
+        os.chmod(d / "pub" / "srv", 0o777)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the client, as nobody
+            code = 1
+            try:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                code = 0 if _connect_and_ask(pub, "srv") == b"HELLO" else 1
+            finally:
+                os._exit(code)
+        peer, _ = server.accept()
+        with peer:
+            peer.sendall(peer.recv(64).upper())
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    st = os.lstat(d / "pub" / "srv")
+    assert stat.S_ISSOCK(st.st_mode) and st.st_size == 0 and st.st_uid == 0
+    listed = subprocess.run(["find", d / "pub", "-mindepth", "1", "-printf", "%y %f\n"],
+                            capture_output=True, text=True, check=True).stdout
+    assert listed == "s srv\n"  # the type readdir gives (find uses d_type)
+
+
+def test_a_socket_survives_a_remount_and_a_nar_dump_refuses_it(mnt: Mount) -> None:
+    """The node is stored (the connection is not: nothing listens after a restart, as on
+    any disk); a NAR cannot hold a socket, so `nar dump` says so in one line, as Nix does."""
+    (mnt.path / "tree").mkdir()
+    touch(mnt.path / "tree" / "f", b"x")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    here = os.getcwd()
+    os.chdir(mnt.path / "tree")
+    try:
+        s.bind("sock")
+    finally:
+        os.chdir(here)
+        s.close()
+    mnt.stop()
+    mnt.start()
+    st = os.lstat(mnt.path / "tree" / "sock")
+    assert stat.S_ISSOCK(st.st_mode)
+    res = annofs("nar", "dump", str(mnt.path / "tree"), check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("tree/sock: a socket cannot be put in a NAR")
+    assert res.stderr.count("\n") == 1
+    res = annofs("--store", str(mnt.store), "fsck", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- ctime when an inode loses a name (issue 16) ------------------------------------------------
+
+
+def _ctime_after_link_loss(root: Path, how: str) -> tuple[bool, bool]:
+    """Make f with two names (f, g), lose one by `how`; whether f's ctime moved on, and
+    whether it is still later than before once the kernel has forgotten the inode."""
+    f = touch(root / "f", b"data")
+    os.link(f, root / "g")
+    touch(root / "other", b"other")
+    before = f.stat().st_ctime_ns
+    time.sleep(0.02)
+    if how == "unlink":
+        os.unlink(root / "g")
+    else:
+        os.rename(root / "other", root / "g")  # over the second name
+    moved = f.stat().st_ctime_ns > before
+    drop_kernel_caches()
+    return moved, os.stat(f).st_ctime_ns > before
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_losing_a_name_updates_the_ctime_of_the_remaining_inode(
+        d: Path, tmp_path: Path, how: str) -> None:
+    (tmp_path / "native").mkdir()
+    assert _ctime_after_link_loss(tmp_path / "native", how) == (True, True)  # ext4
+    assert _ctime_after_link_loss(d, how) == (True, True)
+
+
+def test_ctime_of_link_loss_is_stored(mnt: Mount) -> None:
+    f = touch(mnt.path / "f", b"data")
+    os.link(f, mnt.path / "g")
+    os.link(f, mnt.path / "h")
+    before = f.stat().st_ctime_ns
+    time.sleep(0.02)
+    os.unlink(mnt.path / "g")
+    touch(mnt.path / "x")
+    os.rename(mnt.path / "x", mnt.path / "h")
+    after = f.stat().st_ctime_ns
+    mnt.stop()
+    mnt.start()
+    assert os.stat(mnt.path / "f").st_ctime_ns == after > before

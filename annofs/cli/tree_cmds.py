@@ -63,8 +63,6 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
         f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
         f"{stats.removed} removed; {stats.bytes_read} bytes read, {stats.new_bytes} new bytes "
         f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
-    for rel in stats.skipped:
-        click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
     if stats.scan_helper_died:  # the import is whole; only slower than it should be
         click.echo("annofs: warning: the scan helper process ended early; this import "
                    "scanned the rest itself", err=True)
