@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from annofs.errors import NotFoundError, RefusedError, UsageError
+from annofs.nix.cachefile import open_cache_file, read_cache_file
 from annofs.nix.nar import (
     NarError,
     NarHash,
@@ -193,15 +194,10 @@ class Resolved:
 def read_narinfo(cache: Path, hash_part: str) -> NarInfo | None:
     """`cache/<hash>.narinfo`, parsed; None if the cache has none."""
     path = cache / f"{hash_part}.narinfo"
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_NARINFO + 1)  # parse_narinfo refuses what is larger
-    except FileNotFoundError:
+    # A regular file only, never waited on for ever (a FIFO would block this open).
+    data = read_cache_file(path, MAX_NARINFO + 1)  # parse_narinfo refuses what is larger
+    if data is None:
         return None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a narinfo") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     info = parse_narinfo(data, str(path))
     if info.store_path.hash_part != hash_part:
         raise RefusedError(f"{path}: describes {info.store_path}, not a path with hash "
@@ -343,12 +339,10 @@ def _open_nar(r: Resolved) -> tuple[Path, NarInfo, BinaryIO]:
     tried = []
     for cache, info in r.sources:
         path = cache / info.url
-        try:
-            return path, info, open(path, "rb")  # closed by the caller
-        except FileNotFoundError:
-            tried.append(str(path))
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+        f = open_cache_file(path)  # closed by the caller
+        if f is not None:
+            return path, info, f
+        tried.append(str(path))
     raise RefusedError(f"{r.store_path}: the NAR is missing ({', '.join(tried)})")
 
 
