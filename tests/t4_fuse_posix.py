@@ -1678,6 +1678,27 @@ COMPARED: dict[str, tuple] = {
     "open-create-existing-theirs-in-a-sticky-dir": (
         _all(STICKY, _file("t/theirs", 0o666, OTHER)),
         _open("t/theirs", os.O_CREAT | os.O_WRONLY)),
+    "truncate-a-fifo": (_fifo("p", 0o666), _in(os.truncate, "p", 0)),
+    "open-a-socket": (_file("f"), lambda dfd: (os.mknod("s", stat.S_IFSOCK | 0o666,
+                                                        dir_fd=dfd),
+                                               os.open("s", os.O_RDONLY, dir_fd=dfd))),
+    "chmod-own-fifo": (_fifo("p", 0o644, NOBODY), _at(os.chmod, "p", 0o600)),
+    "utimensat-times-on-own-fifo": (_fifo("p", 0o644, NOBODY), _utimensat("p", T1, T2)),
+    "unlink-dot": (_dir("sub", 0o777), _at(os.unlink, "sub/.")),
+    "rmdir-dot-dot": (_all(_dir("sub", 0o777), _dir("sub/in", 0o777)),
+                      _at(os.rmdir, "sub/in/..")),
+    "symlink-empty-target": (_file("f"), _at(os.symlink, "", "l")),
+    "open-create-directory-flags": (_file("f"), _open("x", os.O_CREAT | os.O_DIRECTORY
+                                                      | os.O_RDONLY)),
+    "rename-a-dir-over-an-empty-dir-elsewhere": (
+        _all(_dir("a", 0o777), _dir("a/sub", 0o777), _dir("b", 0o777), _dir("b/sub", 0o777),
+             _file("a/sub/x")),
+        _in(os.rename, "a/sub", "b/sub")),
+    "rename-exchange-a-dir-into-its-own-subdir": (
+        _all(_dir("a", 0o777), _dir("a/b", 0o777)),
+        _renameat2("a", "a/b", RENAME_EXCHANGE)),
+    "rename-a-file-onto-itself": (MINE, _in(os.rename, "mine", "mine")),
+    "link-to-a-name-with-a-trailing-slash": (MINE, _in(os.link, "mine", "x/")),
     # what a write by another user clears (the kernel asks annofs to)
     "write-clears-setuid-setgid": (_file("s", 0o6777, OTHER, OTHER), _write("s")),
 }
