@@ -1319,6 +1319,28 @@ def test_losing_a_name_updates_the_ctime_of_the_remaining_inode(
     assert _ctime_after_link_loss(d, how) == (True, True)
 
 
+def _lose_a_name_at(dfd: int, how: str) -> int:
+    """As `_ctime_after_link_loss`, relative to a directory descriptor; f's ctime before."""
+    _write_at(dfd, "f", b"data", os.O_CREAT | os.O_WRONLY)
+    os.link("f", "g", src_dir_fd=dfd, dst_dir_fd=dfd)
+    _write_at(dfd, "other", b"other", os.O_CREAT | os.O_WRONLY)
+    before = os.stat("f", dir_fd=dfd).st_ctime_ns
+    time.sleep(0.02)
+    if how == "unlink":
+        os.unlink("g", dir_fd=dfd)
+    else:
+        os.rename("other", "g", src_dir_fd=dfd, dst_dir_fd=dfd)
+    return before
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_losing_a_name_by_another_user_updates_the_ctime(d: Path, pub: int, how: str) -> None:
+    before = as_user(_lose_a_name_at, pub, how)
+    drop_kernel_caches()  # what the daemon stored, not the kernel's own stamp
+    st = os.stat(d / "pub" / "f")
+    assert st.st_ctime_ns > before and st.st_nlink == 1 and st.st_uid == NOBODY
+
+
 def test_ctime_of_link_loss_is_stored(mnt: Mount) -> None:
     f = touch(mnt.path / "f", b"data")
     os.link(f, mnt.path / "g")
