@@ -8,6 +8,8 @@ import bz2
 import hashlib
 import lzma
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,39 @@ def test_built_statements_cover_symlinks(vol: Volume, tmp_path: Path, nar: bytes
     # Fetched again (the path is there): nothing new, symlinks included in the match.
     [again] = fetch(vol, pol, [cache], [H1])
     assert again.already and again.statements == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory"])
+@pytest.mark.parametrize("which", ["narinfo", "nar"])
+def test_a_cache_file_that_is_not_regular_is_refused_at_once(
+        vol: Volume, tmp_path: Path, nar: bytes, kind: str, which: str) -> None:
+    """A FIFO blocked every read (and in a mount, every request) until someone wrote to
+    it; now every cache file is opened without blocking and must be a regular file."""
+    cache = tmp_path / "cache"
+    info = add_to_cache(cache, H1, "hello", nar, [A])
+    victim = info if which == "narinfo" else next((cache / "nar").iterdir())
+    victim.unlink()
+    held = None
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "socket":
+        held = socket.socket(socket.AF_UNIX)
+        here = os.getcwd()
+        os.chdir(victim.parent)  # sun_path is short: bind by a relative name
+        try:
+            held.bind(victim.name)
+        finally:
+            os.chdir(here)
+    else:
+        victim.mkdir()
+    started = time.monotonic()
+    try:
+        with pytest.raises(UsageError) as e:
+            fetch(vol, policy(tmp_path), [cache], [f"/nix/store/{H1}-hello"])
+    finally:
+        if held is not None:
+            held.close()
+    assert time.monotonic() - started < 5
+    name = {"fifo": "a FIFO", "socket": "a socket", "directory": "a directory"}[kind]
+    assert str(e.value) == f"{victim}: {name}, not a regular file"
+    assert nothing_added(vol)

@@ -7,6 +7,7 @@ A few cycles by default; 50 with ANNOFS_FULL=1, or ANNOFS_CRASH_CYCLES.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -259,3 +260,117 @@ def test_annofs_umount_waits_for_the_daemon(mnt: Mount) -> None:
     mnt.proc = None
     assert annofs("umount", str(mnt.path), check=False).returncode == 2  # not mounted
     assert annofs("--store", str(mnt.store), "cat", "/f").stdout == "data"
+
+
+# -- a killed daemon's dead mount (issue 16) ------------------------------------------------
+
+
+def kill_9_leaving_the_mount(m: Mount, *, reap: bool = True) -> int:
+    """kill -9 the daemon and leave its dead mount as the kernel keeps it; its pid.
+    Without `reap` it stays a zombie: the test process is its parent and does not wait."""
+    assert m.proc is not None
+    pid = m.proc.pid
+    m.proc.send_signal(signal.SIGKILL)
+    if reap:
+        m.proc.wait(timeout=30)
+        release(m)
+    else:
+        deadline = time.monotonic() + 30
+        while process_state(pid) != "Z":
+            assert time.monotonic() < deadline, "the killed daemon did not become a zombie"
+            time.sleep(0.01)
+    assert is_listed_dead(m.path)
+    return pid
+
+
+def release(m: Mount) -> None:
+    """Forget a daemon process that is gone (reaped by now)."""
+    assert m.proc is not None
+    if m.proc.stderr:
+        m.proc.stderr.close()
+    m.proc = None
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def is_listed_dead(mp: Path) -> bool:
+    """The kernel still lists the mount, and it answers ENOTCONN."""
+    listed = is_listed(mp)
+    try:
+        os.statvfs(mp)  # stat may come from the kernel's attribute cache
+    except OSError as e:
+        return listed and e.errno == errno.ENOTCONN
+    return False
+
+
+def is_listed(mp: Path) -> bool:
+    """Whether the kernel lists a mount at `mp` (dead or alive)."""
+    return any(line.split(" - ")[0].split()[4] == str(mp)
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_umount_after_kill_9_clears_the_dead_mount_and_says_so(mnt: Mount) -> None:
+    (mnt.path / "f").write_bytes(b"committed")
+    kill_9_leaving_the_mount(mnt)
+    res = annofs("umount", str(mnt.path), check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == (f"annofs: {mnt.path}: its daemon was gone (killed?); "
+                          f"cleared the dead mount\n")
+    assert not is_listed(mnt.path)
+    res = annofs("umount", str(mnt.path), check=False)
+    assert (res.returncode, res.stderr) == (2, f"annofs: {mnt.path}: not mounted\n")
+    mnt.start()
+    assert (mnt.path / "f").read_bytes() == b"committed"
+
+
+def test_mount_after_kill_9_works_without_fusermount(mnt: Mount) -> None:
+    (mnt.path / "f").write_bytes(b"committed")
+    kill_9_leaving_the_mount(mnt)
+    res = annofs("--store", str(mnt.store), "mount", str(mnt.path), check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == (f"annofs: {mnt.path}: its daemon was gone (killed?); "
+                          f"cleared the dead mount\n")
+    assert (mnt.path / "f").read_bytes() == b"committed"
+    assert annofs("umount", str(mnt.path), check=False).returncode == 0
+    assert not is_listed(mnt.path)
+
+
+def test_mount_elsewhere_after_kill_9_clears_the_stores_old_dead_mount(
+        mnt: Mount, tmp_path: Path) -> None:
+    kill_9_leaving_the_mount(mnt)
+    other = tmp_path / "other"
+    other.mkdir()
+    res = annofs("--store", str(mnt.store), "mount", str(other), check=False)
+    assert res.returncode == 0, res.stderr
+    assert "cleared the dead mount" in res.stderr and str(mnt.path) in res.stderr
+    assert not is_listed(mnt.path)
+    assert annofs("umount", str(other), check=False).returncode == 0
+
+
+def test_a_zombie_daemon_does_not_block_a_remount(mnt: Mount) -> None:
+    """Its parent (here, this test) has not reaped it: a pid probe finds it 'alive', but it
+    holds no lock any more."""
+    (mnt.path / "f").write_bytes(b"committed")
+    pid = kill_9_leaving_the_mount(mnt, reap=False)
+    try:
+        res = annofs("--store", str(mnt.store), "mount", str(mnt.path), check=False)
+        assert res.returncode == 0, res.stderr
+        assert process_state(pid) == "Z"  # still unreaped while the new mount works
+        assert (mnt.path / "f").read_bytes() == b"committed"
+        assert annofs("umount", str(mnt.path), check=False).returncode == 0
+    finally:
+        assert mnt.proc is not None
+        mnt.proc.wait(timeout=30)
+        release(mnt)
+
+
+def test_mounting_a_store_twice_is_refused_while_its_daemon_lives(
+        mnt: Mount, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    res = annofs("--store", str(mnt.store), "mount", str(other), check=False)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and f"already mounted at {mnt.path}" in res.stderr

@@ -23,6 +23,7 @@ import mmap
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -42,6 +43,7 @@ from fuse_helpers import (
     errno_of,
     new_mount,
     renameat2,
+    run_as,
     stop_and_check,
     store_problems,
 )
@@ -1185,3 +1187,613 @@ def test_xattr_create_and_replace_flags(d: Path) -> None:
     assert errno_of(os.setxattr, f, "user.a", b"2", os.XATTR_CREATE) == errno.EEXIST
     assert errno_of(os.setxattr, f, "user.b", b"2", os.XATTR_REPLACE) == errno.ENODATA
     assert os.getxattr(f, "user.a") == b"1" and os.listxattr(f) == ["user.a"]
+
+
+# -- Unix sockets (issue 16) ------------------------------------------------------------------
+
+
+def _socket_round_trip(dfd: int) -> tuple[int, bytes]:
+    """bind, listen, connect and exchange bytes through a socket named in `dfd`; its mode.
+
+    Relative names from a changed directory: the caller may not reach the absolute path
+    (pytest's tmp_path is private), and sun_path holds 108 bytes at most.
+    """
+    os.fchdir(dfd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind("sock")
+        server.listen(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect("sock")
+            peer, _ = server.accept()
+            with peer:
+                client.sendall(b"ping")
+                got = peer.recv(16)
+                peer.sendall(got + b" pong")
+                answer = client.recv(16)
+    mode = os.lstat("sock").st_mode
+    os.unlink("sock")
+    return mode, answer
+
+
+def _connect_and_ask(dfd: int, name: str) -> bytes:
+    os.fchdir(dfd)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(name)
+        client.sendall(b"hello")
+        return client.recv(64)
+
+
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_unix_socket_binds_connects_and_carries_bytes(pub: int, who: str) -> None:
+    creds = (0, 0, ()) if who == "root" else (NOBODY, NOBODY, ())
+    mode, answer = run_as(creds, _socket_round_trip, pub)
+    assert stat.S_ISSOCK(mode) and answer == b"ping pong"
+
+
+def test_a_socket_bound_by_one_user_is_reached_by_another(d: Path, pub: int) -> None:
+    """The node in the mount names the listening socket for every process: a client of
+    another uid connects when the socket's mode lets it write, and not otherwise."""
+    here = os.getcwd()
+    os.fchdir(pub)
+    try:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind("srv")
+    finally:
+        os.chdir(here)
+    with server:
+        server.listen(1)
+        os.chmod(d / "pub" / "srv", 0o700)
+        assert errno_of(as_user, _connect_and_ask, pub, "srv") == errno.EACCES
+        os.chmod(d / "pub" / "srv", 0o777)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the client, as nobody
+            code = 1
+            try:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                code = 0 if _connect_and_ask(pub, "srv") == b"HELLO" else 1
+            finally:
+                os._exit(code)
+        peer, _ = server.accept()
+        with peer:
+            peer.sendall(peer.recv(64).upper())
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    st = os.lstat(d / "pub" / "srv")
+    assert stat.S_ISSOCK(st.st_mode) and st.st_size == 0 and st.st_uid == 0
+    listed = subprocess.run(["find", d / "pub", "-mindepth", "1", "-printf", "%y %f\n"],
+                            capture_output=True, text=True, check=True).stdout
+    assert listed == "s srv\n"  # the type readdir gives (find uses d_type)
+
+
+def test_a_socket_survives_a_remount_and_a_nar_dump_refuses_it(mnt: Mount) -> None:
+    """The node is stored (the connection is not: nothing listens after a restart, as on
+    any disk); a NAR cannot hold a socket, so `nar dump` says so in one line, as Nix does."""
+    (mnt.path / "tree").mkdir()
+    touch(mnt.path / "tree" / "f", b"x")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    here = os.getcwd()
+    os.chdir(mnt.path / "tree")
+    try:
+        s.bind("sock")
+    finally:
+        os.chdir(here)
+        s.close()
+    mnt.stop()
+    mnt.start()
+    st = os.lstat(mnt.path / "tree" / "sock")
+    assert stat.S_ISSOCK(st.st_mode)
+    res = annofs("nar", "dump", str(mnt.path / "tree"), check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("tree/sock: a socket cannot be put in a NAR")
+    assert res.stderr.count("\n") == 1
+    res = annofs("--store", str(mnt.store), "fsck", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- ctime when an inode loses a name (issue 16) ------------------------------------------------
+
+
+def _ctime_after_link_loss(root: Path, how: str) -> tuple[bool, bool]:
+    """Make f with two names (f, g), lose one by `how`; whether f's ctime moved on, and
+    whether it is still later than before once the kernel has forgotten the inode."""
+    f = touch(root / "f", b"data")
+    os.link(f, root / "g")
+    touch(root / "other", b"other")
+    before = f.stat().st_ctime_ns
+    time.sleep(0.02)
+    if how == "unlink":
+        os.unlink(root / "g")
+    else:
+        os.rename(root / "other", root / "g")  # over the second name
+    moved = f.stat().st_ctime_ns > before
+    drop_kernel_caches()
+    return moved, os.stat(f).st_ctime_ns > before
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_losing_a_name_updates_the_ctime_of_the_remaining_inode(
+        d: Path, tmp_path: Path, how: str) -> None:
+    (tmp_path / "native").mkdir()
+    assert _ctime_after_link_loss(tmp_path / "native", how) == (True, True)  # ext4
+    assert _ctime_after_link_loss(d, how) == (True, True)
+
+
+def _lose_a_name_at(dfd: int, how: str) -> int:
+    """As `_ctime_after_link_loss`, relative to a directory descriptor; f's ctime before."""
+    _write_at(dfd, "f", b"data", os.O_CREAT | os.O_WRONLY)
+    os.link("f", "g", src_dir_fd=dfd, dst_dir_fd=dfd)
+    _write_at(dfd, "other", b"other", os.O_CREAT | os.O_WRONLY)
+    before = os.stat("f", dir_fd=dfd).st_ctime_ns
+    time.sleep(0.02)
+    if how == "unlink":
+        os.unlink("g", dir_fd=dfd)
+    else:
+        os.rename("other", "g", src_dir_fd=dfd, dst_dir_fd=dfd)
+    return before
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename-over"])
+def test_losing_a_name_by_another_user_updates_the_ctime(d: Path, pub: int, how: str) -> None:
+    before = as_user(_lose_a_name_at, pub, how)
+    drop_kernel_caches()  # what the daemon stored, not the kernel's own stamp
+    st = os.stat(d / "pub" / "f")
+    assert st.st_ctime_ns > before and st.st_nlink == 1 and st.st_uid == NOBODY
+
+
+def test_ctime_of_link_loss_is_stored(mnt: Mount) -> None:
+    f = touch(mnt.path / "f", b"data")
+    os.link(f, mnt.path / "g")
+    os.link(f, mnt.path / "h")
+    before = f.stat().st_ctime_ns
+    time.sleep(0.02)
+    os.unlink(mnt.path / "g")
+    touch(mnt.path / "x")
+    os.rename(mnt.path / "x", mnt.path / "h")
+    after = f.stat().st_ctime_ns
+    mnt.stop()
+    mnt.start()
+    assert os.stat(mnt.path / "f").st_ctime_ns == after > before
+
+
+# -- the same operation on ext4 and on the mount, as root and as another user (issue 16) ------
+#
+# Each case is a setup (run as root in an empty directory, mode 0777) and an operation run
+# by the caller in a forked child through a directory descriptor. It runs on a directory
+# of the native disk (ext4 under pytest's tmp_path) and on one in the mount, in the same
+# run; the outcome (result or errno) and the tree afterwards (type, mode, owner, group,
+# link count, size of each entry) must be the same. The mount uses default_permissions,
+# so the kernel checks modes, sticky directories and protected hard links; setgid
+# inheritance, the mode bits that survive a create and what chown/truncate/write clear
+# are annofs's (or the kernel's through its requests to annofs): the table says which.
+
+OTHER = 4242  # a uid and gid that is neither caller's
+CALLERS = {"root": (0, 0, ()), "nobody": (NOBODY, NOBODY, ()),
+           "member": (NOBODY, NOBODY, (OTHER,))}  # nobody, in group OTHER too
+
+Step = Callable[[int], object]
+
+
+def _file(name: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Step:
+    def make(dfd: int) -> None:
+        fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600, dir_fd=dfd)
+        os.write(fd, b"data")
+        os.close(fd)
+        os.chown(name, uid, gid, dir_fd=dfd)
+        os.chmod(name, mode, dir_fd=dfd)  # after chown, which clears setuid
+    return make
+
+
+def _dir(name: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Step:
+    def make(dfd: int) -> None:
+        os.mkdir(name, dir_fd=dfd)
+        os.chown(name, uid, gid, dir_fd=dfd)
+        os.chmod(name, mode, dir_fd=dfd)
+    return make
+
+
+def _link(name: str, target: str) -> Step:
+    return lambda dfd: os.symlink(target, name, dir_fd=dfd)
+
+
+def _fifo(name: str, mode: int = 0o644, uid: int = 0) -> Step:
+    def make(dfd: int) -> None:
+        os.mkfifo(name, dir_fd=dfd)
+        os.chown(name, uid, uid, dir_fd=dfd)
+        os.chmod(name, mode, dir_fd=dfd)
+    return make
+
+
+def _all(*steps: Step) -> Step:
+    return lambda dfd: [s(dfd) for s in steps] and None
+
+
+MINE = _file("mine", 0o644, NOBODY, NOBODY)
+THEIRS = _file("theirs", 0o644, OTHER, OTHER)
+THEIRS_RW = _file("theirs", 0o666, OTHER, OTHER)
+RO = _dir("ro", 0o755)  # root's: only root may write in it
+STICKY = _dir("t", 0o1777)
+SETGID = _dir("sg", 0o2777, 0, OTHER)
+
+
+def _at(fn: Callable[..., object], *args: object, **kw: object) -> Step:
+    """`fn(*args, dir_fd=dfd, **kw)`: an operation relative to the case directory."""
+    return lambda dfd: fn(*args, dir_fd=dfd, **kw) and None
+
+
+def _in(fn: Callable[..., object], *args: object) -> Step:
+    """`fn(*args)` with the case directory as the working directory (path-only calls)."""
+    def op(dfd: int) -> object:
+        os.fchdir(dfd)
+        return fn(*args)
+    return op
+
+
+def _open(name: str, flags: int, mode: int = 0o666) -> Step:
+    def op(dfd: int) -> None:
+        os.close(os.open(name, flags, mode, dir_fd=dfd))
+    return op
+
+
+def _ftruncate(name: str, flags: int, size: int) -> Step:
+    def op(dfd: int) -> None:
+        fd = os.open(name, flags, dir_fd=dfd)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    return op
+
+
+def _write(name: str) -> Step:
+    def op(dfd: int) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND, dir_fd=dfd)
+        try:
+            os.write(fd, b"more")
+        finally:
+            os.close(fd)
+    return op
+
+
+def _renameat2(old: str, new: str, flags: int) -> Step:
+    def op(dfd: int) -> None:
+        os.fchdir(dfd)
+        renameat2(old, new, flags)
+    return op
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _utimensat(name: str, atime: tuple[int, int], mtime: tuple[int, int],
+               flags: int = 0) -> Step:
+    """utimensat(2) with UTIME_NOW/UTIME_OMIT (os.utime has neither); the times after, for
+    explicit ones (now is not comparable)."""
+    def op(dfd: int) -> tuple[int, int] | None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+        if libc.utimensat(dfd, name.encode(), times, flags) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), name)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=not flags)
+        return (st.st_atime_ns if atime[1] < UTIME_OMIT else None,
+                st.st_mtime_ns if mtime[1] < UTIME_OMIT else None)
+    return op
+
+
+def _fchmodat_nofollow(name: str, mode: int) -> Step:
+    """fchmodat(AT_SYMLINK_NOFOLLOW): os.chmod cannot ask for it with a dir_fd."""
+    def op(dfd: int) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fchmodat(dfd, name.encode(), mode, AT_SYMLINK_NOFOLLOW) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), name)
+    return op
+
+
+NOW, OMIT, T1, T2 = (0, UTIME_NOW), (0, UTIME_OMIT), (1_000_000, 123), (2_000_000, 456)
+
+# name: (setup, operation[, callers]); callers are root and nobody unless listed.
+COMPARED: dict[str, tuple] = {
+    # chmod
+    "chmod-own": (MINE, _at(os.chmod, "mine", 0o600)),
+    "chmod-theirs": (THEIRS, _at(os.chmod, "theirs", 0o600)),
+    "chmod-setgid-of-a-group-not-mine": (_file("mine", 0o644, NOBODY, OTHER),
+                                         _at(os.chmod, "mine", 0o2755),
+                                         ("root", "nobody", "member")),
+    "chmod-setuid-own": (MINE, _at(os.chmod, "mine", 0o4755)),
+    "chmod-sticky-on-a-file": (MINE, _at(os.chmod, "mine", 0o1644)),
+    "chmod-missing": (MINE, _at(os.chmod, "nope", 0o600)),
+    "chmod-behind-a-private-dir": (_all(_dir("priv", 0o700), _file("priv/x", 0o644, NOBODY)),
+                                   _at(os.chmod, "priv/x", 0o600)),
+    "chmod-through-a-symlink": (_all(MINE, _link("l", "mine")), _at(os.chmod, "l", 0o640)),
+    # chown
+    "chown-own-to-another-uid": (MINE, _at(os.chown, "mine", OTHER, -1)),
+    "chown-own-to-a-group": (MINE, _at(os.chown, "mine", -1, OTHER),
+                             ("root", "nobody", "member")),
+    "chown-own-to-itself": (MINE, _at(os.chown, "mine", NOBODY, NOBODY)),
+    "chown-nothing": (MINE, _at(os.chown, "mine", -1, -1)),
+    "chown-theirs": (THEIRS_RW, _at(os.chown, "theirs", NOBODY, -1)),
+    "chown-clears-setuid-setgid": (_file("s", 0o6755, NOBODY, NOBODY),
+                                   _at(os.chown, "s", -1, NOBODY)),
+    "chown-by-root-clears-setuid": (_file("s", 0o6755, NOBODY, NOBODY),
+                                    _at(os.chown, "s", OTHER, OTHER), ("root",)),
+    "chown-group-of-setgid-without-group-exec": (_file("s", 0o2644, NOBODY, NOBODY),
+                                                 _at(os.chown, "s", -1, NOBODY)),
+    "lchown-symlink": (_link("l", "x"), _at(os.chown, "l", NOBODY, NOBODY,
+                                            follow_symlinks=False)),
+    # link
+    "link-into-a-dir-not-writable": (_all(MINE, RO), _in(os.link, "mine", "ro/x")),
+    "link-theirs-unreadable": (_file("theirs", 0o600, OTHER, OTHER),
+                               _in(os.link, "theirs", "x")),
+    "link-theirs-read-write": (THEIRS_RW, _in(os.link, "theirs", "x")),
+    "link-a-directory": (_dir("sub", 0o777), _in(os.link, "sub", "x")),
+    "link-over-an-existing-name": (_all(MINE, THEIRS_RW), _in(os.link, "theirs", "mine")),
+    "link-missing": (MINE, _in(os.link, "nope", "x")),
+    "link-a-symlink-of-roots": (_all(MINE, _link("l", "mine")),
+                                lambda dfd: os.link("l", "x", src_dir_fd=dfd, dst_dir_fd=dfd,
+                                                    follow_symlinks=False)),
+    "link-a-fifo-of-roots": (_fifo("p", 0o666), _in(os.link, "p", "x")),
+    "link-own": (MINE, _in(os.link, "mine", "x")),
+    # mkdir
+    "mkdir-in-a-dir-not-writable": (RO, _at(os.mkdir, "ro/x")),
+    "mkdir-existing": (MINE, _at(os.mkdir, "mine")),
+    "mkdir-in-a-setgid-dir": (SETGID, _at(os.mkdir, "sg/x", 0o755),
+                              ("root", "nobody", "member")),
+    "mkdir-with-every-mode-bit": (_file("f"), _at(os.mkdir, "x", 0o7777)),
+    "mkdir-in-a-sticky-dir": (STICKY, _at(os.mkdir, "t/x")),
+    "mkdir-missing-parent": (MINE, _at(os.mkdir, "nope/x")),
+    "mkdir-under-a-file": (MINE, _at(os.mkdir, "mine/x")),
+    # mkfifo
+    "mkfifo-in-a-dir-not-writable": (RO, _at(os.mkfifo, "ro/p")),
+    "mkfifo-existing": (MINE, _at(os.mkfifo, "mine")),
+    "mkfifo-in-a-setgid-dir": (SETGID, _at(os.mkfifo, "sg/p", 0o2666),
+                               ("root", "nobody", "member")),
+    "mkfifo-with-every-mode-bit": (_file("f"), _at(os.mkfifo, "p", 0o7777)),
+    # mknod
+    "mknod-char-device": (_file("f"), _at(os.mknod, "c", stat.S_IFCHR | 0o600,
+                                          os.makedev(1, 3))),
+    "mknod-block-device": (_file("f"), _at(os.mknod, "b", stat.S_IFBLK | 0o600,
+                                           os.makedev(7, 0))),
+    "mknod-socket": (_file("f"), _at(os.mknod, "s", stat.S_IFSOCK | 0o600)),
+    "mknod-regular": (_file("f"), _at(os.mknod, "r", stat.S_IFREG | 0o640)),
+    "mknod-directory-type": (_file("f"), _at(os.mknod, "d", stat.S_IFDIR | 0o755)),
+    "mknod-existing": (MINE, _at(os.mknod, "mine", stat.S_IFIFO | 0o600)),
+    "mknod-in-a-dir-not-writable": (RO, _at(os.mknod, "ro/p", stat.S_IFIFO | 0o600)),
+    "mknod-setgid-file-in-a-setgid-dir": (SETGID, _at(os.mknod, "sg/r",
+                                                      stat.S_IFREG | 0o2755),
+                                          ("root", "nobody", "member")),
+    # open
+    "open-read-unreadable": (_file("theirs", 0o600, OTHER), _open("theirs", os.O_RDONLY)),
+    "open-write-own-read-only": (_file("mine", 0o444, NOBODY), _open("mine", os.O_WRONLY)),
+    "open-read-write-theirs-writable": (THEIRS_RW, _open("theirs", os.O_RDWR)),
+    "open-create-in-a-dir-not-writable": (RO, _open("ro/x", os.O_CREAT | os.O_WRONLY)),
+    "open-create-exclusive-existing": (MINE, _open("mine", os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY)),
+    "open-create-exclusive-symlink": (_link("l", "nowhere"),
+                                      _open("l", os.O_CREAT | os.O_EXCL | os.O_WRONLY)),
+    "open-directory-flag-on-a-file": (MINE, _open("mine", os.O_RDONLY | os.O_DIRECTORY)),
+    "open-a-directory-for-writing": (_dir("sub", 0o777), _open("sub", os.O_WRONLY)),
+    "open-truncate-read-only-file": (_file("mine", 0o444, NOBODY),
+                                     _open("mine", os.O_RDONLY | os.O_TRUNC)),
+    "open-nofollow-symlink": (_all(MINE, _link("l", "mine")),
+                              _open("l", os.O_RDONLY | os.O_NOFOLLOW)),
+    "open-create-through-a-dangling-symlink": (_link("l", "target"),
+                                               _open("l", os.O_CREAT | os.O_WRONLY, 0o640)),
+    "open-create-with-every-mode-bit": (_file("f"), _open("x", os.O_CREAT | os.O_WRONLY,
+                                                          0o7777)),
+    "open-create-setgid-in-a-setgid-dir": (SETGID, _open("sg/x", os.O_CREAT | os.O_WRONLY,
+                                                         0o2755),
+                                           ("root", "nobody", "member")),
+    "open-file-with-a-trailing-slash": (MINE, _open("mine/", os.O_RDONLY)),
+    "open-truncate-theirs-writable": (THEIRS_RW, _open("theirs", os.O_WRONLY | os.O_TRUNC)),
+    # rename
+    "rename-theirs-in-a-sticky-dir": (_all(STICKY, _file("t/theirs", 0o666, OTHER)),
+                                      _in(os.rename, "t/theirs", "t/x")),
+    "rename-own-in-a-sticky-dir": (_all(STICKY, _file("t/mine", 0o644, NOBODY)),
+                                   _in(os.rename, "t/mine", "t/x")),
+    "rename-own-over-theirs-in-a-sticky-dir": (
+        _all(STICKY, _file("t/mine", 0o644, NOBODY), _file("t/theirs", 0o666, OTHER)),
+        _in(os.rename, "t/mine", "t/theirs")),
+    "rename-theirs-in-a-sticky-dir-i-own": (
+        _all(_dir("t", 0o1777, NOBODY), _file("t/theirs", 0o666, OTHER)),
+        _in(os.rename, "t/theirs", "t/x")),
+    "rename-exchange-in-a-sticky-dir": (
+        _all(STICKY, _file("t/mine", 0o644, NOBODY), _file("t/theirs", 0o666, OTHER)),
+        _renameat2("t/mine", "t/theirs", RENAME_EXCHANGE)),
+    "rename-out-of-a-dir-not-writable": (_all(RO, _file("ro/f", 0o666, NOBODY)),
+                                         _in(os.rename, "ro/f", "x")),
+    "rename-into-a-dir-not-writable": (_all(RO, MINE), _in(os.rename, "mine", "ro/mine")),
+    "rename-a-dir-into-itself": (_all(_dir("a", 0o777), _dir("a/b", 0o777)),
+                                 _in(os.rename, "a", "a/b/c")),
+    "rename-a-dir-over-a-non-empty-dir": (
+        _all(_dir("a", 0o777), _dir("b", 0o777), _file("b/x")), _in(os.rename, "a", "b")),
+    "rename-a-file-over-a-dir": (_all(MINE, _dir("sub", 0o777)), _in(os.rename, "mine", "sub")),
+    "rename-a-dir-over-a-file": (_all(MINE, _dir("sub", 0o777)), _in(os.rename, "sub", "mine")),
+    "rename-their-dir-to-another-parent": (
+        _all(_dir("theirs", 0o755, OTHER), _dir("dst", 0o777)),
+        _in(os.rename, "theirs", "dst/theirs")),
+    "rename-their-dir-in-place": (_dir("theirs", 0o755, OTHER),
+                                  _in(os.rename, "theirs", "renamed")),
+    "rename-missing": (MINE, _in(os.rename, "nope", "x")),
+    "rename-noreplace-over-existing": (_all(MINE, THEIRS_RW),
+                                       _renameat2("mine", "theirs", RENAME_NOREPLACE)),
+    # rmdir
+    "rmdir-non-empty": (_all(_dir("sub", 0o777), _file("sub/x")), _at(os.rmdir, "sub")),
+    "rmdir-a-file": (MINE, _at(os.rmdir, "mine")),
+    "rmdir-theirs-in-a-sticky-dir": (_all(STICKY, _dir("t/theirs", 0o777, OTHER)),
+                                     _at(os.rmdir, "t/theirs")),
+    "rmdir-own-in-a-sticky-dir": (_all(STICKY, _dir("t/mine", 0o755, NOBODY)),
+                                  _at(os.rmdir, "t/mine")),
+    "rmdir-in-a-dir-not-writable": (_all(RO, _dir("ro/sub", 0o777, NOBODY)),
+                                    _at(os.rmdir, "ro/sub")),
+    "rmdir-dot": (_dir("sub", 0o777), _at(os.rmdir, "sub/.")),
+    "rmdir-missing": (MINE, _at(os.rmdir, "nope")),
+    # symlink
+    "symlink-existing": (MINE, _at(os.symlink, "x", "mine")),
+    "symlink-in-a-dir-not-writable": (RO, _at(os.symlink, "x", "ro/l")),
+    "symlink-in-a-setgid-dir": (SETGID, _at(os.symlink, "x", "sg/l"),
+                                ("root", "nobody", "member")),
+    "symlink-target-of-4095-bytes": (_file("f"), _at(os.symlink, "t" * 4095, "l")),
+    "symlink-target-of-4096-bytes": (_file("f"), _at(os.symlink, "t" * 4096, "l")),
+    # truncate
+    "truncate-theirs-not-writable": (THEIRS, _in(os.truncate, "theirs", 1)),
+    "truncate-own-read-only": (_file("mine", 0o444, NOBODY), _in(os.truncate, "mine", 1)),
+    "truncate-a-directory": (_dir("sub", 0o777), _in(os.truncate, "sub", 0)),
+    "truncate-negative": (MINE, _in(os.truncate, "mine", -1)),
+    "truncate-setuid-own": (_file("s", 0o6775, NOBODY, NOBODY), _in(os.truncate, "s", 1)),
+    "truncate-through-a-symlink": (_all(THEIRS_RW, _link("l", "theirs")),
+                                   _in(os.truncate, "l", 2)),
+    "ftruncate-read-only-descriptor": (MINE, _ftruncate("mine", os.O_RDONLY, 1)),
+    "ftruncate-setgid-theirs": (_file("s", 0o2777, OTHER, OTHER),
+                                _ftruncate("s", os.O_WRONLY, 1)),
+    # unlink
+    "unlink-theirs-in-a-sticky-dir": (_all(STICKY, _file("t/theirs", 0o666, OTHER)),
+                                      _at(os.unlink, "t/theirs")),
+    "unlink-own-in-a-sticky-dir": (_all(STICKY, _file("t/mine", 0o644, NOBODY)),
+                                   _at(os.unlink, "t/mine")),
+    "unlink-theirs-in-a-sticky-dir-i-own": (
+        _all(_dir("t", 0o1777, NOBODY), _file("t/theirs", 0o666, OTHER)),
+        _at(os.unlink, "t/theirs")),
+    "unlink-in-a-dir-not-writable": (_all(RO, _file("ro/f", 0o666, NOBODY)),
+                                     _at(os.unlink, "ro/f")),
+    "unlink-a-directory": (_dir("sub", 0o777), _at(os.unlink, "sub")),
+    "unlink-missing": (MINE, _at(os.unlink, "nope")),
+    "unlink-with-a-trailing-slash": (MINE, _at(os.unlink, "mine/")),
+    # utimensat
+    "utimensat-times-on-theirs-writable": (THEIRS_RW, _utimensat("theirs", T1, T2)),
+    "utimensat-now-on-theirs-writable": (THEIRS_RW, _utimensat("theirs", NOW, NOW)),
+    "utimensat-now-on-theirs-read-only": (THEIRS, _utimensat("theirs", NOW, NOW)),
+    "utimensat-omit-both-on-theirs": (THEIRS, _utimensat("theirs", OMIT, OMIT)),
+    "utimensat-now-and-omit-on-theirs-writable": (THEIRS_RW,
+                                                  _utimensat("theirs", NOW, OMIT)),
+    "utimensat-a-time-and-now-on-theirs-writable": (THEIRS_RW,
+                                                    _utimensat("theirs", T1, NOW)),
+    "utimensat-times-on-own-read-only": (_file("mine", 0o444, NOBODY),
+                                         _utimensat("mine", T1, T2)),
+    "utimensat-symlink-itself": (_link("l", "x"),
+                                 _utimensat("l", T1, T2, AT_SYMLINK_NOFOLLOW)),
+    "chmod-a-symlink-itself": (_all(MINE, _link("l", "mine")), _fchmodat_nofollow("l", 0o600)),
+    "chown-a-setgid-dir-by-root": (_dir("sub", 0o2775, NOBODY, NOBODY),
+                                   _at(os.chown, "sub", OTHER, OTHER), ("root",)),
+    "chown-setgid-file-to-my-other-group": (_file("s", 0o2755, NOBODY, NOBODY),
+                                            _at(os.chown, "s", -1, OTHER), ("member",)),
+    "unlink-one-name-of-a-hard-link": (_all(MINE, lambda dfd: os.link(
+        "mine", "two", src_dir_fd=dfd, dst_dir_fd=dfd)), _at(os.unlink, "two")),
+    "rename-over-one-name-of-a-hard-link": (
+        _all(MINE, lambda dfd: os.link("mine", "two", src_dir_fd=dfd, dst_dir_fd=dfd),
+             _file("new", 0o644, NOBODY)), _in(os.rename, "new", "two")),
+    "rename-a-hard-link-onto-its-other-name": (
+        _all(MINE, lambda dfd: os.link("mine", "two", src_dir_fd=dfd, dst_dir_fd=dfd)),
+        _in(os.rename, "two", "mine")),
+    "rename-a-dir-out-of-a-setgid-dir": (_all(SETGID, _dir("sg/sub", 0o2777, NOBODY, OTHER)),
+                                         _in(os.rename, "sg/sub", "sub")),
+    "mkdir-in-a-dir-of-mine-not-writable": (_dir("mine", 0o555, NOBODY),
+                                            _at(os.mkdir, "mine/x")),
+    "rmdir-the-dir-itself-when-empty-and-not-writable": (_dir("sub", 0o555, NOBODY),
+                                                         _at(os.rmdir, "sub")),
+    "open-create-existing-theirs-in-a-sticky-dir": (
+        _all(STICKY, _file("t/theirs", 0o666, OTHER)),
+        _open("t/theirs", os.O_CREAT | os.O_WRONLY)),
+    "truncate-a-fifo": (_fifo("p", 0o666), _in(os.truncate, "p", 0)),
+    "open-a-socket": (_file("f"), lambda dfd: (os.mknod("s", stat.S_IFSOCK | 0o666,
+                                                        dir_fd=dfd),
+                                               os.open("s", os.O_RDONLY, dir_fd=dfd))),
+    "chmod-own-fifo": (_fifo("p", 0o644, NOBODY), _at(os.chmod, "p", 0o600)),
+    "utimensat-times-on-own-fifo": (_fifo("p", 0o644, NOBODY), _utimensat("p", T1, T2)),
+    "unlink-dot": (_dir("sub", 0o777), _at(os.unlink, "sub/.")),
+    "rmdir-dot-dot": (_all(_dir("sub", 0o777), _dir("sub/in", 0o777)),
+                      _at(os.rmdir, "sub/in/..")),
+    "symlink-empty-target": (_file("f"), _at(os.symlink, "", "l")),
+    "open-create-directory-flags": (_file("f"), _open("x", os.O_CREAT | os.O_DIRECTORY
+                                                      | os.O_RDONLY)),
+    "rename-a-dir-over-an-empty-dir-elsewhere": (
+        _all(_dir("a", 0o777), _dir("a/sub", 0o777), _dir("b", 0o777), _dir("b/sub", 0o777),
+             _file("a/sub/x")),
+        _in(os.rename, "a/sub", "b/sub")),
+    "rename-exchange-a-dir-into-its-own-subdir": (
+        _all(_dir("a", 0o777), _dir("a/b", 0o777)),
+        _renameat2("a", "a/b", RENAME_EXCHANGE)),
+    "rename-a-file-onto-itself": (MINE, _in(os.rename, "mine", "mine")),
+    "link-to-a-name-with-a-trailing-slash": (MINE, _in(os.link, "mine", "x/")),
+    # what a write by another user clears (the kernel asks annofs to)
+    "write-clears-setuid-setgid": (_file("s", 0o6777, OTHER, OTHER), _write("s")),
+}
+
+
+def _stats(dfd: int) -> dict[str, os.stat_result]:
+    """Every entry under the directory (and the directory itself, as ".")."""
+    out = {".": os.stat(".", dir_fd=dfd)}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        for name in sorted(os.listdir(os.path.join(f"/proc/self/fd/{dfd}", rel))):
+            path = os.path.join(rel, name)
+            st = out[path] = os.stat(path, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+    return out
+
+
+def _tree(before: dict[str, os.stat_result], dfd: int) -> list[tuple]:
+    """Every entry after the operation: name, mode, owner, group, links, size of files,
+    and whether its ctime and mtime moved (for entries that were there before)."""
+    out = []
+    for path, st in _stats(dfd).items():
+        size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
+        old = before.get(path)
+        moved = None if old is None or old.st_ino != st.st_ino else (
+            st.st_ctime_ns != old.st_ctime_ns, st.st_mtime_ns != old.st_mtime_ns)
+        out.append((path, oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, size, moved))
+    return sorted(out)
+
+
+def _outcome(caller: str, op: Step, dfd: int) -> tuple[str, object]:
+    try:
+        return "ok", run_as(CALLERS[caller], op, dfd)
+    except OSError as e:
+        return "error", errno.errorcode.get(e.errno, e.errno)
+
+
+@pytest.fixture(scope="module")
+def native_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the native side of each compared case runs: ext4 (checked)."""
+    base = tmp_path_factory.mktemp("native")
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", base], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert fstype == "ext2/ext3", f"{base} is on {fstype}, not ext4"
+    return base
+
+
+def _case_dir(path: Path) -> int:
+    path.mkdir()
+    os.chmod(path, 0o777)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+@pytest.mark.parametrize("case,caller", [
+    (name, caller) for name, spec in COMPARED.items()
+    for caller in (spec[2] if len(spec) > 2 else ("root", "nobody"))])
+def test_the_mount_answers_as_ext4(shared: Mount, native_base: Path, case: str,
+                                   caller: str) -> None:
+    setup, op = COMPARED[case][:2]
+    logged = len(shared.log_problems())
+    seen = {}
+    for side, base in (("ext4", native_base), ("annofs", shared.path)):
+        dfd = _case_dir(base / f"cmp-{case}-{caller}")
+        try:
+            setup(dfd)
+            before = _stats(dfd)
+            time.sleep(0.002)  # a change shows in ext4's timestamps too
+            seen[side] = (_outcome(caller, op, dfd), _tree(before, dfd))
+        finally:
+            os.close(dfd)
+    assert seen["annofs"][0] == seen["ext4"][0], "the outcome differs"
+    assert seen["annofs"][1] == seen["ext4"][1], "the tree afterwards differs"
+    new = shared.log_problems()[logged:]
+    assert not new, "the daemon logged:\n" + "\n".join(new)

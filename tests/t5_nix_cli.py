@@ -4,11 +4,15 @@ exit 2, every "no" of verification exit 1, and neither changes the store or the 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import annofs_cmd
+from conftest import Mount, annofs_cmd
+from fuse_helpers import new_mount, stop_and_check
 from t2_nix_fetch import H1, A, B, add_to_cache, make_tree
 
 from annofs.nix.nar import dump_host
@@ -104,3 +108,70 @@ def test_sign_errors_and_success(world: dict[str, Path]) -> None:
     again = annofs(s, "nix", "sign", "--key", secret, "--cache", c, H1)
     assert "already signed" in again.stdout
     assert narinfo.read_text().count("Sig: cache-b-1:") == 1
+
+
+# -- cache files that would block (issue 16) ---------------------------------------------------
+
+
+def run_bounded(store: Path, *args: str, env: dict[str, str] | None = None,
+                limit: float = 30) -> subprocess.CompletedProcess[str]:
+    """annofs(...) that fails the test instead of hanging it."""
+    e = {k: v for k, v in os.environ.items() if k != "ANNOFS_POLICY"}
+    e.update(env or {})
+    return subprocess.run(annofs_cmd("--store", str(store), *args), capture_output=True,
+                          text=True, env=e, timeout=limit)
+
+
+def test_a_fifo_named_like_a_narinfo_is_one_line_and_exit_2(world: dict[str, Path]) -> None:
+    s, c, p = world["store"], world["cache"], str(world["policy"])
+    info = c / f"{H1}.narinfo"
+    info.unlink()
+    os.mkfifo(info)
+    one_line(run_bounded(s, "nix", "fetch", "--cache", str(c), "--policy", p, H1), 2,
+             f"{info}: a FIFO, not a regular file")
+
+
+def test_a_fifo_in_a_cache_leaves_a_mount_answering(world: dict[str, Path],
+                                                    mounted: Mount) -> None:
+    """Into a mount the daemon fetches, on its loop: a FIFO used to hang every request of
+    the mount, even after the client was killed."""
+    assert mounted.store == world["store"]
+    c, p = world["cache"], str(world["policy"])
+    nar = next((c / "nar").iterdir())
+    nar.unlink()
+    os.mkfifo(nar)
+    res = run_bounded(world["store"], "nix", "fetch", "--cache", str(c), "--policy", p,
+                      "--dest", str(mounted.path / "nix" / "store"), H1)
+    one_line(res, 2, f"{nar}: a FIFO, not a regular file")
+    (mounted.path / "after").write_bytes(b"the mount answers")
+    assert (mounted.path / "after").read_bytes() == b"the mount answers"
+    assert not (mounted.path / "nix" / "store" / f"{H1}-hello").exists()
+
+
+def test_a_cache_on_a_hung_file_system_times_out_in_one_line(world: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """A regular file that never answers (here: on a FUSE mount whose daemon is stopped)
+    stops the fetch after ANNOFS_CACHE_TIMEOUT seconds."""
+    (tmp_path / "hung").mkdir()
+    hung = new_mount(tmp_path / "hung")
+    try:
+        shutil.copytree(world["cache"], hung.path / "cache")
+        # Names and attributes cached by the kernel (a change in a directory drops the
+        # directory's): then only open() and read() wait on the stopped daemon.
+        for f in [*(hung.path / "cache").rglob("*"), hung.path / "cache", hung.path]:
+            os.stat(f)
+        assert hung.proc is not None
+        hung.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            res = run_bounded(world["store"], "nix", "fetch", "--cache",
+                              str(hung.path / "cache"), "--policy", str(world["policy"]), H1,
+                              env={"ANNOFS_CACHE_TIMEOUT": "1"})
+            took = time.monotonic() - started
+        finally:
+            hung.proc.send_signal(signal.SIGCONT)
+    finally:
+        stop_and_check(hung)
+    one_line(res, 2, f"{hung.path / 'cache' / (H1 + '.narinfo')}: no answer in 1 s")
+    assert took < 15
+    assert annofs(world["store"], "fsck").returncode == 0

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from t5_cli import BASE_NS, annofs, dump_store, ok, write
 
+from annofs.daemon.registry import take_mount_lock
+
 
 def fail(proc: subprocess.CompletedProcess[bytes], status: int = 2) -> str:
     """The one stderr line of a failed command (without the 'annofs: ' prefix)."""
@@ -380,21 +382,25 @@ def test_writing_commands_refuse_a_mounted_store(env: Env) -> None:
     ok(env.run("sign", "--key", str(secret), "/src/proj"))
     exported = env.tmp / "att.jsonl"
     exported.write_bytes(ok(env.run("attest", "export", "/src/proj")))
-    # What a live daemon leaves in the store (this test's pid stands in for it).
+    # What a live daemon leaves in the store, and the lock it holds (this test stands
+    # in for it).
     (env.store / "mount.json").write_text(json.dumps({"pid": os.getpid(),
                                                       "mountpoint": "/mnt/x"}))
-    before = dump_store(env.store)
-    for args in (["sign", "--key", str(secret), "/src/proj"],
-                 ["label", "--key", str(secret), "--label", "malicious", "/src/proj"]):
-        assert fail(env.run(*args)) == f"{env.store}: mounted at /mnt/x; use paths inside " \
-                                       f"the mount"
-    # attest import names no path: it goes to the mount's daemon, and there is none here.
-    assert fail(env.run("attest", "import", str(exported))) == \
-        f"{env.store}: its daemon (pid {os.getpid()}) is not serving /mnt/x"
-    assert dump_store(env.store) == before
-    assert ok(env.run("attest", "export", "/src/proj")) == exported.read_bytes()
-    ok(env.run("verify", "--policy", str(env.policy(ONE)), "/src/proj"))
-
+    lock = take_mount_lock(env.store)
+    try:
+        before = dump_store(env.store)
+        for args in (["sign", "--key", str(secret), "/src/proj"],
+                     ["label", "--key", str(secret), "--label", "malicious", "/src/proj"]):
+            assert fail(env.run(*args)) == f"{env.store}: mounted at /mnt/x; use paths " \
+                                           f"inside the mount"
+        # attest import names no path: it goes to the mount's daemon, and there is none.
+        assert fail(env.run("attest", "import", str(exported))) == \
+            f"{env.store}: its daemon (pid {os.getpid()}) is not serving /mnt/x"
+        assert dump_store(env.store) == before
+        assert ok(env.run("attest", "export", "/src/proj")) == exported.read_bytes()
+        ok(env.run("verify", "--policy", str(env.policy(ONE)), "/src/proj"))
+    finally:
+        os.close(lock)
 
 def test_symlinks_are_signed_verified_exported_and_explained(env: Env, tmp_path: Path) -> None:
     """Statements cover the tree: a symlink is signed as its target, a symlink put in

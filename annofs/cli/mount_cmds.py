@@ -46,4 +46,6 @@ def umount_cmd(mountpoint: Path) -> None:
     """Unmount cleanly: everything written is flushed before this returns."""
     from annofs.daemon.mount import umount
 
-    umount(mountpoint)
+    said = umount(mountpoint)
+    if said is not None:
+        click.echo(f"annofs: {said}", err=True)

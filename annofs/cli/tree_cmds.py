@@ -78,13 +78,12 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
 
 def import_json(src: str, dest: str, stats: ImportStats, took: float) -> dict[str, object]:
     """`import --json`: {"src", "dest", "files", "files_read", "files_unchanged", "dirs",
-    "symlinks", "hard_links", "removed", "bytes_read", "new_bytes", "seconds", "skipped"}."""
+    "symlinks", "hard_links", "removed", "bytes_read", "new_bytes", "seconds"}."""
     return {"src": src, "dest": dest, "files": stats.files, "files_read": stats.files_read,
             "files_unchanged": stats.files_reused, "dirs": stats.dirs,
             "symlinks": stats.symlinks, "hard_links": stats.hard_links,
             "removed": stats.removed, "bytes_read": stats.bytes_read,
-            "new_bytes": stats.new_bytes, "seconds": round(took, 3),
-            "skipped": list(stats.skipped)}
+            "new_bytes": stats.new_bytes, "seconds": round(took, 3)}
 
 
 def _import_summary(src: Path, dest: str, stats: ImportStats, took: float) -> None:
@@ -93,8 +92,6 @@ def _import_summary(src: Path, dest: str, stats: ImportStats, took: float) -> No
         f"{stats.files_reused} unchanged), {stats.dirs} directories, {stats.symlinks} symlinks, "
         f"{stats.removed} removed; {stats.bytes_read} bytes read, {stats.new_bytes} new bytes "
         f"stored; {took:.2f} s ({stats.bytes_read / max(took, 1e-9) / 1e6:.0f} MB/s)")
-    for rel in stats.skipped:
-        click.echo(f"skipped {rel}: sockets cannot be stored", err=True)
 
 
 class DaemonStaging:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from annofs.daemon import registry
+from annofs.daemon import deadmount, registry
 from annofs.daemon.commands import DaemonCommands
 from annofs.daemon.control import ControlServer
 from annofs.daemon.events import EventLog
@@ -61,11 +62,37 @@ class MountOptions:
     dashboard: ListenAddress | None = None
 
 
+def clear_dead_mounts(opts: MountOptions) -> list[str]:
+    """Clear dead mounts in the way of this one: at the mountpoint (an annofs mount whose
+    daemon is gone), and where this store's killed daemon left its mount; one line each."""
+    said = []
+    stale = registry.stale_state(opts.store)
+    places = [opts.mountpoint]
+    if stale is not None and Path(stale["mountpoint"]) != opts.mountpoint:
+        places.append(Path(stale["mountpoint"]))
+    for mp in places:
+        if registry.lookup(mp) is None and deadmount.is_dead(mp):
+            deadmount.clear(mp)
+            registry.unregister(mp)
+            said.append(f"{mp}: its daemon was gone (killed?); cleared the dead mount")
+    if stale is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (opts.store / STATE_FILE).unlink()
+    return said
+
+
 def check_mountable(opts: MountOptions) -> None:
     """Every reason a mount would fail that we can name before trying (UsageError)."""
     mp = opts.mountpoint
-    if not mp.exists():
-        raise UsageError(f"{mp}: mountpoint does not exist")
+    try:
+        os.stat(mp)
+    except FileNotFoundError:
+        raise UsageError(f"{mp}: mountpoint does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # another filesystem's dead FUSE mount
+            raise UsageError(f"{mp}: a dead FUSE mount of another filesystem; clear it with "
+                             f"'fusermount3 -u -z {mp}'") from None
+        raise UsageError(f"{mp}: {e.strerror}") from None
     if not mp.is_dir():
         raise UsageError(f"{mp}: mountpoint is not a directory")
     if os.path.ismount(mp):
@@ -191,8 +218,11 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
     # Bound first: a taken port must fail the command before anything is mounted.
     dashboard = bind(opts.dashboard) if opts.dashboard is not None else None
     token = new_token()
-    # Held for the mount's life: gc must not run offline under a live daemon.
     lock = contextlib.ExitStack()
+    # Held for the mount's life, released by the kernel however the daemon ends: this is
+    # how commands know it is alive (registry.daemon_alive). Released last (LIFO).
+    lock.callback(os.close, registry.take_mount_lock(opts.store))
+    # Held for the mount's life: gc must not run offline under a live daemon.
     lock.enter_context(store_lock(opts.store, exclusive=False, what="mount"))
     vol = Volume.open(opts.store)
     vol.store.sync_interval = None  # _sync_loop syncs, in a thread: not on the event loop
@@ -250,8 +280,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
         if url is not None:
             remove_url_file(opts.store, url)
         vol.close()
-        lock.close()
         log.info("unmounted %s (%s)", opts.mountpoint, "clean" if clean else "after an error")
+        lock.close()  # last: `annofs umount` returns when it sees the lock free
 
 
 def mount(opts: MountOptions) -> None:
@@ -261,6 +291,8 @@ def mount(opts: MountOptions) -> None:
                                policy=opts.policy.resolve() if opts.policy else None)
     if opts.policy is not None:
         check_policy_location(opts.policy, opts.mountpoint)  # the most precise reason first
+    for line in clear_dead_mounts(opts):
+        print(f"annofs: {line}", file=sys.stderr, flush=True)
     check_mountable(opts)
     _setup_logging(opts.store, opts.foreground)
     if opts.foreground:
@@ -294,24 +326,36 @@ def mount(opts: MountOptions) -> None:
     os._exit(0)
 
 
-def umount(mountpoint: Path, timeout: float = 60.0) -> None:
-    """Unmount (the daemon flushes everything) and wait for the daemon to exit."""
-    mp = mountpoint.resolve()
+def umount(mountpoint: Path, timeout: float = 60.0) -> str | None:
+    """Unmount (the daemon flushes everything) and wait for the daemon to exit.
+
+    A dead mount (its daemon was killed) is cleared instead; the line that says so is
+    returned for the command to print.
+    """
+    mp = Path(os.path.abspath(mountpoint))
+    with contextlib.suppress(OSError):  # a dead mount cannot be resolved: keep it as given
+        mp = mp.resolve()
+    info = registry.lookup(mp)
+    if info is None and deadmount.is_dead(mp):
+        deadmount.clear(mp)
+        registry.unregister(mp)
+        return f"{mp}: its daemon was gone (killed?); cleared the dead mount"
     if not os.path.ismount(mp):
         raise UsageError(f"{mp}: not mounted")
-    info = registry.lookup(mp)
-    pid = info.pid if info is not None else None
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         raise UsageError(f"{mp}: unmount failed: {res.stderr.strip() or 'fusermount3 failed'}")
-    if pid is None:
-        return
+    if info is None:
+        return None
+    # The daemon has finished (flushed, closed the store) when it lets go of its lock;
+    # a zombie daemon holds nothing, so a parent that does not reap it cannot stall this.
+    # Then its process ends (a script may wait on it): a zombie counts as ended.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _exited(pid):
-            return
+        if not registry.daemon_alive(info.store) and _exited(info.pid):
+            return None
         time.sleep(0.02)
-    raise UsageError(f"{mp}: unmounted, but the daemon (pid {pid}) has not exited")
+    raise UsageError(f"{mp}: unmounted, but the daemon (pid {info.pid}) has not exited")
 
 
 def _exited(pid: int) -> bool:

@@ -1,13 +1,26 @@
-"""Where running mounts are recorded, so commands can find a mount from a host path."""
+"""Where running mounts are recorded, so commands can find a mount from a host path.
+
+A daemon is alive while it holds its store's mount lock (an exclusive flock on
+`<store>/mount.lock`, taken before it mounts and released by the kernel when it exits,
+however it exits). A pid probe would count a zombie, or a recycled pid, as alive.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from annofs.errors import UsageError
+
+MOUNT_LOCK = "mount.lock"
+# A probe holds the lock shared for an instant: a daemon starting meanwhile retries.
+_TAKE_FOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,13 +65,51 @@ def unregister(mountpoint: Path) -> None:
         _record(mountpoint).unlink()
 
 
+def daemon_alive(store: Path) -> bool:
+    """Whether a daemon serves this store: its mount lock is held."""
+    try:
+        fd = os.open(store / MOUNT_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file: never mounted (or no store)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's shared lock
+    return False
+
+
+def take_mount_lock(store: Path) -> int:
+    """The daemon's lock on its store (a descriptor to keep open while serving).
+
+    UsageError if another daemon holds it. Close-on-exec: no program the daemon starts
+    may keep it after the daemon is gone.
+    """
+    fd = os.open(store / MOUNT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + _TAKE_FOR
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                state = _state_file(store)
+                where = (f" at {state['mountpoint']} (pid {state['pid']})"
+                         if state is not None else "")
+                raise UsageError(f"{store}: already mounted{where}") from None
+            time.sleep(0.01)
+
+
 def lookup(mountpoint: Path) -> MountInfo | None:
     """The live mount at exactly this mountpoint, if any."""
     try:
         raw = json.loads(_record(mountpoint).read_text())
         info = MountInfo(int(raw["pid"]), Path(raw["store"]), Path(raw["mountpoint"]))
-        os.kill(info.pid, 0)
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not daemon_alive(info.store):
         return None
     return info if os.path.ismount(info.mountpoint) else None
 
@@ -80,9 +131,23 @@ STATE_FILE = "mount.json"
 
 def read_state(store: Path) -> dict | None:
     """The running daemon's pid and mountpoint, if one is alive for this store."""
+    if not daemon_alive(store):
+        return None
+    return _state_file(store)
+
+
+def _state_file(store: Path) -> dict | None:
+    """What the last daemon wrote in the store (alive or not: check the lock first)."""
     try:
         state = json.loads((store / STATE_FILE).read_text())
-        os.kill(int(state["pid"]), 0)
+        int(state["pid"]), str(state["mountpoint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return state
+
+
+def stale_state(store: Path) -> dict | None:
+    """The state a daemon left behind without removing it (killed), if any."""
+    if daemon_alive(store):
+        return None
+    return _state_file(store)

@@ -357,8 +357,8 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if stat.S_ISSOCK(mode):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        # FIFOs, sockets (bind() of a Unix socket makes one) and device nodes: a type and
+        # a device number; the kernel serves their I/O, never us.
         return self._make(parent_inode, name, mode, ctx, rdev)
 
     @fuse_handler
@@ -401,10 +401,17 @@ class Operations(pyfuse3.Operations):
             link = self.ns.link_id_at(txn, dir_id, name)
             a = self.ns.remove(txn, dir_id, name, want_dir=want_dir)
             remaining = self._link_names(txn, link) if link else 0
+            if remaining:
+                self._stamp_link(txn, link)
             self._touch_dir(txn, parent)
         node = self.inodes.unbind(parent.ino, name)
         if node is not None and remaining == 0:
             self._orphan(node, a)
+
+    def _stamp_link(self, txn: lmdb.Transaction, link: int) -> None:
+        """A hard-linked file lost a name but lives on: its ctime says so (POSIX, ext4)."""
+        t = now_ns()
+        self.ns.set_link_attrs(txn, link, lambda a: dataclasses.replace(a, ctime_ns=t))
 
     def _link_names(self, txn: lmdb.Transaction, link: int) -> int:
         """How many names a hard-linked file has left (its record goes with the last)."""
@@ -472,6 +479,7 @@ class Operations(pyfuse3.Operations):
                     self.ns.remove(txn, dst_dir, name_new)
                     if still_linked:
                         orphaned = None
+                        self._stamp_link(txn, dst.link)
                 self.ns.detach(txn, src_dir, name_old)
                 self.ns.attach(txn, dst_dir, name_new, src)
             # A moved entry's ctime changes (as on ext4). Set it at its new name: the

@@ -6,9 +6,10 @@ the narinfo's signatures and the NAR's hash are checked by the caller (nix/fetch
 What this module guards is the reading itself, against a cache that is hostile or
 broken rather than wrong:
 
-- a directory cache opens files with O_NONBLOCK and reads only regular files, so a FIFO
-  named `<hash>.narinfo` is a one-line error, never a read that hangs (and with it, in
-  a mount's daemon, every request of the mount);
+- a directory cache reads through nix/cachefile.py: regular files only, opened without
+  blocking, every open and read answered in time, so a FIFO named `<hash>.narinfo` or a
+  hung file system is a one-line error, never a read that hangs (and with it, in a
+  mount's daemon, every request of the mount);
 - a narinfo's `URL` stays inside the cache (the narinfo parser refuses anything else);
 - an HTTP cache is checked once for `nix-cache-info` with `StoreDir: /nix/store`; every
   request has a timeout per read, and a refused connection, a reset, a timeout or a
@@ -22,10 +23,8 @@ urllib (the standard library) is enough for this: one GET at a time, streamed.
 
 from __future__ import annotations
 
-import errno
 import http.client
 import os
-import stat
 import time
 import urllib.error
 import urllib.parse
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
 from annofs.errors import UsageError
+from annofs.nix.cachefile import open_cache_file, read_cache_file
 from annofs.nix.narinfo import MAX_NARINFO
 
 STORE_DIR = "/nix/store"
@@ -68,37 +68,11 @@ class DirectoryCache:
 
     def narinfo(self, hash_part: str) -> bytes | None:
         """See BinaryCache."""
-        f = self._open_regular(self.path / f"{hash_part}.narinfo", "a narinfo")
-        if f is None:
-            return None
-        with f:
-            return f.read(MAX_NARINFO + 1)
+        return read_cache_file(self.path / f"{hash_part}.narinfo", MAX_NARINFO + 1)
 
     def open_nar(self, url: str) -> BinaryIO | None:
         """See BinaryCache."""
-        return self._open_regular(self.path / url, "a NAR file")
-
-    @staticmethod
-    def _open_regular(path: Path, what: str) -> BinaryIO | None:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if e.errno == errno.ENOTDIR:
-                return None
-            raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-                raise UsageError(f"{path}: is {kind}, not {what}")
-            os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_cache_file(self.path / url)
 
 
 class HttpCache:

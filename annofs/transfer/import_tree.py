@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -93,7 +93,6 @@ class ImportStats:
     workers: int = 0
     scan_requests: int = 0  # subtrees a re-import's scan helper was given
     scan_helper_died: bool = False  # it ended early: the importer scanned its part
-    skipped: list[str] = field(default_factory=list)
 
 
 class Staging(Protocol):
@@ -455,9 +454,6 @@ class TreeImporter:
                     files += 1
                     reused += 1
                     continue
-            if stat.S_ISSOCK(mode):
-                stats.skipped.append(os.fsdecode(b"/".join([*stage, name])))
-                continue
             seen += raw is not None
             wanted.append(name)
             if is_reg(mode):
@@ -511,7 +507,7 @@ class TreeImporter:
                 if stat.S_ISLNK(mode):
                     target: int | bytes = os.readlink(host + b"/" + name)
                     stats.symlinks += 1
-                else:  # FIFOs and device nodes keep their type and device number
+                else:  # FIFOs, sockets, device nodes: their type and device number
                     target = st.st_rdev
                 new = self._attrs(st, target)
                 old = self._decode(raw, d, name) if raw is not None else None
@@ -732,8 +728,8 @@ class TreeImporter:
     @staticmethod
     def _attrs(st: os.stat_result, target: int | bytes) -> Attrs:
         size = len(target) if isinstance(target, bytes) else st.st_size
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-            size = 0
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            size = 0  # a special file: the host's size says nothing
         return Attrs(st.st_mode, st.st_uid, st.st_gid, size, st.st_atime_ns, st.st_mtime_ns,
                      now_ns(), target)
 

@@ -1,0 +1,86 @@
+"""Mounts whose daemon is gone (killed): recognised, and cleared.
+
+After `kill -9` of a daemon the kernel still lists its mount, but every access to it
+fails with ENOTCONN ("Transport endpoint is not connected"); `os.path.ismount` says
+False, so neither `annofs umount` nor `annofs mount` would see it. A dead mount is one
+that /proc/self/mountinfo lists as annofs's FUSE mount and that answers ENOTCONN
+(asked only when no live daemon is registered there: a stopped one would not answer).
+Clearing it is a lazy unmount: nothing is served there any more, nothing is lost (what
+the daemon had committed is in the store).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+from annofs.errors import UsageError
+
+FSTYPE = "fuse.annofs"  # subtype=annofs in the mount options
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+MNT_DETACH = 2
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def annofs_mountpoints() -> list[Path]:
+    """Every mountpoint the kernel lists as an annofs FUSE mount (dead or alive)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail.split():
+            continue
+        if tail.split()[0] == FSTYPE:
+            found.append(Path(_unescape(fields[4])))
+    return found
+
+
+def is_dead(mountpoint: Path) -> bool:
+    """Whether an annofs mount is listed at `mountpoint` whose daemon no longer answers."""
+    mp = Path(os.path.abspath(mountpoint))
+    if mp not in annofs_mountpoints():
+        return False
+    try:
+        # statfs always reaches the daemon; stat may be answered from the kernel's
+        # attribute cache, dead daemon or not.
+        os.statvfs(mp)
+    except OSError as e:
+        return e.errno in _DEAD
+    return False
+
+
+def clear(mountpoint: Path) -> None:
+    """Detach a dead mount (fusermount3 -u -z; as root, umount2 MNT_DETACH if that fails)."""
+    mp = Path(os.path.abspath(mountpoint))
+    res = subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, text=True)
+    if res.returncode == 0:
+        return
+    why = res.stderr.strip() or "fusermount3 failed"
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.umount2(os.fsencode(mp), MNT_DETACH) == 0:
+            return
+        why = os.strerror(ctypes.get_errno())
+    raise UsageError(f"{mp}: a dead mount (its daemon is gone) could not be cleared ({why}); "
+                     f"try 'fusermount3 -u -z {mp}'")
