@@ -103,6 +103,22 @@ class DirtyOverlay:
             i += 1
         return False
 
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) no written extent covers, in order."""
+        out = []
+        pos = start
+        i = max(0, bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end and pos < end:
+            s, e = self._starts[i], self._starts[i] + len(self._data[i])
+            if e > pos:
+                if s > pos:
+                    out.append((pos, s))
+                pos = e
+            i += 1
+        if pos < end:
+            out.append((pos, end))
+        return out
+
     def changed_range(self, base_size: int) -> tuple[int, int] | None:
         """[lo, hi) of the logical content that may differ from the base, or None."""
         lo: int | None = None

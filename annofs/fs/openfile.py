@@ -8,7 +8,6 @@ stays bounded however much is written before the close.
 
 from __future__ import annotations
 
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -91,7 +90,7 @@ async def fold(vol: Volume, of: OpenFile, stats: Counter[str] | None = None) -> 
             for h, data in rw.new_fragments:
                 vol.fragments.put(txn, h, data)
     folded = Version(-1, of.parent_version, sum(rw.lengths), None, 0, None, rw.hashes,
-                     array("I", rw.lengths))
+                     rw.lengths)
     of.base = folded
     of.overlay = DirtyOverlay(folded.size)
     return folded
