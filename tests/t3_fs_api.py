@@ -572,6 +572,65 @@ async def test_sparse_writes(k: Kernel, vol: Volume) -> None:
     await k.settle()
 
 
+PiB = 1 << 50
+TiB = 1 << 40
+
+
+@trio_test
+async def test_huge_holes_cost_nothing(k: Kernel, vol: Volume) -> None:
+    """A 1 PiB truncate and a write at 1 TiB are O(1): holes in the version, zeros on
+    read, st_blocks counting only data, every layer (digest bound, fsck) at ease."""
+    import time
+
+    data = random.Random(7).randbytes(300_000)
+    ino = await k.write_file(ROOT, b"sparse", data)
+    t = time.perf_counter()
+    await k.setattr(ino, size=PiB)  # by path: commits at once
+    fh = await k.open(ino)
+    await k.write(fh, TiB, b"at a tebibyte")
+    await k.release(fh)
+    assert time.perf_counter() - t < 1.0
+    e = await k.getattr(ino)
+    assert e.st_size == PiB
+    # Data only: 300,000 + 13 bytes of it, whatever the size.
+    assert e.st_blocks == (len(data) + 13 + 511) // 512
+    fh = await k.open(ino, os.O_RDONLY)
+    assert await k.read(fh, len(data) - 10, 20) == data[-10:] + bytes(10)
+    assert await k.read(fh, TiB - 3, 20) == bytes(3) + b"at a tebibyte" + bytes(4)
+    assert await k.read(fh, PiB - 5, 100) == bytes(5)
+    await k.release(fh)
+    v = version(vol, int(stored(vol, b"sparse").target))
+    assert v.stored_size == len(data) + 13 and v.count < 40
+    from annofs.content.versions import TooLargeToHashError
+    with pytest.raises(TooLargeToHashError, match="too large to hash"):
+        vol.versions.ensure_digest(v)
+    with fuse_errno(errno.EFBIG):
+        await k.ops.getxattr(ino, b"user.annofs.digest", CTX)
+    # Shrinking into the data, and growing a little: a digest again (zeros hashed).
+    await k.setattr(ino, size=100)
+    await k.setattr(ino, size=5 * MiB)
+    got = await k.ops.getxattr(ino, b"user.annofs.digest", CTX)
+    assert got == b"blake3:" + blake3.blake3(data[:100] + bytes(5 * MiB - 100)).hexdigest().encode()
+    assert (await k.getattr(ino)).st_blocks == 1
+    await k.settle()
+
+
+@trio_test
+async def test_sizes_past_the_limit_are_efbig(k: Kernel) -> None:
+    """The kernel's own limit for FUSE (MAX_LFS_FILESIZE) is ours: past it, EFBIG."""
+    from annofs.content.versions import MAX_FILE_SIZE
+
+    ino = await k.write_file(ROOT, b"f", b"x")
+    # (A size past it does not fit pyfuse3's off_t: the kernel cannot send one.)
+    fh = await k.open(ino)
+    with fuse_errno(errno.EFBIG):
+        await k.write(fh, MAX_FILE_SIZE - 1, b"ab")
+    await k.write(fh, MAX_FILE_SIZE - 1, b"a")
+    await k.release(fh)
+    assert (await k.getattr(ino)).st_size == MAX_FILE_SIZE
+    await k.settle()
+
+
 @trio_test
 async def test_large_write_then_small_edit_shares_fragments(k: Kernel, vol: Volume) -> None:
     data = random.Random(2).randbytes(5 * MiB // 2)  # > INLINE_BYTES: folded in a thread

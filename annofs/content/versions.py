@@ -25,12 +25,18 @@ from annofs.store.records import (
     Version,
     decode_version,
     encode_version,
+    is_wide_version,
     lengths_array,
 )
 
 # The empty file: root of every path's history, created with the store.
 EMPTY_VERSION = 0
 EMPTY_DIGEST = blake3.blake3(b"").digest()
+
+# The largest file size: the kernel's own for FUSE (s_maxbytes = MAX_LFS_FILESIZE on a
+# 64-bit kernel). Lengths are uint64 and a hole costs nothing, so nothing smaller is
+# needed; past it, EFBIG.
+MAX_FILE_SIZE = (1 << 63) - 1
 
 # Zeros of a hole are produced (read, hashed, dumped) this much at a time, from one
 # shared buffer: memory stays flat however long the hole.
@@ -157,6 +163,7 @@ class VersionStore:
         self._store = store
         self._db = store.db["versions"]
         self.fragments = fragments
+        self._stored: dict[int, int] = {}  # version id -> data bytes, for sparse ones
 
     def ensure_empty(self, txn: lmdb.Transaction) -> None:
         """Create the empty root version if the store lacks it."""
@@ -171,6 +178,24 @@ class VersionStore:
         if raw is None:
             raise NotFoundError(f"version {vid}: no such version")
         return decode_version(vid, raw)
+
+    def stored_size(self, txn: lmdb.Transaction, vid: int, size: int) -> int:
+        """Data bytes of a stored version of `size` bytes, holes left out (st_blocks).
+
+        A record without holes says so in its first bytes: no decoding on each getattr.
+        A sparse one is decoded once and remembered (versions never change).
+        """
+        known = self._stored.get(vid)
+        if known is not None:
+            return known
+        raw = txn.get(u64(vid), db=self._db)
+        if raw is None or not is_wide_version(raw):
+            return size
+        stored = decode_version(vid, raw).stored_size
+        if len(self._stored) >= 4096:
+            self._stored.pop(next(iter(self._stored)))
+        self._stored[vid] = stored
+        return stored
 
     def exists(self, txn: lmdb.Transaction, vid: int) -> bool:
         """Whether a version id is stored."""

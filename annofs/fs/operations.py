@@ -22,7 +22,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from annofs.content.versions import EMPTY_VERSION
+from annofs.content.versions import EMPTY_VERSION, MAX_FILE_SIZE, stored_hashes
 from annofs.errors import (
     CorruptionError,
     ExistsError,
@@ -200,13 +200,19 @@ class Operations(pyfuse3.Operations):
         size = a.size
         mtime = a.mtime_ns
         of = self.open_files.get(node.ino)
+        stored = size
         if of is not None:
             size = of.size
+            # Holes are not data (du, cp --sparse=auto, tar -S read st_blocks): the
+            # base's data and the written bytes, at most the size.
+            stored = min(size, of.base.stored_size + of.overlay.nbytes)
             if of.mtime_ns is not None:  # 0, the epoch, is a time like any other
                 mtime = of.mtime_ns
+        elif a.is_reg:
+            stored = self.vol.versions.stored_size(txn, int(a.target), size)
         e.st_size = 4096 if a.is_dir else size
         e.st_blksize = BLOCK_SIZE
-        e.st_blocks = (e.st_size + 511) // 512
+        e.st_blocks = ((4096 if a.is_dir else stored) + 511) // 512
         e.st_atime_ns = a.atime_ns
         e.st_mtime_ns = mtime
         e.st_ctime_ns = a.ctime_ns
@@ -253,6 +259,8 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size:
+            if attr.st_size > MAX_FILE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
             via = self.handles.get(fh) if fh is not None else None
             self.guard.check_truncate(node, via is not None and via.verified_rw)
             await self._truncate(node, attr.st_size)
@@ -781,6 +789,8 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self.handles[fh].node
         of = self.open_files[node.ino]
+        if off + len(buf) > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         async with of.lock:
             of.overlay.write(off, buf)
             of.mtime_ns = now_ns()
@@ -897,7 +907,7 @@ class Operations(pyfuse3.Operations):
         held: set[bytes] = set()
         for of in self.open_files.values():
             if of.base.id < 0:
-                held.update(of.base.hashes[i:i + 32] for i in range(0, len(of.base.hashes), 32))
+                held.update(stored_hashes(of.base))
         return held
 
     async def commit_all(self) -> None:

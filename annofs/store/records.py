@@ -21,6 +21,7 @@ layout number instead of misreading it.
 
 from __future__ import annotations
 
+import functools
 import stat
 import struct
 import zlib
@@ -141,9 +142,9 @@ class Version:
             return []
         return hole_indexes(self.hashes)
 
-    @property
+    @functools.cached_property
     def stored_size(self) -> int:
-        """Bytes of the content that are data, not holes."""
+        """Bytes of the content that are data, not holes (computed once per object)."""
         if not self.may_have_holes:
             return self.size
         return self.size - sum(self.lengths[i] for i in self.hole_indexes())
@@ -170,6 +171,19 @@ def lengths_array(hashes: bytes, lengths: Any) -> array:
         (len(a) > 0 and max(a) > _U32_MAX)
     want = "Q" if wide else "I"
     return a if a.typecode == want else array(want, a)
+
+
+def version_layout(raw: bytes | memoryview) -> int | None:
+    """The layout number of an encoded version record, read from its first two bytes
+    without decoding it (None if it does not start as a version record does)."""
+    if len(raw) >= 2 and raw[0] == 0x98 and raw[1] in (_UNCHECKED_LAYOUT, _LAYOUT, _WIDE_LAYOUT):
+        return raw[1]
+    return None
+
+
+def is_wide_version(raw: bytes | memoryview) -> bool:
+    """Whether an encoded version record may hold holes (layout 3)."""
+    return version_layout(raw) == _WIDE_LAYOUT
 
 
 def encode_version(v: Version) -> bytes:
