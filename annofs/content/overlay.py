@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 
 
 class DirtyOverlay:
@@ -103,21 +104,25 @@ class DirtyOverlay:
             i += 1
         return False
 
-    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of [start, end) no written extent covers, in order."""
-        out = []
+    def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The parts of [start, end) no written extent covers, in order (lazily: a caller
+        looking for the first long one stops there, not after every extent)."""
         pos = start
         i = max(0, bisect_right(self._starts, start) - 1)
         while i < len(self._starts) and self._starts[i] < end and pos < end:
             s, e = self._starts[i], self._starts[i] + len(self._data[i])
             if e > pos:
                 if s > pos:
-                    out.append((pos, s))
+                    yield pos, s
                 pos = e
             i += 1
         if pos < end:
-            out.append((pos, end))
-        return out
+            yield pos, end
+
+    @property
+    def extent_count(self) -> int:
+        """How many separate written extents there are."""
+        return len(self._starts)
 
     def changed_range(self, base_size: int) -> tuple[int, int] | None:
         """[lo, hi) of the logical content that may differ from the base, or None."""

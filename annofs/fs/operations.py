@@ -35,7 +35,7 @@ from annofs.errors import (
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.inodes import ROOT, Inode, InodeTable
-from annofs.fs.openfile import INLINE_BYTES, SPILL_BYTES, OpenFile, fold
+from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
@@ -825,7 +825,7 @@ class Operations(pyfuse3.Operations):
             # A small change reads a few scattered pages of the store: fault them alone,
             # not with the disk's whole readahead window each (see annofs.store.advice).
             # It is re-chunked inline, so the advice lasts only this synchronous stretch.
-            small = of.overlay.nbytes <= INLINE_BYTES
+            small = folds_inline(self.vol, of.overlay)
             with random_access(self.vol.store) if small else contextlib.nullcontext():
                 if node.orphan is None:
                     folded = await fold(self.vol, of, self.stats)

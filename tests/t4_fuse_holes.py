@@ -1,0 +1,271 @@
+"""Sparse files through a real mount (issue 16): no request freezes the mount.
+
+A 1 PiB truncate, a write at 1 TiB, a tar holding an 8 TiB sparse file: each is O(1) in
+the hole's length (a hole entry in the version), so it returns at once and a concurrent
+reader of another file is answered within 100 ms meanwhile, by root or by uid 65534
+through --allow-other; the daemon's memory does not grow. Holes read as zeros, st_blocks
+counts data only, EFBIG past the kernel's limit, and SEEK_DATA/SEEK_HOLE are what the
+kernel answers for a filesystem without an lseek handler (pyfuse3 3.5.0 has none).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mount
+from fuse_helpers import NOBODY, as_user, errno_of, new_mount, stop_and_check
+
+TiB = 1 << 40
+PiB = 1 << 50
+MAX_LFS_FILESIZE = (1 << 63) - 1
+LATENCY_LIMIT = 0.100
+
+
+@pytest.fixture(scope="module")
+def m() -> Iterator[Mount]:
+    """One mount, --allow-other, in a directory other users can traverse."""
+    base = Path(tempfile.mkdtemp(prefix="annofs-holes-"))
+    base.chmod(0o755)
+    (base / "fs").mkdir()
+    mount = new_mount(base / "fs", "--allow-other")
+    mount.path.chmod(0o777)
+    try:
+        yield mount
+    finally:
+        stop_and_check(mount)
+        problems = mount.log_problems()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not problems, "the daemon logged:\n" + "\n".join(problems)
+
+
+def rss(m: Mount) -> int:
+    """The daemon's resident memory in bytes."""
+    assert m.proc is not None
+    with open(f"/proc/{m.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def cat(path: Path) -> bytes:
+    """open + read + close: the open is a request the daemon must answer."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+class Prober:
+    """Reads a small file in a loop on a thread and keeps the worst latency."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.want = path.read_bytes()
+        self.worst = 0.0
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                t = time.perf_counter()
+                got = cat(self.path)
+                self.worst = max(self.worst, time.perf_counter() - t)
+                self.count += 1
+                assert got == self.want
+                time.sleep(0.002)
+        except BaseException as e:  # reported by stop()
+            self.error = e
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(10)
+        if self.error is not None:
+            raise self.error
+
+
+def _huge_ops(dfd: int, name: str) -> list[float]:
+    """truncate to 1 PiB, a write at 1 TiB, a write just below 1 PiB, each timed."""
+    times = []
+    fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644, dir_fd=dfd)
+    try:
+        os.write(fd, b"head")
+        t = time.perf_counter()
+        os.ftruncate(fd, PiB)
+        os.fsync(fd)  # committed: the version holds the hole
+        times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        os.pwrite(fd, b"at a tebibyte", TiB)
+        os.fsync(fd)
+        times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        os.pwrite(fd, b"near the end", PiB - 100)
+        os.fsync(fd)
+        times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    t = time.perf_counter()
+    os.truncate(f"/proc/self/fd/{dfd}/{name}", 2 * PiB)  # by path: no handle
+    times.append(time.perf_counter() - t)
+    return times
+
+
+def _as_root(fn: Callable[..., list[float]], *args: object) -> list[float]:
+    return fn(*args)
+
+
+@pytest.mark.parametrize("who", ["root", "uid 65534"])
+def test_huge_truncates_and_writes_do_not_freeze_the_mount(m: Mount, who: str) -> None:
+    d = m.path / f"freeze-{who.replace(' ', '-')}"
+    d.mkdir()
+    os.chown(d, NOBODY if who != "root" else 0, NOBODY if who != "root" else 0)
+    small = d / "small"
+    small.write_bytes(b"answer me\n")
+    small.chmod(0o644)
+    before = rss(m)
+    run = as_user if who != "root" else _as_root
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Prober(small) as probe:
+            for i in range(3):
+                times = run(_huge_ops, dfd, f"huge-{i}")
+                assert max(times) < 1.0, f"huge operations took {times}"
+    finally:
+        os.close(dfd)
+    assert probe.count > 10
+    assert probe.worst < LATENCY_LIMIT, f"a read waited {probe.worst * 1000:.0f} ms"
+    grown = rss(m) - before
+    assert grown < 64 << 20, f"the daemon grew by {grown >> 20} MiB"
+    f = d / "huge-0"
+    st = f.stat()
+    assert st.st_size == 2 * PiB and st.st_blocks * 512 < 1 << 20
+    with open(f, "rb") as r:
+        assert r.read(8) == b"head" + bytes(4)
+        r.seek(TiB - 2)
+        assert r.read(17) == bytes(2) + b"at a tebibyte" + bytes(2)
+        r.seek(PiB - 100)
+        assert r.read(20) == b"near the end" + bytes(8)
+        r.seek(2 * PiB - 3)
+        assert r.read(10) == bytes(3)
+
+
+def test_tar_with_an_8_tib_sparse_file_extracts_at_once(m: Mount, tmp_path: Path) -> None:
+    """GNU tar -S: a few KiB of archive that holds an 8 TiB file, nearly all hole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.write(b"start")
+        f.seek(8 * TiB - 3)
+        f.write(b"end")
+    subprocess.run(["tar", "-cSf", str(tmp_path / "a.tar"), "-C", str(src), "sparse"],
+                   check=True)
+    assert (tmp_path / "a.tar").stat().st_size < 64 << 10
+    d = m.path / "tar"
+    d.mkdir()
+    small = d / "small"
+    small.write_bytes(b"still here\n")
+    with Prober(small) as probe:
+        t = time.perf_counter()
+        subprocess.run(["tar", "-xSf", str(tmp_path / "a.tar"), "-C", str(d)], check=True,
+                       timeout=60)
+        took = time.perf_counter() - t
+    assert took < 5, f"tar took {took:.1f} s"
+    assert probe.worst < LATENCY_LIMIT, f"a read waited {probe.worst * 1000:.0f} ms"
+    st = (d / "sparse").stat()
+    assert st.st_size == 8 * TiB and st.st_blocks * 512 < 1 << 20
+    with open(d / "sparse", "rb") as r:
+        assert r.read(8) == b"start" + bytes(3)
+        r.seek(8 * TiB - 5)
+        assert r.read() == bytes(2) + b"end"
+
+
+def test_holes_read_as_zeros_and_hold_no_blocks(m: Mount, tmp_path: Path) -> None:
+    """The same sparse writes on the mount and on the native disk: same bytes, and st_blocks
+    counting data only (within what ext4's 4 KiB blocks round to)."""
+    d = m.path / "zeros"
+    d.mkdir()
+    native = tmp_path / "native"
+    native.mkdir()
+    for root in (d, native):
+        with open(root / "f", "wb") as f:
+            f.write(b"a" * 70_000)
+            f.seek(10 << 20)
+            f.write(b"b" * 1000)
+            f.truncate(64 << 20)
+    ours, theirs = (d / "f").stat(), (native / "f").stat()
+    assert ours.st_size == theirs.st_size == 64 << 20
+    assert (d / "f").read_bytes() == (native / "f").read_bytes()
+    # Data only: 71,000 bytes, not 64 MiB (ext4: 18 + 1 blocks of 4 KiB).
+    assert ours.st_blocks == (71_000 + 511) // 512
+    assert abs(ours.st_blocks - theirs.st_blocks) <= 16
+    out = subprocess.run(["du", "-k", str(d / "f")], capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out.split()[0]) < 100
+
+
+def test_the_size_limit_is_the_kernels(m: Mount, tmp_path: Path) -> None:
+    """annofs supports what the kernel allows a FUSE file (s_maxbytes = MAX_LFS_FILESIZE =
+    2^63 - 1): a file of that size, a byte written at its end. Past it the kernel answers
+    before annofs is asked, as for ext4 (EINVAL: the end overflows loff_t); annofs's own
+    EFBIG check (t3) is for a request that would pass it."""
+    f = m.path / "limit"
+    f.write_bytes(b"")
+    os.truncate(f, MAX_LFS_FILESIZE)
+    assert f.stat().st_size == MAX_LFS_FILESIZE
+    native = tmp_path / "native"
+    native.write_bytes(b"")
+    for path in (f, native):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert errno_of(os.pwrite, fd, b"xy", MAX_LFS_FILESIZE - 1) == errno.EINVAL
+        finally:
+            os.close(fd)
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"x", MAX_LFS_FILESIZE - 1) == 1
+    finally:
+        os.close(fd)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 3, MAX_LFS_FILESIZE - 3) == bytes(2) + b"x"
+    finally:
+        os.close(fd)
+    # ext4's own limit is 16 TiB: there the same truncate is EFBIG.
+    assert errno_of(os.truncate, native, MAX_LFS_FILESIZE) == errno.EFBIG
+
+
+def test_seek_data_and_seek_hole_are_the_kernels_defaults(m: Mount) -> None:
+    """pyfuse3 3.5.0 passes no lseek to the filesystem, so the kernel answers for it as
+    for any filesystem without holes: data everywhere, the only hole at the end. Correct
+    (a hole may always be reported as data), just not sparse-aware; cp and tar then read
+    the zeros, which cost no more than a read here."""
+    f = m.path / "seek"
+    with open(f, "wb") as w:
+        w.write(b"x")
+        w.truncate(8 << 20)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 4 << 20, os.SEEK_DATA) == 4 << 20
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 8 << 20
+        assert errno_of(os.lseek, fd, 8 << 20, os.SEEK_DATA) == errno.ENXIO
+    finally:
+        os.close(fd)
