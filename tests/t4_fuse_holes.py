@@ -269,3 +269,22 @@ def test_seek_data_and_seek_hole_are_the_kernels_defaults(m: Mount) -> None:
         assert errno_of(os.lseek, fd, 8 << 20, os.SEEK_DATA) == errno.ENXIO
     finally:
         os.close(fd)
+
+
+def test_fallocate_is_not_supported_yet(m: Mount) -> None:
+    """pyfuse3 3.5.0 has no fallocate handler: libfuse answers ENOSYS, which the kernel
+    turns into EOPNOTSUPP for every mode (glibc's posix_fallocate then writes zeros)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    f = m.path / "falloc"
+    f.write_bytes(b"x" * 10)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for mode in (0, 1, 1 | 2, 0x10):  # 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE
+            assert libc.fallocate(fd, mode, 0, 4096) == -1
+            assert ctypes.get_errno() == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"x" * 10
