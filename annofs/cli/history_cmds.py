@@ -11,6 +11,7 @@ import click
 from annofs.cli.context import open_volume, store_path
 from annofs.cli.paths import VersionedPath, resolve_target, split_version
 from annofs.content.history import ancestry
+from annofs.content.versions import TooLargeToHashError
 from annofs.errors import UsageError
 from annofs.explain.diff import render_diff
 from annofs.store.records import Version
@@ -59,14 +60,16 @@ def log_cmd(ctx: click.Context, path: str) -> None:
         with vol.store.read() as txn:
             chain = ancestry(txn, vol.versions, head.id)
         for v in chain:
-            v = vol.versions.ensure_digest(v)
+            try:
+                v = vol.versions.ensure_digest(v)
+                digest = f"blake3:{v.digest.hex()}" if v.digest is not None else ""
+            except TooLargeToHashError:
+                digest = "(sparse: too large to hash, unsignable)"
             edit = ""
             if v.edit is not None:
                 edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
                         f"-> {v.edit.added} new")
-            assert v.digest is not None
-            click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
-                       f"blake3:{v.digest.hex()}{edit}")
+            click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  {digest}{edit}")
 
 
 @click.command("cat")
@@ -84,6 +87,9 @@ def cat_cmd(ctx: click.Context, path: str) -> None:
     out.flush()
 
 
+DIFF_LIMIT = 1 << 30
+
+
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
@@ -95,6 +101,11 @@ def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
         raise UsageError(f"{a} and {b}: not in the same store")
     with open_volume(ctx, store=store_a) as vol:
         ver_a, ver_b = _file_version(vol, va), _file_version(vol, vb)
+        for arg, ver in ((a, ver_a), (b, ver_b)):
+            if ver.size > DIFF_LIMIT:
+                # Read whole to be compared: a sparse petabyte would never fit.
+                raise UsageError(f"{arg}: {ver.size} bytes, too large to diff "
+                                 f"(at most {DIFF_LIMIT} bytes)")
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
             data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)
