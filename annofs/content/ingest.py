@@ -29,6 +29,7 @@ class Ingested:
     size: int
     digest: bytes
     new_bytes: int  # payload bytes that were not in the store before
+    hole_bytes: int = 0  # bytes of holes: never read (a sparse file's)
 
 
 def store_fragments(store: Store, fragments: FragmentStore,
@@ -239,6 +240,7 @@ def ingest_sparse(store: Store, fragments: FragmentStore, fd: int, size: int,
                 whole.update(z)
 
     shrank = False
+    got_sizes: list[int] = []
     for a, b in runs:
         if a > pos:
             hole(a - pos)
@@ -248,6 +250,7 @@ def ingest_sparse(store: Store, fragments: FragmentStore, fd: int, size: int,
                             whole=whole if whole is not None else blake3.blake3())
         batch.flush()  # the chunker's buffer is reused by the next run
         new_bytes += got.new_bytes
+        got_sizes.append(got.size)
         hashes.extend(got.hashes)
         lengths.extend(got.lengths.tolist())
         pos = a + got.size
@@ -259,4 +262,4 @@ def ingest_sparse(store: Store, fragments: FragmentStore, fd: int, size: int,
     total = sum(lengths)
     digest = whole.digest() if whole is not None else None
     return Ingested(bytes(hashes), lengths_array(bytes(hashes), lengths), total, digest,
-                    new_bytes)
+                    new_bytes, total - sum(got_sizes))
