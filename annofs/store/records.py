@@ -165,12 +165,18 @@ def hole_indexes(hashes: bytes) -> list[int]:
 
 def lengths_array(hashes: bytes, lengths: Any) -> array:
     """`lengths` as the array a version keeps: uint32 unless the list holds a hole or a
-    length past 32 bits, which need the wide (layout 3) form."""
+    length past 32 bits, which need the wide (layout 3) form. Cheap for the usual case
+    (no hole: one substring search of the hashes, no pass over the lengths)."""
     a = lengths if isinstance(lengths, array) else array("Q", lengths)
-    wide = (HOLE in hashes and bool(hole_indexes(hashes))) or \
-        (len(a) > 0 and max(a) > _U32_MAX)
-    want = "Q" if wide else "I"
-    return a if a.typecode == want else array(want, a)
+
+    def has_hole() -> bool:
+        return HOLE in hashes and bool(hole_indexes(hashes))
+
+    if a.typecode == "I":
+        return array("Q", a) if has_hole() else a
+    if a.typecode == "Q" and (has_hole() or (len(a) > 0 and max(a) > _U32_MAX)):
+        return a
+    return array("I", a)
 
 
 def version_layout(raw: bytes | memoryview) -> int | None:
