@@ -288,3 +288,47 @@ def test_fallocate_is_not_supported_yet(m: Mount) -> None:
     finally:
         os.close(fd)
     assert f.read_bytes() == b"x" * 10
+
+
+def test_gc_runs_beside_the_mount(tmp_path: Path) -> None:
+    """gc through the daemon runs in a worker thread: reads go on meanwhile (it used to
+    run on the event loop, and the whole mount waited), and the store stays whole."""
+    src = tmp_path / "src"
+    for i in range(60):
+        d = src / f"d{i}"
+        d.mkdir(parents=True)
+        for j in range(100):
+            (d / f"f{j}").write_bytes(os.urandom(300))
+    base = tmp_path / "fs"
+    base.mkdir()
+    mount = new_mount(base)
+    try:
+        subprocess.run([*_annofs(mount), "import", str(src), str(mount.path / "t")],
+                       check=True, capture_output=True, cwd=tmp_path)
+        for i in range(60):  # every file rewritten: 6000 old versions for gc to drop
+            for j in range(100):
+                (mount.path / "t" / f"d{i}" / f"f{j}").write_bytes(b"new")
+        small = mount.path / "small"
+        small.write_bytes(b"here\n")
+        with Prober(small) as probe:
+            t = time.perf_counter()
+            out = subprocess.run([*_annofs(mount), "--store", str(mount.store), "gc",
+                                  "--prune-history"], check=True, capture_output=True,
+                                 text=True).stdout
+            took = time.perf_counter() - t
+        assert "freed 6000 versions" in out, out
+        print(f"gc {took * 1000:.0f} ms, {probe.count} reads meanwhile, "
+              f"worst {probe.worst * 1000:.0f} ms")
+        assert probe.count > 3
+        assert probe.worst < LATENCY_LIMIT, \
+            f"a read waited {probe.worst * 1000:.0f} ms during a {took * 1000:.0f} ms gc"
+        assert (mount.path / "t" / "d5" / "f7").read_bytes() == b"new"
+    finally:
+        stop_and_check(mount)
+    assert not mount.log_problems(), "\n".join(mount.log_problems())
+
+
+def _annofs(mount: Mount) -> list[str]:
+    from conftest import annofs_cmd
+
+    return annofs_cmd()

@@ -34,6 +34,7 @@ from annofs.errors import (
 )
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
+from annofs.fs.gcgate import GcGate
 from annofs.fs.inodes import ROOT, Inode, InodeTable
 from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
@@ -97,6 +98,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.dirty_since_sync = False
         self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        # Content writers (folds, commits, restores) hold it shared, gc exclusively.
+        self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
         # settings may be tuned past it (see annofs.daemon.readahead).
         self.init_done = trio.Event()
@@ -795,7 +798,8 @@ class Operations(pyfuse3.Operations):
             of.overlay.write(off, buf)
             of.mtime_ns = now_ns()
             if of.overlay.nbytes > SPILL_BYTES:
-                await fold(self.vol, of, self.stats)
+                async with self.gc_gate.shared():
+                    await fold(self.vol, of, self.stats)
         return len(buf)
 
     async def _truncate(self, node: Inode, size: int) -> None:
@@ -826,21 +830,24 @@ class Operations(pyfuse3.Operations):
             # not with the disk's whole readahead window each (see annofs.store.advice).
             # It is re-chunked inline, so the advice lasts only this synchronous stretch.
             small = folds_inline(self.vol, of.overlay)
-            with random_access(self.vol.store) if small else contextlib.nullcontext():
-                if node.orphan is None:
-                    folded = await fold(self.vol, of, self.stats)
-                if node.orphan is not None:
-                    # Nothing names the file any more (maybe since the fold began): its
-                    # bytes need no version, and stay in the open file until the last close.
-                    node.orphan = dataclasses.replace(node.orphan, size=of.size,
-                                                      mtime_ns=mtime)
-                    return
-                with self.vol.store.write() as txn:
-                    v = self.vol.versions.create(txn, parent, folded.hashes, folded.lengths,
-                                                 None)
-                    t = now_ns()
-                    self._change(txn, node, lambda a: dataclasses.replace(
-                        a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
+            # Fragments, then the version that uses them: gc may not fall between.
+            async with self.gc_gate.shared():
+                with random_access(self.vol.store) if small else contextlib.nullcontext():
+                    if node.orphan is None:
+                        folded = await fold(self.vol, of, self.stats)
+                    if node.orphan is not None:
+                        # Nothing names the file any more (maybe since the fold began): its
+                        # bytes need no version, and stay in the open file until the last
+                        # close.
+                        node.orphan = dataclasses.replace(node.orphan, size=of.size,
+                                                          mtime_ns=mtime)
+                        return
+                    with self.vol.store.write() as txn:
+                        v = self.vol.versions.create(txn, parent, folded.hashes,
+                                                     folded.lengths, None)
+                        t = now_ns()
+                        self._change(txn, node, lambda a: dataclasses.replace(
+                            a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
             self.stats["commits"] += 1
             of.base, of.parent_version, of.mtime_ns = v, v.id, None
             self.guard.committed(node, v.id)
