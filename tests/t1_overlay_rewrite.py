@@ -44,7 +44,15 @@ class Truncate:
     size: int
 
 
-Op = Write | Truncate
+@dataclass(frozen=True)
+class Punch:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): zeros nobody wrote, within the size."""
+
+    start: int
+    end: int
+
+
+Op = Write | Truncate | Punch
 
 
 def apply_model(model: bytearray, op: Op) -> None:
@@ -62,6 +70,8 @@ def apply_model(model: bytearray, op: Op) -> None:
 def apply_overlay(ov: DirtyOverlay, op: Op) -> None:
     if isinstance(op, Write):
         ov.write(op.offset, op.data)
+    elif isinstance(op, Punch):
+        ov.punch(op.start, op.end)
     else:
         ov.truncate(op.size)
 
@@ -369,6 +379,12 @@ HOLE_MIN_SMALL = 1500
 
 def apply_hole_model(model: bytearray, holes: bytearray, op: Op) -> None:
     """POSIX on the bytes, and which bytes nobody wrote (holes[i] == 1)."""
+    if isinstance(op, Punch):
+        end = min(op.end, len(model))
+        if op.start < end:
+            model[op.start : end] = bytes(end - op.start)
+            holes[op.start : end] = b"\x01" * (end - op.start)
+        return
     if isinstance(op, Write):
         if op.offset > len(model):
             holes.extend(b"\x01" * (op.offset - len(model)))
@@ -458,9 +474,12 @@ def check_holey_rewrite(seed: int) -> None:
     for _ in range(rng.randrange(1, 6)):
         size = len(model)
         r = rng.random()
-        if r < 0.5:
+        if r < 0.4:
             op: Op = Write(rng.randrange(0, size + 6000),
                            rng.randbytes(rng.randrange(1, 3000)))
+        elif r < 0.55:
+            a = rng.randrange(0, size + 100)
+            op = Punch(a, a + rng.randrange(1, 6000))
         elif r < 0.75:
             op = Truncate(rng.randrange(0, size + 1))
         else:

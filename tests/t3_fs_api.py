@@ -1467,3 +1467,58 @@ async def test_failed_change_in_a_cloned_directory(k: Kernel, vol: Volume) -> No
         assert [n for n, _ in await k.listdir(b.st_ino)] == [b"sub"]
     finally:
         await k.forget_all()
+
+
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+@trio_test
+async def test_fallocate_modes_and_seek_data_hole(k: Kernel, vol: Volume) -> None:
+    """The handlers a pyfuse3 with FUSE_FALLOCATE/FUSE_LSEEK would call (3.5.0 has
+    neither): each mode against a byte model, holes as SEEK_HOLE sees them, before and
+    after the commit (the same answers: only runs a commit keeps as holes count)."""
+    data = random.Random(12).randbytes(600_000)
+    ino = await k.write_file(ROOT, b"f", data)
+    model = bytearray(data)
+    fh = await k.open(ino)
+
+    async def seek(off: int, whence: int) -> int:
+        return await k.ops.lseek(fh, off, whence)
+
+    assert await seek(0, os.SEEK_DATA) == 0
+    assert await seek(0, os.SEEK_HOLE) == len(model)  # only the end
+    await k.ops.fallocate(fh, PUNCH_HOLE | KEEP_SIZE, 100_000, 200_000)
+    model[100_000:300_000] = bytes(200_000)
+    await k.ops.fallocate(fh, ZERO_RANGE, 550_000, 150_000)  # past the end: grows
+    model[550_000:] = bytes(50_000)
+    model += bytes(100_000)
+    await k.ops.fallocate(fh, 0, 0, 800_000)  # grows, as a hole
+    model += bytes(800_000 - len(model))
+    await k.ops.fallocate(fh, KEEP_SIZE, 0, 5 << 20)  # nothing changes
+    await k.ops.fallocate(fh, PUNCH_HOLE | KEEP_SIZE, 790_000, 1 << 20)  # clipped
+    assert (await k.getattr(ino)).st_size == len(model) == 800_000
+    for _committed in (False, True):
+        assert await k.read(fh) == model
+        assert await seek(0, os.SEEK_HOLE) == 100_000
+        assert await seek(150_000, os.SEEK_HOLE) == 150_000
+        assert await seek(150_000, os.SEEK_DATA) == 300_000
+        assert await seek(300_000, os.SEEK_HOLE) == 550_000
+        assert await seek(299_999, os.SEEK_DATA) == 300_000
+        assert await seek(320_000, os.SEEK_DATA) == 320_000
+        with fuse_errno(errno.ENXIO):
+            await seek(560_000, os.SEEK_DATA)  # holes to the end
+        with fuse_errno(errno.ENXIO):
+            await seek(800_000, os.SEEK_HOLE)
+        await k.flush(fh)
+    v = version(vol, int(stored(vol, b"f").target))
+    # Data [0, 100000) and [300000, 550000); holes [100000, 300000), [550000, 800000).
+    assert v.stored_size == 350_000
+    assert (await k.getattr(ino)).st_blocks == (350_000 + 511) // 512
+    assert version_content(vol, v.id) == model
+    for mode in (0x04, 0x08, 0x20, 0x40, PUNCH_HOLE, PUNCH_HOLE | ZERO_RANGE | KEEP_SIZE):
+        with fuse_errno(errno.EOPNOTSUPP):
+            await k.ops.fallocate(fh, mode, 0, 10)
+    with fuse_errno(errno.EINVAL):
+        await k.ops.fallocate(fh, 0, 0, 0)
+    await k.release(fh)
+    await k.settle()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from annofs.content.fragments import fragment_hash
+from annofs.content.holes import HOLE_MIN, HoleMap
 from annofs.content.overlay import DirtyOverlay
 from annofs.content.versions import fragment_starts
 from annofs.store.keys import HASH_SIZE
@@ -29,10 +30,6 @@ from chunker import ChunkParams, cut_lengths
 # file: a 1 MiB first window read 1.6 MB of scattered LMDB pages in 385 faults, which
 # readahead turned into 416 MB of disk reads and 340 ms).
 _WINDOW = 1 << 20
-
-# Shorter runs of unwritten zeros are stored as data: a hole entry splits a data run in
-# two (two forced cuts), which is worth it only for a run longer than a fragment.
-HOLE_MIN = 64 << 10
 
 
 @dataclass
@@ -63,11 +60,9 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
     starts = fragment_starts(base)
     nfrag = base.count
     visible = dirty.base_visible(base.size)
-    base_holes = hole_indexes(base.hashes) if base.may_have_holes else []
-    hole_set = set(base_holes)
-    # Base hole intervals [start, end), clipped to what still shows of the base.
-    hole_spans = [(starts[i], min(starts[i + 1], visible)) for i in base_holes
-                  if starts[i] < visible]
+    holes = HoleMap(base, dirty)
+    hole_set = set(hole_indexes(base.hashes)) if base.may_have_holes else set()
+    hole_spans = holes.base_holes
     hole_span_starts = [a for a, _ in hole_spans]
 
     # Start at the fragment holding `lo`; past the old end, at the old last fragment,
@@ -82,27 +77,7 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
     pos = starts[first] if nfrag else 0
 
     def next_hole(p: int) -> tuple[int, int] | None:
-        """The first maximal unwritten-zero run at or after p of at least hole_min bytes
-        (a run that began before p counts from p)."""
-        # Candidate zero spans in order: base holes, then everything past `visible`.
-        k = max(0, bisect_right(hole_span_starts, p) - 1)
-        cands = [(max(a, p), e) for a, e in hole_spans[k:] if e > p]
-        if visible < size:
-            cands.append((max(visible, p), size))
-        run: tuple[int, int] | None = None
-        for a, e in cands:
-            if a >= e:
-                continue
-            for s, t in dirty.gaps(a, e):
-                if run is not None and run[1] == s:
-                    run = (run[0], t)
-                    continue
-                if run is not None and run[1] - run[0] >= hole_min:
-                    return run
-                run = (s, t)
-        if run is not None and run[1] - run[0] >= hole_min:
-            return run
-        return None
+        return holes.next_hole(p, hole_min)
 
     def new_content(off: int, n: int) -> bytearray:
         buf = bytearray(n)

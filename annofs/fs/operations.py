@@ -22,6 +22,8 @@ import lmdb
 import pyfuse3
 import trio
 
+from annofs.content.holes import SEEK_DATA, SEEK_HOLE, HoleMap, seek_data_hole
+from annofs.content.overlay import DirtyOverlay
 from annofs.content.versions import EMPTY_VERSION, MAX_FILE_SIZE, stored_hashes
 from annofs.errors import (
     CorruptionError,
@@ -59,6 +61,11 @@ READ_THREADS = 2
 # Files up to this size are put in the kernel's page cache at their first open (see
 # Operations._push_content): most files of a source tree; bigger ones read as usual.
 PUSH_BYTES = 128 * 1024
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
@@ -801,6 +808,44 @@ class Operations(pyfuse3.Operations):
                 async with self.gc_gate.shared():
                     await fold(self.vol, of, self.stats)
         return len(buf)
+
+    @fuse_handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): mode 0 and KEEP_SIZE (nothing to reserve in a store of shared
+        fragments: only the size may grow, as a hole), PUNCH_HOLE (with KEEP_SIZE) and
+        ZERO_RANGE make holes; every other mode is EOPNOTSUPP. Called by a pyfuse3 that
+        passes FUSE_FALLOCATE on (3.5.0 does not: the kernel then answers EOPNOTSUPP)."""
+        if mode & ~_FALLOC_KNOWN or (mode & FALLOC_FL_PUNCH_HOLE and (
+                not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE)):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        node = self.handles[fh].node
+        of = self.open_files[node.ino]
+        async with of.lock:
+            grows = not mode & FALLOC_FL_KEEP_SIZE and end > of.size
+            if grows:
+                of.overlay.truncate(end)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                of.overlay.punch(offset, end)
+            if grows or mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                of.mtime_ns = now_ns()
+
+    @fuse_handler
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE over the live content (stored holes, and those not
+        committed yet). Called by a pyfuse3 that passes FUSE_LSEEK on (3.5.0 does not:
+        the kernel then answers as for a file without holes)."""
+        h = self.handles[fh]
+        of = self.open_files.get(h.node.ino)
+        base, overlay = (h.pinned, DirtyOverlay(h.pinned.size)) if h.pinned is not None \
+            else (of.base, of.overlay) if of is not None else (None, None)
+        if base is None or overlay is None or whence not in (SEEK_DATA, SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return seek_data_hole(HoleMap(base, overlay), offset, whence)
 
     async def _truncate(self, node: Inode, size: int) -> None:
         with self.vol.store.read() as txn:

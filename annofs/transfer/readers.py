@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annofs.content.fragments import FragmentStore
+from annofs.content.holes import HOLE_MIN
 from annofs.content.ingest import (
     FragmentBatch,
     Ingested,
@@ -32,7 +33,6 @@ from annofs.content.ingest import (
     ingest_sparse,
     ingest_stream,
 )
-from annofs.content.rewrite import HOLE_MIN
 from annofs.content.versions import DIGEST_HOLE_LIMIT
 from annofs.store import Store, open_store
 from chunker import ChunkParams
