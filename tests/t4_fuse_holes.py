@@ -4,14 +4,15 @@ A 1 PiB truncate, a write at 1 TiB, a tar holding an 8 TiB sparse file: each is 
 the hole's length (a hole entry in the version), so it returns at once and a concurrent
 reader of another file is answered within 100 ms meanwhile, by root or by uid 65534
 through --allow-other; the daemon's memory does not grow. Holes read as zeros, st_blocks
-counts data only, EFBIG past the kernel's limit, and SEEK_DATA/SEEK_HOLE are what the
-kernel answers for a filesystem without an lseek handler (pyfuse3 3.5.0 has none).
+counts data only, the kernel's size limit, and, with pyfuse3 3.5.0 patched to pass them on
+(scripts/pyfuse3-patched.sh), SEEK_DATA/SEEK_HOLE and fallocate agree with ext4.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -253,41 +254,113 @@ def test_the_size_limit_is_the_kernels(m: Mount, tmp_path: Path) -> None:
     assert errno_of(os.truncate, native, MAX_LFS_FILESIZE) == errno.EFBIG
 
 
-def test_seek_data_and_seek_hole_are_the_kernels_defaults(m: Mount) -> None:
-    """pyfuse3 3.5.0 passes no lseek to the filesystem, so the kernel answers for it as
-    for any filesystem without holes: data everywhere, the only hole at the end. Correct
-    (a hole may always be reported as data), just not sparse-aware; cp and tar then read
-    the zeros, which cost no more than a read here."""
-    f = m.path / "seek"
-    with open(f, "wb") as w:
-        w.write(b"x")
-        w.truncate(8 << 20)
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        assert os.lseek(fd, 4 << 20, os.SEEK_DATA) == 4 << 20
-        assert os.lseek(fd, 0, os.SEEK_HOLE) == 8 << 20
-        assert errno_of(os.lseek, fd, 8 << 20, os.SEEK_DATA) == errno.ENXIO
-    finally:
-        os.close(fd)
+def _layout(fd: int, size: int) -> list[tuple[str, int, int | str]]:
+    """SEEK_DATA and SEEK_HOLE from offsets of interest (at and around the boundaries)."""
+    out: list[tuple[str, int, int | str]] = []
+    for off in (0, 4096, 65535, 65536, 1 << 20, 10 << 20, (10 << 20) + 4095,
+                (10 << 20) + 4096, size - 1):
+        for name, whence in (("data", os.SEEK_DATA), ("hole", os.SEEK_HOLE)):
+            try:
+                out.append((name, off, os.lseek(fd, off, whence)))
+            except OSError as e:
+                out.append((name, off, errno.errorcode[e.errno]))
+    return out
 
 
-def test_fallocate_is_not_supported_yet(m: Mount) -> None:
-    """pyfuse3 3.5.0 has no fallocate handler: libfuse answers ENOSYS, which the kernel
-    turns into EOPNOTSUPP for every mode (glibc's posix_fallocate then writes zeros)."""
+def test_seek_data_and_seek_hole_agree_with_the_native_disk(m: Mount, tmp_path: Path) -> None:
+    """With pyfuse3 patched to pass lseek on (scripts/pyfuse3-patched.sh), holes are where
+    ext4 has them (4 KiB-aligned data, so block rounding cannot differ), before the commit
+    (the open file's overlay) and after it (the stored version)."""
+    size = 64 << 20
+    layouts = []
+    for root in (m.path, tmp_path):
+        fd = os.open(root / "seek", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            os.write(fd, os.urandom(65536))
+            os.ftruncate(fd, size)
+            os.pwrite(fd, os.urandom(4096), 10 << 20)
+            before = _layout(fd, size)
+            os.fsync(fd)
+            layouts.append((before, _layout(fd, size)))
+        finally:
+            os.close(fd)
+    (ours_before, ours_after), (ext4, _) = layouts
+    assert ours_after == ext4
+    assert ours_before == ext4
+    assert ("hole", 0, 65536) in ext4 and ("data", 65536, 10 << 20) in ext4
+
+
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    f = m.path / "falloc"
-    f.write_bytes(b"x" * 10)
-    fd = os.open(f, os.O_RDWR)
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _fallocate_sequence(dfd: int, name: str) -> list[tuple[int, str]]:
+    """Each supported mode in turn on a 1 MiB file: (size, content hash) after each."""
+    import hashlib
+
+    fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644, dir_fd=dfd)
+    out = []
     try:
-        for mode in (0, 1, 1 | 2, 0x10):  # 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE
-            assert libc.fallocate(fd, mode, 0, 4096) == -1
-            assert ctypes.get_errno() == errno.EOPNOTSUPP
+        os.write(fd, random.Random(3).randbytes(1 << 20))
+        for mode, off, n in ((PUNCH_HOLE | KEEP_SIZE, 102400, 204800),
+                             (ZERO_RANGE, 512 << 10, 256 << 10),
+                             (ZERO_RANGE | KEEP_SIZE, 1000 << 10, 100 << 10),
+                             (0, 0, 2 << 20),
+                             (KEEP_SIZE, 0, 3 << 20),
+                             (PUNCH_HOLE | KEEP_SIZE, (2 << 20) - 4096, 1 << 20),
+                             (ZERO_RANGE, (3 << 20) - 4096, 8192)):
+            _fallocate(fd, mode, off, n)
+            size = os.fstat(fd).st_size
+            out.append((size, hashlib.sha256(os.pread(fd, size + 1, 0)).hexdigest()))
     finally:
         os.close(fd)
-    assert f.read_bytes() == b"x" * 10
+    return out
+
+
+@pytest.mark.parametrize("who", ["root", "uid 65534"])
+def test_fallocate_modes_agree_with_the_native_disk(m: Mount, who: str) -> None:
+    """mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (with and without KEEP_SIZE):
+    sizes and bytes after each are ext4's, as root and as uid 65534. PUNCH_HOLE without
+    KEEP_SIZE is EOPNOTSUPP on both; modes annofs does not do (COLLAPSE_RANGE,
+    INSERT_RANGE, ...) are EOPNOTSUPP here, where ext4 does them."""
+    base = Path(tempfile.mkdtemp(prefix="annofs-falloc-"))
+    base.chmod(0o777)
+    d = m.path / f"falloc-{who.replace(' ', '-')}"
+    d.mkdir()
+    d.chmod(0o777)
+    run = as_user if who != "root" else _as_root
+    try:
+        results = []
+        for root in (d, base):
+            dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                results.append(run(_fallocate_sequence, dfd, "f"))
+            finally:
+                os.close(dfd)
+        assert results[0] == results[1]
+        for root in (d, base):
+            fd = os.open(root / "f", os.O_RDWR)
+            try:
+                assert errno_of(_fallocate, fd, PUNCH_HOLE, 0, 4096) == errno.EOPNOTSUPP
+                assert errno_of(_fallocate, fd, 0, 0, 0) == errno.EINVAL
+            finally:
+                os.close(fd)
+        fd = os.open(d / "f", os.O_RDWR)
+        try:
+            assert errno_of(_fallocate, fd, COLLAPSE_RANGE, 0, 4096) == errno.EOPNOTSUPP
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_gc_runs_beside_the_mount(tmp_path: Path) -> None:
