@@ -82,7 +82,7 @@ class Generator:
         "chmod": 2, "utime": 2, "setxattr": 3, "removexattr": 2, "read": 8,
         "readdir": 4, "stat": 4, "readlink": 1, "fsync": 2, "open": 5, "close": 4,
         "fd_write": 5, "fd_read": 4, "fd_stat": 2, "fd_truncate": 1, "fd_fsync": 1,
-        "exchange": 2, "noreplace": 1, "chown": 1,
+        "exchange": 2, "noreplace": 1, "chown": 1, "fd_fallocate": 2,
     }
 
     def __init__(self, seed: int) -> None:
@@ -194,6 +194,9 @@ class Generator:
             return Op(kind, (self.slot(), self.offset(), self.data()))
         if kind == "fd_truncate":
             return Op(kind, (self.slot(), self.offset()))
+        if kind == "fd_fallocate":
+            return Op(kind, (self.slot(), r.choice(FALLOC_MODES), self.offset(),
+                             r.randrange(1, 300_000)))
         if kind in ("mkdir", "rmdir", "readdir"):
             return Op(kind, (self.dir_path() if r.random() < 0.8 else self.path(),))
         return Op(kind, (self.some_file(),))  # unlink, read, stat, readlink, fsync
@@ -210,6 +213,19 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+# mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE, ZERO_RANGE|KEEP_SIZE, and PUNCH_HOLE
+# alone (EOPNOTSUPP everywhere): the modes annofs does, as ext4 does them.
+FALLOC_MODES = (0, 0x01, 0x03, 0x10, 0x11, 0x02)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); OSError with the kernel's errno."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def renameat2(old: str, new: str, flags: int) -> None:
@@ -367,6 +383,9 @@ class Side:
         if k == "fd_fsync":
             os.fsync(self._fd(a[0]))
             return None
+        if k == "fd_fallocate":
+            fallocate(self._fd(a[0]), a[1], a[2], a[3])
+            return os.fstat(self._fd(a[0])).st_size
         raise ValueError(f"unknown operation {k}")
 
 
@@ -586,7 +605,9 @@ def exerciser_figure(ctx: Context) -> FigureResult:
             Row("exerciser throughput", f"{run.ops / run.seconds:.0f} ops/s "
                 f"({run.errors} failed alike)", "", None)]
     notes = (f"benchmarks/exerciser.py, seed {seed}: {run.ops} seeded random operations "
-             "(create, write at offsets incl. far past the end, append, truncate, rename "
+             "(create, write at offsets incl. far past the end and at 1 GiB, 1 TiB and "
+             "15 TiB, append, truncate incl. to those sizes, fallocate in every mode annofs "
+             "does, rename "
              "incl. over existing names, across directories, RENAME_EXCHANGE and "
              "RENAME_NOREPLACE, unlink incl. open files, mkdir/rmdir, symlink, hard link, "
              "chmod, chown, utime, user xattrs, read, readdir, "

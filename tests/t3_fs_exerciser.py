@@ -182,6 +182,8 @@ class InProcess:
             ino, fh, mode = self.slots[a[0]]  # type: ignore[misc]
             if kind == "fd_write" and mode != "r":
                 await k.write(fh, a[1], data_of(a[2]))
+            elif kind == "fd_fallocate" and mode != "r":
+                await k.ops.fallocate(fh, a[1], a[2], a[3])
             elif kind == "fd_read" and mode != "append":
                 await self.check_read(ino, fh, exact=False)
             elif kind == "fd_stat":
