@@ -823,8 +823,10 @@ class Operations(pyfuse3.Operations):
         end = offset + length
         if end > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
-        node = self.handles[fh].node
-        of = self.open_files[node.ino]
+        h = self.handles[fh]
+        if not h.writer:
+            raise pyfuse3.FUSEError(errno.EBADF)  # the kernel checks first; in process, here
+        of = self.open_files[h.node.ino]
         async with of.lock:
             grows = not mode & FALLOC_FL_KEEP_SIZE and end > of.size
             if grows:
