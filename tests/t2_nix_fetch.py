@@ -232,3 +232,37 @@ def test_recursive_follows_references_first(vol: Volume, tmp_path: Path, nar: by
     (cache / f"{H2}.narinfo").unlink()
     with pytest.raises(RefusedError, match=f"no {H2}.narinfo"):
         fetch(vol, pol, [cache], [H1], recursive=True, dest=[b"elsewhere"])
+
+
+@pytest.mark.parametrize("which", ["narinfo", "nar"])
+def test_a_fifo_in_a_cache_is_refused_without_blocking(vol: Volume, tmp_path: Path,
+                                                       nar: bytes, which: str) -> None:
+    """A FIFO named like a narinfo or a NAR would block open() (and, under a mount, the
+    daemon's loop) forever: opened non-blocking and refused in one line instead."""
+    import threading
+
+    from annofs.errors import UsageError
+
+    cache = tmp_path / "cache"
+    info = add_to_cache(cache, H1, "hello", nar, [A])
+    target = info if which == "narinfo" else cache / next(
+        line.split(": ", 1)[1] for line in info.read_text().splitlines()
+        if line.startswith("URL: "))
+    target.unlink()
+    os.mkfifo(target)
+    got: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fetch(vol, policy(tmp_path), [cache], [f"/nix/store/{H1}-hello"])
+            got.append(None)
+        except BaseException as e:  # handed to the test thread
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    assert got, "fetch blocked on the FIFO"
+    assert isinstance(got[0], UsageError)
+    assert str(got[0]) == f"{target}: is a FIFO, not a {'narinfo' if which == 'narinfo' else 'NAR'}"
+    assert nothing_added(vol)

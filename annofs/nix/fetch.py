@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import lzma
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -190,16 +191,35 @@ class Resolved:
         return self.sources[0][1]
 
 
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a cache file for reading, refusing anything but a regular file.
+
+    Opened with O_NONBLOCK and checked with fstat before any read: a FIFO (or a device)
+    named like a narinfo or a NAR would otherwise block the open or the read forever,
+    and under a mount the daemon's event loop with it. FileNotFoundError passes through.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
+                else "not a regular file"
+            raise UsageError(f"{path}: is {kind}, not {what}")
+        os.set_blocking(fd, True)  # a regular file: reads never wait for a writer
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_narinfo(cache: Path, hash_part: str) -> NarInfo | None:
     """`cache/<hash>.narinfo`, parsed; None if the cache has none."""
     path = cache / f"{hash_part}.narinfo"
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "a narinfo") as f:
             data = f.read(MAX_NARINFO + 1)  # parse_narinfo refuses what is larger
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a narinfo") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
     info = parse_narinfo(data, str(path))
@@ -344,7 +364,7 @@ def _open_nar(r: Resolved) -> tuple[Path, NarInfo, BinaryIO]:
     for cache, info in r.sources:
         path = cache / info.url
         try:
-            return path, info, open(path, "rb")  # closed by the caller
+            return path, info, open_regular(path, "a NAR")  # closed by the caller
         except FileNotFoundError:
             tried.append(str(path))
         except OSError as e:
