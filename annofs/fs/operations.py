@@ -813,8 +813,9 @@ class Operations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2): mode 0 and KEEP_SIZE (nothing to reserve in a store of shared
         fragments: only the size may grow, as a hole), PUNCH_HOLE (with KEEP_SIZE) and
-        ZERO_RANGE make holes; every other mode is EOPNOTSUPP. Called by a pyfuse3 that
-        passes FUSE_FALLOCATE on (3.5.0 does not: the kernel then answers EOPNOTSUPP)."""
+        ZERO_RANGE make holes; every other mode is EOPNOTSUPP. pyfuse3 3.5.0 passes
+        FUSE_FALLOCATE on only as patched by scripts/pyfuse3-patched.sh (a stock build
+        leaves the kernel to answer EOPNOTSUPP)."""
         if mode & ~_FALLOC_KNOWN or (mode & FALLOC_FL_PUNCH_HOLE and (
                 not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE)):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
@@ -839,8 +840,9 @@ class Operations(pyfuse3.Operations):
     @fuse_handler
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE over the live content (stored holes, and those not
-        committed yet). Called by a pyfuse3 that passes FUSE_LSEEK on (3.5.0 does not:
-        the kernel then answers as for a file without holes)."""
+        committed yet). pyfuse3 3.5.0 passes FUSE_LSEEK on only as patched by
+        scripts/pyfuse3-patched.sh (a stock build leaves the kernel to answer as for a
+        file without holes)."""
         h = self.handles[fh]
         of = self.open_files.get(h.node.ino)
         base, overlay = (h.pinned, DirtyOverlay(h.pinned.size)) if h.pinned is not None \
