@@ -1474,9 +1474,10 @@ KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
 
 @trio_test
 async def test_fallocate_modes_and_seek_data_hole(k: Kernel, vol: Volume) -> None:
-    """The handlers a pyfuse3 with FUSE_FALLOCATE/FUSE_LSEEK would call (3.5.0 has
-    neither): each mode against a byte model, holes as SEEK_HOLE sees them, before and
-    after the commit (the same answers: only runs a commit keeps as holes count)."""
+    """The handlers pyfuse3 calls for FUSE_FALLOCATE/FUSE_LSEEK (3.5.0 as patched by
+    scripts/pyfuse3-patched.sh): each mode against a byte model, holes as SEEK_HOLE sees
+    them, before and after the commit (the same answers: only runs a commit keeps as
+    holes count)."""
     data = random.Random(12).randbytes(600_000)
     ino = await k.write_file(ROOT, b"f", data)
     model = bytearray(data)
