@@ -41,6 +41,11 @@ DIRS = ("a", "b", "c")
 LEAVES = ("f", "g", "h", "i")
 XATTR_NAMES = ("user.x", "user.y", "user.long.name.z")
 SLOTS = 4
+# Far offsets for writes and truncates (sparse files, holes of up to 15 TiB: ext4's limit,
+# the oracle's, is 16 TiB). A file past BIG_FILE is compared by windows, not read whole.
+FAR = (1 << 30, 1 << 40, 15 << 40)
+BIG_FILE = 8 << 20
+_WINDOW = 1 << 20
 # Shared bytes that slices are cut from, so files share fragments (dedup, refcounts).
 _POOL = random.Random(1234).randbytes(1 << 20)
 
@@ -77,7 +82,7 @@ class Generator:
         "chmod": 2, "utime": 2, "setxattr": 3, "removexattr": 2, "read": 8,
         "readdir": 4, "stat": 4, "readlink": 1, "fsync": 2, "open": 5, "close": 4,
         "fd_write": 5, "fd_read": 4, "fd_stat": 2, "fd_truncate": 1, "fd_fsync": 1,
-        "exchange": 2, "noreplace": 1, "chown": 1,
+        "exchange": 2, "noreplace": 1, "chown": 1, "fd_fallocate": 2,
     }
 
     def __init__(self, seed: int) -> None:
@@ -139,7 +144,10 @@ class Generator:
             return self.rng.randrange(0, 8192)
         if r < 0.9:
             return self.rng.randrange(0, 200_000)
-        return self.rng.randrange(200_000, 3_000_000)  # far past the end: a hole
+        if r < 0.97:
+            return self.rng.randrange(200_000, 3_000_000)  # far past the end: a hole
+        # A huge hole (a GiB to 15 TiB): must cost nothing, and read as zeros.
+        return self.rng.choice(FAR) + self.rng.randrange(0, 100_000)
 
     def op(self) -> Op:
         kind = self.rng.choices(self.kinds, self.weights)[0]
@@ -186,6 +194,9 @@ class Generator:
             return Op(kind, (self.slot(), self.offset(), self.data()))
         if kind == "fd_truncate":
             return Op(kind, (self.slot(), self.offset()))
+        if kind == "fd_fallocate":
+            return Op(kind, (self.slot(), r.choice(FALLOC_MODES), self.offset(),
+                             r.randrange(1, 300_000)))
         if kind in ("mkdir", "rmdir", "readdir"):
             return Op(kind, (self.dir_path() if r.random() < 0.8 else self.path(),))
         return Op(kind, (self.some_file(),))  # unlink, read, stat, readlink, fsync
@@ -204,11 +215,37 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
                             ctypes.c_uint]
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+# mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE, ZERO_RANGE|KEEP_SIZE, and PUNCH_HOLE
+# alone (EOPNOTSUPP everywhere): the modes annofs does, as ext4 does them.
+FALLOC_MODES = (0, 0x01, 0x03, 0x10, 0x11, 0x02)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); OSError with the kernel's errno."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def renameat2(old: str, new: str, flags: int) -> None:
     """rename(2) with flags; OSError with the kernel's errno."""
     if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), old, None, new)
+
+
+def content_view(fd: int) -> Any:
+    """A file's content as compared: its bytes, or for a big (sparse) file its size and
+    the hashes of windows where the generator writes (the start, each FAR offset, the
+    end): reading a 15 TiB file whole is no test of anything but patience."""
+    size = os.fstat(fd).st_size
+    if size <= BIG_FILE:
+        return os.pread(fd, size + 10, 0)
+    starts = sorted({0, *(b for b in FAR if b < size), max(0, size - _WINDOW)})
+    return ("big", size, tuple(
+        (s, hashlib.sha256(os.pread(fd, 2 * _WINDOW if s else _WINDOW, s)).hexdigest())
+        for s in starts))
 
 
 def _stat_view(st: os.stat_result) -> tuple[Any, ...]:
@@ -308,7 +345,7 @@ class Side:
             return sorted(os.listxattr(self.p(a[0])))
         if k == "read":
             with open(self.p(a[0]), "rb") as f:
-                return f.read()
+                return content_view(f.fileno())
         if k == "readdir":
             return sorted(os.listdir(self.p(a[0])))
         if k == "stat":
@@ -337,9 +374,7 @@ class Side:
         if k == "fd_write":
             return os.pwrite(self._fd(a[0]), data_of(a[2]), a[1])
         if k == "fd_read":
-            fd = self._fd(a[0])
-            size = os.fstat(fd).st_size
-            return os.pread(fd, size + 10, 0)
+            return content_view(self._fd(a[0]))
         if k == "fd_stat":
             return _stat_view(os.fstat(self._fd(a[0])))
         if k == "fd_truncate":
@@ -348,6 +383,9 @@ class Side:
         if k == "fd_fsync":
             os.fsync(self._fd(a[0]))
             return None
+        if k == "fd_fallocate":
+            fallocate(self._fd(a[0]), a[1], a[2], a[3])
+            return os.fstat(self._fd(a[0])).st_size
         raise ValueError(f"unknown operation {k}")
 
 
@@ -383,7 +421,7 @@ def tree_view(root: Path) -> dict[str, tuple[Any, ...]]:
             elif stat.S_ISREG(st.st_mode):
                 try:
                     with open(full, "rb") as f:
-                        body = f.read()
+                        body = content_view(f.fileno())
                 except OSError as e:  # e.g. mode 000, for an ordinary user
                     body = errno.errorcode.get(e.errno, str(e.errno))
                 xattrs = _xattrs(full)
@@ -567,7 +605,9 @@ def exerciser_figure(ctx: Context) -> FigureResult:
             Row("exerciser throughput", f"{run.ops / run.seconds:.0f} ops/s "
                 f"({run.errors} failed alike)", "", None)]
     notes = (f"benchmarks/exerciser.py, seed {seed}: {run.ops} seeded random operations "
-             "(create, write at offsets incl. far past the end, append, truncate, rename "
+             "(create, write at offsets incl. far past the end and at 1 GiB, 1 TiB and "
+             "15 TiB, append, truncate incl. to those sizes, fallocate in every mode annofs "
+             "does, rename "
              "incl. over existing names, across directories, RENAME_EXCHANGE and "
              "RENAME_NOREPLACE, unlink incl. open files, mkdir/rmdir, symlink, hard link, "
              "chmod, chown, utime, user xattrs, read, readdir, "

@@ -22,7 +22,8 @@ from pathlib import Path
 FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount", "benchmarks.cp",
                   "benchmarks.trust", "benchmarks.explain", "benchmarks.load",
                   "benchmarks.reliability", "benchmarks.nar", "benchmarks.import_tree",
-                  "benchmarks.dashboard", "benchmarks.exerciser", "benchmarks.fuzz")
+                  "benchmarks.dashboard", "benchmarks.exerciser", "benchmarks.fuzz",
+                  "benchmarks.sparse")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 

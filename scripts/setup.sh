@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 # benchmarks compare against. xz-utils/zstd/bzip2: binary cache compressions. git: --git import.
 # chromium: the real browser the dashboard's test drives (through PyPI's playwright).
 # openssh-client: ssh-keygen signs SSHSIG statements and is the oracle for their tests.
+# patch: applies scripts/pyfuse3-fallocate-lseek.patch to the pyfuse3 sdist.
 # stress-ng: filesystem stressors with verification run against the mount
 # (tests/t4_fuse_stressng.py; pjdfstest, xfstests' fsx and LTP are not packaged).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
               xz-utils zstd bzip2 borgbackup restic chromium stress-ng
-              openssh-client)
+              openssh-client patch)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -43,3 +44,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# pyfuse3 3.5.0 does not pass fallocate or lseek (SEEK_DATA/SEEK_HOLE) on: rebuilt from its
+# sdist with a small patch (seconds to check, ~40 s to build once).
+bash scripts/pyfuse3-patched.sh

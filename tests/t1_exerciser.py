@@ -68,5 +68,5 @@ def test_a_wrong_filesystem_is_caught_and_shrunk(tmp_path: Path) -> None:
 
     small = shrink(ops, fails, budget_s=30)
     assert fails(small)
-    assert len(small) <= 5 < index, small
+    assert len(small) <= 6 < index, small  # (6 since the generator draws far offsets)
     assert any(op.kind == "truncate" for op in small)

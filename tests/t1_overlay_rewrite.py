@@ -21,7 +21,7 @@ import pytest
 from annofs.content.overlay import DirtyOverlay
 from annofs.content.rewrite import rewrite
 from annofs.store.keys import HASH_SIZE
-from annofs.store.records import Version
+from annofs.store.records import HOLE, Version, lengths_array
 from chunker import DEFAULT_PARAMS, ChunkParams, cut_lengths
 
 SMALL = ChunkParams(64, 256, 1024)  # many fragments in little data: fast and thorough
@@ -44,7 +44,15 @@ class Truncate:
     size: int
 
 
-Op = Write | Truncate
+@dataclass(frozen=True)
+class Punch:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): zeros nobody wrote, within the size."""
+
+    start: int
+    end: int
+
+
+Op = Write | Truncate | Punch
 
 
 def apply_model(model: bytearray, op: Op) -> None:
@@ -62,6 +70,8 @@ def apply_model(model: bytearray, op: Op) -> None:
 def apply_overlay(ov: DirtyOverlay, op: Op) -> None:
     if isinstance(op, Write):
         ov.write(op.offset, op.data)
+    elif isinstance(op, Punch):
+        ov.punch(op.start, op.end)
     else:
         ov.truncate(op.size)
 
@@ -356,3 +366,165 @@ def test_one_byte_edit_in_64_mib_rechunks_a_few_fragments() -> None:
     model[where] ^= 0xFF
     want_lengths, want_hashes = fragments_of(bytes(model), DEFAULT_PARAMS)
     assert list(r.lengths) == want_lengths and r.hashes == want_hashes
+
+
+# -- holes ---------------------------------------------------------------------------------
+# The model keeps, per byte, whether it is an unwritten zero (a hole byte): grown by a
+# truncate or skipped by a write past the end. The canonical list (what rewrite must give)
+# makes each maximal run of hole bytes of at least `hole_min` a hole entry and chunks the
+# data between holes as separate files.
+
+HOLE_MIN_SMALL = 1500
+
+
+def apply_hole_model(model: bytearray, holes: bytearray, op: Op) -> None:
+    """POSIX on the bytes, and which bytes nobody wrote (holes[i] == 1)."""
+    if isinstance(op, Punch):
+        end = min(op.end, len(model))
+        if op.start < end:
+            model[op.start : end] = bytes(end - op.start)
+            holes[op.start : end] = b"\x01" * (end - op.start)
+        return
+    if isinstance(op, Write):
+        if op.offset > len(model):
+            holes.extend(b"\x01" * (op.offset - len(model)))
+        apply_model(model, op)
+        end = op.offset + len(op.data)
+        holes[op.offset : end] = bytes(len(op.data))
+        del holes[len(model):]
+    elif op.size < len(model):
+        apply_model(model, op)
+        del holes[op.size :]
+    else:
+        holes.extend(b"\x01" * (op.size - len(model)))
+        apply_model(model, op)
+
+
+def canonical(data: bytes, holes: bytes, params: ChunkParams,
+              hole_min: int) -> tuple[list[int], bytes]:
+    """The fragment list of `data` with hole runs of at least hole_min as hole entries."""
+    lengths: list[int] = []
+    hashes = bytearray()
+    pos = 0
+    run_start = 0
+
+    def data_run(a: int, b: int) -> None:
+        got_lengths, got_hashes = fragments_of(data[a:b], params) if b > a else ([], b"")
+        lengths.extend(got_lengths)
+        hashes.extend(got_hashes)
+
+    while pos < len(data):
+        if holes[pos]:
+            end = pos
+            while end < len(data) and holes[end]:
+                end += 1
+            if end - pos >= hole_min:
+                data_run(run_start, pos)
+                lengths.append(end - pos)
+                hashes.extend(HOLE)
+                run_start = end
+            pos = end
+        else:
+            pos += 1
+    data_run(run_start, len(data))
+    return lengths, bytes(hashes)
+
+
+def make_holey_version(data: bytes, holes: bytes, params: ChunkParams,
+                       hole_min: int) -> Version:
+    lengths, hashes = canonical(data, holes, params, hole_min)
+    return Version(next(_IDS), 0, len(data), None, time.time_ns(), None, hashes,
+                   lengths_array(hashes, array("Q", lengths)))
+
+
+def holey_reader(data: bytes, v: Version) -> Callable[[int, int], bytes]:
+    """Base reads, which must never ask for a hole of the base (it is known zeros)."""
+    starts = [0]
+    for n in v.lengths:
+        starts.append(starts[-1] + n)
+    spans = [(starts[i], starts[i + 1]) for i in range(v.count) if v.is_hole(i)]
+
+    def read(off: int, n: int) -> bytes:
+        assert off >= 0 and n > 0 and off + n <= len(data)
+        assert not any(a < off + n and off < b for a, b in spans), \
+            f"read_base({off}, {n}) reads a hole of the base"
+        return data[off : off + n]
+    return read
+
+
+def check_holey_rewrite(seed: int) -> None:
+    rng = random.Random(seed)
+    model, holes = bytearray(), bytearray()
+    for op in [Write(0, rng.randbytes(rng.randrange(0, 6000)))] + [
+            Truncate(rng.randrange(0, 20000)) if rng.random() < 0.3 else
+            Write(rng.randrange(0, 20000), rng.randbytes(rng.randrange(1, 2500)))
+            for _ in range(rng.randrange(0, 5))]:
+        apply_hole_model(model, holes, op)
+    base, base_holes = bytes(model), bytes(holes)
+    v = make_holey_version(base, base_holes, SMALL, HOLE_MIN_SMALL)
+    # Stored, a short run of unwritten zeros became data: only hole entries stay holes.
+    holes = bytearray(len(base))
+    pos = 0
+    for i in range(v.count):
+        if v.is_hole(i):
+            holes[pos : pos + v.lengths[i]] = b"\x01" * v.lengths[i]
+        pos += v.lengths[i]
+    ov = DirtyOverlay(len(base))
+    ops: list[Op] = []
+    for _ in range(rng.randrange(1, 6)):
+        size = len(model)
+        r = rng.random()
+        if r < 0.4:
+            op: Op = Write(rng.randrange(0, size + 6000),
+                           rng.randbytes(rng.randrange(1, 3000)))
+        elif r < 0.55:
+            a = rng.randrange(0, size + 100)
+            op = Punch(a, a + rng.randrange(1, 6000))
+        elif r < 0.75:
+            op = Truncate(rng.randrange(0, size + 1))
+        else:
+            op = Truncate(size + rng.randrange(0, 9000))
+        ops.append(op)
+        apply_overlay(ov, op)
+        apply_hole_model(model, holes, op)
+    r = rewrite(v, holey_reader(base, v), ov, SMALL, hole_min=HOLE_MIN_SMALL)
+    want_lengths, want_hashes = canonical(bytes(model), bytes(holes), SMALL, HOLE_MIN_SMALL)
+    where = f"seed {seed}: base {v.count} entries, ops {ops}"
+    assert list(r.lengths) == want_lengths, f"cuts differ from the canonical list; {where}"
+    assert r.hashes == want_hashes, f"content differs; {where}"
+    assert (r.lengths.typecode == "Q") == (HOLE in hash_list(r.hashes)), where
+    payloads = dict(r.new_fragments)
+    assert HOLE not in payloads, "a hole was given bytes to store"
+    missing = set(hash_list(r.hashes)) - set(hash_list(v.hashes)) - payloads.keys() - {HOLE}
+    assert not missing, where
+
+
+def test_rewrite_with_holes_equals_the_canonical_list() -> None:
+    """Edits next to, inside and across holes, truncates into and out of them, holes that
+    shrink below hole_min (their zeros join the data run) or merge with a new one."""
+    deadline = time.monotonic() + 5.0
+    for seed in range(20000):
+        if time.monotonic() > deadline and seed >= 300:
+            break
+        check_holey_rewrite(seed)
+
+
+def test_a_huge_hole_costs_nothing_to_make_or_edit() -> None:
+    """Growing by a pebibyte, then writing a byte at a tebibyte: O(1) in the hole's length."""
+    base = random.Random(3).randbytes(100_000)
+    v = make_version(base, DEFAULT_PARAMS)
+    ov = DirtyOverlay(len(base))
+    ov.truncate(1 << 50)
+    t = time.perf_counter()
+    r = rewrite(v, base_reader(base), ov, DEFAULT_PARAMS)
+    assert r.hashes[-HASH_SIZE:] == HOLE and r.lengths[-1] == (1 << 50) - len(base)
+    assert r.rechunked_bytes <= 2 * DEFAULT_PARAMS.max_size
+    grown = Version(next(_IDS), 0, 1 << 50, None, time.time_ns(), None, r.hashes, r.lengths)
+    ov = DirtyOverlay(grown.size)
+    ov.write(1 << 40, b"x")
+    r2 = rewrite(grown, holey_reader(base, grown), ov, DEFAULT_PARAMS)
+    assert time.perf_counter() - t < 1.0
+    assert list(r2.lengths[-3:]) == [(1 << 40) - len(base), 1, (1 << 50) - (1 << 40) - 1]
+    assert hash_list(r2.hashes)[-3:] == [HOLE, blake3.blake3(b"x").digest(), HOLE]
+    # The byte, and the data fragment before the hole (whose run end a shrunk hole moves).
+    assert r2.rechunked_bytes <= DEFAULT_PARAMS.max_size + 1

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from annofs.errors import CorruptionError
 from annofs.store.keys import HASH_SIZE, entry_key, from_u64, u64
 from annofs.store.records import (
+    HOLE,
     Attrs,
     DirHeader,
     Edit,
@@ -38,6 +39,8 @@ from annofs.store.records import (
     encode_dir,
     encode_link,
     encode_version,
+    hole_indexes,
+    lengths_array,
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -257,8 +260,10 @@ def test_layout_1_records_are_still_read(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", DECODERS)
-@pytest.mark.parametrize("layout", [0, 3, -1, "1", None])
+@pytest.mark.parametrize("layout", [0, 3, 4, -1, "1", None])
 def test_unknown_layout_is_corruption(kind: str, layout: object) -> None:
+    if kind == "version" and layout == 3:
+        layout = 5  # layout 3 is a version's wide form (holes): tested below
     fields = _fields(kind)
     fields[0] = layout
     with pytest.raises(CorruptionError, match="layout"):
@@ -403,3 +408,36 @@ def test_inconsistent_version_is_corruption(change: dict[str, Any], what: str) -
 
 def test_version_without_digest_is_valid() -> None:
     assert decode_version(1, _version_fields(digest=None)).digest is None
+
+
+# -- holes (layout 3) ----------------------------------------------------------------------
+
+
+def test_version_with_a_hole_round_trips_as_layout_3() -> None:
+    """A hole is an entry whose hash is HOLE; its length may pass 32 bits."""
+    h = bytes(range(32))
+    huge = 1 << 50
+    v = Version(7, 3, 5 + huge, None, 11, Edit(0, 0, 2), h + HOLE, array("Q", [5, huge]))
+    raw = encode_version(v)
+    assert msgpack.unpackb(raw[:-4])[0] == 3
+    back = decode_version(7, raw)
+    assert back.lengths.typecode == "Q" and list(back.lengths) == [5, huge]
+    assert [back.is_hole(i) for i in range(2)] == [False, True]
+    assert back.stored_size == 5 and back.hole_indexes() == [1]
+
+
+def test_version_without_holes_keeps_layout_2_bytes() -> None:
+    """Stores written before holes read unchanged, and new dense versions are written as
+    before: a wide array without holes is narrowed, not written as layout 3."""
+    h = bytes(range(64))
+    narrow = Version(4, 0, 12, None, 1, None, h, array("I", [5, 7]))
+    assert msgpack.unpackb(encode_version(narrow)[:-4])[0] == 2
+    assert lengths_array(h, array("Q", [5, 7])).typecode == "I"
+    assert decode_version(4, encode_version(narrow)).lengths.typecode == "I"
+
+
+def test_hole_indexes_ignore_zeros_across_two_hashes() -> None:
+    a = bytes(range(1, 17)) + bytes(16)  # ends in 16 zero bytes
+    b = bytes(16) + bytes(range(1, 17))  # starts with 16: 32 zeros straddle a and b
+    assert hole_indexes(a + b) == []
+    assert hole_indexes(a + b + HOLE) == [2]

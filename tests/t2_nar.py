@@ -301,3 +301,35 @@ def test_fuzz_restore_adds_a_whole_tree_or_nothing(vol: Volume, flips: list[tupl
     else:
         assert b"".join(dump_volume(vol, dest)) == bytes(data)
         assert got.nar == nar_hash([bytes(data)])
+
+
+def test_dump_of_a_sparse_file_is_nix_store_dump_of_its_zeros(vol: Volume,
+                                                                 tmp_path: Path) -> None:
+    """Holes are dumped as zeros, streamed (never a whole hole in memory): the dump equals
+    Nix's of the same sparse host file, which reads its zeros, and so does the hash."""
+    import tracemalloc
+
+    host = tmp_path / "sparse"
+    host.mkdir()
+    rnd = random.Random(4)
+    with open(host / "f", "wb") as f:
+        f.write(rnd.randbytes(70_000))
+        f.seek(40 << 20)
+        f.write(rnd.randbytes(5000))
+        f.truncate(96 << 20)
+    TreeImporter(vol).run(host, P("/sparse"))
+    with vol.store.read() as txn:
+        v = vol.versions.get(txn, int(vol.namespace.resolve(txn, P("/sparse/f")).target))
+    assert v.stored_size < 1 << 20, "imported as data, not holes"
+    want = nix("nix-store", "--dump", str(host))
+    tracemalloc.start()
+    try:
+        got = nar_hash(dump_volume(vol, P("/sparse")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"the dump held {peak} bytes: a hole was materialised"
+    assert got == nar_hash([want])
+    assert b"".join(dump_volume(vol, P("/sparse"))) == want
+    assert str(got) == "sha256:" + nix("nix-hash", "--type", "sha256", "--base32",
+                                       str(host)).decode().strip()

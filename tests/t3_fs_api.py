@@ -572,6 +572,65 @@ async def test_sparse_writes(k: Kernel, vol: Volume) -> None:
     await k.settle()
 
 
+PiB = 1 << 50
+TiB = 1 << 40
+
+
+@trio_test
+async def test_huge_holes_cost_nothing(k: Kernel, vol: Volume) -> None:
+    """A 1 PiB truncate and a write at 1 TiB are O(1): holes in the version, zeros on
+    read, st_blocks counting only data, every layer (digest bound, fsck) at ease."""
+    import time
+
+    data = random.Random(7).randbytes(300_000)
+    ino = await k.write_file(ROOT, b"sparse", data)
+    t = time.perf_counter()
+    await k.setattr(ino, size=PiB)  # by path: commits at once
+    fh = await k.open(ino)
+    await k.write(fh, TiB, b"at a tebibyte")
+    await k.release(fh)
+    assert time.perf_counter() - t < 1.0
+    e = await k.getattr(ino)
+    assert e.st_size == PiB
+    # Data only: 300,000 + 13 bytes of it, whatever the size.
+    assert e.st_blocks == (len(data) + 13 + 511) // 512
+    fh = await k.open(ino, os.O_RDONLY)
+    assert await k.read(fh, len(data) - 10, 20) == data[-10:] + bytes(10)
+    assert await k.read(fh, TiB - 3, 20) == bytes(3) + b"at a tebibyte" + bytes(4)
+    assert await k.read(fh, PiB - 5, 100) == bytes(5)
+    await k.release(fh)
+    v = version(vol, int(stored(vol, b"sparse").target))
+    assert v.stored_size == len(data) + 13 and v.count < 40
+    from annofs.content.versions import TooLargeToHashError
+    with pytest.raises(TooLargeToHashError, match="too large to hash"):
+        vol.versions.ensure_digest(v)
+    with fuse_errno(errno.EFBIG):
+        await k.ops.getxattr(ino, b"user.annofs.digest", CTX)
+    # Shrinking into the data, and growing a little: a digest again (zeros hashed).
+    await k.setattr(ino, size=100)
+    await k.setattr(ino, size=5 * MiB)
+    got = await k.ops.getxattr(ino, b"user.annofs.digest", CTX)
+    assert got == b"blake3:" + blake3.blake3(data[:100] + bytes(5 * MiB - 100)).hexdigest().encode()
+    assert (await k.getattr(ino)).st_blocks == 1
+    await k.settle()
+
+
+@trio_test
+async def test_sizes_past_the_limit_are_efbig(k: Kernel) -> None:
+    """The kernel's own limit for FUSE (MAX_LFS_FILESIZE) is ours: past it, EFBIG."""
+    from annofs.content.versions import MAX_FILE_SIZE
+
+    ino = await k.write_file(ROOT, b"f", b"x")
+    # (A size past it does not fit pyfuse3's off_t: the kernel cannot send one.)
+    fh = await k.open(ino)
+    with fuse_errno(errno.EFBIG):
+        await k.write(fh, MAX_FILE_SIZE - 1, b"ab")
+    await k.write(fh, MAX_FILE_SIZE - 1, b"a")
+    await k.release(fh)
+    assert (await k.getattr(ino)).st_size == MAX_FILE_SIZE
+    await k.settle()
+
+
 @trio_test
 async def test_large_write_then_small_edit_shares_fragments(k: Kernel, vol: Volume) -> None:
     data = random.Random(2).randbytes(5 * MiB // 2)  # > INLINE_BYTES: folded in a thread
@@ -1408,3 +1467,59 @@ async def test_failed_change_in_a_cloned_directory(k: Kernel, vol: Volume) -> No
         assert [n for n, _ in await k.listdir(b.st_ino)] == [b"sub"]
     finally:
         await k.forget_all()
+
+
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+@trio_test
+async def test_fallocate_modes_and_seek_data_hole(k: Kernel, vol: Volume) -> None:
+    """The handlers pyfuse3 calls for FUSE_FALLOCATE/FUSE_LSEEK (3.5.0 as patched by
+    scripts/pyfuse3-patched.sh): each mode against a byte model, holes as SEEK_HOLE sees
+    them, before and after the commit (the same answers: only runs a commit keeps as
+    holes count)."""
+    data = random.Random(12).randbytes(600_000)
+    ino = await k.write_file(ROOT, b"f", data)
+    model = bytearray(data)
+    fh = await k.open(ino)
+
+    async def seek(off: int, whence: int) -> int:
+        return await k.ops.lseek(fh, off, whence)
+
+    assert await seek(0, os.SEEK_DATA) == 0
+    assert await seek(0, os.SEEK_HOLE) == len(model)  # only the end
+    await k.ops.fallocate(fh, PUNCH_HOLE | KEEP_SIZE, 100_000, 200_000)
+    model[100_000:300_000] = bytes(200_000)
+    await k.ops.fallocate(fh, ZERO_RANGE, 550_000, 150_000)  # past the end: grows
+    model[550_000:] = bytes(50_000)
+    model += bytes(100_000)
+    await k.ops.fallocate(fh, 0, 0, 800_000)  # grows, as a hole
+    model += bytes(800_000 - len(model))
+    await k.ops.fallocate(fh, KEEP_SIZE, 0, 5 << 20)  # nothing changes
+    await k.ops.fallocate(fh, PUNCH_HOLE | KEEP_SIZE, 790_000, 1 << 20)  # clipped
+    assert (await k.getattr(ino)).st_size == len(model) == 800_000
+    for _committed in (False, True):
+        assert await k.read(fh) == model
+        assert await seek(0, os.SEEK_HOLE) == 100_000
+        assert await seek(150_000, os.SEEK_HOLE) == 150_000
+        assert await seek(150_000, os.SEEK_DATA) == 300_000
+        assert await seek(300_000, os.SEEK_HOLE) == 550_000
+        assert await seek(299_999, os.SEEK_DATA) == 300_000
+        assert await seek(320_000, os.SEEK_DATA) == 320_000
+        with fuse_errno(errno.ENXIO):
+            await seek(560_000, os.SEEK_DATA)  # holes to the end
+        with fuse_errno(errno.ENXIO):
+            await seek(800_000, os.SEEK_HOLE)
+        await k.flush(fh)
+    v = version(vol, int(stored(vol, b"f").target))
+    # Data [0, 100000) and [300000, 550000); holes [100000, 300000), [550000, 800000).
+    assert v.stored_size == 350_000
+    assert (await k.getattr(ino)).st_blocks == (350_000 + 511) // 512
+    assert version_content(vol, v.id) == model
+    for mode in (0x04, 0x08, 0x20, 0x40, PUNCH_HOLE, PUNCH_HOLE | ZERO_RANGE | KEEP_SIZE):
+        with fuse_errno(errno.EOPNOTSUPP):
+            await k.ops.fallocate(fh, mode, 0, 10)
+    with fuse_errno(errno.EINVAL):
+        await k.ops.fallocate(fh, 0, 0, 0)
+    await k.release(fh)
+    await k.settle()

@@ -20,7 +20,7 @@ from t3_fs_api import CTX, Kernel, k, ops, trio_test
 from annofs.fs.operations import Operations
 from annofs.maintenance.fsck import check_store
 from annofs.volume import Volume
-from benchmarks.exerciser import SLOTS, Generator, Op, data_of
+from benchmarks.exerciser import BIG_FILE, FAR, SLOTS, Generator, Op, data_of
 
 __all__ = ["k", "ops"]  # fixtures, used by name
 
@@ -39,6 +39,18 @@ class InProcess:
         self.slots: list[tuple[int, int, str] | None] = [None] * SLOTS  # (ino, fh, mode)
         self.errors = 0
         self.reads = 0
+
+    async def check_read(self, ino: int, fh: int, *, exact: bool = True) -> None:
+        """A whole read gives getattr's size; a big (sparse) file is read at its start,
+        at the generator's far offsets and at its end, each answer as long as it must be."""
+        size = (await self.k.getattr(ino)).st_size
+        if size <= BIG_FILE:
+            got = await self.k.read(fh)
+            assert not exact or len(got) == size
+            return
+        for off in (0, *FAR, size - 1000):
+            got = await self.k.read(fh, off, 128 * 1024)
+            assert not exact or len(got) == max(0, min(128 * 1024, size - off))
 
     async def walk(self, path: str) -> tuple[int, bytes]:
         """(parent inode, last name) of a path, looking up every directory on the way."""
@@ -133,8 +145,7 @@ class InProcess:
             ino = await self.ino(a[0])
             fh = await k.open(ino, os.O_RDONLY)
             try:
-                data = await k.read(fh)
-                assert len(data) == (await k.getattr(ino)).st_size
+                await self.check_read(ino, fh)
                 self.reads += 1
             finally:
                 await k.release(fh)
@@ -171,8 +182,10 @@ class InProcess:
             ino, fh, mode = self.slots[a[0]]  # type: ignore[misc]
             if kind == "fd_write" and mode != "r":
                 await k.write(fh, a[1], data_of(a[2]))
+            elif kind == "fd_fallocate" and mode != "r":
+                await k.ops.fallocate(fh, a[1], a[2], a[3])
             elif kind == "fd_read" and mode != "append":
-                await k.read(fh)
+                await self.check_read(ino, fh, exact=False)
             elif kind == "fd_stat":
                 await k.getattr(ino)
             elif kind == "fd_truncate" and mode != "r":

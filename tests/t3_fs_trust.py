@@ -154,3 +154,22 @@ def test_refusals_are_explained_in_the_events_log_up_to_the_rate_limit(
     assert all(e.reason == events[0].reason and e.details is None for e in events[burst:])
     summaries = [r.getMessage() for r in caplog.records if "found by edit graph" in r.getMessage()]
     assert len(summaries) == burst and "text diff -1 +1 lines" in summaries[0]
+
+
+def test_a_file_too_large_to_hash_is_not_served_under_a_rule(vol: Volume) -> None:
+    """A sparse file with more holes than annofs hashes (16 GiB) has no digest: nothing
+    can have signed it, and it is not served where a rule must judge it (EFBIG, the
+    error the digest gives); it is not silently allowed."""
+    ops, seen = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"huge", b"data")
+        await ops._truncate(ops.inodes.get(ino), 1 << 50)  # truncate(2) by path
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(ino, os.O_RDONLY, CTX)
+        assert e.value.errno == errno.EFBIG
+        assert ino not in ops.open_files
+        assert not any(v.size == 1 << 50 and verdict.allowed for _, v, verdict in seen)
+
+    trio.run(main)

@@ -1143,22 +1143,27 @@ def test_corrupt_fragment_reads_eio_and_the_mount_lives(mounted: Mount) -> None:
     assert "content does not match its hash" in res.stdout
 
 
-# -- calls annofs does not implement, and the fallbacks tools use (found by stress-ng) ---------
+# -- calls annofs does not implement (or did not), and the fallbacks tools use (stress-ng) ----
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def test_fallocate_is_eopnotsupp_and_posix_fallocate_falls_back(d: Path) -> None:
+def test_fallocate_and_posix_fallocate_grow_the_file(d: Path) -> None:
+    """fallocate reaches annofs (pyfuse3 patched, scripts/pyfuse3-patched.sh): mode 0
+    grows the file as a hole; COLLAPSE_RANGE, which annofs does not do, is EOPNOTSUPP
+    (every mode against ext4: t4_fuse_holes.py)."""
     f = touch(d / "f", b"abc")
     fd = os.open(f, os.O_RDWR)
     try:
-        assert _libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(10_000)) == -1
-        assert ctypes.get_errno() == errno.EOPNOTSUPP
-        os.posix_fallocate(fd, 0, 10_000)  # glibc writes zeros instead
+        assert _libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(10_000)) == 0
         assert os.fstat(fd).st_size == 10_000
+        os.posix_fallocate(fd, 0, 20_000)  # glibc: the fallocate call, no zeros written
+        assert os.fstat(fd).st_size == 20_000
+        assert _libc.fallocate(fd, 0x08, ctypes.c_long(0), ctypes.c_long(4096)) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
     finally:
         os.close(fd)
-    assert f.read_bytes() == b"abc" + bytes(10_000 - 3)
+    assert f.read_bytes() == b"abc" + bytes(20_000 - 3)
 
 
 def test_o_tmpfile_is_eopnotsupp(d: Path) -> None:

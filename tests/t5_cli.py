@@ -236,3 +236,22 @@ def test_user_error(populated: Populated, case: Case) -> None:
         assert not store.exists(), "a missing store was created"
     assert not (populated.tmp / "new-out").exists()
     assert (populated.tmp / "a-file").read_bytes() == b"not a directory"
+
+
+def test_log_and_diff_of_a_huge_sparse_file(tmp_path: Path) -> None:
+    """A 1 TiB sparse file imports at once; log says it is too large to hash (it has no
+    digest, so it cannot be signed) instead of failing; diff refuses it in one line."""
+    store = tmp_path / "store"
+    ok(annofs(store, "init", cwd=tmp_path))
+    src = tmp_path / "proj"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.write(b"head")
+        f.truncate(1 << 40)
+    ok(annofs(store, "import", str(src), "/p", cwd=tmp_path))
+    lines = ok(annofs(store, "log", "/p/sparse", cwd=tmp_path)).decode().splitlines()
+    assert len(lines) == 2 and "too large to hash" in lines[0] and str(1 << 40) in lines[0]
+    proc = annofs(store, "diff", "/p/sparse@0", "/p/sparse", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines() == [
+        f"annofs: /p/sparse: {1 << 40} bytes, too large to diff (at most {1 << 30} bytes)"]

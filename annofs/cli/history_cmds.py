@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -15,6 +16,7 @@ from annofs.cli.context import open_volume, store_path
 from annofs.cli.paths import VersionedPath, resolve_target, split_version
 from annofs.cli.stores import settle
 from annofs.content.history import ancestry
+from annofs.content.versions import TooLargeToHashError
 from annofs.errors import NotFoundError, UsageError
 from annofs.explain.diff import render_diff
 from annofs.store.records import Version
@@ -94,18 +96,23 @@ def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
             click.echo(f"{'VERSION':>8}  {'TIME (UTC)':<19}  {'SIZE':>12}  "
                        f"{'DIGEST':<71}  EDIT, SIGNATURES")
         for v in chain:
-            v = vol.versions.ensure_digest(v)
-            assert v.digest is not None
-            with vol.store.read() as txn:
-                # No policy here says which keys are trusted: a name is only what the
-                # statement claims, so the key is shown with it.
-                sigs = [(ss.statement.signer,
-                         base64.b64encode(ss.statement.public_key).decode(),
-                         ss.statement.claim, ss.statement.label)
-                        for ss in ann.for_digest(txn, v.digest)]
+            # A sparse file too large to hash keeps no digest: shown as such, unsignable.
+            with contextlib.suppress(TooLargeToHashError):
+                v = vol.versions.ensure_digest(v)
+            sigs: list[tuple[str, str, str, str | None]] = []
+            if v.digest is not None:
+                with vol.store.read() as txn:
+                    # No policy here says which keys are trusted: a name is only what the
+                    # statement claims, so the key is shown with it.
+                    sigs = [(ss.statement.signer,
+                             base64.b64encode(ss.statement.public_key).decode(),
+                             ss.statement.claim, ss.statement.label)
+                            for ss in ann.for_digest(txn, v.digest)]
             if as_json:
                 click.echo(json.dumps(log_json(v, sigs)))
                 continue
+            digest = (f"blake3:{v.digest.hex()}" if v.digest is not None
+                      else "(sparse: too large to hash, unsignable)")
             edit = ""
             if v.edit is not None:
                 edit = (f"  edit: fragments {v.edit.start}..{v.edit.start + v.edit.removed} "
@@ -117,17 +124,17 @@ def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
                     f"({f'label {label}' if label is not None else claim})"
                     for who, key, claim, label in sigs)
             click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
-                       f"blake3:{v.digest.hex()}{edit}{signed}")
+                       f"{digest}{edit}{signed}")
 
 
 def log_json(v: Version, sigs: list[tuple[str, str, str, str | None]]
              ) -> dict[str, object]:
     """`log --json`, one per version: {"version", "parent", "time_ns", "size", "digest",
     "edit": {"start", "removed", "added"} or null, "statements": [{"signer", "public_key",
-    "claim", "label"}]} (signer: the name the statement claims; no policy judges it)."""
-    assert v.digest is not None
+    "claim", "label"}]} (signer: the name the statement claims; no policy judges it;
+    digest: null for a sparse file too large to hash)."""
     return {"version": v.id, "parent": v.parent, "time_ns": v.created_ns, "size": v.size,
-            "digest": f"blake3:{v.digest.hex()}",
+            "digest": None if v.digest is None else f"blake3:{v.digest.hex()}",
             "edit": None if v.edit is None else {"start": v.edit.start,
                                                  "removed": v.edit.removed,
                                                  "added": v.edit.added},
@@ -150,6 +157,9 @@ def cat_cmd(ctx: click.Context, path: str) -> None:
     out.flush()
 
 
+DIFF_LIMIT = 1 << 30
+
+
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
@@ -161,6 +171,11 @@ def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
         raise UsageError(f"{a} and {b}: not in the same store")
     with open_volume(ctx, store=store_a) as vol:
         ver_a, ver_b = _file_version(vol, va), _file_version(vol, vb)
+        for arg, ver in ((a, ver_a), (b, ver_b)):
+            if ver.size > DIFF_LIMIT:
+                # Read whole to be compared: a sparse petabyte would never fit.
+                raise UsageError(f"{arg}: {ver.size} bytes, too large to diff "
+                                 f"(at most {DIFF_LIMIT} bytes)")
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
             data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ from typing import BinaryIO
 import blake3
 
 from annofs.content.fragments import FragmentStore, fragment_hash
+from annofs.content.versions import zeros
 from annofs.store import Store
+from annofs.store.records import HOLE, lengths_array
 from chunker import ChunkParams, cut_lengths, fitted_read_size, stream_blocks
 from chunker.stream import DEFAULT_READ_SIZE
 
@@ -25,6 +29,7 @@ class Ingested:
     size: int
     digest: bytes
     new_bytes: int  # payload bytes that were not in the store before
+    hole_bytes: int = 0  # bytes of holes: never read (a sparse file's)
 
 
 def store_fragments(store: Store, fragments: FragmentStore,
@@ -84,7 +89,8 @@ def _read_size(stream: BinaryIO) -> int:
 
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
                   params: ChunkParams, batch: FragmentBatch | None = None,
-                  read_size: int | None = None) -> Ingested:
+                  read_size: int | None = None,
+                  whole: blake3.blake3 | None = None) -> Ingested:
     """Read a stream to its end, storing each distinct fragment once.
 
     `read_size` sizes the chunker's buffer; by default it is fitted to a regular file's
@@ -99,17 +105,20 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
 
     With a shared `batch`, the fragments of a stream that fits in one block stay queued
     (the caller flushes before using the result) and `new_bytes` is counted on the batch,
-    not on the result (0 there).
+    not on the result (0 there). With `whole`, the bytes are hashed into it (a part of a
+    larger content) and the result's digest is not meaningful.
     """
     own = batch is None
     queue = FragmentBatch(store, fragments) if batch is None else batch
-    whole = blake3.blake3()
+    shared_hash = whole is not None
+    if whole is None:
+        whole = blake3.blake3()
     hashes = bytearray()
     lengths = array("I")
     first = True
     buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
     for block, cuts, last in stream_blocks(stream, params, buf_size):
-        if not (first and last and len(cuts) == 1):
+        if shared_hash or not (first and last and len(cuts) == 1):
             # A one-fragment file's digest is its fragment's hash: no second pass.
             whole.update(block)
         first = False
@@ -149,3 +158,108 @@ def ingest_bytes(data: bytes, params: ChunkParams, batch: FragmentBatch) -> Inge
     # A one-fragment file's digest is its fragment's hash: no second pass.
     digest = bytes(hashes) if len(lengths) == 1 else blake3.blake3(view).digest()
     return Ingested(bytes(hashes), lengths, len(data), digest, 0)
+
+
+class _Window:
+    """readinto over [start, start+n) of a file descriptor (one run of a sparse file)."""
+
+    def __init__(self, fd: int, start: int, n: int) -> None:
+        self._fd, self._pos, self._left = fd, start, n
+
+    def readinto(self, buf: memoryview) -> int:
+        k = min(len(buf), self._left)
+        if k <= 0:
+            return 0
+        got = os.preadv(self._fd, [buf[:k]], self._pos)
+        self._pos += got
+        self._left -= got if got else self._left  # EOF early: the file shrank
+        return got
+
+
+def data_runs(fd: int, size: int, hole_min: int) -> list[tuple[int, int]] | None:
+    """The file's data as [start, end) runs separated by host holes of at least
+    `hole_min` bytes (SEEK_DATA/SEEK_HOLE; shorter holes are read as data), or None if
+    the host cannot tell."""
+    segments: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            segments.append((start, end))
+            pos = end
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    runs: list[tuple[int, int]] = []
+    for a, b in segments:
+        gap_start = runs[-1][1] if runs else 0
+        if a - gap_start < hole_min:
+            runs[-1:] = [(runs[-1][0] if runs else 0, b)]
+        else:
+            runs.append((a, b))
+    tail_start = runs[-1][1] if runs else 0
+    if size - tail_start < hole_min and size > tail_start:
+        runs[-1:] = [(runs[-1][0] if runs else 0, size)]
+    return runs
+
+
+def ingest_sparse(store: Store, fragments: FragmentStore, fd: int, size: int,
+                  params: ChunkParams, batch: FragmentBatch, hole_min: int,
+                  hole_limit: int) -> Ingested | None:
+    """Store a sparse host file without reading its holes: each data run is chunked as
+    a file of its own and holes of at least `hole_min` become hole entries, the list
+    rewrite() gives. None if the host does not report holes (read it as a stream).
+
+    The digest hashes the holes' zeros too (no shortcut exists for BLAKE3), unless they
+    pass `hole_limit` bytes: then the version has no digest (too large to hash).
+    """
+    runs = data_runs(fd, size, hole_min)
+    if runs is None:
+        return None
+    hashable = size - sum(b - a for a, b in runs) <= hole_limit
+    whole = blake3.blake3() if hashable else None
+    hashes = bytearray()
+    lengths = array("Q")
+    new_bytes = 0
+    pos = 0
+
+    def hole(n: int) -> None:
+        hashes.extend(HOLE)
+        lengths.append(n)
+        if whole is not None:
+            for z in zeros(n):
+                whole.update(z)
+
+    shrank = False
+    got_sizes: list[int] = []
+    for a, b in runs:
+        if a > pos:
+            hole(a - pos)
+        window = _Window(fd, a, b - a)
+        got = ingest_stream(store, fragments, window, params, batch,  # type: ignore[arg-type]
+                            read_size=min(b - a, 4 << 20) or 1,
+                            whole=whole if whole is not None else blake3.blake3())
+        batch.flush()  # the chunker's buffer is reused by the next run
+        new_bytes += got.new_bytes
+        got_sizes.append(got.size)
+        hashes.extend(got.hashes)
+        lengths.extend(got.lengths.tolist())
+        pos = a + got.size
+        if got.size != b - a:
+            shrank = True  # the file shrank while it was read: what was read is the content
+            break
+    if pos < size and not shrank:
+        hole(size - pos)
+    total = sum(lengths)
+    digest = whole.digest() if whole is not None else None
+    return Ingested(bytes(hashes), lengths_array(bytes(hashes), lengths), total, digest,
+                    new_bytes, total - sum(got_sizes))

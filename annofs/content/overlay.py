@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 
 
 class DirtyOverlay:
@@ -18,9 +19,47 @@ class DirtyOverlay:
         self._data: list[bytearray] = []
         self.nbytes = 0
         self.truncated_to: int | None = None  # lowest size set since the base, if any
+        # Punched ranges (fallocate PUNCH_HOLE, ZERO_RANGE): they read as unwritten zeros
+        # over the base. Sorted, disjoint, and disjoint from the written extents (a write
+        # takes its range out of them, a punch takes written bytes out).
+        self.punched: list[tuple[int, int]] = []
 
     def __bool__(self) -> bool:
-        return bool(self._starts) or self.truncated_to is not None
+        return bool(self._starts) or self.truncated_to is not None or bool(self.punched)
+
+    def punch(self, start: int, end: int) -> None:
+        """Make [start, end) (within the size) read as zeros nobody wrote: a hole."""
+        end = min(end, self.size)
+        if start >= end:
+            return
+        self._drop_written(start, end)
+        self.punched = _union([*self.punched, (start, end)])
+
+    def _drop_written(self, start: int, end: int) -> None:
+        """Take [start, end) out of the written extents (splitting those that cross it)."""
+        i = max(0, bisect_right(self._starts, start) - 1)
+        new_starts: list[int] = []
+        new_data: list[bytearray] = []
+        j = i
+        while j < len(self._starts) and self._starts[j] < end:
+            s, d = self._starts[j], self._data[j]
+            e = s + len(d)
+            if e <= start:
+                new_starts.append(s)
+                new_data.append(d)
+            else:
+                self.nbytes -= len(d)
+                if s < start:
+                    new_starts.append(s)
+                    new_data.append(d[: start - s])
+                    self.nbytes += start - s
+                if e > end:
+                    new_starts.append(end)
+                    new_data.append(d[end - s :])
+                    self.nbytes += e - end
+            j += 1
+        self._starts[i:j] = new_starts
+        self._data[i:j] = new_data
 
     @property
     def extents(self) -> list[tuple[int, bytearray]]:
@@ -33,6 +72,8 @@ class DirtyOverlay:
             return
         end = offset + len(data)
         self.size = max(self.size, end)
+        if self.punched:
+            self.punched = _subtract(self.punched, offset, end)
         starts, datas = self._starts, self._data
         # Fast path: appending to (or overwriting the tail of) the last extent.
         if starts:
@@ -85,6 +126,8 @@ class DirtyOverlay:
         elif size > self.size and self.truncated_to is None:
             # Growing leaves a hole of zeros from the old end: mark the change there.
             self.truncated_to = self.size
+        if self.punched and size < self.size:
+            self.punched = _subtract(self.punched, size, self.size)
         self.size = size
 
     def base_visible(self, base_size: int) -> int:
@@ -103,6 +146,26 @@ class DirtyOverlay:
             i += 1
         return False
 
+    def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The parts of [start, end) no written extent covers, in order (lazily: a caller
+        looking for the first long one stops there, not after every extent)."""
+        pos = start
+        i = max(0, bisect_right(self._starts, start) - 1)
+        while i < len(self._starts) and self._starts[i] < end and pos < end:
+            s, e = self._starts[i], self._starts[i] + len(self._data[i])
+            if e > pos:
+                if s > pos:
+                    yield pos, s
+                pos = e
+            i += 1
+        if pos < end:
+            yield pos, end
+
+    @property
+    def extent_count(self) -> int:
+        """How many separate written extents there are."""
+        return len(self._starts)
+
     def changed_range(self, base_size: int) -> tuple[int, int] | None:
         """[lo, hi) of the logical content that may differ from the base, or None."""
         lo: int | None = None
@@ -110,6 +173,9 @@ class DirtyOverlay:
         if self._starts:
             lo = self._starts[0]
             hi = self._starts[-1] + len(self._data[-1])
+        if self.punched:
+            lo = self.punched[0][0] if lo is None else min(lo, self.punched[0][0])
+            hi = max(hi, self.punched[-1][1])
         if self.size != base_size or self.truncated_to is not None:
             edge = min(self.size, base_size)
             if self.truncated_to is not None:
@@ -121,8 +187,13 @@ class DirtyOverlay:
         return lo, max(hi, lo)
 
     def overlay(self, offset: int, buf: bytearray) -> None:
-        """Paint the written extents over `buf`, which holds content from `offset`."""
+        """Paint the written extents (and the punched zeros) over `buf`, which holds
+        content from `offset`."""
         end = offset + len(buf)
+        for a, b in self.punched:
+            lo, hi = max(a, offset), min(b, end)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = bytes(hi - lo)
         i = max(0, bisect_right(self._starts, offset) - 1)
         while i < len(self._starts) and self._starts[i] < end:
             s, d = self._starts[i], self._data[i]
@@ -130,3 +201,28 @@ class DirtyOverlay:
             if lo < hi:
                 buf[lo - offset : hi - offset] = d[lo - s : hi - s]
             i += 1
+
+
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged (overlapping or touching) intervals."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """`spans` without [start, end)."""
+    out = []
+    for a, b in spans:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out

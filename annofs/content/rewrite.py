@@ -14,13 +14,13 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from annofs.content.fragments import fragment_hash
+from annofs.content.holes import HOLE_MIN, HoleMap
 from annofs.content.overlay import DirtyOverlay
 from annofs.content.versions import fragment_starts
 from annofs.store.keys import HASH_SIZE
-from annofs.store.records import Version
+from annofs.store.records import HOLE, Version, hole_indexes, lengths_array
 from chunker import ChunkParams, cut_lengths
 
 # How much new content to chunk per step, at most: large enough to amortise the call. The
@@ -30,19 +30,6 @@ from chunker import ChunkParams, cut_lengths
 # file: a 1 MiB first window read 1.6 MB of scattered LMDB pages in 385 faults, which
 # readahead turned into 416 MB of disk reads and 340 ms).
 _WINDOW = 1 << 20
-
-
-@lru_cache(maxsize=8)
-def _zero_cut(params: ChunkParams) -> tuple[int, bytes] | None:
-    """(length, hash) of the chunk FastCDC cuts from a run of zeros, if it is max_size.
-
-    Then a hole can be cut without scanning: every max_size bytes of zeros that start at
-    a cut end at the next one. Measured, not assumed, for each parameter set.
-    """
-    first = cut_lengths(bytes(2 * params.max_size), params)[0]
-    if first != params.max_size:
-        return None
-    return first, fragment_hash(bytes(first))
 
 
 @dataclass
@@ -59,8 +46,9 @@ ReadBase = Callable[[int, int], bytes]
 
 
 def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
-            params: ChunkParams) -> Rewrite:
-    """Compute the fragment list of base+dirty. `read_base(off, n)` reads base content.
+            params: ChunkParams, hole_min: int = HOLE_MIN) -> Rewrite:
+    """Compute the fragment list of base+dirty. `read_base(off, n)` reads base content
+    (never a hole of the base: those are known zeros).
 
     Pure CPU and reads: safe to run in a worker thread with its own read transaction.
     """
@@ -71,30 +59,63 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
     lo, hi = changed
     starts = fragment_starts(base)
     nfrag = base.count
+    visible = dirty.base_visible(base.size)
+    holes = HoleMap(base, dirty)
+    hole_set = set(hole_indexes(base.hashes)) if base.may_have_holes else set()
+    hole_spans = holes.base_holes
+    hole_span_starts = [a for a, _ in hole_spans]
+
     # Start at the fragment holding `lo`; past the old end, at the old last fragment,
-    # whose cut at EOF was forced rather than found.
+    # whose cut at EOF was forced rather than found. A hole at or just before the change
+    # may shrink below hole_min (then its zeros join the data run before it): start at
+    # the data fragment before such a hole, whose run end may move.
     first = 0 if nfrag == 0 else min(bisect_right(starts, lo) - 1, nfrag - 1)
+    if first > 0 and starts[first] == lo and first - 1 in hole_set:
+        first -= 1
+    if first > 0 and first in hole_set:
+        first -= 1
     pos = starts[first] if nfrag else 0
 
-    visible = dirty.base_visible(base.size)
+    def next_hole(p: int) -> tuple[int, int] | None:
+        return holes.next_hole(p, hole_min)
 
     def new_content(off: int, n: int) -> bytearray:
-        n = min(n, size - off)
         buf = bytearray(n)
         base_n = max(0, min(n, visible - off))
         if base_n:
-            buf[:base_n] = read_base(off, base_n)
+            fill_base(buf, off, base_n)
         dirty.overlay(off, buf)
         return buf
 
-    new_hashes = bytearray()
-    new_lengths = array("I")
-    # By hash: a sparse file's holes are one chunk repeated; keep its bytes once.
-    payloads: dict[bytes, bytes] = {}
-    zero = _zero_cut(params)
+    def fill_base(buf: bytearray, off: int, n: int) -> None:
+        """Base bytes [off, off+n) into buf[0:n], leaving its holes as the zeros buf has."""
+        pos = off
+        end = off + n
+        k = max(0, bisect_right(hole_span_starts, pos) - 1)
+        for a, e in hole_spans[k:]:
+            if a >= end:
+                break
+            if e <= pos:
+                continue
+            if a > pos:
+                buf[pos - off : a - off] = read_base(pos, a - pos)
+            pos = max(pos, e)
+        if pos < end:
+            buf[pos - off : end - off] = read_base(pos, end - pos)
 
-    def in_hole(start: int, end: int) -> bool:
-        return start >= visible and end <= size and not dirty.touches(start, end)
+    new_hashes = bytearray()
+    new_lengths: list[int] = []
+    # By hash: a sparse file's short zero runs are one chunk repeated; keep its bytes once.
+    payloads: dict[bytes, bytes] = {}
+
+    def resumes_at(cut: int) -> int | None:
+        """The old fragment index to keep the tail from, if the new list has a cut at
+        `cut` where the old one also has one, past the change."""
+        if cut >= hi and cut < size and cut <= base.size:
+            j = bisect_left(starts, cut)
+            if j < nfrag and starts[j] == cut:
+                return j
+        return None
 
     resume: int | None = None  # index of the old fragment where the tail is kept
     # First step: to one byte past the old cut at or after the last dirty byte, the most
@@ -103,15 +124,18 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
     first_end = (starts[j] if j < len(starts) else size) + 1
     window = min(_WINDOW, max(params.min_size, first_end - pos))
     scanned = 0
+    hole = next_hole(pos)
     while pos < size and resume is None:
-        if zero is not None and in_hole(pos, pos + zero[0]):
-            new_hashes += zero[1]
-            new_lengths.append(zero[0])
-            payloads.setdefault(zero[1], bytes(zero[0]))
-            pos += zero[0]
-            continue  # no old cut lies in a hole (holes are past the old content)
-        buf = new_content(pos, window)
-        final = pos + len(buf) >= size
+        if hole is not None and hole[0] <= pos:
+            new_hashes += HOLE
+            new_lengths.append(hole[1] - pos)
+            pos = hole[1]
+            resume = resumes_at(pos)
+            hole = next_hole(pos)
+            continue
+        run_end = hole[0] if hole is not None else size
+        buf = new_content(pos, min(window, run_end - pos))
+        final = pos + len(buf) >= run_end
         lengths = cut_lengths(buf, params, final=final)
         if not lengths:
             window *= 2  # no cut in the window: only possible for a window < max_size
@@ -125,20 +149,22 @@ def rewrite(base: Version, read_base: ReadBase, dirty: DirtyOverlay,
             new_lengths.append(n)
             payloads.setdefault(h, chunk)
             off += n
-            cut = pos + off
-            if cut >= hi and cut < size and cut <= base.size:
-                j = bisect_left(starts, cut)
-                if j < nfrag and starts[j] == cut:
-                    resume = j
-                    break
+            resume = resumes_at(pos + off)
+            if resume is not None:
+                break
         pos += off
         scanned += off
         window = min(_WINDOW, window * 2)
-    if resume is None:
-        tail_hashes, tail_lengths = b"", array("I")
-    else:
-        tail_hashes = base.hashes[resume * HASH_SIZE :]
-        tail_lengths = base.lengths[resume:]
-    hashes = base.hashes[: first * HASH_SIZE] + bytes(new_hashes) + tail_hashes
-    lengths_out = base.lengths[:first] + new_lengths + tail_lengths
+    tail = nfrag if resume is None else resume
+    hashes = base.hashes[: first * HASH_SIZE] + bytes(new_hashes) + base.hashes[tail * HASH_SIZE :]
+    # Packed arrays joined (a memcpy each), widened only when a hole or a long run needs it.
+    wide = base.lengths.typecode == "Q" or HOLE in new_hashes or \
+        any(n > 0xFFFFFFFF for n in new_lengths)
+    tc = "Q" if wide else "I"
+
+    def part(a: array) -> array:
+        return a if a.typecode == tc else array(tc, a)
+
+    lengths_out = lengths_array(hashes, part(base.lengths[:first]) + array(tc, new_lengths)
+                                + part(base.lengths[tail:]))
     return Rewrite(hashes, lengths_out, list(payloads.items()), scanned)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import time
 from array import array
 from bisect import bisect_right
@@ -15,14 +16,52 @@ import blake3
 import lmdb
 
 from annofs.content.fragments import FragmentStore
-from annofs.errors import CorruptionError, NotFoundError
+from annofs.errors import AnnofsError, CorruptionError, NotFoundError
 from annofs.store import Store
 from annofs.store.keys import HASH_SIZE, u64
-from annofs.store.records import Edit, Version, decode_version, encode_version
+from annofs.store.records import (
+    HOLE,
+    Edit,
+    Version,
+    decode_version,
+    encode_version,
+    is_wide_version,
+    lengths_array,
+)
 
 # The empty file: root of every path's history, created with the store.
 EMPTY_VERSION = 0
 EMPTY_DIGEST = blake3.blake3(b"").digest()
+
+# The largest file size: the kernel's own for FUSE (s_maxbytes = MAX_LFS_FILESIZE on a
+# 64-bit kernel). Lengths are uint64 and a hole costs nothing, so nothing smaller is
+# needed; past it, EFBIG.
+MAX_FILE_SIZE = (1 << 63) - 1
+
+# Zeros of a hole are produced (read, hashed, dumped) this much at a time, from one
+# shared buffer: memory stays flat however long the hole.
+ZERO_SLICE = 1 << 20
+_ZEROS = bytes(ZERO_SLICE)
+
+# BLAKE3 has no shortcut for zeros (a chunk's chaining value depends on its counter), so
+# hashing a hole costs its length (~2.7 GB/s here). A version with more holes than this
+# is never hashed: it has no digest, so it cannot be signed, and a policy cannot judge it.
+DIGEST_HOLE_LIMIT = 16 << 30
+
+
+class TooLargeToHashError(AnnofsError):
+    """A sparse version whose holes are too long to hash: no digest, no signature."""
+
+    errno = errno.EFBIG
+
+
+def zeros(n: int) -> Iterator[bytes | memoryview]:
+    """`n` zero bytes in slices of at most ZERO_SLICE, without allocating more."""
+    view = memoryview(_ZEROS)
+    while n > 0:
+        k = min(n, ZERO_SLICE)
+        yield view[:k] if k < ZERO_SLICE else _ZEROS
+        n -= k
 
 
 _STARTS_CACHE: OrderedDict[tuple[int, int, int, int], array] = OrderedDict()
@@ -53,7 +92,17 @@ def fragment_starts(v: Version) -> array:
 
 
 def _count_hashes(hashes: bytes | memoryview) -> Counter[bytes]:
-    return Counter(bytes(hashes[i : i + HASH_SIZE]) for i in range(0, len(hashes), HASH_SIZE))
+    counts = Counter(bytes(hashes[i : i + HASH_SIZE]) for i in range(0, len(hashes), HASH_SIZE))
+    counts.pop(HOLE, None)  # a hole stores nothing: no fragment to count
+    return counts
+
+
+def stored_hashes(v: Version) -> Iterator[bytes]:
+    """The hashes of the version's stored fragments, in order (holes left out)."""
+    for i in range(v.count):
+        h = v.fragment_hash(i)
+        if h != HOLE:
+            yield h
 
 
 def own_counts(v: Version) -> Counter[bytes]:
@@ -114,6 +163,7 @@ class VersionStore:
         self._store = store
         self._db = store.db["versions"]
         self.fragments = fragments
+        self._stored: dict[int, int] = {}  # version id -> data bytes, for sparse ones
 
     def ensure_empty(self, txn: lmdb.Transaction) -> None:
         """Create the empty root version if the store lacks it."""
@@ -128,6 +178,24 @@ class VersionStore:
         if raw is None:
             raise NotFoundError(f"version {vid}: no such version")
         return decode_version(vid, raw)
+
+    def stored_size(self, txn: lmdb.Transaction, vid: int, size: int) -> int:
+        """Data bytes of a stored version of `size` bytes, holes left out (st_blocks).
+
+        A record without holes says so in its first bytes: no decoding on each getattr.
+        A sparse one is decoded once and remembered (versions never change).
+        """
+        known = self._stored.get(vid)
+        if known is not None:
+            return known
+        raw = txn.get(u64(vid), db=self._db)
+        if raw is None or not is_wide_version(raw):
+            return size
+        stored = decode_version(vid, raw).stored_size
+        if len(self._stored) >= 4096:
+            self._stored.pop(next(iter(self._stored)))
+        self._stored[vid] = stored
+        return stored
 
     def exists(self, txn: lmdb.Transaction, vid: int) -> bool:
         """Whether a version id is stored."""
@@ -149,9 +217,11 @@ class VersionStore:
         a close without a change is not an edit.
         """
         base = parent if isinstance(parent, Version) else self.get(txn, parent)
-        if base.hashes == hashes:
+        # Same hashes may still differ in a hole's length: compare lengths too (rarely).
+        if base.hashes == hashes and base.lengths.tolist() == list(lengths):
             return base
         vid = self._store.next_id(txn, "version")
+        lengths = lengths_array(hashes, lengths)
         size = sum(lengths)
         if size == 0:
             digest = EMPTY_DIGEST
@@ -211,8 +281,15 @@ class VersionStore:
         pos = offset
         get = self.fragments.get
         while pos < end:
-            frag = get(txn, v.fragment_hash(i))
+            h = v.fragment_hash(i)
             base = starts[i]
+            if h == HOLE:
+                hi = min(starts[i + 1], end)
+                parts.append(bytes(hi - pos))
+                pos = hi
+                i += 1
+                continue
+            frag = get(txn, h)
             lo = pos - base
             hi = min(len(frag), end - base)
             parts.append(frag[lo:hi] if lo or hi != len(frag) else frag)
@@ -229,13 +306,40 @@ class VersionStore:
         with self._store.env.begin(buffers=True) as txn:
             return self.read(txn, v, offset, size)
 
-    def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes]:
-        """The whole content, fragment by fragment, each checked."""
+    def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes | memoryview]:
+        """The whole content, fragment by fragment, each checked; a hole as zeros in
+        slices of at most ZERO_SLICE (streamed, never materialised)."""
         for i in range(v.count):
-            yield self.fragments.get(txn, v.fragment_hash(i))
+            h = v.fragment_hash(i)
+            if h == HOLE:
+                yield from zeros(v.lengths[i])
+            else:
+                yield self.fragments.get(txn, h)
+
+    def iter_extents(self, txn: lmdb.Transaction, v: Version
+                     ) -> Iterator[tuple[int, bytes | int]]:
+        """(offset, bytes) for each stored fragment, (offset, length) for each hole: what
+        a writer of a sparse copy needs (export seeks over the ints)."""
+        pos = 0
+        for i in range(v.count):
+            h = v.fragment_hash(i)
+            n = v.lengths[i]
+            yield pos, (n if h == HOLE else self.fragments.get(txn, h))
+            pos += n
+
+    def check_hashable(self, v: Version) -> None:
+        """TooLargeToHashError if the version's holes are too long to hash."""
+        holes = v.size - v.stored_size
+        if holes > DIGEST_HOLE_LIMIT:
+            raise TooLargeToHashError(
+                f"version {v.id}: {v.size} bytes with {holes} bytes of holes is too large to "
+                f"hash (at most {DIGEST_HOLE_LIMIT} bytes of holes): it has no digest, so it "
+                "cannot be signed, and a policy cannot judge it")
 
     def compute_digest(self, txn: lmdb.Transaction, v: Version) -> bytes:
-        """BLAKE3 of the whole content, from the fragments (checked as they are read)."""
+        """BLAKE3 of the whole content, from the fragments (checked as they are read) and
+        the holes' zeros. TooLargeToHashError past DIGEST_HOLE_LIMIT of holes."""
+        self.check_hashable(v)
         h = blake3.blake3()
         for frag in self.iter_bytes(txn, v):
             h.update(frag)

@@ -7,6 +7,7 @@ then tells the mount's inode table and the kernel what changed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,23 +75,26 @@ class DaemonCommands:
     async def gc(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """gc under the mount: versions held by open handles are roots too.
 
-        It runs on the event loop, not in a thread: a commit stores fragments before the
-        version that uses them, and gc must never fall between the two. Fragments of
-        versions still being written (spilled ahead of a close) are kept explicitly.
-        Offline writers are refused while a store is mounted, so nothing else races it.
+        A commit stores fragments before the version that uses them, and gc must never
+        fall between the two: gc holds the gate exclusively (commits, spills, restores
+        and import starts wait), and runs in a worker thread, so lookups, reads and
+        every other request go on meanwhile. Fragments of versions still being written
+        (spilled ahead of a close) are kept explicitly. Offline writers are refused while
+        a store is mounted, so nothing else races it.
         """
         prune = args.get("prune_history", False)
         if not isinstance(prune, bool):
             raise UsageError("control: 'prune_history' must be true or false")
         await self.ops.commit_all()
-        # Checked after the last await: no import can begin between the check and gc.
-        if imports_running(self.ops.vol.store.path):
-            # Its fragments and staging tree are not referenced yet: gc would free them.
-            raise UsageError(f"{self.ops.vol.store.path}: an import is running; "
-                             f"run gc when it has finished")
-        rep = collect(self.ops.vol, prune_history=prune,
-                      extra_roots=self.ops.held_versions(),
-                      keep_fragments=self.ops.unstored_fragments())
+        async with self.ops.gc_gate.exclusive():
+            if imports_running(self.ops.vol.store.path):
+                # Its fragments and staging tree are not referenced yet: gc would free them.
+                raise UsageError(f"{self.ops.vol.store.path}: an import is running; "
+                                 f"run gc when it has finished")
+            rep = await trio.to_thread.run_sync(functools.partial(
+                collect, self.ops.vol, prune_history=prune,
+                extra_roots=self.ops.held_versions(),
+                keep_fragments=self.ops.unstored_fragments()))
         return dataclasses.asdict(rep)
 
     async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
@@ -117,9 +121,11 @@ class DaemonCommands:
     async def nix_fetch(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """`annofs nix fetch` into the mount; the new store paths show at once.
 
-        Like gc it runs on the event loop: the mount waits while NARs are read (the
-        restore is one staging tree swapped in by one transaction, so no reader ever
-        sees half a path). The policy is the file the command names, else the mount's.
+        It runs on the event loop: the mount waits while NARs are read (the restore is
+        one staging tree swapped in by one transaction, so no reader ever sees half a
+        path; a worker thread would need the swap, which changes directory nodes the
+        loop caches, back on the loop). The policy is the file the command names, else
+        the mount's.
         """
         from annofs.nix.cache import DirectoryCache
         from annofs.nix.fetch import cache_args, fetch, mirror_remote
@@ -151,7 +157,9 @@ class DaemonCommands:
             local = await trio.to_thread.run_sync(mirror_remote, cache_list, paths, policy,
                                                   recursive, Path(tmp))
             await self.ops.commit_all()
-            done = fetch(self.ops.vol, policy, local, paths, dest=dest, recursive=recursive)
+            async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
+                done = fetch(self.ops.vol, policy, local, paths, dest=dest,
+                             recursive=recursive)
         self.ops.dirty_since_sync = True
         for f in done:
             # Every level: /nix may be new, and the kernel may hold a negative entry for it.
@@ -163,9 +171,8 @@ class DaemonCommands:
         """Unpack a NAR file (a host path the client names) at a new path in the mount.
 
         The daemon opens the file itself: only the mount's owner or root reach this
-        channel, so it reads nothing its caller could not. It runs on the event loop, as
-        gc does: fragments are stored before the versions that use them, and a gc must
-        not fall between (the mount waits for the restore, as it does for a gc).
+        channel, so it reads nothing its caller could not. It runs on the event loop (a
+        gc, in its thread, cannot start meanwhile): the mount waits for the restore.
         """
         from annofs.nix.nar import restore_nar_into
 
@@ -179,7 +186,8 @@ class DaemonCommands:
         except OSError as e:
             raise UsageError(f"{source}: {e.strerror}") from None
         with f:
-            tree = restore_nar_into(self.ops.vol, f, dest, source=source)
+            async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
+                tree = restore_nar_into(self.ops.vol, f, dest, source=source)
         self.ops.dirty_since_sync = True
         for i in range(1, len(dest) + 1):  # parents it made may be cached as missing
             self.inv.path_changed(self.ops.inodes, dest[:i])
@@ -199,8 +207,9 @@ class DaemonCommands:
         gid = _id(args, "gid")
         await self.ops.commit_all()  # the clone takes what was written, as a reader would
         vol = self.ops.vol
-        with vol.store.write() as txn:
-            root = begin_staging(vol, txn, dest, uid, gid)
+        async with self.ops.gc_gate.shared():  # not while a gc runs: it drops staging trees
+            with vol.store.write() as txn:
+                root = begin_staging(vol, txn, dest, uid, gid)
         self.ops.dirty_since_sync = True
         return {"root": root}
 

@@ -36,7 +36,7 @@ import lmdb
 from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import AnnofsError
 from annofs.store.keys import HASH_SIZE, u64
-from annofs.store.records import Version
+from annofs.store.records import HOLE, Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy, signer_name
 from annofs.trust.signing import path_text
@@ -99,6 +99,8 @@ def _counts(v: Version) -> tuple[Counter[bytes], dict[bytes, int]]:
     h = v.hashes
     for i in range(v.count):
         key = bytes(h[i * HASH_SIZE:(i + 1) * HASH_SIZE])
+        if key == HOLE:
+            continue  # zeros every sparse file has: not a sign of a common origin
         counts[key] += 1
         lengths[key] = v.lengths[i]
     return counts, lengths

@@ -8,7 +8,6 @@ stays bounded however much is written before the close.
 
 from __future__ import annotations
 
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -63,12 +62,37 @@ class OpenFile:
         return bytes(buf)
 
 
+# New fragments are stored this much per transaction: LMDB has one writer at a time, so
+# a request on the event loop that writes waits for at most one slice, not a whole fold.
+STORE_SLICE = 8 << 20
+
+
 def _rewrite(vol: Volume, base: Version, overlay: DirtyOverlay) -> Rewrite:
+    """Re-chunk and store the new fragments (in slices): the fold's whole synchronous work."""
     def read_base(off: int, n: int) -> bytes:
         with vol.store.read() as txn:
             return vol.versions.read(txn, base, off, n)
 
-    return rewrite(base, read_base, overlay, vol.params)
+    rw = rewrite(base, read_base, overlay, vol.params)
+    items = rw.new_fragments
+    i = 0
+    while i < len(items):
+        with vol.store.write() as txn:
+            n = 0
+            while i < len(items) and n < STORE_SLICE:
+                h, data = items[i]
+                vol.fragments.put(txn, h, data)
+                n += len(data)
+                i += 1
+    return rw
+
+
+def folds_inline(vol: Volume, overlay: DirtyOverlay) -> bool:
+    """Whether folding `overlay` is cheap enough for the event loop (well under 10 ms)."""
+    # Each separate extent costs a re-chunk of the fragments around it (up to two of
+    # max_size), whatever its own size: scattered small writes are not a small fold.
+    work = overlay.nbytes + overlay.extent_count * 2 * vol.params.max_size
+    return work <= INLINE_BYTES
 
 
 async def fold(vol: Volume, of: OpenFile, stats: Counter[str] | None = None) -> Version:
@@ -79,19 +103,15 @@ async def fold(vol: Volume, of: OpenFile, stats: Counter[str] | None = None) -> 
     the bytes re-chunked: the cost of a commit, which must follow the edit, not the file.
     """
     overlay = of.overlay
-    if overlay.nbytes > INLINE_BYTES:
+    if not folds_inline(vol, overlay):
         rw = await trio.to_thread.run_sync(_rewrite, vol, of.base, overlay)
     else:
         rw = _rewrite(vol, of.base, overlay)
     if stats is not None:
         stats["folds"] += 1
         stats["rechunked_bytes"] += rw.rechunked_bytes
-    if rw.new_fragments:
-        with vol.store.write() as txn:
-            for h, data in rw.new_fragments:
-                vol.fragments.put(txn, h, data)
     folded = Version(-1, of.parent_version, sum(rw.lengths), None, 0, None, rw.hashes,
-                     array("I", rw.lengths))
+                     rw.lengths)
     of.base = folded
     of.overlay = DirtyOverlay(folded.size)
     return folded

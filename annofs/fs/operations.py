@@ -22,7 +22,9 @@ import lmdb
 import pyfuse3
 import trio
 
-from annofs.content.versions import EMPTY_VERSION
+from annofs.content.holes import SEEK_DATA, SEEK_HOLE, HoleMap, seek_data_hole
+from annofs.content.overlay import DirtyOverlay
+from annofs.content.versions import EMPTY_VERSION, MAX_FILE_SIZE, stored_hashes
 from annofs.errors import (
     CorruptionError,
     ExistsError,
@@ -35,8 +37,9 @@ from annofs.errors import (
 from annofs.explain.throttle import PerCaller, Recent, limited_text
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
+from annofs.fs.gcgate import GcGate
 from annofs.fs.inodes import ROOT, Inode, InodeTable
-from annofs.fs.openfile import INLINE_BYTES, SPILL_BYTES, OpenFile, fold
+from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
@@ -60,6 +63,11 @@ READ_THREADS = 2
 # Files up to this size are put in the kernel's page cache at their first open (see
 # Operations._push_content): most files of a source tree; bigger ones read as usual.
 PUSH_BYTES = 128 * 1024
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
@@ -99,6 +107,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.dirty_since_sync = False
         self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        # Content writers (folds, commits, restores) hold it shared, gc exclusively.
+        self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
         # settings may be tuned past it (see annofs.daemon.readahead).
         self.init_done = trio.Event()
@@ -208,13 +218,19 @@ class Operations(pyfuse3.Operations):
         size = a.size
         mtime = a.mtime_ns
         of = self.open_files.get(node.ino)
+        stored = size
         if of is not None:
             size = of.size
+            # Holes are not data (du, cp --sparse=auto, tar -S read st_blocks): the
+            # base's data and the written bytes, at most the size.
+            stored = min(size, of.base.stored_size + of.overlay.nbytes)
             if of.mtime_ns is not None:  # 0, the epoch, is a time like any other
                 mtime = of.mtime_ns
+        elif a.is_reg:
+            stored = self.vol.versions.stored_size(txn, int(a.target), size)
         e.st_size = 4096 if a.is_dir else size
         e.st_blksize = BLOCK_SIZE
-        e.st_blocks = (e.st_size + 511) // 512
+        e.st_blocks = ((4096 if a.is_dir else stored) + 511) // 512
         e.st_atime_ns = a.atime_ns
         e.st_mtime_ns = mtime
         e.st_ctime_ns = a.ctime_ns
@@ -261,6 +277,8 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size:
+            if attr.st_size > MAX_FILE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
             via = self.handles.get(fh) if fh is not None else None
             self.guard.check_truncate(node, via is not None and via.verified_rw)
             await self._truncate(node, attr.st_size)
@@ -823,12 +841,57 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self.handles[fh].node
         of = self.open_files[node.ino]
+        if off + len(buf) > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         async with of.lock:
             of.overlay.write(off, buf)
             of.mtime_ns = now_ns()
             if of.overlay.nbytes > SPILL_BYTES:
-                await fold(self.vol, of, self.stats)
+                async with self.gc_gate.shared():
+                    await fold(self.vol, of, self.stats)
         return len(buf)
+
+    @fuse_handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): mode 0 and KEEP_SIZE (nothing to reserve in a store of shared
+        fragments: only the size may grow, as a hole), PUNCH_HOLE (with KEEP_SIZE) and
+        ZERO_RANGE make holes; every other mode is EOPNOTSUPP. pyfuse3 3.5.0 passes
+        FUSE_FALLOCATE on only as patched by scripts/pyfuse3-patched.sh (a stock build
+        leaves the kernel to answer EOPNOTSUPP)."""
+        if mode & ~_FALLOC_KNOWN or (mode & FALLOC_FL_PUNCH_HOLE and (
+                not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE)):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        h = self.handles[fh]
+        if not h.writer:
+            raise pyfuse3.FUSEError(errno.EBADF)  # the kernel checks first; in process, here
+        of = self.open_files[h.node.ino]
+        async with of.lock:
+            grows = not mode & FALLOC_FL_KEEP_SIZE and end > of.size
+            if grows:
+                of.overlay.truncate(end)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                of.overlay.punch(offset, end)
+            if grows or mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                of.mtime_ns = now_ns()
+
+    @fuse_handler
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE over the live content (stored holes, and those not
+        committed yet). pyfuse3 3.5.0 passes FUSE_LSEEK on only as patched by
+        scripts/pyfuse3-patched.sh (a stock build leaves the kernel to answer as for a
+        file without holes)."""
+        h = self.handles[fh]
+        of = self.open_files.get(h.node.ino)
+        base, overlay = (h.pinned, DirtyOverlay(h.pinned.size)) if h.pinned is not None \
+            else (of.base, of.overlay) if of is not None else (None, None)
+        if base is None or overlay is None or whence not in (SEEK_DATA, SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return seek_data_hole(HoleMap(base, overlay), offset, whence)
 
     async def _truncate(self, node: Inode, size: int) -> None:
         with self.vol.store.read() as txn:
@@ -857,22 +920,25 @@ class Operations(pyfuse3.Operations):
             # A small change reads a few scattered pages of the store: fault them alone,
             # not with the disk's whole readahead window each (see annofs.store.advice).
             # It is re-chunked inline, so the advice lasts only this synchronous stretch.
-            small = of.overlay.nbytes <= INLINE_BYTES
-            with random_access(self.vol.store) if small else contextlib.nullcontext():
-                if node.orphan is None:
-                    folded = await fold(self.vol, of, self.stats)
-                if node.orphan is not None:
-                    # Nothing names the file any more (maybe since the fold began): its
-                    # bytes need no version, and stay in the open file until the last close.
-                    node.orphan = dataclasses.replace(node.orphan, size=of.size,
-                                                      mtime_ns=mtime)
-                    return
-                with self.vol.store.write() as txn:
-                    v = self.vol.versions.create(txn, parent, folded.hashes, folded.lengths,
-                                                 None)
-                    t = now_ns()
-                    self._change(txn, node, lambda a: dataclasses.replace(
-                        a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
+            small = folds_inline(self.vol, of.overlay)
+            # Fragments, then the version that uses them: gc may not fall between.
+            async with self.gc_gate.shared():
+                with random_access(self.vol.store) if small else contextlib.nullcontext():
+                    if node.orphan is None:
+                        folded = await fold(self.vol, of, self.stats)
+                    if node.orphan is not None:
+                        # Nothing names the file any more (maybe since the fold began): its
+                        # bytes need no version, and stay in the open file until the last
+                        # close.
+                        node.orphan = dataclasses.replace(node.orphan, size=of.size,
+                                                          mtime_ns=mtime)
+                        return
+                    with self.vol.store.write() as txn:
+                        v = self.vol.versions.create(txn, parent, folded.hashes,
+                                                     folded.lengths, None)
+                        t = now_ns()
+                        self._change(txn, node, lambda a: dataclasses.replace(
+                            a, target=v.id, size=v.size, mtime_ns=mtime, ctime_ns=t))
             self.stats["commits"] += 1
             of.base, of.parent_version, of.mtime_ns = v, v.id, None
             self.guard.committed(node, v.id)
@@ -939,7 +1005,7 @@ class Operations(pyfuse3.Operations):
         held: set[bytes] = set()
         for of in self.open_files.values():
             if of.base.id < 0:
-                held.update(of.base.hashes[i:i + 32] for i in range(0, len(of.base.hashes), 32))
+                held.update(stored_hashes(of.base))
         return held
 
     async def commit_all(self) -> None:

@@ -27,7 +27,7 @@ from typing import TypeVar
 import blake3
 import lmdb
 
-from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts
+from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts, stored_hashes
 from annofs.errors import CorruptionError
 from annofs.maintenance.gc import signed_digests
 from annofs.maintenance.reclaim import (
@@ -111,7 +111,7 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 continue
             versions[vid] = v
             occurrences.update(own_counts(v))
-            used.update(v.fragment_hash(i) for i in range(v.count))
+            used.update(stored_hashes(v))  # a hole stores nothing
         rep.versions = len(versions)
         for v in versions.values():
             if v.parent not in versions:

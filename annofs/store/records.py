@@ -10,10 +10,18 @@ this a flipped bit in an entry's version id, a mode or a length would serve anot
 file's bytes or wrong metadata without any error. CRC-32 catches every error of up to 3
 bits (and every burst up to 32) in records this size; bit rot is not an adversary.
 Layout 1 records (written before checksums) are still read, unchecked.
+
+Layout 3 (version records only) stores fragment lengths as uint64 and may hold holes:
+an entry whose hash is HOLE (32 zero bytes, which no BLAKE3 output is) stands for that
+many zero bytes that are not stored. A version without holes whose lengths fit in 32
+bits is still written as layout 2, byte for byte as before, so stores written before
+holes read unchanged, and a binary without holes refuses a layout-3 record by its
+layout number instead of misreading it.
 """
 
 from __future__ import annotations
 
+import functools
 import stat
 import struct
 import zlib
@@ -28,15 +36,26 @@ from annofs.store.keys import HASH_SIZE
 
 _LAYOUT = 2
 _UNCHECKED_LAYOUT = 1
+_WIDE_LAYOUT = 3  # version records with uint64 lengths and holes
 _CRC = struct.Struct(">I")
 
+HOLE = bytes(HASH_SIZE)
+"""The hash of a hole entry in a version's fragment list: zeros, not stored."""
 
-def _pack(fields: list[Any]) -> bytes:
-    body = msgpack.packb([_LAYOUT, *fields], use_bin_type=True)
+_U32_MAX = (1 << 32) - 1
+
+
+def _pack(fields: list[Any], layout: int = _LAYOUT) -> bytes:
+    body = msgpack.packb([layout, *fields], use_bin_type=True)
     return body + _CRC.pack(zlib.crc32(body))
 
 
 def _unpack(raw: bytes | memoryview, what: str, nfields: int) -> list[Any]:
+    return _unpack_layout(raw, what, nfields)[1]
+
+
+def _unpack_layout(raw: bytes | memoryview, what: str, nfields: int,
+                   checked_layouts: tuple[int, ...] = (_LAYOUT,)) -> tuple[int, list[Any]]:
     view = memoryview(raw)
     n = len(view) - _CRC.size
     checked = n > 0 and zlib.crc32(view[:n]) == _CRC.unpack_from(view, n)[0]
@@ -48,12 +67,12 @@ def _unpack(raw: bytes | memoryview, what: str, nfields: int) -> list[Any]:
                               f"checksum ({e})") from e
     if not isinstance(rec, list) or len(rec) != nfields + 1:
         raise CorruptionError(f"{what}: record has an unknown layout")
-    if rec[0] == _LAYOUT and not checked:
-        raise CorruptionError(f"{what}: record of layout {_LAYOUT} does not match its "
+    if rec[0] in checked_layouts and not checked:
+        raise CorruptionError(f"{what}: record of layout {rec[0]} does not match its "
                               f"checksum (damaged on disk)")
-    if rec[0] != (_LAYOUT if checked else _UNCHECKED_LAYOUT):
+    if not (rec[0] in checked_layouts if checked else rec[0] == _UNCHECKED_LAYOUT):
         raise CorruptionError(f"{what}: record has an unknown layout")
-    return rec[1:]
+    return rec[0], rec[1:]
 
 
 def _check_ints(what: str, *values: object, signed: bool = False) -> None:
@@ -83,7 +102,9 @@ class Version:
     """One node of the edit graph: a file's content as a fragment list.
 
     `hashes` is the fragments' BLAKE3 hashes concatenated, `lengths` their sizes as a
-    uint32 array: packed, so a new version of a 65k-fragment file is a memcpy, not a loop.
+    uint32 array ("I"), or uint64 ("Q") once the list holds a hole or a length past 32
+    bits: packed, so a new version of a 65k-fragment file is a memcpy, not a loop. An
+    entry whose hash is HOLE is a hole: that many zero bytes, stored as nothing.
     `digest` is BLAKE3 of the whole content; None until computed (a small edit to a huge
     file must not wait for hashing all of it).
     """
@@ -106,17 +127,88 @@ class Version:
         """The hash of fragment i."""
         return self.hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE]
 
+    def is_hole(self, i: int) -> bool:
+        """Whether entry i is a hole (zeros, not stored)."""
+        return self.hashes[i * HASH_SIZE : (i + 1) * HASH_SIZE] == HOLE
+
+    @property
+    def may_have_holes(self) -> bool:
+        """False when the list certainly has no hole (holes are only in wide lists)."""
+        return self.lengths.typecode == "Q"
+
+    def hole_indexes(self) -> list[int]:
+        """The indexes of the hole entries, ascending (a scan in C, not per entry)."""
+        if not self.may_have_holes:
+            return []
+        return hole_indexes(self.hashes)
+
+    @functools.cached_property
+    def stored_size(self) -> int:
+        """Bytes of the content that are data, not holes (computed once per object)."""
+        if not self.may_have_holes:
+            return self.size
+        return self.size - sum(self.lengths[i] for i in self.hole_indexes())
+
+
+def hole_indexes(hashes: bytes) -> list[int]:
+    """Indexes of the HOLE entries in a concatenation of fragment hashes."""
+    out = []
+    pos = hashes.find(HOLE)
+    while pos >= 0:
+        if pos % HASH_SIZE == 0:
+            out.append(pos // HASH_SIZE)
+            pos = hashes.find(HOLE, pos + HASH_SIZE)
+        else:  # zeros straddling two real hashes: not an entry
+            pos = hashes.find(HOLE, pos + 1)
+    return out
+
+
+def lengths_array(hashes: bytes, lengths: Any) -> array:
+    """`lengths` as the array a version keeps: uint32 unless the list holds a hole or a
+    length past 32 bits, which need the wide (layout 3) form. Cheap for the usual case
+    (no hole: one substring search of the hashes, no pass over the lengths)."""
+    a = lengths if isinstance(lengths, array) else array("Q", lengths)
+
+    def has_hole() -> bool:
+        return HOLE in hashes and bool(hole_indexes(hashes))
+
+    if a.typecode == "I":
+        return array("Q", a) if has_hole() else a
+    if a.typecode == "Q" and (has_hole() or (len(a) > 0 and max(a) > _U32_MAX)):
+        return a
+    return array("I", a)
+
+
+def version_layout(raw: bytes | memoryview) -> int | None:
+    """The layout number of an encoded version record, read from its first two bytes
+    without decoding it (None if it does not start as a version record does)."""
+    if len(raw) >= 2 and raw[0] == 0x98 and raw[1] in (_UNCHECKED_LAYOUT, _LAYOUT, _WIDE_LAYOUT):
+        return raw[1]
+    return None
+
+
+def is_wide_version(raw: bytes | memoryview) -> bool:
+    """Whether an encoded version record may hold holes (layout 3)."""
+    return version_layout(raw) == _WIDE_LAYOUT
+
 
 def encode_version(v: Version) -> bytes:
-    """Encode a version record."""
+    """Encode a version record: layout 3 (uint64 lengths, holes) for a wide list, else the
+    layout every store has always had."""
     edit = [v.edit.start, v.edit.removed, v.edit.added] if v.edit else None
-    return _pack([v.parent, v.size, v.digest, v.created_ns, edit, v.hashes, v.lengths.tobytes()])
+    lengths = v.lengths
+    if lengths.typecode not in ("I", "Q"):
+        lengths = lengths_array(v.hashes, lengths)
+    layout = _WIDE_LAYOUT if lengths.typecode == "Q" else _LAYOUT
+    return _pack([v.parent, v.size, v.digest, v.created_ns, edit, v.hashes, lengths.tobytes()],
+                 layout)
 
 
 def decode_version(vid: int, raw: bytes | memoryview) -> Version:
     """Decode a version record, checking that its fragment list is self-consistent."""
     what = f"version {vid}"
-    parent, size, digest, created, edit, hashes, lengths_raw = _unpack(raw, what, 7)
+    layout, fields = _unpack_layout(raw, what, 7, (_LAYOUT, _WIDE_LAYOUT))
+    parent, size, digest, created, edit, hashes, lengths_raw = fields
     _check_ints(what, parent, size)
     _check_ints(what, created, signed=True)
     _check_bytes(what, hashes, lengths_raw)
@@ -126,7 +218,7 @@ def decode_version(vid: int, raw: bytes | memoryview) -> Version:
         if not isinstance(edit, list) or len(edit) != 3:
             raise CorruptionError(f"{what}: bad edit")
         _check_ints(what, *edit)
-    lengths = array("I")
+    lengths = array("Q" if layout == _WIDE_LAYOUT else "I")
     try:
         lengths.frombytes(lengths_raw)
     except (TypeError, ValueError) as e:

@@ -612,7 +612,7 @@ class TreeImporter:
                 raise got.exception()
             assert isinstance(tag, _Read)
             stats.files_read += 1
-            stats.bytes_read += got.size
+            stats.bytes_read += got.size - got.hole_bytes  # a sparse file's holes are not read
             self._tick(got.size)
             self._queue(tag.d, lambda txn, tag=tag, got=got: self._put_file(
                 txn, tag.d, tag.name, tag.st, got, tag.exists, tag.link_key, tag.parent))

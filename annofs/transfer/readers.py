@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annofs.content.fragments import FragmentStore
-from annofs.content.ingest import FragmentBatch, Ingested, ingest_bytes, ingest_stream
+from annofs.content.holes import HOLE_MIN
+from annofs.content.ingest import (
+    FragmentBatch,
+    Ingested,
+    ingest_bytes,
+    ingest_sparse,
+    ingest_stream,
+)
+from annofs.content.versions import DIGEST_HOLE_LIMIT
 from annofs.store import Store, open_store
 from chunker import ChunkParams
 
@@ -83,6 +91,13 @@ def _read_one(store: Store, fragments: FragmentStore, params: ChunkParams,
             if len(data) <= size:
                 return ingest_bytes(data, params, batch)
             os.lseek(fd, 0, os.SEEK_SET)
+        if os.fstat(fd).st_blocks * 512 < size:
+            # Fewer blocks than bytes: the host file has holes. Read only its data
+            # (SEEK_DATA/SEEK_HOLE) and keep the holes as holes.
+            got = ingest_sparse(store, fragments, fd, size, params, batch, HOLE_MIN,
+                                DIGEST_HOLE_LIMIT)
+            if got is not None:
+                return got
         # Unbuffered: the chunker's readinto fills its own buffer, no second copy.
         with open(fd, "rb", buffering=0, closefd=False) as f:
             return ingest_stream(store, fragments, f, params, batch)

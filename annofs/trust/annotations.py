@@ -37,6 +37,7 @@ import msgpack
 from annofs.errors import CorruptionError, NotFoundError, UsageError
 from annofs.store import Store
 from annofs.store.keys import HASH_SIZE, from_u64, u64
+from annofs.store.records import HOLE
 from annofs.trust.statement import Envelope, SignedStatement, open_envelope
 
 _LAYOUT = 1
@@ -210,6 +211,8 @@ class AnnotationStore:
         """
         new = 0
         for i in range(0, len(hashes), HASH_SIZE):
+            if hashes[i:i + HASH_SIZE] == HOLE:
+                continue  # a hole is no fragment: zeros shared by every sparse file
             if txn.put(hashes[i:i + HASH_SIZE] + digest, b"", db=self._fragments,
                        overwrite=False):
                 new += 1
