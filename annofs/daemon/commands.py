@@ -138,7 +138,7 @@ class DaemonCommands:
                 check_outside(c.path, self.policy.mountpoint, "the cache")
         if isinstance(policy_file, str):
             check_outside(Path(policy_file), self.policy.mountpoint, "the policy")
-            policy = load_policy(Path(policy_file))
+            policy = load_policy(Path(policy_file), self.ops.vol.store.path)
         elif self.policy.gate is not None:
             policy = self.policy.gate.policy
         else:

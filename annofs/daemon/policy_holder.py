@@ -91,7 +91,7 @@ class PolicyHolder:
         policy = permissive_policy()
         if self.file is not None:
             self._check_locations()
-            policy = load_policy(self.file)
+            policy = load_policy(self.file, vol.store.path)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
         self.explained = RateLimit()
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
@@ -120,7 +120,7 @@ class PolicyHolder:
             raise UsageError("this mount has no policy file (mount with --policy FILE)")
         try:
             self._check_locations()
-            policy = load_policy(self.file)
+            policy = load_policy(self.file, self.gate.volume.store.path)
         except AnnofsError as e:
             log.error("policy reload failed, the old policy stays in force: %s", e)
             raise UsageError(f"{e} (the old policy stays in force)") from None
