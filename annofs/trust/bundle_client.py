@@ -18,6 +18,7 @@ everything verified, so a refused update leaves the old trusted state exactly as
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +52,32 @@ TRUST_MAX_LENGTH = 16 * 1024 * 1024  # a trust file's length is in signed target
 
 
 class UpdateError(UsageError):
-    """An update was refused; the old trusted state is kept."""
+    """An update was refused; the old trusted state is kept. A "no" (exit 1), as a
+    refused verification is."""
+
+    exit_status = 1
+
+
+def policy_bundle(path: Path) -> tuple[str, str]:
+    """The (source, pin hex) a policy file names, read without loading the rest (so an
+    update can run even while the stored bundle makes the policy fail to load)."""
+    import tomllib
+
+    from annofs.userfile import read_user_file
+
+    try:
+        doc = tomllib.loads(read_user_file(path, "policy file").decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(one_line(f"{path}: {e}")) from None
+    source, pin = doc.get("trust-bundle"), doc.get("trust-bundle-root")
+    if not isinstance(source, str) or not source:
+        raise UsageError(f"{path}: names no trust bundle (trust-bundle = \"URL or DIR\")")
+    if not isinstance(pin, str):
+        raise UsageError(f"{path}: trust-bundle-root: missing (sha256:<hex> of the first "
+                         f"root.json)")
+    if not source.startswith(("http://", "https://", "/")):
+        source = str(path.parent / source)
+    return source, parse_pin(pin, f"{path}: trust-bundle-root")
 
 
 def parse_pin(text: str, where: str) -> str:
@@ -222,6 +248,18 @@ def update(store: Path, source: str, pin: str) -> list[str]:
     fetcher = fetcher or Urllib3Fetcher(socket_timeout=20)
     state = state_root(store, pin)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # One update at a time per bundle (the mount's timer, a command, a reload).
+    lock = os.open(state / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _update_locked(store, state, source, pin, metadata_base, targets_base,
+                              fetcher)
+    finally:
+        os.close(lock)
+
+
+def _update_locked(store: Path, state: Path, source: str, pin: str, metadata_base: str,
+                   targets_base: str, fetcher: FetcherInterface) -> list[str]:
     bootstrap = _bootstrap(state, pin, metadata_base, fetcher)
     old = load_state(store, pin)
     current = state / "current"
