@@ -94,7 +94,9 @@ class DaemonCommands:
         return dataclasses.asdict(rep)
 
     async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
-        """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy."""
+        """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy.
+        A policy with a trust bundle updates it first (in a worker thread)."""
+        await self.policy.refresh_bundle()
         message = self.policy.reload()
         self.inv.everything(self.ops.inodes)
         return {"message": message}

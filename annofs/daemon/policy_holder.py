@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from annofs.daemon.events import EventLog
+from annofs.daemon.events import Event, EventLog
 from annofs.daemon.feed import event_of
 from annofs.errors import AnnofsError, UsageError
 from annofs.explain.report import Explanation, RateLimit, explain
@@ -95,6 +95,50 @@ class PolicyHolder:
         self.gate = TrustGate(vol, policy) if self.file is not None else None
         self.explained = RateLimit()
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
+        self._bundle_error = ""  # the last refused update's reason, recorded once
+
+    async def refresh_bundle(self) -> bool:
+        """Update the policy's trust bundle (TUF, in a worker thread: the network never
+        holds up the event loop), then reload the policy if what it trusts or whether
+        it is stale changed. A refused update keeps the old state and is recorded (once
+        per distinct reason) in the events log. True if the policy was replaced."""
+        gate = self.gate
+        if gate is None or gate.policy.bundle is None or self.file is None:
+            return False
+        from annofs.trust.bundle_client import update
+
+        view = gate.policy.bundle
+        store = gate.volume.store.path
+        changed = False
+        try:
+            lines = await trio.to_thread.run_sync(update, store, view.source, view.pin)
+            changed = any(not line.startswith(("snapshot", "timestamp", "expires", "no change"))
+                          for line in lines)
+            if changed:
+                log.info("trust bundle %s updated: %s", view.source, "; ".join(lines))
+            self._bundle_error = ""
+        except AnnofsError as e:
+            if str(e) != self._bundle_error:
+                self._bundle_error = str(e)
+                log.warning("trust bundle update failed, its stored state stays: %s", e)
+                self.events.record(Event(path=view.source, verdict="bundle-refused",
+                                         reason=str(e)))
+        try:
+            policy = await trio.to_thread.run_sync(load_policy, self.file, store)
+        except AnnofsError as e:
+            log.error("policy reload after a bundle update failed, the old policy stays "
+                      "in force: %s", e)
+            return False
+        new = policy.bundle
+        if not changed and new is not None and (new.stale is None) == (view.stale is None):
+            return False
+        if new is not None and new.stale is not None and view.stale is None:
+            stale = new.stale_text()
+            log.warning("%s (on-stale %s)", stale, new.on_stale.value)
+            self.events.record(Event(path=view.source, verdict="bundle-stale",
+                                     reason=f"{stale} (on-stale {new.on_stale.value})"))
+        gate.set_policy(policy)
+        return True
 
     def _check_locations(self) -> None:
         """The policy and its keys directory must be outside the mount: else they could be
