@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bundle_helpers import tree_bytes
 from cache_server import serve_cache
 
 from annofs.errors import UsageError
@@ -53,11 +54,7 @@ class Bundle:
 
     def snapshot_state(self) -> dict[str, bytes]:
         """Every file of the stored state, to show a refused update changed nothing."""
-        root = state_root(self.store, self.pin)
-        return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink()
-                                           else str(p.readlink()).encode()
-                                           if p.is_symlink() else b"dir")
-                for p in sorted(root.rglob("*")) if p.name != ".lock"}
+        return tree_bytes(state_root(self.store, self.pin))
 
 
 def make_bundle(tmp: Path, *, timestamp: int = 86400) -> Bundle:

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from bundle_helpers import tree_bytes
 from cache_server import serve_cache
-from t5_bundle_helpers import tree_bytes
-from t5_trust_cli import Env, clone_env, fail, template  # noqa: F401  (fixture)
 from t5_cli import ok
+from t5_trust_cli import Env, clone_env, fail, template  # noqa: F401  (fixture)
 
 
 def publish(env: Env, *extra: str) -> str:
