@@ -22,14 +22,19 @@ import pytest
 from bundle_helpers import tree_bytes
 from cache_server import serve_cache
 
+from annofs.dashboard.app import Dashboard
 from annofs.errors import UsageError
+from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.bundle_client import UpdateError, load_state, state_root, update
 from annofs.trust.bundle_content import Revocation
 from annofs.trust.bundle_repo import Repository, init_repository
+from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey, generate_key
 from annofs.trust.policy import Policy, parse_policy
+from annofs.trust.signing import collect_files, sign_files
 from annofs.trust.statement import make_statement, sign_statement
 from annofs.trust.verdict import decide
+from annofs.volume import Volume
 
 ROOTS = [generate_key(f"root-{i}") for i in range(3)]
 NEW_ROOTS = [generate_key(f"newroot-{i}") for i in range(2)]
@@ -324,3 +329,40 @@ def test_policy_errors(extra: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=message) as info:
         parse_policy(extra, tmp_path / "p.toml", tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_the_dashboard_shows_the_bundle(bundle: Bundle, vol: Volume, store_dir: Path) -> None:
+    content = bundle.repo.content()
+    content.revocations.append(Revocation(BOB.public_key(), "left the team"))
+    bundle.repo.set_content(content)
+    bundle.publish(ROOTS[0], ROOTS[1])
+    bundle.update()
+    info = Dashboard(vol, store_dir, TrustGate(vol, policy_of(bundle))).info()
+    shown = info["policy"]["bundle"]
+    assert shown["stale"] is None and shown["on_stale"] == "refuse"
+    text = "\n".join(shown["lines"])
+    assert "root v1 (2 of 3 keys), targets v2" in text and "expires " in text
+    assert "revoked bob-1: left the team" in text
+
+
+def test_a_bundle_label_applies_at_once_through_the_gate_s_caches(
+        bundle: Bundle, vol: Volume, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "a.c").write_bytes(b"int a;\n")
+    TreeImporter(vol).run(tmp_path / "host", [b"src"])
+    sign_files(vol, collect_files(vol, [[b"src"]], unique_names=True), ALICE, "reviewed")
+    with vol.store.read() as txn:
+        version = vol.versions.get(txn, int(vol.namespace.resolve(txn, [b"src", b"a.c"]).target))
+    gate = TrustGate(vol, policy_of(bundle))
+    assert gate.verdict([b"src", b"a.c"], version).allowed
+    assert gate.verdict([b"src", b"a.c"], version).allowed  # now cached
+    content = bundle.repo.content()
+    assert version.digest is not None
+    content.labels.append((version.digest, "malicious"))
+    bundle.repo.set_content(content)
+    bundle.publish(ROOTS[0], ROOTS[1])
+    bundle.update()
+    gate.set_policy(policy_of(bundle))  # what a reload does
+    v = gate.verdict([b"src", b"a.c"], version)
+    assert not v.allowed and "labelled malicious by the trust bundle" in v.reason
