@@ -76,7 +76,7 @@ def policy_bundle(path: Path) -> tuple[str, str]:
         raise UsageError(f"{path}: trust-bundle-root: missing (sha256:<hex> of the first "
                          f"root.json)")
     if not source.startswith(("http://", "https://", "/")):
-        source = str(path.parent / source)
+        source = os.path.abspath(path.parent / source)
     return source, parse_pin(pin, f"{path}: trust-bundle-root")
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -373,7 +374,8 @@ class _Parser:
             raise self.fail(self.loc.key("trust-bundle"), "trust-bundle",
                             f"must be a URL or a directory, got {_show(source)}")
         if not source.startswith(("http://", "https://", "/")):
-            source = str(self.path.parent / source)  # relative to the policy, as keys dirs
+            # Relative to the policy, as trusted-keys-dir.
+            source = os.path.abspath(self.path.parent / source)
         if "trust-bundle-root" not in doc:
             raise self.fail(self.loc.key("trust-bundle"), "trust-bundle",
                             "needs trust-bundle-root = \"sha256:<hex>\" (the first "
