@@ -204,7 +204,12 @@ async def _bundle_loop(policy: PolicyHolder, invalidator: Invalidator,
     while True:
         if await policy.refresh_bundle():
             invalidator.everything(ops.inodes)
-        await trio.sleep(interval)
+        # Wake at the bundle's expiry too: it turns stale then, not at the next tick.
+        bundle = policy.gate.policy.bundle if policy.gate is not None else None
+        wait = interval
+        if bundle is not None and bundle.stale is None and bundle.expires is not None:
+            wait = min(interval, max(0.5, bundle.expires - time.time() + 0.1))
+        await trio.sleep(wait)
 
 
 async def _reload_loop(policy: PolicyHolder, invalidator: Invalidator,

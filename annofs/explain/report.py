@@ -29,7 +29,7 @@ from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest, format_subject_digest
 from annofs.trust.symlink import Content, Symlink, position_verdict
-from annofs.trust.verdict import Verdict, decide
+from annofs.trust.verdict import BUNDLE_SIGNER, Verdict, decide
 from annofs.volume import Volume
 
 # Contents larger than this are not read to be diffed (the verdict and original still are).
@@ -83,6 +83,10 @@ def label_advice(verdict: Verdict) -> tuple[str, str]:
     lift = (f"a revocation of {by}'s {keys} (revoked-keys in the policy), or a policy that "
             f"no longer trusts {'it' if len(verdict.malicious) == 1 else 'them'}; more "
             f"signatures would not")
+    if BUNDLE_SIGNER in verdict.malicious:
+        # The bundle's own label: only its publishers can take it back.
+        lift = ("a new version of the trust bundle without the label (its targets key "
+                "holders), or a policy without the bundle; more signatures would not")
     return why, lift
 
 

@@ -190,9 +190,21 @@ def load_state(store: Path, pin: str) -> BundleState | None:
 
     The store is trusted (0700, its owner's): the metadata was verified when stored; the
     trust file is checked again against the stored targets metadata's hash."""
-    current = state_root(store, pin) / "current"
-    if not current.exists():
-        return None
+    link = state_root(store, pin) / "current"
+    for attempt in range(5):
+        if not link.exists():
+            return None
+        # One state directory for the whole read: an update swaps the link, then
+        # removes the old directory; a read that loses that race reads the new one.
+        try:
+            return _load_dir(link.resolve())
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    return None
+
+
+def _load_dir(current: Path) -> BundleState:
     md_dir = current / "metadata"
     mds = {role: Metadata.from_file(str(md_dir / f"{role}.json"))
            for role in ("root", "timestamp", "snapshot", "targets")}

@@ -90,6 +90,7 @@ class BundleView:
     on_stale: OnStale
     stale: str | None  # why it is stale ("" never: None when fresh)
     summary: tuple[str, ...] = ()
+    expires: float | None = None  # epoch seconds when it turns stale (None: unknown)
 
     def stale_text(self) -> str | None:
         """`trust bundle SOURCE is stale: WHY`, or None when fresh."""
@@ -401,8 +402,8 @@ class _Parser:
             names = trusted.setdefault(pk.key, [])
             if pk.name not in names:
                 names.append(pk.name)
-        return BundleView(source, pin, on_stale, state.stale(),
-                          tuple(state.summary())), state.content
+        return BundleView(source, pin, on_stale, state.stale(), tuple(state.summary()),
+                          state.expiry.timestamp()), state.content
 
     def _bundle_rule(self, index: int, j: int, table: dict[str, Any],
                      bound: dict[str, tuple[bytes, str]]) -> Rule:
