@@ -268,7 +268,7 @@ def test_mix_and_match_of_versions_is_refused(bundle: Bundle) -> None:
     bundle.publish(ROOTS[0], ROOTS[1])
     # New timestamp and snapshot, but the old targets metadata under the new name.
     (bundle.repo.dir / "metadata" / "2.targets.json").write_bytes(old["1.targets.json"])
-    with refused(bundle, "targets"):
+    with refused(bundle, r"mix-and-match\): Expected targets v2, got v1"):
         bundle.update()
 
 

@@ -136,6 +136,10 @@ def _reason(e: BaseException) -> str:
         (tuf_errors.LengthOrHashMismatchError, "does not match what the snapshot or "
                                                "timestamp signed"),
     ]
+    if isinstance(e, tuf_errors.BadVersionNumberError) and str(e).startswith("Expected"):
+        # ngclient's words for a version other than the one snapshot/timestamp signed.
+        return one_line(f"not the version the snapshot or timestamp signed "
+                        f"(mix-and-match): {e}")
     for kind, what in kinds:
         if isinstance(e, kind):
             return one_line(f"{what}: {e}")
@@ -327,6 +331,7 @@ def changes(old: BundleState | None, new: BundleState) -> list[str]:
         for role in ("root", "targets", "snapshot", "timestamp"):
             if old.versions[role] != v[role]:
                 lines.append(f"{role} v{old.versions[role]} -> v{v[role]}")
+    versions = len(lines)
     before = old.content if old is not None else BundleContent()
     after = new.content
     old_keys = {k.key: k.name for k in before.keys}
@@ -343,8 +348,7 @@ def changes(old: BundleState | None, new: BundleState) -> list[str]:
               if (d, lab) not in old_labels]
     if before.rules != after.rules:
         lines.append(f"rules: {len(after.rules)} shared rules")
-    if len(lines) <= (0 if old is None else 2) and old is not None and \
-            all(line.startswith(("snapshot", "timestamp")) for line in lines):
+    if old is not None and len(lines) == versions:
         lines.append("no change to keys, revocations, labels or rules")
     lines.append(f"expires {new.expiry:%Y-%m-%dT%H:%M:%SZ}")
     return lines
