@@ -11,6 +11,7 @@ from key holders one by one, revocations and labels applying at once.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -366,3 +367,13 @@ def test_a_bundle_label_applies_at_once_through_the_gate_s_caches(
     gate.set_policy(policy_of(bundle))  # what a reload does
     v = gate.verdict([b"src", b"a.c"], version)
     assert not v.allowed and "labelled malicious by the trust bundle" in v.reason
+
+
+def test_a_fifo_in_a_directory_repository_is_refused_at_once(bundle: Bundle) -> None:
+    ts = bundle.repo.dir / "metadata" / "timestamp.json"
+    ts.unlink()
+    os.mkfifo(ts)
+    start = time.monotonic()
+    with refused(bundle, "not a regular file"):
+        bundle.update()
+    assert time.monotonic() - start < 5

@@ -28,6 +28,7 @@ from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
+BUNDLE_TIMEOUT = 60.0  # seconds one trust bundle update may take in the daemon
 
 
 # Mountpoints as resolved before they were mounted: once mounted, resolving one would
@@ -110,19 +111,26 @@ class PolicyHolder:
         view = gate.policy.bundle
         store = gate.volume.store.path
         changed = False
-        try:
-            lines = await trio.to_thread.run_sync(update, store, view.source, view.pin)
-            changed = any(not line.startswith(("snapshot", "timestamp", "expires", "no change"))
-                          for line in lines)
-            if changed:
-                log.info("trust bundle %s updated: %s", view.source, "; ".join(lines))
-            self._bundle_error = ""
-        except AnnofsError as e:
-            if str(e) != self._bundle_error:
-                self._bundle_error = str(e)
-                log.warning("trust bundle update failed, its stored state stays: %s", e)
-                self.events.record(Event(path=view.source, verdict="bundle-refused",
-                                         reason=str(e)))
+        error = ""
+        # A repository that never answers (a hung file system, a slow drip) must not
+        # hold up a reload for ever: the update is abandoned after BUNDLE_TIMEOUT.
+        with trio.move_on_after(BUNDLE_TIMEOUT) as scope:
+            try:
+                lines = await trio.to_thread.run_sync(update, store, view.source, view.pin,
+                                                      abandon_on_cancel=True)
+                changed = any(not line.startswith(("snapshot", "timestamp", "expires",
+                                                   "no change")) for line in lines)
+                if changed:
+                    log.info("trust bundle %s updated: %s", view.source, "; ".join(lines))
+                self._bundle_error = ""
+            except AnnofsError as e:
+                error = str(e)
+        if scope.cancelled_caught:
+            error = f"{view.source}: no answer within {BUNDLE_TIMEOUT:g} s"
+        if error and error != self._bundle_error:
+            self._bundle_error = error
+            log.warning("trust bundle update failed, its stored state stays: %s", error)
+            self.events.record(Event(path=view.source, verdict="bundle-refused", reason=error))
         try:
             policy = await trio.to_thread.run_sync(load_policy, self.file, store)
         except AnnofsError as e:

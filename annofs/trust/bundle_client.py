@@ -104,7 +104,7 @@ class DirectoryFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         path = unquote(urlparse(url).path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise tuf_errors.DownloadHTTPError(f"{path}: no such file", 404) from None
         with os.fdopen(fd, "rb") as f:
