@@ -35,6 +35,9 @@ def test_round_trip() -> None:
     ({"annofs-trust": 1, "revocations": [{"key": ALICE.to_text(), "reason": "x",
                                           "since": "yesterday"}]}, "not a UTC time"),
     ({"annofs-trust": 1, "labels": [{"digest": "md5:00", "label": "bad"}]}, "not a digest"),
+    ({"annofs-trust": 1, "revocations": [{"key": ALICE.to_text(),
+                                          "reason": "lost\nannofs: all fine"}]},
+     "one printable line"),
 ])
 def test_errors(doc: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:

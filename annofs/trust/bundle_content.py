@@ -115,6 +115,10 @@ def parse_content(data: bytes, where: str) -> BundleContent:
     for i, item in enumerate(_list(doc, "revocations", where)):
         w = f"{where}: revocations[{i}]"
         _obj(item, ("key", "reason"), ("since",), w)
+        if one_line(item["reason"]) != item["reason"] or len(item["reason"]) > 500:
+            # Shown in logs, events and status lines: one printable line.
+            raise UsageError(f"{w}.reason: must be one printable line of at most 500 "
+                             f"characters")
         since = item.get("since")
         if since is not None and not isinstance(since, str):
             raise UsageError(f"{w}.since: must be a string")
