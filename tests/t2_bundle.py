@@ -377,3 +377,12 @@ def test_a_fifo_in_a_directory_repository_is_refused_at_once(bundle: Bundle) -> 
     with refused(bundle, "not a regular file"):
         bundle.update()
     assert time.monotonic() - start < 5
+
+
+def test_a_corrupt_stored_state_is_stale_not_a_crash(bundle: Bundle) -> None:
+    current = state_root(bundle.store, bundle.pin) / "current"
+    (current / "metadata" / "timestamp.json").write_bytes(b"{not json")
+    v = verdict_of(policy_of(bundle))
+    assert not v.allowed and "stored bundle unreadable" in v.reason
+    bundle.update()  # a good update replaces it
+    assert verdict_of(policy_of(bundle)).allowed

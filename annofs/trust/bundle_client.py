@@ -202,9 +202,12 @@ def load_state(store: Path, pin: str) -> BundleState | None:
         # removes the old directory; a read that loses that race reads the new one.
         try:
             return _load_dir(link.resolve())
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             if attempt == 4:
-                raise
+                raise UsageError(one_line(f"{link}: stored bundle unreadable: {e}")) from None
+        except (OSError, ValueError, KeyError, TypeError, tuf_errors.RepositoryError) as e:
+            # Corrupt state (the store is checked, not trusted blindly): never a traceback.
+            raise UsageError(one_line(f"{link}: stored bundle unreadable: {e}")) from None
     return None
 
 
@@ -277,7 +280,10 @@ def update(store: Path, source: str, pin: str) -> list[str]:
 def _update_locked(store: Path, state: Path, source: str, pin: str, metadata_base: str,
                    targets_base: str, fetcher: FetcherInterface) -> list[str]:
     bootstrap = _bootstrap(state, pin, metadata_base, fetcher)
-    old = load_state(store, pin)
+    try:
+        old = load_state(store, pin)
+    except UsageError:
+        old = None  # unreadable: ngclient skips what does not verify; a good update heals
     current = state / "current"
     work = state / f"work-{os.getpid()}-{time.monotonic_ns()}"
     if current.exists():

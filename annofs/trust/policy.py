@@ -391,7 +391,11 @@ class _Parser:
         except UsageError as e:
             raise self.fail(line, "trust-bundle-root", str(e).split(": ", 1)[1]) from None
         on_stale = self._enum(doc, "on-stale", OnStale, OnStale.REFUSE)
-        state = load_state(self.store, pin) if self.store is not None else None
+        try:
+            state = load_state(self.store, pin) if self.store is not None else None
+        except UsageError as e:
+            # Unreadable stored state: stale (refuse or warn), not a policy that fails.
+            return BundleView(source, pin, on_stale, f"{e} (annofs bundle update)"), None
         if state is None:
             why = ("it has never been fetched (annofs bundle update)" if self.store
                    is not None else "no store to read it from")
