@@ -55,7 +55,8 @@ RULE_MEMO = 16384  # paths whose rule a policy remembers (~3 MB at most)
 _UNKNOWN: Any = object()
 
 _TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir", "revoked-keys",
-             "rules", "trust-bundle", "trust-bundle-root", "on-stale")
+             "rules")
+_TOP_KEYS += ("trust-bundle", "trust-bundle-root", "on-stale")  # the trust bundle (TUF)
 _RULE_KEYS = ("path", "signers", "claims", "keys")
 
 
@@ -510,8 +511,7 @@ class _Parser:
             count += 1
         return count
 
-    def _revoked(self, doc: dict[str, Any],
-                 bound: dict[str, tuple[bytes, str]]) -> set[bytes]:
+    def _revoked(self, doc: dict[str, Any], bound: dict[str, tuple[bytes, str]]) -> set[bytes]:
         key = "revoked-keys"
         if key not in doc:
             return set()
