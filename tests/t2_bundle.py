@@ -63,10 +63,9 @@ class Bundle:
         return tree_bytes(state_root(self.store, self.pin))
 
 
-def make_bundle(tmp: Path, *, timestamp: int = 86400) -> Bundle:
+def make_bundle(tmp: Path) -> Bundle:
     """A repository with root 2 of 3, alice and bob trusted, published and fetched once."""
-    repo = init_repository(tmp / "repo", [k.public_key() for k in ROOTS], 2,
-                           expires={"timestamp": timestamp})
+    repo = init_repository(tmp / "repo", [k.public_key() for k in ROOTS], 2)
     repo.sign("root", ROOTS[0])
     repo.sign("root", ROOTS[1])
     content = repo.content()
@@ -288,9 +287,13 @@ def test_a_root_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
 
 
 def test_freeze_makes_the_bundle_stale_and_on_stale_decides(tmp_path: Path) -> None:
-    b = make_bundle(tmp_path, timestamp=2)
+    b = make_bundle(tmp_path)
+    start = time.time()
+    b.repo.publish({"timestamp": 3})  # expires 2-3 s from now (whole seconds)
+    b.update()
     assert verdict_of(policy_of(b)).allowed
-    time.sleep(2.2)  # the only wait: the stored timestamp must be past its expiry
+    # The only wait: the stored timestamp must be past its expiry.
+    time.sleep(max(0.0, start + 3.1 - time.time()))
     # The repository (or whoever sits between) keeps serving that timestamp.
     with refused(b, "expired"):
         b.update()

@@ -95,12 +95,16 @@ def test_a_published_revocation_applies_on_reload(mounted: Mount, tmp_path: Path
 
 @pytest.mark.expected_log("trust bundle update failed", "is stale: its timestamp expired")
 def test_a_frozen_bundle_turns_stale_on_the_timer(mounted: Mount, tmp_path: Path) -> None:
-    # The refresh timer is 5 minutes: the daemon also wakes at the bundle's expiry.
-    repo, pin, main = setup(mounted, tmp_path, 3)
+    # The refresh timer is 5 minutes: the daemon also watches the loaded bundle's expiry.
+    repo, pin, main = setup(mounted, tmp_path, 3600)
     with serve_cache(repo.dir) as url:
         mounted.start("--policy", str(policy(tmp_path, url, pin)))
         wait_for(lambda: readable(main))
-        # Nobody republishes: the timestamp expires, updates fail, the bundle is stale.
+        repo.publish({"timestamp": 5})  # a short-lived timestamp, then nobody republishes
+        subprocess.run(annofs_cmd("policy", "reload", str(mounted.path)), check=True,
+                       capture_output=True)
+        assert readable(main)
+        # It expires, updates fail (the same timestamp again), the bundle is stale.
         wait_for(lambda: not readable(main))
         # The next refresh's refusal (the expired timestamp served again) is recorded.
         wait_for(lambda: any(e.verdict == "bundle-refused"

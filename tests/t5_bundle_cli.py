@@ -89,10 +89,10 @@ def test_a_frozen_bundle_is_stale_refuse_or_warn(template: Path, tmp_path: Path)
     refuse = write_policy(env, "repo", pin)
     warn = write_policy(env, "repo", pin, 'on-stale = "warn"', "warn.toml")
     start = time.time()
-    publish(env, "--expires", "timestamp=3s")  # a short-lived timestamp
+    publish(env, "--expires", "timestamp=5s")  # a short-lived timestamp
     ok(env.run("bundle", "update", "--policy", "policy.toml"))
     # Past the timestamp's expiry; the repository is not republished (a freeze).
-    time.sleep(max(0.0, start + 4.1 - time.time()))
+    time.sleep(max(0.0, start + 5.1 - time.time()))
     state = tree_bytes(env.store / "bundle")
     msg = fail(env.run("bundle", "update", "--policy", "policy.toml"), status=1)
     assert "update refused, the trusted state is kept: expired" in msg

@@ -198,18 +198,23 @@ async def _sync_loop(ops: Operations) -> None:
 async def _bundle_loop(policy: PolicyHolder, invalidator: Invalidator,
                        ops: Operations) -> None:
     """Refresh the policy's trust bundle at mount and then every BUNDLE_REFRESH seconds
-    ($ANNOFS_BUNDLE_REFRESH): new revocations and labels apply at once, and a bundle
-    that expired without a successful update turns stale (on-stale)."""
+    ($ANNOFS_BUNDLE_REFRESH): new revocations and labels apply at once. In between, a
+    cheap look each second at the loaded bundle's expiry (a reload may have brought a
+    new one): once past it, refresh at once, so a bundle nobody renews turns stale then
+    (on-stale), not at the next tick."""
     interval = float(os.environ.get("ANNOFS_BUNDLE_REFRESH", BUNDLE_REFRESH))
+    next_refresh = last_try = 0.0
     while True:
-        if await policy.refresh_bundle():
-            invalidator.everything(ops.inodes)
-        # Wake at the bundle's expiry too: it turns stale then, not at the next tick.
+        now = time.time()
         bundle = policy.gate.policy.bundle if policy.gate is not None else None
-        wait = interval
-        if bundle is not None and bundle.stale is None and bundle.expires is not None:
-            wait = min(interval, max(0.5, bundle.expires - time.time() + 0.1))
-        await trio.sleep(wait)
+        expired = (bundle is not None and bundle.stale is None and bundle.expires is not None
+                   and now >= bundle.expires and now - last_try >= 5)
+        if now >= next_refresh or expired:
+            last_try = now
+            if await policy.refresh_bundle():
+                invalidator.everything(ops.inodes)
+            next_refresh = time.time() + interval
+        await trio.sleep(min(1.0, interval))
 
 
 async def _reload_loop(policy: PolicyHolder, invalidator: Invalidator,
