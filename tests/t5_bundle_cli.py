@@ -103,6 +103,9 @@ def test_a_frozen_bundle_is_stale_refuse_or_warn(template: Path, tmp_path: Path)
     assert "is stale: its timestamp expired at" in reason and "on-stale refuse" in reason
     why = env.run("why", "--policy", str(refuse), "/src/proj/a.c")
     assert why.returncode == 1 and b"is stale" in why.stdout
+    # Signed content: no original to look for; what would lift it is a fresh bundle.
+    assert b"no signed original" not in why.stdout
+    assert b"would lift it: a successful annofs bundle update" in why.stdout
     status, lines = verify(env, warn)
     assert status == 0 and lines[0]["status"] == "warn"
     assert "on-stale warn" in str(lines[0]["reason"])
