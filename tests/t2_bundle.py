@@ -389,3 +389,11 @@ def test_a_corrupt_stored_state_is_stale_not_a_crash(bundle: Bundle) -> None:
     assert not v.allowed and "stored bundle unreadable" in v.reason
     bundle.update()  # a good update replaces it
     assert verdict_of(policy_of(bundle)).allowed
+
+
+def test_an_interrupted_update_s_work_directory_is_cleared(bundle: Bundle) -> None:
+    leftover = state_root(bundle.store, bundle.pin) / "work-1-2"
+    (leftover / "metadata").mkdir(parents=True)
+    bundle.update()
+    assert not leftover.exists()
+    assert verdict_of(policy_of(bundle)).allowed

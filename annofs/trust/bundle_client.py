@@ -279,6 +279,11 @@ def update(store: Path, source: str, pin: str) -> list[str]:
 
 def _update_locked(store: Path, state: Path, source: str, pin: str, metadata_base: str,
                    targets_base: str, fetcher: FetcherInterface) -> list[str]:
+    # Work directories an interrupted update left (we hold the lock: none is in use).
+    live = os.readlink(state / "current") if (state / "current").is_symlink() else None
+    for leftover in state.glob("work-*"):
+        if leftover.name != live:
+            shutil.rmtree(leftover, ignore_errors=True)
     bootstrap = _bootstrap(state, pin, metadata_base, fetcher)
     try:
         old = load_state(store, pin)
