@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from annofs.cli.context import store_path
+from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
 
 REPO_HELP = "The bundle repository directory (default: $ANNOFS_BUNDLE_REPO, else .)."
@@ -233,6 +234,11 @@ def bundle_update_cmd(ctx: click.Context, source: str | None, root: str | None,
         raise UsageError(f"{store}: no annofs store here (run annofs init)")
     for line in update(store, src, pin):
         click.echo(line)
+    mounted = read_state(store)
+    if mounted is not None:
+        mp = mounted["mountpoint"]
+        click.echo(f"note: the mount at {mp} takes it at its next refresh, or now with "
+                   f"'annofs policy reload {mp}'", err=True)
 
 
 @bundle_group.command("status")
