@@ -242,10 +242,10 @@ def test_keys_dir_is_relative_to_the_policy_file(tmp_path: Path, monkeypatch: py
 ERROR_CASES = [
     ('mode = "enforce"\nmdoe = "warn"\n',
      "policy.toml:2: mdoe: unknown key (known: mode, default, trusted-public-keys, "
-     "trusted-keys-dir, revoked-keys, rules)"),
+     "trusted-keys-dir, revoked-keys, rules, trust-bundle, trust-bundle-root, on-stale)"),
     ('[other]\nx = 1\n',
      "policy.toml:1: other: unknown key (known: mode, default, trusted-public-keys, "
-     "trusted-keys-dir, revoked-keys, rules)"),
+     "trusted-keys-dir, revoked-keys, rules, trust-bundle, trust-bundle-root, on-stale)"),
     ('mode = "strict"\n', 'policy.toml:1: mode: must be "enforce", "warn" or "off", got "strict"'),
     ('\nmode = 1\n', 'policy.toml:2: mode: must be "enforce", "warn" or "off", got 1'),
     ('default = "deny"\n', 'policy.toml:1: default: must be "allow" or "require", got "deny"'),

@@ -51,7 +51,7 @@ def dashboard_cmd(ctx: click.Context, store_opt: Path | None, listen: str,
     addr = parse_listen(listen, allow_remote=allow_remote)
     if policy_file is None and os.environ.get(POLICY_ENV):
         policy_file = Path(os.environ[POLICY_ENV])
-    policy = load_policy(policy_file) if policy_file is not None else None
+    policy = load_policy(policy_file, store) if policy_file is not None else None
     sock = bind(addr)
     if not addr.loopback:
         click.echo(remote_warning(addr), err=True)

@@ -27,6 +27,7 @@ COMMANDS = {
     "verify": "trust_cmds:verify_cmd", "policy": "trust_cmds:policy_group",
     "why": "why_cmds:why_cmd", "dashboard": "dashboard_cmds:dashboard_cmd",
     "nix": "nix_cmds:nix_group", "nar": "nar_cmds:nar_group",
+    "bundle": "bundle_cmds:bundle_group",
 }
 
 

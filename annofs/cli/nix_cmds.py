@@ -106,7 +106,7 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     if policy_path is None:
         raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV} (its trusted "
                          f"keys decide which cache signatures count)")
-    policy = load_policy(policy_path)
+    policy = load_policy(policy_path, store)
     progress = Progress("nix fetch")
     try:
         with store_lock(store, exclusive=False, what="nix fetch"), \

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from annofs.cli.context import store_path
 from annofs.cli.stores import (
     StoreArgs,
     group_targets,
@@ -53,7 +54,9 @@ def given_policy(policy_file: Path | None, target: StoreArgs | None = None) -> P
                         if target is not None and target.mount is not None else "")
             raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV}{has_none}")
         policy_file = Path(env)
-    return load_policy(policy_file)
+    # The store holds the trust bundle's verified state, if the policy names a bundle.
+    store = target.store if target is not None else store_path(click.get_current_context())
+    return load_policy(policy_file, store)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ def policy_check_cmd(file: Path) -> None:
     """Validate a policy file and summarise it; exit 2 with the first problem."""
     from annofs.trust.policy import load_policy
 
-    policy = load_policy(file)
+    policy = load_policy(file, store_path(click.get_current_context()))
     click.echo(policy.summary())
     for warning in policy.warnings():
         click.echo(f"annofs: warning: {warning}", err=True)

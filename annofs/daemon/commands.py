@@ -98,7 +98,9 @@ class DaemonCommands:
         return dataclasses.asdict(rep)
 
     async def policy_reload(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
-        """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy."""
+        """Re-read the policy file, as SIGHUP does; a bad file keeps the old policy.
+        A policy with a trust bundle updates it first (in a worker thread)."""
+        await self.policy.refresh_bundle()
         message = self.policy.reload()
         self.inv.everything(self.ops.inodes)
         return {"message": message}
@@ -144,7 +146,7 @@ class DaemonCommands:
                 check_outside(c.path, self.policy.mountpoint, "the cache")
         if isinstance(policy_file, str):
             check_outside(Path(policy_file), self.policy.mountpoint, "the policy")
-            policy = load_policy(Path(policy_file))
+            policy = load_policy(Path(policy_file), self.ops.vol.store.path)
         elif self.policy.gate is not None:
             policy = self.policy.gate.policy
         else:

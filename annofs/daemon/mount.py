@@ -48,6 +48,7 @@ log = logging.getLogger("annofs.daemon")
 
 # Committed transactions reach the disk at least this often (fsync forces it sooner).
 SYNC_INTERVAL = 1.0
+BUNDLE_REFRESH = 300.0  # seconds between trust bundle updates (ANNOFS_BUNDLE_REFRESH)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         nursery.start_soon(_sync_loop, ops)
         nursery.start_soon(_signal_loop)
         nursery.start_soon(_reload_loop, policy, invalidator, ops)
+        nursery.start_soon(_bundle_loop, policy, invalidator, ops)
         nursery.start_soon(invalidator.run)
         nursery.start_soon(_tune_readahead, ops, mountpoint)
         await nursery.start(control.serve)
@@ -193,11 +195,34 @@ async def _sync_loop(ops: Operations) -> None:
             await ops.sync()
 
 
+async def _bundle_loop(policy: PolicyHolder, invalidator: Invalidator,
+                       ops: Operations) -> None:
+    """Refresh the policy's trust bundle at mount and then every BUNDLE_REFRESH seconds
+    ($ANNOFS_BUNDLE_REFRESH): new revocations and labels apply at once. In between, a
+    cheap look each second at the loaded bundle's expiry (a reload may have brought a
+    new one): once past it, refresh at once, so a bundle nobody renews turns stale then
+    (on-stale), not at the next tick."""
+    interval = float(os.environ.get("ANNOFS_BUNDLE_REFRESH", BUNDLE_REFRESH))
+    next_refresh = last_try = 0.0
+    while True:
+        now = time.time()
+        bundle = policy.gate.policy.bundle if policy.gate is not None else None
+        expired = (bundle is not None and bundle.stale is None and bundle.expires is not None
+                   and now >= bundle.expires and now - last_try >= 5)
+        if now >= next_refresh or expired:
+            last_try = now
+            if await policy.refresh_bundle():
+                invalidator.everything(ops.inodes)
+            next_refresh = time.time() + interval
+        await trio.sleep(min(1.0, interval))
+
+
 async def _reload_loop(policy: PolicyHolder, invalidator: Invalidator,
                        ops: Operations) -> None:
     """SIGHUP re-reads the policy (a bad file leaves the old one in force)."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            await policy.refresh_bundle()
             try:
                 policy.reload()
             except AnnofsError:

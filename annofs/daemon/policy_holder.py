@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from annofs.daemon.events import EventLog
+from annofs.daemon.events import Event, EventLog
 from annofs.daemon.feed import event_of
 from annofs.errors import AnnofsError, UsageError
 from annofs.explain.report import Explanation, RateLimit, explain
@@ -28,6 +28,7 @@ from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
+BUNDLE_TIMEOUT = 60.0  # seconds one trust bundle update may take in the daemon
 
 
 # Mountpoints as resolved before they were mounted: once mounted, resolving one would
@@ -91,10 +92,61 @@ class PolicyHolder:
         policy = permissive_policy()
         if self.file is not None:
             self._check_locations()
-            policy = load_policy(self.file)
+            policy = load_policy(self.file, vol.store.path)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
         self.explained = RateLimit()
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
+        self._bundle_error = ""  # the last refused update's reason, recorded once
+
+    async def refresh_bundle(self) -> bool:
+        """Update the policy's trust bundle (TUF, in a worker thread: the network never
+        holds up the event loop), then reload the policy if what it trusts or whether
+        it is stale changed. A refused update keeps the old state and is recorded (once
+        per distinct reason) in the events log. True if the policy was replaced."""
+        gate = self.gate
+        if gate is None or gate.policy.bundle is None or self.file is None:
+            return False
+        from annofs.trust.bundle_client import update
+
+        view = gate.policy.bundle
+        store = gate.volume.store.path
+        changed = False
+        error = ""
+        # A repository that never answers (a hung file system, a slow drip) must not
+        # hold up a reload for ever: the update is abandoned after BUNDLE_TIMEOUT.
+        with trio.move_on_after(BUNDLE_TIMEOUT) as scope:
+            try:
+                lines = await trio.to_thread.run_sync(update, store, view.source, view.pin,
+                                                      abandon_on_cancel=True)
+                changed = any(not line.startswith(("snapshot", "timestamp", "expires",
+                                                   "no change")) for line in lines)
+                if changed:
+                    log.info("trust bundle %s updated: %s", view.source, "; ".join(lines))
+                self._bundle_error = ""
+            except AnnofsError as e:
+                error = str(e)
+        if scope.cancelled_caught:
+            error = f"{view.source}: no answer within {BUNDLE_TIMEOUT:g} s"
+        if error and error != self._bundle_error:
+            self._bundle_error = error
+            log.warning("trust bundle update failed, its stored state stays: %s", error)
+            self.events.record(Event(path=view.source, verdict="bundle-refused", reason=error))
+        try:
+            policy = await trio.to_thread.run_sync(load_policy, self.file, store)
+        except AnnofsError as e:
+            log.error("policy reload after a bundle update failed, the old policy stays "
+                      "in force: %s", e)
+            return False
+        new = policy.bundle
+        if not changed and new is not None and (new.stale is None) == (view.stale is None):
+            return False
+        if new is not None and new.stale is not None and view.stale is None:
+            stale = new.stale_text()
+            log.warning("%s (on-stale %s)", stale, new.on_stale.value)
+            self.events.record(Event(path=view.source, verdict="bundle-stale",
+                                     reason=f"{stale} (on-stale {new.on_stale.value})"))
+        gate.set_policy(policy)
+        return True
 
     def _check_locations(self) -> None:
         """The policy and its keys directory must be outside the mount: else they could be
@@ -120,7 +172,7 @@ class PolicyHolder:
             raise UsageError("this mount has no policy file (mount with --policy FILE)")
         try:
             self._check_locations()
-            policy = load_policy(self.file)
+            policy = load_policy(self.file, self.gate.volume.store.path)
         except AnnofsError as e:
             log.error("policy reload failed, the old policy stays in force: %s", e)
             raise UsageError(f"{e} (the old policy stays in force)") from None

@@ -107,7 +107,13 @@ class Dashboard:
                                          and k not in p.revoked}),
                       "revoked": sorted({names[0] for k, names in p.trusted.items() if names
                                          and k in p.revoked}),
-                      "rules": [r.describe() for r in p.rules]}
+                      "rules": [r.describe() for r in p.rules],
+                      # The trust bundle: versions, expiry, root keys and threshold,
+                      # revocations (BundleState.summary), and why it is stale.
+                      "bundle": None if p.bundle is None else {
+                          "source": p.bundle.source, "lines": list(p.bundle.summary),
+                          "stale": p.bundle.stale_text(),
+                          "on_stale": p.bundle.on_stale.value}}
         with self.vol.store.read() as txn:
             statements = self.annotations.count(txn)
         return {"store": str(self.store),

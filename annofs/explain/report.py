@@ -29,7 +29,7 @@ from annofs.trust.policy import Default, Policy
 from annofs.trust.signing import path_text
 from annofs.trust.statement import format_digest, format_subject_digest
 from annofs.trust.symlink import Content, Symlink, position_verdict
-from annofs.trust.verdict import Verdict, decide
+from annofs.trust.verdict import BUNDLE_SIGNER, Verdict, decide
 from annofs.volume import Volume
 
 # Contents larger than this are not read to be diffed (the verdict and original still are).
@@ -71,6 +71,12 @@ def label_advice(verdict: Verdict) -> tuple[str, str]:
     """(why, what would lift it) for content a trusted key labelled malicious; ("", "")
     otherwise. The label refuses the content whatever its signatures, so no signature
     (and no signed original) is what it lacks: only the labeller's key losing trust is."""
+    if stale_only(verdict):
+        return (f"{verdict.missing}: the content is signed, but the trusted keys and "
+                f"revocations cannot be known to be current",
+                "a successful annofs bundle update (its publishers renew the timestamp with "
+                "annofs bundle publish), or on-stale = \"warn\" in the policy; more "
+                "signatures would not")
     if not verdict.malicious:
         return "", ""
     by = ", ".join(verdict.malicious)
@@ -83,7 +89,19 @@ def label_advice(verdict: Verdict) -> tuple[str, str]:
     lift = (f"a revocation of {by}'s {keys} (revoked-keys in the policy), or a policy that "
             f"no longer trusts {'it' if len(verdict.malicious) == 1 else 'them'}; more "
             f"signatures would not")
+    if BUNDLE_SIGNER in verdict.malicious:
+        # The bundle's own label: only its publishers can take it back.
+        lift = ("a new version of the trust bundle without the label (its targets key "
+                "holders), or a policy without the bundle; more signatures would not")
     return why, lift
+
+
+def stale_only(verdict: Verdict) -> bool:
+    """Refused (or flagged) only because the policy's trust bundle is stale: the
+    signatures meet the rule, so there is no signed original to look for."""
+    return (not verdict.satisfied and not verdict.malicious
+            and verdict.missing.startswith("trust bundle ")
+            and len(verdict.signers) >= verdict.needed)
 
 
 def label_only(verdict: Verdict) -> bool:
@@ -230,7 +248,9 @@ class Explanation:
                        if self.target is not None else None),
         }
         label_why, label_lift = label_advice(v)
-        if label_why:
+        if label_why and stale_only(v):
+            out["stale"] = {"why": label_why, "would_lift": label_lift}
+        elif label_why:
             out["label"] = {"malicious_by": list(v.malicious), "why": label_why,
                             "would_lift": label_lift}
         if not self.searched:
@@ -292,7 +312,7 @@ def explain(vol: Volume, annotations: AnnotationStore, policy: Policy,
             verdict = decide(text_path, version.digest, policy,
                              annotations.for_digest(txn, version.digest))
         e = Explanation(text_path, version.id, version.digest, version.size, verdict)
-        if verdict.satisfied or label_only(verdict):
+        if verdict.satisfied or label_only(verdict) or stale_only(verdict):
             return e
         e.searched = True
         e.would_satisfy = would_satisfy(policy, text_path)

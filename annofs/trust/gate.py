@@ -99,10 +99,13 @@ class TrustGate:
         if hit is not None:
             return hit
         statements = self.annotations.covering(txn, digest)
-        ids = tuple([ss.id for ss in statements])  # in id order: one key per set
+        labels = policy.labels.get(digest, ())  # the trust bundle's, by content
+        ids: tuple[object, ...] = tuple([ss.id for ss in statements])  # one key per set
+        if labels:
+            ids = (*ids, labels)
         result = self.by_statements.get(ids, index, policy.generation, 0)
         if result is None:
-            result = decide_covered(policy, rule, statements)
+            result = decide_covered(policy, rule, statements, labels)
             self.by_statements.put(ids, index, policy.generation, 0, result)
         self.cache.put(digest, index, policy.generation, generation, result)
         return result

@@ -6,6 +6,9 @@ default = "allow"                # paths no rule matches: allow | require (defau
 trusted-public-keys = ["alice-1:Qm...="]   # Nix notation, as in nix.conf
 trusted-keys-dir = "keys"        # every *.public in it, relative to the policy file
 revoked-keys = ["mallory-1"]     # key names, or NAME:BASE64 public keys
+trust-bundle = "https://example.org/trust"  # a TUF trust bundle (URL or directory)
+trust-bundle-root = "sha256:..." # its first root.json, pinned by hash
+on-stale = "refuse"              # bundle expired, no update: refuse | warn
 
 [[rules]]                        # the first rule whose glob matches wins
 path = "/src/**"                 # see annofs.trust.pathglob for the grammar
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -52,6 +56,7 @@ _UNKNOWN: Any = object()
 
 _TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir", "revoked-keys",
              "rules")
+_TOP_KEYS += ("trust-bundle", "trust-bundle-root", "on-stale")  # the trust bundle (TUF)
 _RULE_KEYS = ("path", "signers", "claims", "keys")
 
 
@@ -68,6 +73,31 @@ class Default(enum.Enum):
 
     ALLOW = "allow"
     REQUIRE = "require"  # one trusted signer
+
+
+class OnStale(enum.Enum):
+    """What rules that need signers do while the trust bundle is stale."""
+
+    REFUSE = "refuse"
+    WARN = "warn"  # allow, and record
+
+
+@dataclass(frozen=True)
+class BundleView:
+    """The policy's trust bundle as loaded: where from, and whether it is fresh."""
+
+    source: str
+    pin: str
+    on_stale: OnStale
+    stale: str | None  # why it is stale ("" never: None when fresh)
+    summary: tuple[str, ...] = ()
+    expires: float | None = None  # epoch seconds when it turns stale (None: unknown)
+
+    def stale_text(self) -> str | None:
+        """`trust bundle SOURCE is stale: WHY`, or None when fresh."""
+        if self.stale is None:
+            return None
+        return f"trust bundle {self.source} is stale: {self.stale}"
 
 
 @dataclass(frozen=True)
@@ -108,6 +138,11 @@ class Policy:
     revoked: frozenset[bytes]
     rules: tuple[Rule, ...]
     keys_from_dir: int = 0
+    # From the trust bundle (annofs.trust.bundle_client): a revoked key's statements
+    # signed before `since` still count; labels by content digest; the bundle's freshness.
+    revoked_since: Mapping[bytes, int] = field(default_factory=dict)
+    labels: Mapping[bytes, tuple[str, ...]] = field(default_factory=dict)
+    bundle: BundleView | None = None
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
     # Store path (its names) -> rule, memoized for this policy only: a reload makes a
@@ -161,7 +196,20 @@ class Policy:
             state = " (revoked)" if key in self.revoked else ""
             lines.append(f"  key {', '.join(names)}{state}")
         lines.extend(f"  {r.describe()}" for r in self.rules)
+        if self.bundle is not None:
+            lines.extend(self.bundle.summary or (f"bundle {self.bundle.source}",))
+            stale = self.bundle.stale_text()
+            if stale:
+                lines.append(f"  {stale} (on-stale = {self.bundle.on_stale.value!r})")
         return "\n".join(lines)
+
+    def is_revoked_for(self, key: bytes, signed_at: int) -> bool:
+        """Whether a statement by `key` signed at `signed_at` falls under a revocation
+        (a bundle's revocation may start at a time: `since`)."""
+        if key not in self.revoked:
+            return False
+        since = self.revoked_since.get(key)
+        return since is None or signed_at >= since
 
     def warnings(self) -> list[str]:
         """What makes the policy do less than its author likely meant (`policy check`)."""
@@ -258,7 +306,8 @@ class _Locator:
 
 
 class _Parser:
-    def __init__(self, path: Path, text: str) -> None:
+    def __init__(self, path: Path, text: str, store: Path | None = None) -> None:
+        self.store = store
         self.path = path
         self.name = str(path)
         self.text = text
@@ -286,11 +335,95 @@ class _Parser:
         bound: dict[str, tuple[bytes, str]] = {}
         self._trusted_list(doc, trusted, bound)
         from_dir = self._trusted_dir(doc, trusted, bound)
+        bundle = self._bundle(doc, trusted, bound)
         revoked = self._revoked(doc, bound)
         rules = self._rules(doc, bound)
+        since: dict[bytes, int] = {}
+        labels: dict[bytes, tuple[str, ...]] = {}
+        view = None
+        if bundle is not None:
+            view, content = bundle
+            if content is not None:
+                for r in content.revocations:
+                    # A local revocation (no `since`) is the stricter one: it wins.
+                    if r.key.key not in revoked and r.since is not None:
+                        since[r.key.key] = min(r.since, since.get(r.key.key, r.since))
+                for r in content.revocations:
+                    if r.since is None:
+                        since.pop(r.key.key, None)
+                    revoked.add(r.key.key)
+                for digest, label in content.labels:
+                    labels[digest] = (*labels.get(digest, ()), label)
+                for j, table in enumerate(content.rules):
+                    rules.append(self._bundle_rule(len(rules), j, table, bound))
         return Policy(self.name, mode, default,
                       {k: tuple(v) for k, v in trusted.items()}, frozenset(revoked),
-                      tuple(rules), from_dir)
+                      tuple(rules), from_dir, since, labels, view)
+
+    def _bundle(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
+                bound: dict[str, tuple[bytes, str]]) -> tuple[BundleView, Any] | None:
+        """The trust bundle's stored state (annofs bundle update fetches it): its keys
+        join the trusted ones; None if the policy names no bundle."""
+        if "trust-bundle" not in doc:
+            for key in ("trust-bundle-root", "on-stale"):
+                if key in doc:
+                    raise self.fail(self.loc.key(key), key, "needs trust-bundle")
+            return None
+        from annofs.trust.bundle_client import load_state, parse_pin
+
+        source = doc["trust-bundle"]
+        if not isinstance(source, str) or not source:
+            raise self.fail(self.loc.key("trust-bundle"), "trust-bundle",
+                            f"must be a URL or a directory, got {_show(source)}")
+        if not source.startswith(("http://", "https://", "/")):
+            # Relative to the policy, as trusted-keys-dir.
+            source = os.path.abspath(self.path.parent / source)
+        if "trust-bundle-root" not in doc:
+            raise self.fail(self.loc.key("trust-bundle"), "trust-bundle",
+                            "needs trust-bundle-root = \"sha256:<hex>\" (the first "
+                            "root.json's hash, as annofs bundle publish prints it)")
+        pin_text = doc["trust-bundle-root"]
+        line = self.loc.key("trust-bundle-root")
+        if not isinstance(pin_text, str):
+            raise self.fail(line, "trust-bundle-root", f"must be a string, got "
+                                                       f"{_show(pin_text)}")
+        try:
+            pin = parse_pin(pin_text, "trust-bundle-root")
+        except UsageError as e:
+            raise self.fail(line, "trust-bundle-root", str(e).split(": ", 1)[1]) from None
+        on_stale = self._enum(doc, "on-stale", OnStale, OnStale.REFUSE)
+        try:
+            state = load_state(self.store, pin) if self.store is not None else None
+        except UsageError as e:
+            # Unreadable stored state: stale (refuse or warn), not a policy that fails.
+            return BundleView(source, pin, on_stale, f"{e} (annofs bundle update)"), None
+        if state is None:
+            why = ("it has never been fetched (annofs bundle update)" if self.store
+                   is not None else "no store to read it from")
+            return BundleView(source, pin, on_stale, why), None
+        for pk in state.content.keys:
+            self._bind(bound, pk.name, pk.key, f"trust bundle {source}", line,
+                       "trust-bundle")
+            names = trusted.setdefault(pk.key, [])
+            if pk.name not in names:
+                names.append(pk.name)
+        return BundleView(source, pin, on_stale, state.stale(), tuple(state.summary()),
+                          state.expiry.timestamp()), state.content
+
+    def _bundle_rule(self, index: int, j: int, table: dict[str, Any],
+                     bound: dict[str, tuple[bytes, str]]) -> Rule:
+        """A shared rule from the bundle, after the policy's own (which win)."""
+        where = f"trust-bundle rules[{j}]"
+        for key in table:
+            if key not in _RULE_KEYS:
+                raise self.fail(None, where, f"unknown key {key!r}")
+        for key in ("path", "signers"):
+            if key not in table:
+                raise self.fail(None, where, f"missing {key!r}")
+        try:
+            return self._rule(index, table, bound)
+        except UsageError as e:
+            raise UsageError(one_line(f"{self.name}: {where}: {e}")) from None
 
     def _syntax_error(self, e: tomllib.TOMLDecodeError) -> UsageError:
         msg = str(e)
@@ -493,12 +626,13 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_policy(text: str, path: Path) -> Policy:
-    """Parse policy text; `path` names it in errors and anchors trusted-keys-dir."""
-    return _Parser(path, text).parse()
+def parse_policy(text: str, path: Path, store: Path | None = None) -> Policy:
+    """Parse policy text; `path` names it in errors and anchors trusted-keys-dir;
+    `store` holds the trust bundle's state (`<store>/bundle`), if the policy names one."""
+    return _Parser(path, text, store).parse()
 
 
-def load_policy(path: Path) -> Policy:
+def load_policy(path: Path, store: Path | None = None) -> Policy:
     """Read and parse a policy file; UsageError naming the file and the problem."""
     data = read_user_file(path, "policy file")
     try:
@@ -506,5 +640,5 @@ def load_policy(path: Path) -> Policy:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: not UTF-8 text") from None
-    return parse_policy(text, path)
+    return parse_policy(text, path, store)
 

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from annofs.trust.policy import Default, Mode, Policy, Rule, signer_name
+from annofs.trust.policy import Default, Mode, OnStale, Policy, Rule, signer_name
 from annofs.trust.statement import MALICIOUS, SignedStatement
 
 
@@ -69,17 +69,23 @@ def decide(path: str, digest: bytes, policy: Policy,
            statements: Iterable[SignedStatement]) -> Verdict:
     """The verdict for the content `digest` at store path `path` under `policy`."""
     return decide_covered(policy, policy.rule_for(path),
-                          [ss for ss in statements if digest in ss.digests])
+                          [ss for ss in statements if digest in ss.digests],
+                          policy.labels.get(digest, ()))
+
+
+BUNDLE_SIGNER = "the trust bundle"
 
 
 def decide_covered(policy: Policy, rule: Rule | None,
-                   statements: Iterable[SignedStatement]) -> Verdict:
+                   statements: Iterable[SignedStatement],
+                   bundle_labels: tuple[str, ...] = ()) -> Verdict:
     """The verdict under `rule` (None: the policy's default) for content that exactly
     `statements` cover (the caller checked that each lists the content's digest).
 
     Nothing else goes in: for one policy the verdict is a function of the rule and the
     statement ids (content addresses), so a caller may reuse it for every content that
-    the same statements cover under the same rule.
+    the same statements cover under the same rule. `bundle_labels`: the labels the
+    policy's trust bundle puts on this content (part of the caller's cache key).
     """
     if rule is not None:
         needed, rule_text, rule_index = rule.signers, rule.label, rule.index
@@ -107,7 +113,7 @@ def decide_covered(policy: Policy, rule: Rule | None,
         if st.public_key not in policy.trusted:
             note(shown)  # "untrusted key ... (claims ...)"
             continue
-        if st.public_key in policy.revoked:
+        if policy.is_revoked_for(st.public_key, st.time):
             note(f"{shown}: key revoked")
             continue
         if st.label is not None:
@@ -125,6 +131,11 @@ def decide_covered(policy: Policy, rule: Rule | None,
             continue
         counted.setdefault(st.public_key, shown)
 
+    for label in bundle_labels:
+        labels.append(f"{label} by {BUNDLE_SIGNER}")
+        if label == MALICIOUS and BUNDLE_SIGNER not in malicious:
+            malicious.append(BUNDLE_SIGNER)
+
     # Sorted: statements made in the same second have no meaningful order.
     signers = tuple(sorted(counted.values()))
     malicious.sort()
@@ -139,8 +150,17 @@ def decide_covered(policy: Policy, rule: Rule | None,
         if rule is not None and rule.claims is not None:
             missing += f"; accepted claims: {', '.join(sorted(rule.claims))}"
     satisfied = met and not malicious
-
+    # A stale trust bundle (expired, no update since: a freeze, or a lost repository):
+    # rules that need signers cannot rely on its keys and revocations being current.
+    stale = policy.bundle.stale_text() if policy.bundle is not None and needed else None
     allowed = satisfied if policy.mode is Mode.ENFORCE else True
+    if stale is not None and satisfied:
+        satisfied = False
+        if policy.bundle is not None and policy.bundle.on_stale is OnStale.REFUSE:
+            missing = f"{stale} (on-stale refuse)"
+            allowed = policy.mode is not Mode.ENFORCE
+        else:
+            missing = f"{stale} (on-stale warn: allowed)"
 
     if satisfied:
         if needed == 0 and not signers:
@@ -148,8 +168,13 @@ def decide_covered(policy: Policy, rule: Rule | None,
                     else "no signature needed")
         else:
             body = f"signed by {', '.join(signers)} ({len(counted)} of {needed} needed)"
+    elif stale is not None and met and not malicious:
+        body = (f"{missing}; signed by {', '.join(signers)} ({len(counted)} of "
+                f"{needed} needed)")
     else:
         body = missing
+        if stale is not None:
+            body += f"; {stale}"
     if ignored and not satisfied:
         body += "; not counted: " + "; ".join(ignored)
     reason = f"{rule_text}: {body}"

@@ -387,6 +387,13 @@ async function start() {
     document.getElementById("policy").textContent = p
       ? `policy ${p.source}: mode ${p.mode}, default ${p.default}; trusted keys: ${p.trusted.join(", ") || "none"}`
       : "no policy";
+    if (p && p.bundle) {
+      const b = document.createElement("div");
+      b.id = "bundle";
+      b.textContent = (p.bundle.lines.length ? p.bundle.lines.join(" · ") : `bundle ${p.bundle.source}`) +
+        (p.bundle.stale ? ` · STALE (on-stale ${p.bundle.on_stale}): ${p.bundle.stale}` : "");
+      document.getElementById("policy").after(b);
+    }
     if (info.live && !p) {
       const note = document.getElementById("live-off");
       note.textContent = "This mount has no policy (mount --policy FILE): opens are not judged, so none are listed.";
