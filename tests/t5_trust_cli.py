@@ -354,7 +354,8 @@ BAD: dict[str, Bad] = {
     "policy-check-unknown-key": Bad(lambda e: ["policy", "check", str(e.policy(
         'mode = "enforce"\nrevoke-keys = []\n', "bad.toml"))],
         lambda e: f"{e.tmp}/bad.toml:2: revoke-keys: unknown key (known: mode, default, "
-                  f"trusted-public-keys, trusted-keys-dir, revoked-keys, rules)"),
+                  f"trusted-public-keys, trusted-keys-dir, trusted-ssh-signers, revoked-keys, "
+                  f"rules)"),
     "key-generate-bad-name": Bad(lambda e: ["key", "generate", "../evil"],
                                  lambda e: "'../evil': a key name for 'key generate' is letters, "
                                            "digits and . _ + @ - (not starting with '.' or "
