@@ -251,8 +251,9 @@ class Policy:
                          + state)
             lines.append(f"  key {', '.join(names)}{state}")
         if self.ssh_file is not None:
-            lines.append(f"  trusted-ssh-signers: {self.ssh_file} ("
-                         f"{sum(len(v) for v in self.ssh_signers.values())} lines)")
+            n = sum(len(v) for v in self.ssh_signers.values())
+            lines.append(f"  trusted-ssh-signers: {self.ssh_file} ({n} "
+                         f"line{'s' if n != 1 else ''})")
         lines.extend(f"  {r.describe()}" for r in self.rules)
         return "\n".join(lines)
 
