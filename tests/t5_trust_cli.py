@@ -294,7 +294,8 @@ BAD: dict[str, Bad] = {
     "key-missing": Bad(lambda e: ["sign", "--key", str(e.tmp / "none"), "/src/proj"],
                        lambda e: f"{e.tmp}/none: no such key file"),
     "key-option-missing": Bad(lambda e: ["sign", "/src/proj"],
-                              lambda e: "Missing option '--key'."),
+                              lambda e: "give exactly one of --key SECRET (a Nix key) and "
+                                        "--ssh-key PATH"),
     "sign-bad-claim": Bad(lambda e: ["sign", "--key", "x", "--claim", "Re viewed", "/src/proj"],
                           lambda e: "claim 'Re viewed': must be a lowercase word matching "
                                     "[a-z][a-z0-9-]{0,31}"),
