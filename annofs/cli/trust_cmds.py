@@ -182,7 +182,14 @@ def attest_export_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
     if cache_sigs:
         click.echo(f"annofs: {len(cache_sigs)} binary-cache signature(s) not exported: they "
                    f"sign a NAR, not files (fetch the path again to carry them)", err=True)
-    statements = sorted((ss for ss in found.values() if ss.statement.fingerprint is None),
+    # Likewise a signed git tag or commit signs the commit, not these files.
+    git_sigs = [ss for ss in found.values() if ss.statement.git is not None]
+    if git_sigs:
+        click.echo(f"annofs: {len(git_sigs)} git signature(s) not exported: they sign a "
+                   f"commit, not files (import the repository again to carry them)",
+                   err=True)
+    statements = sorted((ss for ss in found.values() if ss.statement.fingerprint is None
+                         and ss.statement.git is None),
                         key=lambda ss: (ss.statement.time, ss.id))
     out = sys.stdout
     for line in export_lines(statements):

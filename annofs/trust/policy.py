@@ -62,7 +62,13 @@ from annofs.trust.allowed_signers import AllowedSigner, load_allowed_signers
 from annofs.trust.keys import check_key_name, key_fingerprint, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
 from annofs.trust.sshsig import SK_ED25519, SshPublicKey
-from annofs.trust.statement import LABEL_CLAIM, SignedStatement, Statement, check_word
+from annofs.trust.statement import (
+    GIT_NAMESPACE,
+    LABEL_CLAIM,
+    SignedStatement,
+    Statement,
+    check_word,
+)
 from annofs.userfile import read_user_file
 
 # Each loaded policy gets a new generation: verdict caches key on it.
@@ -204,14 +210,17 @@ class Policy:
 
     def ssh_refusal(self, st: Statement, now: float) -> str | None:
         """Why a trusted SSH key's statement does not count (None: it does): no line for
-        the key allows namespace `annofs` at the statement's time and at `now`."""
+        the key allows namespace `annofs` (`git` for a signed git tag or commit) at the
+        statement's time and at `now`."""
         lines = [ln for ln in self.ssh_signers.get(st.public_key, ()) if ln.key == st.ssh_key]
         if not lines:
             return "not in trusted-ssh-signers"
-        spaced = [ln for ln in lines if ln.allows_namespace(SSH_NAMESPACE)]
+        # A signed git tag or commit was signed in git's namespace, by git.
+        namespace = GIT_NAMESPACE if st.git is not None else SSH_NAMESPACE
+        spaced = [ln for ln in lines if ln.allows_namespace(namespace)]
         if not spaced:
             return (f"{lines[0].where}: namespaces={','.join(lines[0].namespaces or ())} "
-                    f"does not allow {SSH_NAMESPACE!r}")
+                    f"does not allow {namespace!r}")
         if any(ln.valid_at(st.time) and ln.valid_at(now) for ln in spaced):
             return None
         ln = spaced[0]
@@ -289,8 +298,14 @@ def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
 def statement_signer(policy: Policy | None, ss: SignedStatement) -> str:
     """`signer_name` of a signed statement (its key, claimed name, format, validity)."""
     st = ss.statement
-    return signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid,
+    name = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid,
                        ssh_key=st.ssh_key)
+    if st.git is not None:
+        # A signed git tag or commit: say which, so `why` names the chain's first link.
+        what = (f"tag {st.git.tag}, commit {st.git.commit[:12]}" if st.git.tag is not None
+                else f"commit {st.git.commit[:12]}")
+        name = f"{name} (git {what})"
+    return name
 
 
 def permissive_policy() -> Policy:

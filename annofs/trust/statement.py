@@ -43,6 +43,15 @@ statement's `public_key` is the 32-byte Ed25519 key in either case, so signers s
 distinct by key across both kinds; the policy trusts an SSH-signed statement only
 through its `trusted-ssh-signers` file (annofs/trust/policy.py).
 
+A fourth kind records a signed git tag or commit (`annofs import --git
+--verify-signatures`): claim `source` over the imported files, the predicate's `git`
+naming the object type (`tag` or `commit`), the signed object's bytes (the tag or commit
+object without its signature), the commit, the tag and the repository, and
+`sshPublicKey`; the envelope's signature is the developer's own SSHSIG, namespace `git`,
+over those bytes. As for a narinfo signature, what ties the subjects to the commit is
+the import that checked the work tree was that commit's, clean: such statements are not
+exported nor taken from `attest import`.
+
 Every parser here is strict: a malformed field is a UsageError naming where it was found
 and what is wrong, never a KeyError or TypeError.
 """
@@ -84,6 +93,13 @@ PREDICATE_TYPE = "urn:annofs:statement:v1"
 NARINFO_PAYLOAD_TYPE = "application/vnd.annofs.nix-narinfo-sig+json"
 NARINFO_PREDICATE_TYPE = "urn:annofs:nix-narinfo-sig:v1"
 NARINFO_CLAIM = "built"
+# A signed git tag or commit, recorded by `annofs import --git --verify-signatures`.
+GIT_PAYLOAD_TYPE = "application/vnd.annofs.git-sig+json"
+GIT_PREDICATE_TYPE = "urn:annofs:git-sig:v1"
+GIT_CLAIM = "source"
+GIT_NAMESPACE = "git"
+MAX_GIT_OBJECT = 1 << 20
+_GIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # Nix's `1;<store path>;sha256:<nix base32>;<NarSize>;<references, ",">`, printable ASCII.
 _FINGERPRINT = re.compile(r"1;/[!-:<-~]+;sha256:[0-9a-df-np-sv-z]{52};[1-9][0-9]{0,18};"
                           r"[!-:<-~]*")
@@ -230,6 +246,46 @@ class Subject:
 
 
 @dataclass(frozen=True)
+class GitSource:
+    """A signed git tag or commit: the signed object (without its signature) and what
+    the import saw. The tag object names its commit and tag, checked on parsing."""
+
+    kind: str  # "tag" or "commit"
+    object: bytes  # the bytes the SSHSIG (namespace git) is over
+    commit: str  # hex
+    tag: str | None
+    repository: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The predicate's `git` object."""
+        out: dict[str, Any] = {"type": self.kind,
+                               "object": base64.b64encode(self.object).decode(),
+                               "commit": self.commit, "repository": self.repository}
+        if self.tag is not None:
+            out["tag"] = self.tag
+        return out
+
+    def check(self) -> str | None:
+        """What is wrong with it, or None: a tag object must name this commit and tag."""
+        if self.kind not in ("tag", "commit"):
+            return f"type {self.kind!r} (tag or commit)"
+        if not _GIT_ID.fullmatch(self.commit):
+            return f"commit {self.commit[:80]!r} is not a git object id"
+        if len(self.object) > MAX_GIT_OBJECT:
+            return "the git object is larger than 1 MiB"
+        if not self.repository or len(self.repository) > MAX_NAME:
+            return "repository: 1 to 4096 characters"
+        if self.kind == "tag":
+            head = self.object.split(b"\n\n", 1)[0].split(b"\n")
+            if not head or head[0] != f"object {self.commit}".encode() or \
+                    self.tag is None or f"tag {self.tag}".encode() not in head:
+                return "the tag object does not name this commit and tag"
+        elif self.tag is not None:
+            return "a signed commit names no tag"
+        return None
+
+
+@dataclass(frozen=True)
 class Statement:
     """What a signer claims about a set of contents (unsigned)."""
 
@@ -241,6 +297,7 @@ class Statement:
     label: str | None = None
     fingerprint: str | None = None  # a narinfo signature's signed fingerprint
     ssh_key: sshsig.SshPublicKey | None = None  # an SSH-signed statement's key
+    git: GitSource | None = None  # a signed git tag or commit's statement
 
     def __post_init__(self) -> None:
         if not self.subjects:
@@ -278,12 +335,14 @@ class Statement:
     def checked_already(cls, subjects: tuple[Subject, ...], claim: str, signer: str,
                         public_key: bytes, when: int, label: str | None,
                         fingerprint: str | None = None,
-                        ssh_key: sshsig.SshPublicKey | None = None) -> Statement:
+                        ssh_key: sshsig.SshPublicKey | None = None,
+                        git: GitSource | None = None) -> Statement:
         """Build without re-validating: for the parser, which checked each field."""
         obj = object.__new__(cls)
         for name, value in (("subjects", subjects), ("claim", claim), ("signer", signer),
                             ("public_key", public_key), ("time", when), ("label", label),
-                            ("fingerprint", fingerprint), ("ssh_key", ssh_key)):
+                            ("fingerprint", fingerprint), ("ssh_key", ssh_key),
+                            ("git", git)):
             object.__setattr__(obj, name, value)
         return obj
 
@@ -302,11 +361,14 @@ class Statement:
             predicate["label"] = self.label
         if self.fingerprint is not None:
             predicate["fingerprint"] = self.fingerprint
+        if self.git is not None:
+            predicate["git"] = self.git.to_json()
         return {
             "_type": STATEMENT_TYPE,
             "subject": [{"name": s.name, "digest": s.digest_json()} for s in self.subjects],
-            "predicateType": (PREDICATE_TYPE if self.fingerprint is None
-                              else NARINFO_PREDICATE_TYPE),
+            "predicateType": (NARINFO_PREDICATE_TYPE if self.fingerprint is not None
+                              else GIT_PREDICATE_TYPE if self.git is not None
+                              else PREDICATE_TYPE),
             "predicate": predicate,
         }
 
@@ -379,13 +441,19 @@ class SignedStatement:
             sig = sshsig.parse_signature(self.envelope.sig)
             if sig.public_key != ssh_key:
                 return None
+            git = self.statement.git
+            if git is not None:
+                return sshsig.verify(sig, git.object, GIT_NAMESPACE)
             return sshsig.verify(sig, self.envelope.pae(), sshsig.NAMESPACE)
         except sshsig.SshSigError:
             return None
 
     @property
     def signed_message(self) -> bytes:
-        """What the signature is over: the PAE, or a narinfo signature's fingerprint."""
+        """What the signature is over: the PAE, a narinfo signature's fingerprint, or a
+        git tag or commit's object."""
+        if self.statement.git is not None:
+            return self.statement.git.object
         fp = self.statement.fingerprint
         return self.envelope.pae() if fp is None else fp.encode("ascii")
 
@@ -466,6 +534,28 @@ def sign_statement_ssh(statement: Statement, key_file: Path) -> SignedStatement:
     half is in ssh-agent): OpenSSH asks for a passphrase or a FIDO touch as usual."""
     message = pae(PAYLOAD_TYPE.encode(), statement.payload())
     return ssh_signed(statement, sshsig.sign_with_ssh_keygen(key_file, message))
+
+
+def git_statement(subjects: Iterable[Subject], git: GitSource, key: sshsig.SshPublicKey,
+                  armored: str, when: int, name: str) -> SignedStatement:
+    """A signed git tag or commit as a `source` statement over `subjects` (the files the
+    import found to be that commit's tree); `armored`: the object's SSHSIG."""
+    problem = git.check()
+    if problem is not None:
+        raise UsageError(f"git signature: {problem}")
+    if not _KEY_NAME.fullmatch(name):
+        name = SSH_DEFAULT_NAME
+    st = Statement(subjects=tuple(subjects), claim=GIT_CLAIM, signer=name,
+                   public_key=key.key, time=when, ssh_key=key, git=git)
+    try:
+        blob = sshsig.dearmor(armored)
+    except sshsig.SshSigError as e:
+        raise UsageError(str(e)) from None
+    ss = SignedStatement(st, Envelope(GIT_PAYLOAD_TYPE, st.payload(), key.fingerprint, blob))
+    if not ss.signature_valid:
+        raise UsageError(f"the git {git.kind}'s SSH signature does not verify as "
+                         f"{key.fingerprint}'s")
+    return ss
 
 
 def check_fingerprint(text: str) -> bool:
@@ -563,6 +653,10 @@ def _parse_envelope(data: str | bytes) -> Envelope:
     doc = _object(_load_json(data, "envelope"), "envelope",
                   ("payloadType", "payload", "signatures"))
     payload_type = _string(doc["payloadType"], "payloadType")
+    if payload_type == GIT_PAYLOAD_TYPE:
+        # Its subjects are bound to the commit only by the import that checked the tree.
+        raise _Bad("payloadType", "a git signature is not imported from a file; "
+                                  "'annofs import --git --verify-signatures' records it")
     if payload_type == NARINFO_PAYLOAD_TYPE:
         # Its subjects are bound to the signed NarHash only by the NAR they came from:
         # taking them from a file would let anyone attach a cache's signature to any files.
@@ -620,11 +714,13 @@ def open_envelope(env: Envelope, where: str) -> SignedStatement:
     except UsageError as e:
         raise UsageError(f"{where}: payload: {e}") from None
     if (env.payload_type == NARINFO_PAYLOAD_TYPE) != (st.fingerprint is not None) or \
-            env.payload_type not in (PAYLOAD_TYPE, NARINFO_PAYLOAD_TYPE):
+            (env.payload_type == GIT_PAYLOAD_TYPE) != (st.git is not None) or \
+            env.payload_type not in (PAYLOAD_TYPE, NARINFO_PAYLOAD_TYPE, GIT_PAYLOAD_TYPE):
         raise UsageError(f"{where}: payloadType {env.payload_type!r} does not match the "
                          f"payload's predicateType")
     if st.ssh_key is not None:
-        _check_ssh_envelope(env, st.ssh_key, where)
+        _check_ssh_envelope(env, st.ssh_key, where,
+                            GIT_NAMESPACE if st.git is not None else sshsig.NAMESPACE)
     elif len(env.sig) != SIGNATURE_SIZE:
         raise UsageError(f"{where}: signatures[0].sig: the payload names an ed25519 "
                          f"publicKey, whose signature is 64 bytes, not {len(env.sig)}")
@@ -634,7 +730,8 @@ def open_envelope(env: Envelope, where: str) -> SignedStatement:
     return SignedStatement(st, env)
 
 
-def _check_ssh_envelope(env: Envelope, key: sshsig.SshPublicKey, where: str) -> None:
+def _check_ssh_envelope(env: Envelope, key: sshsig.SshPublicKey, where: str,
+                        namespace: str) -> None:
     """An SSH-signed statement's envelope: keyid is the key's fingerprint, the signature
     a well-formed SSHSIG by that key in namespace `annofs` (whether it verifies is
     `signature_valid`'s to say)."""
@@ -648,9 +745,9 @@ def _check_ssh_envelope(env: Envelope, key: sshsig.SshPublicKey, where: str) -> 
     if sig.public_key != key:
         raise UsageError(f"{where}: signatures[0].sig: made by {sig.public_key.fingerprint}, "
                          f"not by the payload's sshPublicKey ({key.fingerprint})")
-    if sig.namespace != sshsig.NAMESPACE:
+    if sig.namespace != namespace:
         raise UsageError(f"{where}: signatures[0].sig: namespace {sig.namespace!r}, not "
-                         f"{sshsig.NAMESPACE!r}")
+                         f"{namespace!r}")
 
 
 def _parse_statement(doc: Any) -> Statement:
@@ -658,7 +755,8 @@ def _parse_statement(doc: Any) -> Statement:
     if doc["_type"] != STATEMENT_TYPE:
         raise _Bad("payload._type", f"expected {STATEMENT_TYPE!r}, got {_show(doc['_type'])}")
     narinfo = doc["predicateType"] == NARINFO_PREDICATE_TYPE
-    if doc["predicateType"] != PREDICATE_TYPE and not narinfo:
+    gitsig = doc["predicateType"] == GIT_PREDICATE_TYPE
+    if doc["predicateType"] != PREDICATE_TYPE and not narinfo and not gitsig:
         raise _Bad("payload.predicateType",
                    f"expected {PREDICATE_TYPE!r}, got {_show(doc['predicateType'])}")
     subjects_raw = doc["subject"]
@@ -694,10 +792,14 @@ def _parse_statement(doc: Any) -> Statement:
         subjects.append(Subject(name, bytes.fromhex(hexd), symlink))
     pred = doc["predicate"]
     # An SSH-signed statement names its key as sshPublicKey instead of publicKey.
-    ssh = type(pred) is dict and "sshPublicKey" in pred and not narinfo
+    ssh = gitsig or (type(pred) is dict and "sshPublicKey" in pred and not narinfo)
     pred = _object(pred, "payload.predicate",
                    ("claim", "signer", "sshPublicKey" if ssh else "publicKey", "time",
-                    *(("fingerprint",) if narinfo else ())), ("label",))
+                    *(("fingerprint",) if narinfo else ()), *(("git",) if gitsig else ())),
+                   () if gitsig else ("label",))
+    git = _parse_git(pred["git"]) if gitsig else None
+    if gitsig and pred["claim"] != GIT_CLAIM:
+        raise _Bad("payload.predicate.claim", f"a git signature claims {GIT_CLAIM!r}")
     fingerprint = None
     if narinfo:
         fingerprint = _string(pred["fingerprint"], "payload.predicate.fingerprint")
@@ -744,7 +846,22 @@ def _parse_statement(doc: Any) -> Statement:
     # Every field was checked above, as it was read: skip __post_init__'s second pass
     # (it doubles the cost of reading a statement over a 40,000-file tree).
     return Statement.checked_already(tuple(subjects), claim, signer, pub, when, label,
-                                     fingerprint, ssh_key)
+                                     fingerprint, ssh_key, git)
+
+
+def _parse_git(raw: Any) -> GitSource:
+    doc = _object(raw, "payload.predicate.git", ("type", "object", "commit", "repository"),
+                  ("tag",))
+    tag = doc.get("tag")
+    git = GitSource(_string(doc["type"], "payload.predicate.git.type"),
+                    _decode_b64(doc["object"], "payload.predicate.git.object"),
+                    _string(doc["commit"], "payload.predicate.git.commit"),
+                    None if tag is None else _string(tag, "payload.predicate.git.tag"),
+                    _string(doc["repository"], "payload.predicate.git.repository"))
+    problem = git.check()
+    if problem is not None:
+        raise _Bad("payload.predicate.git", problem)
+    return git
 
 
 def load_signed(data: str | bytes, where: str) -> SignedStatement:
