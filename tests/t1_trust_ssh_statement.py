@@ -18,6 +18,7 @@ from annofs.trust.keys import generate_key
 from annofs.trust.signing import SshSigningKey
 from annofs.trust.statement import (
     PAYLOAD_TYPE,
+    Subject,
     load_signed,
     make_ssh_statement,
     make_statement,
@@ -140,3 +141,34 @@ def test_a_signature_by_another_key_or_namespace_is_refused(ed_key: Path) -> Non
     env["signatures"][0]["sig"] = base64.b64encode(sshsig.dearmor(git)).decode()
     with pytest.raises(UsageError, match="namespace 'git', not 'annofs'"):
         load_signed(json.dumps(env), "f:1")
+
+
+def test_a_git_statement_is_strict_and_never_read_from_a_file() -> None:
+    from annofs.trust.statement import (
+        GIT_PAYLOAD_TYPE,
+        Envelope,
+        GitSource,
+        git_statement,
+        open_envelope,
+    )
+
+    token = SoftToken()
+    commit = "ab" * 20
+    obj = (f"object {commit}\ntype commit\ntag v1.0\ntagger A <a@b> 1700000000 +0000\n\n"
+           f"release\n").encode()
+    source = GitSource("tag", obj, commit, "v1.0", "https://example.org/repo.git")
+    ss = git_statement([Subject("README", bytes(32))], source, token.public,
+                       token.sshsig(obj, namespace="git"), 1_700_000_000, "yubi")
+    back = open_envelope(ss.envelope, "store")
+    assert back.signature_valid and back.statement.git == source
+    with pytest.raises(UsageError, match="a git signature is not imported from a file"):
+        load_signed(ss.envelope.to_json(), "f:1")
+    with pytest.raises(UsageError, match="does not verify"):  # namespace annofs, not git
+        git_statement([Subject("README", bytes(32))], source, token.public,
+                      token.sshsig(obj), 1_700_000_000, "yubi")
+    payload = json.loads(ss.envelope.payload)
+    payload["predicate"]["git"]["commit"] = "cd" * 20  # not the commit the tag names
+    bad = Envelope(GIT_PAYLOAD_TYPE, json.dumps(payload).encode(), ss.envelope.keyid,
+                   ss.envelope.sig)
+    with pytest.raises(UsageError, match="the tag object does not name this commit and tag"):
+        open_envelope(bad, "store")
