@@ -47,12 +47,14 @@ is refused as ambiguous.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +234,13 @@ class Policy:
     def cache_generation(self, now: float) -> tuple[int, int]:
         """What verdicts under this policy are cached by: its generation, and how many
         SSH valid-after/valid-before times have passed (a verdict may change then)."""
-        if not self.ssh_signers:
-            return (self.generation, 0)
-        passed = sum(1 for lines in self.ssh_signers.values() for ln in lines
-                     for t in (ln.valid_after, ln.valid_before) if t is not None and t <= now)
-        return (self.generation, passed)
+        return (self.generation, bisect.bisect_right(self._validity_times, now))
+
+    @cached_property
+    def _validity_times(self) -> list[float]:
+        """Every valid-after/valid-before time, sorted (asked at every judged open)."""
+        return sorted(t for lines in self.ssh_signers.values() for ln in lines
+                      for t in (ln.valid_after, ln.valid_before) if t is not None)
 
     def name_of(self, key: bytes) -> str | None:
         """The policy's first name for a trusted key (revoked or not), else None."""
