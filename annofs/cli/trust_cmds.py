@@ -88,10 +88,13 @@ def _sign(ctx: click.Context, key_file: Path | None, ssh_key: Path | None,
 
     if not paths:
         raise UsageError("no PATH given")
-    if (key_file is None) == (ssh_key is None):
+    key: SecretKey | SshSigningKey
+    if key_file is not None and ssh_key is None:
+        key = load_secret_key(key_file)
+    elif ssh_key is not None and key_file is None:
+        key = SshSigningKey.load(ssh_key)  # finds the public key; signs after collecting
+    else:
         raise UsageError("give exactly one of --key SECRET (a Nix key) and --ssh-key PATH")
-    key: SecretKey | SshSigningKey = (load_secret_key(key_file) if key_file is not None
-                                      else SshSigningKey.load(ssh_key))  # type: ignore[arg-type]
     target = one_store(ctx, paths)
     with writing(ctx, target, "label" if label is not None else "sign") as vol:
         files = collect_files(vol, target.parts, unique_names=True)

@@ -90,12 +90,13 @@ def _time_of(obj: bytes, header: bytes) -> int:
 
 
 def _split_tag(obj: bytes) -> tuple[bytes, bytes] | None:
-    """(signed part, armored signature) of a tag object, None if unsigned."""
-    for marker in (_SSH, _PGP):
-        i = obj.find(b"\n" + marker)
-        if i >= 0 and obj.split(b"\n\n", 1)[0] != obj[:i]:
-            return obj[:i + 1], obj[i + 1:]
-    return None
+    """(signed part, armored signature) of a tag object, None if unsigned. As git does,
+    the signature starts at the LAST line that begins one (a message may quote one)."""
+    body = obj.find(b"\n\n")
+    i = max(obj.rfind(b"\n" + _SSH), obj.rfind(b"\n" + _PGP))
+    if body < 0 or i < body:
+        return None
+    return obj[:i + 1], obj[i + 1:]
 
 
 def _split_commit(obj: bytes) -> tuple[bytes, bytes] | None:
