@@ -298,6 +298,58 @@ class StatementTarget(Target):
             clear_error(e, "fuzz: ")
 
 
+def ssh_signed_statement(when: int = 1_714_564_800) -> Any:
+    """An SSH-signed statement (ssh-ed25519, SSHSIG over the PAE) made in process: the
+    signature is exactly what `ssh-keygen -Y sign -n annofs` makes (PROTOCOL.sshsig)."""
+    import hashlib
+    import struct
+
+    import nacl.signing
+
+    from annofs.trust import sshsig
+    from annofs.trust.statement import PAYLOAD_TYPE, make_ssh_statement, pae, ssh_signed
+
+    def string(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    sk = nacl.signing.SigningKey(bytes(range(32)))
+    key = sshsig.SshPublicKey(sshsig.ED25519, bytes(sk.verify_key), None)
+    st = make_ssh_statement([("a/b.c", bytes(32)), ("x", bytes(range(32)))], "reviewed",
+                            key, "fuzz@host", when=when)
+    message = pae(PAYLOAD_TYPE.encode(), st.payload())
+    signed = (sshsig.MAGIC + string(b"annofs") + string(b"") + string(b"sha512")
+              + string(hashlib.sha512(message).digest()))
+    blob = (sshsig.MAGIC + struct.pack(">I", 1) + string(key.blob) + string(b"annofs")
+            + string(b"") + string(b"sha512")
+            + string(string(sshsig.ED25519.encode()) + string(sk.sign(signed).signature)))
+    return ssh_signed(st, sshsig.armor(blob))
+
+
+class SshStatementTarget(StatementTarget):
+    """load_signed on SSH-signed statements: the envelope mutated, and the payload
+    mutated under the original SSHSIG (the strict predicate parser, sshPublicKey)."""
+
+    name = "ssh-statement"
+
+    def __enter__(self) -> SshStatementTarget:
+        ss = ssh_signed_statement()
+        self.valid = ss.envelope.to_json()
+        self.payload = ss.envelope.payload.decode()
+        self.sig = base64.b64encode(ss.envelope.sig).decode()
+        self.keyid = ss.envelope.keyid
+        return self
+
+    def rewrap(self, payload: str) -> str:
+        return json.dumps({"payloadType": "application/vnd.in-toto+json",
+                           "payload": base64.b64encode(payload.encode("utf-8", "replace"))
+                           .decode(), "signatures": [{"keyid": self.keyid,
+                                                      "sig": self.sig}]})
+
+    def strategy(self) -> st.SearchStrategy[Any]:
+        return st.one_of(mutated(self.valid), mutated(self.payload).map(self.rewrap),
+                         st.binary(max_size=300))
+
+
 # -- xattrs, through the FUSE operations in process ---------------------------------------
 
 
@@ -540,7 +592,8 @@ class ControlTarget(Target):
 
 
 TARGETS: dict[str, Callable[[], Target]] = {
-    t.name: t for t in (PolicyTarget, KeysTarget, StatementTarget, XattrTarget, ControlTarget)}
+    t.name: t for t in (PolicyTarget, KeysTarget, StatementTarget, SshStatementTarget,
+                        XattrTarget, ControlTarget)}
 
 
 # -- running ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Figures `trust-read` and `trust-statement`: what enforcement costs.
+"""Figures `trust` (what enforcement costs) and `trust-ssh` (an SSH signature's check
+against an annofs one's).
 
 SPEC.md §8: reading signed files with `mode = "enforce"` at >= 90% of the same reads with
 `mode = "off"`. The tree is imported, signed with one statement over every file, mounted
@@ -10,13 +11,15 @@ time to sign that statement and to verify it (parse the envelope, check the sign
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from annofs.trust.keys import generate_key, write_key_pair
-from annofs.trust.statement import load_signed
+from annofs.trust.statement import SignedStatement, load_signed
 from annofs.volume import Volume
 from benchmarks.registry import Context, FigureResult, Row, figure
 
@@ -118,3 +121,102 @@ every file opened and read by one process walking the tree. The ratio is through
 enforce over throughput with off. The statement figure is `load_signed` of the exported
 envelope (JSON parse, strict checks, the PAE and one ed25519 verification)."""
     return FigureResult(rows, notes)
+
+
+def _per_verify(make: Callable[[], SignedStatement], rounds: int) -> float:
+    """Median seconds of `signature_valid` on a fresh statement (the check is remembered
+    per object, so each round makes a new one; making it is outside the timing)."""
+    times = []
+    for _ in range(rounds):
+        ss = make()
+        start = time.perf_counter()
+        ok = ss.signature_valid
+        times.append(time.perf_counter() - start)
+        assert ok
+    return statistics.median(times)
+
+
+@figure("trust-ssh", "verifying one SSH signature (SSHSIG) vs one annofs ed25519 signature")
+def trust_ssh(ctx: Context) -> FigureResult:
+    """The same one-subject statement signed by a Nix key, an ssh-ed25519 key (through
+    the real ssh-keygen) and an sk-ssh-ed25519 key; the signature check of each, timed."""
+    from annofs.trust.signing import SshSigningKey
+    from annofs.trust.sshsig import sign_with_ssh_keygen
+    from annofs.trust.statement import (
+        PAYLOAD_TYPE,
+        make_ssh_statement,
+        make_statement,
+        pae,
+        sign_statement,
+        ssh_signed,
+    )
+
+    rounds = 2_000 if ctx.quick else 20_000
+    subjects = [("proj/main.c", bytes(range(32)))]
+    key = generate_key("bench-1")
+    nix = sign_statement(make_statement(subjects, "reviewed", key, when=1_714_564_800), key)
+    keyfile = ctx.work / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keyfile)],
+                   check=True)
+    sk = SshSigningKey.load(keyfile)
+    st = make_ssh_statement(subjects, "reviewed", sk.key, "bench", when=1_714_564_800)
+    ssh = ssh_signed(st, sign_with_ssh_keygen(keyfile, pae(PAYLOAD_TYPE.encode(),
+                                                           st.payload())))
+    fido = _soft_fido_statement(subjects)
+
+    def again(ss: SignedStatement) -> Callable[[], SignedStatement]:
+        return lambda: SignedStatement(ss.statement, ss.envelope)
+
+    # Interleaved, best of three medians: a passing load hits all three alike.
+    t: dict[str, list[float]] = {"nix": [], "ssh": [], "sk": []}
+    for _ in range(3):
+        for name, ss in (("nix", nix), ("ssh", ssh), ("sk", fido)):
+            t[name].append(_per_verify(again(ss), rounds))
+    t_nix, t_ssh, t_sk = min(t["nix"]), min(t["ssh"]), min(t["sk"])
+    us = lambda s: f"{s * 1e6:.1f} µs"  # noqa: E731
+    ctx.log(f"trust-ssh: nix {us(t_nix)}, ssh-ed25519 {us(t_ssh)}, sk {us(t_sk)}")
+    rows = [
+        Row("verify one ssh-ed25519 SSHSIG statement signature / one annofs ed25519 one",
+            us(t_ssh), us(t_nix), t_ssh / t_nix, "<= 2.0"),
+        Row("verify one sk-ssh-ed25519 (FIDO) SSHSIG signature / one annofs ed25519 one",
+            us(t_sk), us(t_nix), t_sk / t_nix, "<= 2.0"),
+    ]
+    notes = f"""\
+What: one statement with one subject, signed three ways: by an annofs (Nix-format) ed25519
+key, by an ssh-ed25519 key through the real `ssh-keygen -Y sign -n annofs`, and by an
+sk-ssh-ed25519 key (a software FIDO token signing as PROTOCOL.u2f says). Timed: the
+signature check of an already parsed statement (`SignedStatement.signature_valid`: for
+SSH, parsing the SSHSIG blob, hashing the PAE, the token's wrapping for sk, one Ed25519
+verification), median of {rounds} checks, best of three interleaved runs. The ratio is
+SSH over annofs: the issue's target is no more than twice."""
+    return FigureResult(rows, notes)
+
+
+def _soft_fido_statement(subjects: list[tuple[str, bytes]]) -> SignedStatement:
+    """A statement signed by a FIDO key in software (flags: user present), exactly as a
+    token signs (PROTOCOL.u2f, PROTOCOL.sshsig)."""
+    import hashlib
+    import struct
+
+    import nacl.signing
+
+    from annofs.trust import sshsig
+    from annofs.trust.statement import PAYLOAD_TYPE, make_ssh_statement, pae, ssh_signed
+
+    def string(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    signing = nacl.signing.SigningKey(bytes(range(1, 33)))
+    key = sshsig.SshPublicKey(sshsig.SK_ED25519, bytes(signing.verify_key), "ssh:")
+    st = make_ssh_statement(subjects, "reviewed", key, "token", when=1_714_564_800)
+    message = pae(PAYLOAD_TYPE.encode(), st.payload())
+    signed = (sshsig.MAGIC + string(b"annofs") + string(b"") + string(b"sha512")
+              + string(hashlib.sha512(message).digest()))
+    flags, counter = sshsig.FLAG_USER_PRESENT, 1
+    u2f = (hashlib.sha256(b"ssh:").digest() + bytes([flags]) + struct.pack(">I", counter)
+           + hashlib.sha256(signed).digest())
+    sig = (string(sshsig.SK_ED25519.encode()) + string(signing.sign(u2f).signature)
+           + bytes([flags]) + struct.pack(">I", counter))
+    blob = (sshsig.MAGIC + struct.pack(">I", 1) + string(key.blob) + string(b"annofs")
+            + string(b"") + string(b"sha512") + string(sig))
+    return ssh_signed(st, sshsig.armor(blob))

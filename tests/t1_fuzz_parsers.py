@@ -14,7 +14,7 @@ from benchmarks.fuzz import TARGETS, run_examples
 EXAMPLES = int(os.environ.get("ANNOFS_FUZZ_EXAMPLES", "300"))
 
 
-@pytest.mark.parametrize("name", ["policy", "keys", "statement"])
+@pytest.mark.parametrize("name", ["policy", "keys", "statement", "ssh-statement"])
 def test_fuzz_gives_only_the_clear_error(name: str) -> None:
     with TARGETS[name]() as target:
         n = run_examples(target, EXAMPLES)

@@ -242,10 +242,12 @@ def test_keys_dir_is_relative_to_the_policy_file(tmp_path: Path, monkeypatch: py
 ERROR_CASES = [
     ('mode = "enforce"\nmdoe = "warn"\n',
      "policy.toml:2: mdoe: unknown key (known: mode, default, trusted-public-keys, "
-     "trusted-keys-dir, revoked-keys, rules, trust-bundle, trust-bundle-root, on-stale)"),
+     "trusted-keys-dir, trusted-ssh-signers, revoked-keys, rules, trust-bundle, "
+     "trust-bundle-root, on-stale)"),
     ('[other]\nx = 1\n',
      "policy.toml:1: other: unknown key (known: mode, default, trusted-public-keys, "
-     "trusted-keys-dir, revoked-keys, rules, trust-bundle, trust-bundle-root, on-stale)"),
+     "trusted-keys-dir, trusted-ssh-signers, revoked-keys, rules, trust-bundle, "
+     "trust-bundle-root, on-stale)"),
     ('mode = "strict"\n', 'policy.toml:1: mode: must be "enforce", "warn" or "off", got "strict"'),
     ('\nmode = 1\n', 'policy.toml:2: mode: must be "enforce", "warn" or "off", got 1'),
     ('default = "deny"\n', 'policy.toml:1: default: must be "allow" or "require", got "deny"'),
@@ -292,7 +294,8 @@ ERROR_CASES = [
     ('[[rules]]\npath = "/src/**"\n', "policy.toml:1: rules[0]: missing 'signers'"),
     ('[[rules]]\nsigners = 1\n', "policy.toml:1: rules[0]: missing 'path'"),
     ('[[rules]]\npath = "/src/**"\nsigners = 1\nsigner = 2\n',
-     "policy.toml:4: rules[0].signer: unknown key (known: path, signers, claims, keys)"),
+     "policy.toml:4: rules[0].signer: unknown key (known: path, signers, claims, keys, "
+     "user-presence, user-verification)"),
     ('[[rules]]\npath = 5\nsigners = 1\n',
      'policy.toml:2: rules[0].path: must be a path glob like "/src/**", got 5'),
     ('[[rules]]\npath = "src/**"\nsigners = 1\n',

@@ -294,7 +294,8 @@ BAD: dict[str, Bad] = {
     "key-missing": Bad(lambda e: ["sign", "--key", str(e.tmp / "none"), "/src/proj"],
                        lambda e: f"{e.tmp}/none: no such key file"),
     "key-option-missing": Bad(lambda e: ["sign", "/src/proj"],
-                              lambda e: "Missing option '--key'."),
+                              lambda e: "give exactly one of --key SECRET (a Nix key) and "
+                                        "--ssh-key PATH"),
     "sign-bad-claim": Bad(lambda e: ["sign", "--key", "x", "--claim", "Re viewed", "/src/proj"],
                           lambda e: "claim 'Re viewed': must be a lowercase word matching "
                                     "[a-z][a-z0-9-]{0,31}"),
@@ -354,8 +355,8 @@ BAD: dict[str, Bad] = {
     "policy-check-unknown-key": Bad(lambda e: ["policy", "check", str(e.policy(
         'mode = "enforce"\nrevoke-keys = []\n', "bad.toml"))],
         lambda e: f"{e.tmp}/bad.toml:2: revoke-keys: unknown key (known: mode, default, "
-                  f"trusted-public-keys, trusted-keys-dir, revoked-keys, rules, trust-bundle, "
-                  f"trust-bundle-root, on-stale)"),
+                  f"trusted-public-keys, trusted-keys-dir, trusted-ssh-signers, revoked-keys, "
+                  f"rules, trust-bundle, trust-bundle-root, on-stale)"),
     "key-generate-bad-name": Bad(lambda e: ["key", "generate", "../evil"],
                                  lambda e: "'../evil': a key name for 'key generate' is letters, "
                                            "digits and . _ + @ - (not starting with '.' or "

@@ -80,12 +80,22 @@ def _when(ns: int) -> str:
 @click.command("log")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per version, per line (no header).")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
+              help="Name trusted signers as this policy does (default: $ANNOFS_POLICY if "
+                   "set; else every name is only what the statement claims).")
 @click.argument("path")
 @click.pass_context
-def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
+def log_cmd(ctx: click.Context, path: str, as_json: bool, policy_file: Path | None) -> None:
     """The file's versions along the edit graph, newest first, with who signed each."""
-    from annofs.trust.annotations import AnnotationStore
+    import os
 
+    from annofs.cli.trust_cmds import POLICY_ENV
+    from annofs.trust.annotations import AnnotationStore
+    from annofs.trust.policy import load_policy, statement_signer
+
+    if policy_file is None and os.environ.get(POLICY_ENV):
+        policy_file = Path(os.environ[POLICY_ENV])
+    policy = load_policy(policy_file) if policy_file is not None else None
     store, vp = _target(ctx, path)
     with open_volume(ctx, store=store) as vol:
         head = _file_version(vol, vp)
@@ -102,10 +112,12 @@ def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
             sigs: list[tuple[str, str, str, str | None]] = []
             if v.digest is not None:
                 with vol.store.read() as txn:
-                    # No policy here says which keys are trusted: a name is only what the
-                    # statement claims, so the key is shown with it.
-                    sigs = [(ss.statement.signer,
-                             base64.b64encode(ss.statement.public_key).decode(),
+                    # Without a policy no key is trusted: a name is only what the statement
+                    # claims, so the key is shown with it (an SSH key by its fingerprint).
+                    sigs = [(ss.statement.signer if policy is None
+                             else statement_signer(policy, ss),
+                             ss.key_id if ss.statement.ssh_key is not None
+                             else base64.b64encode(ss.statement.public_key).decode(),
                              ss.statement.claim, ss.statement.label)
                             for ss in ann.for_digest(txn, v.digest)]
             if as_json:
@@ -120,7 +132,7 @@ def log_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
             signed = ""
             if sigs:
                 signed = "  signed: " + ", ".join(
-                    f"{who} [key {key[:8]}...] "
+                    f"{who} [key {key[:15] if key.startswith('SHA256:') else key[:8]}...] "
                     f"({f'label {label}' if label is not None else claim})"
                     for who, key, claim, label in sigs)
             click.echo(f"{v.id:>8}  {_when(v.created_ns)}  {v.size:>12}  "
@@ -131,8 +143,9 @@ def log_json(v: Version, sigs: list[tuple[str, str, str, str | None]]
              ) -> dict[str, object]:
     """`log --json`, one per version: {"version", "parent", "time_ns", "size", "digest",
     "edit": {"start", "removed", "added"} or null, "statements": [{"signer", "public_key",
-    "claim", "label"}]} (signer: the name the statement claims; no policy judges it;
-    digest: null for a sparse file too large to hash)."""
+    "claim", "label"}]} (signer: the name the statement claims, or with a policy its
+    name for a trusted key; public_key: a Nix key's base64, an SSH key's SHA256:
+    fingerprint; digest: null for a sparse file too large to hash)."""
     return {"version": v.id, "parent": v.parent, "time_ns": v.created_ns, "size": v.size,
             "digest": None if v.digest is None else f"blake3:{v.digest.hex()}",
             "edit": None if v.edit is None else {"start": v.edit.start,

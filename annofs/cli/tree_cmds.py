@@ -15,10 +15,12 @@ from annofs.cli.context import Progress, open_volume, require_unmounted, store_p
 from annofs.cli.paths import resolve_target
 from annofs.cli.stores import reading
 from annofs.daemon import client
+from annofs.errors import UsageError
 from annofs.store.lock import import_lease, store_lock
 
 if TYPE_CHECKING:
     from annofs.transfer.import_tree import ImportStats
+    from annofs.trust.git_signed import SignedHead
 
 
 @click.command("init")
@@ -38,11 +40,19 @@ def init_cmd(ctx: click.Context) -> None:
               help="Show the progress bar even when stderr is not a terminal.")
 @click.option("--json", "as_json", is_flag=True,
               help="The summary as one JSON object (see the README for its fields).")
+@click.option("--verify-signatures", "verify_signatures", is_flag=True,
+              help="With --git: HEAD must be a signed tag or commit (gpg.format = ssh) by a "
+                   "key of the policy's trusted-ssh-signers, the work tree clean; records "
+                   "a 'source' statement over every imported file.")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
+              help="The policy whose trusted-ssh-signers --verify-signatures checks "
+                   "(default: $ANNOFS_POLICY).")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dest")
 @click.pass_context
 def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_progress: bool,
-               as_json: bool, src: Path, dest: str) -> None:
+               as_json: bool, verify_signatures: bool, policy_file: Path | None, src: Path,
+               dest: str) -> None:
     """Copy the host directory SRC into the store at DEST; unchanged files are not read.
 
     DEST is a path inside a mounted annofs (the mount shows the import at once), or a path
@@ -50,6 +60,9 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     """
     from annofs.transfer.import_tree import TreeImporter  # lazy: other commands skip it
 
+    head = None
+    if verify_signatures:
+        head = _signed_head(git, excludes, policy_file, src)
     target = resolve_target(dest, store_path(ctx))
     if target.mount is None:
         require_unmounted(target.store)
@@ -67,6 +80,8 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     finally:
         progress.close()
     took = time.monotonic() - started
+    if head is not None:
+        _record_source(ctx, src, dest, head)
     if as_json:
         click.echo(json.dumps(import_json(str(src), dest, stats, took)))
     else:
@@ -74,6 +89,34 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
     if stats.scan_helper_died:  # the import is whole; only slower than it should be
         click.echo("annofs: warning: the scan helper process ended early; this import "
                    "scanned the rest itself", err=True)
+
+
+def _signed_head(git: bool, excludes: tuple[str, ...], policy_file: Path | None,
+                 src: Path) -> SignedHead:
+    """--verify-signatures: check the work tree and HEAD's signature before importing."""
+    from annofs.cli.trust_cmds import given_policy
+    from annofs.trust.git_signed import signed_head
+
+    if not git:
+        raise UsageError("--verify-signatures needs --git (the signed commit's files are the "
+                         "tracked ones)")
+    if excludes:
+        raise UsageError("--verify-signatures imports the whole signed commit: no --exclude")
+    return signed_head(src, given_policy(policy_file))
+
+
+def _record_source(ctx: click.Context, src: Path, dest: str, head: SignedHead) -> None:
+    """After the import: the tree must still be that commit's; record the statement."""
+    from annofs.cli.stores import one_store, writing
+    from annofs.trust.git_signed import check_clean, record_source
+
+    if check_clean(src) != head.source.commit:
+        raise UsageError(f"{src}: HEAD moved during the import; no statement recorded")
+    target = one_store(ctx, (dest,))
+    with writing(ctx, target, "import --verify-signatures") as vol:
+        ss, n = record_source(vol, target.parts[0], head)
+    click.echo(f"{head.describe()}: source statement over {n} file"
+               f"{'s' if n != 1 else ''}, {ss.id.hex()[:16]}", err=True)
 
 
 def import_json(src: str, dest: str, stats: ImportStats, took: float) -> dict[str, object]:

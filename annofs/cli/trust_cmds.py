@@ -84,14 +84,20 @@ def key_generate_cmd(name: str, directory: Path) -> None:
 # -- sign and label -------------------------------------------------------------------------
 
 
-def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str,
-          label: str | None) -> None:
-    from annofs.trust.keys import load_secret_key
-    from annofs.trust.signing import collect_files, sign_files
+def _sign(ctx: click.Context, key_file: Path | None, ssh_key: Path | None,
+          paths: tuple[str, ...], claim: str, label: str | None) -> None:
+    from annofs.trust.keys import SecretKey, load_secret_key
+    from annofs.trust.signing import SshSigningKey, collect_files, sign_files
 
     if not paths:
         raise UsageError("no PATH given")
-    key = load_secret_key(key_file)
+    key: SecretKey | SshSigningKey
+    if key_file is not None and ssh_key is None:
+        key = load_secret_key(key_file)
+    elif ssh_key is not None and key_file is None:
+        key = SshSigningKey.load(ssh_key)  # finds the public key; signs after collecting
+    else:
+        raise UsageError("give exactly one of --key SECRET (a Nix key) and --ssh-key PATH")
     target = one_store(ctx, paths)
     with writing(ctx, target, "label" if label is not None else "sign") as vol:
         files = collect_files(vol, target.parts, unique_names=True)
@@ -101,18 +107,23 @@ def _sign(ctx: click.Context, key_file: Path, paths: tuple[str, ...], claim: str
     n = len(files) - links
     kinds = f"{n} file{'s' if n != 1 else ''}" + (
         f" and {links} symlink{'s' if links != 1 else ''}" if links else "")
-    click.echo(f"{what}: {kinds} by {key.name}, statement "
+    by = key.shown if isinstance(key, SshSigningKey) else key.name
+    click.echo(f"{what}: {kinds} by {by}, statement "
                f"{ss.id.hex()[:16]}" + ("" if added else " (already stored)"))
 
 
 @click.command("sign")
-@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+@click.option("--key", "key_file", type=click.Path(path_type=Path),
               metavar="SECRET", help="The secret key file (Nix format).")
+@click.option("--ssh-key", "ssh_key", type=click.Path(path_type=Path), metavar="PATH",
+              help="Sign with an SSH key (ed25519 or ed25519-sk): a private key file, or "
+                   "a .pub file whose private half is in ssh-agent.")
 @click.option("--claim", default="reviewed", show_default=True,
               help="reviewed, built, authored, reproduced, or a word of your own.")
 @click.argument("paths", nargs=-1)
 @click.pass_context
-def sign_cmd(ctx: click.Context, key_file: Path, claim: str, paths: tuple[str, ...]) -> None:
+def sign_cmd(ctx: click.Context, key_file: Path | None, ssh_key: Path | None, claim: str,
+             paths: tuple[str, ...]) -> None:
     """Sign the current content of files, or of every file under a tree, as one statement.
 
     Subject names are paths relative to each argument's parent: /src/proj gives
@@ -121,22 +132,26 @@ def sign_cmd(ctx: click.Context, key_file: Path, claim: str, paths: tuple[str, .
     from annofs.trust.statement import check_claim
 
     check_claim(claim)
-    _sign(ctx, key_file, paths, claim, None)
+    _sign(ctx, key_file, ssh_key, paths, claim, None)
 
 
 @click.command("label")
-@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+@click.option("--key", "key_file", type=click.Path(path_type=Path),
               metavar="SECRET", help="The secret key file (Nix format).")
+@click.option("--ssh-key", "ssh_key", type=click.Path(path_type=Path), metavar="PATH",
+              help="Sign with an SSH key (ed25519 or ed25519-sk): a private key file, or "
+                   "a .pub file whose private half is in ssh-agent.")
 @click.option("--label", "label", required=True,
               help="A word, e.g. malicious (which makes a policy refuse the files).")
 @click.argument("paths", nargs=-1)
 @click.pass_context
-def label_cmd(ctx: click.Context, key_file: Path, label: str, paths: tuple[str, ...]) -> None:
+def label_cmd(ctx: click.Context, key_file: Path | None, ssh_key: Path | None, label: str,
+              paths: tuple[str, ...]) -> None:
     """Sign an annotation other than approval (e.g. malicious) over files or trees."""
     from annofs.trust.statement import check_word
 
     check_word(label, "label")
-    _sign(ctx, key_file, paths, "label", label)
+    _sign(ctx, key_file, ssh_key, paths, "label", label)
 
 
 # -- attestations ---------------------------------------------------------------------------
@@ -173,7 +188,14 @@ def attest_export_cmd(ctx: click.Context, paths: tuple[str, ...]) -> None:
     if cache_sigs:
         click.echo(f"annofs: {len(cache_sigs)} binary-cache signature(s) not exported: they "
                    f"sign a NAR, not files (fetch the path again to carry them)", err=True)
-    statements = sorted((ss for ss in found.values() if ss.statement.fingerprint is None),
+    # Likewise a signed git tag or commit signs the commit, not these files.
+    git_sigs = [ss for ss in found.values() if ss.statement.git is not None]
+    if git_sigs:
+        click.echo(f"annofs: {len(git_sigs)} git signature(s) not exported: they sign a "
+                   f"commit, not files (import the repository again to carry them)",
+                   err=True)
+    statements = sorted((ss for ss in found.values() if ss.statement.fingerprint is None
+                         and ss.statement.git is None),
                         key=lambda ss: (ss.statement.time, ss.id))
     out = sys.stdout
     for line in export_lines(statements):

@@ -165,6 +165,10 @@ class PolicyHolder:
             # by anyone who may write there.
             for key_file in sorted(directory.glob("*.public")):
                 check_policy_location(key_file, self.mountpoint)
+        signers = doc.get("trusted-ssh-signers")
+        if isinstance(signers, str) and signers:
+            # The allowed_signers file is a list of trusted keys like any other.
+            check_policy_location(self.file.parent / signers, self.mountpoint)
 
     def reload(self) -> str:
         """Re-read the policy file; on error keep the old policy and raise."""

@@ -28,7 +28,7 @@ from annofs.namespace.tree import split_path
 from annofs.store.records import Attrs, Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
-from annofs.trust.policy import signer_name
+from annofs.trust.policy import statement_signer
 from annofs.trust.statement import format_digest
 from annofs.volume import Volume
 
@@ -218,8 +218,9 @@ class CoverageReader:
             if not ss.signature_valid:
                 continue
             st = ss.statement
-            trusted = None if policy is None else policy.is_trusted(st.public_key)
-            name = signer_name(policy, st.public_key, st.signer)  # trusted, or the key
+            trusted = None if policy is None else (policy.is_trusted(st.public_key)
+                                                   and policy.trusts_key_of(st))
+            name = statement_signer(policy, ss)  # trusted, or the key
             # The index, not ss.names_of: that scans every subject of a tree statement.
             names = self.annotations.names_for(txn, digest, ss.id)
             sigs.append(Signature(ss.id.hex(), name, trusted, st.claim, st.label, st.time,

@@ -38,7 +38,7 @@ from annofs.errors import AnnofsError
 from annofs.store.keys import HASH_SIZE, u64
 from annofs.store.records import HOLE, Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.policy import Policy, signer_name
+from annofs.trust.policy import Policy, statement_signer
 from annofs.trust.signing import path_text
 from annofs.trust.statement import SignedStatement, symlink_digest
 from annofs.trust.symlink import Content
@@ -296,9 +296,9 @@ class _Finder:
         sigs = []
         for ss in statements:
             st = ss.statement
-            trusted = policy is not None and st.public_key in policy.trusted \
+            trusted = policy is not None and policy.trusts_key_of(st) \
                 and st.public_key not in policy.revoked and ss.signature_valid
-            shown = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid)
+            shown = statement_signer(policy, ss)
             sigs.append(Signature(ss.id, shown, trusted, st.claim, st.label, st.time,
                                   tuple(self.ann.names_for(txn, digest, ss.id))))
         if policy is not None:

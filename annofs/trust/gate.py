@@ -20,6 +20,7 @@ or a `tar` reads each file once), so the uncached path is the one that must be c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -95,7 +96,10 @@ class TrustGate:
                  digest: bytes) -> Verdict:
         index = rule.index if rule is not None else None
         generation = self.annotations.generation(txn)
-        hit = self.cache.get(digest, index, policy.generation, generation)
+        # An SSH key's valid-before passing changes verdicts: it is part of the key.
+        now = time.time()
+        pgen = policy.cache_generation(now)
+        hit = self.cache.get(digest, index, pgen, generation)
         if hit is not None:
             return hit
         statements = self.annotations.covering(txn, digest)
@@ -103,9 +107,9 @@ class TrustGate:
         ids: tuple[object, ...] = tuple([ss.id for ss in statements])  # one key per set
         if labels:
             ids = (*ids, labels)
-        result = self.by_statements.get(ids, index, policy.generation, 0)
+        result = self.by_statements.get(ids, index, pgen, 0)
         if result is None:
-            result = decide_covered(policy, rule, statements, labels)
-            self.by_statements.put(ids, index, policy.generation, 0, result)
-        self.cache.put(digest, index, policy.generation, generation, result)
+            result = decide_covered(policy, rule, statements, labels, now)
+            self.by_statements.put(ids, index, pgen, 0, result)
+        self.cache.put(digest, index, pgen, generation, result)
         return result

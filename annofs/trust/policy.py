@@ -5,7 +5,9 @@ mode = "enforce"                 # enforce | warn | off            (default: enf
 default = "allow"                # paths no rule matches: allow | require (default: allow)
 trusted-public-keys = ["alice-1:Qm...="]   # Nix notation, as in nix.conf
 trusted-keys-dir = "keys"        # every *.public in it, relative to the policy file
-revoked-keys = ["mallory-1"]     # key names, or NAME:BASE64 public keys
+trusted-ssh-signers = "allowed_signers"   # OpenSSH's format, relative to the policy file
+revoked-keys = ["mallory-1"]     # key names, NAME:BASE64 public keys, SSH principals or
+                                 # SHA256:... SSH key fingerprints
 trust-bundle = "https://example.org/trust"  # a TUF trust bundle (URL or directory)
 trust-bundle-root = "sha256:..." # its first root.json, pinned by hash
 on-stale = "refuse"              # bundle expired, no update: refuse | warn
@@ -15,7 +17,23 @@ path = "/src/**"                 # see annofs.trust.pathglob for the grammar
 signers = 2                      # distinct trusted public keys needed (required, >= 0)
 claims = ["reviewed"]            # optional: only statements with one of these claims count
 keys = ["alice-1", "bob-1"]      # optional: only these keys count
+user-presence = true             # optional: only FIDO (sk) SSH signatures made with a touch
+user-verification = true         # optional: ... and with a PIN or fingerprint
 ```
+
+SSH keys (`trusted-ssh-signers`, an allowed_signers file as ssh-keygen(1) reads it): a
+key listed there is trusted for SSH-signed statements only (annofs/trust/statement.py),
+named by its first principal, and counts only when its line allows namespace `annofs`
+and both the statement's own time and the time of verification are within its
+valid-after/valid-before. The statement's time alone is written by the signer: a key
+past its valid-before could otherwise keep signing backdated statements; the time of
+verification alone would let a key approve what it signed before it was granted
+(valid-after). So a statement counts while the key is valid, and stops counting when
+the key expires (re-sign with the new key). A rule with `user-presence` (or
+`user-verification`) counts only signatures whose FIDO token asserted that flag: a plain
+ssh-ed25519 key or a Nix key has no token to ask, so its statements do not count there.
+Rules without it accept sk signatures with or without the flag (OpenSSH's own default,
+requiring a touch unless `no-touch-required`, is the rule's to ask for here).
 
 `default = "require"` asks for one trusted signer, any claim.
 
@@ -32,6 +50,7 @@ is refused as ambiguous.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import os
@@ -39,14 +58,23 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from annofs.errors import UsageError
 from annofs.printable import one_line
+from annofs.trust.allowed_signers import AllowedSigner, load_allowed_signers
 from annofs.trust.keys import check_key_name, key_fingerprint, load_public_key, parse_public_key
 from annofs.trust.pathglob import PathGlob, path_text
-from annofs.trust.statement import LABEL_CLAIM, check_word
+from annofs.trust.sshsig import SK_ED25519, SshPublicKey
+from annofs.trust.statement import (
+    GIT_NAMESPACE,
+    LABEL_CLAIM,
+    SignedStatement,
+    Statement,
+    check_word,
+)
 from annofs.userfile import read_user_file
 
 # Each loaded policy gets a new generation: verdict caches key on it.
@@ -54,10 +82,11 @@ _GENERATIONS = itertools.count(1)
 RULE_MEMO = 16384  # paths whose rule a policy remembers (~3 MB at most)
 _UNKNOWN: Any = object()
 
-_TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir", "revoked-keys",
-             "rules")
+_TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir",
+             "trusted-ssh-signers", "revoked-keys", "rules")
 _TOP_KEYS += ("trust-bundle", "trust-bundle-root", "on-stale")  # the trust bundle (TUF)
-_RULE_KEYS = ("path", "signers", "claims", "keys")
+_RULE_KEYS = ("path", "signers", "claims", "keys", "user-presence", "user-verification")
+SSH_NAMESPACE = "annofs"
 
 
 class Mode(enum.Enum):
@@ -111,6 +140,23 @@ class Rule:
     key_names: tuple[str, ...] | None
     keys: frozenset[bytes] | None  # the public keys `key_names` resolve to
     line: int | None = None
+    user_presence: bool = False  # only FIDO signatures made with a touch count
+    user_verification: bool = False  # only FIDO signatures with a PIN/biometric count
+
+    def token_refusal(self, ss: SignedStatement) -> str | None:
+        """Why a statement does not count under this rule's user-presence/verification
+        (None: it does, or the rule asks for neither)."""
+        if not (self.user_presence or self.user_verification):
+            return None
+        ssh_key, v = ss.statement.ssh_key, ss.ssh_verified
+        need = "user-presence" if self.user_presence else "user-verification"
+        if ssh_key is None or ssh_key.key_type != SK_ED25519 or v is None:
+            return f"not signed on a FIDO token (this rule needs {need})"
+        if self.user_presence and not v.user_present:
+            return "the FIDO token did not assert user presence (no touch)"
+        if self.user_verification and not v.user_verified:
+            return "the FIDO token did not assert user verification (no PIN)"
+        return None
 
     @property
     def label(self) -> str:
@@ -124,6 +170,10 @@ class Rule:
             what += f"; claims: {', '.join(sorted(self.claims))}"
         if self.key_names is not None:
             what += f"; keys: {', '.join(self.key_names)}"
+        if self.user_presence:
+            what += "; user-presence"
+        if self.user_verification:
+            what += "; user-verification"
         return f"{self.label}: {what}"
 
 
@@ -144,6 +194,11 @@ class Policy:
     labels: Mapping[bytes, tuple[str, ...]] = field(default_factory=dict)
     bundle: BundleView | None = None
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
+    # 32-byte Ed25519 key -> its allowed_signers lines; those keys are in `trusted` too
+    # (under their principals), for SSH-signed statements only unless also in nix_keys.
+    ssh_signers: Mapping[bytes, tuple[AllowedSigner, ...]] = field(default_factory=dict)
+    nix_keys: frozenset[bytes] | None = None  # None: every key of `trusted`
+    ssh_file: str | None = None
 
     # Store path (its names) -> rule, memoized for this policy only: a reload makes a
     # new Policy, so a memo never outlives the rules it was computed from.
@@ -178,6 +233,50 @@ class Policy:
         """Trusted and not revoked."""
         return key in self.trusted and key not in self.revoked
 
+    def trusts_key_of(self, st: Statement) -> bool:
+        """Whether the statement's key is trusted in its own format: an SSH-signed
+        statement through trusted-ssh-signers (that exact key, type and application),
+        any other through the Nix-format keys (revocation is checked separately)."""
+        return self.trusts(st.public_key, st.ssh_key)
+
+    def trusts(self, key: bytes, ssh_key: SshPublicKey | None) -> bool:
+        """`trusts_key_of` for a 32-byte key, and the SSH key if SSH-signed."""
+        if ssh_key is None:
+            return key in (self.nix_keys if self.nix_keys is not None else self.trusted)
+        return any(line.key == ssh_key for line in self.ssh_signers.get(key, ()))
+
+    def ssh_refusal(self, st: Statement, now: float) -> str | None:
+        """Why a trusted SSH key's statement does not count (None: it does): no line for
+        the key allows namespace `annofs` (`git` for a signed git tag or commit) at the
+        statement's time and at `now`."""
+        lines = [ln for ln in self.ssh_signers.get(st.public_key, ()) if ln.key == st.ssh_key]
+        if not lines:
+            return "not in trusted-ssh-signers"
+        # A signed git tag or commit was signed in git's namespace, by git.
+        namespace = GIT_NAMESPACE if st.git is not None else SSH_NAMESPACE
+        spaced = [ln for ln in lines if ln.allows_namespace(namespace)]
+        if not spaced:
+            return (f"{lines[0].where}: namespaces={','.join(lines[0].namespaces or ())} "
+                    f"does not allow {namespace!r}")
+        if any(ln.valid_at(st.time) and ln.valid_at(now) for ln in spaced):
+            return None
+        ln = spaced[0]
+        for when, what in ((st.time, "the statement's time"), (now, "now")):
+            if not ln.valid_at(when):
+                return f"{ln.where}: key not valid at {what} (valid-after/valid-before)"
+        return f"{ln.where}: key not valid (valid-after/valid-before)"
+
+    def cache_generation(self, now: float) -> tuple[int, int]:
+        """What verdicts under this policy are cached by: its generation, and how many
+        SSH valid-after/valid-before times have passed (a verdict may change then)."""
+        return (self.generation, bisect.bisect_right(self._validity_times, now))
+
+    @cached_property
+    def _validity_times(self) -> list[float]:
+        """Every valid-after/valid-before time, sorted (asked at every judged open)."""
+        return sorted(t for lines in self.ssh_signers.values() for ln in lines
+                      for t in (ln.valid_after, ln.valid_before) if t is not None)
+
     def name_of(self, key: bytes) -> str | None:
         """The policy's first name for a trusted key (revoked or not), else None."""
         names = self.trusted.get(key)
@@ -194,7 +293,15 @@ class Policy:
         ]
         for key, names in self.trusted.items():
             state = " (revoked)" if key in self.revoked else ""
+            ssh = self.ssh_signers.get(key)
+            if ssh:
+                state = (f" (SSH {ssh[0].key.fingerprint}, {ssh[0].key.key_type})"
+                         + state)
             lines.append(f"  key {', '.join(names)}{state}")
+        if self.ssh_file is not None:
+            n = sum(len(v) for v in self.ssh_signers.values())
+            lines.append(f"  trusted-ssh-signers: {self.ssh_file} ({n} "
+                         f"line{'s' if n != 1 else ''})")
         lines.extend(f"  {r.describe()}" for r in self.rules)
         if self.bundle is not None:
             lines.extend(self.bundle.summary or (f"bundle {self.bundle.source}",))
@@ -225,16 +332,32 @@ class Policy:
 
 
 def signer_name(policy: Policy | None, key: bytes, claimed: str, *,
-                valid: bool = True) -> str:
+                valid: bool = True, ssh_key: SshPublicKey | None = None) -> str:
     """How to show who signed a statement: the policy's name for a key it trusts; any
     other key by its fingerprint, the name it gives itself only as a claim (anybody can
     make a key called alice-1). `valid`: the statement's signature verifies (else even a
-    trusted key's name is only claimed)."""
-    name = policy.name_of(key) if policy is not None and valid else None
+    trusted key's name is only claimed). `ssh_key`: an SSH-signed statement's key (named
+    only if trusted-ssh-signers lists it; shown by its SHA256 fingerprint otherwise)."""
+    trusted = policy is not None and valid and policy.trusts(key, ssh_key)
+    name = policy.name_of(key) if policy is not None and trusted else None
     if name is not None:
         return name
     what = "untrusted key" if valid else "bad signature by key"
-    return f"{what} {key_fingerprint(key)} (claims {one_line(repr(claimed))})"
+    shown = ssh_key.fingerprint if ssh_key is not None else key_fingerprint(key)
+    return f"{what} {shown} (claims {one_line(repr(claimed))})"
+
+
+def statement_signer(policy: Policy | None, ss: SignedStatement) -> str:
+    """`signer_name` of a signed statement (its key, claimed name, format, validity)."""
+    st = ss.statement
+    name = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid,
+                       ssh_key=st.ssh_key)
+    if st.git is not None:
+        # A signed git tag or commit: say which, so `why` names the chain's first link.
+        what = (f"tag {st.git.tag}, commit {st.git.commit[:12]}" if st.git.tag is not None
+                else f"commit {st.git.commit[:12]}")
+        name = f"{name} (git {what})"
+    return name
 
 
 def permissive_policy() -> Policy:
@@ -336,7 +459,11 @@ class _Parser:
         self._trusted_list(doc, trusted, bound)
         from_dir = self._trusted_dir(doc, trusted, bound)
         bundle = self._bundle(doc, trusted, bound)
-        revoked = self._revoked(doc, bound)
+        # Keys that count for Nix-format statements: the listed, the directory's and the
+        # bundle's; an allowed_signers key counts for SSH-signed statements only.
+        nix_keys = frozenset(trusted)
+        ssh_signers, ssh_file = self._ssh_signers(doc, trusted, bound)
+        revoked = self._revoked(doc, bound, ssh_signers)
         rules = self._rules(doc, bound)
         since: dict[bytes, int] = {}
         labels: dict[bytes, tuple[str, ...]] = {}
@@ -358,7 +485,9 @@ class _Parser:
                     rules.append(self._bundle_rule(len(rules), j, table, bound))
         return Policy(self.name, mode, default,
                       {k: tuple(v) for k, v in trusted.items()}, frozenset(revoked),
-                      tuple(rules), from_dir, since, labels, view)
+                      tuple(rules), from_dir, since, labels, view,
+                      ssh_signers=ssh_signers,
+                      nix_keys=nix_keys if ssh_signers else None, ssh_file=ssh_file)
 
     def _bundle(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
                 bound: dict[str, tuple[bytes, str]]) -> tuple[BundleView, Any] | None:
@@ -424,6 +553,33 @@ class _Parser:
             return self._rule(index, table, bound)
         except UsageError as e:
             raise UsageError(one_line(f"{self.name}: {where}: {e}")) from None
+
+
+    def _ssh_signers(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
+                     bound: dict[str, tuple[bytes, str]]
+                     ) -> tuple[dict[bytes, tuple[AllowedSigner, ...]], str | None]:
+        key = "trusted-ssh-signers"
+        if key not in doc:
+            return {}, None
+        line = self.loc.key(key)
+        value = doc[key]
+        if not isinstance(value, str) or not value:
+            raise self.fail(line, key, f"must be an allowed_signers file name, got "
+                                       f"{_show(value)}")
+        path = self.path.parent / value
+        # Its own errors are FILE:LINE: problem, naming the allowed_signers file's line.
+        lines = load_allowed_signers(path)
+        out: dict[bytes, list[AllowedSigner]] = {}
+        for signer in lines:
+            # A principal pattern (alice*) names no one key: only exact names bind.
+            for p in signer.principals:
+                if not any(c in p for c in "*?"):
+                    self._bind(bound, p, signer.key.key, signer.where, line, key)
+            names = trusted.setdefault(signer.key.key, [])
+            if signer.name not in names:
+                names.append(signer.name)
+            out.setdefault(signer.key.key, []).append(signer)
+        return {k: tuple(v) for k, v in out.items()}, str(path)
 
     def _syntax_error(self, e: tomllib.TOMLDecodeError) -> UsageError:
         msg = str(e)
@@ -511,7 +667,8 @@ class _Parser:
             count += 1
         return count
 
-    def _revoked(self, doc: dict[str, Any], bound: dict[str, tuple[bytes, str]]) -> set[bytes]:
+    def _revoked(self, doc: dict[str, Any], bound: dict[str, tuple[bytes, str]],
+                 ssh_signers: Mapping[bytes, tuple[AllowedSigner, ...]]) -> set[bytes]:
         key = "revoked-keys"
         if key not in doc:
             return set()
@@ -520,6 +677,16 @@ class _Parser:
         for i, text in enumerate(self._string_list(doc, key, line, key)):
             item_line = self.loc.value(line, text)
             fieldname = f"{key}[{i}]"
+            if text.startswith("SHA256:"):
+                # An SSH key by its fingerprint (as ssh-keygen -l prints it).
+                found = [k for k, lines in ssh_signers.items()
+                         if any(ln.key.fingerprint == text for ln in lines)]
+                if not found:
+                    raise self.fail(item_line, fieldname,
+                                    f"{text!r} is the fingerprint of no key in "
+                                    f"trusted-ssh-signers")
+                revoked.update(found)
+                continue
             if ":" in text:
                 revoked.add(parse_public_key(text, f"{self.name}:{item_line}: {fieldname}").key)
                 continue
@@ -607,7 +774,15 @@ class _Parser:
                                 f"{len(resolved)} distinct public key"
                                 f"{'s' if len(resolved) != 1 else ''}")
             key_names, keys = tuple(items), frozenset(resolved)
-        return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i))
+        flags = {}
+        for flag in ("user-presence", "user-verification"):
+            value = table.get(flag, False)
+            if type(value) is not bool:
+                raise self.fail(self.loc.rule(i, flag), f"{name}.{flag}",
+                                f"must be true or false, got {_show(value)}")
+            flags[flag] = value
+        return Rule(i, glob, signers, claims, key_names, keys, self.loc.rule(i),
+                    flags["user-presence"], flags["user-verification"])
 
 
 def _show(value: Any) -> str:

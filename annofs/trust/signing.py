@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from annofs.errors import UsageError
 from annofs.namespace.tree import Namespace
@@ -25,7 +26,15 @@ from annofs.store.records import Attrs
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.keys import SecretKey
 from annofs.trust.pathglob import path_text  # defined with the globs it feeds
-from annofs.trust.statement import SignedStatement, Subject, make_statement, sign_statement
+from annofs.trust.sshsig import SshPublicKey, signing_key_public
+from annofs.trust.statement import (
+    SignedStatement,
+    Subject,
+    make_ssh_statement,
+    make_statement,
+    sign_statement,
+    sign_statement_ssh,
+)
 from annofs.trust.symlink import Content, Symlink, symlink_content
 from annofs.volume import Volume
 
@@ -133,7 +142,29 @@ def _content_key(a: Attrs) -> int | bytes:
     return int(a.target)
 
 
-def sign_files(vol: Volume, files: Sequence[FileRef], key: SecretKey, claim: str, *,
+@dataclass(frozen=True)
+class SshSigningKey:
+    """An SSH key to sign with (`--ssh-key`): the file `ssh-keygen -Y sign -f` is given,
+    and the public key and name (its comment, a claim) the statement will carry."""
+
+    file: Path
+    key: SshPublicKey
+    name: str
+
+    @classmethod
+    def load(cls, file: Path) -> SshSigningKey:
+        """Find the public key before anything is signed (UsageError if unreadable)."""
+        key, comment = signing_key_public(file)
+        return cls(file, key, comment)
+
+    @property
+    def shown(self) -> str:
+        """How the CLI names the signer: the fingerprint, and the name it claims."""
+        return f"{self.key.fingerprint} ({self.name or 'no comment'})"
+
+
+def sign_files(vol: Volume, files: Sequence[FileRef], key: SecretKey | SshSigningKey,
+               claim: str, *,
                label: str | None = None, when: int | None = None,
                annotations: AnnotationStore | None = None) -> tuple[SignedStatement, bool]:
     """Make, sign and store one statement over `files`; index their fragments.
@@ -143,8 +174,14 @@ def sign_files(vol: Volume, files: Sequence[FileRef], key: SecretKey, claim: str
     """
     if not files:
         raise UsageError("nothing to sign: no regular files or symlinks in the given paths")
-    st = make_statement((f.subject for f in files), claim, key, label=label, when=when)
-    ss = sign_statement(st, key)
+    if isinstance(key, SshSigningKey):
+        # Signed before the write transaction: OpenSSH may wait for a passphrase or a touch.
+        st = make_ssh_statement((f.subject for f in files), claim, key.key, key.name,
+                                label=label, when=when)
+        ss = sign_statement_ssh(st, key.file)
+    else:
+        st = make_statement((f.subject for f in files), claim, key, label=label, when=when)
+        ss = sign_statement(st, key)
     ann = annotations or AnnotationStore(vol.store)
     with vol.store.write() as txn:
         added = ann.add(txn, ss)

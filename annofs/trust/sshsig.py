@@ -273,3 +273,54 @@ def sign_with_ssh_keygen(key_file: Path, message: bytes, namespace: str = NAMESP
         raise UsageError(f"{key_file}: ssh-keygen could not sign "
                          f"({why[-1] if why else f'exit {proc.returncode}'})")
     return proc.stdout.decode("ascii")
+
+
+def armor(blob: bytes) -> str:
+    """A binary SSHSIG signature in OpenSSH's armor (what `ssh-keygen -Y verify` reads)."""
+    body = base64.b64encode(blob).decode()
+    lines = [body[i:i + 70] for i in range(0, len(body), 70)]
+    return "\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + "\n"
+
+
+def dearmor(text: str, what: str = "SSH signature") -> bytes:
+    """The binary signature inside an armored one (parsed first: it must be well formed)."""
+    parse_signature(text, what)
+    body = text.strip()[len(ARMOR_BEGIN):-len(ARMOR_END)]
+    return base64.b64decode("".join(body.split()), validate=True)
+
+
+def signing_key_public(key_file: Path) -> tuple[SshPublicKey, str]:
+    """The public key `ssh-keygen -Y sign -f key_file` will sign with, and its comment.
+
+    `key_file` is a .pub file (its private half in ssh-agent), or a private key file
+    whose .pub lies next to it, or else a private key `ssh-keygen -y` can read (it asks
+    for a passphrase as usual). The caller checks the signature's key against it.
+    """
+    pub = key_file if key_file.suffix == ".pub" else Path(f"{key_file}.pub")
+    if pub.is_file():
+        try:
+            text = pub.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{pub}: cannot read the public key ({e})") from None
+    elif key_file.suffix == ".pub":
+        raise UsageError(f"{key_file}: no such public key file")
+    else:
+        try:
+            proc = subprocess.run(["ssh-keygen", "-y", "-f", str(key_file)],
+                                  capture_output=True, check=False)
+        except FileNotFoundError:
+            raise UsageError("ssh-keygen: not found (install OpenSSH's client)") from None
+        if proc.returncode != 0:
+            why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise UsageError(f"{key_file}: not an SSH key ssh-keygen can read"
+                             + (f" ({why[-1]})" if why else ""))
+        text = proc.stdout.decode("ascii", "replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) != 1:
+        raise UsageError(f"{pub}: expected one public key line")
+    try:
+        key = SshPublicKey.from_text(lines[0], str(pub))
+    except SshSigError as e:
+        raise UsageError(str(e)) from None
+    fields = lines[0].split()
+    return key, fields[2] if len(fields) > 2 else ""

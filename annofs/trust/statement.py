@@ -32,6 +32,26 @@ reverse. (A tag prefixed to the target in the plain mode would not do: a file co
 hold the tagged string.) The digest set's key says which kind a subject is, for tools
 outside annofs; annofs matches by digest, which cannot be confused across kinds.
 
+A third kind is signed with an SSH key (`annofs sign --ssh-key`): the same Statement,
+whose predicate carries `sshPublicKey` (`ssh-ed25519 BASE64` or
+`sk-ssh-ed25519@openssh.com BASE64`, as in a .pub file) INSTEAD of `publicKey`, and
+whose DSSE signature is an OpenSSH SSHSIG (binary, PROTOCOL.sshsig; namespace `annofs`)
+over the PAE, made by `ssh-keygen -Y sign`. The envelope's keyid is then the key's
+`SHA256:` fingerprint (what `ssh-keygen -l` prints) and `signer` is only the name the
+key claims (its comment). Nix-key statements are byte for byte what they were. The
+statement's `public_key` is the 32-byte Ed25519 key in either case, so signers stay
+distinct by key across both kinds; the policy trusts an SSH-signed statement only
+through its `trusted-ssh-signers` file (annofs/trust/policy.py).
+
+A fourth kind records a signed git tag or commit (`annofs import --git
+--verify-signatures`): claim `source` over the imported files, the predicate's `git`
+naming the object type (`tag` or `commit`), the signed object's bytes (the tag or commit
+object without its signature), the commit, the tag and the repository, and
+`sshPublicKey`; the envelope's signature is the developer's own SSHSIG, namespace `git`,
+over those bytes. As for a narinfo signature, what ties the subjects to the commit is
+the import that checked the work tree was that commit's, clean: such statements are not
+exported nor taken from `attest import`.
+
 Every parser here is strict: a malformed field is a UsageError naming where it was found
 and what is wrong, never a KeyError or TypeError.
 """
@@ -49,12 +69,20 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import blake3
 
 from annofs.errors import UsageError
-from annofs.trust.keys import PUBLIC_SIZE, SIGNATURE_SIZE, SecretKey, verify_signature
+from annofs.trust import sshsig
+from annofs.trust.keys import (
+    PUBLIC_SIZE,
+    SIGNATURE_SIZE,
+    SecretKey,
+    key_fingerprint,
+    verify_signature,
+)
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -65,6 +93,13 @@ PREDICATE_TYPE = "urn:annofs:statement:v1"
 NARINFO_PAYLOAD_TYPE = "application/vnd.annofs.nix-narinfo-sig+json"
 NARINFO_PREDICATE_TYPE = "urn:annofs:nix-narinfo-sig:v1"
 NARINFO_CLAIM = "built"
+# A signed git tag or commit, recorded by `annofs import --git --verify-signatures`.
+GIT_PAYLOAD_TYPE = "application/vnd.annofs.git-sig+json"
+GIT_PREDICATE_TYPE = "urn:annofs:git-sig:v1"
+GIT_CLAIM = "source"
+GIT_NAMESPACE = "git"
+MAX_GIT_OBJECT = 1 << 20
+_GIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 # Nix's `1;<store path>;sha256:<nix base32>;<NarSize>;<references, ",">`, printable ASCII.
 _FINGERPRINT = re.compile(r"1;/[!-:<-~]+;sha256:[0-9a-df-np-sv-z]{52};[1-9][0-9]{0,18};"
                           r"[!-:<-~]*")
@@ -211,6 +246,46 @@ class Subject:
 
 
 @dataclass(frozen=True)
+class GitSource:
+    """A signed git tag or commit: the signed object (without its signature) and what
+    the import saw. The tag object names its commit and tag, checked on parsing."""
+
+    kind: str  # "tag" or "commit"
+    object: bytes  # the bytes the SSHSIG (namespace git) is over
+    commit: str  # hex
+    tag: str | None
+    repository: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The predicate's `git` object."""
+        out: dict[str, Any] = {"type": self.kind,
+                               "object": base64.b64encode(self.object).decode(),
+                               "commit": self.commit, "repository": self.repository}
+        if self.tag is not None:
+            out["tag"] = self.tag
+        return out
+
+    def check(self) -> str | None:
+        """What is wrong with it, or None: a tag object must name this commit and tag."""
+        if self.kind not in ("tag", "commit"):
+            return f"type {self.kind!r} (tag or commit)"
+        if not _GIT_ID.fullmatch(self.commit):
+            return f"commit {self.commit[:80]!r} is not a git object id"
+        if len(self.object) > MAX_GIT_OBJECT:
+            return "the git object is larger than 1 MiB"
+        if not self.repository or len(self.repository) > MAX_NAME:
+            return "repository: 1 to 4096 characters"
+        if self.kind == "tag":
+            head = self.object.split(b"\n\n", 1)[0].split(b"\n")
+            if not head or head[0] != f"object {self.commit}".encode() or \
+                    self.tag is None or f"tag {self.tag}".encode() not in head:
+                return "the tag object does not name this commit and tag"
+        elif self.tag is not None:
+            return "a signed commit names no tag"
+        return None
+
+
+@dataclass(frozen=True)
 class Statement:
     """What a signer claims about a set of contents (unsigned)."""
 
@@ -221,10 +296,15 @@ class Statement:
     time: int  # seconds since the epoch, UTC
     label: str | None = None
     fingerprint: str | None = None  # a narinfo signature's signed fingerprint
+    ssh_key: sshsig.SshPublicKey | None = None  # an SSH-signed statement's key
+    git: GitSource | None = None  # a signed git tag or commit's statement
 
     def __post_init__(self) -> None:
         if not self.subjects:
             raise UsageError("a statement needs at least one subject")
+        if self.ssh_key is not None and (self.fingerprint is not None
+                                         or self.ssh_key.key != self.public_key):
+            raise UsageError("an SSH-signed statement's public key is its SSH key's")
         if self.fingerprint is not None:
             if self.label is not None or self.claim != NARINFO_CLAIM:
                 raise UsageError("a narinfo signature's statement has claim 'built' and "
@@ -254,12 +334,15 @@ class Statement:
     @classmethod
     def checked_already(cls, subjects: tuple[Subject, ...], claim: str, signer: str,
                         public_key: bytes, when: int, label: str | None,
-                        fingerprint: str | None = None) -> Statement:
+                        fingerprint: str | None = None,
+                        ssh_key: sshsig.SshPublicKey | None = None,
+                        git: GitSource | None = None) -> Statement:
         """Build without re-validating: for the parser, which checked each field."""
         obj = object.__new__(cls)
         for name, value in (("subjects", subjects), ("claim", claim), ("signer", signer),
                             ("public_key", public_key), ("time", when), ("label", label),
-                            ("fingerprint", fingerprint)):
+                            ("fingerprint", fingerprint), ("ssh_key", ssh_key),
+                            ("git", git)):
             object.__setattr__(obj, name, value)
         return obj
 
@@ -268,18 +351,24 @@ class Statement:
         predicate: dict[str, Any] = {
             "claim": self.claim,
             "signer": self.signer,
-            "publicKey": base64.b64encode(self.public_key).decode(),
             "time": format_time(self.time),
         }
+        if self.ssh_key is None:
+            predicate["publicKey"] = base64.b64encode(self.public_key).decode()
+        else:
+            predicate["sshPublicKey"] = self.ssh_key.to_text()
         if self.label is not None:
             predicate["label"] = self.label
         if self.fingerprint is not None:
             predicate["fingerprint"] = self.fingerprint
+        if self.git is not None:
+            predicate["git"] = self.git.to_json()
         return {
             "_type": STATEMENT_TYPE,
             "subject": [{"name": s.name, "digest": s.digest_json()} for s in self.subjects],
-            "predicateType": (PREDICATE_TYPE if self.fingerprint is None
-                              else NARINFO_PREDICATE_TYPE),
+            "predicateType": (NARINFO_PREDICATE_TYPE if self.fingerprint is not None
+                              else GIT_PREDICATE_TYPE if self.git is not None
+                              else PREDICATE_TYPE),
             "predicate": predicate,
         }
 
@@ -334,14 +423,45 @@ class SignedStatement:
         return frozenset(s.digest for s in self.statement.subjects)
 
     @property
+    def key_id(self) -> str:
+        """The signer's key as shown when no trusted name may be: an SSH key's `SHA256:`
+        fingerprint, a Nix key's base64."""
+        ssh_key = self.statement.ssh_key
+        return ssh_key.fingerprint if ssh_key is not None else \
+            key_fingerprint(self.statement.public_key)
+
+    @cached_property
+    def ssh_verified(self) -> sshsig.Verified | None:
+        """An SSH-signed statement whose SSHSIG holds: what the token says it checked
+        (user presence, verification). None: not SSH-signed, or it does not verify."""
+        ssh_key = self.statement.ssh_key
+        if ssh_key is None:
+            return None
+        try:
+            sig = sshsig.parse_signature(self.envelope.sig)
+            if sig.public_key != ssh_key:
+                return None
+            git = self.statement.git
+            if git is not None:
+                return sshsig.verify(sig, git.object, GIT_NAMESPACE)
+            return sshsig.verify(sig, self.envelope.pae(), sshsig.NAMESPACE)
+        except sshsig.SshSigError:
+            return None
+
+    @property
     def signed_message(self) -> bytes:
-        """What the signature is over: the PAE, or a narinfo signature's fingerprint."""
+        """What the signature is over: the PAE, a narinfo signature's fingerprint, or a
+        git tag or commit's object."""
+        if self.statement.git is not None:
+            return self.statement.git.object
         fp = self.statement.fingerprint
         return self.envelope.pae() if fp is None else fp.encode("ascii")
 
     @cached_property
     def signature_valid(self) -> bool:
         """Whether the signature is the payload's public key's, over `signed_message`."""
+        if self.statement.ssh_key is not None:
+            return self.ssh_verified is not None
         return verify_signature(self.statement.public_key, self.signed_message,
                                 self.envelope.sig)
 
@@ -371,6 +491,71 @@ def sign_statement(statement: Statement, key: SecretKey) -> SignedStatement:
     payload = statement.payload()
     sig = key.sign(pae(PAYLOAD_TYPE.encode(), payload))
     return SignedStatement(statement, Envelope(PAYLOAD_TYPE, payload, key.name, sig))
+
+
+# What an SSH-signed statement's `signer` says when the key's comment is no key name.
+SSH_DEFAULT_NAME = "ssh-key"
+_KEY_NAME = re.compile(r"[^:\s\x00-\x1f\x7f]{1,128}")
+
+
+def make_ssh_statement(subjects: Iterable[tuple[str, bytes] | Subject], claim: str,
+                       key: sshsig.SshPublicKey, name: str, *, label: str | None = None,
+                       when: int | None = None) -> Statement:
+    """A statement by an SSH key (unsigned yet); `name` is only what the key claims to be
+    called (its comment), shown as a claim unless the policy trusts the key."""
+    if not _KEY_NAME.fullmatch(name):
+        name = SSH_DEFAULT_NAME
+    return Statement(
+        subjects=tuple(s if isinstance(s, Subject) else Subject(*s) for s in subjects),
+        claim=LABEL_CLAIM if label is not None else claim, signer=name,
+        public_key=key.key, time=int(time.time()) if when is None else when,
+        label=label, ssh_key=key)
+
+
+def ssh_signed(statement: Statement, armored: str) -> SignedStatement:
+    """A statement with its SSHSIG (armored, as `ssh-keygen -Y sign` writes it); the
+    signature must be the statement's key's, over its PAE, or UsageError."""
+    assert statement.ssh_key is not None
+    try:
+        blob = sshsig.dearmor(armored)
+    except sshsig.SshSigError as e:
+        raise UsageError(str(e)) from None
+    env = Envelope(PAYLOAD_TYPE, statement.payload(), statement.ssh_key.fingerprint, blob)
+    ss = SignedStatement(statement, env)
+    if not ss.signature_valid:
+        made_by = sshsig.parse_signature(blob).public_key.fingerprint
+        raise UsageError(f"the SSH signature (by {made_by}) does not verify as "
+                         f"{statement.ssh_key.fingerprint}'s over the statement")
+    return ss
+
+
+def sign_statement_ssh(statement: Statement, key_file: Path) -> SignedStatement:
+    """Sign with `ssh-keygen -Y sign -n annofs` (a key file, or a .pub whose private
+    half is in ssh-agent): OpenSSH asks for a passphrase or a FIDO touch as usual."""
+    message = pae(PAYLOAD_TYPE.encode(), statement.payload())
+    return ssh_signed(statement, sshsig.sign_with_ssh_keygen(key_file, message))
+
+
+def git_statement(subjects: Iterable[Subject], git: GitSource, key: sshsig.SshPublicKey,
+                  armored: str, when: int, name: str) -> SignedStatement:
+    """A signed git tag or commit as a `source` statement over `subjects` (the files the
+    import found to be that commit's tree); `armored`: the object's SSHSIG."""
+    problem = git.check()
+    if problem is not None:
+        raise UsageError(f"git signature: {problem}")
+    if not _KEY_NAME.fullmatch(name):
+        name = SSH_DEFAULT_NAME
+    st = Statement(subjects=tuple(subjects), claim=GIT_CLAIM, signer=name,
+                   public_key=key.key, time=when, ssh_key=key, git=git)
+    try:
+        blob = sshsig.dearmor(armored)
+    except sshsig.SshSigError as e:
+        raise UsageError(str(e)) from None
+    ss = SignedStatement(st, Envelope(GIT_PAYLOAD_TYPE, st.payload(), key.fingerprint, blob))
+    if not ss.signature_valid:
+        raise UsageError(f"the git {git.kind}'s SSH signature does not verify as "
+                         f"{key.fingerprint}'s")
+    return ss
 
 
 def check_fingerprint(text: str) -> bool:
@@ -468,6 +653,10 @@ def _parse_envelope(data: str | bytes) -> Envelope:
     doc = _object(_load_json(data, "envelope"), "envelope",
                   ("payloadType", "payload", "signatures"))
     payload_type = _string(doc["payloadType"], "payloadType")
+    if payload_type == GIT_PAYLOAD_TYPE:
+        # Its subjects are bound to the commit only by the import that checked the tree.
+        raise _Bad("payloadType", "a git signature is not imported from a file; "
+                                  "'annofs import --git --verify-signatures' records it")
     if payload_type == NARINFO_PAYLOAD_TYPE:
         # Its subjects are bound to the signed NarHash only by the NAR they came from:
         # taking them from a file would let anyone attach a cache's signature to any files.
@@ -485,8 +674,12 @@ def _parse_envelope(data: str | bytes) -> Envelope:
     entry = _object(sigs[0], "signatures[0]", ("keyid", "sig"))
     keyid = _string(entry["keyid"], "signatures[0].keyid")
     sig = _decode_b64(entry["sig"], "signatures[0].sig")
-    if len(sig) != SIGNATURE_SIZE:
-        raise _Bad("signatures[0].sig", f"an ed25519 signature is 64 bytes, got {len(sig)}")
+    # 64 bytes of ed25519 (a Nix key), or an SSHSIG blob (an SSH key): which one the
+    # payload's key asks for is checked by open_envelope, the SSHSIG parsed there.
+    if len(sig) != SIGNATURE_SIZE and not (sig.startswith(sshsig.MAGIC)
+                                           and len(sig) <= sshsig.MAX_SIGNATURE):
+        raise _Bad("signatures[0].sig", f"an ed25519 signature is 64 bytes, got {len(sig)} "
+                                        f"(and it is no SSHSIG signature)")
     return Envelope(payload_type, payload, keyid, sig)
 
 
@@ -521,13 +714,40 @@ def open_envelope(env: Envelope, where: str) -> SignedStatement:
     except UsageError as e:
         raise UsageError(f"{where}: payload: {e}") from None
     if (env.payload_type == NARINFO_PAYLOAD_TYPE) != (st.fingerprint is not None) or \
-            env.payload_type not in (PAYLOAD_TYPE, NARINFO_PAYLOAD_TYPE):
+            (env.payload_type == GIT_PAYLOAD_TYPE) != (st.git is not None) or \
+            env.payload_type not in (PAYLOAD_TYPE, NARINFO_PAYLOAD_TYPE, GIT_PAYLOAD_TYPE):
         raise UsageError(f"{where}: payloadType {env.payload_type!r} does not match the "
                          f"payload's predicateType")
-    if env.keyid != st.signer:
+    if st.ssh_key is not None:
+        _check_ssh_envelope(env, st.ssh_key, where,
+                            GIT_NAMESPACE if st.git is not None else sshsig.NAMESPACE)
+    elif len(env.sig) != SIGNATURE_SIZE:
+        raise UsageError(f"{where}: signatures[0].sig: the payload names an ed25519 "
+                         f"publicKey, whose signature is 64 bytes, not {len(env.sig)}")
+    elif env.keyid != st.signer:
         raise UsageError(f"{where}: signatures[0].keyid {env.keyid!r} is not the signer the "
                          f"payload names ({st.signer!r})")
     return SignedStatement(st, env)
+
+
+def _check_ssh_envelope(env: Envelope, key: sshsig.SshPublicKey, where: str,
+                        namespace: str) -> None:
+    """An SSH-signed statement's envelope: keyid is the key's fingerprint, the signature
+    a well-formed SSHSIG by that key in namespace `annofs` (whether it verifies is
+    `signature_valid`'s to say)."""
+    if env.keyid != key.fingerprint:
+        raise UsageError(f"{where}: signatures[0].keyid {env.keyid!r} is not the "
+                         f"fingerprint of the payload's sshPublicKey ({key.fingerprint})")
+    try:
+        sig = sshsig.parse_signature(env.sig, "signatures[0].sig")
+    except sshsig.SshSigError as e:
+        raise UsageError(f"{where}: {e}") from None
+    if sig.public_key != key:
+        raise UsageError(f"{where}: signatures[0].sig: made by {sig.public_key.fingerprint}, "
+                         f"not by the payload's sshPublicKey ({key.fingerprint})")
+    if sig.namespace != namespace:
+        raise UsageError(f"{where}: signatures[0].sig: namespace {sig.namespace!r}, not "
+                         f"{namespace!r}")
 
 
 def _parse_statement(doc: Any) -> Statement:
@@ -535,7 +755,8 @@ def _parse_statement(doc: Any) -> Statement:
     if doc["_type"] != STATEMENT_TYPE:
         raise _Bad("payload._type", f"expected {STATEMENT_TYPE!r}, got {_show(doc['_type'])}")
     narinfo = doc["predicateType"] == NARINFO_PREDICATE_TYPE
-    if doc["predicateType"] != PREDICATE_TYPE and not narinfo:
+    gitsig = doc["predicateType"] == GIT_PREDICATE_TYPE
+    if doc["predicateType"] != PREDICATE_TYPE and not narinfo and not gitsig:
         raise _Bad("payload.predicateType",
                    f"expected {PREDICATE_TYPE!r}, got {_show(doc['predicateType'])}")
     subjects_raw = doc["subject"]
@@ -569,9 +790,16 @@ def _parse_statement(doc: Any) -> Statement:
             raise _Bad(f"payload.subject[{i}].digest.{algorithm}",
                        f"expected 64 lowercase hex digits, got {_show(hexd)}")
         subjects.append(Subject(name, bytes.fromhex(hexd), symlink))
-    pred = _object(doc["predicate"], "payload.predicate",
-                   ("claim", "signer", "publicKey", "time", *(("fingerprint",) if narinfo
-                                                             else ())), ("label",))
+    pred = doc["predicate"]
+    # An SSH-signed statement names its key as sshPublicKey instead of publicKey.
+    ssh = gitsig or (type(pred) is dict and "sshPublicKey" in pred and not narinfo)
+    pred = _object(pred, "payload.predicate",
+                   ("claim", "signer", "sshPublicKey" if ssh else "publicKey", "time",
+                    *(("fingerprint",) if narinfo else ()), *(("git",) if gitsig else ())),
+                   () if gitsig else ("label",))
+    git = _parse_git(pred["git"]) if gitsig else None
+    if gitsig and pred["claim"] != GIT_CLAIM:
+        raise _Bad("payload.predicate.claim", f"a git signature claims {GIT_CLAIM!r}")
     fingerprint = None
     if narinfo:
         fingerprint = _string(pred["fingerprint"], "payload.predicate.fingerprint")
@@ -596,15 +824,44 @@ def _parse_statement(doc: Any) -> Statement:
     signer = _string(pred["signer"], "payload.predicate.signer")
     if not signer or ":" in signer or any(c.isspace() or ord(c) < 32 for c in signer):
         raise _Bad("payload.predicate.signer", f"{signer!r} is not a key name")
-    pub = _decode_b64(pred["publicKey"], "payload.predicate.publicKey")
-    if len(pub) != PUBLIC_SIZE:
-        raise _Bad("payload.predicate.publicKey",
-                   f"an ed25519 public key is 32 bytes, got {len(pub)}")
+    ssh_key = None
+    if ssh:
+        text = _string(pred["sshPublicKey"], "payload.predicate.sshPublicKey")
+        parts = text.split(" ")
+        try:
+            if len(parts) != 2:
+                raise sshsig.SshSigError("expected 'TYPE BASE64'")
+            ssh_key = sshsig.SshPublicKey.from_text(text, "payload.predicate.sshPublicKey")
+        except sshsig.SshSigError as e:
+            raise _Bad("payload.predicate.sshPublicKey", str(e)) from None
+        if ssh_key.to_text() != text:  # one spelling per key: no padding variants
+            raise _Bad("payload.predicate.sshPublicKey", "not in canonical form")
+        pub = ssh_key.key
+    else:
+        pub = _decode_b64(pred["publicKey"], "payload.predicate.publicKey")
+        if len(pub) != PUBLIC_SIZE:
+            raise _Bad("payload.predicate.publicKey",
+                       f"an ed25519 public key is 32 bytes, got {len(pub)}")
     when = _parse_time(pred["time"], "payload.predicate.time")
     # Every field was checked above, as it was read: skip __post_init__'s second pass
     # (it doubles the cost of reading a statement over a 40,000-file tree).
     return Statement.checked_already(tuple(subjects), claim, signer, pub, when, label,
-                                     fingerprint)
+                                     fingerprint, ssh_key, git)
+
+
+def _parse_git(raw: Any) -> GitSource:
+    doc = _object(raw, "payload.predicate.git", ("type", "object", "commit", "repository"),
+                  ("tag",))
+    tag = doc.get("tag")
+    git = GitSource(_string(doc["type"], "payload.predicate.git.type"),
+                    _decode_b64(doc["object"], "payload.predicate.git.object"),
+                    _string(doc["commit"], "payload.predicate.git.commit"),
+                    None if tag is None else _string(tag, "payload.predicate.git.tag"),
+                    _string(doc["repository"], "payload.predicate.git.repository"))
+    problem = git.check()
+    if problem is not None:
+        raise _Bad("payload.predicate.git", problem)
+    return git
 
 
 def load_signed(data: str | bytes, where: str) -> SignedStatement:

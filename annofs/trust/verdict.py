@@ -1,14 +1,18 @@
 """The one place that decides whether a file may be read: `decide`, and its cache.
 
-`decide(path, digest, policy, statements)` is a pure function of its inputs (and
+`decide(path, digest, policy, statements, now)` is a pure function of its inputs (and
 `decide_covered` its core, once the rule is known and the statements not covering the
 digest are left out). A statement counts towards a rule when all of these hold:
 
 - its subjects include this digest;
 - its signature verifies under the public key it names;
-- that key is trusted by the policy and not revoked;
+- that key is trusted by the policy and not revoked (an SSH-signed statement: the key
+  is in trusted-ssh-signers, on a line allowing namespace `annofs`, valid at the
+  statement's time and now; policy.py says why both);
 - it is an approval (not a label), its claim is one of the rule's `claims` (if given),
-  and its key is one of the rule's `keys` (if given).
+  and its key is one of the rule's `keys` (if given);
+- if the rule asks for `user-presence` / `user-verification`: a FIDO (sk) SSH signature
+  whose token asserted it.
 
 The rule is met when the counting statements come from at least `signers` distinct
 public keys (names do not matter: one key signing twice, or listed under two names, is
@@ -20,11 +24,12 @@ the rule says. Mode `enforce` refuses what is not met, `warn` allows it but flag
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from annofs.trust.policy import Default, Mode, OnStale, Policy, Rule, signer_name
+from annofs.trust.policy import Default, Mode, OnStale, Policy, Rule, statement_signer
 from annofs.trust.statement import MALICIOUS, SignedStatement
 
 
@@ -66,11 +71,12 @@ def _plural(n: int, word: str) -> str:
 
 
 def decide(path: str, digest: bytes, policy: Policy,
-           statements: Iterable[SignedStatement]) -> Verdict:
-    """The verdict for the content `digest` at store path `path` under `policy`."""
+           statements: Iterable[SignedStatement], now: float | None = None) -> Verdict:
+    """The verdict for the content `digest` at store path `path` under `policy`, at time
+    `now` (default: now; SSH keys' valid-after/valid-before are checked against it)."""
     return decide_covered(policy, policy.rule_for(path),
                           [ss for ss in statements if digest in ss.digests],
-                          policy.labels.get(digest, ()))
+                          policy.labels.get(digest, ()), now)
 
 
 BUNDLE_SIGNER = "the trust bundle"
@@ -78,15 +84,18 @@ BUNDLE_SIGNER = "the trust bundle"
 
 def decide_covered(policy: Policy, rule: Rule | None,
                    statements: Iterable[SignedStatement],
-                   bundle_labels: tuple[str, ...] = ()) -> Verdict:
+                   bundle_labels: tuple[str, ...] = (), now: float | None = None) -> Verdict:
     """The verdict under `rule` (None: the policy's default) for content that exactly
     `statements` cover (the caller checked that each lists the content's digest).
 
-    Nothing else goes in: for one policy the verdict is a function of the rule and the
-    statement ids (content addresses), so a caller may reuse it for every content that
-    the same statements cover under the same rule. `bundle_labels`: the labels the
-    policy's trust bundle puts on this content (part of the caller's cache key).
+    Nothing else goes in: for one policy the verdict is a function of the rule, the
+    statement ids (content addresses), `bundle_labels` (the labels the policy's trust
+    bundle puts on this content) and `now` only through `policy.cache_generation`, so a
+    caller may reuse it for every content that the same statements and labels cover under
+    the same rule and cache generation.
     """
+    if now is None:
+        now = time.time()
     if rule is not None:
         needed, rule_text, rule_index = rule.signers, rule.label, rule.index
     else:
@@ -106,16 +115,21 @@ def decide_covered(policy: Policy, rule: Rule | None,
     for ss in statements:
         st = ss.statement
         # A name is shown only for a key the policy trusts: the rest claim theirs.
-        shown = signer_name(policy, st.public_key, st.signer, valid=ss.signature_valid)
+        shown = statement_signer(policy, ss)
         if not ss.signature_valid:
             note(shown)
             continue
-        if st.public_key not in policy.trusted:
+        if not policy.trusts_key_of(st):
             note(shown)  # "untrusted key ... (claims ...)"
             continue
         if policy.is_revoked_for(st.public_key, st.time):
             note(f"{shown}: key revoked")
             continue
+        if st.ssh_key is not None:
+            why = policy.ssh_refusal(st, now)
+            if why is not None:
+                note(f"{shown}: {why}")
+                continue
         if st.label is not None:
             labels.append(f"{st.label} by {shown}")
             if st.label == MALICIOUS and shown not in malicious:
@@ -128,6 +142,10 @@ def decide_covered(policy: Policy, rule: Rule | None,
             continue
         if rule is not None and rule.keys is not None and st.public_key not in rule.keys:
             note(f"{shown}: not one of this rule's keys")
+            continue
+        token = rule.token_refusal(ss) if rule is not None else None
+        if token is not None:
+            note(f"{shown}: {token}")
             continue
         counted.setdefault(st.public_key, shown)
 
@@ -202,12 +220,13 @@ class VerdictCache:
     def __init__(self, maxsize: int = 65536) -> None:
         self._max = maxsize
         # The generations the entries were decided under; -1: none yet (real ones are >= 0).
-        self._policy_gen = self._statement_gen = -1
+        self._policy_gen: Hashable = -1
+        self._statement_gen = -1
         self._items: OrderedDict[tuple[Hashable, int], Verdict] = OrderedDict()
         # Verdicts may be asked for from worker threads as well as the event loop's.
         self._lock = threading.Lock()
 
-    def get(self, content: Hashable, rule_index: int | None, policy_generation: int,
+    def get(self, content: Hashable, rule_index: int | None, policy_generation: Hashable,
             statement_generation: int) -> Verdict | None:
         """A cached verdict, or None."""
         with self._lock:
@@ -222,7 +241,7 @@ class VerdictCache:
                 self._items.move_to_end(key)
             return v
 
-    def put(self, content: Hashable, rule_index: int | None, policy_generation: int,
+    def put(self, content: Hashable, rule_index: int | None, policy_generation: Hashable,
             statement_generation: int, verdict: Verdict) -> None:
         """Remember a verdict."""
         with self._lock:
