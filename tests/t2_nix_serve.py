@@ -19,8 +19,8 @@ from t2_nix_fetch import H1, H2, A, B, M, add_to_cache, make_tree, policy
 from annofs.dashboard.binary_cache import create_cache_app
 from annofs.nix.fetch import fetch
 from annofs.nix.nar import dump_host, dump_volume, nar_hash
-from annofs.nix.narinfo import check_signatures, distinct_signers, parse_narinfo
-from annofs.nix.serve import HASH_PART_LEN, RefScanner, ServedStore
+from annofs.nix.narinfo import HASH_CHARS, check_signatures, distinct_signers, parse_narinfo
+from annofs.nix.serve import HASH_PART_LEN, MAX_CANDIDATES, RefScanner, ServedStore
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.keys import generate_key
 from annofs.trust.policy import parse_policy
@@ -171,6 +171,22 @@ def test_the_scanner_finds_windows_across_chunks() -> None:
     for i in range(len(text)):
         s.feed(text[i:i + 1])
     assert s.found == {"a" * HASH_PART_LEN}
+
+
+def test_the_scanner_keeps_only_present_paths_past_its_bound() -> None:
+    import random
+
+    rng = random.Random(7)
+    noise = "".join(rng.choice(HASH_CHARS) for _ in range(MAX_CANDIDATES + 100))
+    asked: list[int] = []
+
+    def present() -> frozenset[str]:
+        asked.append(1)
+        return frozenset({H2})
+
+    s = RefScanner(present)
+    s.feed(f"{H2} {noise} {H1}".encode())
+    assert s.filtered and s.found == {H2} and asked == [1]
 
 
 def test_nar_hashes_are_computed_once_per_tree_version(vol: Volume, tmp_path: Path,

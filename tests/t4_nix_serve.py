@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,9 +29,10 @@ __all__ = ["nixw", "store"]  # pytest fixtures, found by name in this module
 
 
 @contextmanager
-def serving(store: Path, *args: str) -> Iterator[tuple[str, list[str]]]:
+def serving(store: Path, *args: str, proc_out: list[subprocess.Popen[str]] | None = None
+            ) -> Iterator[tuple[str, list[str]]]:
     """`annofs nix serve --listen 127.0.0.1:0 ARGS` running; (its URL, its stderr lines
-    so far). Stopped with SIGINT, as Ctrl-C would."""
+    so far; the process appended to `proc_out`). Stopped with SIGINT, as Ctrl-C would."""
     proc = subprocess.Popen(annofs_cmd("--store", str(store), "nix", "serve", "--listen",
                                        "127.0.0.1:0", *args),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -37,6 +42,8 @@ def serving(store: Path, *args: str) -> Iterator[tuple[str, list[str]]]:
     if m is None:
         proc.wait(10)
         raise AssertionError(f"no URL printed: {first}{proc.stderr.read()}")
+    if proc_out is not None:
+        proc_out.append(proc)
     lines: list[str] = []
     drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
     drain.start()
@@ -159,3 +166,52 @@ def test_nix_fetch_from_annofs_serve_round_trips(nixw: NixWorld, store: Path,
     assert annofs(second, "export", f"/nix/store/{nixw.top.split('/')[-1]}",
                   str(out)).returncode == 0
     assert nix_dump_sha256(out) == nix_dump_sha256(nixw.top)
+
+
+def test_a_real_substituter_with_require_sigs(nixw: NixWorld, store: Path,
+                                              tmp_path: Path) -> None:
+    """Nix substituting (not copying): `nix-store --realise` of the path into an empty
+    chroot store, with annofs as its only substituter."""
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    fetched_store(nixw, store, pol)
+    root = tmp_path / "root"
+    with serving(store, "--policy", str(pol)) as (url, _):
+        res = run(["nix-store", "--store", f"local?root={root}", "--realise", nixw.top,
+                   "--option", "substituters", url, "--option", "require-sigs", "true",
+                   "--option", "trusted-public-keys", nixw.pub("cache-a-1")],
+                  env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    assert nix_dump_sha256(root / nixw.top.lstrip("/")) == nix_dump_sha256(nixw.top)
+
+
+def test_sighup_reloads_the_policy(nixw: NixWorld, store: Path, tmp_path: Path) -> None:
+    good = write_policy(tmp_path / "policy.toml", nixw)
+    fetched_store(nixw, store, good)
+    pol = write_policy(tmp_path / "served.toml", nixw, keys=("cache-b-1",))
+    narinfo = nixw.top.split("/")[-1][:32] + ".narinfo"
+    procs: list[subprocess.Popen[str]] = []
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{url}/{narinfo}", timeout=30) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    with serving(store, "--policy", str(pol), proc_out=procs) as (url, lines):
+        assert status(url) == 404
+        pol.write_text("this is not TOML [")
+        procs[0].send_signal(signal.SIGHUP)
+        wait_for(lambda: any("not reloaded" in ln for ln in lines))
+        assert status(url) == 404  # the old policy stays
+        shutil.copy(good, pol)
+        procs[0].send_signal(signal.SIGHUP)
+        wait_for(lambda: any("policy reloaded" in ln for ln in lines))
+        assert status(url) == 200
+
+
+def wait_for(cond: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,9 @@ from annofs.cli.paths import parse_store_path, resolve_target
 from annofs.cli.trust_cmds import POLICY_ENV
 from annofs.daemon.registry import read_state
 from annofs.errors import StoreError, UsageError
+
+if TYPE_CHECKING:
+    from annofs.nix.serve import ServedStore
 
 
 def _policy_path(given: Path | None, store: Path) -> Path:
@@ -63,7 +67,6 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
     its narinfo carries the cache signatures `nix fetch` recorded and one by each --key.
     """
     import contextlib
-    from functools import partial
 
     import trio
 
@@ -85,7 +88,8 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
     if target.store != store:
         raise UsageError(f"{dest}: not in the store {store}")
     dest_parts = target.parts if target.mount is not None else parse_store_path(dest)
-    policy = load_policy(_policy_path(policy_file, store))
+    policy_file = _policy_path(policy_file, store)
+    policy = load_policy(policy_file)
     keys = [load_secret_key(k) for k in key_files]
     addr = parse_listen(listen, allow_remote=allow_remote, what="the binary cache",
                         shows="the store paths the policy approves",
@@ -105,8 +109,38 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
                                allowed_hosts=loopback_hosts(addr.host) if addr.loopback
                                else None)
         shown = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in dest_parts)
-        click.echo(f"nix serve: {url} ({shown} of {store}; Ctrl-C to stop)", err=True)
+        click.echo(f"nix serve: {url} ({shown} of {store}; Ctrl-C to stop, SIGHUP reloads "
+                   f"the policy)", err=True)
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_reload_on_hup, served, policy_file)
+                await serve_http(app, sock, shutdown_trigger=_until_interrupted)
+                nursery.cancel_scope.cancel()
+
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(partial(serve_http, app, sock, shutdown_trigger=_until_interrupted))
+            trio.run(run)
     finally:
         vol.close()
+
+
+async def _reload_on_hup(served: ServedStore, policy_file: Path) -> None:
+    """Re-read the policy at each SIGHUP (as a mount does); a file that does not load
+    leaves the old policy in force, and says so."""
+    import signal
+
+    import trio
+
+    from annofs.errors import AnnofsError
+    from annofs.trust.policy import load_policy
+
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                policy = await trio.to_thread.run_sync(load_policy, policy_file)
+            except AnnofsError as e:
+                click.echo(f"nix serve: the policy was not reloaded, the old one stays: {e}",
+                           err=True)
+                continue
+            served.set_policy(policy)
+            click.echo(f"nix serve: policy reloaded from {policy_file}", err=True)

@@ -130,12 +130,14 @@ class _Walked:
 
 class RefScanner:
     """Nix's reference scan over NAR chunks: every window of HASH_PART_LEN nix base32
-    characters, across chunk boundaries."""
+    characters, across chunk boundaries. Past MAX_CANDIDATES distinct windows (a file
+    of random base32 text), only those `present()` names are kept."""
 
-    def __init__(self, present: frozenset[str] | None = None) -> None:
+    def __init__(self, present: Callable[[], frozenset[str]] = frozenset) -> None:
         self.found: set[str] = set()
         self.filtered = False
-        self._present = present
+        self._present_fn = present
+        self._present: frozenset[str] = frozenset()
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -151,14 +153,14 @@ class RefScanner:
 
     def _add(self, window: str) -> None:
         if self.filtered:
-            if self._present is not None and window in self._present:
+            if window in self._present:
                 self.found.add(window)
             return
         self.found.add(window)
         if len(self.found) > MAX_CANDIDATES:
             self.filtered = True
-            present = self._present or frozenset()
-            self.found = {w for w in self.found if w in present}
+            self._present = self._present_fn()
+            self.found = {w for w in self.found if w in self._present}
 
 
 class ServedStore:
@@ -182,6 +184,13 @@ class ServedStore:
         self._computing: dict[bytes, threading.Lock] = {}
         self._logged: set[tuple[str, bytes]] = set()
         self.hashes_computed = 0  # NAR hashes computed (not from the cache): for tests
+
+    def set_policy(self, policy: Policy) -> None:
+        """Judge by a reloaded policy from the next request on."""
+        with self._gate_lock:
+            self.policy = policy
+            self._gate.set_policy(policy)
+        self._logged.clear()
 
     # -- finding and judging a path ----------------------------------------------------
 
@@ -207,7 +216,8 @@ class ServedStore:
         return None
 
     def _present(self, txn: lmdb.Transaction) -> dict[str, str]:
-        """Hash part -> base name of every store path under dest."""
+        """Hash part -> base name of every store path under dest (a listing: only for
+        a NAR with too many hash-like windows to keep)."""
         ns = self.vol.namespace
         try:
             d = ns.resolve(txn, list(self.dest))
@@ -288,7 +298,7 @@ class ServedStore:
                 hit = self._scanned.get(key)
             if hit is not None:
                 return hit
-            scanner = RefScanner(frozenset(self._present(txn)))
+            scanner = RefScanner(lambda: frozenset(self._present(txn)))
             h = hashlib.sha256()
             size = 0
             for chunk in dump_volume_in(self.vol, txn, where):
@@ -324,8 +334,9 @@ class ServedStore:
             refs = built[0][0]
             sigs = [s for r, s in built if r == refs]
         else:
-            present = self._present(txn)
-            refs = tuple(sorted(present[h] for h in scanned.candidates if h in present))
+            # Each candidate looked up by its hash part: no listing of a big store.
+            found = (self._find(txn, h) for h in scanned.candidates)
+            refs = tuple(sorted(f[0] for f in found if f is not None))
             sigs = []
         offer = Offer(base, scanned.nar, refs, ())
         message = offer.fingerprint().encode()
