@@ -127,7 +127,6 @@ def test_a_patched_file_takes_the_path_away(vol: Volume, tmp_path: Path,
     assert c.get(f"/{H1}.narinfo").status_code == 404  # (logged once: see the marker)
 
 
-@pytest.mark.expected_log("not offering")
 def test_unknown_and_malformed_requests_are_404(vol: Volume, tmp_path: Path,
                                                 fetched: bytes) -> None:
     c = client(ServedStore(vol, served_policy(tmp_path)))

@@ -141,7 +141,9 @@ def test_serves_beside_a_mounts_daemon(mounted: Mount, nixw: NixWorld,
                  "--policy", str(pol), "--recursive", nixw.top)
     assert res.returncode == 0, res.stderr
     root = tmp_path / "root"
-    with serving(mounted.store, "--policy", str(pol)) as (url, _):
+    # --dest as the mount's path: the same store, reached through its mountpoint.
+    with serving(mounted.store, "--policy", str(pol), "--dest",
+                 str(mounted.path / "nix" / "store")) as (url, _):
         copied = nix_copy(url, root, nixw.top, nixw.pub("cache-a-1"), tmp_path / "cache")
         assert copied.returncode == 0, copied.stderr
         # The mount keeps answering meanwhile, and what it shows is what was served.

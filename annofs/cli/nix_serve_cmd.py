@@ -85,8 +85,7 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
     if not (store / "db" / "data.mdb").exists():
         raise StoreError(f"{store}: no annofs store here (run annofs init)")
     target = resolve_target(dest, store)
-    if target.store != store:
-        raise UsageError(f"{dest}: not in the store {store}")
+    store = target.store  # a --dest inside a mount names that mount's store
     dest_parts = target.parts if target.mount is not None else parse_store_path(dest)
     policy_file = _policy_path(policy_file, store)
     policy = load_policy(policy_file)
