@@ -68,7 +68,9 @@ log = logging.getLogger("annofs.nix.serve")
 STORE_DIR = "/nix/store"
 MAX_CANDIDATES = 1 << 16  # hash-like windows kept per NAR before filtering by presence
 _CACHED_TREES = 4096  # NAR hashes remembered (about 200 bytes each, plus candidates)
-_HASH_RUN = re.compile(f"[{HASH_CHARS}]{{{HASH_PART_LEN},}}".encode())
+# Each byte as 1 if it is a nix base32 character, else 0; a hash part is a run of 32.
+_MARKS = bytes(1 if chr(b) in HASH_CHARS else 0 for b in range(256))
+_RUN = b"\1" * HASH_PART_LEN
 _FINGERPRINT = re.compile(r"1;([^;]+);sha256:([0-9a-z]{52});([0-9]+);(.*)")
 
 
@@ -143,10 +145,18 @@ class RefScanner:
     def feed(self, chunk: bytes) -> None:
         """Scan the next chunk."""
         data = self._tail + chunk
-        for m in _HASH_RUN.finditer(data):
-            run = m.group()
+        # Runs of base32 characters found with bytes.find over a translated copy: a
+        # regular expression ran at 26 MB/s over binaries, this at memory speed.
+        marks = data.translate(_MARKS)
+        at = marks.find(_RUN)
+        while at >= 0:
+            end = marks.find(b"\0", at)
+            if end < 0:
+                end = len(marks)
+            run = data[at:end]
             for i in range(len(run) - HASH_PART_LEN + 1):
                 self._add(run[i:i + HASH_PART_LEN].decode("ascii"))
+            at = marks.find(_RUN, end)
         # A window may straddle the boundary: keep the last HASH_PART_LEN - 1 bytes (a
         # window wholly inside them was seen already; seeing it again is harmless).
         self._tail = data[-(HASH_PART_LEN - 1):]
