@@ -39,6 +39,7 @@ COMPRESSIONS = ("zstd", "none")
 _H = f"[{HASH_CHARS}]{{{HASH_PART_LEN}}}"
 _NARINFO = re.compile(f"/({_H})\\.narinfo")
 _NAR = re.compile(f"/nar/({_H})-([{HASH_CHARS}]{{52}})\\.nar(\\.zst)?")
+_PIECE = 1 << 20
 _MAX_STREAMS = 16  # NARs sent at once: each holds an LMDB read slot (256 in all)
 
 
@@ -55,16 +56,25 @@ class _Pieces:
             self._z = zstandard.ZstdCompressor(level=3).compressobj()
 
     def next(self) -> bytes | None:
-        """The next piece to send; None at the end."""
-        while not self._done:
+        """The next piece to send (about _PIECE bytes); None at the end.
+
+        NAR chunks come a fragment at a time (tens of KiB): one worker-thread hop per
+        chunk cost more than dumping (in-process, 200 MiB: 6080 hops, 2.5 s against
+        a 1.0 s dump), so a hop gathers a piece of about a MiB.
+        """
+        parts: list[bytes] = []
+        size = 0
+        while size < _PIECE and not self._done:
             chunk = next(self._chunks, None)
             if chunk is None:
                 self._done = True
-                return self._z.flush() if self._z is not None else None
-            out = self._z.compress(chunk) if self._z is not None else chunk
+                out = self._z.flush() if self._z is not None else b""
+            else:
+                out = self._z.compress(chunk) if self._z is not None else chunk
             if out:
-                return out
-        return None
+                parts.append(out)
+                size += len(out)
+        return b"".join(parts) if parts else None
 
     def close(self) -> None:
         """Stop early: the snapshot's read transaction ends."""
