@@ -139,6 +139,12 @@ def test_unknown_and_malformed_requests_are_404(vol: Volume, tmp_path: Path,
     assert c.get("/nix-cache-info", headers={"host": "evil.example"}).status_code == 400
 
 
+def test_an_empty_store_has_nothing(vol: Volume, tmp_path: Path) -> None:
+    c = client(ServedStore(vol, served_policy(tmp_path)))
+    assert c.get(f"/{H1}.narinfo").status_code == 404  # no /nix/store at all
+    assert c.get(f"/nar/{H1}-{'0' * 52}.nar").status_code == 404
+
+
 def test_references_are_scanned_when_no_cache_signed_the_path(vol: Volume,
                                                              tmp_path: Path) -> None:
     """A path annofs holds no `built` statement for (imported, no rule over it): its
