@@ -139,6 +139,29 @@ def test_unknown_and_malformed_requests_are_404(vol: Volume, tmp_path: Path,
     assert c.get("/nix-cache-info", headers={"host": "evil.example"}).status_code == 400
 
 
+def test_a_deferred_digest_is_computed_never_written(vol: Volume, tmp_path: Path,
+                                                    fetched: bytes) -> None:
+    """A version whose digest the mount has not recorded yet (it defers it after an
+    edit): judged by its computed digest (here the signed content: offered), and the
+    store is not written (nix serve only reads, beside a daemon)."""
+    import dataclasses
+
+    where = [b"nix", b"store", f"{H1}-hello".encode(), b"share"]
+    with vol.store.write() as txn:
+        share = vol.namespace.resolve(txn, where)
+        old = vol.versions.get(txn, int(vol.namespace.get(txn, share.target,
+                                                          b"greeting").target))
+        new = vol.versions.create(txn, 0, old.hashes, old.lengths, None)  # from empty
+        vol.namespace.set_attrs(txn, int(share.target), b"greeting",
+                                lambda a: dataclasses.replace(a, target=new.id))
+    served = ServedStore(vol, served_policy(tmp_path))
+    info = parse_narinfo(client(served).get(f"/{H1}.narinfo").content, "deferred")
+    assert info.nar_hash == hashlib.sha256(fetched).digest()
+    with vol.store.read() as txn:
+        assert vol.versions.get(txn, new.id).digest is None
+    assert served._digests == {new.id: old.digest}
+
+
 def test_an_empty_store_has_nothing(vol: Volume, tmp_path: Path) -> None:
     c = client(ServedStore(vol, served_policy(tmp_path)))
     assert c.get(f"/{H1}.narinfo").status_code == 404  # no /nix/store at all

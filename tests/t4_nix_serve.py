@@ -149,6 +149,15 @@ def test_serves_beside_a_mounts_daemon(mounted: Mount, nixw: NixWorld,
         # The mount keeps answering meanwhile, and what it shows is what was served.
         inside = mounted.path / nixw.top.lstrip("/")
         assert nix_dump_sha256(inside) == nix_dump_sha256(root / nixw.top.lstrip("/"))
+        # A patch through the mount takes the path away at once.
+        narinfo = f"{url}/{nixw.top.split('/')[-1][:32]}.narinfo"
+        with urllib.request.urlopen(narinfo, timeout=30) as r:
+            assert r.status == 200
+        with open(inside / "share" / "greeting", "a") as f:
+            f.write("patched\n")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(narinfo, timeout=30)
+        assert e.value.code == 404
 
 
 def test_nix_fetch_from_annofs_serve_round_trips(nixw: NixWorld, store: Path,

@@ -53,7 +53,7 @@ from annofs.errors import AnnofsError
 from annofs.nix import base32
 from annofs.nix.nar import NarHash, dump_volume_in
 from annofs.nix.narinfo import HASH_CHARS, HASH_PART_LEN, check_base_name, fingerprint
-from annofs.store.records import Attrs
+from annofs.store.records import Attrs, Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey
@@ -68,6 +68,7 @@ log = logging.getLogger("annofs.nix.serve")
 STORE_DIR = "/nix/store"
 MAX_CANDIDATES = 1 << 16  # hash-like windows kept per NAR before filtering by presence
 _CACHED_TREES = 4096  # NAR hashes remembered (about 200 bytes each, plus candidates)
+_CACHED_DIGESTS = 100_000  # digests of versions the store has not recorded yet
 # Each byte as 1 if it is a nix base32 character, else 0; a hash part is a run of 32.
 _MARKS = bytes(1 if chr(b) in HASH_CHARS else 0 for b in range(256))
 _RUN = b"\1" * HASH_PART_LEN
@@ -192,6 +193,7 @@ class ServedStore:
         self._scanned: OrderedDict[bytes, _Scanned] = OrderedDict()
         self._lock = threading.Lock()
         self._computing: dict[bytes, threading.Lock] = {}
+        self._digests: OrderedDict[int, bytes] = OrderedDict()  # deferred digests
         self._logged: set[tuple[str, bytes]] = set()
         self.hashes_computed = 0  # NAR hashes computed (not from the cache): for tests
 
@@ -243,7 +245,7 @@ class ServedStore:
 
     def _walk(self, txn: lmdb.Transaction, base: str, top: Attrs) -> _Walked:
         """Key the tree by its content listing and judge every file and symlink."""
-        ns, versions = self.vol.namespace, self.vol.versions
+        ns = self.vol.namespace
         key = blake3.blake3()
         refused: list[tuple[str, Verdict]] = []
         first: bytes | None = None
@@ -264,11 +266,7 @@ class ServedStore:
             elif a.is_reg:
                 key.update(b"f" + _lp(rel) + (b"x" if a.mode & stat.S_IXUSR else b"-")
                            + int(a.target).to_bytes(8, "little"))
-                v = versions.get(txn, int(a.target))
-                if v.digest is None:
-                    # Not recorded yet (a mount defers it): computed, never written here.
-                    v = replace(v, digest=versions.compute_digest(txn, v))
-                content = v
+                content = self._version(txn, int(a.target))
             else:
                 key.update(b"o" + _lp(rel))  # a FIFO or device: no NAR can hold it
                 continue
@@ -280,6 +278,22 @@ class ServedStore:
                 refused.append(("/" + b"/".join(path).decode("utf-8", "backslashreplace"),
                                 verdict))
         return _Walked(key.digest(), tuple(refused), first)
+
+    def _version(self, txn: lmdb.Transaction, vid: int) -> Version:
+        """A file's version with its digest. One not recorded yet (the mount defers
+        it after an edit) is computed here and remembered by version id (a version
+        never changes), never written: this process only reads the store."""
+        v = self.vol.versions.get(txn, vid)
+        if v.digest is not None:
+            return v
+        digest = self._digests.get(vid)
+        if digest is None:
+            digest = self.vol.versions.compute_digest(txn, v)
+            with self._lock:
+                self._digests[vid] = digest
+                while len(self._digests) > _CACHED_DIGESTS:
+                    self._digests.popitem(last=False)
+        return replace(v, digest=digest)
 
     def _record_refusal(self, base: str, walked: _Walked) -> None:
         if (base, walked.key) in self._logged:
@@ -308,22 +322,27 @@ class ServedStore:
                 hit = self._scanned.get(key)
             if hit is not None:
                 return hit
-            scanner = RefScanner(lambda: frozenset(self._present(txn)))
-            h = hashlib.sha256()
-            size = 0
-            for chunk in dump_volume_in(self.vol, txn, where):
-                h.update(chunk)
-                size += len(chunk)
-                scanner.feed(chunk)
-            got = _Scanned(NarHash(h.digest(), size), frozenset(scanner.found),
-                           scanner.filtered)
+            try:
+                got = self._dump_and_scan(txn, where)
+            finally:
+                with self._lock:
+                    self._computing.pop(key, None)
             with self._lock:
                 self.hashes_computed += 1
                 self._scanned[key] = got
                 while len(self._scanned) > _CACHED_TREES:
                     self._scanned.popitem(last=False)
-                self._computing.pop(key, None)
             return got
+
+    def _dump_and_scan(self, txn: lmdb.Transaction, where: tuple[bytes, ...]) -> _Scanned:
+        scanner = RefScanner(lambda: frozenset(self._present(txn)))
+        h = hashlib.sha256()
+        size = 0
+        for chunk in dump_volume_in(self.vol, txn, where):
+            h.update(chunk)
+            size += len(chunk)
+            scanner.feed(chunk)
+        return _Scanned(NarHash(h.digest(), size), frozenset(scanner.found), scanner.filtered)
 
     # -- what a request gets -----------------------------------------------------------
 
