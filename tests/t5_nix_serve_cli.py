@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
+import subprocess
+import urllib.request
 from pathlib import Path
 
+from conftest import annofs_cmd
 from t5_nix_cli import annofs, one_line, world
 
 __all__ = ["world"]  # the fixture, found by name
@@ -34,3 +39,23 @@ def test_serve_usage_errors_are_exit_2(world: dict[str, Path], tmp_path: Path) -
         port = taken.getsockname()[1]
         one_line(annofs(s, "nix", "serve", "--listen", f"127.0.0.1:{port}", "--policy", p), 2,
                  f"127.0.0.1:{port}: the binary cache cannot listen here")
+
+
+def test_allow_remote_serves_and_warns(world: dict[str, Path]) -> None:
+    proc = subprocess.Popen(annofs_cmd("--store", str(world["store"]), "nix", "serve",
+                                       "--listen", "0.0.0.0:0", "--allow-remote",
+                                       "--policy", str(world["policy"])),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        warning, started = proc.stderr.readline(), proc.stderr.readline()
+        assert warning.startswith("warning: the binary cache at http://0.0.0.0:")
+        assert "reachable from other machines over plain HTTP" in warning
+        port = re.search(r"nix serve: http://0\.0\.0\.0:(\d+) ", started)
+        assert port is not None, started
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/nix-cache-info",
+                                    timeout=30) as r:
+            assert r.read().startswith(b"StoreDir: /nix/store\n")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

@@ -95,6 +95,10 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
                         remote_option="--allow-remote")
     sock = bind(addr, "the binary cache")
     url = bound_address(sock).url.rstrip("/")
+    if not addr.loopback:
+        click.echo(f"warning: the binary cache at {url} is reachable from other machines "
+                   f"over plain HTTP, without a token: any of them can read every store "
+                   f"path the policy approves (Nix checks their signatures)", err=True)
     events = EventLog(store)
 
     def refused(path: str, v: Verdict) -> None:
