@@ -15,8 +15,10 @@ import pytest
 import zstandard
 from starlette.testclient import TestClient
 from t2_nix_fetch import H1, H2, A, B, M, add_to_cache, make_tree, policy
+from t2_trust import sign
 
 from annofs.dashboard.binary_cache import create_cache_app
+from annofs.errors import UsageError
 from annofs.nix.fetch import fetch
 from annofs.nix.nar import dump_host, dump_volume, nar_hash
 from annofs.nix.narinfo import HASH_CHARS, check_signatures, distinct_signers, parse_narinfo
@@ -170,10 +172,15 @@ def test_an_empty_store_has_nothing(vol: Volume, tmp_path: Path) -> None:
 
 def test_references_are_scanned_when_no_cache_signed_the_path(vol: Volume,
                                                              tmp_path: Path) -> None:
-    """A path annofs holds no `built` statement for (imported, no rule over it): its
-    references are the store paths present whose hash part its NAR contains, itself
-    included, as Nix scans; the --key signature covers them."""
-    pol = parse_policy('mode = "enforce"\ndefault = "allow"\n', tmp_path / "open.toml")
+    """A path annofs holds no `built` statement for (imported, then signed with `annofs
+    sign`): its references are the store paths present whose hash part its NAR
+    contains, itself included, as Nix scans; the --key signature covers them."""
+    pol = parse_policy(f'''mode = "enforce"
+trusted-public-keys = ["{B.public_key().to_text()}"]
+[[rules]]
+path = "/nix/store/**"
+signers = 1
+''', tmp_path / "signed.toml")
     dep, top = tmp_path / "dep", tmp_path / "top"
     dep.mkdir()
     (dep / "lib").write_text("a library\n")
@@ -183,6 +190,7 @@ def test_references_are_scanned_when_no_cache_signed_the_path(vol: Volume,
                                        + f"self: {H1}\n".encode() + f"absent {'3' * 32}".encode())
     for host, name in ((dep, f"{H2}-dep"), (top, f"{H1}-top")):
         TreeImporter(vol).run(host, [b"nix", b"store", name.encode()])
+        sign(vol, B, f"/nix/store/{name}")
     served = ServedStore(vol, pol, [S])
     r = client(served).get(f"/{H1}.narinfo")
     info = parse_narinfo(r.content, "served")
@@ -191,6 +199,29 @@ def test_references_are_scanned_when_no_cache_signed_the_path(vol: Volume,
     assert check.counts and check.sig.key_name == "annofs-serve-1"
     nar = nar_hash(dump_volume(vol, [b"nix", b"store", f"{H1}-top".encode()]))
     assert info.nar_hash == nar.sha256
+
+
+def test_a_key_needs_a_policy_that_guards_what_it_signs(vol: Volume, tmp_path: Path) -> None:
+    """With --key annofs signs every path it offers: a policy that lets unsigned content
+    under /nix/store be read (or does not enforce) would make it sign anything anyone
+    wrote there. The key is refused, and a reload to such a policy too."""
+    for text in ('mode = "enforce"\ndefault = "allow"\n',
+                 'mode = "enforce"\ndefault = "require"\n[[rules]]\npath = "/nix/**"\n'
+                 'signers = 0\n',
+                 f'''mode = "warn"
+trusted-public-keys = ["{A.public_key().to_text()}"]
+[[rules]]
+path = "/nix/store/**"
+signers = 1
+'''):
+        loose = parse_policy(text, tmp_path / "loose.toml")
+        with pytest.raises(UsageError, match=r"--key signs every path served"):
+            ServedStore(vol, loose, [S])
+        ServedStore(vol, loose)  # without a key it only serves what the policy allows
+        guarded = ServedStore(vol, served_policy(tmp_path), [S])
+        with pytest.raises(UsageError, match=r"--key signs every path served"):
+            guarded.set_policy(loose)
+        assert guarded.policy is not loose
 
 
 def test_the_scanner_finds_windows_across_chunks() -> None:

@@ -29,6 +29,10 @@ def test_serve_usage_errors_are_exit_2(world: dict[str, Path], tmp_path: Path) -
              "the binary cache's address must be HOST:PORT")
     one_line(annofs(s, "nix", "serve", *listen, "--policy", p, "--key",
                     str(world["keys"] / "cache-a-1.public")), 2, "cache-a-1.public")
+    one_line(annofs(s, "nix", "serve", *listen, "--policy", p, "--key",
+                    str(world["keys"] / "cache-a-1.secret")), 2,
+             "--key signs every path served, but the policy lets unsigned content under "
+             "/nix/store be read")
     one_line(annofs(s, "nix", "serve", *listen, "--policy", str(tmp_path / "nope.toml")), 2,
              "nope.toml")
     one_line(annofs(s, "nix", "serve", *listen, "--policy", p, "--dest", "relative"), 2,

@@ -75,7 +75,7 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
     from annofs.dashboard.binary_cache import create_cache_app
     from annofs.dashboard.server import _until_interrupted, bind, bound_address, parse_listen
     from annofs.dashboard.server import serve as serve_http
-    from annofs.nix.serve import ServedStore
+    from annofs.nix.serve import ServedStore, check_signing_policy
     from annofs.trust.keys import load_secret_key
     from annofs.trust.policy import load_policy
     from annofs.trust.verdict import Verdict
@@ -90,6 +90,8 @@ def nix_serve_cmd(ctx: click.Context, listen: str, policy_file: Path | None,
     policy_file = _policy_path(policy_file, store)
     policy = load_policy(policy_file)
     keys = [load_secret_key(k) for k in key_files]
+    if keys:
+        check_signing_policy(policy, dest_parts)  # before it listens
     addr = parse_listen(listen, allow_remote=allow_remote, what="the binary cache",
                         shows="the store paths the policy approves",
                         remote_option="--allow-remote")
@@ -141,9 +143,9 @@ async def _reload_on_hup(served: ServedStore, policy_file: Path) -> None:
         async for _ in signals:
             try:
                 policy = await trio.to_thread.run_sync(load_policy, policy_file)
+                served.set_policy(policy)
             except AnnofsError as e:
                 click.echo(f"nix serve: the policy was not reloaded, the old one stays: {e}",
                            err=True)
                 continue
-            served.set_policy(policy)
             click.echo(f"nix serve: policy reloaded from {policy_file}", err=True)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 import blake3
 import lmdb
 
-from annofs.errors import AnnofsError
+from annofs.errors import AnnofsError, UsageError
 from annofs.nix import base32
 from annofs.nix.nar import NarHash, dump_volume_in
 from annofs.nix.narinfo import HASH_CHARS, HASH_PART_LEN, check_base_name, fingerprint
@@ -57,7 +57,7 @@ from annofs.store.records import Attrs, Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey
-from annofs.trust.policy import Policy
+from annofs.trust.policy import Default, Mode, Policy
 from annofs.trust.statement import NARINFO_CLAIM
 from annofs.trust.symlink import content_verdict, symlink_content
 from annofs.trust.verdict import Verdict
@@ -182,6 +182,8 @@ class ServedStore:
                  on_refused: Callable[[str, Verdict], None] | None = None) -> None:
         """`on_refused(path, verdict)` is told each refused file of a path not offered
         (once per tree version), e.g. to record it in the events log."""
+        if keys:
+            check_signing_policy(policy, dest)
         self.vol = vol
         self.policy = policy
         self.keys = tuple(keys)
@@ -198,7 +200,10 @@ class ServedStore:
         self.hashes_computed = 0  # NAR hashes computed (not from the cache): for tests
 
     def set_policy(self, policy: Policy) -> None:
-        """Judge by a reloaded policy from the next request on."""
+        """Judge by a reloaded policy from the next request on (UsageError, and the
+        old one stays, if it no longer guards what --key signs)."""
+        if self.keys:
+            check_signing_policy(policy, self.dest)
         with self._gate_lock:
             self.policy = policy
             self._gate.set_policy(policy)
@@ -415,6 +420,27 @@ class ServedStore:
             raise
         return offer, _owning(txn, dump_volume_in(self.vol, txn,
                                                   (*self.dest, offer.base.encode())))
+
+
+def check_signing_policy(policy: Policy, dest: Sequence[bytes]) -> None:
+    """UsageError unless the policy enforces signatures on what is under `dest`.
+
+    With `--key`, annofs signs every path it offers: under a policy that lets unsigned
+    content be read there, anything anyone can write under `dest` (a user of a mount
+    with --allow-other, a build) would go out with annofs's signature, which is what
+    a key must never vouch for. So the key is refused, not the path.
+    """
+    shown = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in dest)
+    if policy.mode is not Mode.ENFORCE:
+        raise UsageError(f"--key signs every path served, but the policy's mode is "
+                         f"{policy.mode.value!r}: it must be 'enforce'")
+    rule = policy.rule_at([*dest, b"x" * HASH_PART_LEN + b"-x", b"x"])
+    needed = rule.signers if rule is not None else (
+        1 if policy.default is Default.REQUIRE else 0)
+    if needed < 1:
+        raise UsageError(f"--key signs every path served, but the policy lets unsigned "
+                         f"content under {shown} be read: add a rule there that needs "
+                         f"signers (or serve without --key)")
 
 
 def _owning(txn: lmdb.Transaction, chunks: Iterator[bytes]) -> Iterator[bytes]:
