@@ -22,7 +22,7 @@ from annofs.errors import UsageError
 from annofs.nix.fetch import fetch
 from annofs.nix.nar import dump_host, dump_volume, nar_hash
 from annofs.nix.narinfo import HASH_CHARS, check_signatures, distinct_signers, parse_narinfo
-from annofs.nix.serve import HASH_PART_LEN, MAX_CANDIDATES, RefScanner, ServedStore
+from annofs.nix.serve import HASH_PART_LEN, MAX_CANDIDATES, Offer, RefScanner, ServedStore
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.keys import generate_key
 from annofs.trust.policy import parse_policy
@@ -55,6 +55,33 @@ def fetched(vol: Volume, tmp_path: Path) -> bytes:
 def client(served: ServedStore, **kw: object) -> TestClient:
     app = create_cache_app(served, allowed_hosts=["127.0.0.1"], **kw)  # type: ignore[arg-type]
     return TestClient(app, base_url=BASE)
+
+
+def test_the_narinfo_text_and_fingerprint() -> None:
+    from annofs.nix import base32
+    from annofs.nix.nar import NarHash
+
+    nar = NarHash(bytes(range(32)), 1072)
+    h32 = base32.encode(nar.sha256)
+    offer = Offer(f"{H1}-hello", nar, (f"{H1}-hello", f"{H2}-dep"), ("k-1:c2ln",))
+    assert offer.fingerprint() == (f"1;/nix/store/{H1}-hello;sha256:{h32};1072;"
+                                   f"/nix/store/{H1}-hello,/nix/store/{H2}-dep")
+    assert offer.narinfo("none") == (
+        f"StorePath: /nix/store/{H1}-hello\n"
+        f"URL: nar/{H1}-{h32}.nar\n"
+        "Compression: none\n"
+        f"FileHash: sha256:{h32}\n"
+        "FileSize: 1072\n"
+        f"NarHash: sha256:{h32}\n"
+        "NarSize: 1072\n"
+        f"References: {H1}-hello {H2}-dep\n"
+        "Sig: k-1:c2ln\n")
+    zstd = offer.narinfo("zstd")
+    assert f"URL: nar/{H1}-{h32}.nar.zst\nCompression: zstd\nNarHash:" in zstd
+    assert "FileHash" not in zstd and "FileSize" not in zstd
+    # No references: `References: ` with nothing after it, as Nix writes it.
+    bare = Offer(f"{H1}-hello", nar, (), ()).narinfo("zstd")
+    assert "\nReferences: \n" in bare and "Sig:" not in bare
 
 
 def test_nix_cache_info(vol: Volume, tmp_path: Path) -> None:
