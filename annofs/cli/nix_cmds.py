@@ -156,7 +156,7 @@ def nix_sign_cmd(ctx: click.Context, key_file: Path, cache: str, dest: str,
 
 
 def _add_serve() -> None:
-    # In its own module: the HTTP stack loads only for `nix serve`'s help or run.
+    # In a module of its own (its HTTP stack is imported only when it runs).
     from annofs.cli.nix_serve_cmd import nix_serve_cmd
 
     nix_group.add_command(nix_serve_cmd)
