@@ -191,6 +191,18 @@ def test_a_deferred_digest_is_computed_never_written(vol: Volume, tmp_path: Path
     assert served._digests == {new.id: old.digest}
 
 
+def test_a_path_no_nar_can_hold_is_not_offered(vol: Volume, tmp_path: Path) -> None:
+    import os
+
+    pol = parse_policy('mode = "enforce"\ndefault = "allow"\n', tmp_path / "open.toml")
+    host = tmp_path / "odd"
+    host.mkdir()
+    (host / "ok").write_text("fine\n")
+    os.mkfifo(host / "fifo")
+    TreeImporter(vol).run(host, [b"nix", b"store", f"{H1}-odd".encode()])
+    assert client(ServedStore(vol, pol)).get(f"/{H1}.narinfo").status_code == 404
+
+
 def test_an_empty_store_has_nothing(vol: Volume, tmp_path: Path) -> None:
     c = client(ServedStore(vol, served_policy(tmp_path)))
     assert c.get(f"/{H1}.narinfo").status_code == 404  # no /nix/store at all

@@ -129,6 +129,7 @@ class _Walked:
     key: bytes
     refused: tuple[tuple[str, Verdict], ...]  # (path, verdict) of each refused file
     first_digest: bytes | None  # of the first file or symlink: finds `built` statements
+    odd: bool  # holds a FIFO, socket or device node, which no NAR can: not offered
 
 
 class RefScanner:
@@ -254,6 +255,7 @@ class ServedStore:
         key = blake3.blake3()
         refused: list[tuple[str, Verdict]] = []
         first: bytes | None = None
+        odd = False
         path0 = (*self.dest, base.encode())
         stack: list[tuple[tuple[bytes, ...], Attrs]] = [(path0, top)]
         while stack:
@@ -273,7 +275,7 @@ class ServedStore:
                            + int(a.target).to_bytes(8, "little"))
                 content = self._version(txn, int(a.target))
             else:
-                key.update(b"o" + _lp(rel))  # a FIFO or device: no NAR can hold it
+                odd = True  # a FIFO, socket or device: no NAR can hold it
                 continue
             if first is None:
                 first = content.digest
@@ -282,7 +284,7 @@ class ServedStore:
             if not verdict.allowed:
                 refused.append(("/" + b"/".join(path).decode("utf-8", "backslashreplace"),
                                 verdict))
-        return _Walked(key.digest(), tuple(refused), first)
+        return _Walked(key.digest(), tuple(refused), first, odd)
 
     def _version(self, txn: lmdb.Transaction, vid: int) -> Version:
         """A file's version with its digest. One not recorded yet (the mount defers
@@ -358,6 +360,8 @@ class ServedStore:
             return None
         base, top = found
         walked = self._walk(txn, base, top)
+        if walked.odd:
+            return None
         if walked.refused:
             self._record_refusal(base, walked)
             return None
