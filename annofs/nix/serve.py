@@ -9,7 +9,8 @@ runs it in worker threads), what a request gets:
   node may be. It is offered only if the policy would let a process read every file
   and symlink of it: each is judged as the mount judges an open (`content_verdict`, in
   one read snapshot with the walk). Anything refused is not there at all (the caller
-  answers 404), and is recorded once per tree version in the events log.
+  answers 404), and is recorded once per tree version in the events log. A tree
+  holding a FIFO, socket or device node (which no NAR can hold) is not there either.
 - **NarHash, NarSize.** Computed by dumping the tree (the same bytes `nix-store
   --dump` gives) and cached in memory, keyed by the tree's *content listing*: BLAKE3
   over each entry's relative path, kind, execute bit and version id (a file; ids are
