@@ -226,3 +226,30 @@ def wait_for(cond: Callable[[], bool], seconds: float = 20) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_substitutes_into_a_chroot_store_on_an_annofs_mount(nixw: NixWorld, store: Path,
+                                                           tmp_path: Path) -> None:
+    """The whole loop: annofs serves, the real Nix substitutes with require-sigs into
+    a chroot store whose /nix/store is another annofs mount (no policy on it), and the
+    path is valid there and equal to what Nix built."""
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    fetched_store(nixw, store, pol)
+    root = tmp_path / "R"
+    target = Mount(tmp_path / "target", root / "nix" / "store")
+    target.path.mkdir(parents=True)
+    assert annofs(target.store, "init").returncode == 0
+    target.start()
+    try:
+        with serving(store, "--policy", str(pol)) as (url, _):
+            res = run(["nix-store", "--store", f"local?root={root}", "--realise", nixw.top,
+                       "--option", "substituters", url, "--option", "require-sigs", "true",
+                       "--option", "trusted-public-keys", nixw.pub("cache-a-1")],
+                      env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert res.returncode == 0, res.stderr
+        valid = run(["nix-store", "--store", f"local?root={root}", "--verify-path", nixw.top])
+        assert valid.returncode == 0, valid.stderr
+        assert nix_dump_sha256(root / nixw.top.lstrip("/")) == nix_dump_sha256(nixw.top)
+    finally:
+        target.stop()
+    assert target.log_problems() == []
