@@ -67,7 +67,9 @@ from annofs.volume import Volume
 log = logging.getLogger("annofs.nix.serve")
 
 STORE_DIR = "/nix/store"
-MAX_CANDIDATES = 1 << 16  # hash-like windows kept per NAR before filtering by presence
+# Hash-like windows kept per NAR before only present paths are: bounds the cache (at
+# most _CACHED_TREES * 256 windows) whatever a tree holds (base32 noise, say).
+MAX_CANDIDATES = 256
 _CACHED_TREES = 4096  # NAR hashes remembered (about 200 bytes each, plus candidates)
 _CACHED_DIGESTS = 100_000  # digests of versions the store has not recorded yet
 # Each byte as 1 if it is a nix base32 character, else 0; a hash part is a run of 32.
@@ -306,6 +308,8 @@ class ServedStore:
     def _record_refusal(self, base: str, walked: _Walked) -> None:
         if (base, walked.key) in self._logged:
             return
+        if len(self._logged) >= _CACHED_TREES:
+            self._logged.clear()  # bounded: at worst a refusal is said again
         self._logged.add((base, walked.key))
         path, verdict = walked.refused[0]
         more = len(walked.refused) - 1
