@@ -153,3 +153,13 @@ def nix_sign_cmd(ctx: click.Context, key_file: Path, cache: str, dest: str,
             s = sign_path(vol, cache_dir, p, key, dest=dest_parts)
             click.echo(f"signed {s.store_path} by {key.name} in {s.narinfo}"
                        + ("" if s.added else " (already signed by this key)"))
+
+
+def _add_serve() -> None:
+    # In a module of its own (its HTTP stack is imported only when it runs).
+    from annofs.cli.nix_serve_cmd import nix_serve_cmd
+
+    nix_group.add_command(nix_serve_cmd)
+
+
+_add_serve()

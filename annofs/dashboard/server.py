@@ -62,12 +62,15 @@ class ListenAddress:
         return f"http://{host}:{self.port}/"
 
 
-def parse_listen(text: str, *, allow_remote: bool = False) -> ListenAddress:
+def parse_listen(text: str, *, allow_remote: bool = False, what: str = "the dashboard",
+                 shows: str = "every file read here",
+                 remote_option: str = "--dashboard-allow-remote") -> ListenAddress:
     """`HOST:PORT` (`[v6]:PORT`; `localhost` means 127.0.0.1). A non-loopback address
-    is refused unless `allow_remote`: the page shows what is read and signed here."""
+    is refused unless `allow_remote`: the page shows what is read and signed here.
+    `what`, `shows` and `remote_option` word the messages (`annofs nix serve` too)."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit():
-        raise UsageError(f"{text!r}: the dashboard address must be HOST:PORT, "
+        raise UsageError(f"{text!r}: {what}'s address must be HOST:PORT, "
                          f"e.g. 127.0.0.1:8080")
     port = int(port_text)
     if not 0 <= port <= 65535:
@@ -82,9 +85,8 @@ def parse_listen(text: str, *, allow_remote: bool = False) -> ListenAddress:
         raise UsageError(f"{text!r}: {host!r} is not an IP address "
                          f"(give one, e.g. 127.0.0.1)") from None
     if not ip.is_loopback and not allow_remote:
-        raise UsageError(f"{text!r}: not a loopback address; the dashboard shows every file "
-                         f"read here, so other machines may see it only if you also pass "
-                         f"--dashboard-allow-remote")
+        raise UsageError(f"{text!r}: not a loopback address; {what} shows {shows}, so "
+                         f"other machines may see it only if you also pass {remote_option}")
     return ListenAddress(str(ip), port)
 
 
@@ -130,7 +132,7 @@ def remote_warning(addr: ListenAddress) -> str:
             f"signed originals")
 
 
-def bind(addr: ListenAddress) -> socket.socket:
+def bind(addr: ListenAddress, what: str = "the dashboard") -> socket.socket:
     """A listening TCP socket at `addr` (UsageError naming the address if that fails)."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -140,7 +142,7 @@ def bind(addr: ListenAddress) -> socket.socket:
         sock.listen(64)
     except OSError as e:
         sock.close()
-        raise UsageError(f"{addr.host}:{addr.port}: the dashboard cannot listen here "
+        raise UsageError(f"{addr.host}:{addr.port}: {what} cannot listen here "
                          f"({e.strerror or e})") from None
     sock.set_inheritable(True)
     return sock

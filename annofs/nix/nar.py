@@ -234,8 +234,15 @@ def dump_volume(vol: Volume, path: Sequence[bytes]) -> Iterator[bytes]:
     Every fragment is checked against its hash as it is read.
     """
     with vol.store.read() as txn:
-        top = vol.namespace.resolve(txn, list(path))
-        yield from _dump(_volume_node(vol, txn, top, tuple(path)))
+        yield from dump_volume_in(vol, txn, path)
+
+
+def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes]
+                   ) -> Iterator[bytes]:
+    """`dump_volume` in the caller's read transaction (which must outlive the dump): for
+    a caller that checked the tree in that snapshot and must archive exactly it."""
+    top = vol.namespace.resolve(txn, list(path))
+    yield from _dump(_volume_node(vol, txn, top, tuple(path)))
 
 
 def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,

@@ -98,12 +98,14 @@ def judge_symlink(gate: TrustGate, paths: Sequence[Sequence[bytes]], target: byt
     return path, link, verdict
 
 
-def content_verdict(gate: TrustGate, path: Sequence[bytes], content: Content) -> Verdict:
+def content_verdict(gate: TrustGate, path: Sequence[bytes], content: Content,
+                    txn: lmdb.Transaction | None = None) -> Verdict:
     """The verdict for a file's version or a symlink's content at `path` (for commands
-    that judge a tree, as `annofs verify`: the same answer the mount gives)."""
+    that judge a tree, as `annofs verify`: the same answer the mount gives); `txn`, a
+    read transaction to judge in (a file's digest must then be known)."""
     if isinstance(content, Symlink):
-        return judge_symlink(gate, [path], content.target)[2]
-    return gate.verdict(path, content)
+        return judge_symlink(gate, [path], content.target, txn)[2]
+    return gate.verdict(path, content, txn)
 
 
 def lexical_destination(path: Sequence[bytes], target: bytes) -> tuple[bytes, ...] | None:
