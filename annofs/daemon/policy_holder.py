@@ -93,7 +93,8 @@ class PolicyHolder:
             policy = load_policy(self.file)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
         self.explained = RateLimit()
-        self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
+        self.guard = OpenGuard(self.gate, self.record, self.explain_refusal,
+                               self.record_refusal)
 
     def _check_locations(self) -> None:
         """The policy and its keys directory must be outside the mount: else they could be
@@ -139,6 +140,11 @@ class PolicyHolder:
         gate = self.gate
         return await trio.to_thread.run_sync(
             explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
+
+    def record_refusal(self, path: str, pid: int, reason: str) -> None:
+        """The sink of refusals that are not verdicts (EBUSY from the handle rules, see
+        annofs.trust.admission): to the events log, as refusals."""
+        self.events.record(Event(path=path, verdict="refused", reason=reason, pid=pid))
 
     def record(self, path: str, version: Version, verdict: Verdict, pid: int,
                explanation: Explanation | None = None) -> None:
