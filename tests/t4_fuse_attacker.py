@@ -138,18 +138,23 @@ def _dirty_shared_map_then_read(root: str) -> dict[str, object]:
 def test_a_shared_writable_mapping_of_a_guarded_file_is_refused(
         attacked: tuple[Mount, str]) -> None:
     """Under a rule that needs signers, a writer handle bypasses the page cache (direct
-    I/O): MAP_SHARED on it is ENODEV, so no dirty page can reach a reader or `sh`."""
+    I/O): MAP_SHARED on it is ENODEV, so no dirty page can reach a reader or `sh`. While
+    the read-write handle is open, readers are refused (EBUSY, recorded); after it, they
+    read the signed bytes."""
     m, root = attacked
     out = as_user(_dirty_shared_map_then_read, root)
     assert out.get("mmap") == errno.ENODEV, out
-    assert out["read"] == SCRIPT and out["proc_fd"] == SCRIPT
-    assert out["sh"] == (0, b"signed\n")
+    assert out["read"] == errno.EBUSY and out["proc_fd"] == errno.EBUSY
+    assert out["sh"][1] == b""
+    assert as_user(_sh, f"{root}/src/proj/run.sh") == (0, b"signed\n")
     assert (m.path / "src" / "proj" / "run.sh").read_bytes() == SCRIPT
+    reasons = refusals(m, "/src/proj/run.sh")
+    assert len(reasons) == 3 and all(r.startswith("busy") for r in reasons), reasons
 
 
 def _private_map_of_a_writer(root: str) -> dict[str, object]:
     """MAP_PRIVATE of a read-write handle (allowed: what it writes stays private), a write
-    through the handle, then a reader and sh."""
+    through the handle, then a reader and sh (refused while it is open: EBUSY)."""
     f = f"{root}/src/proj/run.sh"
     out: dict[str, object] = {}
     fd = os.open(f, os.O_RDWR)
@@ -157,7 +162,7 @@ def _private_map_of_a_writer(root: str) -> dict[str, object]:
         m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE)
         m[:len(EVIL)] = EVIL  # copy-on-write: never the file's
         out["private"] = m[:len(EVIL)]
-        out["read"] = _read(f)
+        out["read"] = _try(_read, f)
         out["sh"] = _sh(f)
         m.close()
         os.pwrite(fd, EVIL, 0)  # the writer's own bytes: unsigned, not committed yet
@@ -172,10 +177,11 @@ def test_a_private_mapping_of_a_writer_shows_nothing_unsigned(
     m, root = attacked
     out = as_user(_private_map_of_a_writer, root)
     assert out["private"] == EVIL, out
-    assert out["read"] == SCRIPT and out["sh"] == (0, b"signed\n")
-    # The open beside the writer is judged on what the writer wrote: refused, recorded.
-    assert out["after_write"] == errno.EACCES
-    assert refusals(m, "/src/proj/run.sh")
+    assert out["read"] == errno.EBUSY and out["sh"][1] == b""
+    assert out["after_write"] == errno.EBUSY
+    assert len(refusals(m, "/src/proj/run.sh")) == 3
+    # Closed: what it wrote is committed, and judged: unsigned.
+    assert as_user(_try, _read, f"{root}/src/proj/run.sh") == errno.EACCES
 
 
 def _cached_writer_renamed_in(root: str) -> dict[str, object]:
@@ -227,7 +233,7 @@ def _hard_linked_name_moved_out(root: str) -> object:
         try:
             mmap.mmap(fd, 0)
         except OSError as e:
-            return e.errno, _read(f"{root}/src/proj/b.sh")
+            return e.errno, _try(_read, f"{root}/src/proj/b.sh")
         return "mapped"
     finally:
         os.close(fd)
@@ -236,7 +242,9 @@ def _hard_linked_name_moved_out(root: str) -> object:
 def test_a_hard_link_under_a_guarded_path_guards_its_other_names(
         attacked: tuple[Mount, str]) -> None:
     _, root = attacked
-    assert as_user(_hard_linked_name_moved_out, root) == (errno.ENODEV, SCRIPT)
+    # Mapping refused; the strict name's readers wait for the read-write handle.
+    assert as_user(_hard_linked_name_moved_out, root) == (errno.ENODEV, errno.EBUSY)
+    assert as_user(_read, f"{root}/src/proj/b.sh") == SCRIPT
 
 
 def test_writers_on_unguarded_paths_keep_the_page_cache(attacked: tuple[Mount, str]) -> None:
@@ -344,8 +352,9 @@ def _copy_out(root: str) -> dict[str, object]:
     out: dict[str, object] = {}
     r = os.open(f, os.O_RDONLY)
     try:
-        with open(f, "r+b") as w:
-            w.write(b"int evil(void) { return 66; }\n")
+        w = os.open(f, os.O_WRONLY)  # in place, beside the reader
+        os.pwrite(w, b"int evil(void) { return 66; }\n", 0)
+        os.close(w)
         for name in ("cfr", "sendfile"):
             dst = f"{root}/scratch/{name}.c"
             o = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -441,3 +450,47 @@ def test_renaming_unsigned_content_over_a_signed_file_while_opening(
     assert not wrong, wrong[:3]
     assert counts["read"] and counts["refused"], counts
     assert refusals(m, "/src/proj/main.c")
+
+
+def _private_map_fills_the_cache(root: str, victim_fd: int) -> dict[str, object]:
+    """A read-write handle (judged: signed) would write unsigned bytes, then map the file
+    privately and touch it: the kernel would fill the inode's cache through it, with
+    bytes nobody judged, and the reader opened before (its fd inherited here) reads the
+    cache. So the read-write open is refused beside judged readers."""
+    f = f"{root}/src/proj/run.sh"
+    out: dict[str, object] = {}
+    try:
+        fd = os.open(f, os.O_RDWR)
+    except OSError as e:
+        return {"error": e.errno}
+    try:
+        os.pwrite(fd, EVIL, 0)
+        m = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        out["writer_map"] = m[:len(EVIL)]
+        out["old_reader"] = os.pread(victim_fd, 100, 0)
+        r = os.open(f, os.O_RDONLY)  # judged on what the writer wrote: refused
+        os.close(r)
+        m.close()
+    except OSError as e:
+        out["error"] = e.errno
+    finally:
+        os.close(fd)
+    return out
+
+
+def test_a_private_mapping_of_a_writer_does_not_feed_older_readers(
+        attacked: tuple[Mount, str]) -> None:
+    m, root = attacked
+    f = m.path / "src" / "proj" / "run.sh"
+    with open(f, "rb", buffering=0) as victim:
+        assert victim.read() == SCRIPT  # the cache now holds the signed bytes
+        out = as_user(_private_map_fills_the_cache, root, victim.fileno())
+        victim.seek(0)
+        assert victim.read() == SCRIPT
+    assert out == {"error": errno.EBUSY}, out
+    assert refusals(m, "/src/proj/run.sh")[-1].startswith("busy")
+    # Under /scratch (no signers needed) the same is allowed.
+    g = m.path / "scratch" / "g.sh"
+    g.write_bytes(SCRIPT)
+    with open(g, "rb") as r, open(g, "r+b"):
+        assert r.read() == SCRIPT

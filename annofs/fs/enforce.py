@@ -140,15 +140,17 @@ class OpenGuard:
                 log.exception("recording the refusal of %s failed", text)
         return pyfuse3.FUSEError(errno.EBUSY)
 
-    def reserve(self, node: Inode, path: Sequence[bytes], pid: int, *, writer: bool,
-                verified_rw: bool) -> Claim:
+    def reserve(self, node: Inode, paths: Sequence[Sequence[bytes]], pid: int, *,
+                writer: bool, verified_rw: bool, reader: bool = False) -> Claim:
         """Take a handle's (or a truncate's) slots before anything is awaited; EBUSY,
-        recorded, if the one-writer rule forbids it. Give them back with `release`."""
+        recorded, if the handle rules forbid it. Give them back with `release`.
+        `paths`: the file's names; `reader`: a judged read-only open."""
         try:
             return self.admission.reserve(node.ino, writer=writer, verified_rw=verified_rw,
-                                          enforcing=self.active)
+                                          reader=reader, enforcing=self.active,
+                                          guarded=lambda: self.guarded(paths))
         except Busy as e:
-            raise self._busy(path, pid, e) from None
+            raise self._busy(paths[0], pid, e) from None
 
     def admit(self, fh: int, node: Inode, claim: Claim, serves: int, path: Sequence[bytes],
               pid: int, *, pinned: bool, judged: bool,

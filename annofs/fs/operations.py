@@ -260,7 +260,7 @@ class Operations(pyfuse3.Operations):
             else:
                 # By path: a writer for as long as it takes (no judged read-write handle
                 # may be open beside it, nor opened while it waits for the file's lock).
-                claim = self.guard.reserve(node, self.inodes.path(node), ctx.pid,
+                claim = self.guard.reserve(node, [self.inodes.path(node)], ctx.pid,
                                            writer=True, verified_rw=False)
                 try:
                     await self._truncate(node, attr.st_size)
@@ -659,8 +659,9 @@ class Operations(pyfuse3.Operations):
         paths = self.inodes.paths(node)
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
-        claim = self.guard.reserve(node, paths[0], ctx.pid, writer=writer,
-                                   verified_rw=verified_rw)
+        claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,
+                                   verified_rw=verified_rw,
+                                   reader=judged and access == os.O_RDONLY)
         fresh = node.ino not in self.open_files
         opened = False
         try:
@@ -767,7 +768,7 @@ class Operations(pyfuse3.Operations):
         # A new file: nothing to judge, but a writer, which bypasses the page cache where
         # signers are needed (trust.admission).
         path = self.inodes.path(node)
-        claim = self.guard.reserve(node, path, ctx.pid, writer=True, verified_rw=False)
+        claim = self.guard.reserve(node, [path], ctx.pid, writer=True, verified_rw=False)
         claim, info = self.guard.admit(self._next_fh, node, claim, of.parent_version, path,
                                        ctx.pid, pinned=False, judged=False,
                                        guarded=self.guard.guarded([path]))

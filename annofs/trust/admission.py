@@ -21,7 +21,9 @@ mapping, and fills it from whichever handle faults a page in:
   policy was enforcing) is refused: that writer's dirty pages are bytes nobody judged.
 - A judged read-write handle reads the file as it is (its own writes included), so
   while one is open it is the file's only writer; truncation counts as writing
-  (O_TRUNC of any open, truncate by path).
+  (O_TRUNC of any open, truncate by path). On a guarded file it is the only judged
+  handle too: the pages it maps privately are faulted in through it, with bytes it wrote
+  and nobody judged, into the one cache that readers read (and map: exec, ld.so).
 
 Slots are taken (`reserve`) before the opener waits for anything (committing, hashing a
 deferred digest, explaining a refusal), so two opens that overlap are always seen by
@@ -30,6 +32,7 @@ each other; a failed open gives its slot back (`release`). Refusals are `Busy`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 # `CacheState.cached_version` when the kernel's cache may hold bytes of more than one
@@ -49,6 +52,10 @@ ONLY_WRITER = ("busy: a judged read-write handle has it open, and must be its on
                "writer (it reads the file as it is)")
 OTHER_WRITERS = ("busy: another handle may write it; a judged read-write handle must be "
                  "its only writer")
+RW_BESIDE_READERS = ("busy: readers judged on a signed version have it open; a read-write "
+                     "handle would put unjudged bytes in the page cache they read")
+READER_BESIDE_RW = ("busy: a read-write handle has it open; the page cache may hold bytes "
+                    "it wrote that nobody judged")
 CACHED_WRITER = ("busy: a writer that uses the page cache has it open (opened where no "
                  "signatures were needed); bytes it maps or writes are not judged")
 
@@ -61,6 +68,7 @@ class CacheState:
     pinned: int = 0  # read-only handles serving a judged version
     writers: int = 0  # handles (or truncates) that may write, reserved ones included
     verified_rw: int = 0  # judged read-write handles, reserved ones included
+    readers: int = 0  # other judged handles (read-only), reserved ones included
     cached_writers: int = 0  # writers that use the page cache
 
 
@@ -70,6 +78,7 @@ class Claim:
 
     writer: bool = False
     verified_rw: bool = False
+    reader: bool = False  # judged, read-only
     pinned: bool = False
     cached_writer: bool = False
 
@@ -96,19 +105,28 @@ class Admission:
         """The inode left the mount's table."""
         self._states.pop(ino, None)
 
-    def reserve(self, ino: int, *, writer: bool, verified_rw: bool,
-                enforcing: bool) -> Claim:
+    def reserve(self, ino: int, *, writer: bool, verified_rw: bool, enforcing: bool,
+                reader: bool = False, guarded: Callable[[], bool] = lambda: True) -> Claim:
         """Take the slots of a handle (or truncate) about to be opened; `Busy` if the
-        one-writer rule forbids it. Call before anything the opener waits for."""
+        one-writer rule forbids it. Call before anything the opener waits for.
+
+        `reader`: a judged read-only open. `guarded`: whether the file is guarded, asked
+        only when a read-write handle and a reader would meet.
+        """
         st = self.state(ino)
         if enforcing:
             if writer and st.verified_rw:
                 raise Busy(ONLY_WRITER)
             if verified_rw and st.writers:
                 raise Busy(OTHER_WRITERS)
+            if verified_rw and st.readers and guarded():
+                raise Busy(RW_BESIDE_READERS)
+            if reader and st.verified_rw and guarded():
+                raise Busy(READER_BESIDE_RW)
         st.writers += writer
         st.verified_rw += verified_rw
-        return Claim(writer=writer, verified_rw=verified_rw)
+        st.readers += reader
+        return Claim(writer=writer, verified_rw=verified_rw, reader=reader)
 
     def admit(self, ino: int, claim: Claim, serves: int, *, pinned: bool, judged: bool,
               guarded: bool) -> tuple[Claim, CachePlan]:
@@ -144,6 +162,7 @@ class Admission:
             st.pinned -= claim.pinned
             st.writers -= claim.writer
             st.verified_rw -= claim.verified_rw
+            st.readers -= claim.reader
             st.cached_writers -= claim.cached_writer
 
     def committed(self, ino: int, version: int) -> None:
