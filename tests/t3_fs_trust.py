@@ -13,11 +13,14 @@ import errno
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
+import trio.testing
+from t3_fs_api import Fields
 
 from annofs.daemon.events import EventLog, read_events
 from annofs.daemon.policy_holder import PolicyHolder
@@ -154,3 +157,54 @@ def test_refusals_are_explained_in_the_events_log_up_to_the_rate_limit(
     assert all(e.reason == events[0].reason and e.details is None for e in events[burst:])
     summaries = [r.getMessage() for r in caplog.records if "found by edit graph" in r.getMessage()]
     assert len(summaries) == burst and "text diff -1 +1 lines" in summaries[0]
+
+
+def test_writer_slots_are_taken_before_open_waits_for_anything(vol: Volume) -> None:
+    """A read-write open of content written through the mount hashes it first (in a
+    thread). Opens arriving meanwhile see its slot: a write-only open, an O_RDONLY|O_TRUNC
+    open and a truncate by path are EBUSY; once it is refused, its slot is free again."""
+    ops, _ = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")  # unsigned: the rw open is refused
+        results: list[int] = []
+
+        async def open_rw() -> None:
+            try:
+                await ops.open(ino, os.O_RDWR, CTX)
+            except pyfuse3.FUSEError as e:
+                results.append(e.errno)
+
+        # Hold the hashing thread until the other opens have been tried: the window.
+        gate = ops.guard.gate
+        assert gate is not None
+        hashed, go = gate.hashed, threading.Event()
+
+        def slow_hash(v: Version) -> Version:
+            go.wait(10)
+            return hashed(v)
+
+        gate.hashed = slow_hash  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_rw)
+            await trio.testing.wait_all_tasks_blocked()  # it is hashing in a thread
+            assert ops.guard.state(ops._node(ino)).verified_rw == 1
+            for flags in (os.O_WRONLY, os.O_RDONLY | os.O_TRUNC, os.O_RDWR):
+                with pytest.raises(pyfuse3.FUSEError) as e:
+                    await ops.open(ino, flags, CTX)
+                assert e.value.errno == errno.EBUSY
+            attr = pyfuse3.EntryAttributes()
+            attr.st_size = 0
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.setattr(ino, attr, Fields(update_size=True), None,  # type: ignore[arg-type]
+                                  CTX)
+            assert e.value.errno == errno.EBUSY
+            go.set()
+        assert results == [errno.EACCES]
+        st = ops.guard.state(ops._node(ino))
+        assert (st.writers, st.verified_rw, st.readers, st.pinned) == (0, 0, 0, 0)
+        fi = await ops.open(ino, os.O_WRONLY, CTX)  # free again
+        await ops.release(fi.fh)
+
+    trio.run(main)

@@ -518,9 +518,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if node.orphan is not None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._commit(node)
+        if node.orphan is not None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        # After the await: a rename meanwhile may have moved the file under another rule.
         self.guard.check_link_move(self.inodes.path(node),
                                    [*self.inodes.path(new_parent), new_name])
-        await self._commit(node)
         with self.vol.store.write() as txn:
             dst_dir = self._writable_dir(txn, new_parent)
             if node.link:
