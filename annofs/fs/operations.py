@@ -659,7 +659,8 @@ class Operations(pyfuse3.Operations):
         # judged under each name it knows, and the strictest verdict holds. (Hard links do
         # not cross rules, but a directory moved with one inside can take a name of it
         # under a looser rule.)
-        paths = self.inodes.paths(node)
+        # (Without a policy in force nothing asks for them: a deep path costs a walk.)
+        paths = self.inodes.paths(node) if self.guard.active else [[]]
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
         claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,
@@ -770,7 +771,7 @@ class Operations(pyfuse3.Operations):
             of = self._open_file(txn, node)
         # A new file: nothing to judge, but a writer, which bypasses the page cache where
         # signers are needed (trust.admission).
-        path = self.inodes.path(node)
+        path = self.inodes.path(node) if self.guard.active else []
         claim = self.guard.reserve(node, [path], ctx.pid, writer=True, verified_rw=False)
         claim, info = self.guard.admit(self._next_fh, node, claim, of.parent_version, path,
                                        ctx.pid, pinned=False, judged=False,
