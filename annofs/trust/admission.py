@@ -33,7 +33,7 @@ each other; a failed open gives its slot back (`release`). Refusals are `Busy`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 # `CacheState.cached_version` when the kernel's cache may hold bytes of more than one
 # version: pinned readers of an older one read it, a newer one was committed meanwhile.
@@ -99,7 +99,10 @@ class Admission:
 
     def state(self, ino: int) -> CacheState:
         """The inode's state (created on first use)."""
-        return self._states.setdefault(ino, CacheState())
+        st = self._states.get(ino)
+        if st is None:  # (not setdefault: that would build a state on every call)
+            st = self._states[ino] = CacheState()
+        return st
 
     def forget(self, ino: int) -> None:
         """The inode left the mount's table."""
@@ -141,12 +144,12 @@ class Admission:
         # A judged reader of a guarded file beside writers: pinned, and around the cache.
         direct = ((guarded or st.pinned > 0) if claim.writer
                   else guarded and judged and st.writers > 0)
-        if pinned:
-            st.pinned += 1
-            claim = replace(claim, pinned=True)
-        if claim.writer and not direct:
-            st.cached_writers += 1
-            claim = replace(claim, cached_writer=True)
+        cached_writer = claim.writer and not direct
+        if pinned or cached_writer:
+            st.pinned += pinned
+            st.cached_writers += cached_writer
+            # Built directly: dataclasses.replace costs microseconds on every open.
+            claim = Claim(claim.writer, claim.verified_rw, claim.reader, pinned, cached_writer)
         if st.cached_version == MIXED and st.pinned > (1 if pinned else 0):
             # Readers pinned to an older version still fill the cache with it: reading
             # it, this handle would get those bytes instead of the ones it serves.
