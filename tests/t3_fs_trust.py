@@ -24,6 +24,7 @@ from t3_fs_api import Fields
 
 from annofs.daemon.events import EventLog, read_events
 from annofs.daemon.policy_holder import PolicyHolder
+from annofs.fs import operations
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.operations import Operations
 from annofs.store.records import Version
@@ -205,6 +206,45 @@ def test_writer_slots_are_taken_before_open_waits_for_anything(vol: Volume) -> N
         st = ops.guard.state(ops._node(ino))
         assert (st.writers, st.verified_rw, st.readers, st.pinned) == (0, 0, 0, 0)
         fi = await ops.open(ino, os.O_WRONLY, CTX)  # free again
+        await ops.release(fi.fh)
+
+    trio.run(main)
+
+
+def test_a_link_checks_the_rule_boundary_after_waiting(vol: Volume,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """link() commits the file's unflushed bytes first (an await). A rename meanwhile
+    that moves the file out from under /src must not leave it hard-linked across rules."""
+    ops, _ = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")
+        fi = await ops.open(ino, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"int b;\n")  # unflushed: link commits it first
+        go = trio.Event()
+        real_fold = operations.fold
+
+        async def held_fold(*args, **kwargs):  # type: ignore[no-untyped-def]
+            await go.wait()  # the window, held open until the rename is done
+            return await real_fold(*args, **kwargs)
+
+        monkeypatch.setattr(operations, "fold", held_fold)
+        result: list[object] = []
+
+        async def link() -> None:
+            try:
+                await ops.link(ino, src, b"b.c", CTX)
+                result.append("linked")
+            except pyfuse3.FUSEError as e:
+                result.append(e.errno)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link)
+            await trio.testing.wait_all_tasks_blocked()
+            await ops.rename(src, b"a.c", ROOT, b"a.c", 0, CTX)  # to the default rule
+            go.set()
+        assert result == [errno.EXDEV]
         await ops.release(fi.fh)
 
     trio.run(main)
