@@ -128,11 +128,19 @@ def _dirty_shared_map_then_read(root: str) -> dict[str, object]:
         out["read"] = _try(_read, f)
         out["proc_fd"] = _try(_read, f"/proc/self/fd/{fd}")
         out["sh"] = _sh(f)
+        out["exec"] = _try(_exec, f)
         if m is not None:
             m.close()
     finally:
         os.close(fd)
     return out
+
+
+def _exec(path: str) -> tuple[int, bytes]:
+    """execve the script itself (the mount's directory descriptor passed on)."""
+    fd = int(path.split("/")[4])
+    res = subprocess.run([path], capture_output=True, pass_fds=(fd,))
+    return res.returncode, res.stdout
 
 
 def test_a_shared_writable_mapping_of_a_guarded_file_is_refused(
@@ -146,10 +154,13 @@ def test_a_shared_writable_mapping_of_a_guarded_file_is_refused(
     assert out.get("mmap") == errno.ENODEV, out
     assert out["read"] == errno.EBUSY and out["proc_fd"] == errno.EBUSY
     assert out["sh"][1] == b""
+    # execve: the kernel's ETXTBSY (a writer holds it) or ours (EBUSY), never the page.
+    assert out["exec"] in (errno.ETXTBSY, errno.EBUSY), out
     assert as_user(_sh, f"{root}/src/proj/run.sh") == (0, b"signed\n")
+    assert as_user(_exec, f"{root}/src/proj/run.sh") == (0, b"signed\n")
     assert (m.path / "src" / "proj" / "run.sh").read_bytes() == SCRIPT
     reasons = refusals(m, "/src/proj/run.sh")
-    assert len(reasons) == 3 and all(r.startswith("busy") for r in reasons), reasons
+    assert len(reasons) == 4 and all(r.startswith("busy") for r in reasons), reasons
 
 
 def _private_map_of_a_writer(root: str) -> dict[str, object]:
