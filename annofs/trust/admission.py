@@ -72,9 +72,10 @@ class CacheState:
     cached_writers: int = 0  # writers that use the page cache
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Claim:
-    """What one handle holds in its inode's state; given back with `release`."""
+    """What one handle holds in its inode's state; given back with `release`. (Mutable,
+    with slots: one is made per open, on the hot path; each belongs to one handle.)"""
 
     writer: bool = False
     verified_rw: bool = False
@@ -83,7 +84,7 @@ class Claim:
     cached_writer: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CachePlan:
     """How a handle may use the kernel's page cache."""
 
@@ -134,8 +135,8 @@ class Admission:
     def admit(self, ino: int, claim: Claim, serves: int, *, pinned: bool, judged: bool,
               guarded: bool) -> tuple[Claim, CachePlan]:
         """How the reserved handle serving version `serves` uses the cache; the claim it
-        then holds. `Busy` (the claim is unchanged: release it) for a judged reader of a
-        guarded file beside a writer that uses the cache."""
+        then holds (`claim`, updated). `Busy` (the claim is unchanged: release it) for a
+        judged reader of a guarded file beside a writer that uses the cache."""
         st = self.state(ino)
         if judged and guarded and st.cached_writers:
             raise Busy(CACHED_WRITER)
@@ -148,8 +149,7 @@ class Admission:
         if pinned or cached_writer:
             st.pinned += pinned
             st.cached_writers += cached_writer
-            # Built directly: dataclasses.replace costs microseconds on every open.
-            claim = Claim(claim.writer, claim.verified_rw, claim.reader, pinned, cached_writer)
+            claim.pinned, claim.cached_writer = pinned, cached_writer
         if st.cached_version == MIXED and st.pinned > (1 if pinned else 0):
             # Readers pinned to an older version still fill the cache with it: reading
             # it, this handle would get those bytes instead of the ones it serves.

@@ -44,7 +44,7 @@ from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Judgement:
     """The verdict for a file's version under all its names."""
 
