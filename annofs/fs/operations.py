@@ -653,14 +653,15 @@ class Operations(pyfuse3.Operations):
         access = flags & os.O_ACCMODE
         pinned: Version | None = None
         writer = access != os.O_RDONLY or bool(flags & os.O_TRUNC)  # truncating writes
-        judged = access != os.O_WRONLY and self.guard.active
-        verified_rw = access == os.O_RDWR and self.guard.active
+        active = self.guard.active
+        judged = access != os.O_WRONLY and active
+        verified_rw = access == os.O_RDWR and active
         # The kernel does not say through which name an open came: a hard-linked file is
         # judged under each name it knows, and the strictest verdict holds. (Hard links do
         # not cross rules, but a directory moved with one inside can take a name of it
         # under a looser rule.)
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
-        paths = self.inodes.paths(node) if self.guard.active else [[]]
+        paths = self.inodes.paths(node) if active else [[]]
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
         claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,
