@@ -13,14 +13,18 @@ import errno
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
+import trio.testing
+from t3_fs_api import Fields
 
 from annofs.daemon.events import EventLog, read_events
 from annofs.daemon.policy_holder import PolicyHolder
+from annofs.fs import operations
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.operations import Operations
 from annofs.store.records import Version
@@ -171,5 +175,95 @@ def test_a_file_too_large_to_hash_is_not_served_under_a_rule(vol: Volume) -> Non
         assert e.value.errno == errno.EFBIG
         assert ino not in ops.open_files
         assert not any(v.size == 1 << 50 and verdict.allowed for _, v, verdict in seen)
+
+    trio.run(main)
+
+
+def test_writer_slots_are_taken_before_open_waits_for_anything(vol: Volume) -> None:
+    """A read-write open of content written through the mount hashes it first (in a
+    thread). Opens arriving meanwhile see its slot: a write-only open, an O_RDONLY|O_TRUNC
+    open and a truncate by path are EBUSY; once it is refused, its slot is free again."""
+    ops, _ = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")  # unsigned: the rw open is refused
+        results: list[int] = []
+
+        async def open_rw() -> None:
+            try:
+                await ops.open(ino, os.O_RDWR, CTX)
+            except pyfuse3.FUSEError as e:
+                results.append(e.errno)
+
+        # Hold the hashing thread until the other opens have been tried: the window.
+        gate = ops.guard.gate
+        assert gate is not None
+        hashed, go = gate.hashed, threading.Event()
+
+        def slow_hash(v: Version) -> Version:
+            go.wait(10)
+            return hashed(v)
+
+        gate.hashed = slow_hash  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_rw)
+            await trio.testing.wait_all_tasks_blocked()  # it is hashing in a thread
+            assert ops.guard.state(ops._node(ino)).verified_rw == 1
+            for flags in (os.O_WRONLY, os.O_RDONLY | os.O_TRUNC, os.O_RDWR):
+                with pytest.raises(pyfuse3.FUSEError) as e:
+                    await ops.open(ino, flags, CTX)
+                assert e.value.errno == errno.EBUSY
+            attr = pyfuse3.EntryAttributes()
+            attr.st_size = 0
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.setattr(ino, attr, Fields(update_size=True), None,  # type: ignore[arg-type]
+                                  CTX)
+            assert e.value.errno == errno.EBUSY
+            go.set()
+        assert results == [errno.EACCES]
+        st = ops.guard.state(ops._node(ino))
+        assert (st.writers, st.verified_rw, st.readers, st.pinned) == (0, 0, 0, 0)
+        fi = await ops.open(ino, os.O_WRONLY, CTX)  # free again
+        await ops.release(fi.fh)
+
+    trio.run(main)
+
+
+def test_a_link_checks_the_rule_boundary_after_waiting(vol: Volume,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """link() commits the file's unflushed bytes first (an await). A rename meanwhile
+    that moves the file out from under /src must not leave it hard-linked across rules."""
+    ops, _ = policy_ops(vol)
+
+    async def main() -> None:
+        src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino
+        ino = await put(ops, src, b"a.c", b"int a;\n")
+        fi = await ops.open(ino, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"int b;\n")  # unflushed: link commits it first
+        go = trio.Event()
+        real_fold = operations.fold
+
+        async def held_fold(*args, **kwargs):  # type: ignore[no-untyped-def]
+            await go.wait()  # the window, held open until the rename is done
+            return await real_fold(*args, **kwargs)
+
+        monkeypatch.setattr(operations, "fold", held_fold)
+        result: list[object] = []
+
+        async def link() -> None:
+            try:
+                await ops.link(ino, src, b"b.c", CTX)
+                result.append("linked")
+            except pyfuse3.FUSEError as e:
+                result.append(e.errno)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link)
+            await trio.testing.wait_all_tasks_blocked()
+            await ops.rename(src, b"a.c", ROOT, b"a.c", 0, CTX)  # to the default rule
+            go.set()
+        assert result == [errno.EXDEV]
+        await ops.release(fi.fh)
 
     trio.run(main)

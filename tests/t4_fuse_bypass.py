@@ -25,8 +25,13 @@ PATCH = b"int evil(void) { return 666; }\n"
 
 
 def patch_in_place(f: Path) -> None:
-    with open(f, "r+b") as w:
-        w.write(PATCH)
+    """Overwrite the start of `f`, write-only (beside judged readers of a guarded file a
+    read-write open is EBUSY)."""
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        os.write(fd, PATCH)
+    finally:
+        os.close(fd)
 
 
 def proj(m: Mount) -> Path:
@@ -58,6 +63,11 @@ def test_a_new_open_while_a_writer_holds_unflushed_bytes_is_judged_on_them(
         signed: Mount) -> None:
     f = proj(signed) / "main.c"
     with open(f, "r+b", buffering=0) as w:
+        w.write(PATCH)  # not closed, not flushed
+        with pytest.raises(OSError) as e:  # a judged read-write handle is open: EBUSY
+            refused(f)
+        assert e.value.errno == errno.EBUSY
+    with open(f, "wb", buffering=0) as w:
         w.write(PATCH)  # not closed, not flushed
         assert refused(f)
     assert refused(f)

@@ -5,6 +5,8 @@ the handles opened after (annofs.fs.enforce). Every handle reads the bytes it se
 
 from __future__ import annotations
 
+import os
+
 from conftest import Mount
 from t4_fuse_trust import signed
 
@@ -38,7 +40,10 @@ def test_a_writer_opened_before_a_pinned_reader(signed: Mount) -> None:
     f = signed.path / "src" / "proj" / "main.c"
     original = f.read_bytes()
     patch = b"int evil(void) { return 666; }\n"
-    with open(f, "r+b", buffering=0) as w, open(f, "rb", buffering=0) as r:
+    # Write-only: a read-write handle on a guarded file is its only judged handle (EBUSY
+    # for readers beside it, t4_fuse_attacker); a write-only one is not judged.
+    with os.fdopen(os.open(f, os.O_WRONLY), "wb", buffering=0) as w, \
+            open(f, "rb", buffering=0) as r:
         assert r.read() == original
         w.write(patch)  # after the reader's open: not what it was judged on
         r.seek(0)

@@ -95,7 +95,8 @@ class PolicyHolder:
             policy = load_policy(self.file, vol.store.path)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
         self.explained = RateLimit()
-        self.guard = OpenGuard(self.gate, self.record, self.explain_refusal)
+        self.guard = OpenGuard(self.gate, self.record, self.explain_refusal,
+                               self.record_refusal)
         self._bundle_error = ""  # the last refused update's reason, recorded once
 
     async def refresh_bundle(self) -> bool:
@@ -196,6 +197,11 @@ class PolicyHolder:
         gate = self.gate
         return await trio.to_thread.run_sync(
             explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
+
+    def record_refusal(self, path: str, pid: int, reason: str) -> None:
+        """The sink of refusals that are not verdicts (EBUSY from the handle rules, see
+        annofs.trust.admission): to the events log, as refusals."""
+        self.events.record(Event(path=path, verdict="refused", reason=reason, pid=pid))
 
     def record(self, path: str, version: Content, verdict: Verdict, pid: int,
                explanation: Explanation | None = None) -> None:

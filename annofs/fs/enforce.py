@@ -1,17 +1,12 @@
-"""Enforcing the trust policy at open(): the verdict, the pinned version, the page cache.
+"""The trust gate at open(), translated for FUSE: verdicts and handle rules to errno,
+FileInfo flags and events.
 
-An open with read access (O_RDONLY or O_RDWR) of a file is judged on its stored version
-(unflushed bytes are committed first: only stored content can carry signatures). A
-refused open is EACCES and an event; a read-only handle keeps the version that was
-judged, so what was verified is what is read whatever happens to the path later.
-
-The kernel keeps one page cache per inode, shared by every handle. So a handle may reuse
-it only if it holds the version that handle serves, and a writer opening an inode that
-has pinned readers bypasses it (direct_io): its writes then invalidate the cached range
-instead of filling it with unverified bytes, and the readers' reads come back to us.
-Once such a writer has committed, the pinned readers still fill the cache with their own
-(older) version: until the last of them closes, new handles bypass the cache too, and the
-next open after that drops it (`_MIXED`).
+Every decision is made in `annofs.trust`: the verdict for a version under all of a
+file's names (`TrustGate.judge_names`), the EXDEV rule for hard links
+(`TrustGate.same_rule`), and which handles may be open at once and use the kernel's
+page cache (`trust.admission`). This module runs them at the right moment (a deferred
+digest hashed in a worker thread; a handle's slots reserved before the open waits for
+anything), records refusals in the events log, and answers EACCES, EBUSY or EXDEV.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import lmdb
@@ -28,7 +22,8 @@ import trio
 
 from annofs.fs.inodes import Inode
 from annofs.store.records import Version
-from annofs.trust.gate import TrustGate
+from annofs.trust.admission import Admission, Busy, CacheState, Claim
+from annofs.trust.gate import Judgement, TrustGate
 from annofs.trust.signing import path_text
 from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
@@ -46,31 +41,23 @@ RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict],
                             Awaitable["Explanation | None"]]
 
 
-# `CacheState.cached_version` when the kernel's cache may hold bytes of more than one
-# version: pinned readers of an older one read it, a newer one was committed meanwhile.
-_MIXED = -1
-
-
-@dataclass
-class CacheState:
-    """Per inode: the version the kernel may cache, how many handles are pinned, how many
-    may write, and how many are verified read-write handles."""
-
-    cached_version: int | None = None
-    pinned: int = 0
-    writers: int = 0
-    verified_rw: int = 0
+# Called for refusals that are not verdicts (EBUSY: the handle rules): (store path, pid,
+# reason).
+RefusalSink = Callable[[str, int, str], None]
 
 
 class OpenGuard:
-    """The policy's word at open(), and the page-cache rules that keep it true."""
+    """The gate's word at open(), link and rename, and the page-cache rules that keep it
+    true, for the FUSE operations."""
 
     def __init__(self, gate: TrustGate | None, sink: VerdictSink | None = None,
-                 explainer: RefusalExplainer | None = None) -> None:
+                 explainer: RefusalExplainer | None = None,
+                 refusal_sink: RefusalSink | None = None) -> None:
         self.gate = gate
         self.sink = sink
         self.explainer = explainer
-        self._cache: dict[int, CacheState] = {}
+        self.refusal_sink = refusal_sink
+        self.admission = Admission()
 
     @property
     def active(self) -> bool:
@@ -79,32 +66,38 @@ class OpenGuard:
 
     def state(self, node: Inode) -> CacheState:
         """The inode's cache state (created on first use)."""
-        return self._cache.setdefault(node.ino, CacheState())
+        return self.admission.state(node.ino)
 
     def forget_ino(self, ino: int) -> None:
         """The inode left the table."""
-        self._cache.pop(ino, None)
+        self.admission.forget(ino)
 
-    def judge_in(self, txn: lmdb.Transaction, path: Sequence[bytes],
-                 version: Version) -> Verdict | None:
-        """The verdict for reading `version` at `path`, decided in the read transaction
+    # -- judging -------------------------------------------------------------------------
+
+    def judge_in(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
+                 version: Version) -> Judgement | None:
+        """The judgement of `version` under all the file's names, in the read transaction
         the version was read in (no second snapshot, no thread). None if the digest is not
         known yet: then `judge` must hash it first. `conclude` acts on the verdict.
         """
         assert self.gate is not None
-        if version.digest is None:
-            return None
-        return self.gate.verdict(path, version, txn)
+        return self.gate.judge_names(paths, version, txn)
 
-    async def judge(self, path: Sequence[bytes], version: Version) -> tuple[Version, Verdict]:
+    async def judge(self, paths: Sequence[Sequence[bytes]],
+                    version: Version) -> tuple[Version, Judgement]:
         """Like `judge_in` for any version: a deferred digest is computed (and recorded)
-        in a worker thread first. Returns the version, its digest set, and the verdict."""
+        in a worker thread first. Returns the version, its digest set, and the judgement."""
         assert self.gate is not None
         if version.digest is None:
             # Hashing the whole content: not on the event loop.
-            version = await trio.to_thread.run_sync(self.gate.volume.versions.ensure_digest,
-                                                    version)
-        return version, self.gate.verdict(path, version)
+            version = await trio.to_thread.run_sync(self.gate.hashed, version)
+        judgement = self.gate.judge_names(paths, version)
+        assert judgement is not None
+        return version, judgement
+
+    def guarded(self, paths: Sequence[Sequence[bytes]]) -> bool:
+        """Whether a file with these names is under a rule that needs signers."""
+        return self.gate is not None and self.gate.needs_signers(paths)
 
     async def conclude(self, path: Sequence[bytes], version: Content, verdict: Verdict,
                        pid: int) -> None:
@@ -136,76 +129,56 @@ class OpenGuard:
                 log.info("refused: %s (pid %d): %s", text, pid, verdict.reason)
             raise pyfuse3.FUSEError(errno.EACCES)
 
-    def file_info(self, fh: int, node: Inode, serves: int, *, pinned: bool,
-                  writer: bool) -> pyfuse3.FileInfo:
-        """FileInfo for a handle serving version `serves`: keep the cache only if it fits."""
-        st = self.state(node)
-        if pinned:
-            st.pinned += 1
-        if st.cached_version == _MIXED and st.pinned > (1 if pinned else 0):
-            # Readers pinned to an older version still fill the cache with it: reading
-            # it, this handle would get those bytes instead of the ones it serves.
-            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
-        keep = st.cached_version == serves
-        st.cached_version = serves
-        direct = writer and st.pinned > 0
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep and not direct, direct_io=direct)
+    # -- handles -------------------------------------------------------------------------
 
-    def check_writers(self, node: Inode, *, writer: bool, verified_rw: bool) -> None:
-        """EBUSY for a second writer beside a verified read-write handle.
+    def _busy(self, path: Sequence[bytes], pid: int, e: Busy) -> pyfuse3.FUSEError:
+        """Record a handle-rule refusal; the EBUSY to raise."""
+        text = path_text(path)
+        log.info("refused: %s (pid %d): %s", text, pid, e.reason)
+        if self.refusal_sink is not None:
+            try:
+                self.refusal_sink(text, pid, e.reason)
+            except Exception:
+                log.exception("recording the refusal of %s failed", text)
+        return pyfuse3.FUSEError(errno.EBUSY)
 
-        A read-write handle is judged at open like a reader, but it is not pinned: it
-        reads the file as it is, its own writes included. So while one is open it must
-        be the inode's only writer, or another handle could write unverified bytes for
-        it to read; and it cannot be opened beside another writer. (Truncate by path
-        is a writer too: `check_truncate`.)
-        """
-        if not self.active:
-            return
-        st = self.state(node)
-        if (writer and st.verified_rw) or (verified_rw and st.writers):
-            raise pyfuse3.FUSEError(errno.EBUSY)
+    def reserve(self, node: Inode, paths: Sequence[Sequence[bytes]], pid: int, *,
+                writer: bool, verified_rw: bool, reader: bool = False) -> Claim:
+        """Take a handle's (or a truncate's) slots before anything is awaited; EBUSY,
+        recorded, if the handle rules forbid it. Give them back with `release`.
+        `paths`: the file's names; `reader`: a judged read-only open."""
+        try:
+            return self.admission.reserve(node.ino, writer=writer, verified_rw=verified_rw,
+                                          reader=reader, enforcing=self.active,
+                                          guarded=lambda: self.guarded(paths))
+        except Busy as e:
+            raise self._busy(paths[0], pid, e) from None
 
-    def check_truncate(self, node: Inode, by_verified_rw: bool) -> None:
-        """EBUSY for a truncate beside a verified read-write handle, unless through it."""
-        if self.active and not by_verified_rw and self.state(node).verified_rw:
-            raise pyfuse3.FUSEError(errno.EBUSY)
+    def admit(self, fh: int, node: Inode, claim: Claim, serves: int, path: Sequence[bytes],
+              pid: int, *, pinned: bool, judged: bool,
+              guarded: bool) -> tuple[Claim, pyfuse3.FileInfo]:
+        """FileInfo for a reserved handle serving version `serves`, and the claim it holds
+        from now on; EBUSY, recorded (the claim must then be released)."""
+        try:
+            claim, plan = self.admission.admit(node.ino, claim, serves, pinned=pinned,
+                                               judged=judged, guarded=guarded)
+        except Busy as e:
+            raise self._busy(path, pid, e) from None
+        return claim, pyfuse3.FileInfo(fh=fh, keep_cache=plan.keep_cache,
+                                       direct_io=plan.direct_io)
 
-    def opened(self, node: Inode, *, writer: bool, verified_rw: bool) -> None:
-        """A handle was opened (after `check_writers`)."""
-        st = self.state(node)
-        st.writers += writer
-        st.verified_rw += verified_rw
-
-    def released(self, node: Inode, *, pinned: bool, writer: bool = False,
-                 verified_rw: bool = False) -> None:
-        """A handle closed."""
-        st = self._cache.get(node.ino)
-        if st is not None:
-            st.pinned -= pinned
-            st.writers -= writer
-            st.verified_rw -= verified_rw
+    def release(self, node: Inode, claim: Claim) -> None:
+        """A handle closed (or a truncate or an open ended): its slots are free."""
+        self.admission.release(node.ino, claim)
 
     def committed(self, node: Inode, version: int) -> None:
-        """The mount wrote a new version: the kernel's cache holds the writer's bytes,
-        unless readers pinned to the version before are open: they went on filling it with
-        theirs (the writer went around it, see `file_info`)."""
-        st = self.state(node)
-        st.cached_version = _MIXED if st.pinned > 0 else version
+        """The mount wrote a new version of the file (see `Admission.committed`)."""
+        self.admission.committed(node.ino, version)
 
-    def rule_of(self, path: Sequence[bytes]) -> int | str | None:
-        """The policy rule a path falls under (an index, None for the default)."""
-        if self.gate is None:
-            return "none"
-        rule = self.gate.policy.rule_at(path)
-        return rule.index if rule is not None else None
+    # -- names -----------------------------------------------------------------------------
 
     def check_link_move(self, src: Sequence[bytes], dst: Sequence[bytes]) -> None:
-        """EXDEV for a hard-linked file crossing a policy rule boundary.
-
-        Its names share one content; a name under a looser rule would read what a
-        stricter rule guards. EXDEV makes tools treat the boundary like a filesystem's:
-        `mv` falls back to copy (which has to pass open) and `ln` says so.
-        """
-        if self.gate is not None and self.rule_of(src) != self.rule_of(dst):
+        """EXDEV for a hard-linked file crossing a policy rule boundary
+        (`TrustGate.same_rule`)."""
+        if self.gate is not None and not self.gate.same_rule(src, dst):
             raise pyfuse3.FUSEError(errno.EXDEV)

@@ -43,6 +43,7 @@ from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
+from annofs.trust.admission import Claim
 from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
 
@@ -85,8 +86,8 @@ class Handle:
     next_offset: int = 1
     # The version a read-only handle serves: the one the policy judged at open.
     pinned: Version | None = None
-    writer: bool = False  # opened with write access
-    verified_rw: bool = False  # opened read-write and judged: the inode's only writer
+    # Its slots in the inode's handle rules (writer, judged read-write, pinned, cached).
+    claim: Claim = field(default_factory=Claim)
 
 
 class Operations(pyfuse3.Operations):
@@ -280,8 +281,17 @@ class Operations(pyfuse3.Operations):
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             via = self.handles.get(fh) if fh is not None else None
-            self.guard.check_truncate(node, via is not None and via.verified_rw)
-            await self._truncate(node, attr.st_size)
+            if via is not None and via.claim.writer:
+                await self._truncate(node, attr.st_size)  # through a writer's own handle
+            else:
+                # By path: a writer for as long as it takes (no judged read-write handle
+                # may be open beside it, nor opened while it waits for the file's lock).
+                claim = self.guard.reserve(node, [self.inodes.path(node)], ctx.pid,
+                                           writer=True, verified_rw=False)
+                try:
+                    await self._truncate(node, attr.st_size)
+                finally:
+                    self.guard.release(node, claim)
         t = now_ns()
 
         def change(a: Attrs) -> Attrs:
@@ -549,9 +559,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if node.orphan is not None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await self._commit(node)
+        if node.orphan is not None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        # After the await: a rename meanwhile may have moved the file under another rule.
         self.guard.check_link_move(self.inodes.path(node),
                                    [*self.inodes.path(new_parent), new_name])
-        await self._commit(node)
         with self.vol.store.write() as txn:
             dst_dir = self._writable_dir(txn, new_parent)
             if node.link:
@@ -699,53 +712,63 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         access = flags & os.O_ACCMODE
         pinned: Version | None = None
-        writer = access != os.O_RDONLY
-        verified_rw = access == os.O_RDWR and self.guard.active
-        self.guard.check_writers(node, writer=writer, verified_rw=verified_rw)
-        if access != os.O_WRONLY and self.guard.active:
-            # Judge what is stored: unflushed bytes carry no signature.
-            await self._commit(node)
-            # The kernel does not say through which name an open came: a hard-linked
-            # file is judged under each name it knows, and the strictest verdict holds.
-            # (Hard links do not cross rules, but a directory moved with one inside can
-            # take a name of it under a looser rule.)
-            paths = self.inodes.paths(node)
-            path = paths[0]
-            fresh = node.ino not in self.open_files
-            try:
+        writer = access != os.O_RDONLY or bool(flags & os.O_TRUNC)  # truncating writes
+        active = self.guard.active
+        judged = access != os.O_WRONLY and active
+        verified_rw = access == os.O_RDWR and active
+        # The kernel does not say through which name an open came: a hard-linked file is
+        # judged under each name it knows, and the strictest verdict holds. (Hard links do
+        # not cross rules, but a directory moved with one inside can take a name of it
+        # under a looser rule.)
+        # (Without a policy in force nothing asks for them: a deep path costs a walk.)
+        paths = self.inodes.paths(node) if active else [[]]
+        # The slots first, before anything is awaited: an open that overlaps this one
+        # sees it, whatever this one waits for (a commit, hashing, an explanation).
+        claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,
+                                   verified_rw=verified_rw,
+                                   reader=judged and access == os.O_RDONLY)
+        fresh = node.ino not in self.open_files
+        opened = False
+        try:
+            if judged:
+                # Judge what is stored: unflushed bytes carry no signature.
+                await self._commit(node)
+                fresh = node.ino not in self.open_files
                 with self.vol.store.read() as txn:
                     # A file not open yet gets its open state here, from the version
                     # judged (read once, not twice); the open below reuses it.
                     version = (self._open_file(txn, node).base if fresh else
                                self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
                     # Judged in the snapshot the version came from: one transaction.
-                    verdict = self.guard.judge_in(txn, path, version)
-                    for other in paths[1:]:
-                        if verdict is None or not verdict.allowed:
-                            break
-                        other_verdict = self.guard.judge_in(txn, other, version)
-                        if other_verdict is not None and not other_verdict.allowed:
-                            path, verdict = other, other_verdict
-                if verdict is None:  # a deferred digest: hashed off the event loop first
-                    version, verdict = await self.guard.judge(path, version)
-                    for other in paths[1:]:
-                        if not verdict.allowed:
-                            break
-                        _, other_verdict = await self.guard.judge(other, version)
-                        if not other_verdict.allowed:
-                            path, verdict = other, other_verdict
-                await self.guard.conclude(path, version, verdict, ctx.pid)
-            except BaseException:
+                    judgement = self.guard.judge_in(txn, paths, version)
+                if judgement is None:  # a deferred digest: hashed off the event loop first
+                    version, judgement = await self.guard.judge(paths, version)
+                await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid)
+                guarded = judgement.guarded
+                if access == os.O_RDONLY:
+                    pinned = version
+            else:
+                guarded = writer and self.guard.guarded(paths)
+            of = self.open_files.get(node.ino)  # made above when judged: no second snapshot
+            if of is None:
+                with self.vol.store.read() as txn:
+                    of = self._open_file(txn, node)
+            fh = self._next_fh
+            serves = pinned.id if pinned is not None else of.parent_version
+            first = self.guard.state(node).cached_version is None
+            claim, info = self.guard.admit(fh, node, claim, serves, paths[0], ctx.pid,
+                                           pinned=pinned is not None, judged=judged,
+                                           guarded=guarded)
+            opened = True
+        finally:
+            if not opened:
+                self.guard.release(node, claim)
                 if fresh and node.opens == 0:
                     self.open_files.pop(node.ino, None)  # refused: no handle holds it
-                raise
-            if access == os.O_RDONLY:
-                pinned = version
-        of = self.open_files.get(node.ino)  # made above when judged: no second snapshot
-        if of is None:
-            with self.vol.store.read() as txn:
-                of = self._open_file(txn, node)
         node.opens += 1
+        fh = self._new_handle(node)
+        h = self.handles[fh]
+        h.pinned, h.claim = pinned, claim
         if flags & os.O_TRUNC:
             # libfuse asks for atomic O_TRUNC: the kernel sends no setattr, the open must
             # truncate. It stays in the overlay, so the close makes one version, not two.
@@ -755,15 +778,7 @@ class Operations(pyfuse3.Operations):
                     of.mtime_ns = now_ns()
             if ctx.uid != 0:
                 self._kill_privs(node)
-        fh = self._new_handle(node)
-        h = self.handles[fh]
-        h.pinned, h.writer, h.verified_rw = pinned, writer, verified_rw
-        self.guard.opened(node, writer=writer, verified_rw=verified_rw)
-        serves = pinned.id if pinned is not None else of.parent_version
-        first = self.guard.state(node).cached_version is None
-        info = self.guard.file_info(fh, node, serves, pinned=pinned is not None,
-                                    writer=access != os.O_RDONLY)
-        if first and access == os.O_RDONLY and not info.direct_io:
+        if first and access == os.O_RDONLY and not info.direct_io and not flags & os.O_TRUNC:
             self._push_content(node, pinned if pinned is not None else
                                None if of.dirty else of.base, info)
         return info
@@ -814,12 +829,18 @@ class Operations(pyfuse3.Operations):
                            EMPTY_VERSION)
         node = self._node(entry.st_ino)
         with self.vol.store.read() as txn:
-            self._open_file(txn, node)
+            of = self._open_file(txn, node)
+        # A new file: nothing to judge, but a writer, which bypasses the page cache where
+        # signers are needed (trust.admission).
+        path = self.inodes.path(node) if self.guard.active else []
+        claim = self.guard.reserve(node, [path], ctx.pid, writer=True, verified_rw=False)
+        claim, info = self.guard.admit(self._next_fh, node, claim, of.parent_version, path,
+                                       ctx.pid, pinned=False, judged=False,
+                                       guarded=self.guard.guarded([path]))
         node.opens += 1
         fh = self._new_handle(node)
-        self.handles[fh].writer = True  # a new file: nothing to judge, but a writer
-        self.guard.opened(node, writer=True, verified_rw=False)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+        self.handles[fh].claim = claim
+        return info, entry
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -960,8 +981,7 @@ class Operations(pyfuse3.Operations):
             await self._commit(node)
         finally:
             node.opens -= 1
-            self.guard.released(node, pinned=h.pinned is not None, writer=h.writer,
-                                verified_rw=h.verified_rw)
+            self.guard.release(node, h.claim)
             if node.opens == 0:
                 self.open_files.pop(node.ino, None)
             self.inodes.maybe_drop(node)

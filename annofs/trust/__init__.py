@@ -9,7 +9,10 @@ Modules, one job each:
 - `policy`: the TOML policy.
 - `verdict`: `decide`, the one function that says whether a file may be read; its cache.
 - `signing`: which files of the namespace a PATH argument means, and signing them.
-- `gate`: `TrustGate`, what the filesystem asks at open().
+- `gate`: `TrustGate`, what the filesystem asks: verdicts under all of a file's names,
+  whether a file is guarded, the EXDEV rule for hard links.
+- `admission`: which handles a file may have at once and which may use the kernel's
+  page cache, so a reader sees only the bytes it was judged on.
 """
 
 from annofs.trust.annotations import AnnotationStore

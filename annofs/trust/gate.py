@@ -5,6 +5,18 @@ covering the version's content, decides (`verdict.decide_covered`) and caches th
 answer. The caller keeps serving the version it asked about: what was verified is what
 is read.
 
+The mount asks through a few more questions, so that every trust rule is decided here
+and the FUSE layer only translates answers to errno (the handle rules that keep the
+kernel's page cache honest are `trust.admission`):
+
+- `judge_names`: the verdict for a version under *every* name of a file (a hard-linked
+  file has several; the kernel does not say through which an open came): the strictest
+  holds, and whether any name's rule needs signers (`Judgement.guarded`);
+- `hashed`: a deferred digest computed first (CPU work: the caller runs it off its loop);
+- `needs_signers`: whether a file with these names is guarded (for opens not judged,
+  such as write-only ones, which must still keep unjudged bytes out of the page cache);
+- `same_rule`: whether a hard-linked file may get a name at another path (EXDEV if not).
+
 Every open of a file is judged, and most opens are of files not judged before (a build
 or a `tar` reads each file once), so the uncached path is the one that must be cheap:
 
@@ -22,18 +34,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.policy import Mode, Policy, Rule
+from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
 
 if TYPE_CHECKING:
     from annofs.trust.symlink import Symlink
+
+
+@dataclass(slots=True)
+class Judgement:
+    """The verdict for a file's version under all its names."""
+
+    path: Sequence[bytes]  # the name whose verdict holds: the first refused, else the first
+    verdict: Verdict
+    # Some name falls under a rule that needs signers: the file's handles must keep every
+    # unjudged byte out of the kernel's page cache (trust.admission).
+    guarded: bool
 
 
 class TrustGate:
@@ -113,3 +137,73 @@ class TrustGate:
             self.by_statements.put(ids, index, pgen, 0, result)
         self.cache.put(digest, index, pgen, generation, result)
         return result
+
+    # -- the questions the mount asks ------------------------------------------------------
+
+    def hashed(self, version: Version) -> Version:
+        """`version` with its digest computed and recorded if it was deferred (CPU work over
+        the whole content: call it off the event loop)."""
+        if version.digest is not None:
+            return version
+        return self._vol.versions.ensure_digest(version)
+
+    def judge_names(self, paths: Sequence[Sequence[bytes]], version: Version,
+                    txn: lmdb.Transaction | None = None) -> Judgement | None:
+        """The strictest verdict for `version` under each of its names `paths` (at least one).
+
+        In `txn` if given (one snapshot with the version); then None when the digest is not
+        known yet (`hashed` first, then ask again without a transaction). The first name's
+        verdict holds unless another name refuses.
+        """
+        if version.digest is None:
+            if txn is not None:
+                return None
+            raise ValueError("judge_names needs a known digest: call hashed() first")
+        if txn is None:
+            with self._vol.store.read() as own:
+                return self._judge_names(own, paths, version.digest)
+        return self._judge_names(txn, paths, version.digest)
+
+    def _judge_names(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
+                     digest: bytes) -> Judgement:
+        policy = self.policy  # one policy for every name, even if reloaded meanwhile
+        first = paths[0]
+        verdict = self._verdict(txn, policy, policy.rule_at(first), digest)
+        guarded = verdict.needed > 0
+        for other in paths[1:]:
+            if not verdict.allowed:
+                break
+            other_verdict = self._verdict(txn, policy, policy.rule_at(other), digest)
+            guarded = guarded or other_verdict.needed > 0
+            if not other_verdict.allowed:
+                return Judgement(other, other_verdict, True)
+        return Judgement(first, verdict, guarded or not verdict.allowed)
+
+    def needs_signers(self, paths: Sequence[Sequence[bytes]]) -> bool:
+        """Whether any of a file's names falls under a rule that needs signers (the
+        default's too), in a policy that is not off."""
+        policy = self.policy
+        if policy.mode is Mode.OFF:
+            return False
+        for path in paths:
+            rule = policy.rule_at(path)
+            needed = (rule.signers if rule is not None
+                      else 1 if policy.default is Default.REQUIRE else 0)
+            if needed > 0:
+                return True
+        return False
+
+    def rule_of(self, path: Sequence[bytes]) -> int | None:
+        """The policy rule a path falls under (its index; None for the default)."""
+        rule = self.policy.rule_at(path)
+        return rule.index if rule is not None else None
+
+    def same_rule(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
+        """Whether a hard-linked file named `src` may also (or instead) be named `dst`.
+
+        Its names share one content; a name under a looser rule would read what a stricter
+        rule guards. So a link or rename of one never crosses a rule boundary (the mount
+        answers EXDEV: tools treat the boundary like a filesystem's, `mv` copies, which has
+        to pass open, and `ln` says so).
+        """
+        return self.rule_of(src) == self.rule_of(dst)
