@@ -888,7 +888,7 @@ class Operations(pyfuse3.Operations):
         if end > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         h = self.handles[fh]
-        if not h.writer:
+        if not h.claim.writer:
             raise pyfuse3.FUSEError(errno.EBADF)  # the kernel checks first; in process, here
         of = self.open_files[h.node.ino]
         async with of.lock:
