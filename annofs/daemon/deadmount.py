@@ -18,24 +18,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from annofs.daemon.readahead import unescape_mountinfo
 from annofs.errors import UsageError
 
 FSTYPE = "fuse.annofs"  # subtype=annofs in the mount options
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 MNT_DETACH = 2
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 def annofs_mountpoints() -> list[Path]:
@@ -52,7 +40,7 @@ def annofs_mountpoints() -> list[Path]:
         if not sep or len(fields) < 5 or not tail.split():
             continue
         if tail.split()[0] == FSTYPE:
-            found.append(Path(_unescape(fields[4])))
+            found.append(Path(unescape_mountinfo(fields[4])))
     return found
 
 

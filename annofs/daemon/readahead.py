@@ -22,11 +22,11 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 SYSFS_BDI = Path("/sys/class/bdi")
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -46,7 +46,7 @@ def mount_device(mountpoint: Path, mountinfo: Path = MOUNTINFO) -> str | None:
     target = str(mountpoint)
     for line in mountinfo.read_text().splitlines():
         fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == target:
+        if len(fields) > 4 and unescape_mountinfo(fields[4]) == target:
             found = fields[2]
     return found
 
