@@ -29,8 +29,9 @@ import trio
 from annofs.fs.inodes import Inode
 from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
+from annofs.trust.policy import Mode
 from annofs.trust.signing import path_text
-from annofs.trust.symlink import Content
+from annofs.trust.symlink import Content, signers_needed
 from annofs.trust.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -199,6 +200,24 @@ class OpenGuard:
             return "none"
         rule = self.gate.policy.rule_at(path)
         return rule.index if rule is not None else None
+
+    def fifo_refusal(self, path: Sequence[bytes]) -> str | None:
+        """Why no FIFO may be at `path` (None if one may).
+
+        A FIFO's bytes come from whoever writes into it, and the kernel serves its open
+        and reads itself: the daemon is never asked, so nothing is judged. Under an
+        enforcing rule that needs signers a FIFO in place of a signed file would hand
+        its reader unsigned bytes, so none may be made there or moved there. (Sockets
+        cannot be open()ed, and device nodes cannot be used on a nodev mount.)
+        """
+        if self.gate is None or self.gate.policy.mode is not Mode.ENFORCE:
+            return None
+        rule = self.gate.policy.rule_at(path)
+        if signers_needed(self.gate.policy, rule) == 0:
+            return None
+        where = rule.label if rule is not None else "default require"
+        return (f"{path_text(path)}: no FIFO under {where}: its bytes would reach readers "
+                f"unsigned")
 
     def check_link_move(self, src: Sequence[bytes], dst: Sequence[bytes]) -> None:
         """EXDEV for a hard-linked file crossing a policy rule boundary.

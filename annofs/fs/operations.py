@@ -41,8 +41,10 @@ from annofs.fs.gcgate import GcGate
 from annofs.fs.inodes import ROOT, Inode, InodeTable
 from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
+from annofs.printable import one_line
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
+from annofs.trust.pathglob import path_text
 from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
 
@@ -53,6 +55,8 @@ log = logging.getLogger("annofs.fs")
 # to the daemon) are pushed with invalidate_entry/invalidate_inode.
 ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
+# Entries looked at for a FIFO in a directory moved under a stricter rule.
+FIFO_WALK = 10_000
 # Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
 BLOCK_SIZE = 128 * 1024
 
@@ -376,7 +380,14 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # FIFOs, sockets (bind() of a Unix socket makes one) and device nodes: a type and
-        # a device number; the kernel serves their I/O, never us.
+        # a device number; the kernel serves their I/O, never us. Hence no FIFO where the
+        # policy needs signers (OpenGuard.fifo_refusal).
+        if stat.S_ISFIFO(mode):
+            check_name(name)
+            why = self.guard.fifo_refusal([*self.inodes.path(self._node(parent_inode)), name])
+            if why is not None:
+                log.info("refused (uid %d, pid %d): %s", ctx.uid, ctx.pid, one_line(why))
+                raise pyfuse3.FUSEError(errno.EACCES)
         return self._make(parent_inode, name, mode, ctx, rdev)
 
     @fuse_handler
@@ -470,6 +481,11 @@ class Operations(pyfuse3.Operations):
             replaced = self.inodes.at(new_parent.ino, name_new)
             if src.is_dir:
                 self._check_not_into_itself(txn, src, new_parent)
+            self._check_no_fifo_moves(txn, src, [*self.inodes.path(old_parent), name_old],
+                                      [*self.inodes.path(new_parent), name_new])
+            if exchange and dst is not None:
+                self._check_no_fifo_moves(txn, dst, [*self.inodes.path(new_parent), name_new],
+                                          [*self.inodes.path(old_parent), name_old])
             if exchange:
                 if dst is None:
                     raise NotFoundError(f"{name_new!r}: no such file")
@@ -539,6 +555,34 @@ class Operations(pyfuse3.Operations):
             if node.ino == ROOT:
                 return
             node = self._node(node.parent)
+
+    def _check_no_fifo_moves(self, txn: lmdb.Transaction, raw: Attrs, src: list[bytes],
+                             dst: list[bytes]) -> None:
+        """EXDEV for a FIFO, or a directory holding one, moved from another rule to where
+        the policy needs signers (`OpenGuard.fifo_refusal`). EXDEV, as for hard links
+        across rules: `mv` falls back to copying, and the copy's mkfifo is refused. A
+        directory too big to look through (FIFO_WALK entries) is EXDEV too: the safe side.
+        """
+        if not (raw.is_dir or stat.S_ISFIFO(raw.mode)) or \
+                self.guard.rule_of(src) == self.guard.rule_of(dst):
+            return
+        why = self.guard.fifo_refusal(dst)
+        if why is None:
+            return
+        found = stat.S_ISFIFO(raw.mode)
+        if raw.is_dir:
+            seen, todo = 0, [int(raw.target)]
+            while todo and not found:
+                for _, a in self.ns.listdir(txn, todo.pop()):
+                    seen += 1
+                    if stat.S_ISFIFO(a.mode) or seen > FIFO_WALK:
+                        found = True
+                        break
+                    if a.is_dir:
+                        todo.append(int(a.target))
+        if found:
+            log.info("refused: moving %s to %s", one_line(path_text(src)), one_line(why))
+            raise pyfuse3.FUSEError(errno.EXDEV)
 
     @fuse_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,

@@ -1,0 +1,84 @@
+"""Attacks by a hostile local user (uid 65534 through `--allow-other`) on a real mount
+with an enforcing policy: the fixture of t4_fuse_symlinks (a signed /src/proj that the
+attacker owns and may write, an unguarded /scratch). Each test is an attempt that must
+fail for the attacker: no unsigned byte under /src may reach a reader."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+
+from conftest import Mount
+from fuse_helpers import as_user
+from t4_fuse_symlinks import EVIL, MAIN, base, errno_of, mnt, proj  # noqa: F401  (fixtures)
+
+
+def _feed_fifo(path: str, data: bytes) -> None:
+    """Open the FIFO for writing (waiting up to 10 s for a reader) and write `data`."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    os.write(fd, data)
+    os.close(fd)
+
+
+def _cat_while_fed(path: str) -> bytes:
+    """What a reader of `path` gets while the attacker writes EVIL into it (if a FIFO)."""
+    feeder = threading.Thread(target=lambda: errno_of(_feed_fifo, path, EVIL))
+    feeder.start()
+    res = subprocess.run(["timeout", "5", "cat", path], capture_output=True)
+    feeder.join(15)
+    return res.stdout
+
+
+def _unlink_then_mkfifo(path: str) -> None:
+    os.unlink(path)
+    os.mkfifo(path, 0o644)
+
+
+def _mkfifo_in_dir(d: str) -> None:
+    os.mkdir(d)
+    os.mkfifo(os.path.join(d, "main.c"), 0o644)
+
+
+def _mv(src: str, dst: str) -> int:
+    return subprocess.run(["mv", src, dst], capture_output=True).returncode
+
+
+def test_no_fifo_can_take_a_signed_file_s_place(mnt: Mount) -> None:  # noqa: F811
+    """A FIFO's open and reads are served by the kernel, never judged by the daemon: in
+    place of signed main.c it handed `cat` the attacker's bytes (found in this review).
+    Now no FIFO is made, renamed or moved in a directory under a rule that needs
+    signers; under /scratch FIFOs work as before."""
+    f = proj(mnt) / "main.c"
+    scratch = mnt.path / "scratch"
+    # mkfifo in place of the signed file
+    assert errno_of(_unlink_then_mkfifo, str(f)) == errno.EACCES
+    assert not f.exists()
+    assert EVIL not in _cat_while_fed(str(f))
+    # a FIFO made under /scratch works there, and cannot be renamed in
+    as_user(os.mkfifo, str(scratch / "pipe"), 0o644)
+    assert _cat_while_fed(str(scratch / "pipe")) == EVIL
+    assert errno_of(os.rename, str(scratch / "pipe"), str(f)) == errno.EXDEV
+    # nor moved in inside a directory (mv falls back to a copy, whose mkfifo is refused)
+    as_user(_mkfifo_in_dir, str(scratch / "d"))
+    assert errno_of(os.rename, str(scratch / "d"), str(proj(mnt) / "d")) == errno.EXDEV
+    assert as_user(_mv, str(scratch / "d"), str(proj(mnt) / "d")) != 0
+    moved = proj(mnt) / "d" / "main.c"
+    assert not (moved.exists() and stat.S_ISFIFO(moved.lstat().st_mode))
+    assert EVIL not in _cat_while_fed(str(moved))
+    # a directory without FIFOs still moves in; a FIFO moves within /scratch
+    as_user(os.mkdir, str(scratch / "plain"))
+    as_user(os.rename, str(scratch / "plain"), str(proj(mnt) / "plain"))
+    as_user(os.rename, str(scratch / "pipe"), str(scratch / "pipe2"))
