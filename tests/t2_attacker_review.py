@@ -100,3 +100,49 @@ def test_endless_data_after_the_nar_is_cut_off(vol: Volume, tmp_path: Path, how:
             fetch(vol, policy(tmp_path), caches, [H1])
     assert nothing_added(vol)
     assert sent and sent[0] < ENDLESS, "the client read everything the cache sent"
+
+
+def test_a_runtime_dir_planted_by_another_user_is_refused(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $XDG_RUNTIME_DIR (sudo, cron, a service) the registry lives in
+    /tmp/annofs-UID. Another user can make that directory first (world-writable, theirs)
+    and plant `<key>.tmp` as a symlink: the daemon (root) then wrote its record through
+    it, over any file; and a planted `<key>.json` made commands talk to the planter's
+    store and pid. The directory must be refused unless it is the caller's own and
+    private, and nothing written through it."""
+    import os
+    import stat as st
+
+    from annofs.daemon import registry
+    from annofs.errors import UsageError
+
+    fake_uid = 40000 + os.getpid() % 20000  # a /tmp/annofs-N nobody else uses
+    planted = Path(f"/tmp/annofs-{fake_uid}")
+    monkeypatch.delenv("ANNOFS_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(registry.os, "getuid", lambda: fake_uid)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    planted.mkdir(mode=0o700)
+    try:
+        os.chown(planted, fake_uid, fake_uid)
+        mp = tmp_path / "mnt"
+        key = registry._record(mp).name  # what the daemon will write
+        os.chown(planted, 65534, 65534)  # the attacker's, as they made it
+        planted.chmod(0o777)
+        os.symlink(victim, planted / key.replace(".json", ".tmp"))
+        with pytest.raises(UsageError, match="not private"):
+            registry.register(registry.MountInfo(os.getpid(), tmp_path / "store", mp))
+        assert victim.read_text() == "precious\n"
+        with pytest.raises(UsageError, match="not private"):
+            registry.lookup(mp)
+        # the caller's own private directory is used as before
+        os.unlink(planted / key.replace(".json", ".tmp"))
+        os.chown(planted, fake_uid, fake_uid)
+        planted.chmod(0o700)
+        registry.register(registry.MountInfo(os.getpid(), tmp_path / "store", mp))
+        assert st.S_ISREG((planted / key).lstat().st_mode)
+        registry.unregister(mp)
+    finally:
+        import shutil
+        shutil.rmtree(planted, ignore_errors=True)
