@@ -82,3 +82,47 @@ def test_no_fifo_can_take_a_signed_file_s_place(mnt: Mount) -> None:  # noqa: F8
     as_user(os.mkdir, str(scratch / "plain"))
     as_user(os.rename, str(scratch / "plain"), str(proj(mnt) / "plain"))
     as_user(os.rename, str(scratch / "pipe"), str(scratch / "pipe2"))
+
+
+def _make_sparse(paths: list[str], size: int) -> None:
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"unsigned\n")
+        os.truncate(path, size)
+
+
+def _open_all(paths: list[str]) -> None:
+    """Open every path at once (each open makes the daemon hash the file's holes)."""
+    def one(p: str) -> None:
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_a_flood_of_opens_that_hash_does_not_stall_other_users(mnt: Mount) -> None:  # noqa: F811
+    """A file's digest is computed at its first judged open, in a worker thread: for a
+    sparse file that is up to 16 GiB of zeros. uid 65534 opening 48 such files at once
+    took every worker thread the daemon had (trio's 40), and root's open of a fresh
+    100-byte file waited 18 s behind them. Hashing threads are bounded per uid."""
+    paths = [str(mnt.path / "scratch" / f"big{i}") for i in range(48)]
+    as_user(_make_sparse, paths, 2 << 30)
+    flood = threading.Thread(target=as_user, args=(_open_all, paths))
+    flood.start()
+    try:
+        time.sleep(1.0)
+        mine = mnt.path / "scratch" / "root.txt"
+        mine.write_bytes(b"x" * 100)
+        t0 = time.monotonic()
+        assert mine.read_bytes() == b"x" * 100
+        took = time.monotonic() - t0
+    finally:
+        flood.join(300)
+    assert took < 3.0, f"root's open waited {took:.1f} s behind another user's hashing"

@@ -47,6 +47,13 @@ RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict],
                             Awaitable["Explanation | None"]]
 
 
+# Worker threads one uid may keep busy hashing content (a deferred digest: up to 16 GiB
+# of a sparse file's zeros). Without a bound per uid, one user opening many such files
+# took every worker thread, and everyone else's opens waited behind them.
+HASH_THREADS_PER_UID = 2
+_HASH_UIDS = 1024  # limiters kept; beyond that, the idle ones are dropped
+
+
 # `CacheState.cached_version` when the kernel's cache may hold bytes of more than one
 # version: pinned readers of an older one read it, a newer one was committed meanwhile.
 _MIXED = -1
@@ -72,6 +79,7 @@ class OpenGuard:
         self.sink = sink
         self.explainer = explainer
         self._cache: dict[int, CacheState] = {}
+        self._hashers: dict[int, trio.CapacityLimiter] = {}
 
     @property
     def active(self) -> bool:
@@ -97,14 +105,32 @@ class OpenGuard:
             return None
         return self.gate.verdict(path, version, txn)
 
-    async def judge(self, path: Sequence[bytes], version: Version) -> tuple[Version, Verdict]:
-        """Like `judge_in` for any version: a deferred digest is computed (and recorded)
-        in a worker thread first. Returns the version, its digest set, and the verdict."""
+    def hasher(self, uid: int) -> trio.CapacityLimiter:
+        """The worker threads `uid` may use to hash content (HASH_THREADS_PER_UID)."""
+        limiter = self._hashers.get(uid)
+        if limiter is None:
+            if len(self._hashers) >= _HASH_UIDS:
+                self._hashers = {u: lim for u, lim in self._hashers.items()
+                                 if lim.borrowed_tokens}
+            limiter = self._hashers[uid] = trio.CapacityLimiter(HASH_THREADS_PER_UID)
+        return limiter
+
+    async def ensure_digest(self, version: Version, uid: int) -> Version:
+        """`version` with its digest, computed (and recorded) if deferred: in a worker
+        thread (not on the event loop) out of `uid`'s own few (`hasher`)."""
         assert self.gate is not None
-        if version.digest is None:
-            # Hashing the whole content: not on the event loop.
-            version = await trio.to_thread.run_sync(self.gate.volume.versions.ensure_digest,
-                                                    version)
+        if version.digest is not None:
+            return version
+        return await trio.to_thread.run_sync(self.gate.volume.versions.ensure_digest,
+                                             version, limiter=self.hasher(uid))
+
+    async def judge(self, path: Sequence[bytes], version: Version,
+                    uid: int) -> tuple[Version, Verdict]:
+        """Like `judge_in` for any version: a deferred digest is computed (and recorded)
+        first, in one of `uid`'s hashing threads. Returns the version, its digest set,
+        and the verdict."""
+        assert self.gate is not None
+        version = await self.ensure_digest(version, uid)
         return version, self.gate.verdict(path, version)
 
     async def conclude(self, path: Sequence[bytes], version: Content, verdict: Verdict,

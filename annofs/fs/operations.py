@@ -696,7 +696,8 @@ class Operations(pyfuse3.Operations):
         if name == ANNOFS_XATTRS + b"version":
             return str(v.id).encode()
         if name == ANNOFS_XATTRS + b"digest":
-            v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v)
+            v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v,
+                                              limiter=self.guard.hasher(ctx.uid))
             assert v.digest is not None
             return b"blake3:" + v.digest.hex().encode()
         if name in (ANNOFS_XATTRS + b"status", ANNOFS_XATTRS + b"why"):
@@ -704,7 +705,9 @@ class Operations(pyfuse3.Operations):
             gate = self.guard.gate
             if gate is None:
                 return b"off: no policy loaded"
-            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
+            # (may hash a deferred digest: in one of this caller's hashing threads)
+            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v,
+                                                    limiter=self.guard.hasher(ctx.uid))
             if name == ANNOFS_XATTRS + b"why":
                 # The full explanation (original, diff), as this caller may see it: CPU
                 # work, off the event loop, one at a time.
@@ -771,11 +774,11 @@ class Operations(pyfuse3.Operations):
                         if other_verdict is not None and not other_verdict.allowed:
                             path, verdict = other, other_verdict
                 if verdict is None:  # a deferred digest: hashed off the event loop first
-                    version, verdict = await self.guard.judge(path, version)
+                    version, verdict = await self.guard.judge(path, version, ctx.uid)
                     for other in paths[1:]:
                         if not verdict.allowed:
                             break
-                        _, other_verdict = await self.guard.judge(other, version)
+                        _, other_verdict = await self.guard.judge(other, version, ctx.uid)
                         if not other_verdict.allowed:
                             path, verdict = other, other_verdict
                 await self.guard.conclude(path, version, verdict, ctx.pid)
