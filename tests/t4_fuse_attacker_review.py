@@ -5,6 +5,7 @@ fail for the attacker: no unsigned byte under /src may reach a reader."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -52,6 +53,16 @@ def _mkfifo_in_dir(d: str) -> None:
     os.mkfifo(os.path.join(d, "main.c"), 0o644)
 
 
+def _exchange(a: str, b: str) -> None:
+    """renameat2(RENAME_EXCHANGE): `a` and `b` swap places."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                      rename_exchange) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def _mv(src: str, dst: str) -> int:
     return subprocess.run(["mv", src, dst], capture_output=True).returncode
 
@@ -71,6 +82,10 @@ def test_no_fifo_can_take_a_signed_file_s_place(mnt: Mount) -> None:  # noqa: F8
     as_user(os.mkfifo, str(scratch / "pipe"), 0o644)
     assert _cat_while_fed(str(scratch / "pipe")) == EVIL
     assert errno_of(os.rename, str(scratch / "pipe"), str(f)) == errno.EXDEV
+    assert errno_of(os.link, str(scratch / "pipe"), str(f)) == errno.EXDEV
+    # swapped in with RENAME_EXCHANGE, for a signed file that is there
+    assert errno_of(_exchange, str(scratch / "pipe"), str(proj(mnt) / "rel")) == errno.EXDEV
+    assert errno_of(_exchange, str(proj(mnt) / "rel"), str(scratch / "pipe")) == errno.EXDEV
     # nor moved in inside a directory (mv falls back to a copy, whose mkfifo is refused)
     as_user(_mkfifo_in_dir, str(scratch / "d"))
     assert errno_of(os.rename, str(scratch / "d"), str(proj(mnt) / "d")) == errno.EXDEV
