@@ -6,18 +6,27 @@ from __future__ import annotations
 import contextlib
 import http.server
 import lzma
+import os
+import socket
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from t2_nix_fetch import H1, A, add_to_cache, make_tree, nothing_added, policy
+from t2_nix_fetch import H1, H2, A, add_to_cache, make_tree, nothing_added, policy
 
+from annofs.dashboard.binary_cache import create_cache_app
+from annofs.dashboard.server import bind, parse_listen, serve
 from annofs.errors import RefusedError
 from annofs.nix.cache import DirectoryCache, HttpCache
 from annofs.nix.fetch import fetch, mirror_remote
 from annofs.nix.nar import dump_host
+from annofs.nix.serve import ServedStore
+from annofs.transfer.import_tree import TreeImporter
+from annofs.trust.policy import parse_policy
 from annofs.volume import Volume
 
 ENDLESS = 256 << 20  # what the hostile cache would send after the NAR, at most
@@ -146,3 +155,63 @@ def test_a_runtime_dir_planted_by_another_user_is_refused(tmp_path: Path,
     finally:
         import shutil
         shutil.rmtree(planted, ignore_errors=True)
+
+
+@contextmanager
+def real_server(served: ServedStore) -> Iterator[int]:
+    """hypercorn on trio in a thread, as `annofs nix serve` runs it; yields its port."""
+    import trio
+
+    sock = bind(parse_listen("127.0.0.1:0"))
+    port = sock.getsockname()[1]
+    app = create_cache_app(served, compression="none", stall_seconds=2.0)
+    stop = threading.Event()
+
+    async def until_stopped() -> None:
+        while not stop.is_set():
+            await trio.sleep(0.05)
+
+    server = threading.Thread(target=trio.run, args=(
+        lambda: serve(app, sock, shutdown_trigger=until_stopped),))
+    server.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        server.join(30)
+
+
+def test_slow_nar_readers_do_not_stall_the_cache_for_others(vol: Volume,
+                                                           tmp_path: Path) -> None:
+    """Seventeen connections that ask for a big NAR and never read it (a tiny receive
+    buffer) must not keep another client from getting a NAR. The server bounds the NARs
+    it sends at once (16); before, such readers held every slot for ever and the other
+    client's GET timed out after 60 s. A stream stalled past `stall_seconds` while
+    another request waits now gives its slot up."""
+    pol = parse_policy('mode = "enforce"\ndefault = "allow"\n', tmp_path / "open.toml")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "blob").write_bytes(os.urandom(24 << 20))
+    TreeImporter(vol).run(big, [b"nix", b"store", f"{H2}-big".encode()])
+    served = ServedStore(vol, pol)
+    offer = served.offer(H2)
+    assert offer is not None
+    url = offer.narinfo("none").split("URL: ")[1].split("\n")[0]
+    with real_server(served) as port:
+        stalled = []
+        try:
+            for _ in range(17):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                s.sendall(f"GET /{url} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                stalled.append(s)  # never read
+            time.sleep(1)
+            t0 = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{url}", timeout=30) as r:
+                assert r.status == 200
+                assert len(r.read()) == offer.nar.size
+            assert time.monotonic() - t0 < 30
+        finally:
+            for s in stalled:
+                s.close()
