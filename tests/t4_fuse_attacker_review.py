@@ -12,6 +12,7 @@ import stat
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from conftest import Mount
 from fuse_helpers import as_user
@@ -141,3 +142,37 @@ def test_a_flood_of_opens_that_hash_does_not_stall_other_users(mnt: Mount) -> No
     finally:
         flood.join(300)
     assert took < 3.0, f"root's open waited {took:.1f} s behind another user's hashing"
+
+
+def _punch_through_rdwr(path: str) -> bytes:
+    """Open the signed file read-write (judged: it is signed), punch a hole in its
+    first bytes, and read back through the same handle (its own writes)."""
+    falloc_fl_keep_size, falloc_fl_punch_hole = 1, 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, falloc_fl_punch_hole | falloc_fl_keep_size, 0, 8) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_hole_punched_in_a_signed_file_is_refused_to_every_later_reader(
+        mnt: Mount) -> None:  # noqa: F811
+    """fallocate(PUNCH_HOLE) through a verified read-write handle changes the content:
+    the next open, by anyone, judges the new version (refused: unsigned); a reader that
+    opened the signed version before keeps reading it."""
+    f = proj(mnt) / "main.c"
+    os.chown(f, 65534, 65534)  # the attacker may write it (chown changes no verdict)
+    with open(f, "rb") as before:
+        assert as_user(_punch_through_rdwr, str(f)) == b"\0" * 8
+        assert errno_of(Path.read_bytes, f) == errno.EACCES
+        try:
+            f.read_bytes()
+            raise AssertionError("root read the punched file")
+        except PermissionError:
+            pass
+        assert before.read() == MAIN  # pinned to the version judged at its open
