@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import Mount
 from fuse_helpers import as_user
-from t4_fuse_symlinks import EVIL, MAIN, base, errno_of, mnt, proj  # noqa: F401  (fixtures)
+from t4_fuse_symlinks import EVIL, MAIN, base, errno_of, mnt, proj, refusals  # noqa: F401  (fixtures)
 
 
 def _feed_fifo(path: str, data: bytes) -> None:
@@ -176,3 +176,39 @@ def test_a_hole_punched_in_a_signed_file_is_refused_to_every_later_reader(
         except PermissionError:
             pass
         assert before.read() == MAIN  # pinned to the version judged at its open
+
+
+def _open_refused_many(path: str, times: int) -> int:
+    refused = 0
+    for _ in range(times):
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            refused += 1
+    return refused
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_another_user_s_refusals_cannot_use_up_the_explanations_of_others(
+        mnt: Mount) -> None:  # noqa: F811
+    """Refusals are explained in the events log, at most 10 a minute (explanations cost
+    CPU). The bound was one for the whole mount: uid 65534 opening an unsigned file of
+    its own 30 times spent it, and root's refusal a moment later was recorded with no
+    explanation. The bound is per uid."""
+    mine = proj(mnt) / "mine.c"
+    as_user(_write, str(mine), EVIL)
+    assert as_user(_open_refused_many, str(mine), 30) == 30
+    patched = proj(mnt) / "lib" / "util.c"
+    patched.write_bytes(b"int util(void) { return 2; }\n")
+    try:
+        patched.read_bytes()
+        raise AssertionError("root read a patched file")
+    except PermissionError:
+        pass
+    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    assert ev.explanation, "root's refusal was not explained"  # type: ignore[attr-defined]

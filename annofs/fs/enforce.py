@@ -42,8 +42,9 @@ log = logging.getLogger("annofs.fs")
 # Called for every judged open or symlink read: (store path, content, verdict, pid, the
 # explanation of a refusal or None). The content is a file's version or a symlink's.
 VerdictSink = Callable[[str, Content, Verdict, int, "Explanation | None"], None]
-# Explains a refusal, off the event loop; None when it chose not to (a rate limit).
-RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict],
+# Explains a refusal of the caller with the given uid, off the event loop; None when it
+# chose not to (a rate limit, per uid).
+RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict, int],
                             Awaitable["Explanation | None"]]
 
 
@@ -134,7 +135,7 @@ class OpenGuard:
         return version, self.gate.verdict(path, version)
 
     async def conclude(self, path: Sequence[bytes], version: Content, verdict: Verdict,
-                       pid: int) -> None:
+                       pid: int, uid: int = 0) -> None:
         """Record the verdict; a refusal is explained first, then raised as EACCES.
         `version` is the content judged: a file's version, or a symlink's (readlink).
 
@@ -147,7 +148,7 @@ class OpenGuard:
         explanation = None
         if not verdict.allowed and self.explainer is not None:
             try:
-                explanation = await self.explainer(path, version, verdict)
+                explanation = await self.explainer(path, version, verdict, uid)
             except Exception as e:  # the refusal stands; only its explanation is missing
                 log.warning("explaining the refusal of %s failed: %s", text, e)
         if self.sink is not None:

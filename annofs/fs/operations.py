@@ -325,7 +325,7 @@ class Operations(pyfuse3.Operations):
             # so a refusal here refuses every path through it too.
             path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
                                                 a.target)
-            await self.guard.conclude(path, link, verdict, ctx.pid)
+            await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 
     # -- directories ----------------------------------------------------------------------
@@ -781,7 +781,7 @@ class Operations(pyfuse3.Operations):
                         _, other_verdict = await self.guard.judge(other, version, ctx.uid)
                         if not other_verdict.allowed:
                             path, verdict = other, other_verdict
-                await self.guard.conclude(path, version, verdict, ctx.pid)
+                await self.guard.conclude(path, version, verdict, ctx.pid, ctx.uid)
             except BaseException:
                 if fresh and node.opens == 0:
                     self.open_files.pop(node.ino, None)  # refused: no handle holds it
