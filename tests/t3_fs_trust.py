@@ -134,7 +134,7 @@ def test_refusals_are_explained_in_the_events_log_up_to_the_rate_limit(
                       '[[rules]]\npath = "/src/**"\nsigners = 1\n')
     holder = PolicyHolder(vol, policy, tmp_path / "mnt", EventLog(vol.store.path))
     ops = Operations(vol, holder.guard)
-    burst = holder.explained._burst
+    burst = holder.explained.burst
 
     async def main() -> None:
         src = (await ops.mkdir(ROOT, b"src", 0o755, CTX)).st_ino

@@ -319,6 +319,7 @@ def mount(opts: MountOptions) -> None:
     for line in clear_dead_mounts(opts):
         print(f"annofs: {line}", file=sys.stderr, flush=True)
     check_mountable(opts)
+    registry.runtime_dir()  # refused now if not private, not once mounted
     _setup_logging(opts.store, opts.foreground)
     if opts.foreground:
         serve(opts)

@@ -19,7 +19,8 @@ import trio
 from annofs.daemon.events import Event, EventLog
 from annofs.daemon.feed import event_of
 from annofs.errors import AnnofsError, UsageError
-from annofs.explain.report import Explanation, RateLimit, explain
+from annofs.explain.report import Explanation, explain
+from annofs.explain.throttle import PerCaller
 from annofs.fs.enforce import OpenGuard
 from annofs.trust.gate import TrustGate
 from annofs.trust.policy import load_policy, permissive_policy
@@ -94,7 +95,8 @@ class PolicyHolder:
             self._check_locations()
             policy = load_policy(self.file, vol.store.path)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
-        self.explained = RateLimit()
+        self.explained = PerCaller()  # refusals explained, per uid
+        self._unexplained = 0
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal,
                                self.record_refusal)
         self._bundle_error = ""  # the last refused update's reason, recorded once
@@ -186,14 +188,19 @@ class PolicyHolder:
         return f"policy reloaded from {self.file}"
 
     async def explain_refusal(self, path: Sequence[bytes], version: Content,
-                              verdict: Verdict) -> Explanation | None:
-        """The explanation of a refusal (SPEC §5), made in a worker thread; None once the
-        rate limit is spent, so a flood of refusals costs one line each, not one diff."""
-        if self.gate is None or not self.explained.allow(time.monotonic()):
+                              verdict: Verdict, uid: int = 0) -> Explanation | None:
+        """The explanation of a refusal (SPEC §5), made in a worker thread; None once
+        `uid`'s rate limit is spent, so a flood of refusals costs one line each, not one
+        diff. Per uid: one user's flood used to leave everyone's refusals unexplained."""
+        if self.gate is None:
             return None
-        skipped = self.explained.suppressed()
-        if skipped:
-            log.info("%d refusal(s) before this one were not explained (rate limit)", skipped)
+        if self.explained.wait(uid, time.monotonic()):
+            self._unexplained += 1
+            return None
+        if self._unexplained:
+            log.info("%d refusal(s) before this one were not explained (rate limit)",
+                     self._unexplained)
+            self._unexplained = 0
         gate = self.gate
         return await trio.to_thread.run_sync(
             explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,23 @@ def runtime_dir() -> Path:
     else:
         d = Path(f"/tmp/annofs-{os.getuid()}")
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(d)
     return d
+
+
+def check_private(d: Path) -> None:
+    """UsageError unless `d` is a directory (not a symlink) of ours that nobody else may
+    write. /tmp/annofs-UID can be made first by another user: records planted there
+    would send commands to their store and pid, and a symlink planted as a record's
+    temporary file would have the daemon (root, say) write through it, over any file."""
+    try:
+        s = os.lstat(d)
+    except OSError as e:
+        raise UsageError(f"{d}: cannot use the runtime directory ({e.strerror})") from None
+    if not stat.S_ISDIR(s.st_mode) or s.st_uid != os.getuid() or s.st_mode & 0o022:
+        raise UsageError(f"{d}: the runtime directory is not private to uid {os.getuid()} "
+                         f"(owner {s.st_uid}, mode {stat.filemode(s.st_mode)}): remove it, "
+                         f"or set ANNOFS_RUNTIME_DIR")
 
 
 def _record(mountpoint: Path) -> Path:

@@ -41,6 +41,53 @@ _NARINFO = re.compile(f"/({_H})\\.narinfo")
 _NAR = re.compile(f"/nar/({_H})-([{HASH_CHARS}]{{52}})\\.nar(\\.zst)?")
 _PIECE = 1 << 20
 _MAX_STREAMS = 16  # NARs sent at once: each holds an LMDB read slot (256 in all)
+# Seconds a NAR stream may wait on a client that does not read while another request
+# waits for a slot: then it gives its slot (and its read transaction) up.
+STALL_SECONDS = 30.0
+
+
+class _Streams:
+    """The NARs sent at once: at most `limit`. A stream waiting on its client (between
+    handing a piece over and being asked for the next) for more than `stall` seconds
+    loses its slot to a request that waits for one: sixteen clients that never read
+    used to hold every slot for ever (hypercorn's send cannot be cancelled, and has no
+    timeout), and no other client got a NAR."""
+
+    def __init__(self, limit: int, stall: float) -> None:
+        self._free = anyio.Semaphore(limit)
+        self._stall = stall
+        self._waiting: dict[_Pieces, float] = {}  # stream -> since when it waits
+
+    async def acquire(self) -> None:
+        """A slot: waited for, taking one from a stalled stream if need be."""
+        while True:
+            with anyio.move_on_after(min(1.0, self._stall)):
+                await self._free.acquire()
+                return
+            self._evict(anyio.current_time())
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self._free.release()
+
+    def handed_over(self, pieces: _Pieces) -> None:
+        """`pieces` waits on its client from now on."""
+        self._waiting[pieces] = anyio.current_time()
+
+    def asked_again(self, pieces: _Pieces) -> None:
+        """The client took the piece (or went away): `pieces` no longer waits on it."""
+        self._waiting.pop(pieces, None)
+
+    def _evict(self, now: float) -> None:
+        for pieces, since in list(self._waiting.items()):
+            if now - since > self._stall:
+                del self._waiting[pieces]
+                pieces.evicted = True
+                pieces.close()  # suspended at its yield: not running in a thread
+                self._free.release()
+                log.info("nix serve: a NAR client read nothing for %.0f s; its slot "
+                         "went to another request", now - since)
+                return
 
 
 class _Pieces:
@@ -49,6 +96,7 @@ class _Pieces:
     def __init__(self, chunks: Iterator[bytes], zstd: bool) -> None:
         self._chunks = chunks
         self._done = False
+        self.evicted = False  # its slot was taken back (a client that does not read)
         self._z = None
         if zstd:
             import zstandard
@@ -84,14 +132,15 @@ class _Pieces:
 
 
 def create_cache_app(served: ServedStore, *, compression: str = "zstd", priority: int = 30,
-                     allowed_hosts: list[str] | None = None) -> Starlette:
+                     allowed_hosts: list[str] | None = None,
+                     stall_seconds: float = STALL_SECONDS) -> Starlette:
     """The ASGI app of a binary cache over `served`; narinfos point at NARs compressed
     with `compression` (both kinds are served). `allowed_hosts`: the Host header values
-    accepted (None: any)."""
+    accepted (None: any). `stall_seconds`: see `_Streams`."""
     if compression not in COMPRESSIONS:
         raise ValueError(compression)
     cache_info = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
-    streams = anyio.Semaphore(_MAX_STREAMS)
+    streams = _Streams(_MAX_STREAMS, stall_seconds)
 
     async def narinfo(request: Request, hash_part: str) -> Response:
         offer = await anyio.to_thread.run_sync(served.offer, hash_part)
@@ -100,8 +149,11 @@ def create_cache_app(served: ServedStore, *, compression: str = "zstd", priority
         return PlainTextResponse(offer.narinfo(compression), media_type="text/x-nix-narinfo")
 
     async def nar(request: Request, hash_part: str, nar32: str, zstd: bool) -> Response:
-        async with streams:
+        await streams.acquire()
+        try:
             found = await anyio.to_thread.run_sync(served.nar, hash_part, nar32)
+        finally:
+            streams.release()
         if found is None:
             return _not_found()
         offer, chunks = found
@@ -113,12 +165,22 @@ def create_cache_app(served: ServedStore, *, compression: str = "zstd", priority
             return Response(b"", media_type="application/x-nix-nar", headers=headers)
 
         async def body() -> AsyncIterator[bytes]:
-            async with streams:
-                try:
-                    while (piece := await anyio.to_thread.run_sync(pieces.next)) is not None:
-                        yield piece
-                finally:
+            await streams.acquire()
+            try:
+                while (piece := await anyio.to_thread.run_sync(pieces.next)) is not None:
+                    streams.handed_over(pieces)
+                    yield piece  # hypercorn sends it while this waits here
+                    streams.asked_again(pieces)
+                    if pieces.evicted:  # the slot and the snapshot went to another
+                        # Cut short: ending the body would be a protocol error (fewer
+                        # bytes than Content-Length), so wait, holding nothing, until
+                        # the client goes away (Starlette then cancels this).
+                        await anyio.sleep_forever()
+            finally:
+                streams.asked_again(pieces)
+                if not pieces.evicted:
                     pieces.close()  # also when the client went away part-way
+                    streams.release()
 
         return StreamingResponse(body(), media_type="application/x-nix-nar", headers=headers)
 

@@ -24,8 +24,9 @@ from annofs.fs.inodes import Inode
 from annofs.store.records import Version
 from annofs.trust.admission import Admission, Busy, CacheState, Claim
 from annofs.trust.gate import Judgement, TrustGate
+from annofs.trust.policy import Mode
 from annofs.trust.signing import path_text
-from annofs.trust.symlink import Content
+from annofs.trust.symlink import Content, signers_needed
 from annofs.trust.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -36,14 +37,21 @@ log = logging.getLogger("annofs.fs")
 # Called for every judged open or symlink read: (store path, content, verdict, pid, the
 # explanation of a refusal or None). The content is a file's version or a symlink's.
 VerdictSink = Callable[[str, Content, Verdict, int, "Explanation | None"], None]
-# Explains a refusal, off the event loop; None when it chose not to (a rate limit).
-RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict],
+# Explains a refusal of the caller with the given uid, off the event loop; None when it
+# chose not to (a rate limit, per uid).
+RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict, int],
                             Awaitable["Explanation | None"]]
 
 
 # Called for refusals that are not verdicts (EBUSY: the handle rules): (store path, pid,
 # reason).
 RefusalSink = Callable[[str, int, str], None]
+
+# Worker threads one uid may keep busy hashing content (a deferred digest: up to 16 GiB
+# of a sparse file's zeros). Without a bound per uid, one user opening many such files
+# took every worker thread, and everyone else's opens waited behind them.
+HASH_THREADS_PER_UID = 2
+_HASH_UIDS = 1024  # limiters kept; beyond that, the idle ones are dropped
 
 
 class OpenGuard:
@@ -58,6 +66,7 @@ class OpenGuard:
         self.explainer = explainer
         self.refusal_sink = refusal_sink
         self.admission = Admission()
+        self._hashers: dict[int, trio.CapacityLimiter] = {}
 
     @property
     def active(self) -> bool:
@@ -83,14 +92,32 @@ class OpenGuard:
         assert self.gate is not None
         return self.gate.judge_names(paths, version, txn)
 
-    async def judge(self, paths: Sequence[Sequence[bytes]],
-                    version: Version) -> tuple[Version, Judgement]:
-        """Like `judge_in` for any version: a deferred digest is computed (and recorded)
-        in a worker thread first. Returns the version, its digest set, and the judgement."""
+    def hasher(self, uid: int) -> trio.CapacityLimiter:
+        """The worker threads `uid` may use to hash content (HASH_THREADS_PER_UID)."""
+        limiter = self._hashers.get(uid)
+        if limiter is None:
+            if len(self._hashers) >= _HASH_UIDS:
+                self._hashers = {u: lim for u, lim in self._hashers.items()
+                                 if lim.borrowed_tokens}
+            limiter = self._hashers[uid] = trio.CapacityLimiter(HASH_THREADS_PER_UID)
+        return limiter
+
+    async def ensure_digest(self, version: Version, uid: int) -> Version:
+        """`version` with its digest, computed (and recorded) if deferred: in a worker
+        thread (not on the event loop) out of `uid`'s own few (`hasher`)."""
         assert self.gate is not None
-        if version.digest is None:
-            # Hashing the whole content: not on the event loop.
-            version = await trio.to_thread.run_sync(self.gate.hashed, version)
+        if version.digest is not None:
+            return version
+        return await trio.to_thread.run_sync(self.gate.hashed, version,
+                                             limiter=self.hasher(uid))
+
+    async def judge(self, paths: Sequence[Sequence[bytes]], version: Version,
+                    uid: int) -> tuple[Version, Judgement]:
+        """Like `judge_in` for any version: a deferred digest is computed (and recorded)
+        first, in one of `uid`'s hashing threads. Returns the version, its digest set,
+        and the judgement."""
+        assert self.gate is not None
+        version = await self.ensure_digest(version, uid)
         judgement = self.gate.judge_names(paths, version)
         assert judgement is not None
         return version, judgement
@@ -100,7 +127,7 @@ class OpenGuard:
         return self.gate is not None and self.gate.needs_signers(paths)
 
     async def conclude(self, path: Sequence[bytes], version: Content, verdict: Verdict,
-                       pid: int) -> None:
+                       pid: int, uid: int = 0) -> None:
         """Record the verdict; a refusal is explained first, then raised as EACCES.
         `version` is the content judged: a file's version, or a symlink's (readlink).
 
@@ -113,7 +140,7 @@ class OpenGuard:
         explanation = None
         if not verdict.allowed and self.explainer is not None:
             try:
-                explanation = await self.explainer(path, version, verdict)
+                explanation = await self.explainer(path, version, verdict, uid)
             except Exception as e:  # the refusal stands; only its explanation is missing
                 log.warning("explaining the refusal of %s failed: %s", text, e)
         if self.sink is not None:
@@ -177,8 +204,30 @@ class OpenGuard:
 
     # -- names -----------------------------------------------------------------------------
 
+    def fifo_refusal(self, path: Sequence[bytes]) -> str | None:
+        """Why no FIFO may be at `path` (None if one may).
+
+        A FIFO's bytes come from whoever writes into it, and the kernel serves its open
+        and reads itself: the daemon is never asked, so nothing is judged. Under an
+        enforcing rule that needs signers a FIFO in place of a signed file would hand
+        its reader unsigned bytes, so none may be made there or moved there. (Sockets
+        cannot be open()ed, and device nodes cannot be used on a nodev mount.)
+        """
+        if self.gate is None or self.gate.policy.mode is not Mode.ENFORCE:
+            return None
+        rule = self.gate.policy.rule_at(path)
+        if signers_needed(self.gate.policy, rule) == 0:
+            return None
+        where = rule.label if rule is not None else "default require"
+        return (f"{path_text(path)}: no FIFO under {where}: its bytes would reach readers "
+                f"unsigned")
+
+    def same_rule(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
+        """Whether two names fall under one policy rule (`TrustGate.same_rule`; any two
+        do without a policy)."""
+        return self.gate is None or self.gate.same_rule(src, dst)
+
     def check_link_move(self, src: Sequence[bytes], dst: Sequence[bytes]) -> None:
-        """EXDEV for a hard-linked file crossing a policy rule boundary
-        (`TrustGate.same_rule`)."""
-        if self.gate is not None and not self.gate.same_rule(src, dst):
+        """EXDEV for a hard-linked file crossing a policy rule boundary."""
+        if not self.same_rule(src, dst):
             raise pyfuse3.FUSEError(errno.EXDEV)

@@ -41,9 +41,11 @@ from annofs.fs.gcgate import GcGate
 from annofs.fs.inodes import ROOT, Inode, InodeTable
 from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
+from annofs.printable import one_line
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
 from annofs.trust.admission import Claim
+from annofs.trust.pathglob import path_text
 from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
 
@@ -54,6 +56,8 @@ log = logging.getLogger("annofs.fs")
 # to the daemon) are pushed with invalidate_entry/invalidate_inode.
 ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
+# Entries looked at for a FIFO in a directory moved under a stricter rule.
+FIFO_WALK = 10_000
 # Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
 BLOCK_SIZE = 128 * 1024
 
@@ -331,7 +335,7 @@ class Operations(pyfuse3.Operations):
             # so a refusal here refuses every path through it too.
             path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
                                                 a.target)
-            await self.guard.conclude(path, link, verdict, ctx.pid)
+            await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 
     # -- directories ----------------------------------------------------------------------
@@ -386,7 +390,14 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # FIFOs, sockets (bind() of a Unix socket makes one) and device nodes: a type and
-        # a device number; the kernel serves their I/O, never us.
+        # a device number; the kernel serves their I/O, never us. Hence no FIFO where the
+        # policy needs signers (OpenGuard.fifo_refusal).
+        if stat.S_ISFIFO(mode):
+            check_name(name)
+            why = self.guard.fifo_refusal([*self.inodes.path(self._node(parent_inode)), name])
+            if why is not None:
+                log.info("refused (uid %d, pid %d): %s", ctx.uid, ctx.pid, one_line(why))
+                raise pyfuse3.FUSEError(errno.EACCES)
         return self._make(parent_inode, name, mode, ctx, rdev)
 
     @fuse_handler
@@ -480,6 +491,11 @@ class Operations(pyfuse3.Operations):
             replaced = self.inodes.at(new_parent.ino, name_new)
             if src.is_dir:
                 self._check_not_into_itself(txn, src, new_parent)
+            self._check_no_fifo_moves(txn, src, [*self.inodes.path(old_parent), name_old],
+                                      [*self.inodes.path(new_parent), name_new])
+            if exchange and dst is not None:
+                self._check_no_fifo_moves(txn, dst, [*self.inodes.path(new_parent), name_new],
+                                          [*self.inodes.path(old_parent), name_old])
             if exchange:
                 if dst is None:
                     raise NotFoundError(f"{name_new!r}: no such file")
@@ -549,6 +565,33 @@ class Operations(pyfuse3.Operations):
             if node.ino == ROOT:
                 return
             node = self._node(node.parent)
+
+    def _check_no_fifo_moves(self, txn: lmdb.Transaction, raw: Attrs, src: list[bytes],
+                             dst: list[bytes]) -> None:
+        """EXDEV for a FIFO, or a directory holding one, moved from another rule to where
+        the policy needs signers (`OpenGuard.fifo_refusal`). EXDEV, as for hard links
+        across rules: `mv` falls back to copying, and the copy's mkfifo is refused. A
+        directory too big to look through (FIFO_WALK entries) is EXDEV too: the safe side.
+        """
+        if not (raw.is_dir or stat.S_ISFIFO(raw.mode)) or self.guard.same_rule(src, dst):
+            return
+        why = self.guard.fifo_refusal(dst)
+        if why is None:
+            return
+        found = stat.S_ISFIFO(raw.mode)
+        if raw.is_dir:
+            seen, todo = 0, [int(raw.target)]
+            while todo and not found:
+                for _, a in self.ns.listdir(txn, todo.pop()):
+                    seen += 1
+                    if stat.S_ISFIFO(a.mode) or seen > FIFO_WALK:
+                        found = True
+                        break
+                    if a.is_dir:
+                        todo.append(int(a.target))
+        if found:
+            log.info("refused: moving %s to %s", one_line(path_text(src)), one_line(why))
+            raise pyfuse3.FUSEError(errno.EXDEV)
 
     @fuse_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -665,7 +708,8 @@ class Operations(pyfuse3.Operations):
         if name == ANNOFS_XATTRS + b"version":
             return str(v.id).encode()
         if name == ANNOFS_XATTRS + b"digest":
-            v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v)
+            v = await trio.to_thread.run_sync(self.vol.versions.ensure_digest, v,
+                                              limiter=self.guard.hasher(ctx.uid))
             assert v.digest is not None
             return b"blake3:" + v.digest.hex().encode()
         if name in (ANNOFS_XATTRS + b"status", ANNOFS_XATTRS + b"why"):
@@ -673,7 +717,9 @@ class Operations(pyfuse3.Operations):
             gate = self.guard.gate
             if gate is None:
                 return b"off: no policy loaded"
-            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v)
+            # (may hash a deferred digest: in one of this caller's hashing threads)
+            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v,
+                                                    limiter=self.guard.hasher(ctx.uid))
             if name == ANNOFS_XATTRS + b"why":
                 # The full explanation (original, diff), as this caller may see it: CPU
                 # work, off the event loop, one at a time.
@@ -742,8 +788,9 @@ class Operations(pyfuse3.Operations):
                     # Judged in the snapshot the version came from: one transaction.
                     judgement = self.guard.judge_in(txn, paths, version)
                 if judgement is None:  # a deferred digest: hashed off the event loop first
-                    version, judgement = await self.guard.judge(paths, version)
-                await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid)
+                    version, judgement = await self.guard.judge(paths, version, ctx.uid)
+                await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
+                                          ctx.uid)
                 guarded = judgement.guarded
                 if access == os.O_RDONLY:
                     pinned = version

@@ -91,25 +91,46 @@ Progress = Callable[[int, int], None]
 # -- the NAR stream ----------------------------------------------------------------------------
 
 
-class _Hashing:
-    """The compressed file as read: its SHA-256 and size, for FileHash and FileSize."""
+def max_file_size(info: NarInfo) -> int:
+    """The most bytes the NAR file of `info` may have: FileSize if the narinfo gives it,
+    never more than the signed NarSize allows for any compression Nix writes (xz, bzip2,
+    zstd and brotli grow incompressible data by well under 1/64, plus headers).
 
-    def __init__(self, f: BinaryIO) -> None:
+    FileSize and FileHash are not in the signed fingerprint: a hostile cache (or anyone
+    on a plain http:// path) can claim a terabyte. Bounding by them alone let such a
+    cache send endless bytes after a valid NAR: read for ever by a fetch, written to
+    disk by a mount's mirror until it was full."""
+    bound = info.nar_size + info.nar_size // 64 + (64 << 10)
+    if info.compression == "none":
+        bound = info.nar_size
+    return bound if info.file_size is None else min(info.file_size, bound)
+
+
+class _Hashing:
+    """The compressed file as read: its SHA-256 and size, for FileHash and FileSize;
+    never more than `limit` + 1 bytes (one past, so that too much is seen)."""
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
         self._f = f
+        self._left = limit + 1
         self.sha256 = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(n) if n else b""
         self.sha256.update(data)
         self.size += len(data)
+        self._left -= len(data)
         return data
 
     def readinto(self, b: bytearray | memoryview) -> int:
-        n = self._f.readinto(b)  # type: ignore[attr-defined]
+        view = memoryview(b)[:self._left]
+        n = self._f.readinto(view) if len(view) else 0  # type: ignore[attr-defined]
         if n:
-            self.sha256.update(memoryview(b)[:n])
+            self.sha256.update(view[:n])
             self.size += n
+            self._left -= n
         return n
 
     def drain(self) -> None:
@@ -358,6 +379,9 @@ def _check_nar(info: NarInfo, where: str, got_sha256: bytes, got_size: int) -> N
 
 def _check_file(info: NarInfo, where: str, raw: _Hashing) -> None:
     raw.drain()
+    if raw.size > max_file_size(info):
+        raise RefusedError(f"{where}: the NAR file goes on past {max_file_size(info)} bytes "
+                           f"(FileSize, or what the signed NarSize {info.nar_size} allows)")
     if info.file_size is not None and raw.size != info.file_size:
         raise RefusedError(f"{where}: FileSize mismatch: {raw.size} bytes, the narinfo says "
                            f"{info.file_size}")
@@ -377,7 +401,7 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
     if _exists(vol, dest):
         return _add_signatures(vol, ann, r, dest, signers)
     where, info, f = _open_nar(r)
-    raw = _Hashing(f)
+    raw = _Hashing(f, max_file_size(info))
     stream = _NarStream(raw, info, where)
     counted: list[int] = []
 
@@ -488,9 +512,9 @@ def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: P
             if f is None:
                 continue  # missing there: the fetch says so, naming the cache
             nar.parent.mkdir(parents=True, exist_ok=True)
-            # Bounded like the fetch: a body past FileSize (or NarSize, uncompressed)
-            # is a refusal there; here it need not be stored whole.
-            limit = (info.file_size if info.file_size is not None else info.nar_size) + 1
+            # Bounded like the fetch (max_file_size: FileSize is not signed): a body
+            # past it is a refusal there; here it need not be stored whole.
+            limit = max_file_size(info) + 1
             with f, open(nar, "wb") as out:
                 while limit > 0:
                     chunk = f.read(min(_READ, limit))

@@ -125,7 +125,8 @@ def lexical_destination(path: Sequence[bytes], target: bytes) -> tuple[bytes, ..
     return tuple(parts)
 
 
-def _needed(policy: Policy, rule: Rule | None) -> int:
+def signers_needed(policy: Policy, rule: Rule | None) -> int:
+    """How many signers content under `rule` (None: the default) needs."""
     if rule is not None:
         return rule.signers
     return 1 if policy.default is Default.REQUIRE else 0
@@ -136,7 +137,7 @@ def _at_least_as_strict(policy: Policy, dest: Rule | None, here: Rule | None) ->
     as many signers, and claims and keys no looser (a subset, if `here` limits them)."""
     if dest is here:
         return True
-    if _needed(policy, dest) < _needed(policy, here):
+    if signers_needed(policy, dest) < signers_needed(policy, here):
         return False
     if here is None:
         return True

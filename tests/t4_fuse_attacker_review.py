@@ -1,0 +1,214 @@
+"""Attacks by a hostile local user (uid 65534 through `--allow-other`) on a real mount
+with an enforcing policy: the fixture of t4_fuse_symlinks (a signed /src/proj that the
+attacker owns and may write, an unguarded /scratch). Each test is an attempt that must
+fail for the attacker: no unsigned byte under /src may reach a reader."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import Mount
+from fuse_helpers import as_user
+from t4_fuse_symlinks import EVIL, MAIN, base, errno_of, mnt, proj, refusals  # noqa: F401  (fixtures)
+
+
+def _feed_fifo(path: str, data: bytes) -> None:
+    """Open the FIFO for writing (waiting up to 10 s for a reader) and write `data`."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    os.write(fd, data)
+    os.close(fd)
+
+
+def _cat_while_fed(path: str) -> bytes:
+    """What a reader of `path` gets while the attacker writes EVIL into it (if a FIFO)."""
+    feeder = threading.Thread(target=lambda: errno_of(_feed_fifo, path, EVIL))
+    feeder.start()
+    res = subprocess.run(["timeout", "5", "cat", path], capture_output=True)
+    feeder.join(15)
+    return res.stdout
+
+
+def _unlink_then_mkfifo(path: str) -> None:
+    os.unlink(path)
+    os.mkfifo(path, 0o644)
+
+
+def _mkfifo_in_dir(d: str) -> None:
+    os.mkdir(d)
+    os.mkfifo(os.path.join(d, "main.c"), 0o644)
+
+
+def _exchange(a: str, b: str) -> None:
+    """renameat2(RENAME_EXCHANGE): `a` and `b` swap places."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                      rename_exchange) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _mv(src: str, dst: str) -> int:
+    return subprocess.run(["mv", src, dst], capture_output=True).returncode
+
+
+def test_no_fifo_can_take_a_signed_file_s_place(mnt: Mount) -> None:  # noqa: F811
+    """A FIFO's open and reads are served by the kernel, never judged by the daemon: in
+    place of signed main.c it handed `cat` the attacker's bytes (found in this review).
+    Now no FIFO is made, renamed or moved in a directory under a rule that needs
+    signers; under /scratch FIFOs work as before."""
+    f = proj(mnt) / "main.c"
+    scratch = mnt.path / "scratch"
+    # mkfifo in place of the signed file
+    assert errno_of(_unlink_then_mkfifo, str(f)) == errno.EACCES
+    assert not f.exists()
+    assert EVIL not in _cat_while_fed(str(f))
+    # a FIFO made under /scratch works there, and cannot be renamed in
+    as_user(os.mkfifo, str(scratch / "pipe"), 0o644)
+    assert _cat_while_fed(str(scratch / "pipe")) == EVIL
+    assert errno_of(os.rename, str(scratch / "pipe"), str(f)) == errno.EXDEV
+    assert errno_of(os.link, str(scratch / "pipe"), str(f)) == errno.EXDEV
+    # swapped in with RENAME_EXCHANGE, for a signed file that is there
+    assert errno_of(_exchange, str(scratch / "pipe"), str(proj(mnt) / "rel")) == errno.EXDEV
+    assert errno_of(_exchange, str(proj(mnt) / "rel"), str(scratch / "pipe")) == errno.EXDEV
+    # nor moved in inside a directory (mv falls back to a copy, whose mkfifo is refused)
+    as_user(_mkfifo_in_dir, str(scratch / "d"))
+    assert errno_of(os.rename, str(scratch / "d"), str(proj(mnt) / "d")) == errno.EXDEV
+    assert as_user(_mv, str(scratch / "d"), str(proj(mnt) / "d")) != 0
+    moved = proj(mnt) / "d" / "main.c"
+    assert not (moved.exists() and stat.S_ISFIFO(moved.lstat().st_mode))
+    assert EVIL not in _cat_while_fed(str(moved))
+    # a directory without FIFOs still moves in; a FIFO moves within /scratch
+    as_user(os.mkdir, str(scratch / "plain"))
+    as_user(os.rename, str(scratch / "plain"), str(proj(mnt) / "plain"))
+    as_user(os.rename, str(scratch / "pipe"), str(scratch / "pipe2"))
+
+
+def _make_sparse(paths: list[str], size: int) -> None:
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"unsigned\n")
+        os.truncate(path, size)
+
+
+def _open_all(paths: list[str]) -> None:
+    """Open every path at once (each open makes the daemon hash the file's holes)."""
+    def one(p: str) -> None:
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_a_flood_of_opens_that_hash_does_not_stall_other_users(mnt: Mount) -> None:  # noqa: F811
+    """A file's digest is computed at its first judged open, in a worker thread: for a
+    sparse file that is up to 16 GiB of zeros. uid 65534 opening 48 such files at once
+    took every worker thread the daemon had (trio's 40), and root's open of a fresh
+    100-byte file waited 18 s behind them. Hashing threads are bounded per uid."""
+    paths = [str(mnt.path / "scratch" / f"big{i}") for i in range(48)]
+    as_user(_make_sparse, paths, 2 << 30)
+    flood = threading.Thread(target=as_user, args=(_open_all, paths))
+    flood.start()
+    try:
+        time.sleep(1.0)
+        mine = mnt.path / "scratch" / "root.txt"
+        mine.write_bytes(b"x" * 100)
+        t0 = time.monotonic()
+        assert mine.read_bytes() == b"x" * 100
+        took = time.monotonic() - t0
+    finally:
+        flood.join(300)
+    assert took < 3.0, f"root's open waited {took:.1f} s behind another user's hashing"
+
+
+def _punch_through_rdwr(path: str) -> bytes:
+    """Open the signed file read-write (judged: it is signed), punch a hole in its
+    first bytes, and read back through the same handle (its own writes)."""
+    falloc_fl_keep_size, falloc_fl_punch_hole = 1, 2
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, falloc_fl_punch_hole | falloc_fl_keep_size, 0, 8) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_hole_punched_in_a_signed_file_is_refused_to_every_later_reader(
+        mnt: Mount) -> None:  # noqa: F811
+    """fallocate(PUNCH_HOLE) through a verified read-write handle changes the content:
+    the next open, by anyone, judges the new version (refused: unsigned); a reader that
+    opened the signed version before keeps reading it."""
+    f = proj(mnt) / "main.c"
+    os.chown(f, 65534, 65534)  # the attacker may write it (chown changes no verdict)
+    with open(f, "rb") as before:
+        assert as_user(_punch_through_rdwr, str(f)) == b"\0" * 8
+        assert errno_of(Path.read_bytes, f) == errno.EACCES
+        try:
+            f.read_bytes()
+            raise AssertionError("root read the punched file")
+        except PermissionError:
+            pass
+        assert before.read() == MAIN  # pinned to the version judged at its open
+
+
+def _open_refused_many(path: str, times: int) -> int:
+    refused = 0
+    for _ in range(times):
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            refused += 1
+    return refused
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_another_user_s_refusals_cannot_use_up_the_explanations_of_others(
+        mnt: Mount) -> None:  # noqa: F811
+    """Refusals are explained in the events log, at most 10 a minute (explanations cost
+    CPU). The bound was one for the whole mount: uid 65534 opening an unsigned file of
+    its own 30 times spent it, and root's refusal a moment later was recorded with no
+    explanation. The bound is per uid."""
+    mine = proj(mnt) / "mine.c"
+    as_user(_write, str(mine), EVIL)
+    assert as_user(_open_refused_many, str(mine), 30) == 30
+    patched = proj(mnt) / "lib" / "util.c"
+    patched.write_bytes(b"int util(void) { return 2; }\n")
+    try:
+        patched.read_bytes()
+        raise AssertionError("root read a patched file")
+    except PermissionError:
+        pass
+    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    assert ev.explanation, "root's refusal was not explained"  # type: ignore[attr-defined]
