@@ -144,18 +144,18 @@ def test_a_flood_of_opens_that_hash_does_not_stall_other_users(mnt: Mount) -> No
     assert took < 3.0, f"root's open waited {took:.1f} s behind another user's hashing"
 
 
-def _punch_through_rdwr(path: str) -> bytes:
-    """Open the signed file read-write (judged: it is signed), punch a hole in its
-    first bytes, and read back through the same handle (its own writes)."""
+def _punch(path: str, flags: int) -> bytes | None:
+    """Open the signed file for writing (read-write: judged, it is signed), punch a hole
+    in its first bytes, and read back through the same handle if it can read."""
     falloc_fl_keep_size, falloc_fl_punch_hole = 1, 2
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, flags)
     try:
         if libc.fallocate(fd, falloc_fl_punch_hole | falloc_fl_keep_size, 0, 8) != 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
-        return os.pread(fd, 8, 0)
+        return os.pread(fd, 8, 0) if flags & os.O_ACCMODE == os.O_RDWR else None
     finally:
         os.close(fd)
 
@@ -168,7 +168,14 @@ def test_a_hole_punched_in_a_signed_file_is_refused_to_every_later_reader(
     f = proj(mnt) / "main.c"
     os.chown(f, 65534, 65534)  # the attacker may write it (chown changes no verdict)
     with open(f, "rb") as before:
-        assert as_user(_punch_through_rdwr, str(f)) == b"\0" * 8
+        # Beside a judged reader a read-write handle is EBUSY (trust.admission); a
+        # write-only one may punch, and the reader keeps the signed bytes.
+        try:
+            as_user(_punch, str(f), os.O_RDWR)
+            raise AssertionError("a read-write open beside a judged reader")
+        except OSError as e:
+            assert e.errno == errno.EBUSY
+        assert as_user(_punch, str(f), os.O_WRONLY) is None
         assert errno_of(Path.read_bytes, f) == errno.EACCES
         try:
             f.read_bytes()
@@ -176,6 +183,11 @@ def test_a_hole_punched_in_a_signed_file_is_refused_to_every_later_reader(
         except PermissionError:
             pass
         assert before.read() == MAIN  # pinned to the version judged at its open
+    # A read-write handle alone reads its own punched bytes; the next open is judged.
+    g = proj(mnt) / "lib" / "util.c"
+    os.chown(g, 65534, 65534)
+    assert as_user(_punch, str(g), os.O_RDWR) == b"\0" * 8
+    assert errno_of(Path.read_bytes, g) == errno.EACCES
 
 
 def _open_refused_many(path: str, times: int) -> int:
