@@ -184,6 +184,9 @@ def test_a_signed_directory_swapped_for_a_symlink_refuses_paths_through_it(
 
 def test_signed_symlinks_keep_working(mnt: Mount) -> None:
     p = proj(mnt)
+    # Signed, but refused where it sits (its absolute target lands in /scratch, a looser
+    # rule: the test below); ls -l would report it. The others are what this checks.
+    (p / "to-scratch").unlink()
     for name in ("rel", "abs", "chain1", "chain2"):
         assert as_user(read, p / name) == MAIN, name
     assert as_user(read, p / "dirlink" / "util.c") == UTIL
@@ -218,10 +221,22 @@ def test_unsigned_links_in_a_chain_and_loops(mnt: Mount) -> None:
     assert refusals(mnt, "/src/proj/sneaky") and refusals(mnt, "/src/proj/loop-a")
 
 
-def test_a_signed_symlink_to_a_looser_place_leads_where_it_was_signed_to(mnt: Mount) -> None:
-    """The signer approved the target string: what is there is judged by its own rule
-    where it resolves (here /scratch, which needs no signer)."""
-    assert as_user(read, proj(mnt) / "to-scratch") == b"whatever is here\n"
+def test_a_signed_absolute_target_into_a_looser_place_in_the_mount_is_refused(
+        mnt: Mount) -> None:
+    """A signature binds the target string, not where it sits: a signed absolute symlink
+    into /scratch (which needs no signer) could be planted in place of any signed file
+    and read whatever another user writes there. So an absolute target into the mount is
+    placed like a relative one: under a rule at least as strict, or refused at readlink
+    (the attacker review's finding); one into /src itself still reads."""
+    assert errno_of(read, proj(mnt) / "to-scratch") == errno.EACCES
+    assert errno_of(os.readlink, proj(mnt) / "to-scratch") == errno.EACCES
+    assert as_user(read, proj(mnt) / "abs") == MAIN
+    # Planted in place of a signed file: the same refusal, recorded.
+    as_user(swap_for_symlink, str(proj(mnt) / "main.c"), str(mnt.path / "scratch/approved.c"))
+    assert errno_of(read, proj(mnt) / "main.c") == errno.EACCES
+    events = subprocess.run(annofs_cmd("--store", str(mnt.store), "events"),
+                            capture_output=True, text=True).stdout
+    assert "its absolute target leads to /scratch/approved.c, under a looser rule" in events
 
 
 @pytest.mark.expected_log()

@@ -95,6 +95,10 @@ class PolicyHolder:
             self._check_locations()
             policy = load_policy(self.file, vol.store.path)
         self.gate = TrustGate(vol, policy) if self.file is not None else None
+        if self.gate is not None:
+            # As the kernel resolves an absolute symlink target: from the real path.
+            real = os.fsencode(os.path.realpath(mountpoint))
+            self.gate.mountpoint = tuple(p for p in real.split(b"/") if p)
         self.explained = PerCaller()  # refusals explained, per uid
         self._unexplained = 0
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal,

@@ -76,6 +76,9 @@ class TrustGate:
         # address (BLAKE3 of what was signed), so the verdict it leads to cannot change
         # while the policy stays; other processes' signing leaves these entries valid.
         self.by_statements = VerdictCache(maxsize=4096)
+        # The host mountpoint's components, when a mount serves this gate: an absolute
+        # symlink target into the mount is then judged where it lands (trust.symlink).
+        self.mountpoint: tuple[bytes, ...] | None = None
 
     @property
     def volume(self) -> Volume:

@@ -87,12 +87,13 @@ def judge_symlink(gate: TrustGate, paths: Sequence[Sequence[bytes]], target: byt
     link = symlink_content(target)
     policy = gate.policy
     path = paths[0]
-    verdict = position_verdict(policy, path, target, gate.verdict(path, link, txn))
+    mount = gate.mountpoint
+    verdict = position_verdict(policy, path, target, gate.verdict(path, link, txn), mount)
     for other in paths[1:]:
         if not verdict.allowed:
             break
         other_verdict = position_verdict(policy, other, target,
-                                         gate.verdict(other, link, txn))
+                                         gate.verdict(other, link, txn), mount)
         if not other_verdict.allowed:
             path, verdict = other, other_verdict
     return path, link, verdict
@@ -148,14 +149,44 @@ def _at_least_as_strict(policy: Policy, dest: Rule | None, here: Rule | None) ->
     return True
 
 
+def mount_destination(mount: Sequence[bytes], target: bytes) -> tuple[bytes, ...] | None:
+    """The store path an absolute `target` names if it leads into the mount whose host
+    mountpoint has the components `mount` (`..` and `.` resolved as text); None if it
+    leads elsewhere."""
+    parts: list[bytes] = []
+    for name in target.split(b"/"):
+        if name in (b"", b"."):
+            continue
+        if name == b"..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(name)
+    if tuple(parts[:len(mount)]) != tuple(mount):
+        return None
+    return tuple(parts[len(mount):])
+
+
 def position_verdict(policy: Policy, path: Sequence[bytes], target: bytes,
-                     verdict: Verdict) -> Verdict:
-    """`verdict` (the symlink's content judged at `path`), refused as well when it is a
-    relative target under a rule that needs signers and lands, lexically, out of the
-    mount or under a looser rule (see the module docstring)."""
-    if not verdict.satisfied or verdict.needed == 0 or target.startswith(b"/"):
+                     verdict: Verdict, mount: Sequence[bytes] | None = None) -> Verdict:
+    """`verdict` (the symlink's content judged at `path`), refused as well when it is
+    under a rule that needs signers and its target lands, lexically, out of the mount (a
+    relative one) or under a looser rule (see the module docstring). An absolute target
+    is placed only where the mountpoint is known (`mount`, its host components: the
+    daemon's gate): one into the mount is judged like a relative one; one elsewhere
+    approves what the signer pointed at."""
+    if not verdict.satisfied or verdict.needed == 0:
         return verdict
-    dest = lexical_destination(path, target)
+    if target.startswith(b"/"):
+        if mount is None:
+            return verdict
+        dest = mount_destination(mount, target)
+        if dest is None:
+            return verdict
+        kind = "absolute"
+    else:
+        dest = lexical_destination(path, target)
+        kind = "relative"
     if dest is None:
         problem = "its relative target leads out of the mount"
     else:
@@ -163,7 +194,7 @@ def position_verdict(policy: Policy, path: Sequence[bytes], target: bytes,
         if _at_least_as_strict(policy, dest_rule, policy.rule_at(path)):
             return verdict
         shown = dest_rule.label if dest_rule is not None else f"default {policy.default.value}"
-        problem = (f"its relative target leads to {path_text(dest)}, under a looser rule "
+        problem = (f"its {kind} target leads to {path_text(dest)}, under a looser rule "
                    f"({shown})")
     missing = f"signed, but {problem}"
     reason = f"{verdict.rule}: {missing}"
