@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 # chromium: the real browser the dashboard's test drives (through PyPI's playwright).
 # openssh-client: ssh-keygen signs SSHSIG statements and is the oracle for their tests.
 # patch: applies scripts/pyfuse3-fallocate-lseek.patch to the pyfuse3 sdist.
+# make: tests/t4_fuse_tools.py builds a small C project in the mount with it.
 # stress-ng: filesystem stressors with verification run against the mount
 # (tests/t4_fuse_stressng.py; pjdfstest, xfstests' fsx and LTP are not packaged).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
               xz-utils zstd bzip2 borgbackup restic chromium stress-ng
-              openssh-client patch)
+              openssh-client patch make)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,7 +1,8 @@
 """chunker against the FastCDC reference vectors carried in tests/vectors/fastcdc.
 
 The vectors (image, expected cut points, their README) were copied from the shared
-reference set (shared/vectors/fastcdc) so a clone anywhere can run this test.
+reference set beside the project (its vectors/fastcdc folder), so a clone anywhere can
+run this test.
 
 The ronomon sets are what fastcdc 1.7.0 (PyPI) and fastcdc-rs's ronomon module assert
 on SekienAkashita.jpg. Every entry point must give exactly those cuts, and BLAKE3 of
