@@ -22,6 +22,11 @@ class Faults:
     # path -> bytes sent before a pause of stall_seconds; the rest follows the pause
     stall_after: dict[str, int] = field(default_factory=dict)
     stall_seconds: float = 5.0
+    # Paths starting with this are followed by zeros, up to endless_bytes in all, with no
+    # Content-Length (a hostile cache's endless body); `sent` gets each answer's length.
+    endless_prefix: str | None = None
+    endless_bytes: int = 256 << 20
+    sent: list[int] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
 
 
@@ -47,6 +52,11 @@ def serve_cache(directory: Path, faults: Faults | None = None) -> Iterator[str]:
                 return
             data = target.read_bytes()
             self.send_response(200)
+            if faults.endless_prefix is not None and rel.startswith(faults.endless_prefix):
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self._endless(data)
+                return
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             cut = faults.stall_after.get(rel)
@@ -58,6 +68,17 @@ def serve_cache(directory: Path, faults: Faults | None = None) -> Iterator[str]:
             time.sleep(faults.stall_seconds)
             with contextlib.suppress(OSError):  # the client gave up: a timeout test's aim
                 self.wfile.write(data[cut:])
+
+        def _endless(self, data: bytes) -> None:
+            n = 0
+            with contextlib.suppress(OSError):  # the client hung up: what the test wants
+                self.wfile.write(data)
+                n = len(data)
+                block = bytes(1 << 16)
+                while n < faults.endless_bytes:
+                    self.wfile.write(block)
+                    n += len(block)
+            faults.sent.append(n)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

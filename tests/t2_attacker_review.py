@@ -3,8 +3,6 @@ hostile HTTP binary cache. Each test is an attempt that must fail for the attack
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import lzma
 import os
 import socket
@@ -16,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cache_server import Faults, serve_cache
 from t2_nix_fetch import H1, H2, A, add_to_cache, make_tree, nothing_added, policy
 
 from annofs.dashboard.binary_cache import create_cache_app
@@ -30,49 +29,6 @@ from annofs.trust.policy import parse_policy
 from annofs.volume import Volume
 
 ENDLESS = 256 << 20  # what the hostile cache would send after the NAR, at most
-
-
-@contextmanager
-def endless_cache(cache: Path, sent: list[int]) -> Iterator[str]:
-    """Serve `cache`; the NAR file is followed by endless zeros (no Content-Length);
-    `sent` gets how many bytes of the NAR answer went out before the client hung up."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            rel = self.path.lstrip("/")
-            target = cache / rel
-            if not target.is_file():
-                self.send_error(404)
-                return
-            data = target.read_bytes()
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if not rel.startswith("nar/"):
-                self.wfile.write(data)
-                return
-            n = 0
-            with contextlib.suppress(OSError):
-                self.wfile.write(data)
-                n = len(data)
-                block = bytes(1 << 16)
-                while n < ENDLESS:
-                    self.wfile.write(block)
-                    n += len(block)
-            sent.append(n)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def hostile_cache(tmp_path: Path) -> tuple[Path, int]:
@@ -94,8 +50,8 @@ def test_endless_data_after_the_nar_is_cut_off(vol: Volume, tmp_path: Path, how:
     claiming (unsigned) a terabyte FileSize: the fetch must stop reading at a bound set
     by the signed NarSize (not read for ever, not fill the disk), and add nothing."""
     cache, compressed = hostile_cache(tmp_path)
-    sent: list[int] = []
-    with endless_cache(cache, sent) as url:
+    faults = Faults(endless_prefix="nar/", endless_bytes=ENDLESS)
+    with serve_cache(cache, faults) as url:
         caches: list[HttpCache | DirectoryCache] = [HttpCache(url)]
         if how == "mirror":
             # What a mount's daemon does: copy from the network first (bounded), then
@@ -108,7 +64,8 @@ def test_endless_data_after_the_nar_is_cut_off(vol: Volume, tmp_path: Path, how:
         with pytest.raises(RefusedError):
             fetch(vol, policy(tmp_path), caches, [H1])
     assert nothing_added(vol)
-    assert sent and sent[0] < ENDLESS, "the client read everything the cache sent"
+    assert faults.sent and faults.sent[0] < ENDLESS, \
+        "the client read everything the cache sent"
 
 
 def test_a_runtime_dir_planted_by_another_user_is_refused(tmp_path: Path,
