@@ -6,19 +6,15 @@ from __future__ import annotations
 import lzma
 import os
 import socket
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from cache_server import Faults, serve_cache
 from t2_nix_fetch import H1, H2, A, add_to_cache, make_tree, nothing_added, policy
+from t2_nix_serve import real_server
 
-from annofs.dashboard.binary_cache import create_cache_app
-from annofs.dashboard.server import bind, parse_listen, serve
 from annofs.errors import RefusedError
 from annofs.nix.cache import DirectoryCache, HttpCache
 from annofs.nix.fetch import fetch, mirror_remote
@@ -114,30 +110,6 @@ def test_a_runtime_dir_planted_by_another_user_is_refused(tmp_path: Path,
         shutil.rmtree(planted, ignore_errors=True)
 
 
-@contextmanager
-def real_server(served: ServedStore) -> Iterator[int]:
-    """hypercorn on trio in a thread, as `annofs nix serve` runs it; yields its port."""
-    import trio
-
-    sock = bind(parse_listen("127.0.0.1:0"))
-    port = sock.getsockname()[1]
-    app = create_cache_app(served, compression="none", stall_seconds=2.0)
-    stop = threading.Event()
-
-    async def until_stopped() -> None:
-        while not stop.is_set():
-            await trio.sleep(0.05)
-
-    server = threading.Thread(target=trio.run, args=(
-        lambda: serve(app, sock, shutdown_trigger=until_stopped),))
-    server.start()
-    try:
-        yield port
-    finally:
-        stop.set()
-        server.join(30)
-
-
 def test_slow_nar_readers_do_not_stall_the_cache_for_others(vol: Volume,
                                                            tmp_path: Path) -> None:
     """Seventeen connections that ask for a big NAR and never read it (a tiny receive
@@ -154,7 +126,7 @@ def test_slow_nar_readers_do_not_stall_the_cache_for_others(vol: Volume,
     offer = served.offer(H2)
     assert offer is not None
     url = offer.narinfo("none").split("URL: ")[1].split("\n")[0]
-    with real_server(served) as port:
+    with real_server(served, compression="none", stall_seconds=2.0) as port:
         stalled = []
         try:
             for _ in range(17):

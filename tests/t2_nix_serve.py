@@ -9,15 +9,20 @@ import hashlib
 import io
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 import zstandard
 from starlette.testclient import TestClient
 from t2_nix_fetch import H1, H2, A, B, M, add_to_cache, make_tree, policy
 from t2_trust import sign
 
 from annofs.dashboard.binary_cache import create_cache_app
+from annofs.dashboard.server import bind, parse_listen, serve
 from annofs.errors import UsageError
 from annofs.nix.fetch import fetch
 from annofs.nix.nar import dump_host, dump_volume, nar_hash
@@ -317,10 +322,6 @@ def test_a_big_hash_does_not_stall_other_requests(vol: Volume, tmp_path: Path,
     """A real server (hypercorn on trio, as `annofs nix serve` runs it): while one
     path's NAR hash is being computed, another request is answered (hashing runs in a
     worker thread, not on the loop)."""
-    import trio
-
-    from annofs.dashboard.server import bind, parse_listen, serve
-
     pol = parse_policy('mode = "enforce"\ndefault = "allow"\n', tmp_path / "open.toml")
     big = tmp_path / "big"
     big.mkdir()
@@ -338,9 +339,35 @@ def test_a_big_hash_does_not_stall_other_requests(vol: Volume, tmp_path: Path,
         return real_scan(txn, key, where)
 
     served._scan = slow_scan  # type: ignore[method-assign]
+    with real_server(served) as port:
+        try:
+            got: dict[str, int] = {}
+
+            def get_big() -> None:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/{H2}.narinfo") as r:
+                    got["big"] = r.status
+
+            t = threading.Thread(target=get_big)
+            t.start()
+            assert hashing.wait(20)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{H1}.narinfo",
+                                        timeout=10) as r:
+                assert r.status == 200  # answered while the big one is still hashing
+            assert "big" not in got
+            release.set()
+            t.join(30)
+            assert got == {"big": 200}
+        finally:
+            release.set()
+
+
+@contextmanager
+def real_server(served: ServedStore, **app: Any) -> Iterator[int]:
+    """hypercorn on trio in a thread, as `annofs nix serve` runs it (create_cache_app's
+    options in `app`); yields its port."""
     sock = bind(parse_listen("127.0.0.1:0"))
     port = sock.getsockname()[1]
-    app = create_cache_app(served)
+    asgi = create_cache_app(served, **app)
     stop = threading.Event()
 
     async def until_stopped() -> None:
@@ -348,26 +375,10 @@ def test_a_big_hash_does_not_stall_other_requests(vol: Volume, tmp_path: Path,
             await trio.sleep(0.05)
 
     server = threading.Thread(target=trio.run, args=(
-        lambda: serve(app, sock, shutdown_trigger=until_stopped),))
+        lambda: serve(asgi, sock, shutdown_trigger=until_stopped),))
     server.start()
     try:
-        got: dict[str, int] = {}
-
-        def get_big() -> None:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{H2}.narinfo") as r:
-                got["big"] = r.status
-
-        t = threading.Thread(target=get_big)
-        t.start()
-        assert hashing.wait(20)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{H1}.narinfo",
-                                    timeout=10) as r:
-            assert r.status == 200  # answered while the big one is still hashing
-        assert "big" not in got
-        release.set()
-        t.join(30)
-        assert got == {"big": 200}
+        yield port
     finally:
-        release.set()
         stop.set()
         server.join(30)
