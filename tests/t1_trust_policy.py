@@ -7,6 +7,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from annofs.errors import UsageError
 from annofs.trust.keys import generate_key, write_key_pair
@@ -370,3 +372,40 @@ def test_load_errors(tmp_path: Path) -> None:
     (tmp_path / "bin.toml").write_bytes(b'mode = "enforce"\n# \xff\n')
     with pytest.raises(UsageError, match=f"^{tmp_path}/bin.toml:2: not UTF-8 text$"):
         load_policy(tmp_path / "bin.toml")
+
+
+# Components of the random globs and paths below: few enough that globs and paths meet.
+_NAMES = ["a", "b", "src", ".h", "x.c"]
+_GLOB_PARTS = [*_NAMES, "*", "**", "?", "*.c", "[ab]", "s*"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(globs=st.lists(st.lists(st.sampled_from(_GLOB_PARTS), min_size=1, max_size=4),
+                      min_size=1, max_size=4),
+       paths=st.lists(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=5),
+                      min_size=1, max_size=8))
+def test_rule_at_decided_per_directory_is_rule_for_of_the_path(
+        globs: list[list[str]], paths: list[list[str]]) -> None:
+    """The directory-wide plan (`Policy.rule_at`) picks the rule the glob-by-glob match
+    (`rule_for`) picks, for any rules in any order, asked in any order (the memo)."""
+    text = "".join(f'[[rules]]\npath = "/{"/".join(g)}"\nsigners = 0\n' for g in globs)
+    try:
+        pol = parse(text)
+    except UsageError:
+        return  # e.g. '**' twice in a row is still a valid glob; others may not be
+    for parts in paths:
+        names = [p.encode() for p in parts]
+        want = pol.rule_for("/" + "/".join(parts))
+        got = pol.rule_at(names)
+        assert (got.index if got else None) == (want.index if want else None), parts
+
+
+def test_a_directory_wide_rule_after_name_rules_keeps_policy_order() -> None:
+    pol = parse('[[rules]]\npath = "/src/*.h"\nsigners = 0\n'
+                '[[rules]]\npath = "/src/**"\nsigners = 1\n'
+                '[[rules]]\npath = "/**"\nsigners = 2\n')
+    assert pol.rule_at([b"src", b"a.h"]).index == 0  # type: ignore[union-attr]
+    assert pol.rule_at([b"src", b"a.c"]).index == 1  # type: ignore[union-attr]
+    assert pol.rule_at([b"src", b"d", b"a.h"]).index == 1  # type: ignore[union-attr]
+    assert pol.rule_at([b"other"]).index == 2  # type: ignore[union-attr]
+    assert pol.rule_at([b"src"]).index == 2  # type: ignore[union-attr]

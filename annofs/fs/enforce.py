@@ -34,8 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("annofs.fs")
 
-# Called for every judged open or symlink read: (store path, content, verdict, pid, the
+# Called for every refusal and every flagged verdict (allowed only because the mode is
+# warn) of a judged open or symlink read: (store path, content, verdict, pid, the
 # explanation of a refusal or None). The content is a file's version or a symlink's.
+# Plain allowances are not passed on: every open of a signed file is one, and none is
+# recorded.
 VerdictSink = Callable[[str, Content, Verdict, int, "Explanation | None"], None]
 # Explains a refusal of the caller with the given uid, off the event loop; None when it
 # chose not to (a rate limit, per uid).
@@ -134,8 +137,8 @@ class OpenGuard:
         The explanation is made before the caller sees EACCES, so by the time a tool
         reports the failure, the daemon log and the events log say why.
         """
-        if verdict.allowed and self.sink is None:
-            return
+        if verdict.allowed and not verdict.flagged:
+            return  # the common case: nothing to record (see VerdictSink)
         text = path_text(path)
         explanation = None
         if not verdict.allowed and self.explainer is not None:

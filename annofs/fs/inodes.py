@@ -156,6 +156,8 @@ class InodeTable:
         """Every name of the inode the kernel has looked up (several for a hard link),
         its primary name first."""
         out = [self.path(node)]
+        if len(node.locations) <= 1:
+            return out  # one name: the primary one (most files; every open asks)
         for parent, name in sorted(node.locations):
             holder = self.by_ino.get(parent)
             if (parent, name) != (node.parent, node.name) and holder is not None:

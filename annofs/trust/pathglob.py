@@ -108,10 +108,33 @@ class PathGlob:
     def __init__(self, glob: str) -> None:
         self.glob = glob
         self._re = re.compile(translate(glob))
+        # A glob ending in `/**` matches a path exactly when a strict ancestor of it
+        # matches the glob before the `/**` ("/.+" takes any further components): such
+        # a glob decides every name in a directory at once (`covers_children`).
+        self._below: re.Pattern[str] | None = None
+        self._below_root = glob == "/**"
+        if glob.endswith("/**") and not self._below_root:
+            self._below = re.compile(translate(glob[:-3]))
 
     def matches(self, path: str) -> bool:
         """Whether the whole absolute store path matches."""
         return self._re.fullmatch(path) is not None
+
+    @property
+    def by_directory(self) -> bool:
+        """Whether the glob matches a name by its directory alone (it ends in `/**`)."""
+        return self._below_root or self._below is not None
+
+    def covers_children(self, directory: Sequence[bytes]) -> bool:
+        """For a `by_directory` glob: whether it matches every name in `directory` (and
+        below). False means it matches none of them."""
+        if self._below_root:
+            return True
+        below = self._below
+        if below is None:
+            raise ValueError(f"{self.glob!r} does not end in '/**'")
+        return any(below.fullmatch(path_text(directory[:i])) is not None
+                   for i in range(1, len(directory) + 1))
 
     def __repr__(self) -> str:
         return f"PathGlob({self.glob!r})"

@@ -56,7 +56,7 @@ import itertools
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -79,8 +79,7 @@ from annofs.userfile import read_user_file
 
 # Each loaded policy gets a new generation: verdict caches key on it.
 _GENERATIONS = itertools.count(1)
-RULE_MEMO = 16384  # paths whose rule a policy remembers (~3 MB at most)
-_UNKNOWN: Any = object()
+RULE_MEMO = 16384  # directories whose rule plan a policy remembers
 
 _TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir",
              "trusted-ssh-signers", "revoked-keys", "rules")
@@ -177,6 +176,28 @@ class Rule:
         return f"{self.label}: {what}"
 
 
+@dataclass(frozen=True, slots=True)
+class _DirectoryRules:
+    """How the rule of a name in one directory is found: the rules that depend on the
+    name, in policy order, each tried against the whole path; failing those, `otherwise`
+    (the first directory-wide rule that covers the directory, or None for the default)."""
+
+    by_name: tuple[Rule, ...]
+    otherwise: Rule | None
+
+    @staticmethod
+    def of(rules: Sequence[Rule], directory: Sequence[bytes]) -> _DirectoryRules:
+        """The plan for names in `directory` under `rules` (first match wins)."""
+        by_name: list[Rule] = []
+        for rule in rules:
+            if not rule.glob.by_directory:
+                by_name.append(rule)
+            elif rule.glob.covers_children(directory):
+                return _DirectoryRules(tuple(by_name), rule)
+            # else: a directory-wide rule matching no name here
+        return _DirectoryRules(tuple(by_name), None)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A parsed policy. `trusted` maps each trusted public key to its names (policy order)."""
@@ -200,9 +221,10 @@ class Policy:
     nix_keys: frozenset[bytes] | None = None  # None: every key of `trusted`
     ssh_file: str | None = None
 
-    # Store path (its names) -> rule, memoized for this policy only: a reload makes a
-    # new Policy, so a memo never outlives the rules it was computed from.
-    _rule_memo: dict[tuple[bytes, ...], Rule | None] = field(
+    # Directory (its names) -> how the rule of a name in it is found (`_DirectoryRules`),
+    # memoized for this policy only: a reload makes a new Policy, so a memo never
+    # outlives the rules it was computed from.
+    _dir_memo: dict[tuple[bytes, ...], _DirectoryRules] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     def rule_for(self, path: str) -> Rule | None:
@@ -213,21 +235,30 @@ class Policy:
         return None
 
     def rule_at(self, parts: Sequence[bytes]) -> Rule | None:
-        """`rule_for` of the store path with these names, remembered per path.
+        """`rule_for` of the store path with these names, decided per directory.
 
-        Every judged open asks; a file opened again is not matched again. The memo
-        holds at most RULE_MEMO paths, then starts over (a pure function's memo:
-        losing entries costs a match each, never a wrong answer).
+        Every judged open asks, and a build or a `tar` opens most files once: a memo per
+        path would miss every time. Rules whose glob ends in `/**` (most do) are decided
+        for a whole directory at once; only the others are matched against the name. The
+        memo holds at most RULE_MEMO directories, then starts over (a pure function's
+        memo: losing entries costs a match each, never a wrong answer).
         """
-        key = tuple(parts)
-        memo = self._rule_memo
-        rule = memo.get(key, _UNKNOWN)
-        if rule is _UNKNOWN:
-            rule = self.rule_for(path_text(key)) if self.rules else None
+        if not parts or not self.rules:
+            return self.rule_for(path_text(parts)) if self.rules else None
+        directory = tuple(parts[:-1])
+        memo = self._dir_memo
+        plan = memo.get(directory)
+        if plan is None:
+            plan = _DirectoryRules.of(self.rules, directory)
             if len(memo) >= RULE_MEMO:
                 memo.clear()  # simplest bound; safe if another thread is using it too
-            memo[key] = rule
-        return rule  # type: ignore[return-value]
+            memo[directory] = plan
+        if plan.by_name:
+            text = path_text(parts)
+            for rule in plan.by_name:
+                if rule.glob.matches(text):
+                    return rule
+        return plan.otherwise
 
     def is_trusted(self, key: bytes) -> bool:
         """Trusted and not revoked."""
@@ -266,10 +297,13 @@ class Policy:
                 return f"{ln.where}: key not valid at {what} (valid-after/valid-before)"
         return f"{ln.where}: key not valid (valid-after/valid-before)"
 
-    def cache_generation(self, now: float) -> tuple[int, int]:
+    def cache_generation(self, now: float) -> Hashable:
         """What verdicts under this policy are cached by: its generation, and how many
         SSH valid-after/valid-before times have passed (a verdict may change then)."""
-        return (self.generation, bisect.bisect_right(self._validity_times, now))
+        times = self._validity_times
+        if not times:
+            return self.generation  # nothing expires: every judged open asks, keep it cheap
+        return (self.generation, bisect.bisect_right(times, now))
 
     @cached_property
     def _validity_times(self) -> list[float]:
