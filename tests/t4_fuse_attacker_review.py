@@ -14,9 +14,22 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Mount
 from fuse_helpers import as_user
-from t4_fuse_symlinks import EVIL, MAIN, base, errno_of, mnt, proj, refusals  # noqa: F401  (fixtures)
+from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
+    EVIL,
+    MAIN,
+    base,
+    errno_of,
+    make_mount,
+    mnt,
+    proj,
+    refusals,
+    run,
+    stop_and_check,
+)
+from t4_fuse_trust import write_policy
 
 
 def _feed_fifo(path: str, data: bytes) -> None:
@@ -224,3 +237,35 @@ def test_another_user_s_refusals_cannot_use_up_the_explanations_of_others(
         pass
     [ev] = refusals(mnt, "/src/proj/lib/util.c")
     assert ev.explanation, "root's refusal was not explained"  # type: ignore[attr-defined]
+
+
+def _mkfifo_world_writable(path: str) -> None:
+    os.mkfifo(path, 0o666)
+    os.chmod(path, 0o666)  # past the umask: anyone may feed it
+
+
+def test_a_fifo_made_before_the_policy_enforced_cannot_be_reached(base: Path) -> None:  # noqa: F811
+    """A FIFO already under a rule that needs signers when the policy starts to enforce
+    (made while it was off, or imported): the kernel would serve its open and reads
+    itself, so nothing could judge its bytes. It cannot be reached at all: its lookup is
+    EACCES for every user, recorded with the reason."""
+    m = make_mount(base, policy_mode="off")
+    try:
+        pipe = proj(m) / "pipe"
+        as_user(_mkfifo_world_writable, str(pipe))
+        write_policy(base / "policy.toml", "enforce", 1)
+        run("policy", "reload", str(m.path))
+        assert _cat_while_fed(str(pipe)) == b""  # root's reader gets nothing of EVIL
+        with pytest.raises(PermissionError):
+            os.stat(pipe)
+        assert errno_of(os.stat, str(pipe)) == errno.EACCES
+        assert "pipe" in os.listdir(proj(m))  # still listed: only reaching it is refused
+        [ev, *_] = refusals(m, "/src/proj/pipe")
+        assert "FIFO" in ev.reason  # type: ignore[attr-defined]
+        # Under a rule that needs nothing, the FIFO is back.
+        write_policy(base / "policy.toml", "off", 1)
+        run("policy", "reload", str(m.path))
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+        os.unlink(pipe)
+    finally:
+        stop_and_check(m)

@@ -457,3 +457,22 @@ def test_symlinks_are_signed_verified_exported_and_explained(env: Env, tmp_path:
     shutil.copy(env.tmp / "keys" / "alice-1.public", o.tmp / "keys")
     proc = o.run("verify", "--policy", str(o.policy(ONE)), "/src/proj/link")
     assert verdicts(ok(proc) and proc) == {"/src/proj/link -> 'sub/c.c'": "allowed"}
+
+
+def test_verify_reports_a_fifo_under_a_rule_that_needs_signers(env: Env) -> None:
+    """An imported FIFO's bytes are never judged (the kernel serves them): verify says
+    so where a rule needs signers, and ignores one elsewhere."""
+    secret, _ = env.key("alice-1")
+    os.mkfifo(env.src / "sub" / "pipe")
+    ok(env.run("import", str(env.src), "/src/proj"))
+    ok(env.run("import", str(env.src), "/free"))
+    ok(env.run("sign", "--key", str(secret), "/src/proj"))
+    policy = env.policy(ONE)
+    proc = env.run("verify", "--policy", str(policy), "/src/proj")
+    assert proc.returncode == 1
+    out = proc.stdout.decode()
+    assert "/src/proj/sub/pipe: a FIFO under rules[0] /src/**: its bytes would reach " \
+           "readers unsigned: refused" in out
+    assert out.splitlines()[-1] == "verified 4 files: 3 allowed, 1 refused"
+    assert ok(env.run("verify", "--policy", str(policy), "/free")).splitlines()[-1] \
+        .endswith(b"3 allowed")  # no rule needs signers there: the FIFO is not judged

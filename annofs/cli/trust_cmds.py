@@ -255,7 +255,7 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool,
     from collections import Counter
 
     from annofs.trust.gate import TrustGate
-    from annofs.trust.signing import collect_files
+    from annofs.trust.signing import collect_files, fifos_under, path_text
     from annofs.trust.symlink import content_verdict, digest_text
 
     if not paths:
@@ -277,6 +277,18 @@ def verify_cmd(ctx: click.Context, policy_file: Path | None, as_json: bool,
                     f"{f.text} -> {f.target.decode('utf-8', 'backslashreplace')!r}"
                 click.echo(one_line(f"{what}: {v.status}: {v.reason}  "
                                     f"[{digest_text(f.version)}]"))
+            # A FIFO's bytes are never judged: where a rule needs signers it is refused
+            # (the mount does not let it be found).
+            for fifo in fifos_under(vol, target.parts):
+                why = gate.fifo_refusal(fifo)
+                if why is None:
+                    continue
+                counts["refused"] += 1
+                if as_json:
+                    click.echo(json.dumps({"path": path_text(fifo), "status": "refused",
+                                           "allowed": False, "reason": why}))
+                else:
+                    click.echo(one_line(f"{why}: refused"))
     if not as_json:
         n = sum(counts.values())
         parts = [f"{counts[s]} {s}" for s in ("allowed", "refused", "warn", "off") if counts[s]]

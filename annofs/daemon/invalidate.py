@@ -46,9 +46,14 @@ class Invalidator:
             self.entry(node.ino, parts[-1])
 
     def everything(self, inodes: InodeTable) -> None:
-        """The policy changed: every verdict may differ, so no cached page may be trusted."""
-        for ino in list(inodes.by_ino):
+        """The policy changed: every verdict may differ, so no cached page may be trusted.
+        A FIFO's names go too: the kernel opens a FIFO it has a name for without asking,
+        and under the new policy its lookup may be refused (OpenGuard.refuse_fifo)."""
+        for ino, node in list(inodes.by_ino.items()):
             self.inode(ino)
+            if node.is_fifo:
+                for parent, name in list(node.locations):
+                    self.entry(parent, name)
 
     async def run(self) -> None:
         """Send queued invalidations until cancelled.

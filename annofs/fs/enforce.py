@@ -21,12 +21,12 @@ import pyfuse3
 import trio
 
 from annofs.fs.inodes import Inode
+from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.trust.admission import Admission, Busy, CacheState, Claim
 from annofs.trust.gate import Judgement, TrustGate
-from annofs.trust.policy import Mode
 from annofs.trust.signing import path_text
-from annofs.trust.symlink import Content, signers_needed
+from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -208,22 +208,21 @@ class OpenGuard:
     # -- names -----------------------------------------------------------------------------
 
     def fifo_refusal(self, path: Sequence[bytes]) -> str | None:
-        """Why no FIFO may be at `path` (None if one may).
+        """Why no FIFO may be made or reached at `path` (`TrustGate.fifo_refusal`)."""
+        return None if self.gate is None else self.gate.fifo_refusal(path)
 
-        A FIFO's bytes come from whoever writes into it, and the kernel serves its open
-        and reads itself: the daemon is never asked, so nothing is judged. Under an
-        enforcing rule that needs signers a FIFO in place of a signed file would hand
-        its reader unsigned bytes, so none may be made there or moved there. (Sockets
-        cannot be open()ed, and device nodes cannot be used on a nodev mount.)
-        """
-        if self.gate is None or self.gate.policy.mode is not Mode.ENFORCE:
-            return None
-        rule = self.gate.policy.rule_at(path)
-        if signers_needed(self.gate.policy, rule) == 0:
-            return None
-        where = rule.label if rule is not None else "default require"
-        return (f"{path_text(path)}: no FIFO under {where}: its bytes would reach readers "
-                f"unsigned")
+    def refuse_fifo(self, path: Sequence[bytes], pid: int, uid: int) -> None:
+        """EACCES, recorded with its reason, if no FIFO may be at `path`."""
+        why = self.fifo_refusal(path)
+        if why is None:
+            return
+        log.info("refused (uid %d, pid %d): %s", uid, pid, one_line(why))
+        if self.refusal_sink is not None:
+            try:
+                self.refusal_sink(path_text(path), pid, why)
+            except Exception:
+                log.exception("recording the refusal of %s failed", path_text(path))
+        raise pyfuse3.FUSEError(errno.EACCES)
 
     def same_rule(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
         """Whether two names fall under one policy rule (`TrustGate.same_rule`; any two

@@ -13,6 +13,7 @@ memory pressure too.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -33,6 +34,8 @@ class Inode:
     name: bytes
     link: int = 0
     is_dir: bool = False
+    # A FIFO: the kernel serves its open and reads itself (see Invalidator.everything).
+    is_fifo: bool = False
     lookups: int = 0
     opens: int = 0
     # Set once the last name is gone while the file is still open: its attributes live here.
@@ -73,10 +76,12 @@ class InodeTable:
             node = self.by_ino[ino]
             self._bind(loc, node)
             return node
+        fifo = stat.S_ISFIFO(a.mode)
         if link and LINK_INO_BASE + link not in self.by_ino:
-            node = Inode(LINK_INO_BASE + link, parent, name, link=link, is_dir=a.is_dir)
+            node = Inode(LINK_INO_BASE + link, parent, name, link=link, is_dir=a.is_dir,
+                         is_fifo=fifo)
         else:
-            node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir)
+            node = Inode(self._next, parent, name, link=link, is_dir=a.is_dir, is_fifo=fifo)
             self._next += 1
         self.by_ino[node.ino] = node
         self._bind(loc, node)

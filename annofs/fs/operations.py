@@ -261,6 +261,10 @@ class Operations(pyfuse3.Operations):
             a = self.ns.get(txn, self._dir_id(txn, parent), name)
             if a is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if stat.S_ISFIFO(a.mode):
+                # Its open and reads would never come here to be judged: not found at
+                # all where the policy needs signers (OpenGuard.refuse_fifo).
+                self.guard.refuse_fifo([*self.inodes.path(parent), name], ctx.pid, ctx.uid)
             return self._looked_up(txn, parent, name, a)
 
     @fuse_handler
@@ -394,10 +398,8 @@ class Operations(pyfuse3.Operations):
         # policy needs signers (OpenGuard.fifo_refusal).
         if stat.S_ISFIFO(mode):
             check_name(name)
-            why = self.guard.fifo_refusal([*self.inodes.path(self._node(parent_inode)), name])
-            if why is not None:
-                log.info("refused (uid %d, pid %d): %s", ctx.uid, ctx.pid, one_line(why))
-                raise pyfuse3.FUSEError(errno.EACCES)
+            self.guard.refuse_fifo([*self.inodes.path(self._node(parent_inode)), name],
+                                   ctx.pid, ctx.uid)
         return self._make(parent_inode, name, mode, ctx, rdev)
 
     @fuse_handler

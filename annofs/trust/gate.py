@@ -41,6 +41,7 @@ import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
+from annofs.trust.pathglob import path_text
 from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
@@ -195,6 +196,28 @@ class TrustGate:
             if needed > 0:
                 return True
         return False
+
+    def fifo_refusal(self, path: Sequence[bytes]) -> str | None:
+        """Why no FIFO may be reached or made at `path` (None if one may).
+
+        A FIFO's bytes come from whoever writes into it, and the kernel serves its open
+        and reads itself: nothing is asked, so nothing can be judged. Under an enforcing
+        rule that needs signers a FIFO in place of a signed file would hand its reader
+        unsigned bytes, so none may be made or moved there, and one already there (made
+        while the policy was off, or imported) is not found. (Sockets cannot be
+        open()ed, and device nodes cannot be used on a nodev mount.)
+        """
+        policy = self.policy
+        if policy.mode is not Mode.ENFORCE:
+            return None
+        rule = policy.rule_at(path)
+        needed = (rule.signers if rule is not None
+                  else 1 if policy.default is Default.REQUIRE else 0)
+        if needed == 0:
+            return None
+        where = rule.label if rule is not None else "default require"
+        return (f"{path_text(path)}: a FIFO under {where}: its bytes would reach readers "
+                f"unsigned")
 
     def rule_of(self, path: Sequence[bytes]) -> int | None:
         """The policy rule a path falls under (its index; None for the default)."""

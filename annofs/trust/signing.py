@@ -16,6 +16,7 @@ Names only describe; what the signature binds is each subject's digest.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,29 @@ def collect_files(vol: Volume, paths: Sequence[Sequence[bytes]], *,
             first[n] = p
     return [FileRef(p, n, v if isinstance(v, Symlink) else vol.versions.ensure_digest(v))
             for (p, n, _), v in zip(found, versions, strict=True)]
+
+
+def fifos_under(vol: Volume, paths: Sequence[Sequence[bytes]]) -> list[tuple[bytes, ...]]:
+    """Every FIFO at or under `paths` (`verify` reports those a rule that needs signers
+    covers: nothing can judge their bytes, see TrustGate.fifo_refusal)."""
+    found: list[tuple[bytes, ...]] = []
+    ns: Namespace = vol.namespace
+    with vol.store.read() as txn:
+        for arg in paths:
+            a = ns.resolve(txn, tuple(arg))
+            if stat.S_ISFIFO(a.mode):
+                found.append(tuple(arg))
+            if not a.is_dir:
+                continue
+            stack = [(tuple(arg), int(a.target))]
+            while stack:
+                dir_path, dir_id = stack.pop()
+                for name, child, _link in ns.iter_entries(txn, dir_id):
+                    if stat.S_ISFIFO(child.mode):
+                        found.append((*dir_path, name))
+                    elif child.is_dir:
+                        stack.append(((*dir_path, name), int(child.target)))
+    return sorted(set(found))
 
 
 def _content_key(a: Attrs) -> int | bytes:
