@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,17 +128,22 @@ class Mount:
         """Start the daemon in the foreground (a child we can signal) and wait until ready."""
         log_file = self.store / "daemon.log"
         self.log_offset = log_file.stat().st_size if log_file.exists() else 0
-        self.proc = subprocess.Popen(
-            annofs_cmd("--store", str(self.store), "mount", "--foreground", *extra,
-                       str(self.path)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(self.path):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mount failed: {self.proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("mount did not become ready in 20 s")
-            time.sleep(0.01)
+        # The daemon's stderr (its log, in the foreground) to a file, not a pipe nobody
+        # reads while the test runs: a test that makes it log a lot filled the pipe and
+        # froze the daemon in write().
+        with tempfile.TemporaryFile() as err:
+            self.proc = subprocess.Popen(
+                annofs_cmd("--store", str(self.store), "mount", "--foreground", *extra,
+                           str(self.path)),
+                stdout=subprocess.DEVNULL, stderr=err)
+            deadline = time.monotonic() + 20
+            while not os.path.ismount(self.path):
+                if self.proc.poll() is not None:
+                    err.seek(0)
+                    raise RuntimeError(f"mount failed: {err.read().decode()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mount did not become ready in 20 s")
+                time.sleep(0.01)
 
     def stop(self) -> None:
         """Unmount cleanly (fusermount3 -u) and wait for the daemon to exit."""

@@ -54,7 +54,7 @@ def policy_ops(vol: Volume) -> tuple[Operations, list[tuple[str, Version, Verdic
     pol = parse_policy(f'trusted-public-keys = ["{ALICE.public_key().to_text()}"]\n'
                        '[[rules]]\npath = "/src/**"\nsigners = 1\n', Path("p.toml"))
     seen: list[tuple[str, Version, Verdict]] = []
-    guard = OpenGuard(TrustGate(vol, pol), lambda path, v, verdict, pid, why: seen.append(
+    guard = OpenGuard(TrustGate(vol, pol), lambda path, v, verdict, pid, uid, why: seen.append(
         (path, v, verdict)))
     return Operations(vol, guard), seen
 

@@ -269,3 +269,33 @@ def test_a_fifo_made_before_the_policy_enforced_cannot_be_reached(base: Path) ->
         os.unlink(pipe)
     finally:
         stop_and_check(m)
+
+
+def test_another_user_s_flood_of_refusals_cannot_push_out_the_record_of_others(
+        mnt: Mount) -> None:  # noqa: F811
+    """Each refused open was one line of the events log, which keeps 16 MiB: any user
+    who may write under a rule could refuse themselves ~96,000 times and rotate
+    everyone else's refusals out. Per uid, lines beyond a burst are counted and summed
+    up in one line; root's refusal meanwhile is written as ever."""
+    from annofs.daemon.events import FLOOD_BURST, read_events
+
+    mine = proj(mnt) / "mine.c"
+    as_user(_write, str(mine), EVIL)
+    assert as_user(_open_refused_many, str(mine), FLOOD_BURST + 300) == FLOOD_BURST + 300
+    patched = proj(mnt) / "lib" / "util.c"
+    patched.write_bytes(b"int util(void) { return 2; }\n")
+    try:
+        patched.read_bytes()
+        raise AssertionError("root read a patched file")
+    except PermissionError:
+        pass
+    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    assert ev.uid == 0  # type: ignore[attr-defined]
+    theirs = [e for e in read_events(mnt.store) if e.uid == 65534]
+    assert FLOOD_BURST <= len(theirs) <= FLOOD_BURST + 5  # a few earned back meanwhile
+    stop_and_check(mnt)  # the daemon writes what it held at exit
+    [summary] = [e for e in read_events(mnt.store) if e.uid == 65534
+                 and "flood limit" in e.reason]
+    held = int(summary.reason.split()[0])
+    assert len(theirs) + held == FLOOD_BURST + 300
+    assert summary.path == "/src/proj/mine.c" and summary.verdict == "refused"

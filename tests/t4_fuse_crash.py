@@ -379,3 +379,23 @@ def test_mounting_a_store_twice_is_refused_while_its_daemon_lives(
     res = annofs("--store", str(mnt.store), "mount", str(other), check=False)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and f"already mounted at {mnt.path}" in res.stderr
+
+
+def test_a_dead_mount_is_cleared_only_by_a_path_without_symlinks(mnt: Mount,
+                                                                tmp_path: Path) -> None:
+    """Root clearing a dead mount under a directory another user controls: a parent
+    swapped for a symlink between the check and the unmount would have root detach
+    some other mount (attacker review finding 7). A path with a symlink is refused;
+    the real one is detached through a descriptor of the checked mount."""
+    from annofs.daemon import deadmount
+    from annofs.errors import UsageError
+
+    kill_9_leaving_the_mount(mnt)
+    link = tmp_path / "link"
+    link.symlink_to(mnt.path.parent)
+    with pytest.raises(UsageError, match="only by a path without symlinks"):
+        deadmount.clear(link / mnt.path.name)
+    assert is_listed(mnt.path)
+    deadmount.clear(mnt.path)
+    assert not is_listed(mnt.path)
+    mnt.start()

@@ -59,16 +59,59 @@ def is_dead(mountpoint: Path) -> bool:
 
 
 def clear(mountpoint: Path) -> None:
-    """Detach a dead mount (fusermount3 -u -z; as root, umount2 MNT_DETACH if that fails)."""
+    """Detach a dead mount: as root, exactly the dead annofs mount at the path as first
+    resolved (umount2 MNT_DETACH through a descriptor of it); otherwise fusermount3 -u -z.
+
+    Root may clear a mount under a directory another user controls: between a check by
+    path and an unmount by path, that user could swap a parent for a symlink and have
+    root detach some other mount. So the path must have no symlinks, and as root the
+    checks and the unmount go through one O_PATH descriptor (its mount id, its ENOTCONN,
+    /proc/self/fd/N as the path to unmount).
+    """
     mp = Path(os.path.abspath(mountpoint))
-    res = subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, text=True)
-    if res.returncode == 0:
-        return
-    why = res.stderr.strip() or "fusermount3 failed"
-    if os.geteuid() == 0:
+    real = os.path.realpath(mp)
+    if real != str(mp):
+        raise UsageError(f"{mp}: a dead mount is cleared only by a path without symlinks "
+                         f"(this one leads to {real}); give that path")
+    if os.geteuid() != 0:
+        res = subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True,
+                             text=True)
+        if res.returncode == 0:
+            return
+        raise UsageError(f"{mp}: a dead mount (its daemon is gone) could not be cleared "
+                         f"({res.stderr.strip() or 'fusermount3 failed'}); try "
+                         f"'fusermount3 -u -z {mp}'")
+    fd = os.open(mp, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        if os.readlink(proc) != str(mp) or not _dead_annofs_mount(fd):
+            raise UsageError(f"{mp}: changed while it was being cleared (no longer the dead "
+                             f"annofs mount found there); nothing was unmounted")
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.umount2(os.fsencode(mp), MNT_DETACH) == 0:
+        if libc.umount2(os.fsencode(proc), MNT_DETACH) == 0:
             return
         why = os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
     raise UsageError(f"{mp}: a dead mount (its daemon is gone) could not be cleared ({why}); "
                      f"try 'fusermount3 -u -z {mp}'")
+
+
+def _dead_annofs_mount(fd: int) -> bool:
+    """Whether the descriptor is the root of an annofs FUSE mount whose daemon is gone."""
+    mnt_id = None
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "mnt_id":
+                mnt_id = value.strip()
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        listed = any(line.split()[0] == mnt_id and line.partition(" - ")[2].split()[:1]
+                     == [FSTYPE] for line in f if line.strip())
+    if not listed:
+        return False
+    try:
+        os.fstatvfs(fd)
+    except OSError as e:
+        return e.errno in _DEAD
+    return False

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,14 @@ from annofs.printable import one_line
 
 EVENTS_FILE = "events.jsonl"
 MAX_BYTES = 16 << 20
+# Each uid may write FLOOD_BURST lines at once, then one per 1/FLOOD_RATE seconds; what
+# it causes beyond that is counted, and the counts written as one summary line per
+# SUMMARY_EVERY seconds. Any user who may write under a rule can cause refusals at will:
+# unbounded, 96,000 of them rotated everyone else's out of the log.
+FLOOD_BURST = 200
+FLOOD_RATE = 0.2
+SUMMARY_EVERY = 60.0
+_FLOOD_UIDS = 1024  # buckets kept; beyond that, the full ones holding nothing are dropped
 
 
 @dataclass
@@ -35,6 +45,9 @@ class Event:
     time: float = field(default_factory=time.time)
     explanation: str = ""  # the text `annofs why` shows; empty when not explained
     details: dict[str, Any] | None = None  # the same as JSON (`annofs why --json`)
+    # Who caused it (the refused caller); None for events no local user causes directly
+    # (a trust bundle's), which the flood limit never holds back.
+    uid: int | None = None
 
     def to_json(self) -> str:
         """The event as one line of JSON."""
@@ -50,15 +63,83 @@ class Event:
             return None
 
 
-class EventLog:
-    """Appends events to the store's log file."""
+@dataclass
+class _Bucket:
+    """One uid's flood limit: lines it may still write, and what it caused beyond them."""
 
-    def __init__(self, store: Path, max_bytes: int = MAX_BYTES) -> None:
+    tokens: float
+    stamp: float
+    held: Counter[tuple[str, str]] = field(default_factory=Counter)  # (verdict, path)
+    held_since: float = 0.0
+
+
+class EventLog:
+    """Appends events to the store's log file, with a flood limit per uid."""
+
+    def __init__(self, store: Path, max_bytes: int = MAX_BYTES, *,
+                 burst: int = FLOOD_BURST, rate: float = FLOOD_RATE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = store / EVENTS_FILE
         self.max_bytes = max_bytes
+        self._burst, self._rate, self._clock = burst, rate, clock
+        self._buckets: dict[int, _Bucket] = {}
+        # Refusals come from the event loop, bundle events from elsewhere.
+        self._lock = threading.Lock()
 
-    def record(self, event: Event) -> None:
-        """Append one event (rotating first if the file is full)."""
+    def record(self, event: Event) -> bool:
+        """Append one event (rotating first if the file is full), unless its uid has
+        spent its lines: then it is counted, summed up later (`flush`), and False
+        returned (the caller logs nothing of it either)."""
+        with self._lock:
+            if event.uid is not None and not self._admit(event):
+                return False
+            self._write(event)
+            return True
+
+    def flush(self, *, due_only: bool = False) -> None:
+        """Write the summary lines of what the flood limit held back (only those older
+        than SUMMARY_EVERY with `due_only`; the daemon calls this now and then, and at
+        exit)."""
+        with self._lock:
+            now = self._clock()
+            for uid, b in list(self._buckets.items()):
+                if b.held and (not due_only or now - b.held_since >= SUMMARY_EVERY):
+                    self._write_summary(uid, b)
+
+    def _admit(self, event: Event) -> bool:
+        assert event.uid is not None
+        now = self._clock()
+        b = self._buckets.get(event.uid)
+        if b is None:
+            if len(self._buckets) >= _FLOOD_UIDS:
+                self._buckets = {u: k for u, k in self._buckets.items()
+                                 if k.held or k.tokens + (now - k.stamp) * self._rate
+                                 < self._burst}
+            b = self._buckets[event.uid] = _Bucket(float(self._burst), now)
+        b.tokens = min(float(self._burst), b.tokens + (now - b.stamp) * self._rate)
+        b.stamp = now
+        if b.held and now - b.held_since >= SUMMARY_EVERY:
+            self._write_summary(event.uid, b)
+        if b.tokens >= 1:
+            b.tokens -= 1
+            return True
+        if not b.held:
+            b.held_since = now
+        b.held[(event.verdict, event.path)] += 1
+        return False
+
+    def _write_summary(self, uid: int, b: _Bucket) -> None:
+        total = sum(b.held.values())
+        top = b.held.most_common(3)
+        (verdict, path), _ = top[0]
+        shown = ", ".join(f"{n} of {p}" for (_, p), n in top)
+        more = len(b.held) - len(top)
+        self._write(Event(path=path, verdict=verdict, uid=uid, reason=(
+            f"{total} more events caused by uid {uid} not written one by one (flood limit): "
+            f"{shown}" + (f" and {more} other path{'s' if more != 1 else ''}" if more else ""))))
+        b.held.clear()
+
+    def _write(self, event: Event) -> None:
         line = (event.to_json() + "\n").encode()
         try:
             if self.path.stat().st_size + len(line) > self.max_bytes:

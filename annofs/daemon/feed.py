@@ -78,11 +78,12 @@ class Feed:
     def tee(self, sink: VerdictSink | None) -> VerdictSink:
         """A verdict sink that calls `sink` (the events log's) and then publishes."""
 
-        def both(path: str, version: Content, verdict: Verdict, pid: int,
-                 explanation: Explanation | None = None) -> None:
+        def both(path: str, version: Content, verdict: Verdict, pid: int, uid: int,
+                 explanation: Explanation | None = None) -> bool | None:
             try:
                 if sink is not None:
-                    sink(path, version, verdict, pid, explanation)
+                    return sink(path, version, verdict, pid, uid, explanation)
+                return None
             finally:
                 self.publish(event_of(path, version, verdict, pid, explanation),
                              verdict.signers)

@@ -165,7 +165,7 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
     commands = DaemonCommands(ops, invalidator, policy)
     control = ControlServer(ops.vol.store.path, commands.handlers())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_sync_loop, ops)
+        nursery.start_soon(_sync_loop, ops, policy)
         nursery.start_soon(_signal_loop)
         nursery.start_soon(_reload_loop, policy, invalidator, ops)
         nursery.start_soon(_bundle_loop, policy, invalidator, ops)
@@ -186,13 +186,14 @@ async def _tune_readahead(ops: Operations, mountpoint: Path) -> None:
     raise_readahead(mountpoint)
 
 
-async def _sync_loop(ops: Operations) -> None:
+async def _sync_loop(ops: Operations, policy: PolicyHolder) -> None:
     while True:
         await trio.sleep(SYNC_INTERVAL)
         # Also when only other processes (an import into the mount) committed: the
         # store's pin on this process's last sync would keep their freed pages from reuse.
         if ops.dirty_since_sync or ops.vol.store.pin_behind():
             await ops.sync()
+        policy.events.flush(due_only=True)  # summaries of floods that have stopped
 
 
 async def _bundle_loop(policy: PolicyHolder, invalidator: Invalidator,
@@ -298,6 +299,10 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> None:
             trio.run(ops.commit_all)
         except Exception:
             log.exception("committing open files at unmount failed")
+        try:
+            policy.events.flush()  # what the flood limit still holds
+        except OSError as e:
+            log.warning("writing the events log's last summaries failed: %s", e)
         pyfuse3.close(unmount=True)
         with contextlib.suppress(FileNotFoundError):
             (opts.store / STATE_FILE).unlink()

@@ -209,15 +209,19 @@ class PolicyHolder:
         return await trio.to_thread.run_sync(
             explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
 
-    def record_refusal(self, path: str, pid: int, reason: str) -> None:
+    def record_refusal(self, path: str, pid: int, uid: int, reason: str) -> bool:
         """The sink of refusals that are not verdicts (EBUSY from the handle rules, see
-        annofs.trust.admission): to the events log, as refusals."""
-        self.events.record(Event(path=path, verdict="refused", reason=reason, pid=pid))
+        annofs.trust.admission; a FIFO where none may be): to the events log, as
+        refusals. False if `uid`'s flood limit held it back."""
+        return self.events.record(Event(path=path, verdict="refused", reason=reason,
+                                        pid=pid, uid=uid))
 
-    def record(self, path: str, version: Content, verdict: Verdict, pid: int,
-               explanation: Explanation | None = None) -> None:
+    def record(self, path: str, version: Content, verdict: Verdict, pid: int, uid: int,
+               explanation: Explanation | None = None) -> bool:
         """The verdict sink: refusals (with their explanation) and warnings go to the
-        events log."""
+        events log. False if `uid`'s flood limit held it back (see EventLog)."""
         if verdict.allowed and not verdict.flagged:
-            return
-        self.events.record(event_of(path, version, verdict, pid, explanation))
+            return True
+        event = event_of(path, version, verdict, pid, explanation)
+        event.uid = uid
+        return self.events.record(event)

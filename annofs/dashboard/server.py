@@ -190,6 +190,7 @@ async def serve_for_mount(sock: socket.socket, token: str, vol: Volume, guard: O
 
     feed = Feed()
     guard.sink = feed.tee(guard.sink)
+    guard.every_verdict = True  # the live feed shows allowed opens too
     addr = bound_address(sock)
     app = create_app(Dashboard(vol, vol.store.path, gate, feed, mountpoint), token=token,
                      allowed_hosts=loopback_hosts(addr.host) if addr.loopback else None)

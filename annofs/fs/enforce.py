@@ -35,20 +35,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("annofs.fs")
 
 # Called for every refusal and every flagged verdict (allowed only because the mode is
-# warn) of a judged open or symlink read: (store path, content, verdict, pid, the
+# warn) of a judged open or symlink read: (store path, content, verdict, pid, uid, the
 # explanation of a refusal or None). The content is a file's version or a symlink's.
-# Plain allowances are not passed on: every open of a signed file is one, and none is
-# recorded.
-VerdictSink = Callable[[str, Content, Verdict, int, "Explanation | None"], None]
+# Plain allowances are passed on only to a sink that asks for them
+# (`OpenGuard.every_verdict`: the dashboard's live feed); every open of a signed file is
+# one, and the events log records none.
+# It returns False for an event it held back (the events log's flood limit, per uid):
+# then the daemon log is spared the line too.
+VerdictSink = Callable[[str, Content, Verdict, int, int, "Explanation | None"], "bool | None"]
 # Explains a refusal of the caller with the given uid, off the event loop; None when it
 # chose not to (a rate limit, per uid).
 RefusalExplainer = Callable[[Sequence[bytes], Content, Verdict, int],
                             Awaitable["Explanation | None"]]
 
 
-# Called for refusals that are not verdicts (EBUSY: the handle rules): (store path, pid,
-# reason).
-RefusalSink = Callable[[str, int, str], None]
+# Called for refusals that are not verdicts (EBUSY: the handle rules; a FIFO where none
+# may be): (store path, pid, uid, reason).
+RefusalSink = Callable[[str, int, int, str], "bool | None"]  # False: held back
 
 # Worker threads one uid may keep busy hashing content (a deferred digest: up to 16 GiB
 # of a sparse file's zeros). Without a bound per uid, one user opening many such files
@@ -68,6 +71,8 @@ class OpenGuard:
         self.sink = sink
         self.explainer = explainer
         self.refusal_sink = refusal_sink
+        # The sink wants plain allowances too (see VerdictSink).
+        self.every_verdict = False
         self.admission = Admission()
         self._hashers: dict[int, trio.CapacityLimiter] = {}
 
@@ -137,7 +142,7 @@ class OpenGuard:
         The explanation is made before the caller sees EACCES, so by the time a tool
         reports the failure, the daemon log and the events log say why.
         """
-        if verdict.allowed and not verdict.flagged:
+        if verdict.allowed and not verdict.flagged and not self.every_verdict:
             return  # the common case: nothing to record (see VerdictSink)
         text = path_text(path)
         explanation = None
@@ -146,33 +151,42 @@ class OpenGuard:
                 explanation = await self.explainer(path, version, verdict, uid)
             except Exception as e:  # the refusal stands; only its explanation is missing
                 log.warning("explaining the refusal of %s failed: %s", text, e)
+        written = True
         if self.sink is not None:
             try:
-                self.sink(text, version, verdict, pid, explanation)
+                written = self.sink(text, version, verdict, pid, uid, explanation) is not False
             except Exception:
                 log.exception("recording the verdict for %s failed", text)
-        if not verdict.allowed:
+        if verdict.allowed:
+            return
+        if written:  # held back by the flood limit: not logged either
             if explanation is not None:
                 from annofs.explain.report import summary_line
                 log.info("pid %d: %s", pid, summary_line(explanation))
             else:
                 log.info("refused: %s (pid %d): %s", text, pid, verdict.reason)
-            raise pyfuse3.FUSEError(errno.EACCES)
+        raise pyfuse3.FUSEError(errno.EACCES)  # whatever was recorded
 
     # -- handles -------------------------------------------------------------------------
 
-    def _busy(self, path: Sequence[bytes], pid: int, e: Busy) -> pyfuse3.FUSEError:
+    def _busy(self, path: Sequence[bytes], pid: int, uid: int, e: Busy) -> pyfuse3.FUSEError:
         """Record a handle-rule refusal; the EBUSY to raise."""
-        text = path_text(path)
-        log.info("refused: %s (pid %d): %s", text, pid, e.reason)
-        if self.refusal_sink is not None:
-            try:
-                self.refusal_sink(text, pid, e.reason)
-            except Exception:
-                log.exception("recording the refusal of %s failed", text)
+        self._refused(path_text(path), pid, uid, e.reason)
         return pyfuse3.FUSEError(errno.EBUSY)
 
-    def reserve(self, node: Inode, paths: Sequence[Sequence[bytes]], pid: int, *,
+    def _refused(self, text: str, pid: int, uid: int, reason: str) -> None:
+        """Record a refusal that is not a verdict, and log it unless held back."""
+        written = True
+        if self.refusal_sink is not None:
+            try:
+                written = self.refusal_sink(text, pid, uid, reason) is not False
+            except Exception:
+                log.exception("recording the refusal of %s failed", text)
+        if written:
+            log.info("refused (uid %d, pid %d): %s: %s", uid, pid, one_line(text),
+                     one_line(reason))
+
+    def reserve(self, node: Inode, paths: Sequence[Sequence[bytes]], pid: int, uid: int, *,
                 writer: bool, verified_rw: bool, reader: bool = False) -> Claim:
         """Take a handle's (or a truncate's) slots before anything is awaited; EBUSY,
         recorded, if the handle rules forbid it. Give them back with `release`.
@@ -182,10 +196,10 @@ class OpenGuard:
                                           reader=reader, enforcing=self.active,
                                           guarded=lambda: self.guarded(paths))
         except Busy as e:
-            raise self._busy(paths[0], pid, e) from None
+            raise self._busy(paths[0], pid, uid, e) from None
 
     def admit(self, fh: int, node: Inode, claim: Claim, serves: int, path: Sequence[bytes],
-              pid: int, *, pinned: bool, judged: bool,
+              pid: int, uid: int, *, pinned: bool, judged: bool,
               guarded: bool) -> tuple[Claim, pyfuse3.FileInfo]:
         """FileInfo for a reserved handle serving version `serves`, and the claim it holds
         from now on; EBUSY, recorded (the claim must then be released)."""
@@ -193,7 +207,7 @@ class OpenGuard:
             claim, plan = self.admission.admit(node.ino, claim, serves, pinned=pinned,
                                                judged=judged, guarded=guarded)
         except Busy as e:
-            raise self._busy(path, pid, e) from None
+            raise self._busy(path, pid, uid, e) from None
         return claim, pyfuse3.FileInfo(fh=fh, keep_cache=plan.keep_cache,
                                        direct_io=plan.direct_io)
 
@@ -216,12 +230,7 @@ class OpenGuard:
         why = self.fifo_refusal(path)
         if why is None:
             return
-        log.info("refused (uid %d, pid %d): %s", uid, pid, one_line(why))
-        if self.refusal_sink is not None:
-            try:
-                self.refusal_sink(path_text(path), pid, why)
-            except Exception:
-                log.exception("recording the refusal of %s failed", path_text(path))
+        self._refused(path_text(path), pid, uid, why)
         raise pyfuse3.FUSEError(errno.EACCES)
 
     def same_rule(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:

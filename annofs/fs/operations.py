@@ -294,7 +294,7 @@ class Operations(pyfuse3.Operations):
             else:
                 # By path: a writer for as long as it takes (no judged read-write handle
                 # may be open beside it, nor opened while it waits for the file's lock).
-                claim = self.guard.reserve(node, [self.inodes.path(node)], ctx.pid,
+                claim = self.guard.reserve(node, [self.inodes.path(node)], ctx.pid, ctx.uid,
                                            writer=True, verified_rw=False)
                 try:
                     await self._truncate(node, attr.st_size)
@@ -772,7 +772,7 @@ class Operations(pyfuse3.Operations):
         paths = self.inodes.paths(node) if active else [[]]
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
-        claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,
+        claim = self.guard.reserve(node, paths, ctx.pid, ctx.uid, writer=writer,
                                    verified_rw=verified_rw,
                                    reader=judged and access == os.O_RDONLY)
         fresh = node.ino not in self.open_files
@@ -805,7 +805,7 @@ class Operations(pyfuse3.Operations):
             fh = self._next_fh
             serves = pinned.id if pinned is not None else of.parent_version
             first = self.guard.state(node).cached_version is None
-            claim, info = self.guard.admit(fh, node, claim, serves, paths[0], ctx.pid,
+            claim, info = self.guard.admit(fh, node, claim, serves, paths[0], ctx.pid, ctx.uid,
                                            pinned=pinned is not None, judged=judged,
                                            guarded=guarded)
             opened = True
@@ -882,9 +882,9 @@ class Operations(pyfuse3.Operations):
         # A new file: nothing to judge, but a writer, which bypasses the page cache where
         # signers are needed (trust.admission).
         path = self.inodes.path(node) if self.guard.active else []
-        claim = self.guard.reserve(node, [path], ctx.pid, writer=True, verified_rw=False)
+        claim = self.guard.reserve(node, [path], ctx.pid, ctx.uid, writer=True, verified_rw=False)
         claim, info = self.guard.admit(self._next_fh, node, claim, of.parent_version, path,
-                                       ctx.pid, pinned=False, judged=False,
+                                       ctx.pid, ctx.uid, pinned=False, judged=False,
                                        guarded=self.guard.guarded([path]))
         node.opens += 1
         fh = self._new_handle(node)
