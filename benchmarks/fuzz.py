@@ -474,7 +474,7 @@ def control_messages(draw: st.DrawFn) -> bytes:
     if kind == "request":
         op = draw(st.sampled_from(CONTROL_OPS) | st.text(max_size=10) | json_values)
         args = draw(st.dictionaries(
-            st.sampled_from(["src", "dst", "prune_history", "x"]),
+            st.sampled_from(["src", "dst", "prune_history", "keep_last", "keep_within", "x"]),
             json_values | st.lists(st.sampled_from(["a", "..", ".", "", "a/b", "\x00",
                                                     "\udcff", "\ud800", "x" * 300]),
                                    max_size=3), max_size=3) | json_values)

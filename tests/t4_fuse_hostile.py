@@ -67,10 +67,16 @@ def ping(store: Path) -> dict:
     b'{"op": "cp", "args": {"src": ["\\ud800"], "dst": ["b"]}}\n',
     b'{"op": "cp", "args": {"src": ["a\\u0000b"], "dst": ["b"]}}\n',
     b'{"op": "gc", "args": {"prune_history": {"x": [1]}}}\n',
+    b'{"op": "gc", "args": {"keep_last": true}}\n',
+    b'{"op": "gc", "args": {"keep_last": 1e300}}\n',
+    b'{"op": "gc", "args": {"keep_last": -5}}\n',
+    b'{"op": "gc", "args": {"keep_within": ["7d"]}}\n',
+    b'{"op": "gc", "args": {"keep_within": "' + b"9" * 100_000 + b'd"}}\n',
     b"\xff\xfe\n",
     b"x" * ((1 << 20) + 10),
 ], ids=["nested-arrays", "nested-objects", "lone-surrogate", "nul-in-name", "odd-args",
-        "not-utf8", "past-1MiB"])
+        "keep-last-bool", "keep-last-float", "keep-last-negative", "keep-within-list",
+        "keep-within-huge", "not-utf8", "past-1MiB"])
 def test_a_malformed_request_is_answered_and_the_daemon_lives(tmp_path: Path,
                                                               message: bytes) -> None:
     """Regression: 100k nested arrays made json.loads raise RecursionError, which ended

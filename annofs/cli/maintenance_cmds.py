@@ -13,6 +13,7 @@ from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import FsckReport, check_store, phase_totals
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
+from annofs.maintenance.retention import retention_from
 from annofs.store.lock import store_lock
 
 
@@ -82,25 +83,45 @@ def fsck_json(rep: FsckReport) -> dict[str, object]:
 
 @click.command("gc")
 @click.option("--prune-history", is_flag=True,
-              help="Also drop old versions no name refers to (annofs log shows less).")
+              help="Also drop old versions no name refers to (annofs log shows less); "
+                   "the same as --keep-last 1.")
+@click.option("--keep-last", "keep_last", type=int, default=None, metavar="N",
+              help="Keep the N newest versions of each file's history (N >= 1, the "
+                   "current one included); drop older ones.")
+@click.option("--keep-within", "keep_within", default=None, metavar="DURATION",
+              help="Keep the versions of each file's history made less than DURATION ago "
+                   "(30m, 12h, 7d, 2w, 1d12h); with --keep-last, keep what either keeps.")
 @click.option("--json", "as_json", is_flag=True,
               help='One JSON object: {"versions_freed", "fragments_freed", "bytes_freed", '
                    '"staging_dropped", "versions_kept"}.')
 @click.pass_context
-def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
-    """Free versions and fragments nothing references (never signed originals)."""
+def gc_cmd(ctx: click.Context, prune_history: bool, keep_last: int | None,
+           keep_within: str | None, as_json: bool) -> None:
+    """Free versions and fragments nothing references (never signed originals).
+
+    History (the versions `annofs log` shows) is kept unless --prune-history, --keep-last
+    or --keep-within say otherwise; named versions, versions open files hold and signed
+    originals are always kept.
+    """
+    # Checked before anything is opened: a bad value changes nothing.
+    retention = retention_from(keep_last, keep_within)
     store = store_path(ctx)
     if read_state(store) is not None:
         # Mounted: the daemon knows which versions open handles hold.
         from annofs.daemon.client import request
 
-        rep = GcReport(**request(store, "gc", prune_history=prune_history))
+        args: dict[str, object] = {"prune_history": prune_history}
+        if keep_last is not None:
+            args["keep_last"] = keep_last
+        if keep_within is not None:
+            args["keep_within"] = keep_within
+        rep = GcReport(**request(store, "gc", **args))
     else:
         progress = Progress("gc", unit="versions")
         try:
             with store_lock(store, exclusive=True, what="gc"), open_volume(ctx) as vol:
-                rep = collect(vol, prune_history=prune_history, progress=progress,
-                              on_total=progress.set_total)
+                rep = collect(vol, prune_history=prune_history, retention=retention,
+                              progress=progress, on_total=progress.set_total)
         finally:
             progress.close()
     if as_json:

@@ -20,6 +20,7 @@ from annofs.errors import UsageError
 from annofs.fs.inodes import ROOT
 from annofs.fs.operations import Operations
 from annofs.maintenance.gc import collect
+from annofs.maintenance.retention import retention_from
 from annofs.store.lock import imports_running
 from annofs.transfer.import_tree import begin_staging, finish_staging
 
@@ -85,6 +86,8 @@ class DaemonCommands:
         prune = args.get("prune_history", False)
         if not isinstance(prune, bool):
             raise UsageError("control: 'prune_history' must be true or false")
+        # The same checks and messages as the command line's (a bad value changes nothing).
+        retention = retention_from(args.get("keep_last"), args.get("keep_within"))
         await self.ops.commit_all()
         async with self.ops.gc_gate.exclusive():
             if imports_running(self.ops.vol.store.path):
@@ -92,7 +95,7 @@ class DaemonCommands:
                 raise UsageError(f"{self.ops.vol.store.path}: an import is running; "
                                  f"run gc when it has finished")
             rep = await trio.to_thread.run_sync(functools.partial(
-                collect, self.ops.vol, prune_history=prune,
+                collect, self.ops.vol, prune_history=prune, retention=retention,
                 extra_roots=self.ops.held_versions(),
                 keep_fragments=self.ops.unstored_fragments()))
         return dataclasses.asdict(rep)

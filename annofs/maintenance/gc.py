@@ -1,21 +1,25 @@
 """`annofs gc`: free what nothing references any more.
 
 Kept: every version a name or a hard link refers to, their ancestors (the history that
-`annofs log` shows; `prune_history` drops what no name refers to and re-parents the
-children), every version whose digest a statement signs (signed originals), and the empty
-root version. Everything else is deleted with its fragment references; fragments left
-with none are freed, and so are fragments no version ever took (a crashed import's) and
-staging trees a crash left behind. Run with the store to itself (see store.lock).
+`annofs log` shows; `prune_history` drops what no name refers to, a `Retention` rule
+(`--keep-last N`, `--keep-within DURATION`) keeps only part of each history, and the
+children of what goes are re-parented), every version whose digest a statement signs
+(signed originals), and the empty root version. Everything else is deleted with its
+fragment references; fragments left with none are freed, and so are fragments no version
+ever took (a crashed import's) and staging trees a crash left behind. Run with the store
+to itself (see store.lock).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 
 import lmdb
 
 from annofs.content.versions import EMPTY_VERSION
+from annofs.maintenance.retention import Retention, retained
 from annofs.store.keys import HASH_SIZE, from_u64
 from annofs.store.records import (
     Version,
@@ -67,9 +71,13 @@ def _live_versions(vol: Volume, txn: lmdb.Transaction) -> set[int]:
 
 def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] | None = None,
             keep_fragments: Set[bytes] = frozenset(),
+            retention: Retention | None = None, now_ns: int | None = None,
             progress: Progress | None = None,
             on_total: Callable[[int], None] | None = None) -> GcReport:
     """Free unreferenced versions and fragments; returns what was freed.
+
+    `retention` keeps only part of each file's history (see maintenance.retention), ages
+    measured from `now_ns` (default: now); `prune_history` keeps none of it.
 
     Under a live mount, `extra_roots` are the versions open handles serve and
     `keep_fragments` the fragments of versions still being written (stored ahead of their
@@ -90,7 +98,9 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
             for k, raw in txn.cursor(db=vol.store.db["versions"])}
         signed = signed_digests(vol, txn)
         live = _live_versions(vol, txn) | (extra_roots or set()) | {EMPTY_VERSION}
-    keep = kept_versions(versions, live, signed, prune_history=prune_history)
+    keep = kept_versions(versions, live, signed, prune_history=prune_history,
+                         retention=retention,
+                         now_ns=time.time_ns() if now_ns is None else now_ns)
     rep.versions_kept = len(keep & versions.keys())
     doomed = [v for vid, v in versions.items() if vid not in keep]
     if on_total is not None:
@@ -111,13 +121,18 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
 
 
 def kept_versions(versions: Mapping[int, Version], live: Set[int], signed: Set[bytes], *,
-                  prune_history: bool) -> set[int]:
+                  prune_history: bool, retention: Retention | None = None,
+                  now_ns: int = 0) -> set[int]:
     """The versions gc keeps: `live` (what names, links and open handles refer to), every
-    version whose digest a statement signs, the empty root, and, unless `prune_history`,
-    every ancestor of those. One formula for gc and for fsck's "reclaimable"."""
+    version whose digest a statement signs, the empty root, and, unless `prune_history`
+    or an active `retention` rule, every ancestor of those; with a rule, the part of each
+    history of `live` it keeps (ages from `now_ns`). One formula for gc and for fsck's
+    "reclaimable"."""
     keep = set(live) | {EMPTY_VERSION}
     keep |= {vid for vid, v in versions.items() if v.digest is not None and v.digest in signed}
-    if not prune_history:
+    if retention is not None and retention.active:
+        keep |= retained(versions, live, retention, now_ns)
+    elif not prune_history:
         for vid in list(keep):
             while vid in versions and versions[vid].parent not in keep:
                 vid = versions[vid].parent
