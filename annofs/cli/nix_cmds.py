@@ -59,14 +59,22 @@ def _report(f: dict[str, Any], out_prefix: str) -> None:
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
               help=f"The policy whose trusted keys count (default: ${POLICY_ENV}, or the "
                    f"mount's).")
+@click.option("--nix-root", "nix_root", type=click.Path(path_type=Path), default=None,
+              metavar="R", help="Register the paths in the Nix database of root R (Nix's "
+                                "'--store local?root=R'; '/' for the system's). Default: R "
+                                "when --dest is R/nix/store in a mount and R/nix/var/nix/db "
+                                "exists.")
 @click.argument("paths", nargs=-1)
 @click.pass_context
 def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
-                  recursive: bool, policy_file: Path | None, paths: tuple[str, ...]) -> None:
+                  recursive: bool, policy_file: Path | None, nix_root: Path | None,
+                  paths: tuple[str, ...]) -> None:
     """Import STOREPATHs from binary caches, verifying signatures and NarHash first.
 
     A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
     unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
+    Paths get Nix's canonical metadata, and are registered as valid in a Nix database
+    (--nix-root), references first.
     """
     from annofs.nix.cache import DirectoryCache
     from annofs.nix.fetch import DEFAULT_DEST, cache_args, fetch
@@ -100,6 +108,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         mp = mount.mountpoint if mount is not None else Path(state["mountpoint"])
         for f in result["fetched"]:
             _report(f, f"{mp}/")
+        host_dest = mp.joinpath(*(p.decode("utf-8", "surrogateescape") for p in dest_parts))
+        _register(nix_root, host_dest, result["fetched"])
         return
     from annofs.trust.policy import load_policy
 
@@ -118,6 +128,26 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         progress.close()
     for f in done:
         _report(f.to_json(), "/")
+    _register(nix_root, None, [f.to_json() for f in done])
+
+
+def _register(nix_root: Path | None, host_dest: Path | None,
+              fetched: list[dict[str, Any]]) -> None:
+    """Register what was fetched in the Nix database of `nix_root`, else of R when the
+    paths went to R/nix/store on the host and R is a Nix root (has its database)."""
+    from annofs.nix.fetch import Fetched
+    from annofs.nix.register import nix_root_of, register, store_uri
+
+    root = nix_root
+    if root is None and host_dest is not None:
+        root = nix_root_of(host_dest)
+        if root is not None and not (root / "nix" / "var" / "nix" / "db").is_dir():
+            root = None  # not a Nix root: a tree that merely looks like one
+    if root is None:
+        return
+    root = Path(os.path.abspath(root))
+    for p in register(root, [Fetched.from_json(f).registration() for f in fetched]):
+        click.echo(f"registered {p} in {store_uri(root)}")
 
 
 @nix_group.command("sign")

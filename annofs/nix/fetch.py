@@ -76,6 +76,7 @@ from annofs.nix.narinfo import (
     parse_narinfo,
     store_path_arg,
 )
+from annofs.nix.register import Registration
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
 from annofs.trust.signing import collect_files
@@ -305,12 +306,33 @@ class Fetched:
     already: bool  # the tree was there already (only signatures were added)
     nar_size: int
     notes: list[str]
+    nar_hash: str = ""  # sha256:<nix base32>, as signed
+    references: list[str] = field(default_factory=list)  # full store paths
+    deriver: str | None = None  # full store path
+
+    def registration(self) -> Registration:
+        """What Nix's database should record for this path (nix/register.py)."""
+        return Registration(self.store_path, self.nar_hash, self.nar_size,
+                            tuple(self.references), self.deriver)
 
     def to_json(self) -> dict[str, Any]:
         """As the daemon answers a command (names as text)."""
         d = dataclasses.asdict(self)
         d["dest"] = [p.decode("utf-8", "surrogateescape") for p in self.dest]
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Fetched:
+        """As `to_json` made it (the daemon's answer)."""
+        return cls(**{**d, "dest": tuple(p.encode("utf-8", "surrogateescape")
+                                         for p in d["dest"])})
+
+
+def _nix_facts(r: Resolved) -> dict[str, Any]:
+    info = r.info
+    deriver = f"{info.store_path.store_dir}/{info.deriver}" if info.deriver else None
+    return {"nar_hash": info.nar_hash_text, "references": info.reference_paths(),
+            "deriver": deriver}
 
 
 def _subject_name(base: str, path: Sequence[bytes]) -> str:
@@ -423,12 +445,12 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
         with f:
             tree = restore_nar_into(vol, stream, dest, source=where,  # type: ignore[arg-type]
                                     verify=verify, before_swap=before_swap,
-                                    progress=progress)
+                                    progress=progress, canonical=True)
     except NarError as e:
         # The signed NarHash describes a well-formed NAR: a malformed one is not it.
         raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
     return Fetched(r.store_path.full, dest, len(tree.files), signers, counted[0], False,
-                   info.nar_size, r.notes)
+                   info.nar_size, r.notes, **_nix_facts(r))
 
 
 def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[bytes, ...],
@@ -445,7 +467,7 @@ def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[
     with vol.store.write() as txn:
         added = _record(vol, txn, ann, r, files)
     return Fetched(r.store_path.full, dest, len(files), signers, added, True,
-                   r.info.nar_size, r.notes)
+                   r.info.nar_size, r.notes, **_nix_facts(r))
 
 
 def _exists(vol: Volume, dest: tuple[bytes, ...]) -> bool:

@@ -589,13 +589,16 @@ Progress = Callable[[int, int], None]  # (files done, bytes read) increments
 # Entries wait in memory and go into the store one transaction per batch: a transaction
 # per file would make a NAR of many small files slow; a batch bounds the memory held.
 _BATCH_ENTRIES = 2000
+# Nix's canonical mtime (and atime) of everything in a store path: 1 s after the epoch.
+_NIX_MTIME = 1_000_000_000
 _BATCH_HASH_BYTES = 8 << 20
 
 
 class _Restorer:
     def __init__(self, vol: Volume, dest: tuple[bytes, ...], replace: bool,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, canonical: bool = False) -> None:
         self.vol = vol
+        self.canonical = canonical
         self.dest = dest
         self.replace = replace
         self.progress = progress
@@ -611,6 +614,13 @@ class _Restorer:
 
     def _attrs(self, mode: int, size: int, target: int | bytes) -> Attrs:
         t = now_ns()
+        if self.canonical and not stat.S_ISLNK(mode):
+            # Nix's canonical metadata (canonicalisePathMetaData): no write bits, the
+            # owner's execute bit for all, mtime 1 (a symlink keeps 0777; its time too).
+            x = 0o111 if mode & stat.S_IXUSR else 0
+            mode = stat.S_IFMT(mode) | 0o444 | x
+        if self.canonical:
+            return Attrs(mode, self.uid, self.gid, size, _NIX_MTIME, _NIX_MTIME, t, target)
         return Attrs(mode, self.uid, self.gid, size, t, t, t, target)
 
     def run(self, reader: NarReader, before_swap: BeforeSwap | None) -> RestoredTree:
@@ -638,6 +648,10 @@ class _Restorer:
         ns = self.vol.namespace
         with self.vol.store.write() as txn:
             self.root = ns.make_staging_root(txn, self.uid, self.gid)
+            if self.canonical:
+                ns.set_root_attrs(txn, lambda a: dataclasses.replace(
+                    a, mode=stat.S_IFDIR | 0o555, atime_ns=_NIX_MTIME, mtime_ns=_NIX_MTIME),
+                    self.root)
             # The staging tree is ours alone (refcount 1): its directory ids stay valid
             # from one transaction to the next, so entries go in without path walks.
             self.dir_ids[()] = int(ns.root(txn, self.root).target)
@@ -776,7 +790,8 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
                      replace: bool = False, source: str = "NAR",
                      verify: Verify | None = None,
                      before_swap: BeforeSwap | None = None,
-                     progress: Progress | None = None) -> RestoredTree:
+                     progress: Progress | None = None,
+                     canonical: bool = False) -> RestoredTree:
     """Unpack the NAR read from `reader` at the store path `dest`, atomically.
 
     The whole archive is checked first (see `checked_nar`: a pipe is spooled to a
@@ -794,7 +809,9 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
 
     `source` names the archive in error messages. Regular files get mode 0644 (0755 if
     executable), directories 0755, the caller's uid and gid and the current time, as
-    `nix-store --restore` would make them.
+    `nix-store --restore` would make them; with `canonical`, Nix's canonical metadata
+    of a valid store path instead (files 0444 or 0555, directories 0555, times 1 s
+    after the epoch), as Nix leaves a path it registers.
     """
     dest = tuple(dest)
     if not dest:
@@ -804,8 +821,8 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
     with vol.store.read() as txn:
         _check_dest(vol, txn, dest, replace)
     with checked_nar(reader, source, vol.store.path, verify) as stream:
-        return _Restorer(vol, dest, replace, progress).run(NarReader(stream, source),
-                                                           before_swap)
+        return _Restorer(vol, dest, replace, progress, canonical).run(
+            NarReader(stream, source), before_swap)
 
 
 def restore_nar_host(reader: BinaryIO, dest: Path, *, source: str = "NAR") -> NarHash:
