@@ -383,7 +383,7 @@ def _open_nar(r: Resolved) -> tuple[str, NarInfo, BinaryIO]:
     tried = []
     for cache, info in r.sources:
         where = f"{cache.where.rstrip('/')}/{info.url}"
-        f = cache.open_nar(info.url)  # closed by the caller
+        f = cache.open_nar(info.url, max_file_size(info))  # closed by the caller
         if f is not None:
             return where, info, f
         tried.append(where)
@@ -530,7 +530,7 @@ def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: P
             nar = copy.path / info.url
             if nar.exists():
                 continue
-            f = cache.open_nar(info.url)
+            f = cache.open_nar(info.url, max_file_size(info))
             if f is None:
                 continue  # missing there: the fetch says so, naming the cache
             nar.parent.mkdir(parents=True, exist_ok=True)
