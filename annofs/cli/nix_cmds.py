@@ -58,7 +58,8 @@ def _report(f: dict[str, Any], out_prefix: str) -> None:
                    "a file:// or an http(s):// URL; repeatable: agreeing caches add "
                    "their signatures.")
 @click.option("--dest", default=None, metavar="PATH",
-              help="Where store paths go (default /nix/store in the filesystem).")
+              help="Where store paths go (default /nix/store in the filesystem; a mount "
+                   "at R/nix/store: its root).")
 @click.option("--recursive", is_flag=True, help="Also fetch every path it references.")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
               help=f"The policy whose trusted keys count (default: ${POLICY_ENV}, or the "
@@ -103,6 +104,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         if mount is None and dest is not None:
             raise UsageError(f"{store}: mounted at {state['mountpoint']}; give --dest as a "
                              f"path inside the mount")
+        if dest is None:
+            dest_parts = _default_dest(Path(state["mountpoint"]))
         result = request(store, "nix-fetch", caches=[
                              str(c.path) if isinstance(c, DirectoryCache) else c.where
                              for c in cache_list],
@@ -133,6 +136,15 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     for f in done:
         _report(f.to_json(), "/")
     _register(nix_root, None, [f.registration() for f in done])
+
+
+def _default_dest(mountpoint: Path) -> list[bytes]:
+    """Where store paths go in a mount by default: its root when the mount is itself a
+    store directory R/nix/store (a chroot store's), else its /nix/store."""
+    from annofs.nix.fetch import DEFAULT_DEST
+    from annofs.nix.register import nix_root_of
+
+    return [] if nix_root_of(mountpoint) is not None else list(DEFAULT_DEST)
 
 
 def _fetched_registrations(fetched: list[dict[str, Any]]) -> list[Registration]:
@@ -166,7 +178,8 @@ _NIX_ROOT_HELP = ("Register the path in the Nix database of root R (Nix's "
 
 @nix_group.command("add-source")
 @click.option("--dest", default=None, metavar="PATH",
-              help="The store directory (default /nix/store in the filesystem).")
+              help="The store directory (default /nix/store in the filesystem; a mount "
+                   "at R/nix/store: its root).")
 @click.option("--name", default="source", show_default=True,
               help="The store path's name (flake path: inputs are 'source').")
 @click.option("--nix-root", "nix_root", type=click.Path(path_type=Path), default=None,
@@ -191,6 +204,8 @@ def nix_add_source_cmd(ctx: click.Context, dest: str | None, name: str,
             raise UsageError(f"{directory} and {dest}: must both be in the same annofs "
                              f"store or mount")
         dest_parts = list(target.parts)
+    elif src.mount is not None:
+        dest_parts = _default_dest(src.mount.mountpoint)
     else:
         dest_parts = list(DEFAULT_DEST)
     if src.mount is not None:
