@@ -27,7 +27,6 @@ from benchmarks.mount import (
     daemon,
     daemon_log_note,
     new_store,
-    passthrough,
     running,
     tree_facts,
 )
@@ -74,17 +73,11 @@ def nix_smallfiles(ctx: Context) -> FigureResult:
     store = new_store(ctx.work / "smallfiles-store")
     d = daemon(ctx, store, "sf-R/nix/store")
     root = ctx.work / "sf-R"
-    # pyfuse3's example passthroughfs over a native directory: another pyfuse3 file
-    # system (no store, but no attribute or entry caching either), for scale.
-    pt_src = ctx.work / "sf-pt-src"
-    pt_src.mkdir()
-    pt = passthrough(ctx, pt_src, "sf-PT/nix/store")
-    pt_root = ctx.work / "sf-PT"
-    add: dict[str, float] = {}
-    cpa: dict[str, float] = {}
-    with running(d, pt):
-        for name, r in (("native", native), ("annofs", _nix_root(root)),
-                        ("passthroughfs", _nix_root(pt_root))):
+    with running(d):
+        _nix_root(root)
+        add = {}
+        cpa = {}
+        for name, r in (("native", native), ("annofs", root)):
             subprocess.run(["sync"], check=True)
             add[name], printed = _timed(["nix-store", "--store", f"local?root={r}", "--add",
                                          str(src)])
@@ -101,13 +94,6 @@ def nix_smallfiles(ctx: Context) -> FigureResult:
             "<= 3.00"),
         Row(f"`cp -a` of {nfiles} files into the store directory: mount / native (time)",
             s(cpa["annofs"]), s(cpa["native"]), cpa["annofs"] / cpa["native"]),
-        Row("`nix-store --add`: mounted store / pyfuse3's example passthroughfs (time)",
-            s(add["annofs"]), s(add["passthroughfs"]),
-            add["annofs"] / add["passthroughfs"]),
-        Row("`nix-store --add`: passthroughfs / native (time)", s(add["passthroughfs"]),
-            s(add["native"]), add["passthroughfs"] / add["native"]),
-        Row("`cp -a`: mount / passthroughfs (time)", s(cpa["annofs"]),
-            s(cpa["passthroughfs"]), cpa["annofs"] / cpa["passthroughfs"]),
     ]
     notes = f"""\
 What: a nixpkgs-shaped tree from benchmarks/gentree.py ({nfiles} files, {ndirs}
@@ -115,11 +101,9 @@ directories, {nlinks} symlinks, {nbytes / 1e6:.0f} MB; mostly small text, a tail
 large files) added by the real Nix 2.8 as one store path:
 `nix-store --store local?root=R --add TREE`, with R/nix/store an annofs mount (`annofs
 mount`, no policy) against R on the native disk (ext4); then `cp -a TREE
-R/nix/store/cp-a` into each; the same with R/nix/store a mount of pyfuse3's
-example passthroughfs.py over a native directory. One run each, warm source, `sync`
-before each (the native side's writes are in the page cache when it returns: the fair
-comparison for a mount whose commits are not synced either). {daemon_log_note(d)}
-Code measured: {code_revision()}."""
+R/nix/store/cp-a` into each. One run each, warm source, `sync` before each (the native
+side's writes are in the page cache when it returns: the fair comparison for a mount
+whose commits are not synced either). {daemon_log_note(d)} Code measured: {code_revision()}."""
     return FigureResult(rows, notes)
 
 
