@@ -260,13 +260,17 @@ def _add_source_mounted(store: Path, mountpoint: Path, src: list[bytes],
             hashed = hash_tree(vol, txn, src, cache)
             store_path = make_source_path(hashed.nar.sha256, name)
             dest = [*dest_dir, store_path.rsplit("/", 1)[1].encode()]
-            if existing(vol, txn, dest, hashed.nar, cache):
+            if existing(vol, txn, src, dest, hashed.nar, cache):
                 return AddedSource(store_path, tuple(dest), hashed.nar, hashed.cached, True)
+            hashed_at = txn.id()  # the last commit the snapshot holds
         host_dir = mountpoint.joinpath(*text(dest_dir))
         host_dir.mkdir(parents=True, exist_ok=True)
         request(store, "cp", src=text(src), dst=text(dest))
         with vol.store.read() as txn:
-            same = tree_key(vol, txn, vol.namespace.resolve(txn, dest)) == hashed.key
+            # Only the copy committed since the snapshot: it is the tree that was hashed.
+            # Else look (a walk of the copy's listing, no content read).
+            same = txn.id() == hashed_at + 1 or \
+                tree_key(vol, txn, vol.namespace.resolve(txn, dest)) == hashed.key
     finally:
         vol.close()
     if not same:

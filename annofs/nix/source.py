@@ -179,14 +179,17 @@ def check_source_name(name: str) -> None:
                          f"not starting with '.', at most 211 characters)")
 
 
-def existing(vol: Volume, txn: lmdb.Transaction, dest: Sequence[bytes], want: NarHash,
-             cache: NarHashCache) -> bool:
-    """Whether `dest` holds a tree with NAR hash `want` (False if nothing is there);
-    UsageError if something else is."""
+def existing(vol: Volume, txn: lmdb.Transaction, src: Sequence[bytes],
+             dest: Sequence[bytes], want: NarHash, cache: NarHashCache) -> bool:
+    """Whether `dest` holds a tree with NAR hash `want`, that of `src` (False if nothing
+    is there); UsageError if something else is."""
     try:
-        vol.namespace.resolve(txn, list(dest))
+        there = vol.namespace.resolve(txn, list(dest))
     except NotFoundError:
         return False
+    if there.is_dir and not there.link and \
+            there.target == vol.namespace.resolve(txn, list(src)).target:
+        return True  # one shared directory node (an earlier add-source): the same tree
     if hash_tree(vol, txn, dest, cache).nar != want:
         raise UsageError(f"{show_path(dest)}: already exists with other content")
     return True
@@ -204,7 +207,7 @@ def add_source(vol: Volume, src: Sequence[bytes], dest_dir: Sequence[bytes],
         hashed = hash_tree(vol, txn, src, cache)
         store_path = make_source_path(hashed.nar.sha256, name)
         dest = (*dest_dir, store_path.rsplit("/", 1)[1].encode())
-        if existing(vol, txn, dest, hashed.nar, cache):
+        if existing(vol, txn, src, dest, hashed.nar, cache):
             return AddedSource(store_path, dest, hashed.nar, hashed.cached, True)
         vol.namespace.make_dirs(txn, list(dest_dir), os.getuid(), os.getgid())
         vol.namespace.copy(txn, list(src), list(dest))
