@@ -141,3 +141,50 @@ def test_a_missing_reference_is_not_registered(chroot_mount: Mount, nixw: NixWor
     assert f"Nix did not register {nixw.top}" in res.stderr
     assert res.stderr.count("\n") == 1
     assert nix_store(root, "--verify-path", nixw.top).returncode != 0
+
+
+@pytest.mark.expected_log()
+def test_the_mount_answers_while_a_local_cache_is_fetched(mounted: Mount, nixw: NixWorld,
+                                                          tmp_path: Path) -> None:
+    """A big path from a cache directory is read, checked and staged in a worker thread:
+    reads through the mount go on meanwhile (only the final swap is on the event loop)."""
+    import time
+
+    src = tmp_path / "big"
+    for i in range(40):
+        (src / f"d{i % 8}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 8}" / f"blob{i}").write_bytes(os.urandom(4 << 20))
+    for i in range(3000):
+        (src / f"d{i % 8}" / f"small{i}").write_text(f"small file {i}\n")
+    native = tmp_path / "N"
+    added = nix_store(native, "--add", str(src))
+    assert added.returncode == 0, added.stderr
+    path = added.stdout.strip()
+    cache = tmp_path / "cache"
+    nix = ["nix", "--extra-experimental-features", "nix-command"]
+    for cmd in ([*nix, "copy", "--from", f"local?root={native}", "--to",
+                 f"file://{cache}?compression=none", path],
+                [*nix, "store", "sign", "--key-file", str(nixw.keys / "cache-a-1.sec"),
+                 "--store", f"file://{cache}", path]):
+        ok = run(cmd)
+        assert ok.returncode == 0, ok.stderr
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    (mounted.path / "other").write_bytes(b"readable meanwhile\n")
+    started = time.monotonic()
+    proc = subprocess.Popen(annofs_cmd("--store", str(mounted.store), "nix", "fetch",
+                                       "--cache", str(cache), "--policy", str(pol), path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    slowest, probes = 0.0, 0
+    while proc.poll() is None:
+        t = time.monotonic()
+        assert (mounted.path / "other").read_bytes() == b"readable meanwhile\n"
+        os.listdir(mounted.path)
+        slowest = max(slowest, time.monotonic() - t)
+        probes += 1
+        time.sleep(0.02)
+    took = time.monotonic() - started
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and f"fetched {path}" in out, err
+    assert (mounted.path / path.lstrip("/") / "d0" / "small0").read_text() == "small file 0\n"
+    assert took > 1.0 and probes > 10, (took, probes)  # the fetch took a while...
+    assert slowest < 0.5, (slowest, took)  # ...and the mount answered all along

@@ -123,11 +123,11 @@ class DaemonCommands:
     async def nix_fetch(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """`annofs nix fetch` into the mount; the new store paths show at once.
 
-        It runs on the event loop: the mount waits while NARs are read (the restore is
-        one staging tree swapped in by one transaction, so no reader ever sees half a
-        path; a worker thread would need the swap, which changes directory nodes the
-        loop caches, back on the loop). The policy is the file the command names, else
-        the mount's.
+        NARs are read, checked and staged in a worker thread, so the mount keeps
+        answering; each path's staging tree is swapped in by one transaction run on the
+        event loop (the swap changes directory nodes the loop caches: between two
+        requests, never during one), so no reader ever sees half a path. The policy is
+        the file the command names, else the mount's.
         """
         from annofs.nix.cache import DirectoryCache
         from annofs.nix.fetch import cache_args, fetch, mirror_remote
@@ -160,8 +160,9 @@ class DaemonCommands:
                                                   recursive, Path(tmp))
             await self.ops.commit_all()
             async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
-                done = fetch(self.ops.vol, policy, local, paths, dest=dest,
-                             recursive=recursive)
+                done = await trio.to_thread.run_sync(functools.partial(
+                    fetch, self.ops.vol, policy, local, paths, dest=dest,
+                    recursive=recursive, swap_on=trio.from_thread.run_sync))
         self.ops.dirty_since_sync = True
         for f in done:
             # Every level: /nix may be new, and the kernel may hold a negative entry for it.

@@ -61,6 +61,7 @@ from annofs.nix.nar import (
     NarError,
     NarHash,
     RestoredTree,
+    SwapOn,
     dump_volume,
     nar_hash,
     restore_nar_into,
@@ -414,7 +415,7 @@ def _check_file(info: NarInfo, where: str, raw: _Hashing) -> None:
 
 
 def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
-             progress: Progress | None = None) -> Fetched:
+             progress: Progress | None = None, swap_on: SwapOn | None = None) -> Fetched:
     """Add one resolved store path at `dest_dir/<base name>` (see the module docstring)."""
     base = r.store_path.base
     dest = (*dest_dir, base.encode())
@@ -445,7 +446,7 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
         with f:
             tree = restore_nar_into(vol, stream, dest, source=where,  # type: ignore[arg-type]
                                     verify=verify, before_swap=before_swap,
-                                    progress=progress, canonical=True)
+                                    progress=progress, canonical=True, swap_on=swap_on)
     except NarError as e:
         # The signed NarHash describes a well-formed NAR: a malformed one is not it.
         raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
@@ -492,14 +493,16 @@ def _roots(paths: Sequence[str]) -> list[tuple[str, str | None]]:
 
 def fetch(vol: Volume, policy: Policy, caches: Sequence[BinaryCache | Path],
           paths: Sequence[str], *, dest: Sequence[bytes] = DEFAULT_DEST,
-          recursive: bool = False, progress: Progress | None = None) -> list[Fetched]:
+          recursive: bool = False, progress: Progress | None = None,
+          swap_on: SwapOn | None = None) -> list[Fetched]:
     """Fetch `paths` (full store paths, base names or hash parts) from `caches` (a Path
-    is a cache directory)."""
+    is a cache directory). `swap_on` runs each path's final swap (nar.restore_nar_into):
+    a daemon fetching in a worker thread swaps on its event loop."""
     if not caches:
         raise UsageError("no --cache given")
     sources = [DirectoryCache(c) if isinstance(c, Path) else c for c in caches]
     order = resolve_closure(sources, _roots(paths), policy, recursive)
-    return [add_path(vol, r, dest, progress) for r in order]
+    return [add_path(vol, r, dest, progress, swap_on) for r in order]
 
 
 def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: Policy,

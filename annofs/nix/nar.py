@@ -584,6 +584,10 @@ class RestoredTree:
 
 
 BeforeSwap = Callable[[lmdb.Transaction, RestoredTree], None]
+# Runs the final swap where the caller needs it: a mount's daemon restores in a worker
+# thread and swaps on its event loop (trio.from_thread.run_sync), whose inode caches
+# must see the namespace change between two requests, never during one.
+SwapOn = Callable[[Callable[[], None]], None]
 Progress = Callable[[int, int], None]  # (files done, bytes read) increments
 
 # Entries wait in memory and go into the store one transaction per batch: a transaction
@@ -596,9 +600,11 @@ _BATCH_HASH_BYTES = 8 << 20
 
 class _Restorer:
     def __init__(self, vol: Volume, dest: tuple[bytes, ...], replace: bool,
-                 progress: Progress | None, canonical: bool = False) -> None:
+                 progress: Progress | None, canonical: bool = False,
+                 swap_on: SwapOn | None = None) -> None:
         self.vol = vol
         self.canonical = canonical
+        self.swap_on = swap_on
         self.dest = dest
         self.replace = replace
         self.progress = progress
@@ -704,12 +710,19 @@ class _Restorer:
         self.pending_bytes = 0
 
     def _finish(self, tree: RestoredTree, before_swap: BeforeSwap | None) -> None:
-        ns = self.vol.namespace
-        parent, name = list(self.dest[:-1]), self.dest[-1]
         self.batch.flush()
         tree.new_bytes = self.batch.new_bytes
+        if self.swap_on is None:
+            self._swap(tree, before_swap)
+        else:
+            self.swap_on(lambda: self._swap(tree, before_swap))
+
+    def _swap(self, tree: RestoredTree, before_swap: BeforeSwap | None) -> None:
+        """The one transaction that makes the staged tree visible."""
+        ns = self.vol.namespace
+        parent, name = list(self.dest[:-1]), self.dest[-1]
         with self.vol.store.write() as txn:
-            self._flush(txn)
+            self._flush(txn)  # the last batch (at most _BATCH_ENTRIES) with the swap
             _check_dest(self.vol, txn, self.dest, self.replace)
             dir_id = ns.make_dirs(txn, parent, self.uid, self.gid)
             if before_swap is not None:
@@ -791,7 +804,8 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
                      verify: Verify | None = None,
                      before_swap: BeforeSwap | None = None,
                      progress: Progress | None = None,
-                     canonical: bool = False) -> RestoredTree:
+                     canonical: bool = False,
+                     swap_on: SwapOn | None = None) -> RestoredTree:
     """Unpack the NAR read from `reader` at the store path `dest`, atomically.
 
     The whole archive is checked first (see `checked_nar`: a pipe is spooled to a
@@ -811,7 +825,8 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
     executable), directories 0755, the caller's uid and gid and the current time, as
     `nix-store --restore` would make them; with `canonical`, Nix's canonical metadata
     of a valid store path instead (files 0444 or 0555, directories 0555, times 1 s
-    after the epoch), as Nix leaves a path it registers.
+    after the epoch), as Nix leaves a path it registers. `swap_on(f)` runs the final
+    swap `f` (default: here).
     """
     dest = tuple(dest)
     if not dest:
@@ -821,7 +836,7 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
     with vol.store.read() as txn:
         _check_dest(vol, txn, dest, replace)
     with checked_nar(reader, source, vol.store.path, verify) as stream:
-        return _Restorer(vol, dest, replace, progress, canonical).run(
+        return _Restorer(vol, dest, replace, progress, canonical, swap_on).run(
             NarReader(stream, source), before_swap)
 
 
