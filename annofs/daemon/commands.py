@@ -174,23 +174,29 @@ class DaemonCommands:
         """Unpack a NAR file (a host path the client names) at a new path in the mount.
 
         The daemon opens the file itself: only the mount's owner or root reach this
-        channel, so it reads nothing its caller could not. It runs on the event loop (a
-        gc, in its thread, cannot start meanwhile): the mount waits for the restore.
+        channel, so it reads nothing its caller could not. The file is read, checked and
+        staged in a worker thread (a gc, in its thread, cannot start meanwhile); only the
+        swap runs on the event loop, so the mount keeps answering.
         """
-        from annofs.nix.nar import restore_nar_into
+        from annofs.nix.nar import RestoredTree, restore_nar_into
 
         dest = _parts(args, "dest")
         file, source = args.get("file"), args.get("source", "NAR")
         if not isinstance(file, str) or not isinstance(source, str):
             raise UsageError("control: 'file' and 'source' must be strings")
         check_outside(Path(file), self.policy.mountpoint, "the NAR")
-        try:
-            f = open(file, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise UsageError(f"{source}: {e.strerror}") from None
-        with f:
-            async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
-                tree = restore_nar_into(self.ops.vol, f, dest, source=source)
+
+        def restore() -> RestoredTree:
+            try:
+                f = open(file, "rb")  # noqa: SIM115 - closed below
+            except OSError as e:
+                raise UsageError(f"{source}: {e.strerror}") from None
+            with f:
+                return restore_nar_into(self.ops.vol, f, dest, source=source,
+                                        swap_on=trio.from_thread.run_sync)
+
+        async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
+            tree = await trio.to_thread.run_sync(restore)
         self.ops.dirty_since_sync = True
         for i in range(1, len(dest) + 1):  # parents it made may be cached as missing
             self.inv.path_changed(self.ops.inodes, dest[:i])
