@@ -4,6 +4,7 @@ registered so Nix holds it valid; the NAR hash is cached per tree version."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,11 @@ def test_add_source_in_a_mount_is_the_path_nix_makes(mounted: Mount, tmp_path: P
     hashed = nix_store(root, "-q", "--hash", want)
     assert hashed.returncode == 0 and hashed.stdout.strip() in res.stdout
     assert (root / want.lstrip("/") / "sub" / "run.sh").read_text() == "#!/bin/sh\necho hi\n"
+    # A flake's path: input of the store path is that very path to Nix.
+    meta = run(["nix", "--extra-experimental-features", "nix-command flakes", "--store",
+                f"local?root={root}", "flake", "metadata", "--json",
+                f"path:{root}{want}"])
+    assert meta.returncode == 0 and json.loads(meta.stdout)["path"] == want, meta.stderr
 
     again = add_source(mounted.store, str(proj))
     assert again.returncode == 0, again.stderr
