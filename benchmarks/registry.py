@@ -23,7 +23,7 @@ FIGURE_MODULES = ("benchmarks.ingest", "benchmarks.dedup", "benchmarks.mount", "
                   "benchmarks.trust", "benchmarks.explain", "benchmarks.load",
                   "benchmarks.reliability", "benchmarks.nar", "benchmarks.import_tree",
                   "benchmarks.dashboard", "benchmarks.exerciser", "benchmarks.fuzz",
-                  "benchmarks.sparse", "benchmarks.history")
+                  "benchmarks.sparse", "benchmarks.history", "benchmarks.nix_store")
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "FAIL", "info", "skipped", "ERROR"
 

@@ -1523,3 +1523,23 @@ async def test_fallocate_modes_and_seek_data_hole(k: Kernel, vol: Volume) -> Non
         await k.ops.fallocate(fh, 0, 0, 0)
     await k.release(fh)
     await k.settle()
+
+
+@trio_test
+async def test_a_directory_written_before_an_ancestor_is_shared(k: Kernel, vol: Volume) -> None:
+    """A change caches its directory as exclusive (no walk from the root for the next
+    create or close there): sharing an ancestor later must end that, or the next file
+    written would appear in the copy too."""
+    a = await k.mkdir(ROOT, b"a")
+    sub = await k.mkdir(a.st_ino, b"sub")
+    await k.write_file(sub.st_ino, b"one", b"1")  # /a/sub made exclusive, cached
+    with vol.store.write() as txn:  # annofs cp /a /b: /a's node shared, /a/sub's not
+        vol.namespace.copy(txn, [b"a"], [b"b"])
+    await k.write_file(sub.st_ino, b"two", b"2")  # through the inode cached above
+    try:
+        b = await k.lookup(ROOT, b"b")
+        b_sub = await k.lookup(b.st_ino, b"sub")
+        assert [n for n, _ in await k.listdir(b_sub.st_ino)] == [b"one"]
+        assert sorted(n for n, _ in await k.listdir(sub.st_ino)) == [b"one", b"two"]
+    finally:
+        await k.forget_all()

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from annofs.cli.context import Progress, open_volume, store_path
+from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
 from annofs.cli.paths import parse_store_path, resolve_target
 from annofs.cli.trust_cmds import POLICY_ENV
 from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
 from annofs.store.lock import store_lock
+
+if TYPE_CHECKING:
+    from annofs.nix.register import Registration
+    from annofs.nix.source import AddedSource
 
 
 @click.group("nix")
@@ -54,19 +58,28 @@ def _report(f: dict[str, Any], out_prefix: str) -> None:
                    "a file:// or an http(s):// URL; repeatable: agreeing caches add "
                    "their signatures.")
 @click.option("--dest", default=None, metavar="PATH",
-              help="Where store paths go (default /nix/store in the filesystem).")
+              help="Where store paths go (default /nix/store in the filesystem; a mount "
+                   "at R/nix/store: its root).")
 @click.option("--recursive", is_flag=True, help="Also fetch every path it references.")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), default=None,
               help=f"The policy whose trusted keys count (default: ${POLICY_ENV}, or the "
                    f"mount's).")
+@click.option("--nix-root", "nix_root", type=click.Path(path_type=Path), default=None,
+              metavar="R", help="Register the paths in the Nix database of root R (Nix's "
+                                "'--store local?root=R'; '/' for the system's). Default: R "
+                                "when --dest is R/nix/store in a mount and R/nix/var/nix/db "
+                                "exists.")
 @click.argument("paths", nargs=-1)
 @click.pass_context
 def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
-                  recursive: bool, policy_file: Path | None, paths: tuple[str, ...]) -> None:
+                  recursive: bool, policy_file: Path | None, nix_root: Path | None,
+                  paths: tuple[str, ...]) -> None:
     """Import STOREPATHs from binary caches, verifying signatures and NarHash first.
 
     A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
     unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
+    Paths get Nix's canonical metadata, and are registered as valid in a Nix database
+    (--nix-root), references first.
     """
     from annofs.nix.cache import DirectoryCache
     from annofs.nix.fetch import DEFAULT_DEST, cache_args, fetch
@@ -91,6 +104,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         if mount is None and dest is not None:
             raise UsageError(f"{store}: mounted at {state['mountpoint']}; give --dest as a "
                              f"path inside the mount")
+        if dest is None:
+            dest_parts = _default_dest(Path(state["mountpoint"]))
         result = request(store, "nix-fetch", caches=[
                              str(c.path) if isinstance(c, DirectoryCache) else c.where
                              for c in cache_list],
@@ -100,6 +115,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         mp = mount.mountpoint if mount is not None else Path(state["mountpoint"])
         for f in result["fetched"]:
             _report(f, f"{mp}/")
+        host_dest = mp.joinpath(*(p.decode("utf-8", "surrogateescape") for p in dest_parts))
+        _register(nix_root, host_dest, _fetched_registrations(result["fetched"]))
         return
     from annofs.trust.policy import load_policy
 
@@ -118,6 +135,148 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         progress.close()
     for f in done:
         _report(f.to_json(), "/")
+    _register(nix_root, None, [f.registration() for f in done])
+
+
+def _default_dest(mountpoint: Path) -> list[bytes]:
+    """Where store paths go in a mount by default: its root when the mount is itself a
+    store directory R/nix/store (a chroot store's), else its /nix/store."""
+    from annofs.nix.fetch import DEFAULT_DEST
+    from annofs.nix.register import nix_root_of
+
+    return [] if nix_root_of(mountpoint) is not None else list(DEFAULT_DEST)
+
+
+def _fetched_registrations(fetched: list[dict[str, Any]]) -> list[Registration]:
+    from annofs.nix.fetch import Fetched
+
+    return [Fetched.from_json(f).registration() for f in fetched]
+
+
+def _register(nix_root: Path | None, host_dest: Path | None,
+              regs: list[Registration]) -> None:
+    """Register `regs` in the Nix database of `nix_root`, else of R when the paths went
+    to R/nix/store on the host and R is a Nix root (has its database)."""
+    from annofs.nix.register import nix_root_of, register, store_uri
+
+    root = nix_root
+    if root is None and host_dest is not None:
+        root = nix_root_of(host_dest)
+        if root is not None and not (root / "nix" / "var" / "nix" / "db").is_dir():
+            root = None  # not a Nix root: a tree that merely looks like one
+    if root is None:
+        return
+    root = Path(os.path.abspath(root))
+    for p in register(root, regs):
+        click.echo(f"registered {p} in {store_uri(root)}")
+
+
+_NIX_ROOT_HELP = ("Register the path in the Nix database of root R (Nix's "
+                  "'--store local?root=R'; '/' for the system's). Default: R when the "
+                  "store directory is R/nix/store in a mount and R/nix/var/nix/db exists.")
+
+
+@nix_group.command("add-source")
+@click.option("--dest", default=None, metavar="PATH",
+              help="The store directory (default /nix/store in the filesystem; a mount "
+                   "at R/nix/store: its root).")
+@click.option("--name", default="source", show_default=True,
+              help="The store path's name (flake path: inputs are 'source').")
+@click.option("--nix-root", "nix_root", type=click.Path(path_type=Path), default=None,
+              metavar="R", help=_NIX_ROOT_HELP)
+@click.argument("directory")
+@click.pass_context
+def nix_add_source_cmd(ctx: click.Context, dest: str | None, name: str,
+                       nix_root: Path | None, directory: str) -> None:
+    """Make DIRECTORY (a tree in annofs) the store path /nix/store/<hash>-source that
+    Nix would make of it (recursive SHA-256 NAR hash), by an O(1) copy; registered in
+    Nix's database. The NAR hash is cached per tree version."""
+    from annofs.nix.fetch import DEFAULT_DEST
+    from annofs.nix.narinfo import format_sha256
+    from annofs.nix.source import add_source, check_source_name
+
+    check_source_name(name)
+    store = store_path(ctx)
+    src = resolve_target(directory, store)
+    if dest is not None:
+        target = resolve_target(dest, store)
+        if (target.mount is None) != (src.mount is None) or target.store != src.store:
+            raise UsageError(f"{directory} and {dest}: must both be in the same annofs "
+                             f"store or mount")
+        dest_parts = list(target.parts)
+    elif src.mount is not None:
+        dest_parts = _default_dest(src.mount.mountpoint)
+    else:
+        dest_parts = list(DEFAULT_DEST)
+    if src.mount is not None:
+        added = _add_source_mounted(src.store, src.mount.mountpoint, list(src.parts),
+                                    dest_parts, name)
+        host_dest: Path | None = src.mount.mountpoint.joinpath(
+            *(p.decode("utf-8", "surrogateescape") for p in dest_parts))
+        shown = f"{src.mount.mountpoint}/"
+    else:
+        require_unmounted(src.store)
+        with store_lock(src.store, exclusive=False, what="nix add-source"), \
+                open_volume(ctx, store=src.store) as vol:
+            added = add_source(vol, src.parts, dest_parts, name)
+            vol.store.sync()
+        host_dest, shown = None, "/"
+    where = shown + "/".join(p.decode("utf-8", "surrogateescape") for p in added.dest)
+    how = "NAR hash cached" if added.cached else "NAR hash computed"
+    what = "already present" if added.already else "copied"
+    click.echo(f"{added.store_path} -> {where}: {what}; {format_sha256(added.nar.sha256)}, "
+               f"{added.nar.size} NAR bytes ({how})")
+    _register(nix_root, host_dest, [added.registration()])
+
+
+def _add_source_mounted(store: Path, mountpoint: Path, src: list[bytes],
+                        dest_dir: list[bytes], name: str) -> AddedSource:
+    """Hash beside the daemon (the mount keeps answering), then ask it for the O(1)
+    copy; the copy's key must be the hashed tree's (else the tree changed meanwhile:
+    the copy is removed, and it is an error)."""
+    import shutil
+
+    from annofs.daemon.client import request
+    from annofs.nix.source import (
+        AddedSource,
+        NarHashCache,
+        existing,
+        hash_tree,
+        make_source_path,
+        tree_key,
+    )
+    from annofs.volume import Volume
+
+    def text(parts: list[bytes]) -> list[str]:
+        return [p.decode("utf-8", "surrogateescape") for p in parts]
+
+    request(store, "commit")  # what open handles wrote, as a reader of the mount sees it
+    vol = Volume.open(store)
+    try:
+        cache = NarHashCache(store)
+        with vol.store.read() as txn:
+            if not vol.namespace.resolve(txn, src).is_dir:
+                raise UsageError(f"/{'/'.join(text(src))}: not a directory")
+            hashed = hash_tree(vol, txn, src, cache)
+            store_path = make_source_path(hashed.nar.sha256, name)
+            dest = [*dest_dir, store_path.rsplit("/", 1)[1].encode()]
+            if existing(vol, txn, src, dest, hashed.nar, cache):
+                return AddedSource(store_path, tuple(dest), hashed.nar, hashed.cached, True)
+            hashed_at = txn.id()  # the last commit the snapshot holds
+        host_dir = mountpoint.joinpath(*text(dest_dir))
+        host_dir.mkdir(parents=True, exist_ok=True)
+        request(store, "cp", src=text(src), dst=text(dest))
+        with vol.store.read() as txn:
+            # Only the copy committed since the snapshot: it is the tree that was hashed.
+            # Else look (a walk of the copy's listing, no content read).
+            same = txn.id() == hashed_at + 1 or \
+                tree_key(vol, txn, vol.namespace.resolve(txn, dest)) == hashed.key
+    finally:
+        vol.close()
+    if not same:
+        shutil.rmtree(host_dir / text(dest)[-1])
+        raise UsageError(f"/{'/'.join(text(src))}: changed while it was hashed; run again")
+    return AddedSource(store_path, tuple(dest), hashed.nar, hashed.cached, False)
 
 
 @nix_group.command("sign")

@@ -126,11 +126,11 @@ class DaemonCommands:
     async def nix_fetch(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """`annofs nix fetch` into the mount; the new store paths show at once.
 
-        It runs on the event loop: the mount waits while NARs are read (the restore is
-        one staging tree swapped in by one transaction, so no reader ever sees half a
-        path; a worker thread would need the swap, which changes directory nodes the
-        loop caches, back on the loop). The policy is the file the command names, else
-        the mount's.
+        NARs are read, checked and staged in a worker thread, so the mount keeps
+        answering; each path's staging tree is swapped in by one transaction run on the
+        event loop (the swap changes directory nodes the loop caches: between two
+        requests, never during one), so no reader ever sees half a path. The policy is
+        the file the command names, else the mount's.
         """
         from annofs.nix.cache import DirectoryCache
         from annofs.nix.fetch import cache_args, fetch, mirror_remote
@@ -163,8 +163,9 @@ class DaemonCommands:
                                                   recursive, Path(tmp))
             await self.ops.commit_all()
             async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
-                done = fetch(self.ops.vol, policy, local, paths, dest=dest,
-                             recursive=recursive)
+                done = await trio.to_thread.run_sync(functools.partial(
+                    fetch, self.ops.vol, policy, local, paths, dest=dest,
+                    recursive=recursive, swap_on=trio.from_thread.run_sync))
         self.ops.dirty_since_sync = True
         for f in done:
             # Every level: /nix may be new, and the kernel may hold a negative entry for it.
@@ -176,23 +177,29 @@ class DaemonCommands:
         """Unpack a NAR file (a host path the client names) at a new path in the mount.
 
         The daemon opens the file itself: only the mount's owner or root reach this
-        channel, so it reads nothing its caller could not. It runs on the event loop (a
-        gc, in its thread, cannot start meanwhile): the mount waits for the restore.
+        channel, so it reads nothing its caller could not. The file is read, checked and
+        staged in a worker thread (a gc, in its thread, cannot start meanwhile); only the
+        swap runs on the event loop, so the mount keeps answering.
         """
-        from annofs.nix.nar import restore_nar_into
+        from annofs.nix.nar import RestoredTree, restore_nar_into
 
         dest = _parts(args, "dest")
         file, source = args.get("file"), args.get("source", "NAR")
         if not isinstance(file, str) or not isinstance(source, str):
             raise UsageError("control: 'file' and 'source' must be strings")
         check_outside(Path(file), self.policy.mountpoint, "the NAR")
-        try:
-            f = open(file, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise UsageError(f"{source}: {e.strerror}") from None
-        with f:
-            async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
-                tree = restore_nar_into(self.ops.vol, f, dest, source=source)
+
+        def restore() -> RestoredTree:
+            try:
+                f = open(file, "rb")  # noqa: SIM115 - closed below
+            except OSError as e:
+                raise UsageError(f"{source}: {e.strerror}") from None
+            with f:
+                return restore_nar_into(self.ops.vol, f, dest, source=source,
+                                        swap_on=trio.from_thread.run_sync)
+
+        async with self.ops.gc_gate.shared():  # a gc in its thread would free fragments
+            tree = await trio.to_thread.run_sync(restore)
         self.ops.dirty_since_sync = True
         for i in range(1, len(dest) + 1):  # parents it made may be cached as missing
             self.inv.path_changed(self.ops.inodes, dest[:i])

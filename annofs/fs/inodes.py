@@ -42,6 +42,10 @@ class Inode:
     orphan: Attrs | None = None
     dir_id: int | None = None
     dir_epoch: int = -1
+    # The namespace's cow_epoch when the path to this directory was last made exclusive
+    # (Namespace.writable_dir): unchanged since, no directory was shared or copied, so it
+    # still is, and a change needs no walk from the root (operations._writable_dir).
+    writable_epoch: int = -1
     extra: dict = field(default_factory=dict)
     # Every (parent, name) bound to this inode: one, or several for a hard link.
     locations: set[tuple[int, bytes]] = field(default_factory=set)

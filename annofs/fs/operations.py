@@ -178,9 +178,16 @@ class Operations(pyfuse3.Operations):
         """The directory's node id, made exclusive (copy-on-write) for a change."""
         if node.orphan is not None:
             raise NotFoundError("the directory was removed")
+        self.dirty_since_sync = True
+        epoch = self.ns.cow_epoch
+        if node.writable_epoch == epoch and node.dir_epoch == epoch and \
+                node.dir_id is not None and self.ns.is_exclusive(txn, node.dir_id):
+            # Made exclusive before, and nothing was shared or copied since: every create,
+            # close and chmod of a cp -a would otherwise walk the path from the root.
+            return node.dir_id
         dir_id = self.ns.writable_dir(txn, self.inodes.path(node))
         node.dir_id, node.dir_epoch = dir_id, self.ns.cow_epoch
-        self.dirty_since_sync = True
+        node.writable_epoch = self.ns.cow_epoch
         return dir_id
 
     def _change(self, txn: lmdb.Transaction, node: Inode,

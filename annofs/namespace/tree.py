@@ -75,8 +75,10 @@ class Namespace:
         self._dirs = store.db["dirs"]
         self._entries = store.db["entries"]
         self._links = store.db["links"]
-        # Bumped whenever a shared directory is copied, and whenever a write transaction
-        # aborts (a copy made in it never existed): dir ids cached above us go stale.
+        # Bumped whenever a shared directory is copied, whenever a directory node gains a
+        # reference (it becomes shared: a path made exclusive may no longer be), and
+        # whenever a write transaction aborts (a copy made in it never existed): dir ids
+        # cached above us go stale.
         self.cow_epoch = 0
         store.on_abort.append(self._forget_cached_ids)
 
@@ -148,6 +150,11 @@ class Namespace:
             raise NotFoundError(f"directory node {dir_id}: missing")
         return decode_dir(dir_id, raw)
 
+    def is_exclusive(self, txn: lmdb.Transaction, dir_id: int) -> bool:
+        """Whether a directory node exists and only one entry refers to it."""
+        raw = txn.get(u64(dir_id), db=self._dirs)
+        return raw is not None and decode_dir(dir_id, raw).refcount == 1
+
     def _put_header(self, txn: lmdb.Transaction, dir_id: int, h: DirHeader) -> None:
         txn.put(u64(dir_id), encode_dir(h), db=self._dirs)
 
@@ -163,6 +170,7 @@ class Namespace:
         elif a.is_dir:
             h = self.header(txn, a.target)
             self._put_header(txn, a.target, dataclasses.replace(h, refcount=h.refcount + 1))
+            self.cow_epoch += 1
 
     def _unref_target(self, txn: lmdb.Transaction, a: Attrs) -> None:
         """An entry pointing at `a`'s target went away; free nodes nothing uses."""

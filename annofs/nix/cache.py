@@ -41,6 +41,10 @@ STORE_DIR = "/nix/store"
 # Seconds a connection or one read may take before the request is tried again.
 HTTP_TIMEOUT = 20.0
 HTTP_TRIES = 3
+# A NAR download as a whole: this long plus its bytes at MIN_RATE. A cache that sends a
+# byte every 19 s passes every per-read timeout; this bounds it (SECURITY.md finding 9).
+NAR_GRACE = 60.0
+MIN_RATE = 64 * 1024  # bytes per second
 _FIRST_PAUSE = 0.5
 _USER_AGENT = "annofs-nix-fetch"
 
@@ -55,8 +59,9 @@ class BinaryCache(Protocol):
     def narinfo(self, hash_part: str) -> bytes | None:
         """The bytes of `<hash_part>.narinfo` (at most MAX_NARINFO + 1), or None."""
 
-    def open_nar(self, url: str) -> BinaryIO | None:
-        """A stream of the NAR file at the narinfo's `URL`, or None if it is missing."""
+    def open_nar(self, url: str, max_bytes: int | None = None) -> BinaryIO | None:
+        """A stream of the NAR file at the narinfo's `URL`, or None if it is missing;
+        `max_bytes`, the most it may have, bounds how long reading it may take."""
 
 
 class DirectoryCache:
@@ -70,8 +75,8 @@ class DirectoryCache:
         """See BinaryCache."""
         return read_cache_file(self.path / f"{hash_part}.narinfo", MAX_NARINFO + 1)
 
-    def open_nar(self, url: str) -> BinaryIO | None:
-        """See BinaryCache."""
+    def open_nar(self, url: str, max_bytes: int | None = None) -> BinaryIO | None:
+        """See BinaryCache (a local file: no deadline)."""
         return open_cache_file(self.path / url)
 
 
@@ -79,10 +84,13 @@ class HttpCache:
     """A cache served over HTTP(S): cache.nixos.org, Hydra, nix-serve, Attic, S3 sites."""
 
     def __init__(self, url: str, *, timeout: float = HTTP_TIMEOUT, tries: int = HTTP_TRIES,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, grace: float = NAR_GRACE,
+                 min_rate: int = MIN_RATE) -> None:
         self.base = url.rstrip("/")
         self.where = url
         self.timeout = timeout
+        self.grace = grace
+        self.min_rate = min_rate
         self.tries = tries
         self._sleep = sleep
         self._checked = False
@@ -156,22 +164,32 @@ class HttpCache:
         self.check()
         return self._read(f"{hash_part}.narinfo", MAX_NARINFO + 1)
 
-    def open_nar(self, url: str) -> BinaryIO | None:
+    def open_nar(self, url: str, max_bytes: int | None = None) -> BinaryIO | None:
         """See BinaryCache."""
         self.check()
+        allowed = self.grace + (max_bytes or 0) / self.min_rate
+        start = time.monotonic()
         resp = self._get(url)
-        return None if resp is None else _Body(resp, self._url(url))  # type: ignore[return-value]
+        if resp is None:
+            return None
+        return _Body(resp, self._url(url), start + allowed, allowed)  # type: ignore[return-value]
 
 
 class _Body:
     """A response body whose failures mid-stream (a reset, a read that times out, a body
     cut short) are one-line errors naming the URL, not tracebacks."""
 
-    def __init__(self, resp: BinaryIO, url: str) -> None:
+    def __init__(self, resp: BinaryIO, url: str, deadline: float | None = None,
+                 allowed: float = 0.0) -> None:
         self._resp = resp
         self._url = url
+        self._deadline = deadline
+        self._allowed = allowed
 
     def _guard(self, read: Callable[[], T]) -> T:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise UsageError(f"{self._url}: the download took over {self._allowed:.0f} s "
+                             f"(too slow for its size; given up)")
         try:
             return read()
         except (OSError, http.client.HTTPException) as e:

@@ -61,6 +61,7 @@ from annofs.nix.nar import (
     NarError,
     NarHash,
     RestoredTree,
+    SwapOn,
     dump_volume,
     nar_hash,
     restore_nar_into,
@@ -76,6 +77,7 @@ from annofs.nix.narinfo import (
     parse_narinfo,
     store_path_arg,
 )
+from annofs.nix.register import Registration
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
 from annofs.trust.signing import collect_files
@@ -305,12 +307,33 @@ class Fetched:
     already: bool  # the tree was there already (only signatures were added)
     nar_size: int
     notes: list[str]
+    nar_hash: str = ""  # sha256:<nix base32>, as signed
+    references: list[str] = field(default_factory=list)  # full store paths
+    deriver: str | None = None  # full store path
+
+    def registration(self) -> Registration:
+        """What Nix's database should record for this path (nix/register.py)."""
+        return Registration(self.store_path, self.nar_hash, self.nar_size,
+                            tuple(self.references), self.deriver)
 
     def to_json(self) -> dict[str, Any]:
         """As the daemon answers a command (names as text)."""
         d = dataclasses.asdict(self)
         d["dest"] = [p.decode("utf-8", "surrogateescape") for p in self.dest]
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Fetched:
+        """As `to_json` made it (the daemon's answer)."""
+        return cls(**{**d, "dest": tuple(p.encode("utf-8", "surrogateescape")
+                                         for p in d["dest"])})
+
+
+def _nix_facts(r: Resolved) -> dict[str, Any]:
+    info = r.info
+    deriver = f"{info.store_path.store_dir}/{info.deriver}" if info.deriver else None
+    return {"nar_hash": info.nar_hash_text, "references": info.reference_paths(),
+            "deriver": deriver}
 
 
 def _subject_name(base: str, path: Sequence[bytes]) -> str:
@@ -361,7 +384,7 @@ def _open_nar(r: Resolved) -> tuple[str, NarInfo, BinaryIO]:
     tried = []
     for cache, info in r.sources:
         where = f"{cache.where.rstrip('/')}/{info.url}"
-        f = cache.open_nar(info.url)  # closed by the caller
+        f = cache.open_nar(info.url, max_file_size(info))  # closed by the caller
         if f is not None:
             return where, info, f
         tried.append(where)
@@ -392,7 +415,7 @@ def _check_file(info: NarInfo, where: str, raw: _Hashing) -> None:
 
 
 def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
-             progress: Progress | None = None) -> Fetched:
+             progress: Progress | None = None, swap_on: SwapOn | None = None) -> Fetched:
     """Add one resolved store path at `dest_dir/<base name>` (see the module docstring)."""
     base = r.store_path.base
     dest = (*dest_dir, base.encode())
@@ -423,12 +446,12 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
         with f:
             tree = restore_nar_into(vol, stream, dest, source=where,  # type: ignore[arg-type]
                                     verify=verify, before_swap=before_swap,
-                                    progress=progress)
+                                    progress=progress, canonical=True, swap_on=swap_on)
     except NarError as e:
         # The signed NarHash describes a well-formed NAR: a malformed one is not it.
         raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
     return Fetched(r.store_path.full, dest, len(tree.files), signers, counted[0], False,
-                   info.nar_size, r.notes)
+                   info.nar_size, r.notes, **_nix_facts(r))
 
 
 def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[bytes, ...],
@@ -445,7 +468,7 @@ def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[
     with vol.store.write() as txn:
         added = _record(vol, txn, ann, r, files)
     return Fetched(r.store_path.full, dest, len(files), signers, added, True,
-                   r.info.nar_size, r.notes)
+                   r.info.nar_size, r.notes, **_nix_facts(r))
 
 
 def _exists(vol: Volume, dest: tuple[bytes, ...]) -> bool:
@@ -470,14 +493,16 @@ def _roots(paths: Sequence[str]) -> list[tuple[str, str | None]]:
 
 def fetch(vol: Volume, policy: Policy, caches: Sequence[BinaryCache | Path],
           paths: Sequence[str], *, dest: Sequence[bytes] = DEFAULT_DEST,
-          recursive: bool = False, progress: Progress | None = None) -> list[Fetched]:
+          recursive: bool = False, progress: Progress | None = None,
+          swap_on: SwapOn | None = None) -> list[Fetched]:
     """Fetch `paths` (full store paths, base names or hash parts) from `caches` (a Path
-    is a cache directory)."""
+    is a cache directory). `swap_on` runs each path's final swap (nar.restore_nar_into):
+    a daemon fetching in a worker thread swaps on its event loop."""
     if not caches:
         raise UsageError("no --cache given")
     sources = [DirectoryCache(c) if isinstance(c, Path) else c for c in caches]
     order = resolve_closure(sources, _roots(paths), policy, recursive)
-    return [add_path(vol, r, dest, progress) for r in order]
+    return [add_path(vol, r, dest, progress, swap_on) for r in order]
 
 
 def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: Policy,
@@ -508,7 +533,7 @@ def mirror_remote(caches: Sequence[BinaryCache], paths: Sequence[str], policy: P
             nar = copy.path / info.url
             if nar.exists():
                 continue
-            f = cache.open_nar(info.url)
+            f = cache.open_nar(info.url, max_file_size(info))
             if f is None:
                 continue  # missing there: the fetch says so, naming the cache
             nar.parent.mkdir(parents=True, exist_ok=True)

@@ -584,18 +584,27 @@ class RestoredTree:
 
 
 BeforeSwap = Callable[[lmdb.Transaction, RestoredTree], None]
+# Runs the final swap where the caller needs it: a mount's daemon restores in a worker
+# thread and swaps on its event loop (trio.from_thread.run_sync), whose inode caches
+# must see the namespace change between two requests, never during one.
+SwapOn = Callable[[Callable[[], None]], None]
 Progress = Callable[[int, int], None]  # (files done, bytes read) increments
 
 # Entries wait in memory and go into the store one transaction per batch: a transaction
 # per file would make a NAR of many small files slow; a batch bounds the memory held.
 _BATCH_ENTRIES = 2000
+# Nix's canonical mtime (and atime) of everything in a store path: 1 s after the epoch.
+_NIX_MTIME = 1_000_000_000
 _BATCH_HASH_BYTES = 8 << 20
 
 
 class _Restorer:
     def __init__(self, vol: Volume, dest: tuple[bytes, ...], replace: bool,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, canonical: bool = False,
+                 swap_on: SwapOn | None = None) -> None:
         self.vol = vol
+        self.canonical = canonical
+        self.swap_on = swap_on
         self.dest = dest
         self.replace = replace
         self.progress = progress
@@ -611,6 +620,13 @@ class _Restorer:
 
     def _attrs(self, mode: int, size: int, target: int | bytes) -> Attrs:
         t = now_ns()
+        if self.canonical and not stat.S_ISLNK(mode):
+            # Nix's canonical metadata (canonicalisePathMetaData): no write bits, the
+            # owner's execute bit for all, mtime 1 (a symlink keeps 0777; its time too).
+            x = 0o111 if mode & stat.S_IXUSR else 0
+            mode = stat.S_IFMT(mode) | 0o444 | x
+        if self.canonical:
+            return Attrs(mode, self.uid, self.gid, size, _NIX_MTIME, _NIX_MTIME, t, target)
         return Attrs(mode, self.uid, self.gid, size, t, t, t, target)
 
     def run(self, reader: NarReader, before_swap: BeforeSwap | None) -> RestoredTree:
@@ -638,6 +654,10 @@ class _Restorer:
         ns = self.vol.namespace
         with self.vol.store.write() as txn:
             self.root = ns.make_staging_root(txn, self.uid, self.gid)
+            if self.canonical:
+                ns.set_root_attrs(txn, lambda a: dataclasses.replace(
+                    a, mode=stat.S_IFDIR | 0o555, atime_ns=_NIX_MTIME, mtime_ns=_NIX_MTIME),
+                    self.root)
             # The staging tree is ours alone (refcount 1): its directory ids stay valid
             # from one transaction to the next, so entries go in without path walks.
             self.dir_ids[()] = int(ns.root(txn, self.root).target)
@@ -690,12 +710,19 @@ class _Restorer:
         self.pending_bytes = 0
 
     def _finish(self, tree: RestoredTree, before_swap: BeforeSwap | None) -> None:
-        ns = self.vol.namespace
-        parent, name = list(self.dest[:-1]), self.dest[-1]
         self.batch.flush()
         tree.new_bytes = self.batch.new_bytes
+        if self.swap_on is None:
+            self._swap(tree, before_swap)
+        else:
+            self.swap_on(lambda: self._swap(tree, before_swap))
+
+    def _swap(self, tree: RestoredTree, before_swap: BeforeSwap | None) -> None:
+        """The one transaction that makes the staged tree visible."""
+        ns = self.vol.namespace
+        parent, name = list(self.dest[:-1]), self.dest[-1]
         with self.vol.store.write() as txn:
-            self._flush(txn)
+            self._flush(txn)  # the last batch (at most _BATCH_ENTRIES) with the swap
             _check_dest(self.vol, txn, self.dest, self.replace)
             dir_id = ns.make_dirs(txn, parent, self.uid, self.gid)
             if before_swap is not None:
@@ -776,7 +803,9 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
                      replace: bool = False, source: str = "NAR",
                      verify: Verify | None = None,
                      before_swap: BeforeSwap | None = None,
-                     progress: Progress | None = None) -> RestoredTree:
+                     progress: Progress | None = None,
+                     canonical: bool = False,
+                     swap_on: SwapOn | None = None) -> RestoredTree:
     """Unpack the NAR read from `reader` at the store path `dest`, atomically.
 
     The whole archive is checked first (see `checked_nar`: a pipe is spooled to a
@@ -794,7 +823,10 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
 
     `source` names the archive in error messages. Regular files get mode 0644 (0755 if
     executable), directories 0755, the caller's uid and gid and the current time, as
-    `nix-store --restore` would make them.
+    `nix-store --restore` would make them; with `canonical`, Nix's canonical metadata
+    of a valid store path instead (files 0444 or 0555, directories 0555, times 1 s
+    after the epoch), as Nix leaves a path it registers. `swap_on(f)` runs the final
+    swap `f` (default: here).
     """
     dest = tuple(dest)
     if not dest:
@@ -804,8 +836,8 @@ def restore_nar_into(vol: Volume, reader: BinaryIO, dest: Sequence[bytes], *,
     with vol.store.read() as txn:
         _check_dest(vol, txn, dest, replace)
     with checked_nar(reader, source, vol.store.path, verify) as stream:
-        return _Restorer(vol, dest, replace, progress).run(NarReader(stream, source),
-                                                           before_swap)
+        return _Restorer(vol, dest, replace, progress, canonical, swap_on).run(
+            NarReader(stream, source), before_swap)
 
 
 def restore_nar_host(reader: BinaryIO, dest: Path, *, source: str = "NAR") -> NarHash:

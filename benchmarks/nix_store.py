@@ -1,0 +1,166 @@
+"""Figures with the real Nix and a mounted store (issue 21).
+
+`nix-smallfiles`: a store path of many small files written into the mounted store the way
+Nix writes it: `nix-store --store local?root=R --add TREE` with R/nix/store an annofs
+mount, against the same command with R on the native disk (target: within 3x), and
+`cp -a TREE` into each store directory.
+
+`nix-add-source`: `annofs nix add-source DIR` of a large tree held in the mount against
+what Nix does for a flake's `path:` input, `nix flake metadata path:DIR` (Nix 2.8 copies
+the whole tree into its store and hashes it); first, then after a one-file change, and
+once more unchanged (annofs: the NAR hash cache).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.gentree import cached_tree
+from benchmarks.mount import (
+    annofs_cmd,
+    annofs_import,
+    code,
+    code_revision,
+    daemon,
+    daemon_log_note,
+    new_store,
+    running,
+    tree_facts,
+)
+from benchmarks.registry import Context, FigureResult, Row, Skip, figure
+
+SMALL_FILES, QUICK_SMALL_FILES = 5_000, 500
+SOURCE_FILES, QUICK_SOURCE_FILES = 40_000, 2_000
+NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
+
+
+def _need_nix() -> None:
+    if shutil.which("nix-store") is None or shutil.which("nix") is None:
+        raise Skip("the real Nix is not installed (Debian's nix-bin)")
+
+
+def _timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: "
+                           f"{proc.stderr.strip()[-1000:]}")
+    return took, proc.stdout.strip()
+
+
+def _nix_root(root: Path) -> Path:
+    """Make R's Nix database (Nix makes it on first use)."""
+    (root / "nix" / "store").mkdir(parents=True, exist_ok=True)
+    _timed(["nix-store", "--store", f"local?root={root}", "--check-validity",
+            "--print-invalid"])
+    return root
+
+
+@figure("nix-smallfiles", "a 5k-file store path written into a mounted chroot store by Nix")
+def nix_smallfiles(ctx: Context) -> FigureResult:
+    _need_nix()
+    files = QUICK_SMALL_FILES if ctx.quick else SMALL_FILES
+    tree = cached_tree(ctx.cache, files, seed=5)
+    nfiles, ndirs, nlinks, nbytes = tree_facts(tree)
+    src = ctx.work / "src" / "tree"  # without gentree's marker file
+    shutil.copytree(tree, src, symlinks=True)
+    (src / ".gentree-complete").unlink(missing_ok=True)
+    native = _nix_root(ctx.work / "sf-native")
+    store = new_store(ctx.work / "smallfiles-store")
+    d = daemon(ctx, store, "sf-R/nix/store")
+    root = ctx.work / "sf-R"
+    with running(d):
+        _nix_root(root)
+        add = {}
+        cpa = {}
+        for name, r in (("native", native), ("annofs", root)):
+            subprocess.run(["sync"], check=True)
+            add[name], printed = _timed(["nix-store", "--store", f"local?root={r}", "--add",
+                                         str(src)])
+            ctx.log(f"nix-smallfiles {name}: nix-store --add {add[name]:.2f} s ({printed})")
+            subprocess.run(["sync"], check=True)
+            cpa[name] = _timed(["cp", "-a", str(src), str(r / "nix" / "store" / "cp-a")])[0]
+            ctx.log(f"nix-smallfiles {name}: cp -a {cpa[name]:.2f} s")
+        # What Nix added through the mount is a valid path whose content hashes right.
+        _timed(["nix-store", "--store", f"local?root={root}", "--verify-path", printed])
+    s = lambda x: f"{x:.2f} s ({nfiles / x:.0f} files/s)"  # noqa: E731
+    rows = [
+        Row(f"`nix-store --add` of {nfiles} files: mounted chroot store / native chroot store "
+            f"(time)", s(add["annofs"]), s(add["native"]), add["annofs"] / add["native"],
+            "<= 3.00"),
+        Row(f"`cp -a` of {nfiles} files into the store directory: mount / native (time)",
+            s(cpa["annofs"]), s(cpa["native"]), cpa["annofs"] / cpa["native"]),
+    ]
+    notes = f"""\
+What: a nixpkgs-shaped tree from benchmarks/gentree.py ({nfiles} files, {ndirs}
+directories, {nlinks} symlinks, {nbytes / 1e6:.0f} MB; mostly small text, a tail of
+large files) added by the real Nix 2.8 as one store path:
+`nix-store --store local?root=R --add TREE`, with R/nix/store an annofs mount (`annofs
+mount`, no policy) against R on the native disk (ext4); then `cp -a TREE
+R/nix/store/cp-a` into each. One run each, warm source, `sync` before each (the native
+side's writes are in the page cache when it returns: the fair comparison for a mount
+whose commits are not synced either). {daemon_log_note(d)} Code measured: {code_revision()}."""
+    return FigureResult(rows, notes)
+
+
+@figure("nix-add-source", "annofs nix add-source of a large tree vs nix flake metadata path:")
+def nix_add_source(ctx: Context) -> FigureResult:
+    _need_nix()
+    files = QUICK_SOURCE_FILES if ctx.quick else SOURCE_FILES
+    tree = cached_tree(ctx.cache, files, seed=7)
+    nfiles, ndirs, nlinks, nbytes = tree_facts(tree)
+    host = ctx.work / "host" / "proj"
+    shutil.copytree(tree, host, symlinks=True)
+    (host / "flake.nix").write_text("{ outputs = _: { }; }\n")  # a flake: Nix needs one
+    native = _nix_root(ctx.work / "src-native")
+    store = new_store(ctx.work / "source-store")
+    cwd = code(store.parent).cwd
+    annofs_import(store, host, "/proj")
+    d = daemon(ctx, store, "src-R")
+    root = ctx.work / "src-R"
+    proj = root / "proj"
+
+    def change(base: Path, i: int) -> None:
+        target = next(p for p in sorted(base.rglob("*")) if p.is_file())
+        with open(target, "a") as f:
+            f.write(f"# change {i}\n")
+
+    ann: dict[str, float] = {}
+    nix: dict[str, float] = {}
+    flake = [*NIX, "--store", f"local?root={native}", "flake", "metadata", "--json",
+                   f"path:{host}"]
+    with running(d):
+        _nix_root(root)
+        add = annofs_cmd("--store", str(store), "nix", "add-source", str(proj))
+        for step in ("first", "after one change", "unchanged"):
+            if step == "after one change":
+                change(proj, 1)
+                change(host, 1)
+            ann[step], out = _timed(add, cwd)
+            ctx.log(f"nix-add-source annofs {step}: {ann[step]:.2f} s: {out.splitlines()[0]}")
+            nix[step] = _timed(flake)[0]
+            ctx.log(f"nix-add-source nix flake metadata {step}: {nix[step]:.2f} s")
+    s = lambda x: f"{x:.2f} s"  # noqa: E731
+    rows = [Row(f"`annofs nix add-source` / `nix flake metadata path:DIR`, {step} "
+                f"({nfiles} files)", s(ann[step]), s(nix[step]), ann[step] / nix[step],
+                "<= 1.00" if step == "after one change" else "")
+            for step in ("first", "after one change", "unchanged")]
+    notes = f"""\
+What: a nixpkgs-shaped tree from benchmarks/gentree.py ({nfiles} files, {ndirs}
+directories, {nlinks} symlinks, {nbytes / 1e6:.0f} MB), held in a mount at R
+(`annofs import`, then `annofs mount STORE R`; store directory R/nix/store, Nix's database
+R/nix/var/nix/db in the mount). annofs: `annofs nix add-source R/proj` (NAR hash of the
+tree read from the store, an O(1) copy to R/nix/store/<hash>-source, registered with
+`nix-store --load-db`). Nix: `nix --extra-experimental-features 'nix-command flakes'
+--store local?root=N flake metadata --json path:HOST/proj` of the same tree on the native
+disk (N native; Nix 2.8 copies the tree into its store each time). "after one change":
+one line appended to one file on each side, then both again; "unchanged": both once
+more (annofs answers from its NAR hash cache; the cache is per tree version, so a
+one-file change hashes the whole NAR again: SHA-256 does not compose). Whole commands,
+start-up included, one run each, warm. {daemon_log_note(d)} Code measured:
+{code_revision()}."""
+    return FigureResult(rows, notes)
