@@ -45,6 +45,7 @@ from annofs.printable import one_line
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
 from annofs.trust.admission import Claim
+from annofs.trust.nixstore import Caller
 from annofs.trust.pathglob import path_text
 from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
@@ -334,7 +335,7 @@ class Operations(pyfuse3.Operations):
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
             path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
-                                                a.target)
+                                                a.target, caller=Caller(ctx.uid, a.uid))
             await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 
@@ -785,10 +786,15 @@ class Operations(pyfuse3.Operations):
                     # judged (read once, not twice); the open below reuses it.
                     version = (self._open_file(txn, node).base if fresh else
                                self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
+                    # Who opens, and whose file: a Nix store path in flight is its
+                    # writers' (trust/nixstore.py). Asked only where a Nix store is judged.
+                    caller = (Caller(ctx.uid, self._attrs(txn, node).uid)
+                              if self.guard.nix_aware else None)
                     # Judged in the snapshot the version came from: one transaction.
-                    judgement = self.guard.judge_in(txn, paths, version)
+                    judgement = self.guard.judge_in(txn, paths, version, caller)
                 if judgement is None:  # a deferred digest: hashed off the event loop first
-                    version, judgement = await self.guard.judge(paths, version, ctx.uid)
+                    version, judgement = await self.guard.judge(paths, version, ctx.uid,
+                                                                caller)
                 await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
                                           ctx.uid)
                 guarded = judgement.guarded
