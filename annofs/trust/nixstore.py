@@ -387,6 +387,7 @@ class NixStore:
         writers. Unchanged outside the store and for what the gate already allows."""
         if verdict.satisfied or not self.covers(path) or policy.mode is Mode.OFF:
             return verdict
+        path = build_view(path)
         name = bytes(path[2])
         if name == LINKS:
             return self._in_flight(policy, verdict, caller, "/nix/store/.links (a hard link "
@@ -426,7 +427,14 @@ class NixStore:
         tree, before = self._tree(txn, top, rel, content, reg)
         top_text = reg.path
         content_note = ""
-        if (tree.sha256, tree.size) != (reg.nar_hash, reg.nar_size):
+        mine = _entry_of(content)
+        have = tree.manifest.get(rel)
+        if mine is not None and (have is None or not _same(have, mine)):
+            # Not the file the tree holds at that place (a copy under a build's chroot
+            # named like a store path, or a file replaced since): nothing vouches for it.
+            content_note = (f"{top_text}{_show_rel(rel)}: this file is not the one "
+                            f"{top_text} holds there")
+        elif (tree.sha256, tree.size) != (reg.nar_hash, reg.nar_size):
             changed = _changed(before.manifest, tree.manifest, top_text) if before else ""
             content_note = ("NarHash differs from the content: "
                             + (changed if changed else
@@ -454,7 +462,9 @@ class NixStore:
         elif not reg.ca:
             notes.append("no signatures in Nix's database")
         ca_ok, ca_note = False, ""
-        if reg.ca:
+        if reg.ca and content_note.endswith("holds there"):
+            ca_note = content_note
+        elif reg.ca:
             ca_ok, ca_note = self._check_ca(reg, tree, text_name(top[2]))
             if ca_ok and rule is not None and rule.claims is not None \
                     and CONTENT_ADDRESSED not in rule.claims:
@@ -538,6 +548,22 @@ class NixStore:
             return False, (f"content differs from its address {reg.ca}: the mount's is "
                            f"sha256:{base32.encode(got)}")
         return True, ""
+
+
+def build_view(path: Sequence[bytes]) -> Sequence[bytes]:
+    """The store path a name stands for: `/nix/store/X.drv.chroot/nix/store/<p>/...` is
+    how a build (sandboxed in the chroot) sees `/nix/store/<p>/...` (Nix hard-links
+    single-file inputs there, and writes outputs there first); other names are as given.
+    The file must then be the one the store path holds (`_registered` checks), or be in
+    flight as that store path."""
+    if (len(path) > 5 and bytes(path[2]).endswith(b".drv.chroot")
+            and path[3] == STORE[0] and path[4] == STORE[1]):
+        return (STORE[0], STORE[1], *path[5:])
+    return path
+
+
+def _show_rel(rel: tuple[bytes, ...]) -> str:
+    return "".join("/" + p.decode("utf-8", "backslashreplace") for p in rel)
 
 
 def text_name(name: bytes) -> str:
