@@ -12,6 +12,7 @@ anything), records refusals in the events log, and answers EACCES, EBUSY or EXDE
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -125,7 +126,14 @@ class OpenGuard:
         and the judgement."""
         assert self.gate is not None
         version = await self.ensure_digest(version, uid)
-        judgement = self.gate.judge_names(paths, version, caller=caller)
+        if self.nix_aware:
+            # A Nix store path's NAR may have to be hashed (trust/nixstore.py): CPU and
+            # I/O over a whole tree, in one of the caller's threads, not on the loop.
+            judgement = await trio.to_thread.run_sync(
+                functools.partial(self.gate.judge_names, paths, version, caller=caller),
+                limiter=self.hasher(uid))
+        else:
+            judgement = self.gate.judge_names(paths, version, caller=caller)
         assert judgement is not None
         return version, judgement
 

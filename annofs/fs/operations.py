@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -334,8 +335,14 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
-                                                a.target, caller=Caller(ctx.uid, a.uid))
+            judge = functools.partial(judge_symlink, self.guard.gate, self.inodes.paths(node),
+                                      a.target, caller=Caller(ctx.uid, a.uid))
+            if self.guard.nix_aware:
+                # Judging in a Nix store may hash a store path's NAR: off the loop.
+                path, link, verdict = await trio.to_thread.run_sync(
+                    judge, limiter=self.guard.hasher(ctx.uid))
+            else:
+                path, link, verdict = judge()
             await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 

@@ -41,7 +41,7 @@ import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.nixstore import STRANGER, Caller, NixStore, store_names
+from annofs.trust.nixstore import STRANGER, Caller, NeedsHashing, NixStore, store_names
 from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
@@ -165,7 +165,9 @@ class TrustGate:
         In `txn` if given (one snapshot with the version); then None when the digest is not
         known yet (`hashed` first, then ask again without a transaction). The first name's
         verdict holds unless another name refuses. `caller`: who opens (uid, and the
-        file's owner), for names in a Nix store (`nix_verdict`); None: a stranger.
+        file's owner), for names in a Nix store (`nix_verdict`); None: a stranger. In
+        `txn`, None too when a Nix store path's NAR must be hashed first (ask again
+        without a transaction, off the event loop).
         """
         if version.digest is None:
             if txn is not None:
@@ -175,7 +177,11 @@ class TrustGate:
             if txn is None:
                 with self._vol.store.read() as own:
                     return self._judge_nix(own, paths, version, caller or STRANGER)
-            return self._judge_nix(txn, paths, version, caller or STRANGER)
+            try:
+                return self._judge_nix(txn, paths, version, caller or STRANGER,
+                                       may_hash=False)
+            except NeedsHashing:
+                return None
         if txn is None:
             with self._vol.store.read() as own:
                 return self._judge_names(own, paths, version.digest)
@@ -207,7 +213,8 @@ class TrustGate:
                                verdict, caller or STRANGER)
 
     def _judge_nix(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
-                   version: Version, caller: Caller) -> Judgement:
+                   version: Version, caller: Caller, *, may_hash: bool = True
+                   ) -> Judgement:
         """`_judge_names` with the Nix store's evidence (`nix_verdict`) for each name; a
         `.links` name only counts when the file has no other (nixstore.store_names)."""
         assert self.nix is not None and version.digest is not None
@@ -218,7 +225,8 @@ class TrustGate:
         for p in names:
             rule = policy.rule_at(p)
             base = self._verdict(txn, policy, rule, version.digest)
-            v = self.nix.adjust(txn, policy, rule, p, version, base, caller)
+            v = self.nix.adjust(txn, policy, rule, p, version, base, caller,
+                                may_hash=may_hash)
             judged.append((p, v))
             if not v.allowed:
                 return Judgement(p, v, True)

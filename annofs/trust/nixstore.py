@@ -101,6 +101,11 @@ class Registration:
                 f"{','.join(sorted(self.references))}")
 
 
+class NeedsHashing(Exception):
+    """Judging needs the NAR hash of a store path not hashed yet (CPU and I/O over the
+    whole tree): the caller asked not to wait here (`may_hash=False`, the event loop)."""
+
+
 class NixDatabaseError(AnnofsError):
     """Nix's database could not be read."""
 
@@ -381,10 +386,11 @@ class NixStore:
 
     def adjust(self, txn: lmdb.Transaction | None, policy: Policy, rule: Rule | None,
                path: Sequence[bytes], content: Version | object, verdict: Verdict,
-               caller: Caller) -> Verdict:
+               caller: Caller, *, may_hash: bool = True) -> Verdict:
         """`verdict` (the gate's, for `content` at `path`) with the Nix store's evidence:
         allowed as it was, or allowed on what Nix registered, or in flight for its
-        writers. Unchanged outside the store and for what the gate already allows."""
+        writers. Unchanged outside the store and for what the gate already allows.
+        `may_hash=False`: raise NeedsHashing rather than hash a store path's NAR."""
         if verdict.satisfied or not self.covers(path) or policy.mode is Mode.OFF:
             return verdict
         path = build_view(path)
@@ -401,7 +407,7 @@ class NixStore:
         if reg is None:
             return self._in_flight(policy, verdict, caller,
                                    f"{store_path} is not registered by Nix")
-        return self._registered(txn, policy, rule, path, content, verdict, reg)
+        return self._registered(txn, policy, rule, path, content, verdict, reg, may_hash)
 
     # -- in flight ---------------------------------------------------------------------
 
@@ -421,10 +427,10 @@ class NixStore:
 
     def _registered(self, txn: lmdb.Transaction | None, policy: Policy, rule: Rule | None,
                     path: Sequence[bytes], content: object, verdict: Verdict,
-                    reg: Registration) -> Verdict:
+                    reg: Registration, may_hash: bool) -> Verdict:
         top = tuple(bytes(p) for p in path[:3])
         rel = tuple(bytes(p) for p in path[3:])
-        tree, before = self._tree(txn, top, rel, content, reg)
+        tree, before = self._tree(txn, top, rel, content, reg, may_hash)
         top_text = reg.path
         content_note = ""
         mine = _entry_of(content)
@@ -501,8 +507,8 @@ class NixStore:
         return _refused(policy, dataclasses.replace(verdict, signers=signers), missing)
 
     def _tree(self, txn: lmdb.Transaction | None, top: tuple[bytes, ...],
-              rel: tuple[bytes, ...], content: object, reg: Registration
-              ) -> tuple[TreeCheck, TreeCheck | None]:
+              rel: tuple[bytes, ...], content: object, reg: Registration,
+              may_hash: bool = True) -> tuple[TreeCheck, TreeCheck | None]:
         """The check of store path `top` current for the file read (`rel`, `content`):
         the cached one if that file is still what was hashed, else a new one."""
         mine = _entry_of(content)
@@ -515,6 +521,8 @@ class NixStore:
                 return last, good
         else:
             good = None
+        if not may_hash:
+            raise NeedsHashing(reg.path)
         if txn is None:
             with self.vol.store.read() as own:
                 tree = check_tree(self.vol, own, top)
