@@ -284,8 +284,8 @@ def test_unsigned_and_half_signed_builds_are_refused_to_others(nixs: NixStore) -
     assert "no signatures in Nix's database" in refusal_for(
         nixs.mount, unsigned.split("/")[-1] + "/share/copied")
     why = refusal_for(nixs.mount, one.split("/")[-1] + "/share/copied")
-    assert "registered by Nix" in why and "needs 2 distinct trusted signers, has 0" in why
-    assert "counted: cache-a-1" in why
+    assert "registered by Nix" in why
+    assert "needs 2 distinct trusted signers, has 1 (cache-a-1)" in why
     why = refusal_for(nixs.mount, mallory.split("/")[-1] + "/share/copied")
     assert "signature by untrusted key mallory-1" in why
     drv = next(p.name for p in (nixs.mount.path / "nix/store").iterdir()

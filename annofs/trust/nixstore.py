@@ -168,16 +168,19 @@ class NixDatabase:
                 refs = tuple(r[0] for r in conn.execute(
                     "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id "
                     "WHERE r.referrer = ?", (row[0],)))
-                break
-            except sqlite3.OperationalError as e:  # busy, locked, or not readable
+            except sqlite3.DatabaseError as e:  # busy, locked, or not readable
                 last = e
                 self.close()
+                text = str(e).lower()
+                if "locked" not in text and "busy" not in text:
+                    break  # not a passing state: retrying would only slow every open
                 time.sleep(0.02 * (attempt + 1))
-        else:
-            raise NixDatabaseError(f"{self.path}: cannot read Nix's database: {last}")
-        rid, hash_text, nar_size, sigs, ca = row
-        return Registration(int(rid), store_path, _parse_hash(hash_text), int(nar_size or 0),
-                            tuple((sigs or "").split()), ca or None, refs)
+                continue
+            rid, hash_text, nar_size, sigs, ca = row
+            return Registration(int(rid), store_path, _parse_hash(hash_text),
+                                int(nar_size or 0), tuple((sigs or "").split()), ca or None,
+                                refs)
+        raise NixDatabaseError(f"{self.path}: cannot read Nix's database: {last}")
 
     def close(self) -> None:
         """Close the connection (reopened on the next lookup)."""
@@ -500,10 +503,16 @@ class NixStore:
         why = [*notes, *([ca_note] if ca_note else [])]
         if content_note and not any(content_note in n for n in why):
             why.append(content_note)
-        missing = (f"registered by Nix ({reg.path}); {verdict.missing or 'not met'}"
-                   + (f"; {'; '.join(why)}" if why else ""))
-        if names:
-            missing += f"; counted: {', '.join(signers)}"
+        if malicious:
+            lacking = verdict.missing
+        else:
+            lacking = (f"needs {needed} distinct trusted signer{'s' if needed != 1 else ''}"
+                       f", has {len(names)}"
+                       + (f" ({', '.join(signers)})" if signers else ""))
+            if rule is not None and rule.claims is not None:
+                lacking += f"; accepted claims: {', '.join(sorted(rule.claims))}"
+        missing = (f"registered by Nix ({reg.path}); {lacking}"
+                   + (f"; not counted: {'; '.join(why)}" if why else ""))
         return _refused(policy, dataclasses.replace(verdict, signers=signers), missing)
 
     def _tree(self, txn: lmdb.Transaction | None, top: tuple[bytes, ...],
