@@ -299,3 +299,17 @@ def test_no_nix_database_no_nix_gate(vol: Volume, world: World) -> None:
     db = NixDatabase(str(world.root / "nix/var/nix/db/none.sqlite"))
     assert db.lookup(world.signed) is None  # no database yet: nothing registered
 
+
+
+def test_in_a_transaction_the_nar_is_never_hashed(vol: Volume, world: World) -> None:
+    """On the event loop (a caller's transaction) the gate does not hash a store path's
+    NAR: it answers None (ask again off the loop); once hashed, it answers at once."""
+    gate = gate_for(vol, world)
+    file = world.signed + "/share/copied"
+    v = version_at(gate, vol, file)
+    with vol.store.read() as txn:
+        assert gate.judge_names([P(file)], v, txn, caller=STRANGER) is None
+    assert judge(gate, vol, file).verdict.allowed  # hashed here, no transaction given
+    with vol.store.read() as txn:
+        j = gate.judge_names([P(file)], v, txn, caller=STRANGER)
+    assert j is not None and j.verdict.allowed

@@ -726,7 +726,8 @@ class Operations(pyfuse3.Operations):
             if gate is None:
                 return b"off: no policy loaded"
             # (may hash a deferred digest: in one of this caller's hashing threads)
-            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v,
+            verdict = await trio.to_thread.run_sync(gate.verdict_as, self.inodes.path(node),
+                                                    v, Caller(ctx.uid, a.uid),
                                                     limiter=self.guard.hasher(ctx.uid))
             if name == ANNOFS_XATTRS + b"why":
                 # The full explanation (original, diff), as this caller may see it: CPU

@@ -212,6 +212,12 @@ class TrustGate:
         return self.nix.adjust(txn, self.policy, self.policy.rule_at(path), path, content,
                                verdict, caller or STRANGER)
 
+    def verdict_as(self, path: Sequence[bytes], version: Version, caller: Caller
+                   ) -> Verdict:
+        """`verdict` as `caller` would get it at open (a Nix store's evidence included):
+        what `user.annofs.status` and `.why` show. May hash: not on the event loop."""
+        return self.nix_verdict(None, path, version, self.verdict(path, version), caller)
+
     def _judge_nix(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
                    version: Version, caller: Caller, *, may_hash: bool = True
                    ) -> Judgement:

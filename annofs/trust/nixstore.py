@@ -70,6 +70,7 @@ BUILT = "built"
 CONTENT_ADDRESSED = "content-addressed"
 BUSY_TRIES = 5  # a busy database: tries, 20 ms apart, before giving up for this lookup
 _MAX_CACHED = 65536
+MAX_TREE_ENTRIES = 1 << 20  # files remembered across store paths' checks (~100 MB at most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +380,7 @@ class NixStore:
         self._lock = threading.Lock()
         # store path name -> (registration id, last check, last check that matched)
         self._trees: dict[bytes, tuple[int, TreeCheck, TreeCheck | None]] = {}
+        self._entries = 0  # manifest entries held by _trees
         # (registration id, policy generation, rule index) -> signers and notes
         self._sigs: dict[tuple[int, object, int], tuple[dict[bytes, str], list[str]]] = {}
 
@@ -539,9 +541,18 @@ class NixStore:
             tree = check_tree(self.vol, txn, top)
         matched = (tree.sha256, tree.size) == (reg.nar_hash, reg.nar_size)
         with self._lock:
-            if len(self._trees) >= 4096:
-                self._trees.clear()
-            self._trees[top[2]] = (reg.id, tree, tree if matched else good)
+            old = self._trees.pop(top[2], None)
+            if old is not None:
+                self._entries -= len(old[1].manifest) + len(old[2].manifest if old[2] else ())
+            kept = (reg.id, tree, tree if matched else good)
+            self._trees[top[2]] = kept
+            self._entries += len(tree.manifest) + len(kept[2].manifest if kept[2] else ())
+            # Bounded by entries, not paths: one store path can hold 100k files. The
+            # oldest checks go first; losing one costs a re-hash, never a wrong answer.
+            while self._entries > MAX_TREE_ENTRIES and len(self._trees) > 1:
+                name = next(iter(self._trees))
+                _rid, t, g = self._trees.pop(name)
+                self._entries -= len(t.manifest) + len(g.manifest if g else ())
         return tree, good
 
     def _check_ca(self, reg: Registration, tree: TreeCheck, name: str) -> tuple[bool, str]:
