@@ -21,8 +21,10 @@ from annofs.errors import UsageError
 from annofs.store.records import Version
 from annofs.transfer.import_tree import TreeImporter
 from annofs.trust.gate import Judgement, TrustGate
+from annofs.trust.keys import load_secret_key
 from annofs.trust.nixstore import STRANGER, Caller, NixDatabase, make_store_path, parse_ca
 from annofs.trust.policy import Policy, parse_policy
+from annofs.trust.signing import collect_files, sign_files
 from annofs.volume import Volume
 
 pytestmark = pytest.mark.skipif(shutil.which("nix-build") is None,
@@ -313,3 +315,18 @@ def test_in_a_transaction_the_nar_is_never_hashed(vol: Volume, world: World) -> 
     with vol.store.read() as txn:
         j = gate.judge_names([P(file)], v, txn, caller=STRANGER)
     assert j is not None and j.verdict.allowed
+
+
+def test_annofs_statements_and_nix_signatures_count_together_by_key(
+        vol: Volume, world: World) -> None:
+    """The half-signed path (cache-a-1 in Nix's database) plus an annofs `built`
+    statement: by cache-a-1 again, still one signer; by cache-b-1, two: allowed."""
+    gate = gate_for(vol, world)
+    file = world.half + "/share/copied"
+    files = collect_files(vol, [P(world.half)])
+    sign_files(vol, files, load_secret_key(world.keys / "cache-a-1.sec"), "built")
+    v = judge(gate, vol, file).verdict
+    assert not v.allowed and "has 1 (cache-a-1)" in v.missing
+    sign_files(vol, files, load_secret_key(world.keys / "cache-b-1.sec"), "built")
+    v = judge(gate, vol, file).verdict
+    assert v.allowed and v.signers == ("cache-a-1", "cache-b-1"), v.reason
