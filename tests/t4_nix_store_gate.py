@@ -48,6 +48,7 @@ in builtins.derivation {
     /bin/chmod +x $out/bin/hi
     /bin/ln -s ../share/copied $out/bin/link
     /bin/cat $out/share/copied > $out/share/read-back
+    /usr/bin/id -u > $out/share/builder-uid
   ''];
 }
 """
@@ -208,6 +209,10 @@ def test_add_add_fixed_build_verify_optimise_gc(nixs: NixStore, tmp_path: Path) 
     tree = fixed.stdout.strip()
     top = nixs.build("one", ("cache-a-1", "cache-b-1"))
     assert (nixs.inside(top) / "share" / "read-back").read_text() == "a dependency\n"
+    # The builder ran sandboxed as a build user (it read its input through the chroot,
+    # and its own output back, in flight), not as root: Nix 2.8's sandbox shows the
+    # build user (nixbld1 outside, so to the mount) as uid 1000 inside its namespace.
+    assert (nixs.inside(top) / "share" / "builder-uid").read_text() == "1000\n"
 
     assert nixs.read_as(NOBODY, single) == b"a dependency\n"
     assert nixs.read_as(NOBODY, tree, "sub/a") == b"a file\n"
