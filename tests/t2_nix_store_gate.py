@@ -246,8 +246,14 @@ def test_a_build_chroot_name_is_the_store_path_it_stands_for(vol: Volume,
     assert judge(gate, vol, chroot + world.dep, at=world.dep,
                  caller=Caller(999, 0)).verdict.allowed
     # Another file under that name (what a builder could put there) is not vouched for.
-    v = judge(gate, vol, chroot + world.dep, at=world.added, caller=Caller(999, 0)).verdict
-    assert not v.allowed and "this file is not the one" in v.missing, v.missing
+    assert gate.nix is not None
+    hashed = gate.nix._trees[world.dep.split("/")[-1].encode()][1]
+    for _ in range(3):
+        v = judge(gate, vol, chroot + world.dep, at=world.added,
+                  caller=Caller(999, 0)).verdict
+        assert not v.allowed and "this file is not the one" in v.missing, v.missing
+    # The tree did not change: its check was reused (a metadata walk), not hashed again.
+    assert gate.nix._trees[world.dep.split("/")[-1].encode()][1] is hashed
 
 
 # -- the database ---------------------------------------------------------------------------

@@ -301,9 +301,12 @@ def _manifest(vol: Volume, txn: lmdb.Transaction, top: tuple[bytes, ...]
     return out
 
 
-def check_tree(vol: Volume, txn: lmdb.Transaction, top: tuple[bytes, ...]) -> TreeCheck:
-    """Hash the store path `top` (its names) as it is in the snapshot `txn`."""
-    manifest = _manifest(vol, txn, top)
+def check_tree(vol: Volume, txn: lmdb.Transaction, top: tuple[bytes, ...],
+               manifest: dict[tuple[bytes, ...], object] | None = None) -> TreeCheck:
+    """Hash the store path `top` (its names) as it is in the snapshot `txn`; `manifest`:
+    its files, if walked already in that snapshot."""
+    if manifest is None:
+        manifest = _manifest(vol, txn, top)
     h = nar_hash(dump_volume_in(vol, txn, top))
     flat = None
     entry = manifest.get(())
@@ -440,7 +443,8 @@ class NixStore:
         content_note = ""
         mine = _entry_of(content)
         have = tree.manifest.get(rel)
-        if mine is not None and (have is None or not _same(have, mine)):
+        stranger = mine is not None and (have is None or not _same(have, mine))
+        if stranger:
             # Not the file the tree holds at that place (a copy under a build's chroot
             # named like a store path, or a file replaced since): nothing vouches for it.
             content_note = (f"{top_text}{_show_rel(rel)}: this file is not the one "
@@ -473,7 +477,7 @@ class NixStore:
         elif not reg.ca:
             notes.append("no signatures in Nix's database")
         ca_ok, ca_note = False, ""
-        if reg.ca and content_note.endswith("holds there"):
+        if reg.ca and stranger:
             ca_note = content_note
         elif reg.ca:
             ca_ok, ca_note = self._check_ca(reg, tree, text_name(top[2]))
@@ -536,9 +540,11 @@ class NixStore:
             raise NeedsHashing(reg.path)
         if txn is None:
             with self.vol.store.read() as own:
-                tree = check_tree(self.vol, own, top)
+                tree = self._check(own, top, cached, reg)
         else:
-            tree = check_tree(self.vol, txn, top)
+            tree = self._check(txn, top, cached, reg)
+        if cached is not None and tree is cached[1]:
+            return tree, good  # nothing changed since: the file read is not the tree's
         matched = (tree.sha256, tree.size) == (reg.nar_hash, reg.nar_size)
         with self._lock:
             old = self._trees.pop(top[2], None)
@@ -554,6 +560,17 @@ class NixStore:
                 _rid, t, g = self._trees.pop(name)
                 self._entries -= len(t.manifest) + len(g.manifest if g else ())
         return tree, good
+
+    def _check(self, txn: lmdb.Transaction, top: tuple[bytes, ...],
+               cached: tuple[int, TreeCheck, TreeCheck | None] | None,
+               reg: Registration) -> TreeCheck:
+        """A new check of `top`, or the cached one if the tree's files are the versions
+        it hashed (a metadata walk: reading a file that is not the tree's, e.g. under a
+        build chroot's name, again and again costs no NAR hash each time)."""
+        manifest = _manifest(self.vol, txn, top)
+        if cached is not None and cached[0] == reg.id and manifest == cached[1].manifest:
+            return cached[1]
+        return check_tree(self.vol, txn, top, manifest)
 
     def _check_ca(self, reg: Registration, tree: TreeCheck, name: str) -> tuple[bool, str]:
         ca = parse_ca(reg.ca or "")
