@@ -25,6 +25,7 @@ from annofs.trust.keys import load_secret_key
 from annofs.trust.nixstore import STRANGER, Caller, NixDatabase, make_store_path, parse_ca
 from annofs.trust.policy import Policy, parse_policy
 from annofs.trust.signing import collect_files, sign_files
+from annofs.trust.symlink import content_verdict, symlink_content
 from annofs.volume import Volume
 
 pytestmark = pytest.mark.skipif(shutil.which("nix-build") is None,
@@ -336,3 +337,17 @@ def test_annofs_statements_and_nix_signatures_count_together_by_key(
     sign_files(vol, files, load_secret_key(world.keys / "cache-b-1.sec"), "built")
     v = judge(gate, vol, file).verdict
     assert v.allowed and v.signers == ("cache-a-1", "cache-b-1"), v.reason
+
+
+def test_verify_and_serve_judge_as_a_strangers_open(vol: Volume, world: World) -> None:
+    """`content_verdict` (annofs verify, nix serve) sees the Nix store's evidence too."""
+    gate = gate_for(vol, world)
+    with vol.store.read() as txn:
+        for path, allowed in ((world.signed + "/share/copied", True),
+                              (world.half + "/share/copied", False)):
+            v = version_at(gate, vol, path)
+            assert content_verdict(gate, P(path), v, txn).allowed is allowed
+        a = vol.namespace.resolve(txn, P(world.tree + "/l"))
+        assert isinstance(a.target, bytes)
+        link = symlink_content(a.target)
+        assert content_verdict(gate, P(world.tree + "/l"), link, txn).allowed

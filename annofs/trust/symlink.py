@@ -110,7 +110,8 @@ def content_verdict(gate: TrustGate, path: Sequence[bytes], content: Content,
     read transaction to judge in (a file's digest must then be known)."""
     if isinstance(content, Symlink):
         return judge_symlink(gate, [path], content.target, txn)[2]
-    return gate.verdict(path, content, txn)
+    # In a Nix store, as a stranger's open would be judged (trust/nixstore.py).
+    return gate.nix_verdict(txn, path, content, gate.verdict(path, content, txn))
 
 
 def lexical_destination(path: Sequence[bytes], target: bytes) -> tuple[bytes, ...] | None:
