@@ -351,3 +351,41 @@ def test_verify_and_serve_judge_as_a_strangers_open(vol: Volume, world: World) -
         assert isinstance(a.target, bytes)
         link = symlink_content(a.target)
         assert content_verdict(gate, P(world.tree + "/l"), link, txn).allowed
+
+
+def test_a_busy_database_is_retried_briefly(world: World, tmp_path: Path) -> None:
+    """A database locked by a writer for a moment (here: exclusive locking mode, which
+    locks readers out even in WAL) is retried; locked for good, the lookup fails with
+    one line (and the path is then in flight: test_an_unreadable_database_...)."""
+    import threading
+    import time
+
+    from annofs.trust.nixstore import NixDatabaseError
+
+    db = tmp_path / "db.sqlite"
+    src, dst = sqlite3.connect(world.db), sqlite3.connect(db)
+    src.backup(dst)
+    src.close()
+    dst.execute("PRAGMA journal_mode=WAL")
+    dst.close()
+    writer = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    writer.execute("PRAGMA locking_mode=EXCLUSIVE")
+    writer.execute("BEGIN EXCLUSIVE")
+    writer.execute("UPDATE ValidPaths SET registrationTime = 1 WHERE path = ?",
+                   (world.signed,))
+    nixdb = NixDatabase(str(db))
+    with pytest.raises(NixDatabaseError, match="cannot read Nix's database: database is "
+                                               "locked"):
+        nixdb.lookup(world.signed)
+
+    def release() -> None:
+        time.sleep(0.1)
+        writer.execute("COMMIT")
+        writer.close()  # the exclusive lock goes with the connection
+    t = threading.Thread(target=release)
+    t.start()
+    try:
+        reg = nixdb.lookup(world.signed)
+    finally:
+        t.join()
+    assert reg is not None and len(reg.sigs) == 2
