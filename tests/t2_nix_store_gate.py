@@ -360,7 +360,7 @@ def test_a_busy_database_is_retried_briefly(world: World, tmp_path: Path) -> Non
     import threading
     import time
 
-    from annofs.trust.nixstore import NixDatabaseError
+    from annofs.trust.nixstore import NeedsThread, NixDatabaseError
 
     db = tmp_path / "db.sqlite"
     src, dst = sqlite3.connect(world.db), sqlite3.connect(db)
@@ -374,6 +374,10 @@ def test_a_busy_database_is_retried_briefly(world: World, tmp_path: Path) -> Non
     writer.execute("UPDATE ValidPaths SET registrationTime = 1 WHERE path = ?",
                    (world.signed,))
     nixdb = NixDatabase(str(db))
+    started = time.monotonic()
+    with pytest.raises(NeedsThread):  # on the event loop: no sleeping, ask off the loop
+        nixdb.lookup(world.signed, wait=False)
+    assert time.monotonic() - started < 0.2
     with pytest.raises(NixDatabaseError, match="cannot read Nix's database: database is "
                                                "locked"):
         nixdb.lookup(world.signed)

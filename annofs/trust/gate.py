@@ -41,7 +41,7 @@ import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
-from annofs.trust.nixstore import STRANGER, Caller, NeedsHashing, NixStore, store_names
+from annofs.trust.nixstore import STRANGER, Caller, NeedsThread, NixStore, store_names
 from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
@@ -180,7 +180,7 @@ class TrustGate:
             try:
                 return self._judge_nix(txn, paths, version, caller or STRANGER,
                                        may_hash=False)
-            except NeedsHashing:
+            except NeedsThread:
                 return None
         if txn is None:
             with self._vol.store.read() as own:

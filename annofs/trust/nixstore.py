@@ -102,9 +102,10 @@ class Registration:
                 f"{','.join(sorted(self.references))}")
 
 
-class NeedsHashing(Exception):
-    """Judging needs the NAR hash of a store path not hashed yet (CPU and I/O over the
-    whole tree): the caller asked not to wait here (`may_hash=False`, the event loop)."""
+class NeedsThread(Exception):
+    """Judging needs work the caller asked not to wait for (`may_hash=False`: on the
+    event loop): the NAR hash of a store path not hashed yet (CPU and I/O over the whole
+    tree), or a busy database's retries (sleeps)."""
 
 
 class NixDatabaseError(AnnofsError):
@@ -133,8 +134,9 @@ class NixDatabase:
                 out += [st.st_size, st.st_mtime_ns]
         return tuple(out)
 
-    def lookup(self, store_path: str) -> Registration | None:
-        """The registration of `store_path` (`/nix/store/<name>`), None if not valid."""
+    def lookup(self, store_path: str, *, wait: bool = True) -> Registration | None:
+        """The registration of `store_path` (`/nix/store/<name>`), None if not valid.
+        `wait=False`: a busy database raises NeedsThread instead of being retried."""
         stamp = self.stamp()
         with self._lock:
             if stamp != self._stamp:
@@ -143,7 +145,7 @@ class NixDatabase:
             elif store_path in self._cache:
                 return self._cache[store_path]
             # No database yet: Nix has registered nothing.
-            reg = None if stamp[0] < 0 else self._query(store_path)
+            reg = None if stamp[0] < 0 else self._query(store_path, wait)
             if len(self._cache) >= _MAX_CACHED:
                 self._cache.clear()
             self._cache[store_path] = reg
@@ -157,7 +159,7 @@ class NixDatabase:
                                          check_same_thread=False, isolation_level=None)
         return self._conn
 
-    def _query(self, store_path: str) -> Registration | None:
+    def _query(self, store_path: str, wait: bool = True) -> Registration | None:
         last: Exception | None = None
         for attempt in range(BUSY_TRIES):
             try:
@@ -175,6 +177,8 @@ class NixDatabase:
                 text = str(e).lower()
                 if "locked" not in text and "busy" not in text:
                     break  # not a passing state: retrying would only slow every open
+                if not wait:
+                    raise NeedsThread(store_path) from None
                 time.sleep(0.02 * (attempt + 1))
                 continue
             rid, hash_text, nar_size, sigs, ca = row
@@ -398,7 +402,8 @@ class NixStore:
         """`verdict` (the gate's, for `content` at `path`) with the Nix store's evidence:
         allowed as it was, or allowed on what Nix registered, or in flight for its
         writers. Unchanged outside the store and for what the gate already allows.
-        `may_hash=False`: raise NeedsHashing rather than hash a store path's NAR."""
+        `may_hash=False`: raise NeedsThread rather than hash a store path's NAR or wait
+        for a busy database."""
         if verdict.satisfied or not self.covers(path) or policy.mode is Mode.OFF:
             return verdict
         path = build_view(path)
@@ -409,7 +414,7 @@ class NixStore:
         text = name.decode("utf-8", "surrogateescape")
         store_path = f"{STORE_DIR}/{text}"
         try:
-            reg = self.db.lookup(store_path)
+            reg = self.db.lookup(store_path, wait=may_hash)
         except NixDatabaseError as e:
             return self._in_flight(policy, verdict, caller, f"{store_path} ({e})")
         if reg is None:
@@ -537,7 +542,7 @@ class NixStore:
         else:
             good = None
         if not may_hash:
-            raise NeedsHashing(reg.path)
+            raise NeedsThread(reg.path)
         if txn is None:
             with self.vol.store.read() as own:
                 tree = self._check(own, top, cached, reg)
