@@ -126,3 +126,28 @@ def _mode(mode: int) -> pyfuse3.EntryAttributes:
 def _fields_mode() -> object:
     from t3_fs_api import Fields
     return Fields(update_mode=True)
+
+
+def test_writers_in_flight_share_a_lock_file_read_write(
+        vol: Volume, world: World) -> None:  # noqa: F811
+    """Every Nix process working on a path opens its `.lock` read-write at once: in
+    flight, a writer's read-write open is allowed whatever the bytes, so it need not be
+    the only writer. Elsewhere a judged read-write handle still is (EBUSY)."""
+    ops, _seen = nix_ops(vol, world)
+
+    async def main() -> None:
+        store = await walk(ops, "/nix/store")
+        first, entry = await ops.create(store, b"5" * 32 + b"-x.lock",
+                                        stat.S_IFREG | 0o600, os.O_RDWR, AS_ROOT)
+        others = [await ops.open(entry.st_ino, os.O_RDWR, AS_ROOT) for _ in range(3)]
+        assert not await opened(ops, entry.st_ino, AS_NOBODY)
+        for fi in (first, *others):
+            await ops.release(fi.fh)
+        signed = await walk(ops, world.signed + "/share/copied")
+        rw = await ops.open(signed, os.O_RDWR, AS_ROOT)  # judged: allowed, signed
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(signed, os.O_RDWR, AS_ROOT)
+        assert e.value.errno == errno.EBUSY
+        await ops.release(rw.fh)
+
+    trio.run(main)

@@ -343,3 +343,18 @@ def test_in_flight_paths_are_their_writers(nixs: NixStore) -> None:
     assert nixs.read_as(NOBODY, "nix/store/" + evil.name, "bin").startswith(b"#!/bin/sh")
     assert errno_of(nixs.read_as, NOBODY - 1, "nix/store/" + evil.name, "bin") == \
         errno.EACCES
+
+
+def test_nix_processes_at_once_share_a_paths_lock(nixs: NixStore, tmp_path: Path) -> None:
+    """Four `nix-store --add` of one directory at once: each opens the path's `.lock`
+    read-write (in flight: not an only-writer handle), one adds, all succeed."""
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_text("shared\n")
+    procs = [subprocess.Popen(["nix-store", "--store", nixs.url, "--add", str(src)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _out, err in outs]
+    assert len({out.strip() for out, _err in outs}) == 1
+    assert nixs.read_as(NOBODY, outs[0][0].strip(), "f") == b"shared\n"

@@ -81,6 +81,11 @@ class OpenGuard:
         then matter: `Caller`)."""
         return self.gate is not None and self.gate.nix is not None
 
+    def content_free(self, paths: Sequence[Sequence[bytes]], caller: Caller) -> bool:
+        """`TrustGate.content_free`: an open whose verdict does not depend on the bytes
+        (a writer's, in a Nix store path in flight); False without a Nix store."""
+        return self.gate is not None and self.gate.content_free(paths, caller)
+
     def state(self, node: Inode) -> CacheState:
         """The inode's cache state (created on first use)."""
         return self.admission.state(node.ino)

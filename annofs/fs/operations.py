@@ -777,6 +777,13 @@ class Operations(pyfuse3.Operations):
         # under a looser rule.)
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
         paths = self.inodes.paths(node) if active else [[]]
+        if verified_rw and self.guard.nix_aware:
+            # A writer's read-write open of a Nix store path in flight is allowed whatever
+            # the bytes: it need not be the only writer (Nix's .lock files, opened by
+            # every process working on that path at once).
+            with self.vol.store.read() as txn:
+                owner = self._attrs(txn, node).uid
+            verified_rw = not self.guard.content_free(paths, Caller(ctx.uid, owner))
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
         claim = self.guard.reserve(node, paths, ctx.pid, writer=writer,

@@ -212,6 +212,16 @@ class TrustGate:
         return self.nix.adjust(txn, self.policy, self.policy.rule_at(path), path, content,
                                verdict, caller or STRANGER)
 
+    def content_free(self, paths: Sequence[Sequence[bytes]], caller: Caller) -> bool:
+        """Whether `caller`'s open of a file with these names is allowed whatever its
+        content: every name is in a Nix store path in flight that `caller` writes
+        (`NixStore.writer_in_flight`). Such a read-write handle need not be the file's
+        only writer (trust.admission): nothing it reads was judged on its bytes. Nix
+        opens its `.lock` files so, from every process working on that path at once."""
+        if self.nix is None:
+            return False
+        return all(self.nix.writer_in_flight(p, caller) for p in store_names(paths))
+
     def verdict_as(self, path: Sequence[bytes], version: Version, caller: Caller
                    ) -> Verdict:
         """`verdict` as `caller` would get it at open (a Nix store's evidence included):

@@ -422,6 +422,22 @@ class NixStore:
                                    f"{store_path} is not registered by Nix")
         return self._registered(txn, policy, rule, path, content, verdict, reg, may_hash)
 
+    def writer_in_flight(self, path: Sequence[bytes], caller: Caller) -> bool:
+        """Whether `caller` opens `path` as a writer of a store path in flight (root, or
+        the file's owner, of a path Nix has not registered, `.links` included): its
+        verdict then does not depend on the content. Cheap and never waits (a busy or
+        unreadable database: False, the usual rules apply)."""
+        if not self.covers(path) or not (caller.uid == 0 or caller.uid == caller.owner):
+            return False
+        path = build_view(path)
+        name = bytes(path[2])
+        if name == LINKS:
+            return True
+        try:
+            return self.db.lookup(f"{STORE_DIR}/{text_name(name)}", wait=False) is None
+        except (NeedsThread, NixDatabaseError):
+            return False
+
     # -- in flight ---------------------------------------------------------------------
 
     def _in_flight(self, policy: Policy, verdict: Verdict, caller: Caller,
