@@ -373,6 +373,14 @@ def test_a_busy_database_is_retried_briefly(world: World, tmp_path: Path) -> Non
     writer.execute("BEGIN EXCLUSIVE")
     writer.execute("UPDATE ValidPaths SET registrationTime = 1 WHERE path = ?",
                    (world.signed,))
+    # Meanwhile a writer's read-write open of a path in flight is still one (the gate
+    # does not wait on the event loop): the path counts as in flight, as when the
+    # database cannot be read (test_an_unreadable_database_leaves_paths_in_flight).
+    vol_gate = TrustGate(Volume.open(tmp_path / "store", create=True), nix_policy(world, db))
+    lock = P("/nix/store/" + "6" * 32 + "-x.lock")
+    assert vol_gate.content_free([lock], Caller(0, 0))
+    assert not vol_gate.content_free([lock], NOBODY)
+    vol_gate.volume.close()
     nixdb = NixDatabase(str(db))
     started = time.monotonic()
     with pytest.raises(NeedsThread):  # on the event loop: no sleeping, ask off the loop

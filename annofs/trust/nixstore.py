@@ -425,8 +425,9 @@ class NixStore:
     def writer_in_flight(self, path: Sequence[bytes], caller: Caller) -> bool:
         """Whether `caller` opens `path` as a writer of a store path in flight (root, or
         the file's owner, of a path Nix has not registered, `.links` included): its
-        verdict then does not depend on the content. Cheap and never waits (a busy or
-        unreadable database: False, the usual rules apply)."""
+        verdict then does not depend on the content. Cheap and never waits: a database
+        that is busy or cannot be read (Nix creating it, as the first of several
+        processes does) leaves paths in flight, as `adjust` does."""
         if not self.covers(path) or not (caller.uid == 0 or caller.uid == caller.owner):
             return False
         path = build_view(path)
@@ -436,7 +437,7 @@ class NixStore:
         try:
             return self.db.lookup(f"{STORE_DIR}/{text_name(name)}", wait=False) is None
         except (NeedsThread, NixDatabaseError):
-            return False
+            return True
 
     # -- in flight ---------------------------------------------------------------------
 
