@@ -100,7 +100,9 @@ class OpenGuard:
                  version: Version, caller: Caller | None = None) -> Judgement | None:
         """The judgement of `version` under all the file's names, in the read transaction
         the version was read in (no second snapshot, no thread). None if the digest is not
-        known yet: then `judge` must hash it first. `conclude` acts on the verdict.
+        known yet, or a Nix store path's NAR must be hashed: then `judge` (in a thread).
+        `caller`: the caller's uid and the file's owner (`nix_aware` policies only).
+        `conclude` acts on the verdict.
         """
         assert self.gate is not None
         return self.gate.judge_names(paths, version, txn, caller=caller)

@@ -15,7 +15,11 @@ kernel's page cache honest are `trust.admission`):
 - `hashed`: a deferred digest computed first (CPU work: the caller runs it off its loop);
 - `needs_signers`: whether a file with these names is guarded (for opens not judged,
   such as write-only ones, which must still keep unjudged bytes out of the page cache);
-- `same_rule`: whether a hard-linked file may get a name at another path (EXDEV if not).
+- `same_rule`: whether a hard-linked file may get a name at another path (EXDEV if not);
+- with a policy naming Nix's database (`nix-database`), names under /nix/store are judged
+  as Nix registers them (trust/nixstore.py: `nix_verdict` adds that evidence to each
+  name's verdict, `content_free` says when a writer's open of a path in flight needs no
+  only-writer handle); the caller's uid and the file's owner then matter (`Caller`).
 
 Every open of a file is judged, and most opens are of files not judged before (a build
 or a `tar` reads each file once), so the uncached path is the one that must be cheap:
