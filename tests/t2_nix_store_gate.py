@@ -255,6 +255,23 @@ def test_a_build_chroot_name_is_the_store_path_it_stands_for(vol: Volume,
         assert not v.allowed and "this file is not the one" in v.missing, v.missing
     # The tree did not change: its check was reused (a metadata walk), not hashed again.
     assert gate.nix._trees[world.dep.split("/")[-1].encode()][1] is hashed
+    # The build's own file (a --check rebuilding a registered output): its writer's.
+    assert judge(gate, vol, chroot + world.dep, at=world.added,
+                 caller=Caller(999, 999)).verdict.allowed
+    # A registered store path the mount does not hold, under a chroot: in flight.
+    missing = chroot + "/nix/store/" + "7" * 32 + "-gone"
+    con = sqlite3.connect(world.db)  # the module's store: registered, never in the volume
+    try:
+        con.execute("INSERT INTO ValidPaths (path, hash, registrationTime, narSize) "
+                    "VALUES (?, ?, 1, 8)", (missing[len(chroot):], "sha256:" + "0" * 64))
+        con.commit()
+        assert judge(gate, vol, missing + "/f", at=world.added,
+                     caller=Caller(0, 0)).verdict.allowed
+        assert not judge(gate, vol, missing + "/f", at=world.added).verdict.allowed
+    finally:
+        con.execute("DELETE FROM ValidPaths WHERE path = ?", (missing[len(chroot):],))
+        con.commit()
+        con.close()
 
 
 # -- the database ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-from annofs.errors import AnnofsError
+from annofs.errors import AnnofsError, NotFoundError
 from annofs.nix import base32
 from annofs.nix.nar import dump_volume_in, nar_hash
 from annofs.store.records import Version
@@ -406,8 +406,8 @@ class NixStore:
         for a busy database."""
         if verdict.satisfied or not self.covers(path) or policy.mode is Mode.OFF:
             return verdict
-        path = build_view(path)
-        name = bytes(path[2])
+        view = build_view(path)
+        name = bytes(view[2])
         if name == LINKS:
             return self._in_flight(policy, verdict, caller, "/nix/store/.links (a hard link "
                                    "--optimise made, not a store path)")
@@ -420,7 +420,21 @@ class NixStore:
         if reg is None:
             return self._in_flight(policy, verdict, caller,
                                    f"{store_path} is not registered by Nix")
-        return self._registered(txn, policy, rule, path, content, verdict, reg, may_hash)
+        if view is path:
+            return self._registered(txn, policy, rule, view, content, verdict, reg, may_hash)
+        # Under a build's chroot: the store path it stands for if the file is that path's
+        # (an input); else the build's own (a `--check` rebuilding a registered output, or
+        # a path not in the mount), in flight for its writers like the chroot itself.
+        try:
+            judged: Verdict | None = self._registered(txn, policy, rule, view, content,
+                                                      verdict, reg, may_hash)
+        except NotFoundError:
+            judged = None
+        if judged is not None and judged.allowed:
+            return judged
+        flight = self._in_flight(policy, verdict, caller,
+                                 f"{STORE_DIR}/{text_name(bytes(path[2]))} (a build's chroot)")
+        return flight if flight.allowed or judged is None else judged
 
     def writer_in_flight(self, path: Sequence[bytes], caller: Caller) -> bool:
         """Whether `caller` opens `path` as a writer of a store path in flight (root, or
