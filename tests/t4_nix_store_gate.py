@@ -106,6 +106,13 @@ class NixStore:
         assert res.returncode == 0, res.stderr
         return res.stdout.strip().splitlines()[-1]
 
+    def check(self, tag: str, sign: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        """`nix-build --check` of what `build(tag)` built: rebuilt in the chroot (under
+        the registered output's name) and compared."""
+        opts = ["--option", "secret-key-files", self.keys.sec(*sign)] if sign else []
+        return run(["nix-build", "--store", self.url, *SANDBOX, *opts, "--check",
+                    str(self.root.parent / f"{tag}.nix"), "--no-out-link"])
+
     def inside(self, store_path: str) -> Path:
         return self.mount.path / store_path.lstrip("/")
 
@@ -213,6 +220,8 @@ def test_add_add_fixed_build_verify_optimise_gc(nixs: NixStore, tmp_path: Path) 
     # and its own output back, in flight), not as root: Nix 2.8's sandbox shows the
     # build user (nixbld1 outside, so to the mount) as uid 1000 inside its namespace.
     assert (nixs.inside(top) / "share" / "builder-uid").read_text() == "1000\n"
+    checked = nixs.check("one", ("cache-a-1", "cache-b-1"))
+    assert checked.returncode == 0, checked.stderr
 
     assert nixs.read_as(NOBODY, single) == b"a dependency\n"
     assert nixs.read_as(NOBODY, tree, "sub/a") == b"a file\n"
