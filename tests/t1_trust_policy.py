@@ -245,11 +245,11 @@ ERROR_CASES = [
     ('mode = "enforce"\nmdoe = "warn"\n',
      "policy.toml:2: mdoe: unknown key (known: mode, default, trusted-public-keys, "
      "trusted-keys-dir, trusted-ssh-signers, revoked-keys, rules, trust-bundle, "
-     "trust-bundle-root, on-stale)"),
+     "trust-bundle-root, on-stale, nix-database)"),
     ('[other]\nx = 1\n',
      "policy.toml:1: other: unknown key (known: mode, default, trusted-public-keys, "
      "trusted-keys-dir, trusted-ssh-signers, revoked-keys, rules, trust-bundle, "
-     "trust-bundle-root, on-stale)"),
+     "trust-bundle-root, on-stale, nix-database)"),
     ('mode = "strict"\n', 'policy.toml:1: mode: must be "enforce", "warn" or "off", got "strict"'),
     ('\nmode = 1\n', 'policy.toml:2: mode: must be "enforce", "warn" or "off", got 1'),
     ('default = "deny"\n', 'policy.toml:1: default: must be "allow" or "require", got "deny"'),

@@ -12,6 +12,7 @@ anything), records refusals in the events log, and answers EACCES, EBUSY or EXDE
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.trust.admission import Admission, Busy, CacheState, Claim
 from annofs.trust.gate import Judgement, TrustGate
+from annofs.trust.nixstore import Caller
 from annofs.trust.signing import path_text
 from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
@@ -81,6 +83,17 @@ class OpenGuard:
         """Whether opens are judged at all (a policy is loaded and its mode is not off)."""
         return self.gate is not None and self.gate.enforcing
 
+    @property
+    def nix_aware(self) -> bool:
+        """Whether the policy judges a Nix store (the caller's uid and the file's owner
+        then matter: `Caller`)."""
+        return self.gate is not None and self.gate.nix is not None
+
+    def content_free(self, paths: Sequence[Sequence[bytes]], caller: Caller) -> bool:
+        """`TrustGate.content_free`: an open whose verdict does not depend on the bytes
+        (a writer's, in a Nix store path in flight); False without a Nix store."""
+        return self.gate is not None and self.gate.content_free(paths, caller)
+
     def state(self, node: Inode) -> CacheState:
         """The inode's cache state (created on first use)."""
         return self.admission.state(node.ino)
@@ -92,13 +105,15 @@ class OpenGuard:
     # -- judging -------------------------------------------------------------------------
 
     def judge_in(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
-                 version: Version) -> Judgement | None:
+                 version: Version, caller: Caller | None = None) -> Judgement | None:
         """The judgement of `version` under all the file's names, in the read transaction
         the version was read in (no second snapshot, no thread). None if the digest is not
-        known yet: then `judge` must hash it first. `conclude` acts on the verdict.
+        known yet, or a Nix store path's NAR must be hashed: then `judge` (in a thread).
+        `caller`: the caller's uid and the file's owner (`nix_aware` policies only).
+        `conclude` acts on the verdict.
         """
         assert self.gate is not None
-        return self.gate.judge_names(paths, version, txn)
+        return self.gate.judge_names(paths, version, txn, caller=caller)
 
     def hasher(self, uid: int) -> trio.CapacityLimiter:
         """The worker threads `uid` may use to hash content (HASH_THREADS_PER_UID)."""
@@ -120,13 +135,20 @@ class OpenGuard:
                                              limiter=self.hasher(uid))
 
     async def judge(self, paths: Sequence[Sequence[bytes]], version: Version,
-                    uid: int) -> tuple[Version, Judgement]:
+                    uid: int, caller: Caller | None = None) -> tuple[Version, Judgement]:
         """Like `judge_in` for any version: a deferred digest is computed (and recorded)
         first, in one of `uid`'s hashing threads. Returns the version, its digest set,
         and the judgement."""
         assert self.gate is not None
         version = await self.ensure_digest(version, uid)
-        judgement = self.gate.judge_names(paths, version)
+        if self.nix_aware:
+            # A Nix store path's NAR may have to be hashed (trust/nixstore.py): CPU and
+            # I/O over a whole tree, in one of the caller's threads, not on the loop.
+            judgement = await trio.to_thread.run_sync(
+                functools.partial(self.gate.judge_names, paths, version, caller=caller),
+                limiter=self.hasher(uid))
+        else:
+            judgement = self.gate.judge_names(paths, version, caller=caller)
         assert judgement is not None
         return version, judgement
 

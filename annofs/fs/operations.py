@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from annofs.printable import one_line
 from annofs.store.advice import random_access
 from annofs.store.records import Attrs, Version
 from annofs.trust.admission import Claim
+from annofs.trust.nixstore import Caller
 from annofs.trust.pathglob import path_text
 from annofs.trust.symlink import judge_symlink
 from annofs.volume import Volume
@@ -344,8 +346,14 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            path, link, verdict = judge_symlink(self.guard.gate, self.inodes.paths(node),
-                                                a.target)
+            judge = functools.partial(judge_symlink, self.guard.gate, self.inodes.paths(node),
+                                      a.target, caller=Caller(ctx.uid, a.uid))
+            if self.guard.nix_aware:
+                # Judging in a Nix store may hash a store path's NAR: off the loop.
+                path, link, verdict = await trio.to_thread.run_sync(
+                    judge, limiter=self.guard.hasher(ctx.uid))
+            else:
+                path, link, verdict = judge()
             await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 
@@ -727,7 +735,8 @@ class Operations(pyfuse3.Operations):
             if gate is None:
                 return b"off: no policy loaded"
             # (may hash a deferred digest: in one of this caller's hashing threads)
-            verdict = await trio.to_thread.run_sync(gate.verdict, self.inodes.path(node), v,
+            verdict = await trio.to_thread.run_sync(gate.verdict_as, self.inodes.path(node),
+                                                    v, Caller(ctx.uid, a.uid),
                                                     limiter=self.guard.hasher(ctx.uid))
             if name == ANNOFS_XATTRS + b"why":
                 # The full explanation (original, diff), as this caller may see it: CPU
@@ -777,6 +786,13 @@ class Operations(pyfuse3.Operations):
         # under a looser rule.)
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
         paths = self.inodes.paths(node) if active else [[]]
+        if verified_rw and self.guard.nix_aware:
+            # A writer's read-write open of a Nix store path in flight is allowed whatever
+            # the bytes: it need not be the only writer (Nix's .lock files, opened by
+            # every process working on that path at once).
+            with self.vol.store.read() as txn:
+                owner = self._attrs(txn, node).uid
+            verified_rw = not self.guard.content_free(paths, Caller(ctx.uid, owner))
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
         claim = self.guard.reserve(node, paths, ctx.pid, ctx.uid, writer=writer,
@@ -794,10 +810,15 @@ class Operations(pyfuse3.Operations):
                     # judged (read once, not twice); the open below reuses it.
                     version = (self._open_file(txn, node).base if fresh else
                                self.vol.versions.get(txn, int(self._attrs(txn, node).target)))
+                    # Who opens, and whose file: a Nix store path in flight is its
+                    # writers' (trust/nixstore.py). Asked only where a Nix store is judged.
+                    caller = (Caller(ctx.uid, self._attrs(txn, node).uid)
+                              if self.guard.nix_aware else None)
                     # Judged in the snapshot the version came from: one transaction.
-                    judgement = self.guard.judge_in(txn, paths, version)
+                    judgement = self.guard.judge_in(txn, paths, version, caller)
                 if judgement is None:  # a deferred digest: hashed off the event loop first
-                    version, judgement = await self.guard.judge(paths, version, ctx.uid)
+                    version, judgement = await self.guard.judge(paths, version, ctx.uid,
+                                                                caller)
                 await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
                                           ctx.uid)
                 guarded = judgement.guarded

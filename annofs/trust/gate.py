@@ -15,7 +15,11 @@ kernel's page cache honest are `trust.admission`):
 - `hashed`: a deferred digest computed first (CPU work: the caller runs it off its loop);
 - `needs_signers`: whether a file with these names is guarded (for opens not judged,
   such as write-only ones, which must still keep unjudged bytes out of the page cache);
-- `same_rule`: whether a hard-linked file may get a name at another path (EXDEV if not).
+- `same_rule`: whether a hard-linked file may get a name at another path (EXDEV if not);
+- with a policy naming Nix's database (`nix-database`), names under /nix/store are judged
+  as Nix registers them (trust/nixstore.py: `nix_verdict` adds that evidence to each
+  name's verdict, `content_free` says when a writer's open of a path in flight needs no
+  only-writer handle); the caller's uid and the file's owner then matter (`Caller`).
 
 Every open of a file is judged, and most opens are of files not judged before (a build
 or a `tar` reads each file once), so the uncached path is the one that must be cheap:
@@ -41,6 +45,7 @@ import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
+from annofs.trust.nixstore import STRANGER, Caller, NeedsThread, NixStore, store_names
 from annofs.trust.pathglob import path_text
 from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
@@ -80,6 +85,10 @@ class TrustGate:
         # The host mountpoint's components, when a mount serves this gate: an absolute
         # symlink target into the mount is then judged where it lands (trust.symlink).
         self.mountpoint: tuple[bytes, ...] | None = None
+        # The store-aware part (trust/nixstore.py) when the policy names Nix's database:
+        # names under /nix/store are then judged as Nix registers them.
+        self.nix: NixStore | None = (NixStore(vol, policy.nix_database)
+                                     if policy.nix_database else None)
 
     @property
     def volume(self) -> Volume:
@@ -96,6 +105,8 @@ class TrustGate:
         self.policy = policy
         self.cache.clear()
         self.by_statements.clear()
+        if policy.nix_database != (self.nix.db.path if self.nix is not None else None):
+            self.nix = NixStore(self._vol, policy.nix_database) if policy.nix_database else None
 
     def verdict(self, path: Sequence[bytes], version: Version | Symlink,
                 txn: lmdb.Transaction | None = None) -> Verdict:
@@ -152,17 +163,30 @@ class TrustGate:
         return self._vol.versions.ensure_digest(version)
 
     def judge_names(self, paths: Sequence[Sequence[bytes]], version: Version,
-                    txn: lmdb.Transaction | None = None) -> Judgement | None:
+                    txn: lmdb.Transaction | None = None, *,
+                    caller: Caller | None = None) -> Judgement | None:
         """The strictest verdict for `version` under each of its names `paths` (at least one).
 
         In `txn` if given (one snapshot with the version); then None when the digest is not
         known yet (`hashed` first, then ask again without a transaction). The first name's
-        verdict holds unless another name refuses.
+        verdict holds unless another name refuses. `caller`: who opens (uid, and the
+        file's owner), for names in a Nix store (`nix_verdict`); None: a stranger. In
+        `txn`, None too when a Nix store path's NAR must be hashed first (ask again
+        without a transaction, off the event loop).
         """
         if version.digest is None:
             if txn is not None:
                 return None
             raise ValueError("judge_names needs a known digest: call hashed() first")
+        if self.nix is not None:
+            if txn is None:
+                with self._vol.store.read() as own:
+                    return self._judge_nix(own, paths, version, caller or STRANGER)
+            try:
+                return self._judge_nix(txn, paths, version, caller or STRANGER,
+                                       may_hash=False)
+            except NeedsThread:
+                return None
         if txn is None:
             with self._vol.store.read() as own:
                 return self._judge_names(own, paths, version.digest)
@@ -182,6 +206,53 @@ class TrustGate:
             if not other_verdict.allowed:
                 return Judgement(other, other_verdict, True)
         return Judgement(first, verdict, guarded or not verdict.allowed)
+
+    def nix_verdict(self, txn: lmdb.Transaction | None, path: Sequence[bytes],
+                    content: Version | Symlink, verdict: Verdict,
+                    caller: Caller | None = None) -> Verdict:
+        """`verdict` for `content` at `path` with what Nix's database says, when the
+        policy names one (trust/nixstore.py: it adds evidence, never refuses more)."""
+        if self.nix is None:
+            return verdict
+        return self.nix.adjust(txn, self.policy, self.policy.rule_at(path), path, content,
+                               verdict, caller or STRANGER)
+
+    def content_free(self, paths: Sequence[Sequence[bytes]], caller: Caller) -> bool:
+        """Whether `caller`'s open of a file with these names is allowed whatever its
+        content: every name is in a Nix store path in flight that `caller` writes
+        (`NixStore.writer_in_flight`). Such a read-write handle need not be the file's
+        only writer (trust.admission): nothing it reads was judged on its bytes. Nix
+        opens its `.lock` files so, from every process working on that path at once."""
+        if self.nix is None:
+            return False
+        return all(self.nix.writer_in_flight(p, caller) for p in store_names(paths))
+
+    def verdict_as(self, path: Sequence[bytes], version: Version, caller: Caller
+                   ) -> Verdict:
+        """`verdict` as `caller` would get it at open (a Nix store's evidence included):
+        what `user.annofs.status` and `.why` show. May hash: not on the event loop."""
+        return self.nix_verdict(None, path, version, self.verdict(path, version), caller)
+
+    def _judge_nix(self, txn: lmdb.Transaction, paths: Sequence[Sequence[bytes]],
+                   version: Version, caller: Caller, *, may_hash: bool = True
+                   ) -> Judgement:
+        """`_judge_names` with the Nix store's evidence (`nix_verdict`) for each name; a
+        `.links` name only counts when the file has no other (nixstore.store_names)."""
+        assert self.nix is not None and version.digest is not None
+        policy = self.policy
+        names = list(store_names(paths))
+        first = names[0]
+        judged: list[tuple[Sequence[bytes], Verdict]] = []
+        for p in names:
+            rule = policy.rule_at(p)
+            base = self._verdict(txn, policy, rule, version.digest)
+            v = self.nix.adjust(txn, policy, rule, p, version, base, caller,
+                                may_hash=may_hash)
+            judged.append((p, v))
+            if not v.allowed:
+                return Judgement(p, v, True)
+        guarded = any(v.needed > 0 for _p, v in judged)
+        return Judgement(first, judged[0][1], guarded)
 
     def needs_signers(self, paths: Sequence[Sequence[bytes]]) -> bool:
         """Whether any of a file's names falls under a rule that needs signers (the

@@ -11,6 +11,7 @@ revoked-keys = ["mallory-1"]     # key names, NAME:BASE64 public keys, SSH princ
 trust-bundle = "https://example.org/trust"  # a TUF trust bundle (URL or directory)
 trust-bundle-root = "sha256:..." # its first root.json, pinned by hash
 on-stale = "refuse"              # bundle expired, no update: refuse | warn
+nix-database = "/nix/var/nix/db/db.sqlite"  # judge /nix/store as Nix registers it
 
 [[rules]]                        # the first rule whose glob matches wins
 path = "/src/**"                 # see annofs.trust.pathglob for the grammar
@@ -84,6 +85,7 @@ RULE_MEMO = 16384  # directories whose rule plan a policy remembers
 _TOP_KEYS = ("mode", "default", "trusted-public-keys", "trusted-keys-dir",
              "trusted-ssh-signers", "revoked-keys", "rules")
 _TOP_KEYS += ("trust-bundle", "trust-bundle-root", "on-stale")  # the trust bundle (TUF)
+_TOP_KEYS += ("nix-database",)  # Nix's db.sqlite: the store-aware gate (trust/nixstore.py)
 _RULE_KEYS = ("path", "signers", "claims", "keys", "user-presence", "user-verification")
 SSH_NAMESPACE = "annofs"
 
@@ -220,6 +222,9 @@ class Policy:
     ssh_signers: Mapping[bytes, tuple[AllowedSigner, ...]] = field(default_factory=dict)
     nix_keys: frozenset[bytes] | None = None  # None: every key of `trusted`
     ssh_file: str | None = None
+    # Nix's database (`nix-database`, absolute): paths under /nix/store are then judged
+    # as Nix registers them (trust/nixstore.py); None: like any other path.
+    nix_database: str | None = None
 
     # Directory (its names) -> how the rule of a name in it is found (`_DirectoryRules`),
     # memoized for this policy only: a reload makes a new Policy, so a memo never
@@ -521,7 +526,21 @@ class _Parser:
                       {k: tuple(v) for k, v in trusted.items()}, frozenset(revoked),
                       tuple(rules), from_dir, since, labels, view,
                       ssh_signers=ssh_signers,
-                      nix_keys=nix_keys if ssh_signers else None, ssh_file=ssh_file)
+                      nix_keys=nix_keys if ssh_signers else None, ssh_file=ssh_file,
+                      nix_database=self._nix_database(doc))
+
+    def _nix_database(self, doc: dict[str, Any]) -> str | None:
+        """`nix-database`: the path of Nix's db.sqlite (relative to the policy file's
+        directory), read read-only by the store-aware gate. It need not exist yet: Nix
+        creates it on first use, and until then nothing under /nix/store is registered."""
+        key = "nix-database"
+        if key not in doc:
+            return None
+        value = doc[key]
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise self.fail(self.loc.key(key), key,
+                            f"must be the path of Nix's db.sqlite, got {_show(value)}")
+        return os.path.abspath(self.path.parent / value)
 
     def _bundle(self, doc: dict[str, Any], trusted: dict[bytes, list[str]],
                 bound: dict[str, tuple[bytes, str]]) -> tuple[BundleView, Any] | None:

@@ -35,6 +35,7 @@ import lmdb
 
 from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
+from annofs.trust.nixstore import Caller
 from annofs.trust.pathglob import path_text
 from annofs.trust.policy import Default, Mode, Policy, Rule
 from annofs.trust.statement import format_subject_digest, symlink_digest
@@ -78,7 +79,7 @@ def digest_text(content: Content) -> str:
 
 
 def judge_symlink(gate: TrustGate, paths: Sequence[Sequence[bytes]], target: bytes,
-                  txn: lmdb.Transaction | None = None
+                  txn: lmdb.Transaction | None = None, *, caller: Caller | None = None
                   ) -> tuple[Sequence[bytes], Symlink, Verdict]:
     """The verdict for reading the symlink to `target` known by `paths` (every name the
     caller knows for it, the primary first; a symlink can be hard-linked, and the
@@ -88,12 +89,15 @@ def judge_symlink(gate: TrustGate, paths: Sequence[Sequence[bytes]], target: byt
     policy = gate.policy
     path = paths[0]
     mount = gate.mountpoint
-    verdict = position_verdict(policy, path, target, gate.verdict(path, link, txn), mount)
+    # A Nix store's evidence (gate.nix_verdict) adds to each name's verdict; a symlink's
+    # landing place is checked on the result.
+    verdict = position_verdict(policy, path, target, gate.nix_verdict(
+        txn, path, link, gate.verdict(path, link, txn), caller), mount)
     for other in paths[1:]:
         if not verdict.allowed:
             break
-        other_verdict = position_verdict(policy, other, target,
-                                         gate.verdict(other, link, txn), mount)
+        other_verdict = position_verdict(policy, other, target, gate.nix_verdict(
+            txn, other, link, gate.verdict(other, link, txn), caller), mount)
         if not other_verdict.allowed:
             path, verdict = other, other_verdict
     return path, link, verdict
@@ -106,7 +110,8 @@ def content_verdict(gate: TrustGate, path: Sequence[bytes], content: Content,
     read transaction to judge in (a file's digest must then be known)."""
     if isinstance(content, Symlink):
         return judge_symlink(gate, [path], content.target, txn)[2]
-    return gate.verdict(path, content, txn)
+    # In a Nix store, as a stranger's open would be judged (trust/nixstore.py).
+    return gate.nix_verdict(txn, path, content, gate.verdict(path, content, txn))
 
 
 def lexical_destination(path: Sequence[bytes], target: bytes) -> tuple[bytes, ...] | None:
