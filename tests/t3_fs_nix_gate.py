@@ -42,9 +42,12 @@ AS_ROOT, AS_NOBODY = Ctx(), Ctx(uid=65534, gid=65534)
 def nix_ops(vol: Volume, w: World) -> tuple[Operations, list[Verdict]]:
     seen: list[Verdict] = []
 
-    def sink(path: str, v: Version, verdict: Verdict, pid: int, why: object) -> None:
+    def sink(path: str, v: Version, verdict: Verdict, pid: int, uid: int,
+             why: object) -> None:
         seen.append(verdict)
-    return Operations(vol, OpenGuard(gate_for(vol, w), sink)), seen
+    guard = OpenGuard(gate_for(vol, w), sink)
+    guard.every_verdict = True  # allowances too: their reasons are what is checked
+    return Operations(vol, guard), seen
 
 
 async def walk(ops: Operations, path: str) -> int:
