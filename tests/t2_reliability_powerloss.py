@@ -36,9 +36,9 @@ IMAGES = 40 if os.environ.get("ANNOFS_FULL") == "1" else 12
 
 def put_file(vol: Volume, name: bytes, data: bytes) -> None:
     """One file at the root, in its own transaction (as the mount commits a close)."""
+    h = fragment_hash(data)
+    vol.fragments.put_many([(h, data)])
     with vol.store.write() as txn:
-        h = fragment_hash(data)
-        vol.fragments.put(txn, h, data)
         v = vol.versions.create(txn, EMPTY_VERSION, h, array("I", [len(data)]),
                                 blake3.blake3(data).digest())
         d = vol.namespace.writable_dir(txn, [])

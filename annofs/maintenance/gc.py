@@ -26,8 +26,6 @@ from annofs.store.records import (
 from annofs.volume import Volume
 
 Progress = Callable[[int, int], None]
-# Fragments are deleted in batches: one huge transaction would hold every freed page.
-_BATCH = 10_000
 
 
 @dataclass
@@ -79,7 +77,7 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     """
     rep = GcReport()
     ns = vol.namespace
-    fragments_before = _count(vol, "fragments")
+    fragments_before = _fragment_count(vol)
     with vol.store.write() as txn:
         for root in ns.staging_roots(txn):
             ns.drop_root(txn, root)
@@ -104,8 +102,9 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
             rep.versions_freed += 1
             if progress:
                 progress(1, 0)
-    rep.bytes_freed += _free_orphan_fragments(vol, keep_fragments)
-    rep.fragments_freed = fragments_before - _count(vol, "fragments")
+    _orphans, orphan_bytes = vol.fragments.free_unreferenced(keep_fragments)
+    rep.bytes_freed += orphan_bytes
+    rep.fragments_freed = fragments_before - _fragment_count(vol)
     vol.store.sync()
     return rep
 
@@ -125,9 +124,9 @@ def kept_versions(versions: Mapping[int, Version], live: Set[int], signed: Set[b
     return keep
 
 
-def _count(vol: Volume, db: str) -> int:
+def _fragment_count(vol: Volume) -> int:
     with vol.store.read() as txn:
-        return int(txn.stat(vol.store.db[db])["entries"])
+        return vol.fragments.count(txn)
 
 
 def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int, Version],
@@ -141,30 +140,3 @@ def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int
         parent = EMPTY_VERSION
     base = versions.get(parent) or vol.versions.get(txn, parent)
     vol.versions.reparent(txn, v, base, keep_fragments)
-
-
-def _free_orphan_fragments(vol: Volume, keep: Set[bytes]) -> int:
-    """Delete fragments with no reference count (never taken, or dropped to zero)."""
-    freed = 0
-    frag_db, refs_db = vol.store.db["fragments"], vol.store.db["fragrefs"]
-    last: bytes | None = None
-    while True:
-        batch = []
-        with vol.store.read() as txn, txn.cursor(db=frag_db) as cur:
-            ok = cur.set_range(last) if last is not None else cur.first()
-            while ok and len(batch) < _BATCH:
-                h = bytes(cur.key())
-                if h != last and h not in keep and txn.get(h, db=refs_db) is None:
-                    batch.append(h)
-                last = h
-                ok = cur.next()
-            done = not ok
-        if batch:
-            with vol.store.write() as txn:
-                for h in batch:
-                    raw = txn.get(h, db=frag_db)
-                    if raw is not None and txn.get(h, db=refs_db) is None:
-                        freed += len(raw)
-                        txn.delete(h, db=frag_db)
-        if done:
-            return freed
