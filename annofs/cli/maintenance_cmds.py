@@ -1,4 +1,4 @@
-"""`annofs fsck` and `annofs gc`."""
+"""`annofs fsck`, `annofs gc` and `annofs upgrade`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import FsckReport, check_store, phase_totals
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
+from annofs.maintenance.upgrade import upgrade_store
+from annofs.store.env import FORMAT_VERSION
 from annofs.store.lock import store_lock
 
 
@@ -110,3 +112,23 @@ def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
                + (f"; dropped {rep.staging_dropped} unfinished imports"
                   if rep.staging_dropped else ""))
+
+
+@click.command("upgrade")
+@click.pass_context
+def upgrade_cmd(ctx: click.Context) -> None:
+    """Convert a store of an older format to this annofs's format (nothing is lost; an
+    interrupted run goes on where it stopped)."""
+    store = store_path(ctx)
+    require_unmounted(store)
+    progress = Progress("upgrade", unit="fragments")
+    try:
+        with store_lock(store, exclusive=True, what="upgrade"):
+            rep = upgrade_store(store, progress=progress, on_total=progress.set_total)
+    finally:
+        progress.close()
+    if rep.from_format == FORMAT_VERSION:
+        click.echo(f"{store}: already format {FORMAT_VERSION}")
+    else:
+        click.echo(f"{store}: format {rep.from_format} -> {FORMAT_VERSION}: moved "
+                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs")

@@ -144,6 +144,7 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         for h, _ in frags.refcounts(txn):
             if h not in occurrences:
                 problems.append(f"fragment {h.hex()}: refcount but no occurrence")
+        problems += frags.check_packs(txn)
 
         if verify_data:
             for v in versions.values():
