@@ -151,4 +151,4 @@ TreeImporter(vol).run(Path({str(tmp_path / "src")!r}), [b"v"], staging=Killed(vo
                          capture_output=True, text=True)
     j = json.loads(res.stdout)
     assert j["ok"] and j["reclaimable"] == {"versions": 0, "fragments": 0, "bytes": 0,
-                                            "staging_trees": 0}
+                                            "staging_trees": 0, "pack_bytes": 0}

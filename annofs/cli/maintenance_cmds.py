@@ -65,8 +65,9 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         if r.any:
             staging = (f", {r.staging_trees} staging tree{'s' if r.staging_trees != 1 else ''}"
                        f" of interrupted imports" if r.staging_trees else "")
+            packs = f", {r.pack_bytes} bytes of pack files" if r.pack_bytes else ""
             click.echo(f"reclaimable: {r.bytes} bytes in {r.fragments} fragments, "
-                       f"{r.versions} versions nothing refers to{staging}; "
+                       f"{r.versions} versions nothing refers to{staging}{packs}; "
                        f"'annofs gc' frees them")
     if not rep.ok:
         sys.exit(1)
@@ -75,7 +76,7 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
 def fsck_json(rep: FsckReport) -> dict[str, object]:
     """`fsck --json`: {"ok", "problems", "fragments", "fragment_bytes", "versions",
     "directories", "entries", "reclaimable": {"versions", "fragments", "bytes",
-    "staging_trees"}}."""
+    "staging_trees", "pack_bytes"}}."""
     return {"ok": rep.ok, "problems": rep.problems, "fragments": rep.fragments,
             "fragment_bytes": rep.fragment_bytes, "versions": rep.versions,
             "directories": rep.directories, "entries": rep.entries,
@@ -87,7 +88,7 @@ def fsck_json(rep: FsckReport) -> dict[str, object]:
               help="Also drop old versions no name refers to (annofs log shows less).")
 @click.option("--json", "as_json", is_flag=True,
               help='One JSON object: {"versions_freed", "fragments_freed", "bytes_freed", '
-                   '"staging_dropped", "versions_kept"}.')
+                   '"staging_dropped", "versions_kept", "packs_compacted"}.')
 @click.pass_context
 def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
     """Free versions and fragments nothing references (never signed originals)."""
@@ -111,7 +112,8 @@ def gc_cmd(ctx: click.Context, prune_history: bool, as_json: bool) -> None:
     click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
                + (f"; dropped {rep.staging_dropped} unfinished imports"
-                  if rep.staging_dropped else ""))
+                  if rep.staging_dropped else "")
+               + (f"; compacted {rep.packs_compacted} packs" if rep.packs_compacted else ""))
 
 
 @click.command("upgrade")

@@ -18,6 +18,9 @@ moves them into packs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import struct
 import threading
 import weakref
@@ -31,18 +34,28 @@ import zstandard
 
 from annofs.errors import CorruptionError
 from annofs.store import Store, packs
+from annofs.store.env import meta_txnid, read_synced_meta
 from annofs.store.packs import (
+    DOOMED,
     HEADER,
+    SEALED,
     PackFiles,
     PackRecord,
     PackWriter,
     all_packs,
     get_pack,
+    leftover_files,
+    oldest_reader,
     pack_key,
     packs_dir,
+    read_records,
 )
 
+log = logging.getLogger("annofs.fragments")
+
 _COUNT = struct.Struct(">Q")
+# gc rewrites a sealed pack once less than this fraction of it is still pointed at.
+COMPACT_BELOW = 0.5
 _INDEX = struct.Struct(">QQIIB")  # pack, offset, stored length, length, codec
 RAW, ZSTD = 0, 1
 ZSTD_LEVEL = 3
@@ -167,8 +180,14 @@ class FragmentStore:
             j += 1
         return j
 
-    def _append(self, records: list[_Record]) -> int:
-        """Append records to this process's pack and index them; seal it if full."""
+    def _append(self, records: list[_Record],
+                moving: tuple[int, Mapping[bytes, int]] | None = None) -> int:
+        """Append records to this process's pack and index them; seal it if full.
+
+        With `moving` (a pack id, and each record's offset there), the records are moved
+        out of that pack by compaction: each index entry is switched to the copy only if it
+        still points at the old place (gc may have freed it meanwhile), and the old pack's
+        live bytes go down by what moved, in the same transaction."""
         w = self._s.writer
         if w.needs_pack:
             with self._store.write() as txn:
@@ -183,18 +202,37 @@ class FragmentStore:
             assert w.rec is not None
             pack, live, at = w.rec.id, 0, base
             for h, rec, n, length, codec in records:
-                # Another process may have stored it meanwhile: then ours is dead bytes.
-                if txn.put(h, _INDEX.pack(pack, at + HEADER.size, n, length, codec),
-                           db=self._index, overwrite=False):
-                    new += length
+                entry = _INDEX.pack(pack, at + HEADER.size, n, length, codec)
+                if moving is None:
+                    # Another process may have stored it meanwhile: ours is dead bytes.
+                    if txn.put(h, entry, db=self._index, overwrite=False):
+                        new += length
+                        live += len(rec)
+                elif self._points_at(txn, h, moving[0], moving[1][h]):
+                    txn.put(h, entry, db=self._index)
+                    new += len(rec)
                     live += len(rec)
                 at += len(rec)
             w.record(txn, base + len(blob), live)
+            if moving is not None:
+                self._add_live(txn, moving[0], -new)
             if w.full:
                 sealed = w.seal(txn)
         if sealed is not None:
             w.unlink_open_name(sealed)
         return new
+
+    def _points_at(self, txn: lmdb.Transaction, h: bytes, pack: int, offset: int) -> bool:
+        raw = txn.get(h, db=self._index)
+        return raw is not None and len(raw) == _INDEX.size and \
+            _INDEX.unpack(raw)[:2] == (pack, offset)
+
+    def _add_live(self, txn: lmdb.Transaction, pack: int, delta: int) -> None:
+        rec = get_pack(txn, self._packs, pack)
+        if rec is not None and rec.state != DOOMED:
+            txn.put(pack_key(pack), PackRecord(rec.id, rec.state, rec.end,
+                                               max(0, rec.live + delta), rec.hash).encode(),
+                    db=self._packs)
 
     def has(self, txn: lmdb.Transaction, h: bytes) -> bool:
         """Whether a fragment is stored."""
@@ -278,11 +316,7 @@ class FragmentStore:
                 dead[pack] += HEADER.size + n
             txn.delete(h, db=self._index)
         for pack, n in dead.items():
-            rec = get_pack(txn, self._packs, pack)
-            if rec is not None:
-                txn.put(pack_key(pack), PackRecord(rec.id, rec.state, rec.end,
-                                                   max(0, rec.live - n), rec.hash).encode(),
-                        db=self._packs)
+            self._add_live(txn, pack, -n)
         return freed
 
     def free_unreferenced(self, keep: Set[bytes] = frozenset()) -> tuple[int, int]:
@@ -312,6 +346,101 @@ class FragmentStore:
             if done:
                 return count, freed
 
+    # -- compaction ---------------------------------------------------------------------------
+
+    def compact(self, below: float = COMPACT_BELOW) -> tuple[int, int]:
+        """Rewrite sealed packs whose live fraction is under `below`: their live records
+        are appended to this process's pack and the index switched to them, then the old
+        pack is doomed, and its file deleted once nothing can read it (drop_doomed: the
+        caller syncs first). One pack at a time, so the extra disk is at most one pack's
+        live bytes plus doomed packs waiting for old readers. Safe under kill -9: until
+        the switch commits the old copy is the indexed one; after it, the new one (made
+        durable first by Store.sync). Returns (packs compacted, their file bytes)."""
+        with self._store.read() as txn:
+            todo = [r for r in all_packs(txn, self._packs)
+                    if r.state == SEALED and r.live < below * r.end]
+        done = freed = 0
+        for rec in todo:
+            if self._compact_one(rec):
+                done += 1
+                freed += rec.end
+        return done, freed
+
+    def _compact_one(self, rec: PackRecord) -> bool:
+        path = packs_dir(self._store.path) / rec.name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            log.error("pack %s: file %s missing; not compacted (annofs fsck)", rec.id, rec.name)
+            return False
+        live: list[_Record] = []
+        offsets: dict[bytes, int] = {}
+        try:
+            with self._store.read() as txn:
+                for at, h, codec, stored in read_records(fd, rec.end):
+                    if not self._points_at(txn, h, rec.id, at):
+                        continue  # freed, or a duplicate nobody indexed
+                    length = _INDEX.unpack(txn.get(h, db=self._index))[3]
+                    live.append((h, HEADER.pack(h, codec, len(stored)) + stored, len(stored),
+                                 length, codec))
+                    offsets[h] = at
+        except CorruptionError as e:
+            log.error("pack %s: %s; not compacted (annofs fsck)", rec.id, e)
+            return False
+        finally:
+            os.close(fd)
+        with self._s.lock:
+            i = 0
+            while i < len(live):
+                j = self._fill(live, i)
+                self._append(live[i:j], (rec.id, offsets))
+                i = j
+        with self._store.write() as txn:
+            cur = get_pack(txn, self._packs, rec.id)
+            if cur is None or cur.state != SEALED or cur.live != 0:
+                return False  # something new points into it: left for a later gc
+            # `live` holds the id of the transaction after which nothing points into it.
+            txn.put(pack_key(rec.id), PackRecord(rec.id, DOOMED, cur.end, txn.id(),
+                                                 cur.hash).encode(), db=self._packs)
+        return True
+
+    def drop_doomed(self) -> int:
+        """Delete the files of doomed packs that no snapshot can read any more: the last
+        synced state (what a machine crash comes back to) and every reader's are at least
+        as new as the doom. Also deletes leftover files no pack record names (a seal or a
+        compaction interrupted). Returns the files deleted."""
+        synced = read_synced_meta(self._store.path)
+        newest_synced = meta_txnid(synced.metas) if synced is not None else 0
+        oldest = oldest_reader(self._store.env)
+        gone: list[Path] = []
+        with self._store.write() as txn:
+            for rec in all_packs(txn, self._packs):
+                if rec.state == DOOMED and rec.live <= newest_synced and \
+                        (oldest is None or rec.live <= oldest):
+                    txn.delete(pack_key(rec.id), db=self._packs)
+                    self._s.files.forget(rec.id)
+                    gone.append(packs_dir(self._store.path) / rec.name)
+            # Under the writer lock: no writer is between a rename and its commit.
+            gone += leftover_files(self._store.path, txn, self._packs)
+        for f in gone:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+        return len(gone)
+
+    def reclaimable_pack_bytes(self, txn: lmdb.Transaction) -> int:
+        """Pack file bytes gc would give back: the dead bytes of packs it would compact,
+        doomed packs, and leftover files (of a seal or compaction that was killed)."""
+        total = 0
+        for rec in all_packs(txn, self._packs):
+            if rec.state == DOOMED:
+                total += rec.end
+            elif rec.state == SEALED and rec.live < COMPACT_BELOW * rec.end:
+                total += rec.end - rec.live
+        for f in leftover_files(self._store.path, txn, self._packs):
+            with contextlib.suppress(FileNotFoundError):
+                total += f.stat().st_size
+        return total
+
     def check_packs(self, txn: lmdb.Transaction) -> list[str]:
         """Problems of the pack layer: an index entry into a missing pack or past a pack's
         end, a pack whose live bytes are not what the index points at, a missing file."""
@@ -329,13 +458,13 @@ class FragmentStore:
                     continue
                 pack, offset, n, _length, _codec = _INDEX.unpack(raw)
                 rec = packs.get(pack)
-                if rec is None:
+                if rec is None or rec.state == DOOMED:
                     problems.append(f"fragment {bytes(h).hex()}: pack {pack} not in the store")
                 elif offset + n > rec.end:
                     problems.append(f"fragment {bytes(h).hex()}: past the end of pack {pack}")
                 live[pack] += HEADER.size + n
         problems += [f"pack {p}: live bytes {rec.live}, the index points at {live[p]}"
-                     for p, rec in packs.items() if rec.live != live[p]]
+                     for p, rec in packs.items() if rec.state != DOOMED and rec.live != live[p]]
         return problems
 
     # -- format 3 -------------------------------------------------------------------------

@@ -227,7 +227,8 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         freed_bytes = sum(frags.stored_bytes(txn, h) for h in freed)
         rep.reclaimable = Reclaimable(len(doomed), len(freed) + orphans,
                                       freed_bytes + orphan_bytes,
-                                      0 if importing else staging)
+                                      0 if importing else staging,
+                                      frags.reclaimable_pack_bytes(txn))
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

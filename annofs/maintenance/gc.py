@@ -5,7 +5,8 @@ Kept: every version a name or a hard link refers to, their ancestors (the histor
 children), every version whose digest a statement signs (signed originals), and the empty
 root version. Everything else is deleted with its fragment references; fragments left
 with none are freed, and so are fragments no version ever took (a crashed import's) and
-staging trees a crash left behind. Run with the store to itself (see store.lock).
+staging trees a crash left behind; packs mostly of freed fragments are compacted. Run
+with the store to itself (see store.lock).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class GcReport:
     bytes_freed: int = 0
     staging_dropped: int = 0
     versions_kept: int = 0
+    packs_compacted: int = 0  # rewritten without their dead bytes (content.fragments)
 
 
 def signed_digests(vol: Volume, txn: lmdb.Transaction) -> set[bytes]:
@@ -106,6 +108,12 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     rep.bytes_freed += orphan_bytes
     rep.fragments_freed = fragments_before - _fragment_count(vol)
     vol.store.sync()
+    # Packs mostly dead are rewritten; the old files go once the switch is synced (a
+    # machine crash must not come back to an index pointing into a deleted pack).
+    rep.packs_compacted, _ = vol.fragments.compact()
+    if rep.packs_compacted:
+        vol.store.sync()
+    vol.fragments.drop_doomed()
     return rep
 
 

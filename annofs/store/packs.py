@@ -43,7 +43,10 @@ PACKS_DIR = "packs"
 # thousand files, small enough that compacting one is quick.
 PACK_TARGET = 32 << 20
 
-OPEN, SEALED = 0, 1
+# A doomed pack was compacted: nothing points into it from the transaction that doomed it
+# on (its `live` field holds that transaction's id); its file goes once no reader and no
+# synced state is older (content.fragments.drop_doomed).
+OPEN, SEALED, DOOMED = 0, 1, 2
 _REC = struct.Struct(">BQQ32s")  # state, end, live bytes, hash (zeros until sealed)
 HEADER = struct.Struct(">32sBI")  # a record: fragment hash, codec, stored length
 _ID = struct.Struct(">Q")  # the same key as every id-keyed database (store.keys.u64)
@@ -71,7 +74,7 @@ class PackRecord:
     @property
     def name(self) -> str:
         """The pack's file name in <store>/packs."""
-        return f"{self.hash.hex()}.pack" if self.state == SEALED else open_name(self.id)
+        return open_name(self.id) if self.state == OPEN else f"{self.hash.hex()}.pack"
 
     def encode(self) -> bytes:
         return _REC.pack(self.state, self.end, self.live, self.hash)
@@ -88,7 +91,7 @@ def decode_pack(key: bytes, raw: bytes) -> PackRecord:
     if len(raw) != _REC.size:
         raise CorruptionError(f"pack {pack}: record of {len(raw)} bytes, not {_REC.size}")
     state, end, live, h = _REC.unpack(bytes(raw))
-    if state not in (OPEN, SEALED):
+    if state not in (OPEN, SEALED, DOOMED):
         raise CorruptionError(f"pack {pack}: unknown state {state}")
     return PackRecord(pack, state, end, live, h)
 
@@ -153,6 +156,41 @@ def leftover_files(store_path: Path, txn: lmdb.Transaction, db: object) -> list[
         return []
     known = {rec.name for rec in all_packs(txn, db)}
     return sorted(p for p in d.iterdir() if p.name not in known)
+
+
+def oldest_reader(env: lmdb.Environment) -> int | None:
+    """The oldest snapshot (transaction id) any process's read transaction holds, or None:
+    LMDB's reader table, shared by every process that has the environment open."""
+    oldest = None
+    for line in env.readers().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 3 and fields[2].isdigit():
+            txnid = int(fields[2])
+            oldest = txnid if oldest is None else min(oldest, txnid)
+    return oldest
+
+
+def read_records(fd: int, end: int) -> Iterator[tuple[int, bytes, int, bytes]]:
+    """(offset of the stored bytes, hash, codec, stored bytes) of each record of a pack up
+    to `end`, from its headers alone; CorruptionError where a header does not fit."""
+    pos = 0
+    data = b""
+    base = 0  # file offset of data[0]
+    while pos < end:
+        if pos + HEADER.size > base + len(data):
+            data = os.pread(fd, max(8 << 20, HEADER.size), pos)
+            base = pos
+        if pos + HEADER.size > min(end, base + len(data)):
+            raise CorruptionError(f"a record header at {pos} runs past the pack's end")
+        h, codec, n = HEADER.unpack_from(data, pos - base)
+        at = pos + HEADER.size
+        if at + n > end:
+            raise CorruptionError(f"a record at {pos} runs past the pack's end")
+        if at + n > base + len(data):
+            data = os.pread(fd, max(8 << 20, HEADER.size + n), pos)
+            base = pos
+        yield at, h, codec, data[at - base:at - base + n]
+        pos = at + n
 
 
 class _Fd:
