@@ -297,6 +297,18 @@ class FragmentStore:
             for h, raw in cur:
                 yield bytes(h), _INDEX.unpack(raw)[2] if len(raw) == _INDEX.size else 0
 
+    def totals(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
+        """(fragments, stored bytes, uncompressed bytes) of every stored fragment."""
+        count = stored = length = 0
+        with txn.cursor(db=self._index) as cur:
+            for raw in cur.iternext(keys=False, values=True):
+                if len(raw) == _INDEX.size:
+                    _pack, _offset, n, size, _codec = _INDEX.unpack(raw)
+                    count += 1
+                    stored += n
+                    length += size
+        return count, stored, length
+
     def count(self, txn: lmdb.Transaction) -> int:
         """How many fragments are stored (no scan)."""
         return int(txn.stat(self._index)["entries"])
