@@ -12,7 +12,7 @@ from annofs.volume import Volume
 
 _INDEX = struct.Struct(">QQIIB")  # content.fragments' index record, as the disk holds it
 KINDS = ("bit-flip", "truncated-pack", "pack-missing", "length-short", "length-long",
-         "unknown-codec", "index-empty", "index-missing")
+         "length-huge", "unknown-codec", "index-empty", "index-missing")
 
 
 def first_fragment(vol: Volume) -> bytes:
@@ -57,6 +57,7 @@ def damage(vol: Volume, h: bytes, kind: str, at: int | None = None) -> Callable[
     pack, off, stored_n, length, codec = _INDEX.unpack(index)
     new = {"length-short": _INDEX.pack(pack, off, stored_n - 1, length, codec),
            "length-long": _INDEX.pack(pack, off, stored_n + 1, length, codec),
+           "length-huge": _INDEX.pack(pack, off, 0xFFFFFFFF, 0xFFFFFFFF, codec),
            "unknown-codec": _INDEX.pack(pack, off, stored_n, length, 7),
            "index-empty": b"", "index-missing": None}[kind]
     with vol.store.env.begin(write=True) as txn:

@@ -59,6 +59,7 @@ COMPACT_BELOW = 0.5
 _INDEX = struct.Struct(">QQIIB")  # pack, offset, stored length, length, codec
 RAW, ZSTD = 0, 1
 ZSTD_LEVEL = 3
+_MAX_FRAGMENT = 1 << 30  # the largest max_size the chunker accepts (chunker.params)
 # Below this a zstd frame's own overhead (and the call) is not worth it.
 _MIN_COMPRESS = 64
 # A fragment on its way into a pack: hash, its record (header and stored bytes), stored
@@ -242,9 +243,11 @@ class FragmentStore:
         raw = txn.get(h, db=self._index)
         if raw is None:
             raise CorruptionError(f"fragment {h.hex()}: missing from the store")
-        if len(raw) != _INDEX.size:
+        entry = _INDEX.unpack(raw) if len(raw) == _INDEX.size else None
+        # A damaged length must not become an unbounded read or allocation.
+        if entry is None or entry[2] > _MAX_FRAGMENT or entry[3] > _MAX_FRAGMENT:
             raise CorruptionError(f"fragment {h.hex()}: damaged index record")
-        return _INDEX.unpack(raw)
+        return entry
 
     def get(self, txn: lmdb.Transaction, h: bytes) -> bytes:
         """A fragment's bytes, checked against its hash: CorruptionError, never wrong bytes."""
