@@ -5,6 +5,7 @@ the index points at), and stores of format 3 converted by `annofs upgrade`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import collect
+from annofs.store.env import read_synced_meta, write_synced_meta
 from annofs.store.packs import all_packs
 from annofs.transfer.export_tree import TreeExporter
 from annofs.transfer.import_tree import TreeImporter
@@ -111,7 +113,12 @@ def test_full_packs_are_sealed_under_their_hash(vol: Volume,
     with vol.store.read() as old:
         vol.fragments.put_many(frags[:4])
         vol.fragments.put_many(frags[4:])
+        pdir = vol.store.path / "packs"
         recs = packs_of(vol)
+        # Until a sync makes the seals durable, the old names stay: a machine crash comes
+        # back to the synced state, whose records name them.
+        assert all((pdir / packs_mod.open_name(r.id)).exists() for r in recs)
+        vol.store.sync()
         sealed = [r for r in recs if r.state == packs_mod.SEALED]
         assert len(sealed) >= 3
         pdir = vol.store.path / "packs"
@@ -393,5 +400,54 @@ def test_kill_9_at_every_step_of_compaction_loses_nothing(
             sorted(r.name for r in recs)  # leftovers of the killed runs are gone
         on_disk = sum(f.stat().st_size for f in (store / "packs").iterdir())
         assert on_disk < 2 * sum(r.live for r in recs) + (256 << 10)
+    finally:
+        vol.close()
+
+
+def test_a_machine_crash_after_a_seal_comes_back_to_the_synced_pack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seal renames the pack; a machine crash comes back to the synced state, whose
+    record still names the pack by its old name: that name must still be there."""
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    store = tmp_path / "s"
+    vol = Volume.open(store, create=True)
+    try:
+        first = items(random.Random(9).randbytes(100_000))
+        vol.fragments.put_many(first)
+        vol.store.sync()
+        synced_pages = (store / "db" / "data.mdb").read_bytes()
+        saved = read_synced_meta(store)
+        vol.store.sync_interval = None  # nothing synced from here: the crash window
+        vol.fragments.put_many(items(random.Random(10).randbytes(600_000)))
+        assert any(r.state == packs_mod.SEALED for r in packs_of(vol))
+        # The page cache: every pack file as written (what the disk may hold after).
+        on_disk = {p.name: p.read_bytes() for p in (store / "packs").iterdir()}
+    finally:
+        vol.close()
+    img = tmp_path / "img"
+    (img / "db").mkdir(parents=True)
+    (img / "db" / "data.mdb").write_bytes(synced_pages)
+    assert saved is not None
+    write_synced_meta(img, dataclasses.replace(saved, boot="a boot before the crash"))
+    (img / "packs").mkdir()
+    for name, data in on_disk.items():
+        (img / "packs" / name).write_bytes(data)
+    vol = Volume.open(img)
+    try:
+        with vol.store.read() as txn:
+            for h, c in first:
+                assert vol.fragments.get(txn, h) == c
+        assert check_store(vol, verify_data=True).ok
+        more = items(random.Random(11).randbytes(50_000))
+        vol.fragments.put_many(more)  # takes the pack over, cut back to its synced end
+        vol.store.sync()
+        vol.fragments.drop_doomed()  # gc's last step: drops the sealed copy the crash undid
+        names = {r.name for r in packs_of(vol)}
+        assert {p.name for p in (img / "packs").iterdir()} == names
+        with vol.store.read() as txn:
+            for h, c in first + more:
+                assert vol.fragments.get(txn, h) == c
+        rep = check_store(vol, verify_data=True)
+        assert rep.ok, rep.problems
     finally:
         vol.close()

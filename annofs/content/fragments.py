@@ -84,7 +84,20 @@ class _Shared:
         self.writer = PackWriter(store.path, db)
         self.lock = threading.Lock()  # one append + commit at a time in this process
         self.local = threading.local()
+        # (commits counted when the seal committed, the sealed pack): old names to drop.
+        self.sealed: list[tuple[int, PackRecord]] = []
+        self.sealed_lock = threading.Lock()  # syncs run in other threads
         store.on_close.append(self.close)
+        store.after_sync.append(self.synced)
+
+    def synced(self, commits: int) -> None:
+        """After a sync that made `commits` transactions durable: drop the old names of
+        packs whose seal is among them."""
+        with self.sealed_lock:
+            done = [rec for n, rec in self.sealed if n <= commits]
+            self.sealed = [(n, rec) for n, rec in self.sealed if n > commits]
+        for rec in done:
+            self.writer.unlink_open_name(rec)
 
     def close(self) -> None:
         with self.lock:
@@ -220,7 +233,9 @@ class FragmentStore:
             if w.full:
                 sealed = w.seal(txn)
         if sealed is not None:
-            w.unlink_open_name(sealed)
+            # Its old name goes once a sync made the seal durable (store.packs).
+            with self._s.sealed_lock:
+                self._s.sealed.append((self._store.commits, sealed))
         return new
 
     def _points_at(self, txn: lmdb.Transaction, h: bytes, pack: int, offset: int) -> bool:
@@ -414,9 +429,8 @@ class FragmentStore:
             cur = get_pack(txn, self._packs, rec.id)
             if cur is None or cur.state != SEALED or cur.live != 0:
                 return False  # something new points into it: left for a later gc
-            # `live` holds the id of the transaction after which nothing points into it.
-            txn.put(pack_key(rec.id), PackRecord(rec.id, DOOMED, cur.end, txn.id(),
-                                                 cur.hash).encode(), db=self._packs)
+            txn.put(pack_key(rec.id), PackRecord(rec.id, DOOMED, cur.end, 0, cur.hash,
+                                                 txn.id()).encode(), db=self._packs)
         return True
 
     def drop_doomed(self) -> int:
@@ -430,13 +444,13 @@ class FragmentStore:
         gone: list[Path] = []
         with self._store.write() as txn:
             for rec in all_packs(txn, self._packs):
-                if rec.state == DOOMED and rec.live <= newest_synced and \
-                        (oldest is None or rec.live <= oldest):
+                if rec.state == DOOMED and rec.since <= newest_synced and \
+                        (oldest is None or rec.since <= oldest):
                     txn.delete(pack_key(rec.id), db=self._packs)
                     self._s.files.forget(rec.id)
                     gone.append(packs_dir(self._store.path) / rec.name)
             # Under the writer lock: no writer is between a rename and its commit.
-            gone += leftover_files(self._store.path, txn, self._packs)
+            gone += leftover_files(self._store.path, txn, self._packs, newest_synced)
         for f in gone:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f)
@@ -451,7 +465,9 @@ class FragmentStore:
                 total += rec.end
             elif rec.state == SEALED and rec.live < COMPACT_BELOW * rec.end:
                 total += rec.end - rec.live
-        for f in leftover_files(self._store.path, txn, self._packs):
+        synced = read_synced_meta(self._store.path)
+        newest_synced = meta_txnid(synced.metas) if synced is not None else 0
+        for f in leftover_files(self._store.path, txn, self._packs, newest_synced):
             with contextlib.suppress(FileNotFoundError):
                 total += f.stat().st_size
         return total

@@ -84,6 +84,8 @@ class Store:
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
         self.on_abort: list[Callable[[], None]] = []
         self.on_close: list[Callable[[], None]] = []  # after the last sync (packs let go)
+        # After each sync, with how many of this process's commits it made durable.
+        self.after_sync: list[Callable[[int], None]] = []
         self.sync_interval: float | None = SYNC_INTERVAL
         self._pin: lmdb.Transaction | None = None  # on the last synced state
         self._sync_lock = threading.Lock()
@@ -146,6 +148,11 @@ class Store:
                     failing = True
                 else:
                     failing = False
+
+    @property
+    def commits(self) -> int:
+        """Write transactions this process committed so far."""
+        return self._commits
 
     def pin_behind(self) -> bool:
         """Whether other processes committed since this one's last sync. Its pin then keeps
@@ -228,6 +235,8 @@ class Store:
             if old is not None:
                 old.abort()
             self._synced = commits
+            for callback in self.after_sync:
+                callback(commits)
 
     def close(self) -> None:
         """Sync (if this process wrote) and close the environment."""

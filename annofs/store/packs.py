@@ -27,6 +27,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -44,10 +45,11 @@ PACKS_DIR = "packs"
 PACK_TARGET = 32 << 20
 
 # A doomed pack was compacted: nothing points into it from the transaction that doomed it
-# on (its `live` field holds that transaction's id); its file goes once no reader and no
-# synced state is older (content.fragments.drop_doomed).
+# on (`since`); its file goes once no reader and no synced state is older
+# (content.fragments.drop_doomed).
 OPEN, SEALED, DOOMED = 0, 1, 2
-_REC = struct.Struct(">BQQ32s")  # state, end, live bytes, hash (zeros until sealed)
+# state, end, live bytes, hash (zeros until sealed), the transaction that sealed or doomed it
+_REC = struct.Struct(">BQQ32sQ")
 HEADER = struct.Struct(">32sBI")  # a record: fragment hash, codec, stored length
 _ID = struct.Struct(">Q")  # the same key as every id-keyed database (store.keys.u64)
 
@@ -70,6 +72,7 @@ class PackRecord:
     end: int  # bytes [0, end) of the file are what the index may point into
     live: int  # bytes of records the index points at (headers included)
     hash: bytes  # BLAKE3 of the sealed file; zeros while open
+    since: int = 0  # the transaction that sealed or doomed it
 
     @property
     def name(self) -> str:
@@ -77,7 +80,10 @@ class PackRecord:
         return open_name(self.id) if self.state == OPEN else f"{self.hash.hex()}.pack"
 
     def encode(self) -> bytes:
-        return _REC.pack(self.state, self.end, self.live, self.hash)
+        return _REC.pack(self.state, self.end, self.live, self.hash, self.since)
+
+
+_OPEN_NAME = re.compile(r"open-([0-9a-f]{8,16})\.pack")
 
 
 def open_name(pack: int) -> str:
@@ -90,10 +96,10 @@ def decode_pack(key: bytes, raw: bytes) -> PackRecord:
     pack = _ID.unpack(bytes(key))[0]
     if len(raw) != _REC.size:
         raise CorruptionError(f"pack {pack}: record of {len(raw)} bytes, not {_REC.size}")
-    state, end, live, h = _REC.unpack(bytes(raw))
+    state, end, live, h, since = _REC.unpack(bytes(raw))
     if state not in (OPEN, SEALED, DOOMED):
         raise CorruptionError(f"pack {pack}: unknown state {state}")
-    return PackRecord(pack, state, end, live, h)
+    return PackRecord(pack, state, end, live, h, since)
 
 
 def get_pack(txn: lmdb.Transaction, db: object, pack: int) -> PackRecord | None:
@@ -147,15 +153,28 @@ def fsync_packs(store_path: Path, names: list[str]) -> None:
     fsync_dir(d)
 
 
-def leftover_files(store_path: Path, txn: lmdb.Transaction, db: object) -> list[Path]:
-    """Files in the packs directory that no pack record names: a sealed copy whose seal
-    never committed, a pack whose creation or compaction was interrupted. Only meaningful
-    in a write transaction (no writer can be between a rename and its commit)."""
+def leftover_files(store_path: Path, txn: lmdb.Transaction, db: object,
+                   synced_txnid: int) -> list[Path]:
+    """Files in the packs directory that no pack record names and that may go: a sealed
+    copy whose seal never committed, a pack whose creation was interrupted, the old name
+    of a sealed pack once its seal is durable (`synced_txnid`: the newest synced state;
+    before that, a machine crash would come back to the record naming it). Only
+    meaningful in a write transaction (no writer can be between a rename and its commit)."""
     d = packs_dir(store_path)
     if not d.is_dir():
         return []
-    known = {rec.name for rec in all_packs(txn, db)}
-    return sorted(p for p in d.iterdir() if p.name not in known)
+    recs = {rec.id: rec for rec in all_packs(txn, db)}
+    known = {rec.name for rec in recs.values()}
+    out = []
+    for p in d.iterdir():
+        if p.name in known:
+            continue
+        m = _OPEN_NAME.fullmatch(p.name)
+        rec = recs.get(int(m.group(1), 16)) if m else None
+        if rec is not None and rec.since > synced_txnid:
+            continue
+        out.append(p)
+    return sorted(out)
 
 
 def oldest_reader(env: lmdb.Environment) -> int | None:
@@ -321,10 +340,15 @@ class PackWriter:
     def _adopt(self, rec: PackRecord) -> bool:
         """Take over an open pack whose writer is gone: cut off bytes past its indexed end
         (an append its writer never committed)."""
+        path = self._dir / rec.name
         try:
-            fd = os.open(self._dir / rec.name, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
+        except PermissionError:
+            # Sealed (read-only) by a transaction a machine crash undid: open again.
+            os.chmod(path, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -373,7 +397,8 @@ class PackWriter:
         cur = get_pack(txn, self._db, rec.id) or rec
         os.ftruncate(fd, rec.end)  # nothing past the indexed end belongs to it
         os.fdatasync(fd)
-        sealed = PackRecord(rec.id, SEALED, rec.end, cur.live, _hash_fd(fd, rec.end))
+        sealed = PackRecord(rec.id, SEALED, rec.end, cur.live, _hash_fd(fd, rec.end),
+                            txn.id())
         old, new = self._dir / rec.name, self._dir / sealed.name
         os.fchmod(fd, 0o400)
         if new.exists():
@@ -388,7 +413,8 @@ class PackWriter:
         return sealed
 
     def unlink_open_name(self, sealed: PackRecord) -> None:
-        """After the seal committed: drop the pack's old name."""
+        """Once the seal is durable (synced): drop the pack's old name. Not sooner: a
+        machine crash comes back to the last synced state, whose record names it."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._dir / open_name(sealed.id))
 
