@@ -30,7 +30,7 @@ import lmdb
 
 from annofs.errors import CorruptionError, StoreError
 from annofs.store.keys import from_u64, u64
-from annofs.store.packs import fsync_packs, unsealed_names
+from annofs.store.packs import fsync_packs, names_to_sync
 
 # 4: fragments compressed in pack files, LMDB keeps their index (store.packs);
 # 3: refcounts count edits (own_counts), fragment bytes as LMDB values; 2: raw values
@@ -220,12 +220,14 @@ class Store:
                 metas = _read_metas(self.path, self.env.stat()["psize"])
                 pin = self.env.begin()
                 commits = self._commits
-                unsealed = unsealed_names(w, self.db["packs"])
+                last = read_synced_meta(self.path)
+                to_sync = names_to_sync(w, self.db["packs"],
+                                        meta_txnid(last.metas) if last is not None else 0)
             finally:
                 w.abort()
             try:
                 # Pack bytes first: the index in the state made durable points into them.
-                fsync_packs(self.path, unsealed)
+                fsync_packs(self.path, to_sync)
                 self.env.sync(True)
                 _save_metas(self.path, metas)
             except BaseException:

@@ -12,9 +12,11 @@ the stored bytes; the index (content.fragments) points at the stored bytes. The 
 makes a pack readable on its own (a check, a rebuild) without the index.
 
 Crash safety. LMDB commits are not durable until `Store.sync()` (store.env), which first
-fsyncs every unsealed pack and the directory (`sync_unsealed`), so the index state a
-machine crash comes back to never points past bytes on the disk. A sealed pack was
-fsynced before the transaction that seals it. A writer killed mid-append leaves bytes
+fsyncs every unsealed pack, every pack sealed since the last synced state, and the
+directory (`names_to_sync`, `fsync_packs`), so the state a machine crash comes back to
+never points past bytes on the disk, nor names a file whose rename did not reach it.
+Sealing does not fsync (that would make a writer wait for 32 MiB to reach the disk): the
+next sync does, before the seal itself is durable. A writer killed mid-append leaves bytes
 past its pack's recorded end; the next writer that takes the abandoned pack over cuts
 them off (`PackWriter.adopt`). Every name change (create, seal) happens inside a write
 transaction, so a process holding the writer lock sees files and records agree, except
@@ -129,9 +131,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def unsealed_names(txn: lmdb.Transaction, db: object) -> list[str]:
-    """File names of the packs being written in the state of `txn`."""
-    return [rec.name for rec in all_packs(txn, db) if rec.state == OPEN]
+def names_to_sync(txn: lmdb.Transaction, db: object, synced_txnid: int) -> list[str]:
+    """File names of the packs whose bytes a sync of the state of `txn` must make durable:
+    those being written, and those sealed after `synced_txnid` (the newest synced state:
+    the sync that saved it covered the seals before it)."""
+    return [rec.name for rec in all_packs(txn, db)
+            if rec.state == OPEN or (rec.state == SEALED and rec.since > synced_txnid)]
 
 
 def fsync_packs(store_path: Path, names: list[str]) -> None:
@@ -401,7 +406,6 @@ class PackWriter:
         fd, rec = self._fd, self.rec
         cur = get_pack(txn, self._db, rec.id) or rec
         os.ftruncate(fd, rec.end)  # nothing past the indexed end belongs to it
-        os.fdatasync(fd)
         sealed = PackRecord(rec.id, SEALED, rec.end, cur.live, _hash_fd(fd, rec.end),
                             txn.id())
         old, new = self._dir / rec.name, self._dir / sealed.name
@@ -410,8 +414,7 @@ class PackWriter:
             if any(r.name == sealed.name for r in all_packs(txn, self._db)):
                 raise StoreError(f"{new}: another pack has the same bytes")
             os.unlink(new)  # a seal that never committed
-        os.link(old, new)
-        fsync_dir(self._dir)
+        os.link(old, new)  # durable with the next sync, before the seal is
         txn.put(pack_key(rec.id), sealed.encode(), db=self._db)
         self.rec, self._fd = None, None
         os.close(fd)
