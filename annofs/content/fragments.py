@@ -62,9 +62,9 @@ ZSTD_LEVEL = 3
 _MAX_FRAGMENT = 1 << 30  # the largest max_size the chunker accepts (chunker.params)
 # Below this a zstd frame's own overhead (and the call) is not worth it.
 _MIN_COMPRESS = 64
-# A fragment on its way into a pack: hash, its record (header and stored bytes), stored
-# length, length, codec.
-_Record = tuple[bytes, bytes, int, int, int]
+# A fragment on its way into a pack: hash, stored bytes (a caller's view for a raw one:
+# copied once, into the pack's blob), stored length, length, codec.
+_Record = tuple[bytes, bytes | memoryview, int, int, int]
 # Unreferenced fragments are freed in batches: one huge transaction would hold every page.
 _FREE_BATCH = 10_000
 
@@ -129,13 +129,15 @@ def _shared(store: Store) -> _Shared:
         return s
 
 
-def encode(data: bytes | memoryview, comp: zstandard.ZstdCompressor) -> tuple[int, bytes]:
-    """(codec, stored bytes) of a fragment: zstd if that is smaller, else the bytes."""
+def encode(data: bytes | memoryview,
+           comp: zstandard.ZstdCompressor) -> tuple[int, bytes | memoryview]:
+    """(codec, stored bytes) of a fragment: zstd if that is smaller, else the bytes
+    themselves (not copied)."""
     if len(data) >= _MIN_COMPRESS:
         z = comp.compress(data)
         if len(z) < len(data):
             return ZSTD, z
-    return RAW, bytes(data)
+    return RAW, data
 
 
 class FragmentStore:
@@ -171,8 +173,7 @@ class FragmentStore:
         records: list[_Record] = []
         for h, data in pending.items():
             codec, stored = encode(data, comp)
-            records.append((h, HEADER.pack(h, codec, len(stored)) + stored, len(stored),
-                            len(data), codec))
+            records.append((h, stored, len(stored), len(data), codec))
         del pending
         new = 0
         with self._s.lock:
@@ -189,8 +190,8 @@ class FragmentStore:
         w = self._s.writer
         room = packs.PACK_TARGET - (w.rec.end if w.rec is not None else 0)
         j, size = i, 0
-        while j < len(records) and (j == i or size + len(records[j][1]) <= room):
-            size += len(records[j][1])
+        while j < len(records) and (j == i or size + HEADER.size + records[j][2] <= room):
+            size += HEADER.size + records[j][2]
             j += 1
         return j
 
@@ -206,7 +207,11 @@ class FragmentStore:
         if w.needs_pack:
             with self._store.write() as txn:
                 w.ensure(txn, self._store.next_id(txn, "pack"))
-        blob = b"".join(r[1] for r in records)
+        parts: list[bytes | memoryview] = []
+        for h, stored, n, _length, codec in records:
+            parts += (HEADER.pack(h, codec, n), stored)
+        blob = b"".join(parts)  # the one copy of a raw fragment's bytes
+        del parts
         # Past the recorded end until the transaction below commits: a crash here leaves
         # bytes the next writer of this pack cuts off.
         base = w.append(blob)
@@ -215,18 +220,19 @@ class FragmentStore:
         with self._store.write() as txn:
             assert w.rec is not None
             pack, live, at = w.rec.id, 0, base
-            for h, rec, n, length, codec in records:
+            for h, _stored, n, length, codec in records:
                 entry = _INDEX.pack(pack, at + HEADER.size, n, length, codec)
+                size = HEADER.size + n
                 if moving is None:
                     # Another process may have stored it meanwhile: ours is dead bytes.
                     if txn.put(h, entry, db=self._index, overwrite=False):
                         new += length
-                        live += len(rec)
+                        live += size
                 elif self._points_at(txn, h, moving[0], moving[1][h]):
                     txn.put(h, entry, db=self._index)
-                    new += len(rec)
-                    live += len(rec)
-                at += len(rec)
+                    new += size
+                    live += size
+                at += size
             w.record(txn, base + len(blob), live)
             if moving is not None:
                 self._add_live(txn, moving[0], -new)
@@ -411,8 +417,7 @@ class FragmentStore:
                     if not self._points_at(txn, h, rec.id, at):
                         continue  # freed, or a duplicate nobody indexed
                     length = _INDEX.unpack(txn.get(h, db=self._index))[3]
-                    live.append((h, HEADER.pack(h, codec, len(stored)) + stored, len(stored),
-                                 length, codec))
+                    live.append((h, stored, len(stored), length, codec))
                     offsets[h] = at
         except CorruptionError as e:
             log.error("pack %s: %s; not compacted (annofs fsck)", rec.id, e)
