@@ -451,3 +451,74 @@ def test_a_machine_crash_after_a_seal_comes_back_to_the_synced_pack(
         assert rep.ok, rep.problems
     finally:
         vol.close()
+
+
+_UPGRADE = """
+import os, signal, sys
+from pathlib import Path
+from annofs.content.fragments import FragmentStore
+from annofs.maintenance.upgrade import upgrade_store
+from annofs.store.env import Store
+
+FragmentStore.upgrade_batch.__defaults__ = (60_000,)  # many batches
+k, calls = int(sys.argv[2]), [0]
+def point():
+    calls[0] += 1
+    if calls[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+def wrap(owner, name):
+    f = getattr(owner, name)
+    def w(*a, **kw):
+        point()
+        r = f(*a, **kw)
+        point()
+        return r
+    setattr(owner, name, w)
+for owner, name in [(FragmentStore, "put_many"), (FragmentStore, "upgrade_batch"),
+                    (Store, "sync")]:
+    wrap(owner, name)
+upgrade_store(Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
+    from annofs.content.fragments import FragmentStore
+    from annofs.store.env import open_store
+
+    store, src = tmp_path / "store", tmp_path / "src"
+    files = pack_tree(src, 12)
+    vol = Volume.open(store, create=True)
+    try:
+        TreeImporter(vol).run(src, [b"t"])
+        with vol.store.read() as txn:
+            every = {h for h, _n in vol.fragments.iterate(txn)}
+    finally:
+        vol.close()
+    make_format_3(store)
+    kills = 0
+    for k in range(1, 200):
+        child = subprocess.run([sys.executable, "-c", _UPGRADE, str(store), str(k)],
+                               capture_output=True, text=True, timeout=120)
+        if child.returncode == 0:
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        kills += 1
+        s = open_store(store, upgrading=True)  # each fragment in one place or both
+        try:
+            frags = FragmentStore(s)
+            with s.read() as txn:
+                moved = {h for h, _n in frags.iterate(txn)}
+                left = {bytes(h) for h, _v in txn.cursor(db=s.db["fragments"])}
+            assert moved | left == every
+        finally:
+            s.close()
+    else:
+        raise AssertionError("upgrade never finished")
+    assert kills >= 5, "few kill points: the test proved little"
+    vol = Volume.open(store)
+    try:
+        with vol.store.read() as txn:
+            assert vol.fragments.legacy_count(txn) == 0
+        tree_ok(vol, files, tmp_path / "out")
+    finally:
+        vol.close()
