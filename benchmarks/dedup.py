@@ -1,12 +1,15 @@
 """Figure 2, `dedup-releases`: stored bytes after importing consecutive source releases.
 
-SPEC.md §8: stored bytes after importing several releases of a large project, no more
-than borg at the same average chunk size. Each release's sdist is unpacked and imported
-in order to the same store path with `annofs import` semantics
-(`TreeImporter(vol).run(tree, [b"src", b"proj"])`); beside it, if borg is installed, one
-`borg create` archive per release into one repository with chunker parameters
-`buzhash,12,16,14,4095` (min 4 KiB, max 64 KiB, average about 16 KiB: annofs's 4k/16k/64k)
-and no compression.
+SPEC.md §8 and issue 18: stored bytes after importing several releases of a large
+project, no more than `borg create --compression zstd,3` at the same chunk sizes, and
+below `restic backup` with its default compression. Each release's sdist is unpacked and
+imported in order to the same store path with `annofs import` semantics
+(`TreeImporter(vol).run(tree, [b"src", b"proj"])`); beside it, if installed, one `borg
+create` archive per release into one repository with chunker parameters
+`buzhash,12,16,14,4095` (min 4 KiB, max 64 KiB, average about 16 KiB: annofs's
+4k/16k/64k) and `--compression zstd,3`, and one `restic backup` snapshot per release
+(restic's own chunker, compression auto). The uncompressed ideal is the unique chunk
+payload annofs keeps, before compression.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ VERSIONS = ("2.0.30", "2.0.31", "2.0.32", "2.0.33", "2.0.34")
 QUICK_RELEASES = 2
 DEST = [b"src", b"proj"]
 BORG_CHUNKER = "buzhash,12,16,14,4095"
+BORG_COMPRESSION = "zstd,3"
 TARGET = "<= 1.00"
+RESTIC_TARGET = "< 1.00"
 
 
 # -- releases ------------------------------------------------------------------------------
@@ -150,11 +155,13 @@ class AnnofsResult:
 
     seconds: list[float]
     new_bytes: list[int]
-    payload: int
+    payload: int  # stored (compressed) fragment bytes
+    ideal: int  # the same fragments uncompressed: the unique chunk payload
     fragments: int
+    packs: int
+    packs_du: int
     data_mdb: int
     store_du: int
-    lmdb: dict[str, int]
 
 
 def import_releases(trees: list[Path], store_dir: Path) -> AnnofsResult:
@@ -167,33 +174,15 @@ def import_releases(trees: list[Path], store_dir: Path) -> AnnofsResult:
             stats = TreeImporter(vol).run(tree, DEST)
             seconds.append(time.perf_counter() - start)
             new_bytes.append(stats.new_bytes)
-        db = vol.store.db["fragments"]
-        payload = fragments = 0
-        with vol.store.env.begin(buffers=True) as txn:
-            with txn.cursor(db=db) as cur:
-                for value in cur.iternext(keys=False, values=True):
-                    payload += len(value) - 1  # one codec byte before the payload
-                    fragments += 1
-            frag_stat = txn.stat(db)
-            used = 0
-            for name in vol.store.db:
-                s = txn.stat(vol.store.db[name])
-                used += s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
-        info = vol.store.env.info()
+        with vol.store.read() as txn:
+            fragments, payload, ideal = vol.fragments.totals(txn)
     finally:
         vol.close()
-    data_mdb = (store_dir / "db" / "data.mdb").stat()
-    lmdb_facts = {
-        "psize": frag_stat["psize"],
-        "frag_overflow_pages": frag_stat["overflow_pages"],
-        "frag_leaf_pages": frag_stat["leaf_pages"],
-        "frag_branch_pages": frag_stat["branch_pages"],
-        "used_pages": used,
-        "last_pgno": info["last_pgno"],
-        "file_size": data_mdb.st_size,
-    }
-    return AnnofsResult(seconds, new_bytes, payload, fragments, data_mdb.st_blocks * 512,
-                        disk_usage(store_dir), lmdb_facts)
+    packs = store_dir / "packs"
+    return AnnofsResult(seconds, new_bytes, payload, ideal, fragments,
+                        sum(1 for _ in packs.iterdir()), disk_usage(packs),
+                        (store_dir / "db" / "data.mdb").stat().st_blocks * 512,
+                        disk_usage(store_dir))
 
 
 # -- borg ----------------------------------------------------------------------------------
@@ -212,7 +201,8 @@ class BorgResult:
 
 
 def borg_releases(borg: str, trees: list[Path], work: Path, names: list[str]) -> BorgResult:
-    """`borg init -e none`, then one `borg create` per tree, each from inside the tree."""
+    """`borg init -e none`, then one `borg create --compression zstd,3` per tree, each
+    from inside the tree."""
     env = {
         **os.environ,
         "BORG_BASE_DIR": str(work / "borg-base"),
@@ -231,7 +221,8 @@ def borg_releases(borg: str, trees: list[Path], work: Path, names: list[str]) ->
     subprocess.run([borg, "init", "-e", "none", str(scratch_repo)], check=True, env=env,
                    capture_output=True)
     start = time.perf_counter()
-    subprocess.run([borg, "create", "--compression", "none", f"{scratch_repo}::empty", "."],
+    subprocess.run([borg, "create", "--compression", BORG_COMPRESSION,
+                    f"{scratch_repo}::empty", "."],
                    cwd=empty, check=True, env=env, capture_output=True)
     fixed = time.perf_counter() - start
     shutil.rmtree(scratch_repo)
@@ -242,7 +233,7 @@ def borg_releases(borg: str, trees: list[Path], work: Path, names: list[str]) ->
         # From inside the tree, so every archive holds the same paths, like the same
         # store path for annofs; files cache off, so every file is read as annofs does.
         subprocess.run(
-            [borg, "create", "--compression", "none", "--chunker-params", BORG_CHUNKER,
+            [borg, "create", "--compression", BORG_COMPRESSION, "--chunker-params", BORG_CHUNKER,
              "--files-cache", "disabled", f"{repo}::{name}", "."],
             cwd=tree, check=True, env=env, capture_output=True,
         )
@@ -252,6 +243,37 @@ def borg_releases(borg: str, trees: list[Path], work: Path, names: list[str]) ->
     stats = info["cache"]["stats"]
     return BorgResult(version, seconds, fixed, disk_usage(repo), stats["unique_csize"],
                       stats["total_unique_chunks"])
+
+
+# -- restic --------------------------------------------------------------------------------
+
+
+@dataclass
+class ResticResult:
+    """What `restic backup` of each release into one repository gave."""
+
+    version: str
+    seconds: list[float]
+    repo_du: int
+
+
+def restic_releases(restic: str, trees: list[Path], work: Path) -> ResticResult:
+    """`restic init`, then one `restic backup .` per tree from inside it (default
+    compression: auto, zstd), with a throwaway password and cache in the scratch dir."""
+    repo = work / "restic-repo"
+    env = {**os.environ, "RESTIC_PASSWORD": "benchmark", "RESTIC_REPOSITORY": str(repo),
+           "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+    version = subprocess.run([restic, "version"], capture_output=True, text=True,
+                             check=True, env=env).stdout.strip()
+    subprocess.run([restic, "init"], check=True, env=env, capture_output=True)
+    seconds = []
+    for tree in trees:
+        start = time.perf_counter()
+        # --force: read every file, as annofs's first import of each tree does.
+        subprocess.run([restic, "backup", "--force", "--quiet", "."], cwd=tree, check=True,
+                       env=env, capture_output=True)
+        seconds.append(time.perf_counter() - start)
+    return ResticResult(version, seconds, disk_usage(repo))
 
 
 # -- the figure ------------------------------------------------------------------------------
@@ -273,39 +295,54 @@ def dedup_releases(ctx: Context) -> FigureResult:
     shutil.rmtree(ctx.work / "dedup-store")
     n = len(trees)
     rows = [
-        Row(f"stored payload / total size of {n} releases", _mb(a.payload), _mb(sizes.total),
-            a.payload / sizes.total),
-        Row("stored payload / unique file bytes", _mb(a.payload), _mb(sizes.unique),
-            a.payload / sizes.unique),
-        Row("LMDB data.mdb on disk / stored payload", _mb(a.data_mdb), _mb(a.payload),
-            a.data_mdb / a.payload),
+        Row(f"store on disk / total size of {n} releases", _mb(a.store_du), _mb(sizes.total),
+            a.store_du / sizes.total),
+        Row("store on disk / uncompressed ideal (unique chunk payload)", _mb(a.store_du),
+            _mb(a.ideal), a.store_du / a.ideal),
+        Row("stored payload (zstd) / uncompressed ideal", _mb(a.payload), _mb(a.ideal),
+            a.payload / a.ideal),
+        Row("LMDB data.mdb on disk / store on disk", _mb(a.data_mdb), _mb(a.store_du),
+            a.data_mdb / a.store_du),
     ]
     borg_path = shutil.which("borg")
     b: BorgResult | None = None
     if borg_path is not None:
-        ctx.log(f"dedup-releases: borg create of {len(trees)} releases")
+        ctx.log(f"dedup-releases: borg create --compression {BORG_COMPRESSION} of {n} releases")
         b = borg_releases(borg_path, trees, ctx.work,
                           [f"{PROJECT}-{v}" for v in versions])
         shutil.rmtree(ctx.work / "borg-repo")
         shutil.rmtree(ctx.work / "borg-base", ignore_errors=True)
         rows += [
-            Row("store on disk / borg repo on disk (4k/16k/64k, no compression)",
+            Row(f"store on disk / borg repo on disk (4k/16k/64k, {BORG_COMPRESSION})",
                 _mb(a.store_du), _mb(b.repo_du), a.store_du / b.repo_du, TARGET),
-            Row("stored payload / borg unique chunks", _mb(a.payload), _mb(b.unique_csize),
-                a.payload / b.unique_csize),
-            Row(f"import time of {n} releases / borg create", f"{sum(a.seconds):.1f} s",
-                f"{sum(b.seconds):.1f} s", sum(a.seconds) / sum(b.seconds)),
+            Row(f"import time of {n} releases / borg create ({BORG_COMPRESSION})",
+                f"{sum(a.seconds):.1f} s", f"{sum(b.seconds):.1f} s",
+                sum(a.seconds) / sum(b.seconds)),
         ]
     else:
         rows.append(Row("store on disk / borg repo on disk", _mb(a.store_du),
                         "borg not installed", None))
-    return FigureResult(rows, _notes(versions, sizes, a, b))
+    restic_path = shutil.which("restic")
+    r: ResticResult | None = None
+    if restic_path is not None:
+        ctx.log(f"dedup-releases: restic backup of {n} releases")
+        r = restic_releases(restic_path, trees, ctx.work)
+        shutil.rmtree(ctx.work / "restic-repo")
+        shutil.rmtree(ctx.work / "restic-cache", ignore_errors=True)
+        rows += [
+            Row("store on disk / restic repo on disk (compression auto)", _mb(a.store_du),
+                _mb(r.repo_du), a.store_du / r.repo_du, RESTIC_TARGET),
+            Row(f"import time of {n} releases / restic backup", f"{sum(a.seconds):.1f} s",
+                f"{sum(r.seconds):.1f} s", sum(a.seconds) / sum(r.seconds)),
+        ]
+    else:
+        rows.append(Row("store on disk / restic repo on disk", _mb(a.store_du),
+                        "restic not installed", None))
+    return FigureResult(rows, _notes(versions, sizes, a, b, r))
 
 
-def _notes(versions: list[str], sizes: TreeSizes, a: AnnofsResult, b: BorgResult | None) -> str:
-    psize = a.lmdb["psize"]
-    overflow = a.lmdb["frag_overflow_pages"] * psize
-    used = a.lmdb["used_pages"] * psize
+def _notes(versions: list[str], sizes: TreeSizes, a: AnnofsResult, b: BorgResult | None,
+           r: ResticResult | None) -> str:
     per_release = ", ".join(
         f"{v}: {_mb(nb)} new in {s:.1f} s" for v, nb, s in zip(versions, a.new_bytes, a.seconds,
                                                               strict=True)
@@ -317,30 +354,34 @@ the same store path `/src/proj` of one fresh store with
 `annofs.transfer.import_tree.TreeImporter(vol).run(tree, [b"src", b"proj"])`, as
 `annofs import` does. Together they hold {sizes.files} files, {_mb(sizes.total)}; the
 distinct file contents (whole-file dedup by BLAKE3, what a file-level store keeps) are
-{_mb(sizes.unique)}. MB = 10^6 bytes.
+{_mb(sizes.unique)}. MB = 10^6 bytes; "on disk" is `du` (st_blocks * 512) of the whole
+store or repository directory, metadata included.
 
-annofs: per release {per_release}. At the end the store holds {a.fragments} fragments,
-{_mb(a.payload)} of payload (summed from the `fragments` database, codec byte excluded).
-LMDB: page size {psize}; the fragments database uses {a.lmdb["frag_overflow_pages"]}
-overflow pages ({_mb(overflow)}, {100 * (overflow / a.payload - 1):.1f}% over the payload:
-LMDB stores a value larger than about half a page in whole overflow pages, so the last
-page of every fragment is partly empty), {a.lmdb["frag_leaf_pages"]} leaf and
-{a.lmdb["frag_branch_pages"]} branch pages; all databases together use {_mb(used)} of
-pages; the file is {_mb(a.lmdb["file_size"])} long ({a.lmdb["last_pgno"] + 1} pages, the
-rest being LMDB's free pages from copy-on-write) and takes {_mb(a.data_mdb)} on disk
-(st_blocks * 512). "store on disk" is `du` of the whole store directory
-({_mb(a.store_du)})."""
+annofs (store format 4): per release {per_release}. At the end the store holds
+{a.fragments} fragments, {_mb(a.ideal)} uncompressed (the ideal: unique chunk payload)
+stored as {_mb(a.payload)} (each fragment zstd level 3, or raw if that does not shrink
+it) in {a.packs} pack files taking {_mb(a.packs_du)}; LMDB's data.mdb (index, versions,
+namespace) takes {_mb(a.data_mdb)}; the whole store {_mb(a.store_du)}."""
     if b is None:
-        return text + "\n\nborg: not installed, so no borg comparison."
-    per_borg = ", ".join(f"{s:.1f} s" for s in b.seconds)
+        text += "\n\nborg: not installed, so no borg comparison."
+    else:
+        per_borg = ", ".join(f"{s:.1f} s" for s in b.seconds)
+        text += f"""
+
+borg ({b.version}): `borg init -e none`, then per release `borg create --compression
+{BORG_COMPRESSION} --chunker-params {BORG_CHUNKER} --files-cache disabled REPO::NAME .` run
+from inside the release tree (so archives share paths, like the shared store path),
+BORG_BASE_DIR in the scratch directory. Times per archive: {per_borg}; each includes
+borg's fixed cost per run (start-up, repository open, cache sync), {b.fixed_seconds:.2f} s
+for an empty directory. The repository takes {_mb(b.repo_du)} on disk; `borg info` counts
+{b.unique_chunks} unique chunks, {_mb(b.unique_csize)} stored."""
+    if r is None:
+        return text + "\n\nrestic: not installed, so no restic comparison."
+    per_restic = ", ".join(f"{s:.1f} s" for s in r.seconds)
     return text + f"""
 
-borg ({b.version}): `borg init -e none`, then per release `borg create --compression none
---chunker-params {BORG_CHUNKER} --files-cache disabled REPO::NAME .` run from inside the
-release tree (so archives share paths, like the shared store path), BORG_BASE_DIR in the
-scratch directory. Times per archive: {per_borg}; each includes borg's fixed cost per
-run (start-up, repository open, cache sync), {b.fixed_seconds:.2f} s for an empty
-directory. The repository takes {_mb(b.repo_du)} on disk (`du`: segments, index, hints);
-`borg info` counts {b.unique_chunks} unique chunks, {_mb(b.unique_csize)} stored (chunk data
-with borg's per-chunk headers). The target row compares whole directories on disk, annofs's
-store against borg's repository, both including their metadata."""
+restic ({r.version}): `restic init` (RESTIC_PASSWORD set, default repository version and
+compression auto), then per release `restic backup --force .` from inside the release
+tree, its cache in the scratch directory. Times per snapshot: {per_restic}. restic chunks
+with its own parameters (512 KiB to 8 MiB, 1 MiB average: larger than annofs's, so less
+index but coarser dedup). The repository takes {_mb(r.repo_du)} on disk."""

@@ -144,8 +144,8 @@ def test_copied_file_keeps_its_history(vol: Volume) -> None:
     from annofs.content.fragments import fragment_hash
 
     h = fragment_hash(data)
+    vol.fragments.put_many([(h, data)])
     with vol.store.write() as txn:
-        vol.fragments.put(txn, h, data)
         v = vol.versions.create(txn, EMPTY_VERSION, h, array("I", [len(data)]), h)
         d = vol.namespace.make_dirs(txn, p("a"), 0, 0)
         a = dataclasses.replace(new_file_attrs(stat.S_IFREG | 0o644, 0, 0), target=v.id,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import annofs_cmd
+from store_damage import damage, first_fragment
 
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.repair import repair_store
@@ -29,12 +30,6 @@ def make_tree(root: Path) -> Path:
     (root / "d0" / "f0").rename(root / "d0" / "keep")
     (root / "d1" / "hard").hardlink_to(root / "d0" / "keep")
     return root
-
-
-def first_fragment(vol: Volume) -> bytes:
-    with vol.store.read() as txn, txn.cursor(db=vol.store.db["fragments"]) as cur:
-        cur.first()
-        return bytes(cur.key())
 
 
 def test_planted_damage_is_found_and_bookkeeping_repaired(vol: Volume, tmp_path: Path) -> None:
@@ -71,10 +66,7 @@ def test_planted_damage_is_found_and_bookkeeping_repaired(vol: Volume, tmp_path:
 def test_corrupt_fragment_is_reported_not_repaired(vol: Volume, tmp_path: Path) -> None:
     TreeImporter(vol).run(make_tree(tmp_path / "src"), [b"t"])
     h = first_fragment(vol)
-    with vol.store.write() as txn:
-        raw = bytearray(txn.get(h, db=vol.store.db["fragments"]))
-        raw[len(raw) // 2] ^= 0x10
-        txn.put(h, bytes(raw), db=vol.store.db["fragments"])
+    damage(vol, h, "bit-flip")
     assert f"fragment {h.hex()}: content does not match its hash" in check_store(vol).problems
     repair_store(vol)
     assert f"fragment {h.hex()}: content does not match its hash" in check_store(vol).problems
@@ -159,4 +151,4 @@ TreeImporter(vol).run(Path({str(tmp_path / "src")!r}), [b"v"], staging=Killed(vo
                          capture_output=True, text=True)
     j = json.loads(res.stdout)
     assert j["ok"] and j["reclaimable"] == {"versions": 0, "fragments": 0, "bytes": 0,
-                                            "staging_trees": 0}
+                                            "staging_trees": 0, "pack_bytes": 0}

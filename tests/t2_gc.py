@@ -30,7 +30,7 @@ def vol(vol: Volume) -> Iterator[Volume]:
 
 def stored_bytes(vol: Volume) -> int:
     with vol.store.read() as txn:
-        return sum(len(v) for _k, v in txn.cursor(db=vol.store.db["fragments"]))
+        return sum(n for _h, n in vol.fragments.iterate(txn))
 
 
 def make_tree(root: Path, seed: int = 1, files: int = 20) -> Path:
@@ -130,20 +130,17 @@ def test_a_small_edit_touches_few_reference_counts(vol: Volume) -> None:
     hashes = b"".join(fragment_hash(c) for c in chunks)
     lengths = array("I", [100] * 2000)
     changed = random.Random(50_000).randbytes(100)  # a seed no base chunk used
+    vol.fragments.put_many([*zip([hashes[i:i + 32] for i in range(0, len(hashes), 32)],
+                                 chunks, strict=True), (fragment_hash(changed), changed)])
     with vol.store.write() as txn:
-        for h, c in zip([hashes[i:i + 32] for i in range(0, len(hashes), 32)], chunks,
-                        strict=True):
-            vol.fragments.put(txn, h, c)
-        vol.fragments.put(txn, fragment_hash(changed), changed)
         base = vol.versions.create(txn, EMPTY_VERSION, hashes, lengths, None)
     with vol.store.read() as txn:
         before = vol.fragments.refcount(txn, fragment_hash(changed))
     edited = hashes[:1000 * 32] + fragment_hash(changed) + hashes[1001 * 32:]
     with vol.store.write() as txn:
-        cur = txn.cursor(db=vol.store.db["fragrefs"])
-        snapshot = dict(cur)
+        snapshot = dict(vol.fragments.refcounts(txn))
         v = vol.versions.create(txn, base.id, edited, lengths, None)
-        after = dict(txn.cursor(db=vol.store.db["fragrefs"]))
+        after = dict(vol.fragments.refcounts(txn))
     assert v.edit is not None and (v.edit.start, v.edit.removed, v.edit.added) == (1000, 1, 1)
     assert [h for h in after if after[h] != snapshot.get(h)] == [fragment_hash(changed)]
     assert before == 0

@@ -93,7 +93,7 @@ def nothing_added(vol: Volume) -> bool:
         staging = vol.namespace.staging_roots(txn)
         statements = AnnotationStore(vol.store).count(txn)
         # The NAR is checked whole before the restore stores anything: not even fragments.
-        fragments = txn.stat(vol.store.db["fragments"])["entries"]
+        fragments = vol.fragments.count(txn)
     return names == [] and staging == [] and statements == 0 and fragments == 0
 
 

@@ -7,6 +7,8 @@ here are exactly that: the data file as it was at a sync, with a random subset o
 4 KiB pages that later commits changed. Without the saved meta pages every such image
 was unreadable (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, LMDB assertions aborting the process,
 or an empty store); with them, the store opens at the synced state, and fsck passes.
+Pack files (store.packs) are as they were at the sync, with any part of what was appended
+since, or garbage, past that.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ IMAGES = 40 if os.environ.get("ANNOFS_FULL") == "1" else 12
 
 def put_file(vol: Volume, name: bytes, data: bytes) -> None:
     """One file at the root, in its own transaction (as the mount commits a close)."""
+    h = fragment_hash(data)
+    vol.fragments.put_many([(h, data)])
     with vol.store.write() as txn:
-        h = fragment_hash(data)
-        vol.fragments.put(txn, h, data)
         v = vol.versions.create(txn, EMPTY_VERSION, h, array("I", [len(data)]),
                                 blake3.blake3(data).digest())
         d = vol.namespace.writable_dir(txn, [])
@@ -88,6 +90,7 @@ def states(tmp_path_factory: pytest.TempPathFactory) -> dict:
             put_file(vol, f"a{i}".encode(), synced[f"a{i}"])
         vol.store.sync()  # what fsync through the mount does
         s0 = (base / "s" / "db" / "data.mdb").read_bytes()
+        p0 = pack_files(base / "s")
         saved = read_synced_meta(base / "s")
         assert saved is not None and saved.boot == boot_id()
         vol.store.sync_interval = None  # nothing synced from here: the crash window
@@ -99,16 +102,42 @@ def states(tmp_path_factory: pytest.TempPathFactory) -> dict:
             later[f"a{i}"] = b"changed after the sync"
             put_file(vol, f"a{i}".encode(), later[f"a{i}"])
         s1 = (base / "s" / "db" / "data.mdb").read_bytes()  # the page cache: all commits
+        p1 = pack_files(base / "s")
     finally:
         vol.close()
-    return {"base": base, "s0": s0, "s1": s1, "saved": saved, "synced": synced,
-            "later": later}
+    assert p0 and any(len(p1[n]) > len(p0.get(n, b"")) for n in p1), "no pack grew"
+    return {"base": base, "s0": s0, "s1": s1, "p0": p0, "p1": p1, "saved": saved,
+            "synced": synced, "later": later}
 
 
-def image(states: dict, name: str, pages: bytes, boot: str) -> Path:
+def pack_files(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (store / "packs").iterdir()}
+
+
+def crashed_packs(states: dict, rnd: random.Random) -> dict[str, bytes]:
+    """Each pack as fsynced at the sync, then any prefix of what was appended since (or as
+    much garbage): the disk may have written any of it."""
+    out = {}
+    for name, later in states["p1"].items():
+        synced = states["p0"].get(name)
+        if synced is None and rnd.random() < 0.5:
+            continue  # created after the sync, never reached the disk
+        synced = synced or b""
+        tail = later[len(synced):][:rnd.randrange(len(later) - len(synced) + 1)]
+        if rnd.random() < 0.3:
+            tail = rnd.randbytes(len(tail))
+        out[name] = synced + tail
+    return out
+
+
+def image(states: dict, name: str, pages: bytes, boot: str,
+          packs: dict[str, bytes] | None = None) -> Path:
     d = states["base"] / name / "db"
     d.mkdir(parents=True)
     (d / "data.mdb").write_bytes(pages)
+    (d.parent / "packs").mkdir()
+    for pack, data in (states["p1"] if packs is None else packs).items():
+        (d.parent / "packs" / pack).write_bytes(data)
     write_synced_meta(d.parent, dataclasses.replace(states["saved"], boot=boot))
     return d.parent
 
@@ -130,7 +159,8 @@ def test_power_loss_comes_back_at_the_last_sync(states: dict, seed: int) -> None
     for i in changed:
         if rnd.random() < keep or (seed % 3 == 0 and i < 2):  # some with the new metas
             pages[i * PAGE:(i + 1) * PAGE] = s1[i * PAGE:(i + 1) * PAGE]
-    store = image(states, f"img{seed}", bytes(pages), "a boot before the crash")
+    store = image(states, f"img{seed}", bytes(pages), "a boot before the crash",
+                  crashed_packs(states, rnd))
     got = probe(store)
     assert got["problems"] == []
     assert got["files"] == hexed(states["synced"])  # every fsynced file; nothing after it

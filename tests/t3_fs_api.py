@@ -31,6 +31,7 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
+from store_damage import damage
 
 from annofs.content.versions import EMPTY_VERSION
 from annofs.fs.operations import Operations
@@ -1433,18 +1434,14 @@ async def test_corrupt_fragment_reads_as_eio(k: Kernel, vol: Volume) -> None:
     ino = await k.write_file(ROOT, b"f", b"precious bytes")
     v = version(vol, int(stored(vol, b"f").target))
     h = v.fragment_hash(0)
-    frag_db = vol.store.db["fragments"]
-    with vol.store.write() as txn:
-        good = bytes(txn.get(h, db=frag_db))
-        txn.put(h, good[:-1] + bytes([good[-1] ^ 1]), db=frag_db)
+    undo = damage(vol, h, "bit-flip")
     try:
         fh = await k.open(ino)
         with fuse_errno(errno.EIO):
             await k.read(fh)
         await k.release(fh)
     finally:
-        with vol.store.write() as txn:
-            txn.put(h, good, db=frag_db)
+        undo()
     assert await k.cat(ino) == b"precious bytes"
     await k.settle()
 

@@ -3,8 +3,8 @@ directory node or hard-link record is caught where it is read: EIO through the m
 never wrong bytes; the daemon logs it and keeps serving every other file; `annofs fsck`
 names the damaged record and exits 1.
 
-The bit is flipped directly in LMDB (as the disk would), in a store imported from a host
-tree, with the store unmounted; then the store is mounted and read.
+The bit is flipped directly in LMDB or in a pack file (as the disk would), in a store
+imported from a host tree, with the store unmounted; then the store is mounted and read.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, annofs_cmd
 from fuse_helpers import annofs
+from store_damage import damage
 
 from annofs.store.keys import entry_key, u64
 from annofs.volume import Volume
@@ -69,7 +70,11 @@ def flip(store: Path, kind: str, seed: int) -> str:
                 v = vol.versions.get(txn, int(big.target))
                 assert v.count >= 3
                 h = v.fragment_hash(1)
-                table, key, name = "fragments", h, f"fragment {h.hex()}"
+                with vol.store.read() as rtxn:
+                    n = vol.fragments.locate(rtxn, h)[2]
+                # In its pack file, as the disk would flip it.
+                damage(vol, h, "bit-flip", at=random.Random(seed).randrange(n))
+                return f"fragment {h.hex()}"
             elif kind == "version":
                 table, key, name = "versions", u64(int(big.target)), f"version {big.target}"
             elif kind == "entry":

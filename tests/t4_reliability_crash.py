@@ -196,12 +196,12 @@ def add_garbage(store: Path, rnd: random.Random, n: int = 60_000) -> None:
     fragments no version took."""
     vol = Volume.open(store)
     try:
+        items = [(fragment_hash(data), data)
+                 for data in (rnd.randbytes(rnd.randrange(1, 200)) for _ in range(n))]
+        vol.fragments.put_many(items)
         with vol.store.write() as txn:
             parent = EMPTY_VERSION
-            for i in range(n):
-                data = rnd.randbytes(rnd.randrange(1, 200))
-                h = fragment_hash(data)
-                vol.fragments.put(txn, h, data)
+            for i, (h, data) in enumerate(items):
                 if i % 2:
                     continue  # an orphan fragment
                 if i % 50 == 0:

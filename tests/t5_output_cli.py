@@ -48,7 +48,7 @@ def test_json_schemas(tmp_path: Path) -> None:
 
     gc = json.loads(ok(e.run("gc", "--json")))
     assert set(gc) == {"versions_freed", "fragments_freed", "bytes_freed", "staging_dropped",
-                       "versions_kept"}
+                       "versions_kept", "packs_compacted"}
     fsck = json.loads(ok(e.run("fsck", "--json")))
     assert fsck["ok"] and fsck["problems"] == [] and fsck["reclaimable"]["bytes"] == 0
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "cat": "history_cmds:cat_cmd", "diff": "history_cmds:diff_cmd",
     "mount": "mount_cmds:mount_cmd", "umount": "mount_cmds:umount_cmd",
     "fsck": "maintenance_cmds:fsck_cmd", "gc": "maintenance_cmds:gc_cmd",
+    "upgrade": "maintenance_cmds:upgrade_cmd",
     "cp": "copy_cmds:cp_cmd", "events": "events_cmds:events_cmd",
     "key": "trust_cmds:key_group", "sign": "trust_cmds:sign_cmd",
     "label": "trust_cmds:label_cmd", "attest": "trust_cmds:attest_group",

@@ -1,4 +1,4 @@
-"""`annofs fsck` and `annofs gc`."""
+"""`annofs fsck`, `annofs gc` and `annofs upgrade`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from annofs.maintenance.fsck import FsckReport, check_store, phase_totals
 from annofs.maintenance.gc import GcReport, collect
 from annofs.maintenance.repair import repair_store
 from annofs.maintenance.retention import retention_from
+from annofs.maintenance.upgrade import upgrade_store
+from annofs.store.env import FORMAT_VERSION
 from annofs.store.lock import store_lock
 
 
@@ -64,8 +66,9 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         if r.any:
             staging = (f", {r.staging_trees} staging tree{'s' if r.staging_trees != 1 else ''}"
                        f" of interrupted imports" if r.staging_trees else "")
+            packs = f", {r.pack_bytes} bytes of pack files" if r.pack_bytes else ""
             click.echo(f"reclaimable: {r.bytes} bytes in {r.fragments} fragments, "
-                       f"{r.versions} versions nothing refers to{staging}; "
+                       f"{r.versions} versions nothing refers to{staging}{packs}; "
                        f"'annofs gc' frees them")
     if not rep.ok:
         sys.exit(1)
@@ -74,7 +77,7 @@ def fsck_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
 def fsck_json(rep: FsckReport) -> dict[str, object]:
     """`fsck --json`: {"ok", "problems", "fragments", "fragment_bytes", "versions",
     "directories", "entries", "reclaimable": {"versions", "fragments", "bytes",
-    "staging_trees"}}."""
+    "staging_trees", "pack_bytes"}}."""
     return {"ok": rep.ok, "problems": rep.problems, "fragments": rep.fragments,
             "fragment_bytes": rep.fragment_bytes, "versions": rep.versions,
             "directories": rep.directories, "entries": rep.entries,
@@ -93,7 +96,7 @@ def fsck_json(rep: FsckReport) -> dict[str, object]:
                    "(30m, 12h, 7d, 2w, 1d12h); with --keep-last, keep what either keeps.")
 @click.option("--json", "as_json", is_flag=True,
               help='One JSON object: {"versions_freed", "fragments_freed", "bytes_freed", '
-                   '"staging_dropped", "versions_kept"}.')
+                   '"staging_dropped", "versions_kept", "packs_compacted"}.')
 @click.pass_context
 def gc_cmd(ctx: click.Context, prune_history: bool, keep_last: int | None,
            keep_within: str | None, as_json: bool) -> None:
@@ -130,4 +133,25 @@ def gc_cmd(ctx: click.Context, prune_history: bool, keep_last: int | None,
     click.echo(f"freed {rep.versions_freed} versions, {rep.fragments_freed} fragments, "
                f"{rep.bytes_freed} bytes; kept {rep.versions_kept} versions"
                + (f"; dropped {rep.staging_dropped} unfinished imports"
-                  if rep.staging_dropped else ""))
+                  if rep.staging_dropped else "")
+               + (f"; compacted {rep.packs_compacted} packs" if rep.packs_compacted else ""))
+
+
+@click.command("upgrade")
+@click.pass_context
+def upgrade_cmd(ctx: click.Context) -> None:
+    """Convert a store of an older format to this annofs's format (nothing is lost; an
+    interrupted run goes on where it stopped)."""
+    store = store_path(ctx)
+    require_unmounted(store)
+    progress = Progress("upgrade", unit="fragments")
+    try:
+        with store_lock(store, exclusive=True, what="upgrade"):
+            rep = upgrade_store(store, progress=progress, on_total=progress.set_total)
+    finally:
+        progress.close()
+    if rep.from_format == FORMAT_VERSION:
+        click.echo(f"{store}: already format {FORMAT_VERSION}")
+    else:
+        click.echo(f"{store}: format {rep.from_format} -> {FORMAT_VERSION}: moved "
+                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs")

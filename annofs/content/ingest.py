@@ -6,7 +6,6 @@ import errno
 import io
 import os
 from array import array
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,17 +29,6 @@ class Ingested:
     digest: bytes
     new_bytes: int  # payload bytes that were not in the store before
     hole_bytes: int = 0  # bytes of holes: never read (a sparse file's)
-
-
-def store_fragments(store: Store, fragments: FragmentStore,
-                    batch: Iterable[tuple[bytes, bytes | memoryview]]) -> int:
-    """Put fragments in one transaction; returns the payload bytes that were new."""
-    new = 0
-    with store.write() as txn:
-        for h, data in batch:
-            if fragments.put(txn, h, data):
-                new += len(data)
-    return new
 
 
 class FragmentBatch:
@@ -74,7 +62,7 @@ class FragmentBatch:
     def flush(self) -> None:
         """Store what is queued, in one transaction."""
         if self._items:
-            self.new_bytes += store_fragments(self._store, self._fragments, self._items)
+            self.new_bytes += self._fragments.put_many(self._items)
             self._items = []
             self._bytes = 0
 

@@ -77,13 +77,12 @@ def _rewrite(vol: Volume, base: Version, overlay: DirtyOverlay) -> Rewrite:
     items = rw.new_fragments
     i = 0
     while i < len(items):
-        with vol.store.write() as txn:
-            n = 0
-            while i < len(items) and n < STORE_SLICE:
-                h, data = items[i]
-                vol.fragments.put(txn, h, data)
-                n += len(data)
-                i += 1
+        j, n = i, 0
+        while j < len(items) and n < STORE_SLICE:
+            n += len(items[j][1])
+            j += 1
+        vol.fragments.put_many(items[i:j])
+        i = j
     return rw
 
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import blake3
 import lmdb
 
 from annofs.content.versions import EMPTY_VERSION, compute_edit, own_counts, stored_hashes
@@ -90,7 +89,7 @@ def check_store(vol: Volume, *, verify_data: bool = True,
 def phase_totals(vol: Volume) -> dict[str, int]:
     """How many items each progress phase has (LMDB keeps entry counts: no scan)."""
     with vol.store.read() as txn:
-        return {"fragments": int(txn.stat(vol.store.db["fragments"])["entries"]),
+        return {"fragments": vol.fragments.count(txn),
                 "digests": int(txn.stat(vol.store.db["versions"])["entries"])}
 
 
@@ -123,28 +122,29 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
 
         bad_fragments: set[bytes] = set()
         orphans, orphan_bytes = 0, 0  # stored, but no version took them
-        for h_raw, raw in txn.cursor(db=db["fragments"]):
-            h = bytes(h_raw)
+        frags = vol.fragments
+        for h, stored in frags.iterate(txn):
             rep.fragments += 1
-            rep.fragment_bytes += len(raw)
+            rep.fragment_bytes += stored
             if h not in occurrences:
                 orphans += 1
-                orphan_bytes += len(raw)
-            if verify_data and blake3.blake3(raw).digest() != h:
-                problems.append(f"fragment {h.hex()}: content does not match its hash")
+                orphan_bytes += stored
+            if verify_data and (problem := frags.verify(txn, h)) is not None:
+                problems.append(problem)
                 bad_fragments.add(h)
             if progress:
-                progress("fragments", 1, len(raw))
+                progress("fragments", 1, stored)
         for h in used:
-            if txn.get(h, db=db["fragments"]) is None:
+            if not frags.has(txn, h):
                 problems.append(f"fragment {h.hex()}: used but not stored")
         for h, n in occurrences.items():
-            refs = vol.fragments.refcount(txn, h)
+            refs = frags.refcount(txn, h)
             if refs != n:
                 problems.append(f"fragment {h.hex()}: refcount {refs}, occurrences {n}")
-        for h, _ in txn.cursor(db=db["fragrefs"]):
-            if bytes(h) not in occurrences:
-                problems.append(f"fragment {bytes(h).hex()}: refcount but no occurrence")
+        for h, _ in frags.refcounts(txn):
+            if h not in occurrences:
+                problems.append(f"fragment {h.hex()}: refcount but no occurrence")
+        problems += frags.check_packs(txn)
 
         if verify_data:
             for v in versions.values():
@@ -224,11 +224,11 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
         doomed = doomed_versions(versions, reachable_versions(tree_roots, entries, links),
                                  signed)
         freed = freed_fragments(doomed, occurrences)
-        freed_bytes = sum(len(raw) for h in freed
-                          if (raw := txn.get(h, db=db["fragments"])) is not None)
+        freed_bytes = sum(frags.stored_bytes(txn, h) for h in freed)
         rep.reclaimable = Reclaimable(len(doomed), len(freed) + orphans,
                                       freed_bytes + orphan_bytes,
-                                      0 if importing else staging)
+                                      0 if importing else staging,
+                                      frags.reclaimable_pack_bytes(txn))
 
 
 def _cycles(versions: dict[int, Version]) -> list[str]:

@@ -6,8 +6,8 @@ Kept: every version a name or a hard link refers to, their ancestors (the histor
 children of what goes are re-parented), every version whose digest a statement signs
 (signed originals), and the empty root version. Everything else is deleted with its
 fragment references; fragments left with none are freed, and so are fragments no version
-ever took (a crashed import's) and staging trees a crash left behind. Run with the store
-to itself (see store.lock).
+ever took (a crashed import's) and staging trees a crash left behind; packs mostly of
+freed fragments are compacted. Run with the store to itself (see store.lock).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from annofs.store.records import (
 from annofs.volume import Volume
 
 Progress = Callable[[int, int], None]
-# Fragments are deleted in batches: one huge transaction would hold every freed page.
-_BATCH = 10_000
 
 
 @dataclass
@@ -43,6 +41,7 @@ class GcReport:
     bytes_freed: int = 0
     staging_dropped: int = 0
     versions_kept: int = 0
+    packs_compacted: int = 0  # rewritten without their dead bytes (content.fragments)
 
 
 def signed_digests(vol: Volume, txn: lmdb.Transaction) -> set[bytes]:
@@ -87,7 +86,7 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
     """
     rep = GcReport()
     ns = vol.namespace
-    fragments_before = _count(vol, "fragments")
+    fragments_before = _fragment_count(vol)
     with vol.store.write() as txn:
         for root in ns.staging_roots(txn):
             ns.drop_root(txn, root)
@@ -114,9 +113,16 @@ def collect(vol: Volume, *, prune_history: bool = False, extra_roots: set[int] |
             rep.versions_freed += 1
             if progress:
                 progress(1, 0)
-    rep.bytes_freed += _free_orphan_fragments(vol, keep_fragments)
-    rep.fragments_freed = fragments_before - _count(vol, "fragments")
+    _orphans, orphan_bytes = vol.fragments.free_unreferenced(keep_fragments)
+    rep.bytes_freed += orphan_bytes
+    rep.fragments_freed = fragments_before - _fragment_count(vol)
     vol.store.sync()
+    # Packs mostly dead are rewritten; the old files go once the switch is synced (a
+    # machine crash must not come back to an index pointing into a deleted pack).
+    rep.packs_compacted, _ = vol.fragments.compact()
+    if rep.packs_compacted:
+        vol.store.sync()
+    vol.fragments.drop_doomed()
     return rep
 
 
@@ -140,9 +146,9 @@ def kept_versions(versions: Mapping[int, Version], live: Set[int], signed: Set[b
     return keep
 
 
-def _count(vol: Volume, db: str) -> int:
+def _fragment_count(vol: Volume) -> int:
     with vol.store.read() as txn:
-        return int(txn.stat(vol.store.db[db])["entries"])
+        return vol.fragments.count(txn)
 
 
 def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int, Version],
@@ -156,30 +162,3 @@ def _reparent(vol: Volume, txn: lmdb.Transaction, v: Version, versions: dict[int
         parent = EMPTY_VERSION
     base = versions.get(parent) or vol.versions.get(txn, parent)
     vol.versions.reparent(txn, v, base, keep_fragments)
-
-
-def _free_orphan_fragments(vol: Volume, keep: Set[bytes]) -> int:
-    """Delete fragments with no reference count (never taken, or dropped to zero)."""
-    freed = 0
-    frag_db, refs_db = vol.store.db["fragments"], vol.store.db["fragrefs"]
-    last: bytes | None = None
-    while True:
-        batch = []
-        with vol.store.read() as txn, txn.cursor(db=frag_db) as cur:
-            ok = cur.set_range(last) if last is not None else cur.first()
-            while ok and len(batch) < _BATCH:
-                h = bytes(cur.key())
-                if h != last and h not in keep and txn.get(h, db=refs_db) is None:
-                    batch.append(h)
-                last = h
-                ok = cur.next()
-            done = not ok
-        if batch:
-            with vol.store.write() as txn:
-                for h in batch:
-                    raw = txn.get(h, db=frag_db)
-                    if raw is not None and txn.get(h, db=refs_db) is None:
-                        freed += len(raw)
-                        txn.delete(h, db=frag_db)
-        if done:
-            return freed

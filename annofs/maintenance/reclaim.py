@@ -27,10 +27,11 @@ class Reclaimable:
     fragments: int = 0
     bytes: int = 0
     staging_trees: int = 0  # left by interrupted imports (gc drops them)
+    pack_bytes: int = 0  # pack files gc compacts or deletes (content.fragments)
 
     @property
     def any(self) -> bool:
-        return bool(self.versions or self.fragments or self.staging_trees)
+        return bool(self.versions or self.fragments or self.staging_trees or self.pack_bytes)
 
 
 def reachable_versions(roots: Iterable[int], entries: Mapping[int, Sequence[tuple[bytes, Attrs]]],

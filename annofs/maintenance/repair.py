@@ -9,7 +9,6 @@ anything reachable: a corrupt fragment or a missing version is reported, not "fi
 from __future__ import annotations
 
 import dataclasses
-import struct
 from collections import Counter
 
 import lmdb
@@ -29,8 +28,6 @@ from annofs.store.records import (
     encode_version,
 )
 from annofs.volume import Volume
-
-_COUNT = struct.Struct(">Q")
 
 
 def repair_store(vol: Volume) -> list[str]:
@@ -150,16 +147,14 @@ def _repair_fragment_refs(vol: Volume, txn: lmdb.Transaction, fixed: list[str]) 
     occurrences: Counter[bytes] = Counter()
     for k, raw in txn.cursor(db=db["versions"]):
         occurrences.update(own_counts(decode_version(from_u64(k), raw)))
-    for h_raw, raw in list(txn.cursor(db=db["fragrefs"])):
-        h = bytes(h_raw)
-        have = _COUNT.unpack(raw)[0]
+    frags = vol.fragments
+    for h, have in list(frags.refcounts(txn)):
         if h not in occurrences:
-            txn.delete(h, db=db["fragrefs"])
+            frags.set_refcount(txn, h, 0)
             fixed.append(f"fragment {h.hex()}: refcount {have} without a user, removed")
     for h, n in occurrences.items():
-        raw = txn.get(h, db=db["fragrefs"])
-        have = _COUNT.unpack(raw)[0] if raw is not None else 0
+        have = frags.refcount(txn, h)
         if have != n:
-            txn.put(h, _COUNT.pack(n), db=db["fragrefs"])
+            frags.set_refcount(txn, h, n)
             fixed.append(f"fragment {h.hex()}: refcount {have} -> {n}")
 

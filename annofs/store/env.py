@@ -30,15 +30,22 @@ import lmdb
 
 from annofs.errors import CorruptionError, StoreError
 from annofs.store.keys import from_u64, u64
+from annofs.store.packs import fsync_packs, names_to_sync
 
-FORMAT_VERSION = 3  # 3: refcounts count edits (own_counts); 2: raw fragment values
+# 4: fragments compressed in pack files, LMDB keeps their index (store.packs);
+# 3: refcounts count edits (own_counts), fragment bytes as LMDB values; 2: raw values
+FORMAT_VERSION = 4
+# Formats `annofs upgrade` converts from (every other command refuses them).
+UPGRADABLE = (3,)
 
 # Virtual address space only: LMDB grows the file as it is used.
 MAP_SIZE = 1 << 40
 
 DB_NAMES = (
     "meta",  # format version, counters, root directory
-    "fragments",  # blake3 -> codec byte + payload
+    "fragments",  # format 3 only: blake3 -> the fragment's bytes (annofs upgrade empties it)
+    "fragindex",  # blake3 -> pack id, offset, stored length, codec (content.fragments)
+    "packs",  # pack id -> state, end, live bytes, hash (store.packs)
     "fragrefs",  # blake3 -> u64 occurrences in stored versions' edits (own_counts)
     "versions",  # version id -> version record (edit-graph node)
     "dirs",  # dir id -> directory header (refcount, subdirectory count)
@@ -58,7 +65,7 @@ log = logging.getLogger("annofs.store")
 SYNC_INTERVAL = 1.0
 
 # The id-keyed database each counter allocates keys of.
-COUNTER_TABLES = {"version": "versions", "dir": "dirs", "link": "links"}
+COUNTER_TABLES = {"version": "versions", "dir": "dirs", "link": "links", "pack": "packs"}
 
 
 class Store:
@@ -76,6 +83,9 @@ class Store:
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
         self.on_abort: list[Callable[[], None]] = []
+        self.on_close: list[Callable[[], None]] = []  # after the last sync (packs let go)
+        # After each sync, with how many of this process's commits it made durable.
+        self.after_sync: list[Callable[[int], None]] = []
         self.sync_interval: float | None = SYNC_INTERVAL
         self._pin: lmdb.Transaction | None = None  # on the last synced state
         self._sync_lock = threading.Lock()
@@ -138,6 +148,11 @@ class Store:
                     failing = True
                 else:
                     failing = False
+
+    @property
+    def commits(self) -> int:
+        """Write transactions this process committed so far."""
+        return self._commits
 
     def pin_behind(self) -> bool:
         """Whether other processes committed since this one's last sync. Its pin then keeps
@@ -205,9 +220,14 @@ class Store:
                 metas = _read_metas(self.path, self.env.stat()["psize"])
                 pin = self.env.begin()
                 commits = self._commits
+                last = read_synced_meta(self.path)
+                to_sync = names_to_sync(w, self.db["packs"],
+                                        meta_txnid(last.metas) if last is not None else 0)
             finally:
                 w.abort()
             try:
+                # Pack bytes first: the index in the state made durable points into them.
+                fsync_packs(self.path, to_sync)
                 self.env.sync(True)
                 _save_metas(self.path, metas)
             except BaseException:
@@ -217,6 +237,8 @@ class Store:
             if old is not None:
                 old.abort()
             self._synced = commits
+            for callback in self.after_sync:
+                callback(commits)
 
     def close(self) -> None:
         """Sync (if this process wrote) and close the environment."""
@@ -230,6 +252,8 @@ class Store:
             self._pin = None
         else:
             self.env.sync(True)
+        for callback in self.on_close:
+            callback()
         self.env.close()
 
 
@@ -256,10 +280,11 @@ def open_env_readonly(path: Path) -> lmdb.Environment:
     return _open_env(path, readonly=True)
 
 
-def open_store(path: Path, *, create: bool = False) -> Store:
+def open_store(path: Path, *, create: bool = False, upgrading: bool = False) -> Store:
     """Open the store at `path`; with `create`, make it first (idempotent).
 
-    Raises StoreError naming the path if it is missing, not a store, or of another format.
+    Raises StoreError naming the path if it is missing, not a store, or of another format
+    (one `annofs upgrade` converts is opened only with `upgrading`, by that command).
     """
     path = Path(path)
     marker = path / "db" / "data.mdb"
@@ -296,6 +321,13 @@ def open_store(path: Path, *, create: bool = False) -> Store:
         with store.write() as txn:
             if store.get_meta(txn, "format") is None:
                 store.put_meta(txn, "format", str(FORMAT_VERSION).encode())
+    elif upgrading and fmt in {str(f).encode() for f in UPGRADABLE}:
+        pass
+    elif fmt in {str(f).encode() for f in UPGRADABLE}:
+        env.close()
+        raise StoreError(f"{path}: store format {fmt.decode()} must be converted first: run "
+                         f"'annofs --store {path} upgrade' (this annofs reads format "
+                         f"{FORMAT_VERSION})")
     elif fmt != str(FORMAT_VERSION).encode():
         env.close()
         raise StoreError(

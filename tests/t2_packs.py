@@ -1,0 +1,524 @@
+"""The fragment store's packs (content.fragments over store.packs): fragments compressed
+with zstd unless that does not shrink them, appended to packs that are sealed under their
+own hash, one writer per pack (a killed writer's pack is taken over and cut back to what
+the index points at), and stores of format 3 converted by `annofs upgrade`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import blake3
+import pytest
+from conftest import annofs_cmd
+
+import annofs.store.packs as packs_mod
+from annofs.content.fragments import fragment_hash
+from annofs.maintenance.fsck import check_store
+from annofs.maintenance.gc import collect
+from annofs.store.env import read_synced_meta, write_synced_meta
+from annofs.store.packs import all_packs
+from annofs.transfer.export_tree import TreeExporter
+from annofs.transfer.import_tree import TreeImporter
+from annofs.volume import Volume
+
+
+def text(seed: int, n: int) -> bytes:
+    """Compressible bytes (words from a small vocabulary), different for each seed."""
+    rnd = random.Random(seed)
+    words = [rnd.randbytes(rnd.randrange(2, 8)).hex().encode() for _ in range(300)]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(words) + b" "
+    return bytes(out[:n])
+
+
+def items(data: bytes, size: int = 16384) -> list[tuple[bytes, bytes]]:
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    return [(fragment_hash(c), c) for c in chunks]
+
+
+def packs_of(vol: Volume) -> list[packs_mod.PackRecord]:
+    with vol.store.read() as txn:
+        return list(all_packs(txn, vol.store.db["packs"]))
+
+
+def stored_total(vol: Volume) -> int:
+    with vol.store.read() as txn:
+        return sum(n for _h, n in vol.fragments.iterate(txn))
+
+
+def test_compressible_fragments_are_stored_compressed_and_read_back(vol: Volume) -> None:
+    data = text(1, 1 << 20)
+    frags = items(data)
+    assert vol.fragments.put_many(frags) == len(data)
+    assert vol.fragments.put_many(frags) == 0  # stored once
+    assert stored_total(vol) < len(data) // 2
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get(txn, h) for h, _ in frags) == data
+    assert check_store(vol).ok
+
+
+def test_incompressible_fragments_are_kept_raw(vol: Volume) -> None:
+    data = random.Random(2).randbytes(1 << 20)
+    frags = items(data)
+    vol.fragments.put_many(frags)
+    assert stored_total(vol) == len(data)  # not a byte more than the data
+    with vol.store.read() as txn:
+        for h, c in frags:
+            assert vol.fragments.get(txn, h) == c
+
+
+def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(text(3, 400_000))
+    TreeImporter(vol).run(src, [b"t"])
+    stored = stored_total(vol)
+    assert 0 < stored < 200_000
+    with vol.store.write() as txn:
+        d = vol.namespace.writable_dir(txn, [b"t"])
+        vol.namespace.remove(txn, d, b"a.txt", want_dir=False)
+    rep = collect(vol)
+    assert rep.bytes_freed == stored and stored_total(vol) == 0
+    (rec,) = packs_of(vol)
+    assert rec.live == 0 and rec.end > 0  # dead bytes, until gc compacts the pack
+    assert check_store(vol).ok
+
+
+_READ_ALL = """
+import sys
+from pathlib import Path
+from annofs.volume import Volume
+vol = Volume.open(Path(sys.argv[1]))
+with vol.store.read() as txn:
+    for h, _n in vol.fragments.iterate(txn):
+        vol.fragments.get(txn, h)
+        print(h.hex())
+"""
+
+
+def test_full_packs_are_sealed_under_their_hash(vol: Volume,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    data = random.Random(4).randbytes(1 << 20)
+    frags = items(data)
+    # A reader's snapshot from before the seals: it must still find the renamed packs.
+    with vol.store.read() as old:
+        vol.fragments.put_many(frags[:4])
+        vol.fragments.put_many(frags[4:])
+        pdir = vol.store.path / "packs"
+        recs = packs_of(vol)
+        # Until a sync makes the seals durable, the old names stay: a machine crash comes
+        # back to the synced state, whose records name them.
+        assert all((pdir / packs_mod.open_name(r.id)).exists() for r in recs)
+        vol.store.sync()
+        sealed = [r for r in recs if r.state == packs_mod.SEALED]
+        assert len(sealed) >= 3
+        pdir = vol.store.path / "packs"
+        for r in sealed:
+            f = pdir / r.name
+            assert blake3.blake3(f.read_bytes()).digest() == r.hash
+            assert f.stat().st_size == r.end
+            assert stat.S_IMODE(f.stat().st_mode) == 0o400
+            assert not (pdir / packs_mod.open_name(r.id)).exists()
+        assert sorted(p.name for p in pdir.iterdir()) == sorted(r.name for r in recs)
+        assert not vol.fragments.has(old, frags[0][0])
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get(txn, h) for h, _ in frags) == data
+    read = subprocess.run([sys.executable, "-c", _READ_ALL, str(vol.store.path)],
+                          capture_output=True, text=True, timeout=60)  # nothing cached there
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.split() == [h.hex() for h in sorted(h for h, _ in frags)]
+    assert check_store(vol).ok
+
+
+_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from annofs.content.fragments import _shared, fragment_hash
+from annofs.volume import Volume
+vol = Volume.open(Path(sys.argv[1]))
+data = [os.urandom(5000) for _ in range(20)]
+vol.fragments.put_many([(fragment_hash(d), d) for d in data])
+vol.store.sync()
+# Killed between an append and the commit that would index it.
+_shared(vol.store).writer.append(b"half-written record " * 500)
+print(os.path.getsize(next(Path(sys.argv[1], "packs").iterdir())), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writers_pack_is_taken_over_and_cut_back(vol: Volume) -> None:
+    res = subprocess.run([sys.executable, "-c", _WRITER, str(vol.store.path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    (rec,) = packs_of(vol)
+    assert int(res.stdout) > rec.end  # the unindexed tail is there
+    assert check_store(vol).ok
+    d = os.urandom(3000)
+    vol.fragments.put_many([(fragment_hash(d), d)])
+    (after,) = packs_of(vol)  # the same pack, continued from its indexed end
+    assert after.id == rec.id and after.end == rec.end + packs_mod.HEADER.size + 3000
+    assert (vol.store.path / "packs" / after.name).stat().st_size == after.end
+    with vol.store.read() as txn:
+        assert vol.fragments.get(txn, fragment_hash(d)) == d
+    rep = check_store(vol, verify_data=True)
+    assert rep.ok, rep.problems
+
+
+_CONCURRENT = """
+import os, sys
+from pathlib import Path
+from annofs.content.fragments import fragment_hash
+from annofs.volume import Volume
+vol = Volume.open(Path(sys.argv[1]))
+for i in range(40):
+    d = os.urandom(20000)
+    vol.fragments.put_many([(fragment_hash(d), d)])
+vol.close()
+"""
+
+
+def test_concurrent_writers_append_to_packs_of_their_own(vol: Volume) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(vol.store.path)])
+             for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    with vol.store.read() as txn:
+        assert vol.fragments.count(txn) == 120
+    assert check_store(vol, verify_data=True).ok
+
+
+def test_a_format_3_store_is_refused_then_upgraded(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = {"a.txt": text(5, 300_000), "d/b.bin": random.Random(6).randbytes(200_000),
+             "d/empty": b""}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    vol = Volume.open(store, create=True)
+    try:
+        TreeImporter(vol).run(src, [b"t"])
+    finally:
+        vol.close()
+    make_format_3(store)
+    run = lambda *a: subprocess.run(annofs_cmd("--store", str(store), *a),  # noqa: E731
+                                    capture_output=True, text=True)
+    refused = run("cat", "/t/a.txt")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "annofs --store" in refused.stderr \
+        and "upgrade" in refused.stderr, refused.stderr
+    up = run("upgrade")
+    assert up.returncode == 0, up.stderr
+    assert "format 3 -> 4" in up.stdout
+    assert run("upgrade").stdout.strip().endswith("already format 4")
+    fsck = run("fsck")
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    vol = Volume.open(store)
+    try:
+        with vol.store.read() as txn:
+            assert vol.fragments.legacy_count(txn) == 0
+        out = tmp_path / "out"
+        TreeExporter(vol).run([b"t"], out)
+        for name, data in files.items():
+            assert (out / name).read_bytes() == data, name
+        assert check_store(vol, verify_data=True).ok
+    finally:
+        vol.close()
+
+
+def make_format_3(store: Path) -> None:
+    """Turn a store into format 3's layout: every fragment an LMDB value in `fragments`,
+    no index, no packs (what an annofs before packs left)."""
+    vol = Volume.open(store)
+    try:
+        with vol.store.read() as txn:
+            frags = [(h, vol.fragments.get(txn, h)) for h, _n in vol.fragments.iterate(txn)]
+        assert frags
+        db = vol.store.db
+        with vol.store.write() as txn:
+            for h, data in frags:
+                txn.put(h, data, db=db["fragments"])
+            txn.drop(db["fragindex"], delete=False)
+            txn.drop(db["packs"], delete=False)
+            txn.delete(b"next:pack", db=db["meta"])
+            vol.store.put_meta(txn, "format", b"3")
+    finally:
+        vol.close()
+    for p in (store / "packs").iterdir():
+        p.unlink()
+
+
+def pack_tree(root: Path, files: int = 48) -> dict[str, bytes]:
+    """A tree of random files (incompressible: the packs fill as the bytes say)."""
+    root.mkdir(parents=True)
+    out = {}
+    for i in range(files):
+        out[f"f{i:02d}"] = random.Random(100 + i).randbytes(40_000 + i * 500)
+        (root / f"f{i:02d}").write_bytes(out[f"f{i:02d}"])
+    return out
+
+
+def remove_most(vol: Volume, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Remove three files in four from /t; returns those left."""
+    with vol.store.write() as txn:
+        d = vol.namespace.writable_dir(txn, [b"t"])
+        for name in files:
+            if int(name[1:]) % 4:
+                vol.namespace.remove(txn, d, name.encode(), want_dir=False)
+    return {n: b for n, b in files.items() if int(n[1:]) % 4 == 0}
+
+
+def tree_ok(vol: Volume, kept: dict[str, bytes], out: Path) -> None:
+    TreeExporter(vol).run([b"t"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+    rep = check_store(vol, verify_data=True)
+    assert rep.ok, rep.problems
+
+
+def test_gc_compacts_mostly_dead_packs(vol: Volume, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    files = pack_tree(tmp_path / "src")
+    TreeImporter(vol).run(tmp_path / "src", [b"t"])
+    before = sum(f.stat().st_size for f in (vol.store.path / "packs").iterdir())
+    kept = remove_most(vol, files)
+    rep = collect(vol)
+    assert rep.packs_compacted >= 4
+    recs = packs_of(vol)
+    assert all(r.state != packs_mod.DOOMED for r in recs)  # nothing reads them: deleted
+    on_disk = sum(f.stat().st_size for f in (vol.store.path / "packs").iterdir())
+    assert sorted(p.name for p in (vol.store.path / "packs").iterdir()) == \
+        sorted(r.name for r in recs)
+    live = sum(r.live for r in recs)
+    assert live >= sum(map(len, kept.values()))
+    # What is left: the live bytes, plus under half of each sealed pack not compacted
+    # and the tail of the pack being written.
+    assert on_disk < live + before // 3, (on_disk, live, before)
+    tree_ok(vol, kept, tmp_path / "out")
+
+
+def test_a_reader_keeps_a_compacted_pack_until_it_is_done(vol: Volume, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    files = pack_tree(tmp_path / "src", 16)
+    TreeImporter(vol).run(tmp_path / "src", [b"t"])
+    kept = remove_most(vol, files)
+    with vol.store.read() as old:  # a snapshot from before the compaction
+        hashes = [h for h, _n in vol.fragments.iterate(old)]
+        assert collect(vol).packs_compacted >= 1
+        assert any(r.state == packs_mod.DOOMED for r in packs_of(vol))
+        for h in hashes:  # every fragment the old snapshot knows still reads
+            vol.fragments.get(old, h)
+    vol.fragments.drop_doomed()
+    assert all(r.state != packs_mod.DOOMED for r in packs_of(vol))
+    tree_ok(vol, kept, tmp_path / "out")
+
+
+_GC = """
+import os, signal, sys
+from pathlib import Path
+import annofs.store.packs as packs
+packs.PACK_TARGET = 256 << 10
+from annofs.content.fragments import FragmentStore
+from annofs.maintenance.gc import collect
+from annofs.store.env import Store
+from annofs.volume import Volume
+
+# Killed at the k-th step boundary of the run: before or after each append (a move of
+# records and its index switch), seal, sync, doom and unlink.
+k, calls = int(sys.argv[2]), [0]
+def point():
+    calls[0] += 1
+    if calls[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+def wrap(owner, name):
+    f = getattr(owner, name)
+    def w(*a, **kw):
+        point()
+        r = f(*a, **kw)
+        point()
+        return r
+    setattr(owner, name, w)
+for owner, name in [(FragmentStore, "_append"), (FragmentStore, "_compact_one"),
+                    (FragmentStore, "drop_doomed"), (packs.PackWriter, "seal"),
+                    (Store, "sync"), (os, "unlink")]:
+    wrap(owner, name)
+vol = Volume.open(Path(sys.argv[1]))
+print(collect(vol).packs_compacted, flush=True)
+vol.close()
+"""
+
+
+def test_kill_9_at_every_step_of_compaction_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    store = tmp_path / "store"
+    files = pack_tree(tmp_path / "src", 64)
+    vol = Volume.open(store, create=True)
+    try:
+        TreeImporter(vol).run(tmp_path / "src", [b"t"])
+        kept = remove_most(vol, files)
+    finally:
+        vol.close()
+    kills = leftovers_seen = 0
+    for k in range(1, 400):
+        child = subprocess.run([sys.executable, "-c", _GC, str(store), str(k)],
+                               capture_output=True, text=True, timeout=120)
+        if child.returncode == 0:
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        kills += 1
+        vol = Volume.open(store)
+        try:
+            tree_ok(vol, kept, tmp_path / f"out{k}")
+            names = {r.name for r in packs_of(vol)}
+            leftover = sum(f.stat().st_size for f in (store / "packs").iterdir()
+                           if f.name not in names)
+            # fsck counts them as what gc gives back, not as problems.
+            leftovers_seen += leftover > 0
+            assert check_store(vol).reclaimable.pack_bytes >= leftover
+        finally:
+            vol.close()
+    else:
+        raise AssertionError("gc never finished")
+    assert kills >= 10 and leftovers_seen, "few kill points: the test proved little"
+    vol = Volume.open(store)
+    try:
+        tree_ok(vol, kept, tmp_path / "out-final")
+        recs = packs_of(vol)
+        assert all(r.state != packs_mod.DOOMED for r in recs)
+        assert sorted(p.name for p in (store / "packs").iterdir()) == \
+            sorted(r.name for r in recs)  # leftovers of the killed runs are gone
+        on_disk = sum(f.stat().st_size for f in (store / "packs").iterdir())
+        assert on_disk < 2 * sum(r.live for r in recs) + (256 << 10)
+    finally:
+        vol.close()
+
+
+def test_a_machine_crash_after_a_seal_comes_back_to_the_synced_pack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seal renames the pack; a machine crash comes back to the synced state, whose
+    record still names the pack by its old name: that name must still be there."""
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    store = tmp_path / "s"
+    vol = Volume.open(store, create=True)
+    try:
+        first = items(random.Random(9).randbytes(100_000))
+        vol.fragments.put_many(first)
+        vol.store.sync()
+        synced_pages = (store / "db" / "data.mdb").read_bytes()
+        saved = read_synced_meta(store)
+        vol.store.sync_interval = None  # nothing synced from here: the crash window
+        vol.fragments.put_many(items(random.Random(10).randbytes(600_000)))
+        assert any(r.state == packs_mod.SEALED for r in packs_of(vol))
+        # The page cache: every pack file as written (what the disk may hold after).
+        on_disk = {p.name: p.read_bytes() for p in (store / "packs").iterdir()}
+    finally:
+        vol.close()
+    img = tmp_path / "img"
+    (img / "db").mkdir(parents=True)
+    (img / "db" / "data.mdb").write_bytes(synced_pages)
+    assert saved is not None
+    write_synced_meta(img, dataclasses.replace(saved, boot="a boot before the crash"))
+    (img / "packs").mkdir()
+    for name, data in on_disk.items():
+        (img / "packs" / name).write_bytes(data)
+    vol = Volume.open(img)
+    try:
+        with vol.store.read() as txn:
+            for h, c in first:
+                assert vol.fragments.get(txn, h) == c
+        assert check_store(vol, verify_data=True).ok
+        more = items(random.Random(11).randbytes(50_000))
+        vol.fragments.put_many(more)  # takes the pack over, cut back to its synced end
+        vol.store.sync()
+        vol.fragments.drop_doomed()  # gc's last step: drops the sealed copy the crash undid
+        names = {r.name for r in packs_of(vol)}
+        assert {p.name for p in (img / "packs").iterdir()} == names
+        with vol.store.read() as txn:
+            for h, c in first + more:
+                assert vol.fragments.get(txn, h) == c
+        rep = check_store(vol, verify_data=True)
+        assert rep.ok, rep.problems
+    finally:
+        vol.close()
+
+
+_UPGRADE = """
+import os, signal, sys
+from pathlib import Path
+from annofs.content.fragments import FragmentStore
+from annofs.maintenance.upgrade import upgrade_store
+from annofs.store.env import Store
+
+FragmentStore.upgrade_batch.__defaults__ = (60_000,)  # many batches
+k, calls = int(sys.argv[2]), [0]
+def point():
+    calls[0] += 1
+    if calls[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+def wrap(owner, name):
+    f = getattr(owner, name)
+    def w(*a, **kw):
+        point()
+        r = f(*a, **kw)
+        point()
+        return r
+    setattr(owner, name, w)
+for owner, name in [(FragmentStore, "put_many"), (FragmentStore, "upgrade_batch"),
+                    (Store, "sync")]:
+    wrap(owner, name)
+upgrade_store(Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
+    from annofs.content.fragments import FragmentStore
+    from annofs.store.env import open_store
+
+    store, src = tmp_path / "store", tmp_path / "src"
+    files = pack_tree(src, 12)
+    vol = Volume.open(store, create=True)
+    try:
+        TreeImporter(vol).run(src, [b"t"])
+        with vol.store.read() as txn:
+            every = {h for h, _n in vol.fragments.iterate(txn)}
+    finally:
+        vol.close()
+    make_format_3(store)
+    kills = 0
+    for k in range(1, 200):
+        child = subprocess.run([sys.executable, "-c", _UPGRADE, str(store), str(k)],
+                               capture_output=True, text=True, timeout=120)
+        if child.returncode == 0:
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        kills += 1
+        s = open_store(store, upgrading=True)  # each fragment in one place or both
+        try:
+            frags = FragmentStore(s)
+            with s.read() as txn:
+                moved = {h for h, _n in frags.iterate(txn)}
+                left = {bytes(h) for h, _v in txn.cursor(db=s.db["fragments"])}
+            assert moved | left == every
+        finally:
+            s.close()
+    else:
+        raise AssertionError("upgrade never finished")
+    assert kills >= 5, "few kill points: the test proved little"
+    vol = Volume.open(store)
+    try:
+        with vol.store.read() as txn:
+            assert vol.fragments.legacy_count(txn) == 0
+        tree_ok(vol, files, tmp_path / "out")
+    finally:
+        vol.close()
