@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from nar_cases import GOOD, MALFORMED, deep, directory, entry, nar, regular, symlink
 
 from annofs.errors import UsageError
-from annofs.nix import base32
-from annofs.nix.nar import NarEntry, NarError, NarReader, nar_hash
+from annofs.transfer import nixbase32 as base32
+from annofs.transfer.nar import NarEntry, NarError, NarReader, nar_hash
 
 # (bytes, what `nix-hash --flat --base32` / `nix-hash --to-base32` printed for them)
 NIX_BASE32 = [

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annofs.errors import UsageError
-from annofs.nix.base32 import encode as nix32
 from annofs.nix.narinfo import (
     check_signatures,
     distinct_signers,
@@ -22,6 +21,7 @@ from annofs.nix.narinfo import (
     sign_narinfo,
     store_path_arg,
 )
+from annofs.transfer.nixbase32 import encode as nix32
 from annofs.trust.keys import generate_key, parse_public_key
 from annofs.trust.policy import Policy, parse_policy
 from annofs.trust.statement import (

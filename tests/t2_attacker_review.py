@@ -18,9 +18,9 @@ from t2_nix_serve import real_server
 from annofs.errors import RefusedError
 from annofs.nix.cache import DirectoryCache, HttpCache
 from annofs.nix.fetch import fetch, mirror_remote
-from annofs.nix.nar import dump_host
 from annofs.nix.serve import ServedStore
 from annofs.transfer.import_tree import TreeImporter
+from annofs.transfer.nar import dump_host
 from annofs.trust.policy import parse_policy
 from annofs.volume import Volume
 

@@ -21,7 +21,8 @@ from nar_cases import MALFORMED, directory, entry, nar, regular, symlink
 from t2_store import P, check_consistency, dump_tree
 
 from annofs.errors import ExistsError, NotADirectoryError_, UsageError
-from annofs.nix.nar import (
+from annofs.transfer.import_tree import TreeImporter
+from annofs.transfer.nar import (
     NarError,
     RestoredTree,
     dump_host,
@@ -30,7 +31,6 @@ from annofs.nix.nar import (
     restore_nar_host,
     restore_nar_into,
 )
-from annofs.transfer.import_tree import TreeImporter
 from annofs.volume import Volume
 
 ODD_NAME = b"odd \x01\xff\xfe\n name"  # control bytes, a newline, not UTF-8

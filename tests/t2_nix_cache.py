@@ -17,7 +17,7 @@ from t2_nix_fetch import H1, A, add_to_cache, make_tree, nothing_added, policy
 from annofs.errors import RefusedError, UsageError
 from annofs.nix.cache import DirectoryCache, HttpCache, open_cache
 from annofs.nix.fetch import fetch, mirror_remote
-from annofs.nix.nar import dump_host, dump_volume, nar_hash
+from annofs.transfer.nar import dump_host, dump_volume, nar_hash
 from annofs.volume import Volume
 
 CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"

@@ -17,8 +17,8 @@ import zstandard
 
 from annofs.errors import RefusedError, UsageError
 from annofs.nix.fetch import fetch
-from annofs.nix.nar import dump_host, dump_volume, nar_hash
 from annofs.nix.narinfo import HASH_CHARS, fingerprint, format_sha256
+from annofs.transfer.nar import dump_host, dump_volume, nar_hash
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey, generate_key

@@ -25,10 +25,10 @@ from annofs.dashboard.binary_cache import create_cache_app
 from annofs.dashboard.server import bind, parse_listen, serve
 from annofs.errors import UsageError
 from annofs.nix.fetch import fetch
-from annofs.nix.nar import dump_host, dump_volume, nar_hash
 from annofs.nix.narinfo import HASH_CHARS, check_signatures, distinct_signers, parse_narinfo
 from annofs.nix.serve import HASH_PART_LEN, MAX_CANDIDATES, Offer, RefScanner, ServedStore
 from annofs.transfer.import_tree import TreeImporter
+from annofs.transfer.nar import dump_host, dump_volume, nar_hash
 from annofs.trust.keys import generate_key
 from annofs.trust.policy import parse_policy
 from annofs.volume import Volume
@@ -63,8 +63,8 @@ def client(served: ServedStore, **kw: object) -> TestClient:
 
 
 def test_the_narinfo_text_and_fingerprint() -> None:
-    from annofs.nix import base32
-    from annofs.nix.nar import NarHash
+    from annofs.transfer import nixbase32 as base32
+    from annofs.transfer.nar import NarHash
 
     nar = NarHash(bytes(range(32)), 1072)
     h32 = base32.encode(nar.sha256)

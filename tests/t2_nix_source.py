@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from annofs.errors import UsageError
-from annofs.nix.base32 import decode
-from annofs.nix.nar import dump_host, nar_hash, restore_nar_into
 from annofs.nix.source import (
     CACHE_FILE,
     NarHashCache,
@@ -20,6 +18,8 @@ from annofs.nix.source import (
     make_source_path,
     tree_key,
 )
+from annofs.transfer.nar import dump_host, nar_hash, restore_nar_into
+from annofs.transfer.nixbase32 import decode
 from annofs.volume import Volume
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import Mount, annofs_cmd
 
-from annofs.nix.nar import dump_volume, nar_hash
 from annofs.nix.narinfo import parse_narinfo
+from annofs.transfer.nar import dump_volume, nar_hash
 from annofs.volume import Volume
 
 pytestmark = pytest.mark.skipif(shutil.which("nix-build") is None,

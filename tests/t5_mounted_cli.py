@@ -29,7 +29,7 @@ from fuse_helpers import stop_and_check
 from t2_nix_fetch import H1, A, add_to_cache, make_tree
 from t5_cli import BASE_NS, ok, write
 
-from annofs.nix.nar import dump_host
+from annofs.transfer.nar import dump_host
 
 POLICY = """mode = "enforce"
 default = "allow"

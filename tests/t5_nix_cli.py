@@ -15,7 +15,7 @@ from conftest import Mount, annofs_cmd
 from fuse_helpers import new_mount, stop_and_check
 from t2_nix_fetch import H1, A, B, add_to_cache, make_tree
 
-from annofs.nix.nar import dump_host
+from annofs.transfer.nar import dump_host
 
 
 def annofs(store: Path, *args: str, env: dict[str, str] | None = None

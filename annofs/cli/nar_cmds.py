@@ -37,7 +37,7 @@ def nar_group() -> None:
 @contextlib.contextmanager
 def _dump_of(ctx: click.Context, path: str, host: bool) -> Iterator[Iterator[bytes]]:
     """The NAR chunks of PATH (a mount or store path, or with `host` a host path)."""
-    from annofs.nix.nar import dump_host, dump_volume  # lazy: other commands skip it
+    from annofs.transfer.nar import dump_host, dump_volume  # lazy: other commands skip it
 
     if host:
         if not os.path.lexists(path):
@@ -83,7 +83,7 @@ def dump_cmd(ctx: click.Context, host: bool, path: str) -> None:
 @click.pass_context
 def hash_cmd(ctx: click.Context, host: bool, paths: tuple[str, ...]) -> None:
     """Print sha256:<nix base32> of each PATH's NAR (nix-hash --type sha256 --base32)."""
-    from annofs.nix.nar import nar_hash  # lazy: other commands skip it
+    from annofs.transfer.nar import nar_hash  # lazy: other commands skip it
 
     for path in paths:
         with _dump_of(ctx, path, host) as chunks:
@@ -117,7 +117,7 @@ def restore_cmd(ctx: click.Context, host: bool, file: str, dest: str) -> None:
     Stricter than nix-store --restore: names must be valid and sorted, with no '..',
     '/', duplicates, bad padding or trailing bytes; any fault adds nothing.
     """
-    from annofs.nix.nar import (  # lazy: other commands skip it
+    from annofs.transfer.nar import (  # lazy: other commands skip it
         restore_nar_host,
         restore_nar_into,
         show_path,

@@ -83,7 +83,7 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
 
     `read_size` sizes the chunker's buffer; by default it is fitted to a regular file's
     size. A stream that knows its length but has no file descriptor (a file inside a
-    NAR, used by annofs.nix.nar) passes it: a zero-filled 4 MiB buffer per small file
+    NAR, used by annofs.transfer.nar) passes it: a zero-filled 4 MiB buffer per small file
     costs more than chunking it.
 
     Fragments are stored before any version refers to them: a crash in between leaves

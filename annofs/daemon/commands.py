@@ -181,7 +181,7 @@ class DaemonCommands:
         staged in a worker thread (a gc, in its thread, cannot start meanwhile); only the
         swap runs on the event loop, so the mount keeps answering.
         """
-        from annofs.nix.nar import RestoredTree, restore_nar_into
+        from annofs.transfer.nar import RestoredTree, restore_nar_into
 
         dest = _parts(args, "dest")
         file, source = args.get("file"), args.get("source", "NAR")

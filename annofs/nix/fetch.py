@@ -57,15 +57,6 @@ import lmdb
 
 from annofs.errors import NotFoundError, RefusedError, UsageError
 from annofs.nix.cache import BinaryCache, DirectoryCache, HttpCache, open_cache
-from annofs.nix.nar import (
-    NarError,
-    NarHash,
-    RestoredTree,
-    SwapOn,
-    dump_volume,
-    nar_hash,
-    restore_nar_into,
-)
 from annofs.nix.narinfo import (
     HASH_PART_LEN,
     NarInfo,
@@ -78,6 +69,15 @@ from annofs.nix.narinfo import (
     store_path_arg,
 )
 from annofs.nix.register import Registration
+from annofs.transfer.nar import (
+    NarError,
+    NarHash,
+    RestoredTree,
+    SwapOn,
+    dump_volume,
+    nar_hash,
+    restore_nar_into,
+)
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.policy import Policy
 from annofs.trust.signing import collect_files

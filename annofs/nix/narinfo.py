@@ -43,8 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from annofs.errors import UsageError
-from annofs.nix.base32 import decode as nix32_decode
-from annofs.nix.base32 import encode as nix32_encode
+from annofs.transfer.nixbase32 import decode as nix32_decode
+from annofs.transfer.nixbase32 import encode as nix32_encode
 from annofs.trust.keys import SIGNATURE_SIZE, SecretKey, check_key_name, verify_signature
 from annofs.trust.policy import Policy
 

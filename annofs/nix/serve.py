@@ -51,10 +51,10 @@ import blake3
 import lmdb
 
 from annofs.errors import AnnofsError, UsageError
-from annofs.nix import base32
-from annofs.nix.nar import NarHash, dump_volume_in
 from annofs.nix.narinfo import HASH_CHARS, HASH_PART_LEN, check_base_name, fingerprint
 from annofs.store.records import Attrs, Version
+from annofs.transfer import nixbase32 as base32
+from annofs.transfer.nar import NarHash, dump_volume_in
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.gate import TrustGate
 from annofs.trust.keys import SecretKey

@@ -23,8 +23,8 @@ from pathlib import Path
 from annofs.errors import RefusedError
 from annofs.nix.cache import DirectoryCache
 from annofs.nix.fetch import DEFAULT_DEST, read_narinfo
-from annofs.nix.nar import dump_volume, nar_hash
 from annofs.nix.narinfo import sign_narinfo, store_path_arg
+from annofs.transfer.nar import dump_volume, nar_hash
 from annofs.trust.keys import SecretKey
 from annofs.volume import Volume
 

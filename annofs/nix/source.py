@@ -33,11 +33,11 @@ import blake3
 import lmdb
 
 from annofs.errors import NotFoundError, UsageError
-from annofs.nix import base32
-from annofs.nix.nar import NarHash, dump_volume_in, show_path
 from annofs.nix.narinfo import format_sha256
 from annofs.nix.register import STORE_DIR, Registration
 from annofs.store.records import Attrs
+from annofs.transfer import nixbase32 as base32
+from annofs.transfer.nar import NarHash, dump_volume_in, show_path
 from annofs.volume import Volume
 
 CACHE_FILE = "nar-hash-cache.json"

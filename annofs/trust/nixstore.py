@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import lmdb
 
 from annofs.errors import AnnofsError, NotFoundError
-from annofs.nix import base32
-from annofs.nix.nar import dump_volume_in, nar_hash
 from annofs.store.records import Version
+from annofs.transfer import nixbase32 as base32
+from annofs.transfer.nar import dump_volume_in, nar_hash
 from annofs.trust.keys import verify_signature
 from annofs.trust.policy import Mode, Policy, Rule
 from annofs.trust.verdict import Verdict

@@ -38,8 +38,8 @@ from annofs.content.ingest import FragmentBatch, ingest_stream
 from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import ExistsError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import MAX_NAME, check_name, now_ns
-from annofs.nix import base32
 from annofs.store.records import Attrs
+from annofs.transfer import nixbase32 as base32
 from annofs.volume import Volume
 
 MAGIC = b"nix-archive-1"
