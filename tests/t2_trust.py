@@ -642,3 +642,22 @@ def test_a_relative_target_must_land_under_a_rule_as_strict(vol: Volume) -> None
     [f] = collect_files(vol, [P("/src/proj/sub/up")])
     w = content_verdict(TrustGate(vol, warn), f.path, f.version)
     assert w.allowed and w.flagged and w.reason.startswith("would be refused (mode warn): ")
+
+
+
+def test_prewarm_parses_newest_statements_within_its_budgets(vol: Volume) -> None:
+    """A mount parses stored statements before it serves (AnnotationStore.prewarm):
+    newest first, no more subjects than the cache holds, no longer than asked."""
+    with vol.store.read() as txn:
+        assert AnnotationStore(vol.store).prewarm(txn, 1.0) == 0  # none stored
+    sign(vol, ALICE, "/src/proj", when=1000)  # 4 subjects
+    sign(vol, BOB, "/src/proj/a.c", when=2000)  # 1 subject, newer
+    ann = AnnotationStore(vol.store)
+    with vol.store.read() as txn:
+        assert ann.prewarm(txn, 1.0) == 2
+        newest = ann.for_digest(txn, digest(current(vol, "/src/proj/a.c")))[-1].id
+    small = AnnotationStore(vol.store, cache_subjects=3)  # the tree statement won't fit
+    with vol.store.read() as txn:
+        assert small.prewarm(txn, 1.0) == 1
+        assert small._parsed.get(newest) is not None
+        assert AnnotationStore(vol.store).prewarm(txn, -1.0) == 0  # no time at all

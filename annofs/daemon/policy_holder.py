@@ -30,6 +30,7 @@ from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
 BUNDLE_TIMEOUT = 60.0  # seconds one trust bundle update may take in the daemon
+PREWARM_SECONDS = 1.0  # statements parsed at mount, at most this long (AnnotationStore.prewarm)
 
 
 # Mountpoints as resolved before they were mounted: once mounted, resolving one would
@@ -99,6 +100,12 @@ class PolicyHolder:
             # As the kernel resolves an absolute symlink target: from the real path.
             real = os.fsencode(os.path.realpath(mountpoint))
             self.gate.mountpoint = tuple(p for p in real.split(b"/") if p)
+            if self.gate.enforcing:
+                # Before the mount serves: the first opens under a rule must not wait on
+                # parsing the statement over their tree (bounded: a second at most).
+                with vol.store.read() as txn:
+                    parsed = self.gate.annotations.prewarm(txn, PREWARM_SECONDS)
+                log.debug("parsed %d statement(s) before serving", parsed)
         self.explained = PerCaller()  # refusals explained, per uid
         self._unexplained = 0
         self.guard = OpenGuard(self.gate, self.record, self.explain_refusal,
