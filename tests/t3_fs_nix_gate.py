@@ -8,7 +8,6 @@ The store is the real one t2_nix_store_gate builds with Nix (its `world` fixture
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -18,6 +17,7 @@ import pyfuse3
 import pytest
 import trio
 from t2_nix_store_gate import World, gate_for, world  # noqa: F401 (a fixture)
+from t3_fs_trust import Ctx
 
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.operations import Operations
@@ -26,14 +26,6 @@ from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
 
 ROOT = pyfuse3.ROOT_INODE
-
-
-@dataclasses.dataclass(frozen=True)
-class Ctx:
-    uid: int = 0
-    gid: int = 0
-    pid: int = 4321
-    umask: int = 0o022
 
 
 AS_ROOT, AS_NOBODY = Ctx(), Ctx(uid=65534, gid=65534)

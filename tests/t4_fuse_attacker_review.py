@@ -219,6 +219,16 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _root_refused_a_patched_file(mnt: Mount) -> object:  # noqa: F811
+    """Root patches a signed file and is refused its read: the one event recorded."""
+    patched = proj(mnt) / "lib" / "util.c"
+    patched.write_bytes(b"int util(void) { return 2; }\n")
+    with pytest.raises(PermissionError):
+        patched.read_bytes()
+    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    return ev
+
+
 def test_another_user_s_refusals_cannot_use_up_the_explanations_of_others(
         mnt: Mount) -> None:  # noqa: F811
     """Refusals are explained in the events log, at most 10 a minute (explanations cost
@@ -228,14 +238,7 @@ def test_another_user_s_refusals_cannot_use_up_the_explanations_of_others(
     mine = proj(mnt) / "mine.c"
     as_user(_write, str(mine), EVIL)
     assert as_user(_open_refused_many, str(mine), 30) == 30
-    patched = proj(mnt) / "lib" / "util.c"
-    patched.write_bytes(b"int util(void) { return 2; }\n")
-    try:
-        patched.read_bytes()
-        raise AssertionError("root read a patched file")
-    except PermissionError:
-        pass
-    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    ev = _root_refused_a_patched_file(mnt)
     assert ev.explanation, "root's refusal was not explained"  # type: ignore[attr-defined]
 
 
@@ -282,14 +285,7 @@ def test_another_user_s_flood_of_refusals_cannot_push_out_the_record_of_others(
     mine = proj(mnt) / "mine.c"
     as_user(_write, str(mine), EVIL)
     assert as_user(_open_refused_many, str(mine), FLOOD_BURST + 300) == FLOOD_BURST + 300
-    patched = proj(mnt) / "lib" / "util.c"
-    patched.write_bytes(b"int util(void) { return 2; }\n")
-    try:
-        patched.read_bytes()
-        raise AssertionError("root read a patched file")
-    except PermissionError:
-        pass
-    [ev] = refusals(mnt, "/src/proj/lib/util.c")
+    ev = _root_refused_a_patched_file(mnt)
     assert ev.uid == 0  # type: ignore[attr-defined]
     theirs = [e for e in read_events(mnt.store) if e.uid == 65534]
     assert FLOOD_BURST <= len(theirs) <= FLOOD_BURST + 5  # a few earned back meanwhile

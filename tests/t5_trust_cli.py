@@ -356,7 +356,7 @@ BAD: dict[str, Bad] = {
         'mode = "enforce"\nrevoke-keys = []\n', "bad.toml"))],
         lambda e: f"{e.tmp}/bad.toml:2: revoke-keys: unknown key (known: mode, default, "
                   f"trusted-public-keys, trusted-keys-dir, trusted-ssh-signers, revoked-keys, "
-                  f"rules, trust-bundle, trust-bundle-root, on-stale)"),
+                  f"rules, trust-bundle, trust-bundle-root, on-stale, nix-database)"),
     "key-generate-bad-name": Bad(lambda e: ["key", "generate", "../evil"],
                                  lambda e: "'../evil': a key name for 'key generate' is letters, "
                                            "digits and . _ + @ - (not starting with '.' or "
