@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
+import pytest
 import trio
 from t2_explain import PATCHED, SOURCE
 from t3_fs_trust import ALICE, CTX, ROOT, Ctx, policy_ops, put
@@ -104,5 +106,37 @@ def test_no_policy_no_limit(vol: Volume) -> None:
         for _ in range(WHY_BURST + 2):
             assert await ops.getxattr(ino, WHY, NOBODY) == b"off: no policy loaded"
         assert ops.stats["why_limited"] == 0
+
+    trio.run(main)
+
+
+def test_one_user_s_explanation_in_progress_does_not_hold_up_another_s(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explanations are CPU work in worker threads. They were one at a time for the whole
+    mount: while uid 65534's costly explanation ran, root's waited (attacker review
+    finding 8). Now each uid's run in its own threads."""
+    import annofs.explain.visibility as visibility
+
+    real = visibility.why_xattr
+    nobody_inside, let_go = threading.Event(), threading.Event()
+
+    def slow_for_nobody(gate: object, path: object, v: object, verdict: object,
+                        caller: visibility.Caller) -> bytes:
+        if caller.uid == NOBODY.uid:
+            nobody_inside.set()
+            let_go.wait(30)
+        return real(gate, path, v, verdict, caller)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(visibility, "why_xattr", slow_for_nobody)
+    ops, _ = policy_ops(vol)
+
+    async def main() -> None:
+        ino = await setup(ops, vol, private=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.getxattr, ino, WHY, NOBODY)
+            await trio.to_thread.run_sync(nobody_inside.wait, 10)
+            with trio.fail_after(10):
+                assert SECRET.encode() in await ops.getxattr(ino, WHY, CTX)
+            let_go.set()
 
     trio.run(main)

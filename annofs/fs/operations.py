@@ -122,11 +122,10 @@ class Operations(pyfuse3.Operations):
         # Work counters, readable as the root's user.annofs.stats (JSON): what a commit
         # cost is observable without timing it.
         self.stats: Counter[str] = Counter()
-        # user.annofs.why: a token bucket per uid and one explanation at a time; what an
+        # user.annofs.why: a token bucket per uid, run in the uid's own threads; what an
         # explanation shows depends on the caller (the owner of the mount sees all).
         self.why_limit = PerCaller()
         self.why_recent = Recent()
-        self._why_threads = trio.CapacityLimiter(1)
         self.owner_uid = os.getuid()
 
     def init(self) -> None:
@@ -740,13 +739,15 @@ class Operations(pyfuse3.Operations):
                                                     limiter=self.guard.hasher(ctx.uid))
             if name == ANNOFS_XATTRS + b"why":
                 # The full explanation (original, diff), as this caller may see it: CPU
-                # work, off the event loop, one at a time.
+                # work, off the event loop.
                 from annofs.explain.visibility import caller_of, why_xattr
                 caller = caller_of(ctx.uid, ctx.gid, ctx.pid, self.owner_uid)
-                async with self._why_threads:
-                    self.stats["why_explained"] += 1
-                    value = await trio.to_thread.run_sync(
-                        why_xattr, gate, self.inodes.path(node), v, verdict, caller)
+                # In the caller's own few threads: one user's costly explanation (a
+                # long walk, a big diff) holds up nobody else's.
+                self.stats["why_explained"] += 1
+                value = await trio.to_thread.run_sync(
+                    why_xattr, gate, self.inodes.path(node), v, verdict, caller,
+                    limiter=self.guard.hasher(ctx.uid))
                 self.why_recent.put(why_key, value, trio.current_time())
                 return value
             signers = ", ".join(verdict.signers) or "none"
