@@ -76,8 +76,9 @@ def test_readme_using_it_runs_as_written(tmp_path: Path) -> None:
     script = ["set -u"]
     expected = []
     for n, cmd in enumerate(cmds):
-        real = (cmd.replace(". .venv/bin/activate", f". {sys.prefix}/bin/activate")
-                .replace("/tmp/", f"{tmp}/").replace("/mnt/annofs", str(mnt)))
+        # /tmp/ first: the clone itself (sys.prefix) may be under /tmp.
+        real = (cmd.replace("/tmp/", f"{tmp}/").replace("/mnt/annofs", str(mnt))
+                .replace(". .venv/bin/activate", f". {sys.prefix}/bin/activate"))
         m = EXPECTED.search(cmd.splitlines()[0])
         expected.append(int(m.group(1)) if m else 0)
         # Braces, not a subshell: `export` and `v=$(...)` must reach later commands.
