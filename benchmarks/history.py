@@ -143,7 +143,8 @@ def history_figure(ctx: Context) -> FigureResult:
              f"versions kept). Fragment bytes are `annofs fsck --json`'s `fragment_bytes`; "
              f"on disk is `du -s` of the store directory. Each version record holds the "
              f"file's whole fragment list (36 bytes a fragment), so every close also costs "
-             f"that much. LMDB never shrinks its file: the freed pages are reused by later "
-             f"writes (the growth row), so `du` only drops once gc compacts a store of "
-             f"packs. Command: `python -m benchmarks --only history`.")
+             f"that much. Fragments live in zstd packs, which gc compacts (the on-disk drop "
+             f"after gc); the version records live in LMDB, which never shrinks its file: "
+             f"its freed pages are reused by later writes (the growth row). Command: "
+             f"`python -m benchmarks --only history`.")
     return FigureResult(rows, notes)
