@@ -74,7 +74,7 @@ def annofs_pass(files: list[GeneratedFile], store_dir: Path) -> tuple[float, int
     return elapsed, new, sync
 
 
-def _timed(func: Callable[[], object]) -> float:
+def timed(func: Callable[[], object]) -> float:
     gc.collect()
     start = time.perf_counter()
     func()
@@ -105,7 +105,7 @@ def ingest(ctx: Context) -> FigureResult:
         syncs.append(sync)
         on_disk = disk_usage(store_dir)
         shutil.rmtree(store_dir)
-        bare_times.append(_timed(lambda: bare_pass(files)))
+        bare_times.append(timed(lambda: bare_pass(files)))
         ctx.log(f"ingest run {run + 1}/{RUNS}: annofs {_mbps(total, elapsed):.0f} MB/s, "
                 f"bare {_mbps(total, bare_times[-1]):.0f} MB/s")
     best_annofs, best_bare = min(annofs_times), min(bare_times)

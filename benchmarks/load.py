@@ -105,7 +105,7 @@ class Result:
     appended: int = 0
 
 
-def _timed(res: Result, fn: Callable[..., T], *args: Any) -> T:
+def timed(res: Result, fn: Callable[..., T], *args: Any) -> T:
     """Run one operation, counting it and its latency."""
     t = time.perf_counter()
     out = fn(*args)
@@ -135,21 +135,21 @@ def _own(root: Path, wid: str, rnd: random.Random, deadline: float, res: Result)
         sync = rnd.random() < 0.2
         if op < 0.3 or not content:
             content = rnd.randbytes(rnd.choice([0, 100, 5_000, 100_000]))
-            _timed(res, _write, path, os.O_TRUNC, content, sync)
+            timed(res, _write, path, os.O_TRUNC, content, sync)
         elif op < 0.6:
             extra = rnd.randbytes(rnd.randrange(1, 20_000))
             content += extra
-            _timed(res, _write, path, os.O_APPEND, extra, sync)
+            timed(res, _write, path, os.O_APPEND, extra, sync)
         elif op < 0.85:
             at = rnd.randrange(len(content) + 1)
             patch = rnd.randbytes(rnd.randrange(1, 5_000))
             content = content[:at] + patch + content[at + len(patch):]
-            _timed(res, _write, path, 0, patch, sync, at)
+            timed(res, _write, path, 0, patch, sync, at)
         else:
             size = rnd.randrange(len(content) + 1000)
             content = content[:size] + bytes(max(0, size - len(content)))
-            _timed(res, os.truncate, path, size)
-        got = _timed(res, path.read_bytes)
+            timed(res, os.truncate, path, size)
+        got = timed(res, path.read_bytes)
         if got != content:
             res.problems.append(f"own-{wid}: read back {len(got)} bytes after op {res.ops}, "
                                 f"not the {len(content)} just written")
@@ -170,7 +170,7 @@ def _swap(root: Path, wid: str, rnd: random.Random, deadline: float, res: Result
                    rnd.random() < 0.2)
             os.rename(tmp, root / target)
 
-        _timed(res, replace)
+        timed(res, replace)
         res.last_swaps[target] = tag
 
 
@@ -180,7 +180,7 @@ def _append(root: Path, wid: str, rnd: random.Random, deadline: float, res: Resu
     try:
         while time.monotonic() < deadline:
             rec = log_record(wid, res.appended, rnd)
-            n = _timed(res, os.write, fd, rec)
+            n = timed(res, os.write, fd, rec)
             if n != len(rec):
                 res.problems.append(f"log: short append by {wid} ({n} of {len(rec)} bytes)")
                 return
@@ -196,7 +196,7 @@ def _reader(root: Path, wid: str, rnd: random.Random, deadline: float, res: Resu
         if rnd.random() < 0.8:
             name = f"shared-{rnd.randrange(SHARED)}"
             try:
-                data = _timed(res, (root / name).read_bytes)
+                data = timed(res, (root / name).read_bytes)
             except FileNotFoundError:
                 continue  # not written yet
             if blob_tag(data) is None:
@@ -204,7 +204,7 @@ def _reader(root: Path, wid: str, rnd: random.Random, deadline: float, res: Resu
                                     f"complete version: {data[:40]!r}")
         else:
             try:
-                data = _timed(res, (root / "log").read_bytes)
+                data = timed(res, (root / "log").read_bytes)
             except FileNotFoundError:
                 continue
             res.problems += parse_log(data)[1]

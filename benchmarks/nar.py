@@ -50,7 +50,9 @@ def _tree(ctx: Context) -> tuple[Path, str]:
                   f"random bytes) and {BIG_FILES} files of {big // MIB} MiB")
 
 
-def _timed(cmd: list[str], cwd: Path | None = None, stdin: Path | None = None) -> tuple[float, str]:
+def timed(cmd: list[str], cwd: Path | None = None, stdin: Path | None = None) -> tuple[float, str]:
+    """Run a command to completion: (seconds taken, its stdout stripped); RuntimeError
+    with the end of its stderr if it fails."""
     start = time.perf_counter()
     if stdin is not None:
         with open(stdin, "rb") as f:
@@ -83,8 +85,8 @@ def nar_hash_figure(ctx: Context) -> FigureResult:
     printed: dict[str, str] = {}
     for name, cmd in (("annofs", ann_cmd), ("nix", nix_cmd)):
         drop_caches()
-        cold[name], printed[name] = _timed(cmd, cwd)
-        best[name] = min(_timed(cmd, cwd)[0] for _ in range(RUNS))
+        cold[name], printed[name] = timed(cmd, cwd)
+        best[name] = min(timed(cmd, cwd)[0] for _ in range(RUNS))
         ctx.log(f"nar-hash {name}: cold {cold[name]:.2f} s, warm best of {RUNS} "
                 f"{best[name]:.2f} s")
     if printed["annofs"] != "sha256:" + printed["nix"]:
@@ -95,11 +97,11 @@ def nar_hash_figure(ctx: Context) -> FigureResult:
     nar = ctx.work / "tree.nar"
     with open(nar, "wb") as f:
         subprocess.run([nix_store, "--dump", str(tree)], stdout=f, check=True)
-    t_restore = min(_timed(annofs_cmd("--store", str(store), "nar", "restore", str(nar),
+    t_restore = min(timed(annofs_cmd("--store", str(store), "nar", "restore", str(nar),
                                       f"/restored-{i}"), cwd)[0] for i in range(RUNS))
     t_nix_restore = float("inf")
     for i in range(RUNS):
-        t_nix_restore = min(t_nix_restore, _timed(
+        t_nix_restore = min(t_nix_restore, timed(
             [nix_store, "--restore", str(ctx.work / f"nix-restored-{i}")], stdin=nar)[0])
     mb = nbytes / 1e6
     s = lambda x: f"{x:.2f} s ({mb / x:.0f} MB/s)"  # noqa: E731

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from benchmarks.gentree import cached_tree
@@ -30,6 +29,7 @@ from benchmarks.mount import (
     running,
     tree_facts,
 )
+from benchmarks.nar import timed
 from benchmarks.registry import Context, FigureResult, Row, Skip, figure
 
 SMALL_FILES, QUICK_SMALL_FILES = 5_000, 500
@@ -42,20 +42,10 @@ def _need_nix() -> None:
         raise Skip("the real Nix is not installed (Debian's nix-bin)")
 
 
-def _timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, str]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
-    took = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}: "
-                           f"{proc.stderr.strip()[-1000:]}")
-    return took, proc.stdout.strip()
-
-
 def _nix_root(root: Path) -> Path:
     """Make R's Nix database (Nix makes it on first use)."""
     (root / "nix" / "store").mkdir(parents=True, exist_ok=True)
-    _timed(["nix-store", "--store", f"local?root={root}", "--check-validity",
+    timed(["nix-store", "--store", f"local?root={root}", "--check-validity",
             "--print-invalid"])
     return root
 
@@ -79,14 +69,14 @@ def nix_smallfiles(ctx: Context) -> FigureResult:
         cpa = {}
         for name, r in (("native", native), ("annofs", root)):
             subprocess.run(["sync"], check=True)
-            add[name], printed = _timed(["nix-store", "--store", f"local?root={r}", "--add",
+            add[name], printed = timed(["nix-store", "--store", f"local?root={r}", "--add",
                                          str(src)])
             ctx.log(f"nix-smallfiles {name}: nix-store --add {add[name]:.2f} s ({printed})")
             subprocess.run(["sync"], check=True)
-            cpa[name] = _timed(["cp", "-a", str(src), str(r / "nix" / "store" / "cp-a")])[0]
+            cpa[name] = timed(["cp", "-a", str(src), str(r / "nix" / "store" / "cp-a")])[0]
             ctx.log(f"nix-smallfiles {name}: cp -a {cpa[name]:.2f} s")
         # What Nix added through the mount is a valid path whose content hashes right.
-        _timed(["nix-store", "--store", f"local?root={root}", "--verify-path", printed])
+        timed(["nix-store", "--store", f"local?root={root}", "--verify-path", printed])
     s = lambda x: f"{x:.2f} s ({nfiles / x:.0f} files/s)"  # noqa: E731
     rows = [
         Row(f"`nix-store --add` of {nfiles} files: mounted chroot store / native chroot store "
@@ -140,9 +130,9 @@ def nix_add_source(ctx: Context) -> FigureResult:
             if step == "after one change":
                 change(proj, 1)
                 change(host, 1)
-            ann[step], out = _timed(add, cwd)
+            ann[step], out = timed(add, cwd)
             ctx.log(f"nix-add-source annofs {step}: {ann[step]:.2f} s: {out.splitlines()[0]}")
-            nix[step] = _timed(flake)[0]
+            nix[step] = timed(flake)[0]
             ctx.log(f"nix-add-source nix flake metadata {step}: {nix[step]:.2f} s")
     s = lambda x: f"{x:.2f} s"  # noqa: E731
     rows = [Row(f"`annofs nix add-source` / `nix flake metadata path:DIR`, {step} "

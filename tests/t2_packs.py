@@ -323,18 +323,9 @@ def test_a_reader_keeps_a_compacted_pack_until_it_is_done(vol: Volume, tmp_path:
     tree_ok(vol, kept, tmp_path / "out")
 
 
-_GC = """
-import os, signal, sys
-from pathlib import Path
-import annofs.store.packs as packs
-packs.PACK_TARGET = 256 << 10
-from annofs.content.fragments import FragmentStore
-from annofs.maintenance.gc import collect
-from annofs.store.env import Store
-from annofs.volume import Volume
-
-# Killed at the k-th step boundary of the run: before or after each append (a move of
-# records and its index switch), seal, sync, doom and unlink.
+# Both child scripts below: killed at the k-th (argv[2]) step boundary, before or after
+# each call of the functions `wrap`ped.
+_KILL_POINTS = """
 k, calls = int(sys.argv[2]), [0]
 def point():
     calls[0] += 1
@@ -348,6 +339,21 @@ def wrap(owner, name):
         point()
         return r
     setattr(owner, name, w)
+"""
+
+_GC = """
+import os, signal, sys
+from pathlib import Path
+import annofs.store.packs as packs
+packs.PACK_TARGET = 256 << 10
+from annofs.content.fragments import FragmentStore
+from annofs.maintenance.gc import collect
+from annofs.store.env import Store
+from annofs.volume import Volume
+
+# Killed at the k-th step boundary of the run: before or after each append (a move of
+# records and its index switch), seal, sync, doom and unlink.
+""" + _KILL_POINTS + """
 for owner, name in [(FragmentStore, "_append"), (FragmentStore, "_compact_one"),
                     (FragmentStore, "drop_doomed"), (packs.PackWriter, "seal"),
                     (Store, "sync"), (os, "unlink")]:
@@ -461,19 +467,7 @@ from annofs.maintenance.upgrade import upgrade_store
 from annofs.store.env import Store
 
 FragmentStore.upgrade_batch.__defaults__ = (60_000,)  # many batches
-k, calls = int(sys.argv[2]), [0]
-def point():
-    calls[0] += 1
-    if calls[0] == k:
-        os.kill(os.getpid(), signal.SIGKILL)
-def wrap(owner, name):
-    f = getattr(owner, name)
-    def w(*a, **kw):
-        point()
-        r = f(*a, **kw)
-        point()
-        return r
-    setattr(owner, name, w)
+""" + _KILL_POINTS + """
 for owner, name in [(FragmentStore, "put_many"), (FragmentStore, "upgrade_batch"),
                     (Store, "sync")]:
     wrap(owner, name)
