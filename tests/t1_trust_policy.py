@@ -409,3 +409,14 @@ def test_a_directory_wide_rule_after_name_rules_keeps_policy_order() -> None:
     assert pol.rule_at([b"src", b"d", b"a.h"]).index == 1  # type: ignore[union-attr]
     assert pol.rule_at([b"other"]).index == 2  # type: ignore[union-attr]
     assert pol.rule_at([b"src"]).index == 2  # type: ignore[union-attr]
+
+
+def test_a_double_star_before_the_last_keeps_its_meaning() -> None:
+    """`/a/**/**` matches /a/a (the first `**` may be empty): decided per directory, the
+    glob before the last `/**` must keep that `**` as zero or more components (found by
+    the hypothesis test above in CI)."""
+    pol = parse('[[rules]]\npath = "/a/**/**"\nsigners = 0\n'
+                '[[rules]]\npath = "/**/**"\nsigners = 1\n')
+    assert pol.rule_for("/a/a") is not None and pol.rule_at([b"a", b"a"]).index == 0  # type: ignore[union-attr]
+    assert pol.rule_at([b"b"]).index == 1  # type: ignore[union-attr]
+    assert pol.rule_at([b"a"]).index == 1  # type: ignore[union-attr]

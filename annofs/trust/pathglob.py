@@ -38,6 +38,11 @@ def path_text(parts: Sequence[bytes]) -> str:
 
 def translate(glob: str) -> str:
     """The regular expression (for `re.fullmatch`) equivalent to a path glob."""
+    return "(?s:" + "".join(_translate_parts(glob)) + ")"
+
+
+def _translate_parts(glob: str) -> list[str]:
+    """The regular expression of a path glob, one piece per component."""
     if not glob.startswith("/"):
         raise UsageError(f"{glob!r}: a path glob starts with '/' (e.g. /src/**)")
     parts = glob[1:].split("/")
@@ -58,7 +63,7 @@ def translate(glob: str) -> str:
             raise UsageError(f"{glob!r}: '**' must be a whole path component")
         else:
             out.append("/" + _component(part, glob))
-    return "(?s:" + "".join(out) + ")"
+    return out
 
 
 def _component(part: str, glob: str) -> str:
@@ -107,14 +112,18 @@ class PathGlob:
 
     def __init__(self, glob: str) -> None:
         self.glob = glob
-        self._re = re.compile(translate(glob))
-        # A glob ending in `/**` matches a path exactly when a strict ancestor of it
-        # matches the glob before the `/**` ("/.+" takes any further components): such
-        # a glob decides every name in a directory at once (`covers_children`).
+        parts = _translate_parts(glob)
+        self._re = re.compile("(?s:" + "".join(parts) + ")")
+        # A glob ending in `/**` (the last piece "/.+") matches a path exactly when a
+        # strict ancestor of it (the root as "") matches the pieces before: such a glob
+        # decides every name in a directory at once (`covers_children`). The pieces, not
+        # the glob without its `/**`: a `**` before it keeps its meaning (zero or more
+        # components), as in `/a/**/**`.
         self._below: re.Pattern[str] | None = None
-        self._below_root = glob == "/**"
-        if glob.endswith("/**") and not self._below_root:
-            self._below = re.compile(translate(glob[:-3]))
+        self._below_root = False
+        if glob.endswith("/**") and parts[-1] == "/.+":
+            self._below = re.compile("(?s:" + "".join(parts[:-1]) + ")")
+            self._below_root = self._below.fullmatch("") is not None
 
     def matches(self, path: str) -> bool:
         """Whether the whole absolute store path matches."""
