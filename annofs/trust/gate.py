@@ -47,7 +47,7 @@ from annofs.store.records import Version
 from annofs.trust.annotations import AnnotationStore
 from annofs.trust.nixstore import STRANGER, Caller, NeedsThread, NixStore, store_names
 from annofs.trust.pathglob import path_text
-from annofs.trust.policy import Default, Mode, Policy, Rule
+from annofs.trust.policy import Mode, Policy, Rule, signers_needed
 from annofs.trust.verdict import Verdict, VerdictCache, decide_covered
 from annofs.volume import Volume
 
@@ -260,13 +260,7 @@ class TrustGate:
         policy = self.policy
         if policy.mode is Mode.OFF:
             return False
-        for path in paths:
-            rule = policy.rule_at(path)
-            needed = (rule.signers if rule is not None
-                      else 1 if policy.default is Default.REQUIRE else 0)
-            if needed > 0:
-                return True
-        return False
+        return any(signers_needed(policy, policy.rule_at(path)) > 0 for path in paths)
 
     def fifo_refusal(self, path: Sequence[bytes]) -> str | None:
         """Why no FIFO may be reached or made at `path` (None if one may).
@@ -282,9 +276,7 @@ class TrustGate:
         if policy.mode is not Mode.ENFORCE:
             return None
         rule = policy.rule_at(path)
-        needed = (rule.signers if rule is not None
-                  else 1 if policy.default is Default.REQUIRE else 0)
-        if needed == 0:
+        if signers_needed(policy, rule) == 0:
             return None
         where = rule.label if rule is not None else "default require"
         return (f"{path_text(path)}: a FIFO under {where}: its bytes would reach readers "

@@ -178,6 +178,13 @@ class Rule:
         return f"{self.label}: {what}"
 
 
+def signers_needed(policy: Policy, rule: Rule | None) -> int:
+    """How many signers content under `rule` (None: the default) needs."""
+    if rule is not None:
+        return rule.signers
+    return 1 if policy.default is Default.REQUIRE else 0
+
+
 @dataclass(frozen=True, slots=True)
 class _DirectoryRules:
     """How the rule of a name in one directory is found: the rules that depend on the

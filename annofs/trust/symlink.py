@@ -37,7 +37,7 @@ from annofs.store.records import Version
 from annofs.trust.gate import TrustGate
 from annofs.trust.nixstore import Caller
 from annofs.trust.pathglob import path_text
-from annofs.trust.policy import Default, Mode, Policy, Rule
+from annofs.trust.policy import Mode, Policy, Rule, signers_needed
 from annofs.trust.statement import format_subject_digest, symlink_digest
 from annofs.trust.verdict import Verdict
 
@@ -129,13 +129,6 @@ def lexical_destination(path: Sequence[bytes], target: bytes) -> tuple[bytes, ..
         else:
             parts.append(comp)
     return tuple(parts)
-
-
-def signers_needed(policy: Policy, rule: Rule | None) -> int:
-    """How many signers content under `rule` (None: the default) needs."""
-    if rule is not None:
-        return rule.signers
-    return 1 if policy.default is Default.REQUIRE else 0
 
 
 def _at_least_as_strict(policy: Policy, dest: Rule | None, here: Rule | None) -> bool:
