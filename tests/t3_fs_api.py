@@ -733,6 +733,35 @@ async def test_write_during_a_threaded_commit_is_not_lost(k: Kernel, vol: Volume
     await k.settle()
 
 
+@trio_test
+async def test_a_read_never_overtakes_a_write_received_before_it(k: Kernel, vol: Volume) -> None:
+    """The kernel may send a READ while a WRITE it sent before waits for the file's lock
+    (a commit holds it). The READ must carry that write's bytes: the kernel caches what
+    it returns as up to date, under a size that soon counts the write (a reader of a log
+    being appended saw zeros where the last record was; tests/t4_fuse_tools.py)."""
+    data = random.Random(5).randbytes(2 * MiB)  # > INLINE_BYTES: the fold runs in a thread
+    fh1, e = await k.create(ROOT, b"log")
+    fh2 = await k.open(e.st_ino)
+    await k.write(fh1, 0, data)
+    seen: list[bytes] = []
+
+    async def append_then_read() -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the flush is folding in its thread
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.write, fh2, len(data), b"APPENDED")
+            await trio.testing.wait_all_tasks_blocked()  # the write waits for the lock
+            seen.append(await k.read(fh2, len(data) - 4, 12))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.flush, fh1)
+        nursery.start_soon(append_then_read)
+    assert seen == [data[-4:] + b"APPENDED"]
+    await k.release(fh1)
+    await k.release(fh2)
+    assert version_content(vol, int(stored(vol, b"log").target)) == data + b"APPENDED"
+    await k.settle()
+
+
 # -- directories -----------------------------------------------------------------------------------
 
 

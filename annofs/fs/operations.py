@@ -926,6 +926,14 @@ class Operations(pyfuse3.Operations):
         v = h.pinned
         if v is None:
             of = self.open_files[h.node.ino]
+            if of.lock.locked():
+                # A write (or a commit) is under way, maybe a WRITE received before this
+                # READ and waiting for the lock: come after it (the lock is FIFO). Else
+                # this reply would carry the bytes from before that write, and the kernel
+                # caches them as up to date under a size that already counts the write
+                # (a reader saw zeros at the end of an appended log).
+                async with of.lock:
+                    pass
             if of.overlay:  # unflushed bytes: read here, where writes change them
                 return of.read(self.vol, off, size)
             v = of.base
@@ -1019,7 +1027,9 @@ class Operations(pyfuse3.Operations):
             # A small change reads a few scattered pages of the store: fault them alone,
             # not with the disk's whole readahead window each (see annofs.store.advice).
             # It is re-chunked inline, so the advice lasts only this synchronous stretch.
-            small = folds_inline(self.vol, of.overlay)
+            # A file with no stored bytes yet (a new one) reads nothing back: no advice,
+            # which saves two madvise calls over the whole map per small new file.
+            small = of.base.size > 0 and folds_inline(self.vol, of.overlay)
             # Fragments, then the version that uses them: gc may not fall between.
             async with self.gc_gate.shared():
                 with random_access(self.vol.store) if small else contextlib.nullcontext():
