@@ -6,6 +6,7 @@ passes; the trees carry Nix's canonical metadata."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, annofs_cmd
-from t4_nix_real import NixWorld, nixw, run, write_policy
+from t4_nix_real import NIX, NixWorld, nixw, run, write_policy
+
+from annofs.nix.narinfo import parse_narinfo
 
 __all__ = ["nixw"]  # a pytest fixture, found by name in this module
 
@@ -188,3 +191,128 @@ def test_the_mount_answers_while_a_local_cache_is_fetched(mounted: Mount, nixw: 
     assert (mounted.path / path.lstrip("/") / "d0" / "small0").read_text() == "small file 0\n"
     assert took > 1.0 and probes > 10, (took, probes)  # the fetch took a while...
     assert slowest < 0.5, (slowest, took)  # ...and the mount answered all along
+
+
+# -- signatures and content addresses in Nix's database ---------------------------------
+
+
+def signed_cache(w: NixWorld, dest: Path, *keys: str) -> Path:
+    """A copy of the uncompressed cache (signed by cache-a-1), signed by `keys` too."""
+    cache = w.copy_cache("none", dest)
+    for k in keys:
+        ok = run([*NIX, "store", "sign", "--key-file", str(w.keys / f"{k}.sec"), "--store",
+                  f"file://{cache}", w.top, w.dep])
+        assert ok.returncode == 0, ok.stderr
+    return cache
+
+
+def path_info(root: Path, path: str) -> dict[str, object]:
+    """`nix path-info --json` of `path` in the chroot store R."""
+    res = run([*NIX, "path-info", "--store", f"local?root={root}", "--json", path])
+    assert res.returncode == 0, res.stderr
+    (info,) = json.loads(res.stdout)
+    assert info["path"] == path
+    return info
+
+
+def narinfo_sigs(w: NixWorld, cache: Path, path: str) -> dict[str, str]:
+    """key name -> the `Sig:` value of the narinfo of `path` in `cache`."""
+    info = parse_narinfo(w.narinfo(cache, path).read_bytes(), "n")
+    return {s.key_name: s.text for s in info.sigs}
+
+
+def test_fetch_records_the_verified_signatures_in_nix_database(
+        chroot_mount: Mount, nixw: NixWorld, tmp_path: Path) -> None:
+    """A cache signed by cache-a-1, cache-b-1 (trusted) and mallory-1 (not): Nix's
+    database gets the two trusted signatures of each path, exactly the narinfo's, and
+    the real Nix accepts them (`nix store verify --sigs-needed 2` with those keys)."""
+    root = chroot_mount.path.parent.parent
+    cache = signed_cache(nixw, tmp_path / "cache", "cache-b-1", "mallory-1")
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    res = run(annofs_cmd("--store", str(chroot_mount.store), "nix", "fetch", "--cache",
+                         str(cache), "--policy", str(pol), "--dest", str(chroot_mount.path),
+                         "--recursive", nixw.top))
+    assert res.returncode == 0, res.stderr
+    assert f"registered {nixw.top} in local?root={root}; signatures by cache-a-1, " \
+           f"cache-b-1" in res.stdout, res.stdout
+    for p in (nixw.dep, nixw.top):
+        sigs = narinfo_sigs(nixw, cache, p)
+        assert set(sigs) == {"cache-a-1", "cache-b-1", "mallory-1"}
+        assert sorted(path_info(root, p)["signatures"]) == sorted(  # type: ignore[arg-type]
+            [sigs["cache-a-1"], sigs["cache-b-1"]])
+        shown = run([*NIX, "path-info", "--store", f"local?root={root}", "--sigs", p])
+        assert shown.returncode == 0, shown.stderr
+        assert sigs["cache-a-1"] in shown.stdout and sigs["cache-b-1"] in shown.stdout
+        assert "mallory-1" not in shown.stdout
+    trusted = f"{nixw.pub('cache-a-1')} {nixw.pub('cache-b-1')}"
+    ok = run([*NIX, "store", "verify", "--store", f"local?root={root}", "--option",
+              "trusted-public-keys", trusted, "--sigs-needed", "2", "-r", nixw.top])
+    assert ok.returncode == 0, ok.stderr
+    # One trusted key only: Nix finds one valid signature, not two.
+    one = run([*NIX, "store", "verify", "--store", f"local?root={root}", "--option",
+               "trusted-public-keys", nixw.pub("cache-a-1"), "--sigs-needed", "2", nixw.top])
+    assert one.returncode != 0
+    check_valid(root, nixw)
+
+
+def ca_cache(w: NixWorld, tmp_path: Path) -> tuple[Path, str, str]:
+    """A cache (signed by cache-a-1) of two content-addressed paths, made by the real
+    Nix: a tree added recursively (`fixed:r:sha256:`) and a file by its flat hash
+    (`fixed:sha256:`)."""
+    native = tmp_path / "N"
+    src = tmp_path / "ca-src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("content addressed\n")
+    (tmp_path / "flat.txt").write_text("flat file\n")
+    tree = nix_store(native, "--add", str(src))
+    flat = nix_store(native, "--add-fixed", "sha256", str(tmp_path / "flat.txt"))
+    assert tree.returncode == 0 and flat.returncode == 0, (tree.stderr, flat.stderr)
+    paths = [tree.stdout.strip(), flat.stdout.strip()]
+    cache = tmp_path / "ca-cache"
+    for cmd in ([*NIX, "copy", "--from", f"local?root={native}", "--to",
+                 f"file://{cache}?compression=xz", *paths],
+                [*NIX, "store", "sign", "--key-file", str(w.keys / "cache-a-1.sec"),
+                 "--store", f"file://{cache}", *paths]):
+        ok = run(cmd)
+        assert ok.returncode == 0, ok.stderr
+    return cache, paths[0], paths[1]
+
+
+def test_a_content_addressed_path_gets_its_ca(chroot_mount: Mount, nixw: NixWorld,
+                                              tmp_path: Path) -> None:
+    """Paths a cache describes with `CA:` (recursive and flat) are registered with it:
+    `nix path-info --json` shows the narinfo's `ca`, and Nix verifies the contents."""
+    root = chroot_mount.path.parent.parent
+    cache, tree, flat = ca_cache(nixw, tmp_path)
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    res = run(annofs_cmd("--store", str(chroot_mount.store), "nix", "fetch", "--cache",
+                         str(cache), "--policy", str(pol), "--dest", str(chroot_mount.path),
+                         tree, flat))
+    assert res.returncode == 0, res.stderr
+    for p, prefix in ((tree, "fixed:r:sha256:"), (flat, "fixed:sha256:")):
+        ca = parse_narinfo(nixw.narinfo(cache, p).read_bytes(), "n").ca
+        assert ca is not None and ca.startswith(prefix), ca
+        assert path_info(root, p)["ca"] == ca
+        assert f"registered {p} in local?root={root}; signatures by cache-a-1; ca {ca}" \
+            in res.stdout, res.stdout
+    check = nix_store(root, "--verify", "--check-contents")
+    assert check.returncode == 0, check.stderr
+
+
+def test_a_false_ca_is_not_recorded(chroot_mount: Mount, nixw: NixWorld,
+                                    tmp_path: Path) -> None:
+    """`CA:` is not in the signed fingerprint: a cache claiming a content address that
+    does not make the path's name gets the path registered without one."""
+    root = chroot_mount.path.parent.parent
+    cache = nixw.copy_cache("none", tmp_path / "cache")
+    info = nixw.narinfo(cache, nixw.dep)
+    fake = "fixed:r:sha256:" + "0" * 52
+    info.write_text(info.read_text() + f"CA: {fake}\n")
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    res = run(annofs_cmd("--store", str(chroot_mount.store), "nix", "fetch", "--cache",
+                         str(cache), "--policy", str(pol), "--dest", str(chroot_mount.path),
+                         nixw.dep))
+    assert res.returncode == 0, res.stderr
+    assert "ca " not in res.stdout
+    assert path_info(root, nixw.dep).get("ca") is None
+    assert path_info(root, nixw.dep)["signatures"]
