@@ -6,6 +6,7 @@ passes; the trees carry Nix's canonical metadata."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -14,11 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, annofs_cmd
+from fuse_helpers import NOBODY, errno_of
 from t4_nix_real import NIX, NixWorld, nixw, run, write_policy
+from t4_nix_store_gate import Keys, NixStore, nixs, refusal_for
 
 from annofs.nix.narinfo import parse_narinfo
+from annofs.trust.annotations import AnnotationStore
+from annofs.volume import Volume
 
-__all__ = ["nixw"]  # a pytest fixture, found by name in this module
+__all__ = ["nixs", "nixw"]  # pytest fixtures, found by name in this module
 
 
 def nix_store(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -316,3 +321,89 @@ def test_a_false_ca_is_not_recorded(chroot_mount: Mount, nixw: NixWorld,
     assert "ca " not in res.stdout
     assert path_info(root, nixw.dep).get("ca") is None
     assert path_info(root, nixw.dep)["signatures"]
+
+
+# -- the store-aware gate on Nix's database alone ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys(nixw: NixWorld) -> Keys:
+    """t4_nix_store_gate's `nixs` trusts these: the keys that signed nixw's caches."""
+    return Keys(nixw.keys)
+
+
+def without_statements(nixs: NixStore, policy: Path) -> int:
+    """Remove every annofs statement of the mounted store (the `built` ones `nix fetch`
+    recorded), the mount stopped meanwhile; how many. The bind at R/nix/store follows."""
+    bound = nixs.root / "nix" / "store"
+    subprocess.run(["umount", str(bound)], check=True)
+    nixs.mount.stop()
+    vol = Volume.open(nixs.mount.store)
+    try:
+        ann = AnnotationStore(vol.store)
+        with vol.store.write() as txn:
+            removed = sum(ann.remove(txn, sid) for sid in list(ann.iter_ids(txn)))
+            assert ann.count(txn) == 0
+    finally:
+        vol.close()
+    nixs.mount.start("--allow-other", "--policy", str(policy))
+    subprocess.run(["mount", "--bind", str(nixs.mount.path / "nix" / "store"), str(bound)],
+                   check=True)
+    return removed
+
+
+def fetch_into(nixs: NixStore, cache: Path, policy: Path, *paths: str
+               ) -> subprocess.CompletedProcess[str]:
+    """`nix fetch` into the mount's /nix/store, registered in R (bound there)."""
+    return run(annofs_cmd("--store", str(nixs.mount.store), "nix", "fetch", "--cache",
+                          str(cache), "--policy", str(policy), "--dest",
+                          str(nixs.mount.path / "nix" / "store"), "--nix-root",
+                          str(nixs.root), "--recursive", *paths))
+
+
+@pytest.mark.expected_log()
+def test_the_gate_trusts_fetched_paths_on_nix_database_alone(
+        nixs: NixStore, nixw: NixWorld, tmp_path: Path) -> None:
+    """`/nix/store/**` needs 2 signers (claims built, content-addressed; nix-database
+    set). Fetched from a cache signed by cache-a-1 and cache-b-1, then every annofs
+    statement removed: uid 65534 reads the paths on the two signatures in Nix's database
+    alone; a tampered file (NarHash no longer the content's) is refused and explained."""
+    init_nix_root(nixs.root)
+    cache = signed_cache(nixw, tmp_path / "cache", "cache-b-1")
+    res = fetch_into(nixs, cache, write_policy(tmp_path / "fetch.toml", nixw), nixw.top)
+    assert res.returncode == 0, res.stderr
+    assert without_statements(nixs, tmp_path / "policy.toml") >= 4  # 2 keys x 2 paths
+    assert nixs.read_as(NOBODY, nixw.top, "share/greeting") == b"hello\n"
+    assert nixs.read_as(NOBODY, nixw.dep) == b"a dependency\n"
+    why = os.getxattr(nixs.inside(nixw.top) / "share" / "greeting", "user.annofs.why")
+    assert b"signed by cache-a-1, cache-b-1 in Nix's database" in why, why
+    assert nix_store(nixs.root, "--verify", "--check-contents").returncode == 0
+
+    target = nixs.inside(nixw.top) / "share" / "greeting"
+    target.chmod(0o644)
+    target.write_text("patched by root\n")
+    assert errno_of(nixs.read_as, NOBODY, nixw.top, "share/greeting") == errno.EACCES
+    why_text = refusal_for(nixs.mount, "share/greeting")
+    assert f"NarHash differs from the content: {nixw.top}/share/greeting changed" \
+        in why_text, why_text
+    assert "signatures by cache-a-1, cache-b-1 do not count" in why_text
+    assert nixs.read_as(NOBODY, nixw.dep) == b"a dependency\n"  # untouched: still read
+
+
+@pytest.mark.expected_log()
+def test_the_gate_refuses_a_path_signed_in_nix_database_by_an_untrusted_key(
+        nixs: NixStore, nixw: NixWorld, tmp_path: Path) -> None:
+    """Fetched under a policy that trusts mallory-1 too, Nix's database holds cache-a-1's
+    and mallory-1's signatures; the mount's policy trusts cache-a-1 and cache-b-1 and
+    needs 2: with no annofs statement, uid 65534 is refused and told why."""
+    init_nix_root(nixs.root)
+    cache = signed_cache(nixw, tmp_path / "cache", "mallory-1")
+    lax = write_policy(tmp_path / "fetch.toml", nixw, keys=("cache-a-1", "mallory-1"))
+    res = fetch_into(nixs, cache, lax, nixw.top)
+    assert res.returncode == 0, res.stderr
+    assert "signatures by cache-a-1, mallory-1" in res.stdout, res.stdout
+    without_statements(nixs, tmp_path / "policy.toml")
+    assert errno_of(nixs.read_as, NOBODY, nixw.top, "share/greeting") == errno.EACCES
+    why = refusal_for(nixs.mount, "share/greeting")
+    assert "signature by untrusted key mallory-1" in why, why
+    assert "needs 2 distinct trusted signers, has 1 (cache-a-1)" in why, why
