@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from conftest import Mount, annofs_cmd
 from fuse_helpers import NOBODY, errno_of
-from t4_nix_real import NIX, NixWorld, nixw, run, write_policy
+from t4_nix_real import NIX, NixWorld, nixw, run, store, store_is_empty, write_policy
 from t4_nix_store_gate import Keys, NixStore, nixs, refusal_for
 
 from annofs.nix.narinfo import parse_narinfo
 from annofs.trust.annotations import AnnotationStore
 from annofs.volume import Volume
 
-__all__ = ["nixs", "nixw"]  # pytest fixtures, found by name in this module
+__all__ = ["nixs", "nixw", "store"]  # pytest fixtures, found by name in this module
 
 
 def nix_store(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -407,3 +407,131 @@ def test_the_gate_refuses_a_path_signed_in_nix_database_by_an_untrusted_key(
     why = refusal_for(nixs.mount, "share/greeting")
     assert "signature by untrusted key mallory-1" in why, why
     assert "needs 2 distinct trusted signers, has 1 (cache-a-1)" in why, why
+
+
+# -- errors: Nix's database missing, locked, unknown; a crash half-way ---------------------
+
+
+def offline_root(tmp_path: Path) -> Path:
+    """A Nix root R with its database (made by Nix), its store directory empty."""
+    root = tmp_path / "R"
+    (root / "nix" / "store").mkdir(parents=True)
+    return init_nix_root(root)
+
+
+def offline_fetch(store: Path, nixw: NixWorld, pol: Path, root: Path,
+                  **env: str) -> subprocess.CompletedProcess[str]:
+    return run(annofs_cmd("--store", str(store), "nix", "fetch", "--cache",
+                          str(nixw.caches["none"]), "--policy", str(pol), "--nix-root",
+                          str(root), "--dest", "/", "--recursive", nixw.top),
+               env={**os.environ, **env})
+
+
+def registered(root: Path, *paths: str) -> bool:
+    """Whether Nix's database at R holds all `paths` valid (the database alone)."""
+    res = nix_store(root, "--check-validity", *paths)
+    return res.returncode == 0
+
+
+@pytest.mark.parametrize("case", ["missing", "locked", "schema"])
+def test_a_database_missing_locked_or_unknown_changes_nothing(
+        store: Path, nixw: NixWorld, tmp_path: Path, case: str) -> None:
+    """Exit 2, one line naming the database and the problem; nothing fetched into the
+    annofs store, nothing registered."""
+    import sqlite3
+
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    if case == "missing":
+        root = tmp_path / "R"
+        (root / "nix" / "store").mkdir(parents=True)
+        res = offline_fetch(store, nixw, pol, root)
+        expected = f"{root}/nix/var/nix/db/db.sqlite: no Nix database there"
+    elif case == "locked":
+        root = offline_root(tmp_path)
+        holder = sqlite3.connect(root / "nix/var/nix/db/db.sqlite", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another writer, in the middle of its work
+        try:
+            res = offline_fetch(store, nixw, pol, root, ANNOFS_NIX_DB_TIMEOUT="0.5")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        expected = (f"{root}/nix/var/nix/db/db.sqlite: locked by another process for more "
+                    f"than 0.5 s; nothing registered")
+    else:
+        root = offline_root(tmp_path)
+        (root / "nix/var/nix/db/schema").write_text("11")
+        res = offline_fetch(store, nixw, pol, root)
+        expected = f"{root}/nix/var/nix/db/db.sqlite: unknown Nix database schema (version 11"
+    assert res.returncode == 2, res
+    assert expected in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert res.stdout == ""
+    assert store_is_empty(store)
+    if case != "missing":
+        (root / "nix/var/nix/db/schema").write_text("10")
+        assert not registered(root, nixw.dep) and not registered(root, nixw.top)
+
+
+_DIES_BEFORE_RECORD = """
+import os, signal, sys
+import annofs.nix.nixdb as nixdb
+
+def die(*args, **kwargs):  # after --load-db registered the paths, before sigs and CA
+    os.kill(os.getpid(), signal.SIGKILL)
+
+nixdb.record = die
+sys.argv = ["annofs", *sys.argv[1:]]
+from annofs.cli.main import main
+main()
+"""
+
+
+def test_killed_between_load_db_and_the_signatures_a_rerun_repairs(
+        store: Path, nixw: NixWorld, tmp_path: Path) -> None:
+    """kill -9 right after `--load-db`: Nix holds the paths valid without signatures (the
+    documented half state); running the same fetch again records them."""
+    import sys
+
+    root = offline_root(tmp_path)
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    args = ["--store", str(store), "nix", "fetch", "--cache", str(nixw.caches["none"]),
+            "--policy", str(pol), "--nix-root", str(root), "--dest", "/", "--recursive",
+            nixw.top]
+    died = run([sys.executable, "-c", _DIES_BEFORE_RECORD, *args])
+    assert died.returncode == -9, died
+    assert registered(root, nixw.dep, nixw.top)
+    assert not path_info(root, nixw.top).get("signatures")
+    again = run(annofs_cmd(*args))
+    assert again.returncode == 0, again.stderr
+    for p in (nixw.dep, nixw.top):
+        assert f"recorded in local?root={root} for {p}; signatures by cache-a-1" \
+            in again.stdout, again.stdout
+        assert path_info(root, p)["signatures"] == [
+            narinfo_sigs(nixw, nixw.caches["none"], p)["cache-a-1"]]
+    assert "registered" not in again.stdout
+    # A third run: nothing left to do, nothing said.
+    third = run(annofs_cmd(*args))
+    assert third.returncode == 0 and "recorded in local" not in third.stdout, third
+
+
+def test_a_locked_database_adds_nothing_to_the_mount(chroot_mount: Mount, nixw: NixWorld,
+                                                     tmp_path: Path) -> None:
+    """Mounted (the daemon fetches): the database is checked before the daemon is asked,
+    so a locked one leaves the mount as it was."""
+    import sqlite3
+
+    root = chroot_mount.path.parent.parent
+    before = sorted(os.listdir(chroot_mount.path))
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    holder = sqlite3.connect(root / "nix/var/nix/db/db.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        res = run(annofs_cmd("--store", str(chroot_mount.store), "nix", "fetch", "--cache",
+                             str(nixw.caches["none"]), "--policy", str(pol), "--dest",
+                             str(chroot_mount.path), "--recursive", nixw.top),
+                  env={**os.environ, "ANNOFS_NIX_DB_TIMEOUT": "0.5"})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert res.returncode == 2 and "locked by another process" in res.stderr, res
+    assert sorted(os.listdir(chroot_mount.path)) == before
+    assert not registered(root, nixw.top)
