@@ -213,7 +213,8 @@ def signed_cache(w: NixWorld, dest: Path, *keys: str) -> Path:
 
 def path_info(root: Path, path: str) -> dict[str, object]:
     """`nix path-info --json` of `path` in the chroot store R."""
-    res = run([*NIX, "path-info", "--store", f"local?root={root}", "--json", path])
+    drv = ["--derivation"] if path.endswith(".drv") else []  # the .drv, not its output
+    res = run([*NIX, "path-info", "--store", f"local?root={root}", "--json", *drv, path])
     assert res.returncode == 0, res.stderr
     (info,) = json.loads(res.stdout)
     assert info["path"] == path
@@ -260,10 +261,10 @@ def test_fetch_records_the_verified_signatures_in_nix_database(
     check_valid(root, nixw)
 
 
-def ca_cache(w: NixWorld, tmp_path: Path) -> tuple[Path, str, str]:
-    """A cache (signed by cache-a-1) of two content-addressed paths, made by the real
-    Nix: a tree added recursively (`fixed:r:sha256:`) and a file by its flat hash
-    (`fixed:sha256:`)."""
+def ca_cache(w: NixWorld, tmp_path: Path) -> tuple[Path, str, str, str]:
+    """A cache (signed by cache-a-1) of three content-addressed paths, made by the real
+    Nix: a tree added recursively (`fixed:r:sha256:`), a file by its flat hash
+    (`fixed:sha256:`) and a derivation (`text:sha256:`)."""
     native = tmp_path / "N"
     src = tmp_path / "ca-src"
     (src / "sub").mkdir(parents=True)
@@ -271,30 +272,40 @@ def ca_cache(w: NixWorld, tmp_path: Path) -> tuple[Path, str, str]:
     (tmp_path / "flat.txt").write_text("flat file\n")
     tree = nix_store(native, "--add", str(src))
     flat = nix_store(native, "--add-fixed", "sha256", str(tmp_path / "flat.txt"))
+    (tmp_path / "drv.nix").write_text(
+        'builtins.derivation { name = "ca-drv"; system = "x"; builder = "/bin/sh"; }')
+    drv = run(["nix-instantiate", "--store", f"local?root={native}",
+               str(tmp_path / "drv.nix")])
     assert tree.returncode == 0 and flat.returncode == 0, (tree.stderr, flat.stderr)
-    paths = [tree.stdout.strip(), flat.stdout.strip()]
+    assert drv.returncode == 0, drv.stderr
+    paths = [tree.stdout.strip(), flat.stdout.strip(), drv.stdout.strip()]
     cache = tmp_path / "ca-cache"
     for cmd in ([*NIX, "copy", "--from", f"local?root={native}", "--to",
-                 f"file://{cache}?compression=xz", *paths],
+                 f"file://{cache}?compression=xz", *paths[:2]],
+                [*NIX, "copy", "--derivation", "--from", f"local?root={native}", "--to",
+                 f"file://{cache}?compression=xz", paths[2]],  # the .drv, not its output
                 [*NIX, "store", "sign", "--key-file", str(w.keys / "cache-a-1.sec"),
-                 "--store", f"file://{cache}", *paths]):
+                 "--store", f"file://{cache}", *paths[:2]],
+                [*NIX, "store", "sign", "--derivation", "--key-file",
+                 str(w.keys / "cache-a-1.sec"), "--store", f"file://{cache}", paths[2]]):
         ok = run(cmd)
         assert ok.returncode == 0, ok.stderr
-    return cache, paths[0], paths[1]
+    return cache, paths[0], paths[1], paths[2]
 
 
 def test_a_content_addressed_path_gets_its_ca(chroot_mount: Mount, nixw: NixWorld,
                                               tmp_path: Path) -> None:
-    """Paths a cache describes with `CA:` (recursive and flat) are registered with it:
+    """Paths a cache describes with `CA:` (recursive, flat, text) are registered with it:
     `nix path-info --json` shows the narinfo's `ca`, and Nix verifies the contents."""
     root = chroot_mount.path.parent.parent
-    cache, tree, flat = ca_cache(nixw, tmp_path)
+    cache, tree, flat, drv = ca_cache(nixw, tmp_path)
     pol = write_policy(tmp_path / "policy.toml", nixw)
     res = run(annofs_cmd("--store", str(chroot_mount.store), "nix", "fetch", "--cache",
                          str(cache), "--policy", str(pol), "--dest", str(chroot_mount.path),
-                         tree, flat))
+                         tree, flat, drv))
     assert res.returncode == 0, res.stderr
-    for p, prefix in ((tree, "fixed:r:sha256:"), (flat, "fixed:sha256:")):
+    for p, prefix in ((tree, "fixed:r:sha256:"), (flat, "fixed:sha256:"),
+                      (drv, "text:sha256:")):
         ca = parse_narinfo(nixw.narinfo(cache, p).read_bytes(), "n").ca
         assert ca is not None and ca.startswith(prefix), ca
         assert path_info(root, p)["ca"] == ca
