@@ -26,8 +26,9 @@ from annofs.volume import Volume
 __all__ = ["nixs", "nixw", "store"]  # pytest fixtures, found by name in this module
 
 
-def nix_store(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(["nix-store", "--store", f"local?root={root}", *args])
+def nix_store(root: Path, *args: str, stdin: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return run(["nix-store", "--store", f"local?root={root}", *args], input=stdin)
 
 
 def init_nix_root(root: Path) -> Path:
@@ -546,3 +547,21 @@ def test_a_locked_database_adds_nothing_to_the_mount(chroot_mount: Mount, nixw: 
     assert res.returncode == 2 and "locked by another process" in res.stderr, res
     assert sorted(os.listdir(chroot_mount.path)) == before
     assert not registered(root, nixw.top)
+
+
+def test_a_path_nix_holds_with_another_nar_hash_is_refused_before_loading(
+        store: Path, nixw: NixWorld, tmp_path: Path) -> None:
+    """Nix already holds the dependency, registered with another NarHash: its
+    signatures could never count there, so the fetch refuses (exit 1, one line) before
+    `--load-db`: the top path stays unregistered, the dependency's row unchanged."""
+    root = offline_root(tmp_path)
+    other = "sha256:" + "1" * 52
+    loaded = nix_store(root, "--load-db", stdin=f"{nixw.dep}\n{other}\n128\n\n0\n")
+    assert loaded.returncode == 0, loaded.stderr
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    res = offline_fetch(store, nixw, pol, root)
+    assert res.returncode == 1, res
+    assert f"{nixw.dep} is registered there with another NarHash" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert not registered(root, nixw.top)
+    assert not path_info(root, nixw.dep).get("signatures")

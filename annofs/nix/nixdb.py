@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from annofs.errors import AnnofsError, RefusedError, UsageError
 from annofs.transfer import nixbase32 as base32
@@ -150,11 +150,16 @@ def _write(root: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
             conn.close()
 
 
-def check(root: Path) -> None:
-    """The preflight: R's database exists, its schema is known, and its write lock can
-    be had (taken and given back at once). UsageError (exit 2) otherwise."""
-    with _write(root):
-        pass
+def check(root: Path, regs: Sequence[Registration] = ()) -> None:
+    """The preflight: R's database exists, its schema is known, its write lock can be
+    had (taken and given back at once): UsageError (exit 2) otherwise; and each of
+    `regs` Nix already holds is registered as given (RefusedError, exit 1, otherwise:
+    its signatures could never be recorded)."""
+    with _write(root) as (db, conn):
+        for r in regs:
+            row = _row(conn, r.path)
+            if row is not None:
+                _same_or_refuse(db, conn, r, row)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,25 @@ def _same_hash(db_text: str, ours: str) -> bool:
     return got is not None and got == _sha256(ours)
 
 
+def _row(conn: sqlite3.Connection, path: str) -> tuple[Any, ...] | None:
+    return conn.execute("SELECT id, hash, narSize, sigs, ca FROM ValidPaths WHERE path = ?",
+                        (path,)).fetchone()
+
+
+def _same_or_refuse(db: Path, conn: sqlite3.Connection, r: Registration,
+                    row: tuple[Any, ...]) -> None:
+    """RefusedError unless the row registers what `r` does (NarHash, NarSize,
+    references): signatures over `r`'s fingerprint mean nothing on another."""
+    rid, hash_text, nar_size = row[0], row[1], row[2]
+    refs = {p for (p,) in conn.execute(
+        "SELECT v.path FROM Refs f JOIN ValidPaths v ON f.reference = v.id "
+        "WHERE f.referrer = ?", (rid,))}
+    if not _same_hash(hash_text, r.nar_hash) or nar_size != r.nar_size \
+            or refs != set(r.references):
+        raise RefusedError(f"{db}: {r.path} is registered there with another NarHash, "
+                           f"NarSize or references than annofs has; nothing recorded")
+
+
 def record(root: Path, regs: Sequence[Registration]) -> list[Recorded]:
     """Merge each registration's `sigs` into its ValidPaths row (no duplicates) and set
     its `ca` if the row has none, in one transaction; what changed, per path.
@@ -197,19 +221,11 @@ def record(root: Path, regs: Sequence[Registration]) -> list[Recorded]:
     out: list[Recorded] = []
     with _write(root) as (db, conn):
         for r in want:
-            row = conn.execute("SELECT id, hash, narSize, sigs, ca FROM ValidPaths "
-                               "WHERE path = ?", (r.path,)).fetchone()
+            row = _row(conn, r.path)
             if row is None:
                 raise RefusedError(f"{db}: {r.path} is not valid there; nothing recorded")
-            rid, hash_text, nar_size, sigs_text, ca = row
-            refs = {p for (p,) in conn.execute(
-                "SELECT v.path FROM Refs f JOIN ValidPaths v ON f.reference = v.id "
-                "WHERE f.referrer = ?", (rid,))}
-            if not _same_hash(hash_text, r.nar_hash) or nar_size != r.nar_size \
-                    or refs != set(r.references):
-                raise RefusedError(f"{db}: {r.path} is registered with another NarHash, "
-                                   f"NarSize or references than the narinfo's; nothing "
-                                   f"recorded")
+            _same_or_refuse(db, conn, r, row)
+            rid, _hash, _size, sigs_text, ca = row
             have = (sigs_text or "").split()
             added = [s for s in dict.fromkeys(r.sigs) if s not in have]
             new_ca = r.ca if r.ca and not ca else None

@@ -131,7 +131,7 @@ def register(root: Path, regs: Sequence[Registration]) -> list[Registered]:
             raise UsageError(f"{r.path}: not a path in {STORE_DIR}")
     if not regs:
         return []
-    nixdb.check(root)
+    nixdb.check(root, regs)
     new = invalid_paths(root, [r.path for r in regs])
     todo = [r for r in regs if r.path in new]
     if todo:
