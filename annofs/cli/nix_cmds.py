@@ -79,7 +79,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
     unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
     Paths get Nix's canonical metadata, and are registered as valid in a Nix database
-    (--nix-root), references first.
+    (--nix-root), references first, with the signatures that verified and a CA that
+    holds (ValidPaths.sigs, .ca; busy timeout $ANNOFS_NIX_DB_TIMEOUT, 10 s).
     """
     from annofs.nix.cache import DirectoryCache
     from annofs.nix.fetch import DEFAULT_DEST, cache_args, fetch
