@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -450,8 +451,6 @@ def test_a_database_missing_locked_or_unknown_changes_nothing(
         store: Path, nixw: NixWorld, tmp_path: Path, case: str) -> None:
     """Exit 2, one line naming the database and the problem; nothing fetched into the
     annofs store, nothing registered."""
-    import sqlite3
-
     pol = write_policy(tmp_path / "policy.toml", nixw)
     if case == "missing":
         root = tmp_path / "R"
@@ -529,8 +528,6 @@ def test_a_locked_database_adds_nothing_to_the_mount(chroot_mount: Mount, nixw: 
                                                      tmp_path: Path) -> None:
     """Mounted (the daemon fetches): the database is checked before the daemon is asked,
     so a locked one leaves the mount as it was."""
-    import sqlite3
-
     root = chroot_mount.path.parent.parent
     before = sorted(os.listdir(chroot_mount.path))
     pol = write_policy(tmp_path / "policy.toml", nixw)
@@ -565,3 +562,34 @@ def test_a_path_nix_holds_with_another_nar_hash_is_refused_before_loading(
     assert res.stderr.count("\n") == 1
     assert not registered(root, nixw.top)
     assert not path_info(root, nixw.dep).get("signatures")
+
+
+def test_signatures_merge_with_those_nix_already_holds(store: Path, nixw: NixWorld,
+                                                       tmp_path: Path) -> None:
+    """Nix's own signature (`nix store sign` on the registered path) is kept; a later
+    fetch from a cache signed by cache-a-1 and cache-b-1 adds only cache-b-1's; each
+    signature once, sorted as Nix keeps its set."""
+    root = offline_root(tmp_path)
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    first = offline_fetch(store, nixw, pol, root)
+    assert first.returncode == 0, first.stderr
+    signed = run([*NIX, "store", "sign", "--store", f"local?root={root}", "--key-file",
+                  str(nixw.keys / "mallory-1.sec"), nixw.top])
+    assert signed.returncode == 0, signed.stderr
+    (mallory,) = [s for s in path_info(root, nixw.top)["signatures"]  # type: ignore[union-attr]
+                  if s.startswith("mallory-1:")]
+    cache = signed_cache(nixw, tmp_path / "cache", "cache-b-1")
+    again = run(annofs_cmd("--store", str(store), "nix", "fetch", "--cache", str(cache),
+                           "--policy", str(pol), "--nix-root", str(root), "--dest", "/",
+                           "--recursive", nixw.top))
+    assert again.returncode == 0, again.stderr
+    assert f"recorded in local?root={root} for {nixw.top}; signatures by cache-b-1\n" \
+        in again.stdout, again.stdout
+    sigs = narinfo_sigs(nixw, cache, nixw.top)
+    conn = sqlite3.connect(f"file:{root}/nix/var/nix/db/db.sqlite?mode=ro", uri=True)
+    try:
+        (text,) = conn.execute("SELECT sigs FROM ValidPaths WHERE path = ?",
+                               (nixw.top,)).fetchone()
+    finally:
+        conn.close()
+    assert text == " ".join(sorted([sigs["cache-a-1"], sigs["cache-b-1"], mallory]))
