@@ -593,3 +593,49 @@ def test_signatures_merge_with_those_nix_already_holds(store: Path, nixw: NixWor
     finally:
         conn.close()
     assert text == " ".join(sorted([sigs["cache-a-1"], sigs["cache-b-1"], mallory]))
+
+
+_LOCKED_AT_RECORD = """
+import sqlite3, sys
+import annofs.nix.nixdb as nixdb
+
+original = nixdb.record
+
+def locked_then_record(root, regs):  # another writer takes the lock after --load-db
+    holder = sqlite3.connect(f"{root}/nix/var/nix/db/db.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        return original(root, regs)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+nixdb.record = locked_then_record
+sys.argv = ["annofs", *sys.argv[1:]]
+from annofs.cli.main import main
+main()
+"""
+
+
+def test_locked_after_load_db_says_so_and_a_rerun_repairs(store: Path, nixw: NixWorld,
+                                                          tmp_path: Path) -> None:
+    """Another writer holds the database past the timeout right after `--load-db`: exit
+    2, one line saying the paths are valid without their signatures and to run again;
+    the re-run records them."""
+    import sys
+
+    root = offline_root(tmp_path)
+    pol = write_policy(tmp_path / "policy.toml", nixw)
+    args = ["--store", str(store), "nix", "fetch", "--cache", str(nixw.caches["none"]),
+            "--policy", str(pol), "--nix-root", str(root), "--dest", "/", "--recursive",
+            nixw.top]
+    res = run([sys.executable, "-c", _LOCKED_AT_RECORD, *args],
+              env={**os.environ, "ANNOFS_NIX_DB_TIMEOUT": "0.5"})
+    assert res.returncode == 2, res
+    assert "locked by another process for more than 0.5 s; the paths are valid without " \
+           "their signatures: run the command again to record them" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert registered(root, nixw.top) and not path_info(root, nixw.top).get("signatures")
+    again = run(annofs_cmd(*args))
+    assert again.returncode == 0, again.stderr
+    assert path_info(root, nixw.top)["signatures"]

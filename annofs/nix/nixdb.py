@@ -66,7 +66,7 @@ def timeout() -> float:
 
 
 @contextmanager
-def _big_lock(directory: Path, wait: float) -> Iterator[None]:
+def _big_lock(directory: Path, wait: float, outcome: str) -> Iterator[None]:
     """Nix's big-lock, shared, as every Nix process holds it (an exclusive holder is a
     schema upgrade: waited for, up to `wait` seconds)."""
     path = directory / "big-lock"
@@ -81,7 +81,7 @@ def _big_lock(directory: Path, wait: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise UsageError(f"{path}: held exclusively (a Nix schema upgrade?) "
-                                     f"for more than {wait:g} s; nothing registered") from None
+                                     f"for more than {wait:g} s; {outcome}") from None
                 time.sleep(0.05)
         yield
     finally:
@@ -116,14 +116,20 @@ def _locked(e: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+NOTHING = "nothing registered"
+# What a failure after --load-db leaves (module docstring of nix/register.py).
+HALF = "the paths are valid without their signatures: run the command again to record them"
+
+
 @contextmanager
-def _write(root: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
+def _write(root: Path, outcome: str = NOTHING) -> Iterator[tuple[Path, sqlite3.Connection]]:
     """One write transaction on R's database, under the shared big-lock; committed if
     the body returns, rolled back if it raises. One-line errors (exit 2) for a database
-    missing, of an unknown schema, or locked past the timeout."""
+    missing, of an unknown schema, or locked past the timeout, ending with `outcome`
+    (what the failure leaves)."""
     db = _database(root)
     wait = timeout()
-    with _big_lock(db.parent, wait):
+    with _big_lock(db.parent, wait, outcome):
         # mode=rw: never create a database Nix has not made.
         conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=wait,
                                isolation_level=None)
@@ -134,8 +140,8 @@ def _write(root: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
             except sqlite3.Error as e:
                 if _locked(e):
                     raise UsageError(f"{db}: locked by another process for more than "
-                                     f"{wait:g} s; nothing registered") from None
-                raise UsageError(f"{db}: cannot open Nix's database: {e}") from None
+                                     f"{wait:g} s; {outcome}") from None
+                raise UsageError(f"{db}: cannot open Nix's database: {e}; {outcome}") from None
             try:
                 yield db, conn
             except BaseException:
@@ -145,7 +151,7 @@ def _write(root: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
                 conn.execute("ROLLBACK")
-                raise UsageError(f"{db}: could not commit: {e}") from None
+                raise UsageError(f"{db}: could not commit: {e}; {outcome}") from None
         finally:
             conn.close()
 
@@ -219,11 +225,11 @@ def record(root: Path, regs: Sequence[Registration]) -> list[Recorded]:
     if not want:
         return []
     out: list[Recorded] = []
-    with _write(root) as (db, conn):
+    with _write(root, HALF) as (db, conn):
         for r in want:
             row = _row(conn, r.path)
             if row is None:
-                raise RefusedError(f"{db}: {r.path} is not valid there; nothing recorded")
+                raise RefusedError(f"{db}: {r.path} is not valid there; {HALF}")
             _same_or_refuse(db, conn, r, row)
             rid, _hash, _size, sigs_text, ca = row
             have = (sigs_text or "").split()

@@ -24,11 +24,12 @@ first: a database that is missing, of an unknown schema or locked past the timeo
 an error before Nix's database is touched.
 
 If the process dies between `--load-db` and that update (or another writer holds the
-database past the timeout in that instant), Nix holds the paths valid without their
-signatures: still the right trees (load-db wrote what annofs verified), but vouched for
-by Nix's database with nothing, so a gate on `nix-database` keeps them from others. A
-re-run repairs it: the paths are then valid, not loaded again, and `record` merges the
-signatures and CA into their rows (it runs for every path, new or not).
+database past the timeout in that instant: exit 2, and the message says so), Nix holds
+the paths valid without their signatures: still the right trees (load-db wrote what
+annofs verified), but vouched for by nothing in Nix's database, so a gate on
+`nix-database` counts only annofs's own statements for them. A re-run repairs it: the
+paths are then valid, not loaded again, and `record` merges the signatures and CA into
+their rows (it runs for every path, new or not).
 """
 
 from __future__ import annotations
