@@ -98,3 +98,68 @@ def test_add_source_offline_and_mistakes(tmp_path: Path) -> None:
         bad = add_source(store, *args)
         assert bad.returncode == 2 and problem in bad.stderr, bad
         assert bad.stderr.count("\n") == 1
+
+
+FLAKE = """{
+  outputs = { self }: {
+    packages.@SYSTEM@.default = derivation {
+      name = "from-source"; system = "@SYSTEM@"; builder = "/bin/sh";
+      args = [ "-c" ''
+        read line < ${self}/data
+        echo "$line built" > $out
+        echo ${self} >> $out
+      '' ];
+    };
+  };
+}
+"""
+
+
+def test_nix_build_of_the_added_source_uses_it_without_copying(mounted: Mount,
+                                                               tmp_path: Path) -> None:
+    """`nix build path:/nix/store/<hash>-source#default` on the chroot store (R the mount,
+    `--allow-other`: the builder runs as nixbld1), after `annofs nix add-source`: Nix
+    takes the registered path as the flake's source (a `path:` input naming a valid
+    store path called `source` is used as it is), adds no second `-source` path, and
+    the build reads its file. A flake with no inputs (no nixpkgs, no network); Nix's
+    pure evaluation has no currentSystem, so the system is written in."""
+    import platform
+
+    mounted.stop()
+    mounted.start("--allow-other")
+    for d in (tmp_path, mounted.path):
+        d.chmod(0o755)  # nixbld1 walks to the store through these
+    root = mounted.path
+    (root / "nix" / "store").mkdir(parents=True)
+    (root / "nix" / "store").chmod(0o1775)
+    assert nix_store(root, "--check-validity", "--print-invalid").returncode == 0
+    proj = root / "proj"
+    proj.mkdir()
+    system = f"{platform.machine()}-linux"
+    (proj / "flake.nix").write_text(FLAKE.replace("@SYSTEM@", system))
+    (proj / "data").write_text("hello source\n")
+    added = add_source(mounted.store, str(proj))
+    assert added.returncode == 0, added.stderr
+    source = added.stdout.split(" ", 1)[0]
+    assert source.endswith("-source") and f"registered {source}" in added.stdout
+    info = run(["nix", "--extra-experimental-features", "nix-command", "path-info",
+                "--store", f"local?root={root}", "--json", source])
+    assert info.returncode == 0, info.stderr
+    (registered,) = json.loads(info.stdout)
+    assert registered["ca"].startswith("fixed:r:sha256:")  # as Nix's own addToStore
+    before = os.stat(root / source.lstrip("/"))
+
+    built = run(["nix", "--extra-experimental-features", "nix-command flakes", "--store",
+                 f"local?root={root}", "build", "--no-link", "--json", "--option",
+                 "substituters", "", "--option", "extra-sandbox-paths",
+                 "/bin /lib /lib64 /usr", f"path:{source}#default"])
+    assert built.returncode == 0, built.stderr
+    out = json.loads(built.stdout)[0]["outputs"]["out"]
+    assert (root / out.lstrip("/")).read_text() == f"hello source built\n{source}\n"
+    sources = [p for p in os.listdir(root / "nix" / "store") if p[33:] == "source"]
+    assert sources == [source.rsplit("/", 1)[1]]
+    after = os.stat(root / source.lstrip("/"))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    again = run(["nix", "--extra-experimental-features", "nix-command", "path-info",
+                 "--store", f"local?root={root}", "--json", source])
+    assert json.loads(again.stdout)[0]["registrationTime"] == registered["registrationTime"]

@@ -79,7 +79,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
     A STOREPATH is /nix/store/<hash>-<name>, <hash>-<name> or <hash>. Nothing is added
     unless a trusted key signed the narinfo and the NAR matches NarHash and NarSize.
     Paths get Nix's canonical metadata, and are registered as valid in a Nix database
-    (--nix-root), references first.
+    (--nix-root), references first, with the signatures that verified and a CA that
+    holds (ValidPaths.sigs, .ca; busy timeout $ANNOFS_NIX_DB_TIMEOUT, 10 s).
     """
     from annofs.nix.cache import DirectoryCache
     from annofs.nix.fetch import DEFAULT_DEST, cache_args, fetch
@@ -106,17 +107,19 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
                              f"path inside the mount")
         if dest is None:
             dest_parts = _default_dest(Path(state["mountpoint"]))
+        mp = mount.mountpoint if mount is not None else Path(state["mountpoint"])
+        host_dest = mp.joinpath(*(p.decode("utf-8", "surrogateescape") for p in dest_parts))
+        root = _nix_root(nix_root, host_dest)
+        _preflight(root)
         result = request(store, "nix-fetch", caches=[
                              str(c.path) if isinstance(c, DirectoryCache) else c.where
                              for c in cache_list],
                          paths=list(paths), recursive=recursive,
                          dest=[p.decode("utf-8", "surrogateescape") for p in dest_parts],
                          policy=str(policy_path.resolve()) if policy_path else None)
-        mp = mount.mountpoint if mount is not None else Path(state["mountpoint"])
         for f in result["fetched"]:
             _report(f, f"{mp}/")
-        host_dest = mp.joinpath(*(p.decode("utf-8", "surrogateescape") for p in dest_parts))
-        _register(nix_root, host_dest, _fetched_registrations(result["fetched"]))
+        _register(root, _fetched_registrations(result["fetched"]))
         return
     from annofs.trust.policy import load_policy
 
@@ -124,6 +127,8 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         raise UsageError(f"no policy: give --policy FILE or set ${POLICY_ENV} (its trusted "
                          f"keys decide which cache signatures count)")
     policy = load_policy(policy_path, store)
+    root = _nix_root(nix_root, None)
+    _preflight(root)
     progress = Progress("nix fetch")
     try:
         with store_lock(store, exclusive=False, what="nix fetch"), \
@@ -135,7 +140,7 @@ def nix_fetch_cmd(ctx: click.Context, caches: tuple[str, ...], dest: str | None,
         progress.close()
     for f in done:
         _report(f.to_json(), "/")
-    _register(nix_root, None, [f.registration() for f in done])
+    _register(root, [f.registration() for f in done])
 
 
 def _default_dest(mountpoint: Path) -> list[bytes]:
@@ -153,22 +158,46 @@ def _fetched_registrations(fetched: list[dict[str, Any]]) -> list[Registration]:
     return [Fetched.from_json(f).registration() for f in fetched]
 
 
-def _register(nix_root: Path | None, host_dest: Path | None,
-              regs: list[Registration]) -> None:
-    """Register `regs` in the Nix database of `nix_root`, else of R when the paths went
-    to R/nix/store on the host and R is a Nix root (has its database)."""
-    from annofs.nix.register import nix_root_of, register, store_uri
+def _nix_root(nix_root: Path | None, host_dest: Path | None) -> Path | None:
+    """The Nix root whose database registers the paths: `nix_root`, else R when the paths
+    go to R/nix/store on the host and R is a Nix root (has its database directory)."""
+    from annofs.nix.nixdb import db_dir
+    from annofs.nix.register import nix_root_of
 
     root = nix_root
     if root is None and host_dest is not None:
         root = nix_root_of(host_dest)
-        if root is not None and not (root / "nix" / "var" / "nix" / "db").is_dir():
+        if root is not None and not db_dir(root).is_dir():
             root = None  # not a Nix root: a tree that merely looks like one
+    return None if root is None else Path(os.path.abspath(root))
+
+
+def _preflight(root: Path | None) -> None:
+    """Before anything is added: Nix's database there exists, has a known schema and
+    is not locked past the timeout (exit 2 otherwise, nothing changed)."""
+    from annofs.nix import nixdb
+
+    if root is not None:
+        nixdb.check(root)
+
+
+def _register(root: Path | None, regs: list[Registration]) -> None:
+    """Register `regs` in the Nix database of `root` (none: nothing to do)."""
+    from annofs.nix.register import register, store_uri
+
     if root is None:
         return
-    root = Path(os.path.abspath(root))
-    for p in register(root, regs):
-        click.echo(f"registered {p} in {store_uri(root)}")
+    for x in register(root, regs):
+        extra = []
+        if x.sigs:
+            extra.append(f"signatures by {', '.join(x.sigs)}")
+        if x.ca:
+            extra.append(f"ca {x.ca}")
+        what = f"; {'; '.join(extra)}" if extra else ""
+        if x.new:
+            click.echo(f"registered {x.path} in {store_uri(root)}{what}")
+        else:
+            click.echo(f"recorded in {store_uri(root)} for {x.path}{what}")
 
 
 _NIX_ROOT_HELP = ("Register the path in the Nix database of root R (Nix's "
@@ -208,11 +237,15 @@ def nix_add_source_cmd(ctx: click.Context, dest: str | None, name: str,
         dest_parts = _default_dest(src.mount.mountpoint)
     else:
         dest_parts = list(DEFAULT_DEST)
+    host_dest: Path | None = None
+    if src.mount is not None:
+        host_dest = src.mount.mountpoint.joinpath(
+            *(p.decode("utf-8", "surrogateescape") for p in dest_parts))
+    root = _nix_root(nix_root, host_dest)
+    _preflight(root)
     if src.mount is not None:
         added = _add_source_mounted(src.store, src.mount.mountpoint, list(src.parts),
                                     dest_parts, name)
-        host_dest: Path | None = src.mount.mountpoint.joinpath(
-            *(p.decode("utf-8", "surrogateescape") for p in dest_parts))
         shown = f"{src.mount.mountpoint}/"
     else:
         require_unmounted(src.store)
@@ -220,13 +253,13 @@ def nix_add_source_cmd(ctx: click.Context, dest: str | None, name: str,
                 open_volume(ctx, store=src.store) as vol:
             added = add_source(vol, src.parts, dest_parts, name)
             vol.store.sync()
-        host_dest, shown = None, "/"
+        shown = "/"
     where = shown + "/".join(p.decode("utf-8", "surrogateescape") for p in added.dest)
     how = "NAR hash cached" if added.cached else "NAR hash computed"
     what = "already present" if added.already else "copied"
     click.echo(f"{added.store_path} -> {where}: {what}; {format_sha256(added.nar.sha256)}, "
                f"{added.nar.size} NAR bytes ({how})")
-    _register(nix_root, host_dest, [added.registration()])
+    _register(root, [added.registration()])
 
 
 def _add_source_mounted(store: Path, mountpoint: Path, src: list[bytes],

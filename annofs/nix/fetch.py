@@ -310,11 +310,14 @@ class Fetched:
     nar_hash: str = ""  # sha256:<nix base32>, as signed
     references: list[str] = field(default_factory=list)  # full store paths
     deriver: str | None = None  # full store path
+    sigs: list[str] = field(default_factory=list)  # `name:base64` that verified, trusted
+    ca: str | None = None  # the narinfo's CA, if it holds for this path and content
 
     def registration(self) -> Registration:
         """What Nix's database should record for this path (nix/register.py)."""
         return Registration(self.store_path, self.nar_hash, self.nar_size,
-                            tuple(self.references), self.deriver)
+                            tuple(self.references), self.deriver, tuple(self.sigs),
+                            self.ca)
 
     def to_json(self) -> dict[str, Any]:
         """As the daemon answers a command (names as text)."""
@@ -329,11 +332,43 @@ class Fetched:
                                          for p in d["dest"])})
 
 
-def _nix_facts(r: Resolved) -> dict[str, Any]:
+def _nix_facts(vol: Volume, r: Resolved, dest: tuple[bytes, ...]) -> dict[str, Any]:
     info = r.info
     deriver = f"{info.store_path.store_dir}/{info.deriver}" if info.deriver else None
+    # Only signatures that verified under a trusted, unrevoked key go to Nix's database.
+    sigs = [c.sig.text for c in r.checks if c.counts]
     return {"nar_hash": info.nar_hash_text, "references": info.reference_paths(),
-            "deriver": deriver}
+            "deriver": deriver, "sigs": sigs, "ca": _checked_ca(vol, r, dest)}
+
+
+def _checked_ca(vol: Volume, r: Resolved, dest: tuple[bytes, ...]) -> str | None:
+    """The narinfo's CA if it holds: the store path is the one the CA and references
+    make, and the content (now at `dest`, its NAR checked against NarHash) hashes to
+    it; else None. A cache's signature does not cover CA (the fingerprint lacks it):
+    Nix would refuse to register a false one, and the gate would count it."""
+    from annofs.trust.nixstore import parse_ca
+
+    info = r.info
+    ca = parse_ca(info.ca) if info.ca else None
+    if ca is None:
+        return None
+    sp = info.store_path
+    if ca.store_path(sp.name, info.reference_paths(), sp.full) != sp.full:
+        return None
+    got = info.nar_hash if ca.method == "recursive" else _file_sha256(vol, dest)
+    return info.ca if got == ca.digest else None
+
+
+def _file_sha256(vol: Volume, dest: tuple[bytes, ...]) -> bytes | None:
+    """The SHA-256 of the regular file at `dest`; None if it is not one."""
+    with vol.store.read() as txn:
+        a = vol.namespace.resolve(txn, list(dest))
+        if not a.is_reg:
+            return None
+        h = hashlib.sha256()
+        for chunk in vol.versions.iter_bytes(txn, vol.versions.get(txn, int(a.target))):
+            h.update(chunk)
+        return h.digest()
 
 
 def _subject_name(base: str, path: Sequence[bytes]) -> str:
@@ -451,7 +486,7 @@ def add_path(vol: Volume, r: Resolved, dest_dir: Sequence[bytes],
         # The signed NarHash describes a well-formed NAR: a malformed one is not it.
         raise RefusedError(f"{where}: not the NAR the narinfo signed ({e})") from None
     return Fetched(r.store_path.full, dest, len(tree.files), signers, counted[0], False,
-                   info.nar_size, r.notes, **_nix_facts(r))
+                   info.nar_size, r.notes, **_nix_facts(vol, r, dest))
 
 
 def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[bytes, ...],
@@ -468,7 +503,7 @@ def _add_signatures(vol: Volume, ann: AnnotationStore, r: Resolved, dest: tuple[
     with vol.store.write() as txn:
         added = _record(vol, txn, ann, r, files)
     return Fetched(r.store_path.full, dest, len(files), signers, added, True,
-                   r.info.nar_size, r.notes, **_nix_facts(r))
+                   r.info.nar_size, r.notes, **_nix_facts(vol, r, dest))
 
 
 def _exists(vol: Volume, dest: tuple[bytes, ...]) -> bool:

@@ -16,6 +16,20 @@ are left alone: load-db would re-register them and drop the signatures Nix keeps
 
 References must be valid first (Nix refuses a path whose reference it does not know):
 callers pass paths references first, as `nix fetch` orders a closure.
+
+Signatures and content addresses, which `--load-db` cannot carry, are written right
+after into the same database (nix/nixdb.py): each path's verified `Sig`s merged into
+`ValidPaths.sigs`, its checked `CA` into `.ca`. A preflight (`nixdb.check`) comes
+first: a database that is missing, of an unknown schema or locked past the timeout is
+an error before Nix's database is touched.
+
+If the process dies between `--load-db` and that update (or another writer holds the
+database past the timeout in that instant: exit 2, and the message says so), Nix holds
+the paths valid without their signatures: still the right trees (load-db wrote what
+annofs verified), but vouched for by nothing in Nix's database, so a gate on
+`nix-database` counts only annofs's own statements for them. A re-run repairs it: the
+paths are then valid, not loaded again, and `record` merges the signatures and CA into
+their rows (it runs for every path, new or not).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from annofs.errors import RefusedError, UsageError
+from annofs.nix import nixdb
 
 STORE_DIR = "/nix/store"
 # nix-store of a big closure reads and writes SQLite; generous, but never for ever.
@@ -43,6 +58,8 @@ class Registration:
     nar_size: int
     references: tuple[str, ...] = ()  # full store paths
     deriver: str | None = None  # full store path of the .drv, if known
+    sigs: tuple[str, ...] = ()  # `name:base64`, only those annofs verified
+    ca: str | None = None  # `fixed:r:sha256:...` / `text:sha256:...`, checked
 
     def load_db_text(self) -> str:
         """The record in `nix-store --dump-db` / `--load-db` format."""
@@ -94,19 +111,42 @@ def invalid_paths(root: Path, paths: Sequence[str]) -> set[str]:
     return {ln.strip() for ln in res.stdout.splitlines() if ln.strip()}
 
 
-def register(root: Path, regs: Sequence[Registration]) -> list[str]:
-    """Register `regs` (references first) in the Nix database of root `root`; the paths
-    newly registered. RefusedError (one line, Nix's reason) if Nix refuses: e.g. a
-    reference it does not hold as valid."""
+@dataclass(frozen=True)
+class Registered:
+    """What `register` did to one path."""
+
+    path: str
+    new: bool  # registered now (else it was valid already)
+    sigs: tuple[str, ...]  # key names whose signatures were added to Nix's database
+    ca: str | None  # the content address recorded now, if any
+
+
+def register(root: Path, regs: Sequence[Registration]) -> list[Registered]:
+    """Register `regs` (references first) in the Nix database of root `root`, with their
+    signatures and content addresses; what changed, per path (nothing for a path that
+    was valid with all of them). RefusedError (one line, Nix's reason) if Nix refuses:
+    e.g. a reference it does not hold as valid. UsageError (exit 2) if the database is
+    missing, of an unknown schema or locked past the timeout: nothing registered."""
     for r in regs:
         if not r.path.startswith(STORE_DIR + "/"):
             raise UsageError(f"{r.path}: not a path in {STORE_DIR}")
+    if not regs:
+        return []
+    nixdb.check(root, regs)
     new = invalid_paths(root, [r.path for r in regs])
     todo = [r for r in regs if r.path in new]
-    if not todo:
-        return []
-    res = _run(root, ["--load-db"], "".join(r.load_db_text() for r in todo))
-    if res.returncode != 0:
-        raise RefusedError(f"{root}: Nix did not register {', '.join(r.path for r in todo)}: "
-                           f"{_last_line(res.stderr)}")
-    return [r.path for r in todo]
+    if todo:
+        res = _run(root, ["--load-db"], "".join(r.load_db_text() for r in todo))
+        if res.returncode != 0:
+            raise RefusedError(f"{root}: Nix did not register "
+                               f"{', '.join(r.path for r in todo)}: {_last_line(res.stderr)}")
+    # Dying here leaves `todo` valid without sigs and CA; a re-run records them (see the
+    # module docstring): `record` looks at every path, not only the new ones.
+    recorded = {x.path: x for x in nixdb.record(root, regs)}
+    out = []
+    for r in regs:
+        x = recorded.get(r.path)
+        if r.path in new or x is not None:
+            out.append(Registered(r.path, r.path in new, x.sigs if x else (),
+                                  x.ca if x else None))
+    return out

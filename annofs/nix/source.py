@@ -161,8 +161,10 @@ class AddedSource:
     already: bool  # the store path was there with this content
 
     def registration(self) -> Registration:
-        """What Nix's database should record."""
-        return Registration(self.store_path, format_sha256(self.nar.sha256), self.nar.size)
+        """What Nix's database should record: as Nix's own addToStore of the tree, with
+        its content address (recursive SHA-256, no references)."""
+        nar = format_sha256(self.nar.sha256)
+        return Registration(self.store_path, nar, self.nar.size, ca=f"fixed:r:{nar}")
 
     def to_json(self) -> dict[str, object]:
         """For the command's output (names as text)."""
