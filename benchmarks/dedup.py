@@ -30,6 +30,8 @@ from pathlib import Path
 
 import blake3
 
+from annofs.store.compact import EnvUsage, compact_store, env_usage
+from annofs.store.env import open_env_readonly
 from annofs.transfer.import_tree import TreeImporter
 from annofs.volume import Volume
 from benchmarks.registry import Context, FigureResult, Row, Skip, figure
@@ -162,27 +164,54 @@ class AnnofsResult:
     packs_du: int
     data_mdb: int
     store_du: int
+    compact_seconds: list[float]  # part of `seconds`: compacting the LMDB file after each
+    lmdb_before: EnvUsage  # after the last import, before its compaction
+    lmdb_after: EnvUsage
+
+
+def _lmdb_usage(store_dir: Path) -> EnvUsage:
+    env = open_env_readonly(store_dir)
+    try:
+        return env_usage(env)
+    finally:
+        env.close()
 
 
 def import_releases(trees: list[Path], store_dir: Path) -> AnnofsResult:
-    """Import each tree in order to /src/proj of a fresh store; measure what is stored."""
-    vol = Volume.open(store_dir, create=True)
-    seconds, new_bytes = [], []
-    try:
-        for tree in trees:
-            start = time.perf_counter()
+    """Import each tree in order to /src/proj of a fresh store, each as one `annofs
+    import` does (open, import, close, then compact the LMDB file if worth it); measure
+    what is stored."""
+    Volume.open(store_dir, create=True).close()
+    seconds, new_bytes, compact_seconds = [], [], []
+    before = after = None
+    for tree in trees:
+        start = time.perf_counter()
+        vol = Volume.open(store_dir)
+        try:
             stats = TreeImporter(vol).run(tree, DEST)
-            seconds.append(time.perf_counter() - start)
-            new_bytes.append(stats.new_bytes)
+        finally:
+            vol.close()
+        imported = time.perf_counter()
+        before = _lmdb_usage(store_dir)  # not timed: only the report needs it
+        t0 = time.perf_counter()
+        compact_store(store_dir)
+        compacted = time.perf_counter() - t0
+        after = _lmdb_usage(store_dir)
+        seconds.append(imported - start + compacted)
+        compact_seconds.append(compacted)
+        new_bytes.append(stats.new_bytes)
+    vol = Volume.open(store_dir)
+    try:
         with vol.store.read() as txn:
             fragments, payload, ideal = vol.fragments.totals(txn)
     finally:
         vol.close()
     packs = store_dir / "packs"
+    assert before is not None and after is not None
     return AnnofsResult(seconds, new_bytes, payload, ideal, fragments,
                         sum(1 for _ in packs.iterdir()), disk_usage(packs),
                         (store_dir / "db" / "data.mdb").stat().st_blocks * 512,
-                        disk_usage(store_dir))
+                        disk_usage(store_dir), compact_seconds, before, after)
 
 
 # -- borg ----------------------------------------------------------------------------------

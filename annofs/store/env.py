@@ -257,7 +257,9 @@ class Store:
         self.env.close()
 
 
-def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
+def open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
+    """The store's LMDB environment with the options every opener uses (no Store around
+    it: Store and store.compact use it)."""
     return lmdb.open(
         str(path / "db"),
         map_size=MAP_SIZE,
@@ -277,7 +279,7 @@ def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
 def open_env_readonly(path: Path) -> lmdb.Environment:
     """The LMDB environment of the store at `path`, read-only, for a helper process that
     only reads beside the one that has the store open (no Store: no sync, no repair)."""
-    return _open_env(path, readonly=True)
+    return open_env(path, readonly=True)
 
 
 def open_store(path: Path, *, create: bool = False, upgrading: bool = False) -> Store:
@@ -301,7 +303,7 @@ def open_store(path: Path, *, create: bool = False, upgrading: bool = False) -> 
         except OSError as e:  # a read-only or full filesystem, a store not ours
             raise StoreError(f"{path}: cannot open the store: {e.strerror}") from e
     try:
-        env = _open_env(path)
+        env = open_env(path)
         env.reader_check()  # read slots of killed processes would keep pages from reuse
     except lmdb.Error as e:
         raise StoreError(f"{path}: cannot open the store: {e}") from e
