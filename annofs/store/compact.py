@@ -19,14 +19,18 @@ rename. Killed at any point, the store is either the old file or the new one, wh
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 
-from annofs.store.env import MAP_SIZE, SYNCED_META, open_env
+from annofs.store.env import MAP_SIZE, SYNCED_META, TXNID_AT, TXNID_FIELD
 from annofs.store.lock import try_exclusive
 
 # A rewrite costs reading and writing every used page: only when the file would shrink by
@@ -119,36 +123,36 @@ def compact_store(path: Path, *, locked: bool = False,
 
     `locked`: the caller holds the store lock exclusively (gc, upgrade); otherwise it is
     taken here, without waiting (a mount or another writer: nothing happens). The caller
-    has closed its own Store. Errors (a full disk while writing the copy) leave the store
-    as it was and are raised.
+    has closed its own Store (this process must not have the environment open: its LMDB
+    locks would not stop this one). Errors (a full disk while writing the copy) leave the
+    store as it was and are raised.
     """
     path = Path(path)
+    db_dir = path / "db"
     with contextlib.ExitStack() as stack:
         if not locked and not stack.enter_context(try_exclusive(path)):
             return None
-        db_dir = path / "db"
+        if not stack.enter_context(_env_to_ourselves(db_dir)):
+            return None  # a reader that takes no store lock (annofs log, nix serve)
         shutil.rmtree(db_dir / _TMP, ignore_errors=True)  # left by a killed run
-        env = open_env(path)
+        # No LMDB lock of our own: the lock file's lock above keeps every other opener out.
+        env = lmdb.open(str(db_dir), readonly=True, lock=False, max_dbs=64)
         try:
-            env.reader_check()  # slots of killed processes
             usage = env_usage(env)
             free = usage.free_pages * usage.page_size
             if free < min_free_bytes or free < min_free_fraction * usage.file_pages * \
-                    usage.page_size or _others_reading(env):
+                    usage.page_size:
                 return None
-            before = (db_dir / "data.mdb").stat().st_size
-            env.sync(True)  # the old file whole on disk: it is the store until the rename
+            txnid = env.info()["last_txnid"]
             try:
-                _write_copy(env, db_dir / _TMP)
-                copied = not _others_reading(env)  # one opened the store meanwhile
+                _write_copy(env, db_dir / _TMP, txnid)
             except BaseException:
                 shutil.rmtree(db_dir / _TMP, ignore_errors=True)  # a full disk, say
                 raise
         finally:
             env.close()
-        if not copied:
-            shutil.rmtree(db_dir / _TMP, ignore_errors=True)
-            return None
+        before = (db_dir / "data.mdb").stat().st_size
+        _fsync_file(db_dir / "data.mdb")  # the old file whole on disk until the rename
         # The saved synced state names meta pages of the old file; after a machine crash
         # it would be written over the new one. Both files are wholly synced, so neither
         # needs it: remove it first, then swap.
@@ -161,12 +165,36 @@ def compact_store(path: Path, *, locked: bool = False,
         return CompactReport(before, (db_dir / "data.mdb").stat().st_size)
 
 
-def _write_copy(env: lmdb.Environment, tmp: Path) -> None:
+@contextlib.contextmanager
+def _env_to_ourselves(db_dir: Path) -> Iterator[bool]:
+    """Whether no other process has the environment open, and none can open it until the
+    block ends. Every LMDB opener holds a read lock on the first byte of `lock.mdb` (it
+    tries a write lock first, to learn whether it is the first opener, then waits for a
+    read lock): a write lock on it is ours only when nobody has the store open, and an
+    opener arriving meanwhile waits. Such an opener then finds the lock file's state as it
+    was (not the first one: it does not reset it), with the last transaction id of the
+    old file, which the new file's meta pages carry too (`_set_txnid`)."""
+    fd = os.open(db_dir / "lock.mdb", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
+def _write_copy(env: lmdb.Environment, tmp: Path, txnid: int) -> None:
     """Every database of `env` into a new environment at `tmp`, in key order with append
-    (whole pages), synced. Checked: each database has as many records as the original."""
+    (whole pages), with `txnid` as its last transaction id, synced. Checked: each database
+    has as many records as the original."""
     tmp.mkdir()
     dst = lmdb.open(str(tmp), map_size=MAP_SIZE, max_dbs=64, sync=False, metasync=False,
-                    lock=True)
+                    lock=False)
     try:
         with env.begin() as src, dst.begin(write=True) as w:
             for name in _db_names(src):
@@ -179,20 +207,39 @@ def _write_copy(env: lmdb.Environment, tmp: Path) -> None:
                 if added != src.stat(sdb)["entries"]:
                     raise ValueError(f"database {name!r}: copied {added} records of "
                                      f"{src.stat(sdb)['entries']}")
-        dst.sync(True)
+        psize = dst.stat()["psize"]
     finally:
         dst.close()
+    _set_txnid(tmp / "data.mdb", psize, txnid)
+    _fsync_file(tmp / "data.mdb")
 
 
-def _others_reading(env: lmdb.Environment) -> bool:
-    """Whether another process has this environment open (LMDB's reader table: every
-    Store takes a read slot when it opens)."""
-    me = os.getpid()
-    for line in env.readers().splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0].isdigit() and int(fields[0]) != me:
-            return True
-    return False
+_PGNO = struct.Struct("=Q")  # a page header starts with its page number
+
+
+def _set_txnid(data: Path, psize: int, txnid: int) -> None:
+    """Give the newest state of a fresh LMDB file the transaction id `txnid` (in meta page
+    txnid & 1, as LMDB expects; the other meta page: the same state as txnid - 1), as
+    `mdb_env_copy` does, so a process that opened the store before the swap continues
+    the old numbering consistently (see _env_to_ourselves)."""
+    with open(data, "r+b") as f:
+        metas = os.pread(f.fileno(), 2 * psize, 0)
+        newest = max((0, 1), key=lambda i: TXNID_FIELD.unpack_from(metas, i * psize + TXNID_AT)[0])
+        page = bytearray(metas[newest * psize:(newest + 1) * psize])
+        out = bytearray(2 * psize)
+        for slot, tid in ((txnid & 1, txnid), (1 - (txnid & 1), max(0, txnid - 1))):
+            _PGNO.pack_into(page, 0, slot)
+            TXNID_FIELD.pack_into(page, TXNID_AT, tid)
+            out[slot * psize:(slot + 1) * psize] = page
+        os.pwrite(f.fileno(), bytes(out), 0)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -401,14 +401,14 @@ def write_synced_meta(path: Path, rec: SyncedMeta) -> None:
         os.close(fd)
 
 
-_TXNID = struct.Struct("=Q")
-_TXNID_AT = 144  # in an LMDB meta page: page header (16), then MDB_meta up to mm_txnid
+TXNID_FIELD = struct.Struct("=Q")
+TXNID_AT = 144  # in an LMDB meta page: page header (16), then MDB_meta up to mm_txnid
 
 
 def meta_txnid(metas: bytes) -> int:
     """The newest transaction id of the two meta pages."""
     psize = len(metas) // 2
-    return max(_TXNID.unpack_from(metas, i * psize + _TXNID_AT)[0] for i in (0, 1))
+    return max(TXNID_FIELD.unpack_from(metas, i * psize + TXNID_AT)[0] for i in (0, 1))
 
 
 def _save_metas(path: Path, metas: bytes) -> None:
