@@ -370,6 +370,10 @@ def dedup_releases(ctx: Context) -> FigureResult:
     return FigureResult(rows, _notes(versions, sizes, a, b, r))
 
 
+def _usage_lines(u: EnvUsage) -> str:
+    return "; ".join(u.lines()) + "."
+
+
 def _notes(versions: list[str], sizes: TreeSizes, a: AnnofsResult, b: BorgResult | None,
            r: ResticResult | None) -> str:
     per_release = ", ".join(
@@ -390,7 +394,23 @@ annofs (store format 4): per release {per_release}. At the end the store holds
 {a.fragments} fragments, {_mb(a.ideal)} uncompressed (the ideal: unique chunk payload)
 stored as {_mb(a.payload)} (each fragment zstd level 3, or raw if that does not shrink
 it) in {a.packs} pack files taking {_mb(a.packs_du)}; LMDB's data.mdb (index, versions,
-namespace) takes {_mb(a.data_mdb)}; the whole store {_mb(a.store_du)}."""
+namespace) takes {_mb(a.data_mdb)}; the whole store {_mb(a.store_du)}.
+
+LMDB, pages per database after the last import, before `annofs import`'s compaction
+(store.compact: when free pages are at least 25% of the file and 1 MiB, and nobody else
+has the store open, every database is rewritten in key order with LMDB's append mode into
+a new file, swapped in by one rename), then after it (each compaction took
+{", ".join(f"{c * 1000:.0f} ms" for c in a.compact_seconds)}, counted in the import times;
+one that found too little free ran in about a millisecond):
+
+Before: {_usage_lines(a.lmdb_before)}
+
+After: {_usage_lines(a.lmdb_after)}
+
+Each release is imported as one `annofs import` command does it: the store opened, the
+tree imported, the store closed and compacted (until 2026-12-06 10:54 the figure kept one
+store open for all five releases and never compacted: 1.8 s in all, data.mdb 4.5 MB of
+which ~2.2 MB free pages, store/borg 1.11)."""
     if b is None:
         text += "\n\nborg: not installed, so no borg comparison."
     else:

@@ -230,4 +230,4 @@ def test_lmdb_usage_accounts_for_every_page(tmp_path: Path) -> None:
     assert {"versions", "fragindex", "entries", "(main)"} <= set(u.dbs)
     assert u.used_pages + u.free_pages == u.file_pages
     assert u.dbs["fragindex"].entries > 0
-    assert u.lines()[-1].startswith("free pages: ")
+    assert u.lines()[-1].startswith("free pages ")

@@ -77,11 +77,11 @@ class EnvUsage:
     def lines(self) -> list[str]:
         """One line per database with pages, then the free pages: for reports."""
         ps = self.page_size
-        out = [f"{name}: {u.entries} records, {u.pages} pages ({u.branch} branch, {u.leaf} "
-               f"leaf, {u.overflow} overflow) = {u.pages * ps / 1e6:.2f} MB"
+        out = [f"{name} {u.pages * ps / 1e6:.2f} MB ({u.entries} records in {u.pages} pages: "
+               f"{u.branch} branch, {u.leaf} leaf, {u.overflow} overflow)"
                for name, u in sorted(self.dbs.items(), key=lambda kv: -kv[1].pages) if u.pages]
-        out.append(f"free pages: {self.free_pages} = {self.free_pages * ps / 1e6:.2f} MB of "
-                   f"{self.file_pages * ps / 1e6:.2f} MB")
+        out.append(f"free pages {self.free_pages * ps / 1e6:.2f} MB ({self.free_pages} pages) of "
+                   f"a {self.file_pages * ps / 1e6:.2f} MB file")
         return out
 
 
