@@ -163,4 +163,5 @@ def upgrade_cmd(ctx: click.Context) -> None:
         click.echo(f"{store}: already format {FORMAT_VERSION}")
     else:
         click.echo(f"{store}: format {rep.from_format} -> {FORMAT_VERSION}: moved "
-                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs")
+                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs, "
+                   f"{rep.records_merged} refcounts into the fragment index")

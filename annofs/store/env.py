@@ -32,11 +32,12 @@ from annofs.errors import CorruptionError, StoreError
 from annofs.store.keys import from_u64, u64
 from annofs.store.packs import fsync_packs, names_to_sync
 
+# 5: a fragment's refcount in its index record (no `fragrefs`);
 # 4: fragments compressed in pack files, LMDB keeps their index (store.packs);
 # 3: refcounts count edits (own_counts), fragment bytes as LMDB values; 2: raw values
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Formats `annofs upgrade` converts from (every other command refuses them).
-UPGRADABLE = (3,)
+UPGRADABLE = (3, 4)
 
 # Virtual address space only: LMDB grows the file as it is used.
 MAP_SIZE = 1 << 40
@@ -44,9 +45,9 @@ MAP_SIZE = 1 << 40
 DB_NAMES = (
     "meta",  # format version, counters, root directory
     "fragments",  # format 3 only: blake3 -> the fragment's bytes (annofs upgrade empties it)
-    "fragindex",  # blake3 -> pack id, offset, stored length, codec (content.fragments)
+    "fragindex",  # blake3 -> pack, offset, lengths, codec, refcount (content.fragments)
     "packs",  # pack id -> state, end, live bytes, hash (store.packs)
-    "fragrefs",  # blake3 -> u64 occurrences in stored versions' edits (own_counts)
+    "fragrefs",  # format 4 only: blake3 -> refcount (annofs upgrade empties it)
     "versions",  # version id -> version record (edit-graph node)
     "dirs",  # dir id -> directory header (refcount, subdirectory count)
     "entries",  # dir id + name -> entry record
