@@ -31,7 +31,7 @@ from pathlib import Path
 import blake3
 
 from annofs.store.compact import EnvUsage, compact_store, env_usage
-from annofs.store.env import open_env_readonly
+from annofs.store.env import FORMAT_VERSION, open_env_readonly
 from annofs.transfer.import_tree import TreeImporter
 from annofs.volume import Volume
 from benchmarks.registry import Context, FigureResult, Row, Skip, figure
@@ -390,7 +390,7 @@ distinct file contents (whole-file dedup by BLAKE3, what a file-level store keep
 {_mb(sizes.unique)}. MB = 10^6 bytes; "on disk" is `du` (st_blocks * 512) of the whole
 store or repository directory, metadata included.
 
-annofs (store format 4): per release {per_release}. At the end the store holds
+annofs (store format {FORMAT_VERSION}): per release {per_release}. At the end the store holds
 {a.fragments} fragments, {_mb(a.ideal)} uncompressed (the ideal: unique chunk payload)
 stored as {_mb(a.payload)} (each fragment zstd level 3, or raw if that does not shrink
 it) in {a.packs} pack files taking {_mb(a.packs_du)}; LMDB's data.mdb (index, versions,
