@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import subprocess
@@ -10,9 +11,11 @@ import sys
 from pathlib import Path
 
 import lmdb
+import pytest
 from conftest import annofs_cmd
 from t2_packs import _KILL_POINTS
 
+import annofs.store.compact as compact
 from annofs.maintenance.fsck import check_store
 from annofs.store.compact import compact_store, env_usage
 from annofs.store.env import open_env_readonly, read_synced_meta, write_synced_meta
@@ -124,6 +127,42 @@ def rebooted(store: Path) -> None:
     if saved is not None:
         write_synced_meta(store, dataclasses.replace(saved, seq=saved.seq + 1,
                                                      boot="a boot before the crash"))
+
+
+def test_a_failed_copy_leaves_the_store_as_it_was(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "s"
+    files = churn(store, tmp_path)
+    records = all_records(store)
+    ino = (store / "db" / "data.mdb").stat().st_ino
+
+    def full(env: lmdb.Environment, tmp: Path, txnid: int) -> None:
+        tmp.mkdir()
+        (tmp / "data.mdb").write_bytes(b"half a copy")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compact, "_write_copy", full)
+    with pytest.raises(OSError, match="No space"):
+        compact_store(store)
+    assert (store / "db" / "data.mdb").stat().st_ino == ino
+    assert not (store / "db" / "compact.tmp").exists()
+    assert all_records(store) == records
+    tree_ok(store, files, tmp_path / "out")
+
+
+def test_nothing_happens_while_this_process_has_the_store_open(tmp_path: Path) -> None:
+    """LMDB's file locks do not keep a process from itself: a Store of this process would
+    go on with the old file's pages."""
+    store = tmp_path / "s"
+    churn(store, tmp_path)
+    ino = (store / "db" / "data.mdb").stat().st_ino
+    vol = Volume.open(store)
+    try:
+        assert compact_store(store) is None
+        assert (store / "db" / "data.mdb").stat().st_ino == ino
+    finally:
+        vol.close()
+    assert compact_store(store) is not None
 
 
 def test_nothing_happens_while_a_writer_holds_the_store_lock(tmp_path: Path) -> None:

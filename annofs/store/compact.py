@@ -30,7 +30,13 @@ from pathlib import Path
 
 import lmdb
 
-from annofs.store.env import MAP_SIZE, SYNCED_META, TXNID_AT, TXNID_FIELD
+from annofs.store.env import (
+    MAP_SIZE,
+    SYNCED_META,
+    TXNID_AT,
+    TXNID_FIELD,
+    open_in_this_process,
+)
 from annofs.store.lock import try_exclusive
 
 # A rewrite costs reading and writing every used page: only when the file would shrink by
@@ -122,13 +128,15 @@ def compact_store(path: Path, *, locked: bool = False,
     has the store open; None if it did nothing.
 
     `locked`: the caller holds the store lock exclusively (gc, upgrade); otherwise it is
-    taken here, without waiting (a mount or another writer: nothing happens). The caller
-    has closed its own Store (this process must not have the environment open: its LMDB
-    locks would not stop this one). Errors (a full disk while writing the copy) leave the
-    store as it was and are raised.
+    taken here, without waiting (a mount or another writer: nothing happens). Nothing
+    happens either while this process has a Store of it open (LMDB's locks do not keep a
+    process from itself): callers close theirs first. Errors (a full disk while writing
+    the copy) leave the store as it was and are raised.
     """
     path = Path(path)
     db_dir = path / "db"
+    if open_in_this_process(path):
+        return None  # LMDB's locks would not keep this process's Store from the old file
     with contextlib.ExitStack() as stack:
         if not locked and not stack.enter_context(try_exclusive(path)):
             return None

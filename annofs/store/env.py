@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,18 @@ SYNC_INTERVAL = 1.0
 COUNTER_TABLES = {"version": "versions", "dir": "dirs", "link": "links", "pack": "packs"}
 
 
+# Stores this process has open, by path: store.compact must not swap the file under one
+# (LMDB's file locks keep other processes out, never this one).
+_OPEN_HERE: Counter[Path] = Counter()
+_OPEN_LOCK = threading.Lock()
+
+
+def open_in_this_process(path: Path) -> bool:
+    """Whether this process has a Store of `path` open."""
+    with _OPEN_LOCK:
+        return _OPEN_HERE[Path(path).resolve()] > 0
+
+
 class Store:
     """An open store: the LMDB environment and handles to its named databases.
 
@@ -95,6 +108,9 @@ class Store:
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         self._writer: int | None = None  # the thread inside write(), if any
+        self._key: Path | None = path.resolve()
+        with _OPEN_LOCK:
+            _OPEN_HERE[self._key] += 1
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -256,6 +272,10 @@ class Store:
         for callback in self.on_close:
             callback()
         self.env.close()
+        with _OPEN_LOCK:
+            if self._key is not None:
+                _OPEN_HERE[self._key] -= 1
+                self._key = None
 
 
 def open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
