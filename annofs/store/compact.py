@@ -36,6 +36,7 @@ from annofs.store.env import (
     TXNID_AT,
     TXNID_FIELD,
     open_in_this_process,
+    recover_after_reboot,
 )
 from annofs.store.lock import try_exclusive
 
@@ -143,6 +144,9 @@ def compact_store(path: Path, *, locked: bool = False,
         if not stack.enter_context(_env_to_ourselves(db_dir)):
             return None  # a reader that takes no store lock (annofs log, nix serve)
         shutil.rmtree(db_dir / _TMP, ignore_errors=True)  # left by a killed run
+        # The file must be the synced state if the machine restarted since it was last
+        # open (callers opened it just now, so this does nothing; it costs one read).
+        recover_after_reboot(path)
         # No LMDB lock of our own: the lock file's lock above keeps every other opener out.
         env = lmdb.open(str(db_dir), readonly=True, lock=False, max_dbs=64)
         try:
