@@ -8,9 +8,13 @@ import os
 import struct
 from collections.abc import Callable
 
+import lmdb
+
 from annofs.volume import Volume
 
-_INDEX = struct.Struct(">QQIIB")  # content.fragments' index record, as the disk holds it
+# content.fragments' index record, as the disk holds it: pack, offset, stored length,
+# length, codec, refcount
+_INDEX = struct.Struct(">QQIIBQ")
 KINDS = ("bit-flip", "truncated-pack", "pack-missing", "length-short", "length-long",
          "length-huge", "unknown-codec", "index-empty", "index-missing")
 
@@ -54,11 +58,11 @@ def damage(vol: Volume, h: bytes, kind: str, at: int | None = None) -> Callable[
             path.write_bytes(original)
             os.chmod(path, mode)
         return undo_file
-    pack, off, stored_n, length, codec = _INDEX.unpack(index)
-    new = {"length-short": _INDEX.pack(pack, off, stored_n - 1, length, codec),
-           "length-long": _INDEX.pack(pack, off, stored_n + 1, length, codec),
-           "length-huge": _INDEX.pack(pack, off, 0xFFFFFFFF, 0xFFFFFFFF, codec),
-           "unknown-codec": _INDEX.pack(pack, off, stored_n, length, 7),
+    pack, off, stored_n, length, codec, refs = _INDEX.unpack(index)
+    new = {"length-short": _INDEX.pack(pack, off, stored_n - 1, length, codec, refs),
+           "length-long": _INDEX.pack(pack, off, stored_n + 1, length, codec, refs),
+           "length-huge": _INDEX.pack(pack, off, 0xFFFFFFFF, 0xFFFFFFFF, codec, refs),
+           "unknown-codec": _INDEX.pack(pack, off, stored_n, length, 7, refs),
            "index-empty": b"", "index-missing": None}[kind]
     with vol.store.env.begin(write=True) as txn:
         if new is None:
@@ -70,3 +74,10 @@ def damage(vol: Volume, h: bytes, kind: str, at: int | None = None) -> Callable[
         with vol.store.env.begin(write=True) as txn:
             txn.put(h, index, db=vol.store.db["fragindex"])
     return undo_index
+
+
+def put_refcount(vol: Volume, txn: lmdb.Transaction, h: bytes, n: int) -> None:
+    """Overwrite fragment `h`'s stored refcount with `n` in its index record, as a flipped
+    bit or a bug would (not through FragmentStore, which keeps counts right)."""
+    raw = bytes(txn.get(h, db=vol.store.db["fragindex"]))
+    txn.put(h, raw[:-8] + struct.pack(">Q", n), db=vol.store.db["fragindex"])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import annofs_cmd
-from store_damage import damage, first_fragment
+from store_damage import damage, first_fragment, put_refcount
 
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.repair import repair_store
@@ -42,7 +41,7 @@ def test_planted_damage_is_found_and_bookkeeping_repaired(vol: Volume, tmp_path:
         t_dir = int(vol.namespace.resolve(txn, [b"t"]).target)
     with vol.store.write() as txn:
         db = vol.store.db
-        txn.put(h, struct.pack(">Q", 99), db=db["fragrefs"])  # a wrong refcount
+        put_refcount(vol, txn, h, 99)  # a wrong refcount
         hdr = decode_dir(t_dir, txn.get(u64(t_dir), db=db["dirs"]))
         txn.put(u64(t_dir), encode_dir(DirHeader(hdr.refcount + 3, 7)), db=db["dirs"])
         txn.put(u64(424242), encode_dir(DirHeader(1, 0)), db=db["dirs"])  # a lost node
@@ -82,7 +81,7 @@ def test_fsck_command_exit_status(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ": ok" in ok.stdout
     vol = Volume.open(store)
     with vol.store.write() as txn:
-        txn.put(first_fragment(vol), struct.pack(">Q", 5), db=vol.store.db["fragrefs"])
+        put_refcount(vol, txn, first_fragment(vol), 5)
     vol.close()
     bad = run("fsck")
     assert bad.returncode == 1 and "refcount 5" in bad.stdout

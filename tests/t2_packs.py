@@ -217,8 +217,8 @@ def test_a_format_3_store_is_refused_then_upgraded(tmp_path: Path) -> None:
         and "upgrade" in refused.stderr, refused.stderr
     up = run("upgrade")
     assert up.returncode == 0, up.stderr
-    assert "format 3 -> 4" in up.stdout
-    assert run("upgrade").stdout.strip().endswith("already format 4")
+    assert "format 3 -> 5" in up.stdout
+    assert run("upgrade").stdout.strip().endswith("already format 5")
     fsck = run("fsck")
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     vol = Volume.open(store)
@@ -236,16 +236,19 @@ def test_a_format_3_store_is_refused_then_upgraded(tmp_path: Path) -> None:
 
 def make_format_3(store: Path) -> None:
     """Turn a store into format 3's layout: every fragment an LMDB value in `fragments`,
-    no index, no packs (what an annofs before packs left)."""
+    its refcount in `fragrefs`, no index, no packs (what an annofs before packs left)."""
     vol = Volume.open(store)
     try:
         with vol.store.read() as txn:
             frags = [(h, vol.fragments.get(txn, h)) for h, _n in vol.fragments.iterate(txn)]
-        assert frags
+            refs = list(vol.fragments.refcounts(txn))
+        assert frags and refs
         db = vol.store.db
         with vol.store.write() as txn:
             for h, data in frags:
                 txn.put(h, data, db=db["fragments"])
+            for h, n in refs:
+                txn.put(h, n.to_bytes(8, "big"), db=db["fragrefs"])
             txn.drop(db["fragindex"], delete=False)
             txn.drop(db["packs"], delete=False)
             txn.delete(b"next:pack", db=db["meta"])
@@ -254,6 +257,74 @@ def make_format_3(store: Path) -> None:
         vol.close()
     for p in (store / "packs").iterdir():
         p.unlink()
+
+
+def make_format_4(store: Path) -> None:
+    """Turn a store into format 4's layout: index records without the refcount (25 bytes),
+    each count in `fragrefs`."""
+    vol = Volume.open(store)
+    try:
+        db = vol.store.db
+        with vol.store.write() as txn:
+            index = [(bytes(h), bytes(raw)) for h, raw in txn.cursor(db=db["fragindex"])]
+            assert index
+            for h, raw in index:
+                n = int.from_bytes(raw[25:], "big")
+                txn.put(h, raw[:25], db=db["fragindex"])
+                if n:
+                    txn.put(h, raw[25:], db=db["fragrefs"])
+            vol.store.put_meta(txn, "format", b"4")
+    finally:
+        vol.close()
+
+
+def index_records(store: Path) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every record of the fragment index and of format 4's refcounts, raw."""
+    from annofs.store.env import open_env_readonly
+
+    env = open_env_readonly(store)
+    try:
+        with env.begin() as txn:
+            return {name: [(bytes(k), bytes(v)) for k, v in
+                           txn.cursor(db=env.open_db(name.encode(), txn=txn, create=False))]
+                    for name in ("fragindex", "fragrefs")}
+    finally:
+        env.close()
+
+
+def test_a_format_4_store_is_refused_then_upgraded_record_for_record(tmp_path: Path) -> None:
+    store, src = tmp_path / "store", tmp_path / "src"
+    files = pack_tree(src, 24)
+    (src / "same1").write_bytes(b"twice" * 1000)  # a fragment counted twice
+    (src / "same2").write_bytes(b"twice" * 1000)
+    files.update({"same1": b"twice" * 1000, "same2": b"twice" * 1000})
+    vol = Volume.open(store, create=True)
+    try:
+        TreeImporter(vol).run(src, [b"t"])
+        vol.fragments.put_many(items(b"stored, but no version took it " * 100))
+    finally:
+        vol.close()
+    before = index_records(store)
+    assert before["fragrefs"] == []
+    counts = {int.from_bytes(raw[25:], "big") for _h, raw in before["fragindex"]}
+    assert {0, 1, 2} <= counts, counts
+    make_format_4(store)
+    run = lambda *a: subprocess.run(annofs_cmd("--store", str(store), *a),  # noqa: E731
+                                    capture_output=True, text=True)
+    refused = run("cat", "/t/same1")
+    assert refused.returncode == 2 and "store format 4 must be converted first" in \
+        refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    up = run("upgrade")
+    assert up.returncode == 0 and "format 4 -> 5" in up.stdout, up.stdout + up.stderr
+    assert f"{len(before['fragindex'])} refcounts into the fragment index" in up.stdout
+    assert index_records(store) == before  # nothing lost, nothing changed
+    fsck = run("fsck")
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    vol = Volume.open(store)
+    try:
+        tree_ok(vol, files, tmp_path / "out")
+    finally:
+        vol.close()
 
 
 def pack_tree(root: Path, files: int = 48) -> dict[str, bytes]:
@@ -467,9 +538,10 @@ from annofs.maintenance.upgrade import upgrade_store
 from annofs.store.env import Store
 
 FragmentStore.upgrade_batch.__defaults__ = (60_000,)  # many batches
+FragmentStore.merge_refs_batch.__defaults__ = (3,)
 """ + _KILL_POINTS + """
 for owner, name in [(FragmentStore, "put_many"), (FragmentStore, "upgrade_batch"),
-                    (Store, "sync")]:
+                    (FragmentStore, "merge_refs_batch"), (Store, "sync")]:
     wrap(owner, name)
 upgrade_store(Path(sys.argv[1]))
 """
@@ -486,6 +558,7 @@ def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
         TreeImporter(vol).run(src, [b"t"])
         with vol.store.read() as txn:
             every = {h for h, _n in vol.fragments.iterate(txn)}
+            refs = dict(vol.fragments.refcounts(txn))
     finally:
         vol.close()
     make_format_3(store)
@@ -503,7 +576,12 @@ def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
             with s.read() as txn:
                 moved = {h for h, _n in frags.iterate(txn)}
                 left = {bytes(h) for h, _v in txn.cursor(db=s.db["fragments"])}
+                # each count in fragrefs until it joins its index record, in one of them
+                counts = {h: frags.refcount(txn, h) for h in every}
+                counts.update((bytes(h), int.from_bytes(v, "big"))
+                              for h, v in txn.cursor(db=s.db["fragrefs"]))
             assert moved | left == every
+            assert {h: n for h, n in counts.items() if n} == refs
         finally:
             s.close()
     else:
@@ -513,6 +591,8 @@ def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
     try:
         with vol.store.read() as txn:
             assert vol.fragments.legacy_count(txn) == 0
+            assert dict(vol.fragments.refcounts(txn)) == refs
+            assert txn.stat(vol.store.db["fragrefs"])["entries"] == 0
         tree_ok(vol, files, tmp_path / "out")
     finally:
         vol.close()

@@ -697,13 +697,15 @@ def test_the_consistency_check_sees_wrong_counts(store_dir: Path) -> None:
             a_hdr = ns.header(txn, a)
             link = ns.get_link(txn, link_id)
             refs = vol.fragments.refcount(txn, v.fragment_hash(0))
+            index = bytes(txn.get(v.fragment_hash(0), db=db["fragindex"]))  # ends in the count
         damage = [
             (db["dirs"], u64(a), encode_dir(DirHeader(a_hdr.refcount + 1, a_hdr.nsubdirs)),
              "refcount"),
             (db["dirs"], u64(a), encode_dir(DirHeader(a_hdr.refcount, a_hdr.nsubdirs + 1)),
              "nsubdirs"),
             (db["links"], u64(link_id), encode_link(Link(link.nlink + 1, link.attrs)), "nlink"),
-            (db["fragrefs"], v.fragment_hash(0), (refs + 1).to_bytes(8, "big"), "occurrences"),
+            (db["fragindex"], v.fragment_hash(0), index[:-8] + (refs + 1).to_bytes(8, "big"),
+             "occurrences"),
         ]
         for dbi, key, bad, what in damage:
             with vol.store.write() as txn:

@@ -223,8 +223,11 @@ def group_members(pgid: int) -> list[str]:
     return out
 
 
-def garbage_store(tmp_path: Path, rnd: random.Random) -> tuple[Path, dict[str, str], float]:
-    """A store holding a tree and much garbage; how long a whole gc of it takes."""
+def garbage_store(tmp_path: Path, rnd: random.Random,
+                  mounted: bool = False) -> tuple[Path, dict[str, str], float]:
+    """A store holding a tree and much garbage; how long a whole gc of it takes (offline,
+    which ends by compacting the LMDB file, or `mounted`: through a daemon, which does
+    not)."""
     store = tmp_path / "store"
     subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
                    stdout=subprocess.DEVNULL)
@@ -235,7 +238,14 @@ def garbage_store(tmp_path: Path, rnd: random.Random) -> tuple[Path, dict[str, s
     add_garbage(store, rnd)
     probe = tmp_path / "probe"
     shutil.copytree(store, probe)
-    took = timed(annofs_cmd("--store", str(probe), "gc", "--prune-history"))
+    pm = Mount(probe, tmp_path / "probe-mnt")
+    if mounted:
+        pm.path.mkdir()
+        pm.start()
+    try:
+        took = timed(annofs_cmd("--store", str(probe), "gc", "--prune-history"))
+    finally:
+        pm.stop()
     shutil.rmtree(probe)
     return store, tree_digests(src), took
 
@@ -259,7 +269,7 @@ def test_kill_9_during_offline_gc(tmp_path: Path) -> None:
 
 def test_kill_9_of_the_daemon_during_gc(tmp_path: Path) -> None:
     rnd = random.Random(seed())
-    store, wanted, took = garbage_store(tmp_path, rnd)
+    store, wanted, took = garbage_store(tmp_path, rnd, mounted=True)
     m = Mount(store, tmp_path / "mnt")
     m.path.mkdir()
     unfinished = 0

@@ -10,9 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import lmdb
 
 from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
+from annofs.store.compact import compact_store
 from annofs.volume import Volume
 
 
@@ -47,6 +49,17 @@ def open_volume(ctx: click.Context, *, create: bool = False,
         yield vol
     finally:
         vol.close()
+
+
+def compact_after(store: Path, *, locked: bool = False) -> None:
+    """At the end of a command that wrote offline: give LMDB's free pages back if the store
+    is ours alone (store.compact). The command's work is done and committed, so a failure
+    here (a full disk) is a warning, not an error: the store stays as it was."""
+    try:
+        compact_store(store, locked=locked)
+    except (OSError, lmdb.Error, ValueError) as e:
+        click.echo(f"annofs: warning: {store}: compacting the LMDB file failed, the store "
+                   f"is unchanged: {e}", err=True)
 
 
 class Progress:

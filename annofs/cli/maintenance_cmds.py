@@ -8,7 +8,13 @@ import sys
 
 import click
 
-from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
+from annofs.cli.context import (
+    Progress,
+    compact_after,
+    open_volume,
+    require_unmounted,
+    store_path,
+)
 from annofs.daemon.registry import read_state
 from annofs.maintenance.fsck import FsckReport, check_store, phase_totals
 from annofs.maintenance.gc import GcReport, collect
@@ -122,9 +128,11 @@ def gc_cmd(ctx: click.Context, prune_history: bool, keep_last: int | None,
     else:
         progress = Progress("gc", unit="versions")
         try:
-            with store_lock(store, exclusive=True, what="gc"), open_volume(ctx) as vol:
-                rep = collect(vol, prune_history=prune_history, retention=retention,
-                              progress=progress, on_total=progress.set_total)
+            with store_lock(store, exclusive=True, what="gc"):
+                with open_volume(ctx) as vol:
+                    rep = collect(vol, prune_history=prune_history, retention=retention,
+                                  progress=progress, on_total=progress.set_total)
+                compact_after(store, locked=True)
         finally:
             progress.close()
     if as_json:
@@ -148,10 +156,12 @@ def upgrade_cmd(ctx: click.Context) -> None:
     try:
         with store_lock(store, exclusive=True, what="upgrade"):
             rep = upgrade_store(store, progress=progress, on_total=progress.set_total)
+            compact_after(store, locked=True)  # format 3 leaves its fragment pages free
     finally:
         progress.close()
     if rep.from_format == FORMAT_VERSION:
         click.echo(f"{store}: already format {FORMAT_VERSION}")
     else:
         click.echo(f"{store}: format {rep.from_format} -> {FORMAT_VERSION}: moved "
-                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs")
+                   f"{rep.fragments_moved} fragments ({rep.bytes_moved} bytes) into packs, "
+                   f"{rep.records_merged} refcounts into the fragment index")

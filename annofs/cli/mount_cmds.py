@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from annofs.cli.context import store_path
+from annofs.cli.context import compact_after, store_path
 
 
 @click.command("mount")
@@ -46,6 +46,10 @@ def umount_cmd(mountpoint: Path) -> None:
     """Unmount cleanly: everything written is flushed before this returns."""
     from annofs.daemon.mount import umount
 
-    said = umount(mountpoint)
+    said, store = umount(mountpoint)
     if said is not None:
         click.echo(f"annofs: {said}", err=True)
+    if store is not None:
+        # The daemon could not: it had the store open. Skipped if a command or a new
+        # mount has it already.
+        compact_after(store)

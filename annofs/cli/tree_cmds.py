@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from annofs.cli.context import Progress, open_volume, require_unmounted, store_path
+from annofs.cli.context import (
+    Progress,
+    compact_after,
+    open_volume,
+    require_unmounted,
+    store_path,
+)
 from annofs.cli.paths import resolve_target
 from annofs.cli.stores import reading
 from annofs.daemon import client
@@ -77,6 +83,8 @@ def import_cmd(ctx: click.Context, git: bool, excludes: tuple[str, ...], show_pr
                                     to_read=progress.grow if progress.shown else None)
             stats = importer.run(src, target.parts, staging=(
                 DaemonStaging(target.store) if target.mount is not None else None))
+        if target.mount is None:
+            compact_after(target.store)  # the lock let go: only if no other writer came
     finally:
         progress.close()
     took = time.monotonic() - started

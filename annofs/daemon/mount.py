@@ -357,11 +357,11 @@ def mount(opts: MountOptions) -> None:
     os._exit(0)
 
 
-def umount(mountpoint: Path, timeout: float = 60.0) -> str | None:
+def umount(mountpoint: Path, timeout: float = 60.0) -> tuple[str | None, Path | None]:
     """Unmount (the daemon flushes everything) and wait for the daemon to exit.
 
-    A dead mount (its daemon was killed) is cleared instead; the line that says so is
-    returned for the command to print.
+    Returns (a line for the command to print, the store whose daemon exited). A dead mount
+    (its daemon was killed) is cleared instead, and the line says so.
     """
     mp = Path(os.path.abspath(mountpoint))
     with contextlib.suppress(OSError):  # a dead mount cannot be resolved: keep it as given
@@ -370,21 +370,21 @@ def umount(mountpoint: Path, timeout: float = 60.0) -> str | None:
     if info is None and deadmount.is_dead(mp):
         deadmount.clear(mp)
         registry.unregister(mp)
-        return f"{mp}: its daemon was gone (killed?); cleared the dead mount"
+        return f"{mp}: its daemon was gone (killed?); cleared the dead mount", None
     if not os.path.ismount(mp):
         raise UsageError(f"{mp}: not mounted")
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         raise UsageError(f"{mp}: unmount failed: {res.stderr.strip() or 'fusermount3 failed'}")
     if info is None:
-        return None
+        return None, None
     # The daemon has finished (flushed, closed the store) when it lets go of its lock;
     # a zombie daemon holds nothing, so a parent that does not reap it cannot stall this.
     # Then its process ends (a script may wait on it): a zombie counts as ended.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not registry.daemon_alive(info.store) and _exited(info.pid):
-            return None
+            return None, info.store
         time.sleep(0.02)
     raise UsageError(f"{mp}: unmounted, but the daemon (pid {info.pid}) has not exited")
 

@@ -139,7 +139,7 @@ def _check(vol: Volume, rep: FsckReport, verify_data: bool,
                 problems.append(f"fragment {h.hex()}: used but not stored")
         for h, n in occurrences.items():
             refs = frags.refcount(txn, h)
-            if refs != n:
+            if refs != n and frags.has(txn, h):  # else: "used but not stored" above
                 problems.append(f"fragment {h.hex()}: refcount {refs}, occurrences {n}")
         for h, _ in frags.refcounts(txn):
             if h not in occurrences:

@@ -154,7 +154,6 @@ def _repair_fragment_refs(vol: Volume, txn: lmdb.Transaction, fixed: list[str]) 
             fixed.append(f"fragment {h.hex()}: refcount {have} without a user, removed")
     for h, n in occurrences.items():
         have = frags.refcount(txn, h)
-        if have != n:
-            frags.set_refcount(txn, h, n)
+        if have != n and frags.set_refcount(txn, h, n):  # a fragment not stored has none
             fixed.append(f"fragment {h.hex()}: refcount {have} -> {n}")
 

@@ -1,10 +1,13 @@
 """`annofs upgrade`: convert a store of an older format to the current one.
 
 Format 3 kept each fragment as an LMDB value; format 4 keeps them compressed in pack
-files (content.fragments). The conversion moves fragments in batches, each stored and
-indexed before it leaves LMDB, so a conversion that is interrupted (kill -9, a full disk)
-loses nothing and the next run goes on where it stopped. The format number changes only
-once every fragment moved. Run with the store to itself (see store.lock).
+files (content.fragments); format 5 keeps each fragment's refcount in its index record
+instead of a second database. The conversion moves fragments in batches, each stored and
+indexed before it leaves LMDB, then merges the counts in batches (a count joins its
+record and leaves `fragrefs` in one transaction), so a conversion that is interrupted
+(kill -9, a full disk) loses nothing and the next run goes on where it stopped. The
+format number changes only once all is converted. Run with the store to itself (see
+store.lock).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class UpgradeReport:
     from_format: int
     fragments_moved: int = 0
     bytes_moved: int = 0
+    records_merged: int = 0  # index records given their refcount (format 4 and older)
 
 
 def upgrade_store(path: Path, progress: Callable[[int, int], None] | None = None,
@@ -49,6 +53,8 @@ def upgrade_store(path: Path, progress: Callable[[int, int], None] | None = None
             rep.bytes_moved += nbytes
             if progress is not None:
                 progress(n, nbytes)
+        while (n := frags.merge_refs_batch()) > 0:
+            rep.records_merged += n
         with store.write() as txn:
             store.put_meta(txn, "format", str(FORMAT_VERSION).encode())
         return rep

@@ -21,6 +21,7 @@ import logging
 import os
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,12 @@ from annofs.errors import CorruptionError, StoreError
 from annofs.store.keys import from_u64, u64
 from annofs.store.packs import fsync_packs, names_to_sync
 
+# 5: a fragment's refcount in its index record (no `fragrefs`);
 # 4: fragments compressed in pack files, LMDB keeps their index (store.packs);
 # 3: refcounts count edits (own_counts), fragment bytes as LMDB values; 2: raw values
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Formats `annofs upgrade` converts from (every other command refuses them).
-UPGRADABLE = (3,)
+UPGRADABLE = (3, 4)
 
 # Virtual address space only: LMDB grows the file as it is used.
 MAP_SIZE = 1 << 40
@@ -44,9 +46,9 @@ MAP_SIZE = 1 << 40
 DB_NAMES = (
     "meta",  # format version, counters, root directory
     "fragments",  # format 3 only: blake3 -> the fragment's bytes (annofs upgrade empties it)
-    "fragindex",  # blake3 -> pack id, offset, stored length, codec (content.fragments)
+    "fragindex",  # blake3 -> pack, offset, lengths, codec, refcount (content.fragments)
     "packs",  # pack id -> state, end, live bytes, hash (store.packs)
-    "fragrefs",  # blake3 -> u64 occurrences in stored versions' edits (own_counts)
+    "fragrefs",  # format 4 only: blake3 -> refcount (annofs upgrade empties it)
     "versions",  # version id -> version record (edit-graph node)
     "dirs",  # dir id -> directory header (refcount, subdirectory count)
     "entries",  # dir id + name -> entry record
@@ -66,6 +68,18 @@ SYNC_INTERVAL = 1.0
 
 # The id-keyed database each counter allocates keys of.
 COUNTER_TABLES = {"version": "versions", "dir": "dirs", "link": "links", "pack": "packs"}
+
+
+# Stores this process has open, by path: store.compact must not swap the file under one
+# (LMDB's file locks keep other processes out, never this one).
+_OPEN_HERE: Counter[Path] = Counter()
+_OPEN_LOCK = threading.Lock()
+
+
+def open_in_this_process(path: Path) -> bool:
+    """Whether this process has a Store of `path` open."""
+    with _OPEN_LOCK:
+        return _OPEN_HERE[Path(path).resolve()] > 0
 
 
 class Store:
@@ -94,6 +108,9 @@ class Store:
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         self._writer: int | None = None  # the thread inside write(), if any
+        self._key: Path | None = path.resolve()
+        with _OPEN_LOCK:
+            _OPEN_HERE[self._key] += 1
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -255,9 +272,15 @@ class Store:
         for callback in self.on_close:
             callback()
         self.env.close()
+        with _OPEN_LOCK:
+            if self._key is not None:
+                _OPEN_HERE[self._key] -= 1
+                self._key = None
 
 
-def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
+def open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
+    """The store's LMDB environment with the options every opener uses (no Store around
+    it: Store and store.compact use it)."""
     return lmdb.open(
         str(path / "db"),
         map_size=MAP_SIZE,
@@ -277,7 +300,7 @@ def _open_env(path: Path, *, readonly: bool = False) -> lmdb.Environment:
 def open_env_readonly(path: Path) -> lmdb.Environment:
     """The LMDB environment of the store at `path`, read-only, for a helper process that
     only reads beside the one that has the store open (no Store: no sync, no repair)."""
-    return _open_env(path, readonly=True)
+    return open_env(path, readonly=True)
 
 
 def open_store(path: Path, *, create: bool = False, upgrading: bool = False) -> Store:
@@ -301,7 +324,7 @@ def open_store(path: Path, *, create: bool = False, upgrading: bool = False) -> 
         except OSError as e:  # a read-only or full filesystem, a store not ours
             raise StoreError(f"{path}: cannot open the store: {e.strerror}") from e
     try:
-        env = _open_env(path)
+        env = open_env(path)
         env.reader_check()  # read slots of killed processes would keep pages from reuse
     except lmdb.Error as e:
         raise StoreError(f"{path}: cannot open the store: {e}") from e
@@ -399,14 +422,14 @@ def write_synced_meta(path: Path, rec: SyncedMeta) -> None:
         os.close(fd)
 
 
-_TXNID = struct.Struct("=Q")
-_TXNID_AT = 144  # in an LMDB meta page: page header (16), then MDB_meta up to mm_txnid
+TXNID_FIELD = struct.Struct("=Q")
+TXNID_AT = 144  # in an LMDB meta page: page header (16), then MDB_meta up to mm_txnid
 
 
 def meta_txnid(metas: bytes) -> int:
     """The newest transaction id of the two meta pages."""
     psize = len(metas) // 2
-    return max(_TXNID.unpack_from(metas, i * psize + _TXNID_AT)[0] for i in (0, 1))
+    return max(TXNID_FIELD.unpack_from(metas, i * psize + TXNID_AT)[0] for i in (0, 1))
 
 
 def _save_metas(path: Path, metas: bytes) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from annofs.errors import StoreError
 
+OPS_LOCK = "ops.lock"
+
 
 @contextlib.contextmanager
 def store_lock(store_path: Path, *, exclusive: bool, what: str) -> Iterator[None]:
@@ -22,7 +24,7 @@ def store_lock(store_path: Path, *, exclusive: bool, what: str) -> Iterator[None
     if not (store_path / "db" / "data.mdb").exists():
         raise StoreError(f"{store_path}: no annofs store here (run 'annofs --store {store_path} "
                          f"init')")
-    fd = os.open(store_path / "ops.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(store_path / OPS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
@@ -30,6 +32,22 @@ def store_lock(store_path: Path, *, exclusive: bool, what: str) -> Iterator[None
             raise StoreError(f"{store_path}: busy (mounted, or another command is writing); "
                              f"{what} needs the store to itself") from None
         yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def try_exclusive(store_path: Path) -> Iterator[bool]:
+    """The store lock exclusively if nobody holds it: True while held, False at once if a
+    writer or a mount has it (for work that is only worth doing alone, never waited for)."""
+    fd = os.open(store_path / OPS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
