@@ -75,6 +75,27 @@ def test_incompressible_fragments_are_kept_raw(vol: Volume) -> None:
             assert vol.fragments.get(txn, h) == c
 
 
+def test_a_batch_compressed_in_threads_is_appended_in_its_order(vol: Volume) -> None:
+    # Large enough to be compressed in runs on several threads (content.workers): the
+    # pack still holds the records in the order given, each with the right codec.
+    frags = []
+    for i in range(64):
+        frags += items(text(i, 1 << 16) if i % 2 else random.Random(i).randbytes(1 << 16))
+    assert vol.fragments.put_many(frags) == sum(len(c) for _h, c in frags)
+    (pack,) = packs_of(vol)
+    fd = os.open(vol.store.path / "packs" / pack.name, os.O_RDONLY)
+    try:
+        records = list(packs_mod.read_records(fd, pack.end))
+    finally:
+        os.close(fd)
+    assert [h for _at, h, _codec, _stored in records] == [h for h, _c in frags]
+    for (_at, _h, codec, stored), (_h2, c) in zip(records, frags, strict=True):
+        assert (codec == 1) == (len(stored) < len(c))  # zstd only where it shrank
+    with vol.store.read() as txn:
+        assert all(vol.fragments.get(txn, h) == c for h, c in frags)
+    assert check_store(vol).ok
+
+
 def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -25,13 +25,14 @@ import struct
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 
 import blake3
 import lmdb
 import zstandard
 
+from annofs.content import workers
 from annofs.errors import CorruptionError
 from annofs.store import Store, packs
 from annofs.store.env import meta_txnid, read_synced_meta
@@ -168,13 +169,12 @@ class FragmentStore:
                     pending[h] = data
         if not pending:
             return 0
-        # Compressed outside any lock or transaction: other threads and writers go on.
-        comp = self._s.compressor()
-        records: list[_Record] = []
-        for h, data in pending.items():
-            codec, stored = encode(data, comp)
-            records.append((h, stored, len(stored), len(data), codec))
+        # Compressed outside any lock or transaction: other threads and writers go on; in
+        # runs on the caller and the pool's threads at once, kept in order (content.workers).
+        todo = list(pending.items())
         del pending
+        records = workers.map_runs(self._encode_run, todo, [len(d) for _h, d in todo])
+        del todo
         new = 0
         with self._s.lock:
             i = 0
@@ -183,6 +183,14 @@ class FragmentStore:
                 new += self._append(records[i:j])
                 i = j
         return new
+
+    def _encode_run(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> list[_Record]:
+        comp = self._s.compressor()  # one per thread: a context is not thread-safe
+        out: list[_Record] = []
+        for h, data in items:
+            codec, stored = encode(data, comp)
+            out.append((h, stored, len(stored), len(data), codec))
+        return out
 
     def _fill(self, records: list[_Record], i: int) -> int:
         """The end of the run of records from `i` that fits in the pack's room (at least

@@ -6,11 +6,13 @@ import errno
 import io
 import os
 from array import array
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import blake3
 
+from annofs.content import workers
 from annofs.content.fragments import FragmentStore, fragment_hash
 from annofs.content.versions import zeros
 from annofs.store import Store
@@ -106,9 +108,14 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     first = True
     buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
     for block, cuts, last in stream_blocks(stream, params, buf_size):
+        hashing: Future[None] | None = None
         if shared_hash or not (first and last and len(cuts) == 1):
-            # A one-fragment file's digest is its fragment's hash: no second pass.
-            whole.update(block)
+            # A one-fragment file's digest is its fragment's hash: no second pass. A large
+            # block is hashed whole in a pool thread while this one hashes its fragments.
+            if len(block) >= workers.MIN_SPLIT_BYTES:
+                hashing = workers.submit(whole.update, block)
+            if hashing is None:
+                whole.update(block)
         first = False
         if not own and last:
             # Queued past this call: a copy the exact size of the data, not a view that
@@ -125,6 +132,8 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
         # The block is a view of a buffer the next pass overwrites: store it first.
         if own or not last or queue.full:
             queue.flush()
+        if hashing is not None:
+            hashing.result()  # before the chunker overwrites the block
     size = sum(lengths)
     digest = bytes(hashes) if len(lengths) == 1 else whole.digest()
     return Ingested(bytes(hashes), lengths, size, digest, queue.new_bytes if own else 0)

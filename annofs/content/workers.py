@@ -1,0 +1,97 @@
+"""A small per-process thread pool for the work that releases the GIL: zstd and BLAKE3.
+
+zstandard's `compress` and blake3's `update`/`digest` release the GIL, so on a machine of
+N cores the caller and N-1 threads (at most MAX_THREADS in all) compress and hash at
+once, as restic does (measured: two threads compressing 16 KiB fragments took 0.58x the
+time of one). FastCDC's C code holds the GIL, so chunking stays on the caller.
+
+The pool is made on first use and again after a fork (a child inherits the pool object
+but not its threads: work handed to it would never run).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Beyond four threads the per-fragment Python work on the caller is the limit.
+MAX_THREADS = 4
+# Below this much work in one call, handing half of it to a thread costs more than it saves.
+MIN_SPLIT_BYTES = 256 << 10
+
+_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def helpers() -> int:
+    """How many pool threads work beside the caller (0 on one CPU)."""
+    return max(0, min(MAX_THREADS, _cpus()) - 1)
+
+
+def pool() -> ThreadPoolExecutor | None:
+    """This process's pool, or None when there is only one CPU."""
+    global _pool
+    n = helpers()
+    if n == 0:
+        return None
+    pid = os.getpid()
+    with _lock:
+        if _pool is None or _pool[0] != pid:
+            _pool = (pid, ThreadPoolExecutor(max_workers=n, thread_name_prefix="annofs-work"))
+        return _pool[1]
+
+
+def submit(fn: Callable[..., R], *args: object) -> Future[R] | None:
+    """Run `fn(*args)` in the pool; None (nothing started) when there is no pool: the
+    caller then runs it itself."""
+    p = pool()
+    return p.submit(fn, *args) if p is not None else None
+
+
+def split(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Cut indexes [0, len(sizes)) into at most `parts` contiguous [i, j) runs of about
+    equal total size, none empty."""
+    total = sum(sizes)
+    bounds: list[tuple[int, int]] = []
+    i = acc = 0
+    for k in range(1, parts + 1):
+        goal = total * k / parts
+        j = i
+        while j < len(sizes) and (acc + sizes[j] <= goal or j == i or k == parts):
+            acc += sizes[j]
+            j += 1
+        if j > i:
+            bounds.append((i, j))
+        i = j
+    return bounds
+
+
+def map_runs(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T],
+             sizes: Sequence[int]) -> list[R]:
+    """`fn(items)` computed on contiguous runs of `items` at once (the caller takes the
+    first run, the pool the others), results concatenated in order. `sizes` weigh the
+    items (bytes of work); little work runs on the caller alone."""
+    p = pool()
+    total = sum(sizes)
+    if p is None or len(items) < 2 or total < MIN_SPLIT_BYTES:
+        return fn(items)
+    runs = split(sizes, min(helpers() + 1, max(1, total // (MIN_SPLIT_BYTES // 2))))
+    futures = [p.submit(fn, items[i:j]) for i, j in runs[1:]]
+    i, j = runs[0]
+    out = fn(items[i:j])
+    for f in futures:
+        out += f.result()
+    return out

@@ -1,0 +1,58 @@
+"""annofs.content.workers: work split into ordered runs over the caller and a thread pool."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+from annofs.content import workers
+
+
+def test_split_gives_contiguous_nonempty_runs_of_about_equal_weight() -> None:
+    sizes = [10] * 100
+    runs = workers.split(sizes, 3)
+    assert runs[0][0] == 0 and runs[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    assert all(j > i for i, j in runs)
+    assert [sum(sizes[i:j]) for i, j in runs] == [330, 330, 340]
+    # One heavy item cannot be cut: fewer runs, none empty, nothing lost.
+    runs = workers.split([1000, 1, 1], 4)
+    assert runs[0] == (0, 1) and runs[-1][1] == 3 and all(j > i for i, j in runs)
+    assert workers.split([5], 2) == [(0, 1)]
+
+
+def test_map_runs_keeps_the_order_and_uses_the_pool_for_large_work() -> None:
+    names: set[str] = set()
+    lock = threading.Lock()
+
+    def double(run: list[int]) -> list[int]:
+        with lock:
+            names.add(threading.current_thread().name)
+        return [2 * x for x in run]
+
+    items = list(range(1000))
+    sizes = [workers.MIN_SPLIT_BYTES // 100] * len(items)  # 10x the split threshold
+    assert workers.map_runs(double, items, sizes) == [2 * x for x in items]
+    assert threading.current_thread().name in names
+    if workers.helpers():
+        assert any(n.startswith("annofs-work") for n in names)
+    names.clear()
+    assert workers.map_runs(double, items[:3], [1, 1, 1]) == [0, 2, 4]
+    assert names == {threading.current_thread().name}  # little work: the caller alone
+
+
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    parent = workers.pool()
+    if parent is None:
+        return  # one CPU: nothing to fork
+    assert parent.submit(os.getpid).result() == os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        # The parent's pool object has no threads here: work given to it would never run.
+        child = workers.pool()
+        ok = child is not parent and child is not None and \
+            child.submit(lambda: 41 + 1).result(timeout=10) == 42
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
