@@ -170,13 +170,14 @@ data = [os.urandom(5000) for _ in range(20)]
 vol.fragments.put_many([(fragment_hash(d), d) for d in data])
 vol.store.sync()
 # Killed between an append and the commit that would index it.
-_shared(vol.store).writer.append(b"half-written record " * 500)
+_shared(vol.store).writer.append([b"half-written record " * 500])
 print(os.path.getsize(next(Path(sys.argv[1], "packs").iterdir())), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_killed_writers_pack_is_taken_over_and_cut_back(vol: Volume) -> None:
+def test_a_killed_writers_pack_is_taken_over_and_cut_back(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
     res = subprocess.run([sys.executable, "-c", _WRITER, str(vol.store.path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == -signal.SIGKILL, res.stderr
@@ -192,6 +193,44 @@ def test_a_killed_writers_pack_is_taken_over_and_cut_back(vol: Volume) -> None:
         assert vol.fragments.get(txn, fragment_hash(d)) == d
     rep = check_store(vol, verify_data=True)
     assert rep.ok, rep.problems
+    # Filled up and sealed by its new writer: named by the hash of all its bytes, the
+    # killed writer's included (this writer did not append them, so cannot have hashed
+    # them as it went).
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", after.end + (128 << 10))
+    vol.fragments.put_many(items(random.Random(6).randbytes(256 << 10)))
+    assert_sealed_under_their_hash(vol, 1)
+
+
+def assert_sealed_under_their_hash(vol: Volume, at_least: int) -> None:
+    sealed = [r for r in packs_of(vol) if r.state == packs_mod.SEALED]
+    assert len(sealed) >= at_least
+    for r in sealed:
+        f = vol.store.path / "packs" / r.name
+        assert blake3.blake3(f.read_bytes()).digest() == r.hash, r
+
+
+def test_a_seal_after_an_append_that_never_committed_hashes_the_file(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    frags = items(random.Random(5).randbytes(1 << 20))
+    vol.fragments.put_many(frags[:2])
+    real = packs_mod.PackWriter.record
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("injected: the indexing transaction fails")
+
+    monkeypatch.setattr(packs_mod.PackWriter, "record", fail)
+    lost = os.urandom(5000)
+    with pytest.raises(RuntimeError, match="injected"):
+        vol.fragments.put_many([(fragment_hash(lost), lost)])
+    monkeypatch.setattr(packs_mod.PackWriter, "record", real)
+    # The next append overwrites the bytes that were never indexed.
+    vol.fragments.put_many(frags[2:])
+    assert_sealed_under_their_hash(vol, 2)
+    with vol.store.read() as txn:
+        assert not vol.fragments.has(txn, fragment_hash(lost))
+        assert all(vol.fragments.get(txn, h) == c for h, c in frags)
+    assert check_store(vol, verify_data=True).ok
 
 
 _CONCURRENT = """

@@ -64,7 +64,7 @@ _MAX_FRAGMENT = 1 << 30  # the largest max_size the chunker accepts (chunker.par
 # Below this a zstd frame's own overhead (and the call) is not worth it.
 _MIN_COMPRESS = 64
 # A fragment on its way into a pack: hash, stored bytes (a caller's view for a raw one:
-# copied once, into the pack's blob), stored length, length, codec.
+# written from it straight into the pack), stored length, length, codec.
 _Record = tuple[bytes, bytes | memoryview, int, int, int]
 # Unreferenced fragments are freed in batches: one huge transaction would hold every page.
 _FREE_BATCH = 10_000
@@ -218,11 +218,11 @@ class FragmentStore:
         parts: list[bytes | memoryview] = []
         for h, stored, n, _length, codec in records:
             parts += (HEADER.pack(h, codec, n), stored)
-        blob = b"".join(parts)  # the one copy of a raw fragment's bytes
-        del parts
         # Past the recorded end until the transaction below commits: a crash here leaves
         # bytes the next writer of this pack cuts off.
-        base = w.append(blob)
+        base = w.append(parts)
+        end = base + sum(HEADER.size + r[2] for r in records)
+        del parts
         new = 0
         sealed: PackRecord | None = None
         with self._store.write() as txn:
@@ -241,7 +241,7 @@ class FragmentStore:
                     new += size
                     live += size
                 at += size
-            w.record(txn, base + len(blob), live)
+            w.record(txn, end, live)
             if moving is not None:
                 self._add_live(txn, moving[0], -new)
             if w.full:

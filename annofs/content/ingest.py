@@ -70,11 +70,21 @@ class FragmentBatch:
 
 
 def _read_size(stream: BinaryIO) -> int:
-    """A buffer fitted to a regular file's size: most source files are a few KiB."""
+    """A buffer fitted to a regular file's or a seekable stream's size (most source files
+    are a few KiB: a 4 MiB buffer, zero-filled, would cost more than chunking them)."""
     try:
         return fitted_read_size(stream)  # type: ignore[arg-type]
     except (AttributeError, OSError, io.UnsupportedOperation):
-        return DEFAULT_READ_SIZE
+        pass
+    try:
+        if stream.seekable():
+            pos = stream.tell()
+            end = stream.seek(0, io.SEEK_END)
+            stream.seek(pos)
+            return max(1, min(DEFAULT_READ_SIZE, end - pos))
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    return DEFAULT_READ_SIZE
 
 
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
