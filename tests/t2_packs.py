@@ -6,6 +6,7 @@ the index points at), and stores of format 3 converted by `annofs upgrade`."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from conftest import annofs_cmd
 
 import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
+from annofs.content.ingest import ingest_stream
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import collect
 from annofs.store.env import read_synced_meta, write_synced_meta
@@ -94,6 +96,31 @@ def test_a_batch_compressed_in_threads_is_appended_in_its_order(vol: Volume) -> 
     with vol.store.read() as txn:
         assert all(vol.fragments.get(txn, h) == c for h, c in frags)
     assert check_store(vol).ok
+
+
+def test_a_files_fragments_are_read_in_runs_across_packs(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file's fragments lie back to back in its packs: a read of many of them is one
+    # pread per pack they are in, each fragment still checked on its own.
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 512 << 10)
+    data = random.Random(8).randbytes(3 << 20) + text(9, 1 << 20)
+    got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
+    assert len(packs_of(vol)) >= 6
+    preads: list[int] = []
+    real = packs_mod.PackFiles.pread
+
+    def counted(self: packs_mod.PackFiles, txn: object, pack: int, offset: int,
+                length: int) -> bytes:
+        preads.append(length)
+        return real(self, txn, pack, offset, length)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packs_mod.PackFiles, "pread", counted)
+    with vol.store.read() as txn:
+        frags = vol.fragments.get_many(txn, hashes + hashes[:3])  # and some again
+        assert b"".join(frags[:len(hashes)]) == data
+        assert [bytes(f) for f in frags[len(hashes):]] == [bytes(f) for f in frags[:3]]
+    assert len(hashes) > 4 * len(preads) > 0
 
 
 def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:
@@ -237,6 +264,7 @@ _CONCURRENT = """
 import os, sys
 from pathlib import Path
 from annofs.content.fragments import fragment_hash
+from annofs.content.ingest import ingest_stream
 from annofs.volume import Volume
 vol = Volume.open(Path(sys.argv[1]))
 for i in range(40):

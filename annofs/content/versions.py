@@ -7,7 +7,7 @@ import dataclasses
 import errno
 import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Set
 from itertools import accumulate
@@ -276,25 +276,23 @@ class VersionStore:
         if offset >= end:
             return b""
         starts = fragment_starts(v)
-        i = bisect_right(starts, offset) - 1
-        parts = []
-        pos = offset
-        get = self.fragments.get
-        while pos < end:
-            h = v.fragment_hash(i)
-            base = starts[i]
+        first = bisect_right(starts, offset) - 1
+        last = bisect_left(starts, end, first) - 1  # the fragment holding byte end-1
+        hashes = [v.fragment_hash(i) for i in range(first, last + 1)]
+        # Stored fragments fetched together (back-to-back ones in one pread), each checked.
+        frags = iter(self.fragments.get_many(txn, [h for h in hashes if h != HOLE]))
+        parts: list[bytes | memoryview] = []
+        for i, h in enumerate(hashes, first):
+            lo = max(offset, starts[i]) - starts[i]
+            hi = min(end, starts[i + 1]) - starts[i]
             if h == HOLE:
-                hi = min(starts[i + 1], end)
-                parts.append(bytes(hi - pos))
-                pos = hi
-                i += 1
+                parts.append(bytes(hi - lo))
                 continue
-            frag = get(txn, h)
-            lo = pos - base
-            hi = min(len(frag), end - base)
+            frag = next(frags)
+            if len(frag) != starts[i + 1] - starts[i]:
+                raise CorruptionError(f"fragment {h.hex()}: {len(frag)} bytes, the version "
+                                      f"{v.id} says {starts[i + 1] - starts[i]}")
             parts.append(frag[lo:hi] if lo or hi != len(frag) else frag)
-            pos = base + hi
-            i += 1
         if len(parts) == 1 and type(parts[0]) is bytes:
             return parts[0]
         return b"".join(parts)
