@@ -56,3 +56,14 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_map_runs_from_a_pool_thread_runs_there_instead_of_waiting_for_itself() -> None:
+    p = workers.pool()
+    if p is None:
+        return
+    items = list(range(100))
+    sizes = [workers.MIN_SPLIT_BYTES] * len(items)
+    nested = [p.submit(workers.map_runs, lambda run: [x + 1 for x in run], items, sizes)
+              for _ in range(workers.helpers() + 1)]  # every pool thread busy with one
+    assert all(f.result(timeout=10) == [x + 1 for x in items] for f in nested)

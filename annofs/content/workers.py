@@ -25,6 +25,7 @@ MAX_THREADS = 4
 # Below this much work in one call, handing half of it to a thread costs more than it saves.
 MIN_SPLIT_BYTES = 256 << 10
 
+_PREFIX = "annofs-work"
 _lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -50,8 +51,13 @@ def pool() -> ThreadPoolExecutor | None:
     pid = os.getpid()
     with _lock:
         if _pool is None or _pool[0] != pid:
-            _pool = (pid, ThreadPoolExecutor(max_workers=n, thread_name_prefix="annofs-work"))
+            _pool = (pid, ThreadPoolExecutor(max_workers=n, thread_name_prefix=_PREFIX))
         return _pool[1]
+
+
+def in_pool() -> bool:
+    """Whether the calling thread is one of the pool's."""
+    return threading.current_thread().name.startswith(_PREFIX)
 
 
 def submit(fn: Callable[..., R], *args: object) -> Future[R] | None:
@@ -86,7 +92,8 @@ def map_runs(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T],
     items (bytes of work); little work runs on the caller alone."""
     p = pool()
     total = sum(sizes)
-    if p is None or len(items) < 2 or total < MIN_SPLIT_BYTES:
+    # From a pool thread, waiting on the pool could wait for itself: run it here.
+    if p is None or len(items) < 2 or total < MIN_SPLIT_BYTES or in_pool():
         return fn(items)
     runs = split(sizes, min(helpers() + 1, max(1, total // (MIN_SPLIT_BYTES // 2))))
     futures = [p.submit(fn, items[i:j]) for i, j in runs[1:]]
