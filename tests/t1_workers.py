@@ -67,3 +67,24 @@ def test_map_runs_from_a_pool_thread_runs_there_instead_of_waiting_for_itself() 
     nested = [p.submit(workers.map_runs, lambda run: [x + 1 for x in run], items, sizes)
               for _ in range(workers.helpers() + 1)]  # every pool thread busy with one
     assert all(f.result(timeout=10) == [x + 1 for x in items] for f in nested)
+
+
+def test_finish_runs_work_no_thread_started_and_waits_for_started_work() -> None:
+    done: list[str] = []
+    workers.finish(None, done.append, "no pool")  # one CPU: nothing was submitted
+    assert done == ["no pool"]
+    p = workers.pool()
+    if p is None:
+        return
+    gate = threading.Event()
+    blockers = [p.submit(gate.wait, 10) for _ in range(workers.helpers())]
+    queued = p.submit(done.append, "queued")  # every thread busy: not started
+    workers.finish(queued, done.append, "taken back")
+    assert done == ["no pool", "taken back"] and queued.cancelled()
+    gate.set()
+    assert all(b.result(timeout=10) for b in blockers)
+    started = p.submit(done.append, "in the pool")
+    started.result(timeout=10)
+    workers.finish(started, done.append, "not run twice")
+    assert done == ["no pool", "taken back", "in the pool"]
+

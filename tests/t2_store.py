@@ -17,6 +17,7 @@ import blake3
 import pytest
 from store_damage import KINDS, damage
 
+from annofs.content import workers
 from annofs.content.history import ancestry
 from annofs.content.ingest import ingest_stream
 from annofs.content.versions import EMPTY_DIGEST, EMPTY_VERSION
@@ -181,6 +182,18 @@ def test_a_stream_of_several_blocks_from_where_it_stands(vol: Volume, seekable: 
             h = got.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
             assert vol.fragments.get(txn, h) == data[at:at + n]
             at += n
+
+
+def test_a_stream_is_stored_alike_without_a_thread_pool(vol: Volume,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = rand(8, 6 << 20)
+    with monkeypatch.context() as m:
+        m.setattr(workers, "helpers", lambda: 0)  # one CPU: everything on the caller
+        assert workers.pool() is None
+        alone = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    assert alone.new_bytes == len(data) and alone.digest == blake3.blake3(data).digest()
+    v = store_bytes(vol, data)
+    assert v.hashes == alone.hashes and read_all(vol, v) == data
 
 
 def test_repeated_fragment_within_a_file_is_stored_once(vol: Volume) -> None:

@@ -119,13 +119,15 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
     for block, cuts, last in stream_blocks(stream, params, buf_size):
         hashing: Future[None] | None = None
+        later = False  # a large block is hashed whole in a pool thread meanwhile
         if shared_hash or not (first and last and len(cuts) == 1):
-            # A one-fragment file's digest is its fragment's hash: no second pass. A large
-            # block is hashed whole in a pool thread while this one hashes its fragments.
-            if len(block) >= workers.MIN_SPLIT_BYTES:
+            # A one-fragment file's digest is its fragment's hash: no second pass.
+            later = len(block) >= workers.MIN_SPLIT_BYTES
+            if later:
                 hashing = workers.submit(whole.update, block)
-            if hashing is None:
+            else:
                 whole.update(block)
+        whole_block = block
         first = False
         if not own and last:
             # Queued past this call: a copy the exact size of the data, not a view that
@@ -142,8 +144,8 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
         # The block is a view of a buffer the next pass overwrites: store it first.
         if own or not last or queue.full:
             queue.flush()
-        if hashing is not None:
-            hashing.result()  # before the chunker overwrites the block
+        if later:  # done before the chunker overwrites the block
+            workers.finish(hashing, whole.update, whole_block)
     size = sum(lengths)
     digest = bytes(hashes) if len(lengths) == 1 else whole.digest()
     return Ingested(bytes(hashes), lengths, size, digest, queue.new_bytes if own else 0)

@@ -99,6 +99,16 @@ def map_runs(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T],
     futures = [p.submit(fn, items[i:j]) for i, j in runs[1:]]
     i, j = runs[0]
     out = fn(items[i:j])
-    for f in futures:
-        out += f.result()
+    for f, (i, j) in zip(futures, runs[1:], strict=True):
+        # A run no thread has started yet (a busy machine: the pool's thread is not
+        # scheduled) is taken back and done here rather than waited for.
+        out += fn(items[i:j]) if f.cancel() else f.result()
     return out
+
+
+def finish(f: Future[None] | None, fn: Callable[..., None], *args: object) -> None:
+    """Wait for `fn(*args)` submitted as `f`, or run it here if no thread started it."""
+    if f is None or f.cancel():
+        fn(*args)
+    else:
+        f.result()
