@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 
 from annofs.content import workers
 
@@ -29,6 +30,7 @@ def test_map_runs_keeps_the_order_and_uses_the_pool_for_large_work() -> None:
     def double(run: list[int]) -> list[int]:
         with lock:
             names.add(threading.current_thread().name)
+        time.sleep(0.02)  # slow work, without the GIL: the pool's thread starts some runs
         return [2 * x for x in run]
 
     items = list(range(1000))
@@ -88,3 +90,26 @@ def test_finish_runs_work_no_thread_started_and_waits_for_started_work() -> None
     workers.finish(started, done.append, "not run twice")
     assert done == ["no pool", "taken back", "in the pool"]
 
+
+
+def test_the_caller_takes_back_runs_no_thread_has_started() -> None:
+    p = workers.pool()
+    if p is None:
+        return
+    gate = threading.Event()
+    blockers = [p.submit(gate.wait, 10) for _ in range(workers.helpers())]
+    ran: list[str] = []
+
+    def work(run: list[int]) -> list[int]:
+        ran.append(threading.current_thread().name)
+        return [x + 1 for x in run]
+
+    items = list(range(64))
+    sizes = [workers.MIN_RUN_BYTES] * len(items)
+    try:
+        # Every pool thread is busy: the caller does every run, in order, without waiting.
+        assert workers.map_runs(work, items, sizes) == [x + 1 for x in items]
+        assert set(ran) == {threading.current_thread().name} and len(ran) > 2
+    finally:
+        gate.set()
+    assert all(b.result(timeout=10) for b in blockers)
