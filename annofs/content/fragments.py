@@ -187,11 +187,18 @@ class FragmentStore:
         return new
 
     def _encode_run(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> list[_Record]:
-        comp = self._s.compressor()  # one per thread: a context is not thread-safe
+        """`encode` of each fragment (inlined: this is the hot loop of an import)."""
+        compress = self._s.compressor().compress  # one per thread: not thread-safe
         out: list[_Record] = []
+        append = out.append
         for h, data in items:
-            codec, stored = encode(data, comp)
-            out.append((h, stored, len(stored), len(data), codec))
+            n = len(data)
+            if n >= _MIN_COMPRESS:
+                z = compress(data)
+                if len(z) < n:
+                    append((h, z, len(z), n, ZSTD))
+                    continue
+            append((h, data, n, n, RAW))
         return out
 
     def _fill(self, records: list[_Record], i: int) -> int:

@@ -56,6 +56,11 @@ class FragmentBatch:
         self._items.append((h, data))
         self._bytes += len(data)
 
+    def extend(self, items: list[tuple[bytes, bytes | memoryview]], nbytes: int) -> None:
+        """Queue fragments whose lengths add up to `nbytes`."""
+        self._items += items
+        self._bytes += nbytes
+
     @property
     def full(self) -> bool:
         """Whether the queued bytes reached the limit."""
@@ -117,6 +122,7 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     lengths = array("I")
     first = True
     buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
+    b3 = blake3.blake3
     for block, cuts, last in stream_blocks(stream, params, buf_size):
         hashing: Future[None] | None = None
         later = False  # a large block is hashed whole in a pool thread meanwhile
@@ -134,13 +140,15 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
             # would keep the chunker's whole (zero-filled, max_size larger) buffer alive.
             block = memoryview(bytes(block))
         start = 0
-        for n in cuts:
+        items = []
+        for n in cuts:  # the hot loop: a fragment's hash (fragment_hash) inlined
             piece = block[start : start + n]
-            h = fragment_hash(piece)
+            h = b3(piece).digest()
             hashes += h
-            lengths.append(n)
-            queue.add(h, piece)
+            items.append((h, piece))
             start += n
+        lengths.extend(cuts)
+        queue.extend(items, start)
         # The block is a view of a buffer the next pass overwrites: store it first.
         if own or not last or queue.full:
             queue.flush()
