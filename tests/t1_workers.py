@@ -7,6 +7,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from annofs.content import workers
 
 
@@ -113,3 +115,14 @@ def test_the_caller_takes_back_runs_no_thread_has_started() -> None:
     finally:
         gate.set()
     assert all(b.result(timeout=10) for b in blockers)
+
+
+def test_annofs_threads_caps_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "_cpus", lambda: 8)
+    assert workers.helpers() == workers.MAX_THREADS - 1
+    monkeypatch.setenv("ANNOFS_THREADS", "1")
+    assert workers.helpers() == 0 and workers.pool() is None
+    monkeypatch.setenv("ANNOFS_THREADS", "2")
+    assert workers.helpers() == 1
+    monkeypatch.setenv("ANNOFS_THREADS", "many")  # not a number: the default
+    assert workers.helpers() == workers.MAX_THREADS - 1

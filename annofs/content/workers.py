@@ -11,6 +11,7 @@ but not its threads: work handed to it would never run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -42,8 +43,12 @@ def _cpus() -> int:
 
 
 def helpers() -> int:
-    """How many pool threads work beside the caller (0 on one CPU)."""
-    return max(0, min(MAX_THREADS, _cpus()) - 1)
+    """How many pool threads work beside the caller (0 on one CPU). ANNOFS_THREADS, if
+    set, caps the threads in all (1: the caller alone, no pool)."""
+    cap = MAX_THREADS
+    with contextlib.suppress(ValueError):
+        cap = max(1, min(cap, int(os.environ.get("ANNOFS_THREADS", cap))))
+    return max(0, min(cap, _cpus()) - 1)
 
 
 def pool() -> ThreadPoolExecutor | None:
