@@ -126,3 +126,15 @@ def test_annofs_threads_caps_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     assert workers.helpers() == 1
     monkeypatch.setenv("ANNOFS_THREADS", "many")  # not a number: the default
     assert workers.helpers() == workers.MAX_THREADS - 1
+
+
+def test_caller_only_leaves_the_process_without_a_pool() -> None:
+    pid = os.fork()
+    if pid == 0:  # process-wide: in a child, as an import's reader process does it
+        workers.caller_only()
+        ok = workers.helpers() == 0 and workers.pool() is None and \
+            workers.map_runs(lambda run: list(run), list(range(10)), [1 << 20] * 10) == \
+            list(range(10))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

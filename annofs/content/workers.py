@@ -33,6 +33,7 @@ MIN_RUN_BYTES = 128 << 10
 _PREFIX = "annofs-work"
 _lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+_alone = False
 
 
 def _cpus() -> int:
@@ -42,9 +43,18 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def caller_only() -> None:
+    """No pool in this process: its work is already one of several processes, one per
+    core (an import's readers), where threads on top only add switching."""
+    global _alone
+    _alone = True
+
+
 def helpers() -> int:
     """How many pool threads work beside the caller (0 on one CPU). ANNOFS_THREADS, if
     set, caps the threads in all (1: the caller alone, no pool)."""
+    if _alone:
+        return 0
     cap = MAX_THREADS
     with contextlib.suppress(ValueError):
         cap = max(1, min(cap, int(os.environ.get("ANNOFS_THREADS", cap))))
