@@ -6,6 +6,7 @@ the index points at), and stores of format 3 converted by `annofs upgrade`."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from conftest import annofs_cmd
 
 import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
+from annofs.content.ingest import ingest_stream
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import collect
 from annofs.store.env import read_synced_meta, write_synced_meta
@@ -73,6 +75,52 @@ def test_incompressible_fragments_are_kept_raw(vol: Volume) -> None:
     with vol.store.read() as txn:
         for h, c in frags:
             assert vol.fragments.get(txn, h) == c
+
+
+def test_a_batch_compressed_in_threads_is_appended_in_its_order(vol: Volume) -> None:
+    # Large enough to be compressed in runs on several threads (content.workers): the
+    # pack still holds the records in the order given, each with the right codec.
+    frags = []
+    for i in range(64):
+        frags += items(text(i, 1 << 16) if i % 2 else random.Random(i).randbytes(1 << 16))
+    assert vol.fragments.put_many(frags) == sum(len(c) for _h, c in frags)
+    (pack,) = packs_of(vol)
+    fd = os.open(vol.store.path / "packs" / pack.name, os.O_RDONLY)
+    try:
+        records = list(packs_mod.read_records(fd, pack.end))
+    finally:
+        os.close(fd)
+    assert [h for _at, h, _codec, _stored in records] == [h for h, _c in frags]
+    for (_at, _h, codec, stored), (_h2, c) in zip(records, frags, strict=True):
+        assert (codec == 1) == (len(stored) < len(c))  # zstd only where it shrank
+    with vol.store.read() as txn:
+        assert all(vol.fragments.get(txn, h) == c for h, c in frags)
+    assert check_store(vol).ok
+
+
+def test_a_files_fragments_are_read_in_runs_across_packs(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file's fragments lie back to back in its packs: a read of many of them is one
+    # pread per pack they are in, each fragment still checked on its own.
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 512 << 10)
+    data = random.Random(8).randbytes(3 << 20) + text(9, 1 << 20)
+    got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
+    assert len(packs_of(vol)) >= 6
+    preads: list[int] = []
+    real = packs_mod.PackFiles.pread
+
+    def counted(self: packs_mod.PackFiles, txn: object, pack: int, offset: int,
+                length: int) -> bytes:
+        preads.append(length)
+        return real(self, txn, pack, offset, length)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packs_mod.PackFiles, "pread", counted)
+    with vol.store.read() as txn:
+        frags = vol.fragments.get_many(txn, hashes + hashes[:3])  # and some again
+        assert b"".join(frags[:len(hashes)]) == data
+        assert [bytes(f) for f in frags[len(hashes):]] == [bytes(f) for f in frags[:3]]
+    assert len(hashes) > 4 * len(preads) > 0
 
 
 def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:
@@ -149,13 +197,14 @@ data = [os.urandom(5000) for _ in range(20)]
 vol.fragments.put_many([(fragment_hash(d), d) for d in data])
 vol.store.sync()
 # Killed between an append and the commit that would index it.
-_shared(vol.store).writer.append(b"half-written record " * 500)
+_shared(vol.store).writer.append([b"half-written record " * 500])
 print(os.path.getsize(next(Path(sys.argv[1], "packs").iterdir())), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_killed_writers_pack_is_taken_over_and_cut_back(vol: Volume) -> None:
+def test_a_killed_writers_pack_is_taken_over_and_cut_back(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
     res = subprocess.run([sys.executable, "-c", _WRITER, str(vol.store.path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == -signal.SIGKILL, res.stderr
@@ -171,12 +220,51 @@ def test_a_killed_writers_pack_is_taken_over_and_cut_back(vol: Volume) -> None:
         assert vol.fragments.get(txn, fragment_hash(d)) == d
     rep = check_store(vol, verify_data=True)
     assert rep.ok, rep.problems
+    # Filled up and sealed by its new writer: named by the hash of all its bytes, the
+    # killed writer's included (this writer did not append them, so cannot have hashed
+    # them as it went).
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", after.end + (128 << 10))
+    vol.fragments.put_many(items(random.Random(6).randbytes(256 << 10)))
+    assert_sealed_under_their_hash(vol, 1)
+
+
+def assert_sealed_under_their_hash(vol: Volume, at_least: int) -> None:
+    sealed = [r for r in packs_of(vol) if r.state == packs_mod.SEALED]
+    assert len(sealed) >= at_least
+    for r in sealed:
+        f = vol.store.path / "packs" / r.name
+        assert blake3.blake3(f.read_bytes()).digest() == r.hash, r
+
+
+def test_a_seal_after_an_append_that_never_committed_hashes_the_file(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs_mod, "PACK_TARGET", 256 << 10)
+    frags = items(random.Random(5).randbytes(1 << 20))
+    vol.fragments.put_many(frags[:2])
+    real = packs_mod.PackWriter.record
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("injected: the indexing transaction fails")
+
+    monkeypatch.setattr(packs_mod.PackWriter, "record", fail)
+    lost = os.urandom(5000)
+    with pytest.raises(RuntimeError, match="injected"):
+        vol.fragments.put_many([(fragment_hash(lost), lost)])
+    monkeypatch.setattr(packs_mod.PackWriter, "record", real)
+    # The next append overwrites the bytes that were never indexed.
+    vol.fragments.put_many(frags[2:])
+    assert_sealed_under_their_hash(vol, 2)
+    with vol.store.read() as txn:
+        assert not vol.fragments.has(txn, fragment_hash(lost))
+        assert all(vol.fragments.get(txn, h) == c for h, c in frags)
+    assert check_store(vol, verify_data=True).ok
 
 
 _CONCURRENT = """
 import os, sys
 from pathlib import Path
 from annofs.content.fragments import fragment_hash
+from annofs.content.ingest import ingest_stream
 from annofs.volume import Volume
 vol = Volume.open(Path(sys.argv[1]))
 for i in range(40):

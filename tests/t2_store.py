@@ -17,6 +17,7 @@ import blake3
 import pytest
 from store_damage import KINDS, damage
 
+from annofs.content import workers
 from annofs.content.history import ancestry
 from annofs.content.ingest import ingest_stream
 from annofs.content.versions import EMPTY_DIGEST, EMPTY_VERSION
@@ -46,7 +47,7 @@ from annofs.store.records import (
     encode_version,
 )
 from annofs.volume import Volume
-from chunker import DEFAULT_PARAMS, ChunkParams
+from chunker import DEFAULT_PARAMS, ChunkParams, cut_lengths
 
 # -- the consistency check -----------------------------------------------------------------
 
@@ -146,6 +147,53 @@ def test_same_bytes_are_stored_once(vol: Volume) -> None:
     with vol.store.read() as txn:
         assert all(vol.fragments.refcount(txn, v1.fragment_hash(i)) == 2 for i in range(v1.count))
     assert read_all(vol, v1) == read_all(vol, v2) == data
+
+
+class _Unseekable(io.RawIOBase):
+    """A stream that can only be read (a pipe's): no size to fit a buffer to."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        return self._f.readinto(b)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_a_stream_of_several_blocks_from_where_it_stands(vol: Volume, seekable: bool) -> None:
+    # Several chunker blocks (each hashed whole in a pool thread while this one hashes its
+    # fragments); a seekable stream read from its current position, not its start.
+    data = rand(7, (9 << 20) + 12345)
+    stream: io.RawIOBase | io.BytesIO
+    if seekable:
+        stream = io.BytesIO(b"skipped" + data)
+        stream.seek(7)
+    else:
+        stream = _Unseekable(data)
+    got = ingest_stream(vol.store, vol.fragments, stream, vol.params)  # type: ignore[arg-type]
+    assert got.size == len(data) and got.digest == blake3.blake3(data).digest()
+    assert list(got.lengths) == cut_lengths(data, vol.params)
+    at = 0
+    with vol.store.read() as txn:
+        for i, n in enumerate(got.lengths):
+            h = got.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]
+            assert vol.fragments.get(txn, h) == data[at:at + n]
+            at += n
+
+
+def test_a_stream_is_stored_alike_without_a_thread_pool(vol: Volume,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = rand(8, 6 << 20)
+    with monkeypatch.context() as m:
+        m.setattr(workers, "helpers", lambda: 0)  # one CPU: everything on the caller
+        assert workers.pool() is None
+        alone = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    assert alone.new_bytes == len(data) and alone.digest == blake3.blake3(data).digest()
+    v = store_bytes(vol, data)
+    assert v.hashes == alone.hashes and read_all(vol, v) == data
 
 
 def test_repeated_fragment_within_a_file_is_stored_once(vol: Volume) -> None:

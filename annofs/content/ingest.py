@@ -6,11 +6,13 @@ import errno
 import io
 import os
 from array import array
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import blake3
 
+from annofs.content import workers
 from annofs.content.fragments import FragmentStore, fragment_hash
 from annofs.content.versions import zeros
 from annofs.store import Store
@@ -54,6 +56,11 @@ class FragmentBatch:
         self._items.append((h, data))
         self._bytes += len(data)
 
+    def extend(self, items: list[tuple[bytes, bytes | memoryview]], nbytes: int) -> None:
+        """Queue fragments whose lengths add up to `nbytes`."""
+        self._items += items
+        self._bytes += nbytes
+
     @property
     def full(self) -> bool:
         """Whether the queued bytes reached the limit."""
@@ -68,11 +75,21 @@ class FragmentBatch:
 
 
 def _read_size(stream: BinaryIO) -> int:
-    """A buffer fitted to a regular file's size: most source files are a few KiB."""
+    """A buffer fitted to a regular file's or a seekable stream's size (most source files
+    are a few KiB: a 4 MiB buffer, zero-filled, would cost more than chunking them)."""
     try:
         return fitted_read_size(stream)  # type: ignore[arg-type]
     except (AttributeError, OSError, io.UnsupportedOperation):
-        return DEFAULT_READ_SIZE
+        pass
+    try:
+        if stream.seekable():
+            pos = stream.tell()
+            end = stream.seek(0, io.SEEK_END)
+            stream.seek(pos)
+            return max(1, min(DEFAULT_READ_SIZE, end - pos))
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    return DEFAULT_READ_SIZE
 
 
 def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
@@ -105,26 +122,38 @@ def ingest_stream(store: Store, fragments: FragmentStore, stream: BinaryIO,
     lengths = array("I")
     first = True
     buf_size = max(1, read_size) if read_size is not None else _read_size(stream)
+    b3 = blake3.blake3
     for block, cuts, last in stream_blocks(stream, params, buf_size):
+        hashing: Future[None] | None = None
+        later = False  # a large block is hashed whole in a pool thread meanwhile
         if shared_hash or not (first and last and len(cuts) == 1):
             # A one-fragment file's digest is its fragment's hash: no second pass.
-            whole.update(block)
+            later = len(block) >= workers.MIN_SPLIT_BYTES
+            if later:
+                hashing = workers.submit(whole.update, block)
+            else:
+                whole.update(block)
+        whole_block = block
         first = False
         if not own and last:
             # Queued past this call: a copy the exact size of the data, not a view that
             # would keep the chunker's whole (zero-filled, max_size larger) buffer alive.
             block = memoryview(bytes(block))
         start = 0
-        for n in cuts:
+        items = []
+        for n in cuts:  # the hot loop: a fragment's hash (fragment_hash) inlined
             piece = block[start : start + n]
-            h = fragment_hash(piece)
+            h = b3(piece).digest()
             hashes += h
-            lengths.append(n)
-            queue.add(h, piece)
+            items.append((h, piece))
             start += n
+        lengths.extend(cuts)
+        queue.extend(items, start)
         # The block is a view of a buffer the next pass overwrites: store it first.
         if own or not last or queue.full:
             queue.flush()
+        if later:  # done before the chunker overwrites the block
+            workers.finish(hashing, whole.update, whole_block)
     size = sum(lengths)
     digest = bytes(hashes) if len(lengths) == 1 else whole.digest()
     return Ingested(bytes(hashes), lengths, size, digest, queue.new_bytes if own else 0)

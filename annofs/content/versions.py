@@ -7,7 +7,7 @@ import dataclasses
 import errno
 import time
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Set
 from itertools import accumulate
@@ -272,32 +272,37 @@ class VersionStore:
         In a transaction opened with `buffers=True` the fragments are hashed and sliced in
         LMDB's map, and the one join is the only copy: the result never points into the map.
         """
-        end = min(v.size, offset + size)
-        if offset >= end:
-            return b""
-        starts = fragment_starts(v)
-        i = bisect_right(starts, offset) - 1
-        parts = []
-        pos = offset
-        get = self.fragments.get
-        while pos < end:
-            h = v.fragment_hash(i)
-            base = starts[i]
-            if h == HOLE:
-                hi = min(starts[i + 1], end)
-                parts.append(bytes(hi - pos))
-                pos = hi
-                i += 1
-                continue
-            frag = get(txn, h)
-            lo = pos - base
-            hi = min(len(frag), end - base)
-            parts.append(frag[lo:hi] if lo or hi != len(frag) else frag)
-            pos = base + hi
-            i += 1
+        parts = self.read_parts(txn, v, offset, size)
         if len(parts) == 1 and type(parts[0]) is bytes:
             return parts[0]
         return b"".join(parts)
+
+    def read_parts(self, txn: lmdb.Transaction, v: Version, offset: int,
+                   size: int) -> list[bytes | memoryview]:
+        """`read` as the list of its parts, not joined (the mount sends them to the kernel
+        with one writev). The parts never point into LMDB's map."""
+        end = min(v.size, offset + size)
+        if offset >= end:
+            return []
+        starts = fragment_starts(v)
+        first = bisect_right(starts, offset) - 1
+        last = bisect_left(starts, end, first) - 1  # the fragment holding byte end-1
+        hashes = [v.fragment_hash(i) for i in range(first, last + 1)]
+        # Stored fragments fetched together (back-to-back ones in one pread), each checked.
+        frags = iter(self.fragments.get_many(txn, [h for h in hashes if h != HOLE]))
+        parts: list[bytes | memoryview] = []
+        for i, h in enumerate(hashes, first):
+            lo = max(offset, starts[i]) - starts[i]
+            hi = min(end, starts[i + 1]) - starts[i]
+            if h == HOLE:
+                parts.append(bytes(hi - lo))
+                continue
+            frag = next(frags)
+            if len(frag) != starts[i + 1] - starts[i]:
+                raise CorruptionError(f"fragment {h.hex()}: {len(frag)} bytes, the version "
+                                      f"{v.id} says {starts[i + 1] - starts[i]}")
+            parts.append(frag[lo:hi] if lo or hi != len(frag) else frag)
+        return parts
 
     def read_snapshot(self, v: Version, offset: int, size: int) -> bytes:
         """`read` in a read transaction of its own, without copying fragments out of the map
@@ -305,6 +310,12 @@ class VersionStore:
         fragments are (a spilled open file's): a fresh snapshot sees only committed data."""
         with self._store.env.begin(buffers=True) as txn:
             return self.read(txn, v, offset, size)
+
+    def read_parts_snapshot(self, v: Version, offset: int,
+                            size: int) -> list[bytes | memoryview]:
+        """`read_parts` in a read transaction of its own (see read_snapshot)."""
+        with self._store.env.begin(buffers=True) as txn:
+            return self.read_parts(txn, v, offset, size)
 
     def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes | memoryview]:
         """The whole content, fragment by fragment, each checked; a hole as zeros in

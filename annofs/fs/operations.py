@@ -67,6 +67,10 @@ BLOCK_SIZE = 128 * 1024
 # ones, the reads of small files, cost less than the hand-off (~50-100 us) and stay here.
 THREAD_READ_BYTES = 256 * 1024
 READ_THREADS = 2
+# pyfuse3 as scripts/pyfuse3-patched.sh builds it takes a read's data as a list of
+# buffers and sends them with one writev (at most this many; more are joined first).
+READ_PARTS = bool(getattr(pyfuse3, "annofs_read_parts", False))
+MAX_REPLY_PARTS = 1000
 # Files up to this size are put in the kernel's page cache at their first open (see
 # Operations._push_content): most files of a source tree; bigger ones read as usual.
 PUSH_BYTES = 128 * 1024
@@ -941,8 +945,13 @@ class Operations(pyfuse3.Operations):
             return self.vol.versions.read_snapshot(v, off, size)
         # Big reads (the kernel's readahead, several in flight) in worker threads: hashing
         # and the page faults under it run without the GIL, beside this loop's replies.
-        return await trio.to_thread.run_sync(self.vol.versions.read_snapshot, v, off, size,
-                                             limiter=self._read_threads)
+        if not READ_PARTS:
+            return await trio.to_thread.run_sync(self.vol.versions.read_snapshot, v, off,
+                                                 size, limiter=self._read_threads)
+        # The parts as read (slices of pack reads), sent with one writev: no joined copy.
+        parts = await trio.to_thread.run_sync(self.vol.versions.read_parts_snapshot, v, off,
+                                              size, limiter=self._read_threads)
+        return parts if len(parts) <= MAX_REPLY_PARTS else b"".join(parts)  # type: ignore[return-value]
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

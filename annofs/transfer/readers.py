@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from annofs.content import workers
 from annofs.content.fragments import FragmentStore
 from annofs.content.holes import HOLE_MIN
 from annofs.content.ingest import (
@@ -140,6 +141,9 @@ def _init_worker(store_path: str, params: str, importer: int) -> None:
     _exit_with(importer)
     # Ctrl-C reaches the whole process group; the importer shuts the pool down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One reader process per core already: compression threads on top of them made the
+    # import of linux-source-6.1 slower (24.1-24.8 s against 19.2 s without, at load 2-3).
+    workers.caller_only()
     store = open_store(Path(store_path))
     _worker = (store, FragmentStore(store), ChunkParams.parse(params))
 
