@@ -108,6 +108,16 @@ def run_as(creds: tuple[int, int, tuple[int, ...]], fn: Callable[..., Any], *arg
     return value
 
 
+def read_at(dirfd: int, name: str) -> bytes:
+    """Up to 1 MiB of `name` under an open directory (for run_as: a path walk of the
+    caller's own, from a descriptor opened before the fork)."""
+    fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
+    try:
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
 def errno_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """The errno `fn` fails with; fails the test if it succeeds."""
     try:

@@ -36,6 +36,15 @@ def write_tree(root: Path, seed: int, n: int = 60) -> dict[str, bytes]:
     return files
 
 
+def _free_pages(vol: Volume) -> None:
+    """Leave ~3 MiB of free pages in the file: a big value written, then deleted (LMDB
+    keeps the pages it had, free)."""
+    with vol.store.write() as txn:
+        vol.store.put_meta(txn, "scratch", os.urandom(3 << 20))
+    with vol.store.write() as txn:
+        txn.delete(b"scratch", db=vol.store.db["meta"])
+
+
 def churn(store: Path, tmp: Path, releases: int = 4) -> dict[str, bytes]:
     """Import several releases to one path, then free pages: a big value written and
     deleted (LMDB keeps its pages in the file, free). Returns the last release."""
@@ -44,10 +53,7 @@ def churn(store: Path, tmp: Path, releases: int = 4) -> dict[str, bytes]:
         for r in range(releases):
             files = write_tree(tmp / f"rel{r}", r)
             TreeImporter(vol).run(tmp / f"rel{r}", [b"src"])
-        with vol.store.write() as txn:
-            vol.store.put_meta(txn, "scratch", os.urandom(3 << 20))
-        with vol.store.write() as txn:
-            txn.delete(b"scratch", db=vol.store.db["meta"])
+        _free_pages(vol)
     finally:
         vol.close()
     return files
@@ -200,7 +206,7 @@ from pathlib import Path
 import annofs.store.compact as compact
 """ + _KILL_POINTS + """
 for owner, name in [(compact, "_write_copy"), (compact, "_set_txnid"),
-                    (compact, "_fsync_file"), (compact, "_fsync_dir"), (os, "unlink"),
+                    (compact, "_fsync_file"), (compact, "fsync_dir"), (os, "unlink"),
                     (os, "rename")]:
     wrap(owner, name)
 print(compact.compact_store(Path(sys.argv[1])), flush=True)
@@ -244,10 +250,7 @@ def test_gc_and_import_commands_compact_when_alone(tmp_path: Path) -> None:
     assert after_gc < size - (2 << 20)
     vol = Volume.open(store)
     try:
-        with vol.store.write() as txn:
-            vol.store.put_meta(txn, "scratch", os.urandom(3 << 20))
-        with vol.store.write() as txn:
-            txn.delete(b"scratch", db=vol.store.db["meta"])
+        _free_pages(vol)
     finally:
         vol.close()
     assert (store / "db" / "data.mdb").stat().st_size > after_gc + (2 << 20)

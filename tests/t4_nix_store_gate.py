@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, annofs_cmd
-from fuse_helpers import NOBODY, as_user, errno_of, run_as
+from fuse_helpers import NOBODY, as_user, errno_of, read_at, run_as
 
 from annofs.daemon.events import read_events
 
@@ -121,17 +121,9 @@ class NixStore:
         fd = os.open(self.mount.path, os.O_PATH | os.O_DIRECTORY)
         try:
             name = store_path.lstrip("/") + (f"/{rel}" if rel else "")
-            return run_as((uid, uid, ()), _read_at, fd, name)
+            return run_as((uid, uid, ()), read_at, fd, name)
         finally:
             os.close(fd)
-
-
-def _read_at(dirfd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
-    try:
-        return os.read(fd, 1 << 20)
-    finally:
-        os.close(fd)
 
 
 def write_policy(path: Path, keys: Keys, database: Path) -> Path:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from cache_server import serve_cache
-from fuse_helpers import NOBODY, run_as
+from fuse_helpers import NOBODY, read_at, run_as
 from t4_nix_real import NIX, NixWorld, nixw, run
 from t4_nix_register import signed_cache
 
@@ -68,14 +68,6 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _read_at(dirfd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
-    try:
-        return os.read(fd, 1 << 20)
-    finally:
-        os.close(fd)
 
 
 def test_the_readme_nix_workflow_runs(nixw: NixWorld, tmp_path: Path) -> None:
@@ -138,7 +130,7 @@ def test_the_readme_nix_workflow_runs(nixw: NixWorld, tmp_path: Path) -> None:
         # (Through a directory opened by root: pytest's temporary parents are 0700.)
         dirfd = os.open(mnt, os.O_PATH | os.O_DIRECTORY)
         try:
-            got = run_as((NOBODY, NOBODY, ()), _read_at, dirfd,
+            got = run_as((NOBODY, NOBODY, ()), read_at, dirfd,
                          f"{nixw.top.lstrip('/')}/share/greeting")
         finally:
             os.close(dirfd)
@@ -147,7 +139,7 @@ def test_the_readme_nix_workflow_runs(nixw: NixWorld, tmp_path: Path) -> None:
         assert len(built) == 1, built
         dirfd = os.open(root / "nix" / "store", os.O_PATH | os.O_DIRECTORY)
         try:
-            out = run_as((NOBODY, NOBODY, ()), _read_at, dirfd, built[0])
+            out = run_as((NOBODY, NOBODY, ()), read_at, dirfd, built[0])
         finally:
             os.close(dirfd)
         assert out == b"from the project\n"

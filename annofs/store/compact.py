@@ -39,6 +39,7 @@ from annofs.store.env import (
     recover_after_reboot,
 )
 from annofs.store.lock import try_exclusive
+from annofs.store.packs import fsync_dir
 
 # A rewrite costs reading and writing every used page: only when the file would shrink by
 # at least this fraction, and by at least MIN_FREE_BYTES (small stores are left alone).
@@ -170,9 +171,9 @@ def compact_store(path: Path, *, locked: bool = False,
         # needs it: remove it first, then swap.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(db_dir / SYNCED_META)
-        _fsync_dir(db_dir)
+        fsync_dir(db_dir)
         os.rename(db_dir / _TMP / "data.mdb", db_dir / "data.mdb")
-        _fsync_dir(db_dir)
+        fsync_dir(db_dir)
         shutil.rmtree(db_dir / _TMP, ignore_errors=True)
         return CompactReport(before, (db_dir / "data.mdb").stat().st_size)
 
@@ -256,9 +257,3 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
