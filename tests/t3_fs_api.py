@@ -728,22 +728,37 @@ async def test_gc_during_a_spilled_write_keeps_its_fragments(
     await k.settle()
 
 
-@trio_test
-async def test_write_during_a_threaded_commit_is_not_lost(k: Kernel, vol: Volume) -> None:
-    data = random.Random(4).randbytes(2 * MiB)  # > INLINE_BYTES: the fold runs in a thread
-    fh1, e = await k.create(ROOT, b"f")
+async def during_a_threaded_flush(
+        k: Kernel, name: bytes, seed: int,
+        meanwhile: Callable[[int, bytes], Awaitable[None]]) -> tuple[int, int, bytes]:
+    """A file `name` holding 2 MiB written through one handle (fh1) and open on a second
+    (fh2); fh1 is flushed, and `meanwhile(fh2, data)` runs while that commit folds in its
+    worker thread (more than INLINE_BYTES), holding the file's lock. Returns fh1, fh2 and
+    the data."""
+    data = random.Random(seed).randbytes(2 * MiB)
+    fh1, e = await k.create(ROOT, name)
     fh2 = await k.open(e.st_ino)
     await k.write(fh1, 0, data)
-    seen: list[bytes] = []
 
-    async def late_writer() -> None:
+    async def then() -> None:
         await trio.testing.wait_all_tasks_blocked()  # the flush is folding in its thread
-        await k.write(fh2, 0, b"LATE")
-        seen.append(await k.read(fh2, 0, 8))
+        await meanwhile(fh2, data)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.flush, fh1)
-        nursery.start_soon(late_writer)
+        nursery.start_soon(then)
+    return fh1, fh2, data
+
+
+@trio_test
+async def test_write_during_a_threaded_commit_is_not_lost(k: Kernel, vol: Volume) -> None:
+    seen: list[bytes] = []
+
+    async def late_writer(fh2: int, _data: bytes) -> None:
+        await k.write(fh2, 0, b"LATE")
+        seen.append(await k.read(fh2, 0, 8))
+
+    fh1, fh2, data = await during_a_threaded_flush(k, b"f", 4, late_writer)
     expected = b"LATE" + data[4:]
     assert seen == [expected[:8]]
     assert await k.read(fh1) == expected
@@ -761,22 +776,15 @@ async def test_a_read_never_overtakes_a_write_received_before_it(k: Kernel, vol:
     (a commit holds it). The READ must carry that write's bytes: the kernel caches what
     it returns as up to date, under a size that soon counts the write (a reader of a log
     being appended saw zeros where the last record was; tests/t4_fuse_tools.py)."""
-    data = random.Random(5).randbytes(2 * MiB)  # > INLINE_BYTES: the fold runs in a thread
-    fh1, e = await k.create(ROOT, b"log")
-    fh2 = await k.open(e.st_ino)
-    await k.write(fh1, 0, data)
     seen: list[bytes] = []
 
-    async def append_then_read() -> None:
-        await trio.testing.wait_all_tasks_blocked()  # the flush is folding in its thread
+    async def append_then_read(fh2: int, data: bytes) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(k.write, fh2, len(data), b"APPENDED")
             await trio.testing.wait_all_tasks_blocked()  # the write waits for the lock
             seen.append(await k.read(fh2, len(data) - 4, 12))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(k.flush, fh1)
-        nursery.start_soon(append_then_read)
+    fh1, fh2, data = await during_a_threaded_flush(k, b"log", 5, append_then_read)
     assert seen == [data[-4:] + b"APPENDED"]
     await k.release(fh1)
     await k.release(fh2)

@@ -271,8 +271,8 @@ class FragmentStore:
     def _points_at(self, txn: lmdb.Transaction, h: bytes, pack: int,
                    offset: int) -> int | None:
         """The fragment's refcount if its index entry points at (pack, offset), else None."""
-        raw = txn.get(h, db=self._index)
-        if raw is None or len(raw) != _INDEX.size:
+        raw = self._record(txn, h)
+        if raw is None:
             return None
         entry = _INDEX.unpack(raw)
         return entry[5] if entry[:2] == (pack, offset) else None
@@ -283,6 +283,12 @@ class FragmentStore:
             txn.put(pack_key(pack), PackRecord(rec.id, rec.state, rec.end,
                                                max(0, rec.live + delta), rec.hash).encode(),
                     db=self._packs)
+
+    def _record(self, txn: lmdb.Transaction, h: bytes) -> bytes | None:
+        """The fragment's index record of this format, or None (not stored, or a damaged
+        or not yet converted record: nothing to read a count or a place from)."""
+        raw = txn.get(h, db=self._index)
+        return raw if raw is not None and len(raw) == _INDEX.size else None
 
     def has(self, txn: lmdb.Transaction, h: bytes) -> bool:
         """Whether a fragment is stored."""
@@ -373,8 +379,8 @@ class FragmentStore:
 
     def stored_bytes(self, txn: lmdb.Transaction, h: bytes) -> int:
         """The bytes a fragment takes in the store (0 if absent): what freeing it gives."""
-        raw = txn.get(h, db=self._index)
-        return _INDEX.unpack(raw)[2] if raw is not None and len(raw) == _INDEX.size else 0
+        raw = self._record(txn, h)
+        return _INDEX.unpack(raw)[2] if raw is not None else 0
 
     def locate(self, txn: lmdb.Transaction, h: bytes) -> tuple[Path, int, int]:
         """(pack file, offset, stored length) of a fragment: where its bytes are on disk."""
@@ -604,9 +610,8 @@ class FragmentStore:
 
     def refcount(self, txn: lmdb.Transaction, h: bytes) -> int:
         """How many stored version positions use the fragment (0 if it is not stored)."""
-        raw = txn.get(h, db=self._index)
-        return _COUNT.unpack_from(raw, _REFS_AT)[0] if raw is not None and \
-            len(raw) == _INDEX.size else 0
+        raw = self._record(txn, h)
+        return _COUNT.unpack_from(raw, _REFS_AT)[0] if raw is not None else 0
 
     def refcounts(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, int]]:
         """(hash, refcount) of every stored fragment whose count is not 0 (a damaged index
@@ -619,8 +624,8 @@ class FragmentStore:
     def set_refcount(self, txn: lmdb.Transaction, h: bytes, n: int) -> bool:
         """Set a refcount outright (repair); False if the fragment is not stored (or its
         index record is damaged), which has no count to set."""
-        raw = txn.get(h, db=self._index)
-        if raw is None or len(raw) != _INDEX.size:
+        raw = self._record(txn, h)
+        if raw is None:
             return False
         txn.put(h, _with_refs(raw, n), db=self._index)
         return True
@@ -629,8 +634,8 @@ class FragmentStore:
         """Add occurrences (a new version was stored). Its fragments are stored first, so
         one that is not is an error (CorruptionError: the version is not stored)."""
         for h, n in counts.items():
-            raw = txn.get(h, db=self._index)
-            if raw is None or len(raw) != _INDEX.size:
+            raw = self._record(txn, h)
+            if raw is None:
                 raise CorruptionError(f"fragment {h.hex()}: missing from the store")
             txn.put(h, _with_refs(raw, _COUNT.unpack_from(raw, _REFS_AT)[0] + n),
                     db=self._index)
@@ -641,8 +646,8 @@ class FragmentStore:
         a version not stored yet relies on). Returns stored bytes freed."""
         gone = []
         for h, n in counts.items():
-            raw = txn.get(h, db=self._index)
-            if raw is None or len(raw) != _INDEX.size:
+            raw = self._record(txn, h)
+            if raw is None:
                 continue  # nothing stored to count (fsck reports the version)
             left = _COUNT.unpack_from(raw, _REFS_AT)[0] - n
             if left > 0 or h in keep:
