@@ -30,6 +30,7 @@ from benchmarks.mount import (
     tree_facts,
 )
 from benchmarks.nar import timed
+from benchmarks.passthrough import floor_daemon, overlay_daemon
 from benchmarks.registry import Context, FigureResult, Row, Skip, figure
 
 SMALL_FILES, QUICK_SMALL_FILES = 5_000, 500
@@ -63,11 +64,18 @@ def nix_smallfiles(ctx: Context) -> FigureResult:
     store = new_store(ctx.work / "smallfiles-store")
     d = daemon(ctx, store, "sf-R/nix/store")
     root = ctx.work / "sf-R"
-    with running(d):
-        _nix_root(root)
+    c_root = ctx.work / "sf-C"
+    c_fs = overlay_daemon(ctx.work / "sf-C-layers", c_root / "nix" / "store", ctx.work)
+    py_root = ctx.work / "sf-py"
+    (ctx.work / "sf-py-host").mkdir()
+    py_fs = floor_daemon(ctx.work / "sf-py-host", py_root / "nix" / "store", ctx.work)
+    sides = (("native", native), ("annofs", root), ("C FUSE", c_root), ("pyfuse3", py_root))
+    with running(d, c_fs, py_fs):
+        for _, r in sides[1:]:
+            _nix_root(r)
         add = {}
         cpa = {}
-        for name, r in (("native", native), ("annofs", root)):
+        for name, r in sides:
             subprocess.run(["sync"], check=True)
             add[name], printed = timed(["nix-store", "--store", f"local?root={r}", "--add",
                                          str(src)])
@@ -75,15 +83,27 @@ def nix_smallfiles(ctx: Context) -> FigureResult:
             subprocess.run(["sync"], check=True)
             cpa[name] = timed(["cp", "-a", str(src), str(r / "nix" / "store" / "cp-a")])[0]
             ctx.log(f"nix-smallfiles {name}: cp -a {cpa[name]:.2f} s")
-        # What Nix added through the mount is a valid path whose content hashes right.
-        timed(["nix-store", "--store", f"local?root={root}", "--verify-path", printed])
+            # What Nix added is a valid path whose content hashes right.
+            timed(["nix-store", "--store", f"local?root={r}", "--verify-path", printed])
     s = lambda x: f"{x:.2f} s ({nfiles / x:.0f} files/s)"  # noqa: E731
     rows = [
         Row(f"`nix-store --add` of {nfiles} files: mounted chroot store / native chroot store "
             f"(time)", s(add["annofs"]), s(add["native"]), add["annofs"] / add["native"],
             "<= 3.00"),
+        Row(f"`nix-store --add` of {nfiles} files: a C FUSE filesystem (fuse-overlayfs) / "
+            f"native chroot store (time)", s(add["C FUSE"]), s(add["native"]),
+            add["C FUSE"] / add["native"]),
+        Row(f"`nix-store --add` of {nfiles} files: the least filesystem on pyfuse3 "
+            f"(benchmarks/pyfloor.py) / native chroot store (time)", s(add["pyfuse3"]),
+            s(add["native"]), add["pyfuse3"] / add["native"]),
+        Row(f"`nix-store --add` of {nfiles} files: annofs / the least filesystem on pyfuse3 "
+            f"(time)", s(add["annofs"]), s(add["pyfuse3"]), add["annofs"] / add["pyfuse3"]),
+        Row(f"`nix-store --add` of {nfiles} files: annofs / the C FUSE filesystem (time)",
+            s(add["annofs"]), s(add["C FUSE"]), add["annofs"] / add["C FUSE"]),
         Row(f"`cp -a` of {nfiles} files into the store directory: mount / native (time)",
             s(cpa["annofs"]), s(cpa["native"]), cpa["annofs"] / cpa["native"]),
+        Row(f"`cp -a` of {nfiles} files into the store directory: C FUSE / native (time)",
+            s(cpa["C FUSE"]), s(cpa["native"]), cpa["C FUSE"] / cpa["native"]),
     ]
     notes = f"""\
 What: a nixpkgs-shaped tree from benchmarks/gentree.py ({nfiles} files, {ndirs}
@@ -91,9 +111,16 @@ directories, {nlinks} symlinks, {nbytes / 1e6:.0f} MB; mostly small text, a tail
 large files) added by the real Nix 2.8 as one store path:
 `nix-store --store local?root=R --add TREE`, with R/nix/store an annofs mount (`annofs
 mount`, no policy) against R on the native disk (ext4); then `cp -a TREE
-R/nix/store/cp-a` into each. One run each, warm source, `sync` before each (the native
-side's writes are in the page cache when it returns: the fair comparison for a mount
-whose commits are not synced either). {daemon_log_note(d)} Code measured: {code_revision()}."""
+R/nix/store/cp-a` into each. The same into a third root whose R/nix/store is Debian's
+fuse-overlayfs over an empty lower directory: a FUSE filesystem in C (libfuse3's low-level
+API, multithreaded) that forwards every call to the host disk, i.e. what FUSE's round
+trips cost before any work of annofs's own. And a fourth through benchmarks/pyfloor.py,
+the least a filesystem on pyfuse3 and trio can do (every call forwarded to the host
+disk, inodes held as O_PATH descriptors as libfuse's passthrough_ll does): what a FUSE
+daemon in Python pays per request before any work of annofs's own. One run each, warm
+source, `sync` before each (the native side's writes are in the page cache when it
+returns: the fair comparison for a mount whose commits are not synced either). {daemon_log_note(d)}
+Code measured: {code_revision()}."""
     return FigureResult(rows, notes)
 
 

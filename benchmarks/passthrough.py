@@ -220,3 +220,26 @@ def passthrough_daemon(script: Path, source: Path, mountpoint: Path, work: Path)
     """pyfuse3's passthroughfs.py mirroring `source` at `mountpoint`, with this venv's python."""
     argv = [sys.executable, str(script), str(source), str(mountpoint)]
     return FuseDaemon("passthroughfs", argv, mountpoint, work / f"{mountpoint.name}.stderr")
+
+
+def overlay_daemon(layers: Path, mountpoint: Path, work: Path) -> FuseDaemon:
+    """Debian's fuse-overlayfs (C, libfuse3's low-level API, multithreaded) over an empty
+    lower directory: every file written lands in `layers`/upper, forwarded to the host
+    filesystem call for call. The floor a FUSE filesystem written in C reaches here."""
+    exe = shutil.which("fuse-overlayfs")
+    if exe is None:
+        raise Skip("fuse-overlayfs is not installed (Debian's fuse-overlayfs)")
+    dirs = {part: layers / part for part in ("lower", "upper", "work")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    return FuseDaemon("fuse-overlayfs", [exe, "-f", "-o", opts, str(mountpoint)], mountpoint,
+                      work / f"{mountpoint.name}.stderr")
+
+
+def floor_daemon(source: Path, mountpoint: Path, work: Path) -> FuseDaemon:
+    """benchmarks/pyfloor.py mirroring `source`: the least a filesystem on pyfuse3 and
+    trio pays per request, run with this venv's python from this checkout."""
+    argv = [sys.executable, "-m", "benchmarks.pyfloor", str(source), str(mountpoint)]
+    return FuseDaemon("pyfloor", argv, mountpoint, work / f"{mountpoint.name}.stderr",
+                      cwd=Path(__file__).resolve().parent.parent)

@@ -13,9 +13,10 @@ cd "$(dirname "$0")/.."
 # make: tests/t4_fuse_tools.py builds a small C project in the mount with it.
 # stress-ng: filesystem stressors with verification run against the mount
 # (tests/t4_fuse_stressng.py; pjdfstest, xfstests' fsx and LTP are not packaged).
+# fuse-overlayfs: a FUSE filesystem in C, the floor benchmarks compare the mount with.
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv git nix-bin
               xz-utils zstd bzip2 borgbackup restic chromium stress-ng
-              openssh-client patch make)
+              openssh-client patch make fuse-overlayfs)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
