@@ -13,8 +13,12 @@ once more unchanged (annofs: the NAR hash cache).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from benchmarks.gentree import cached_tree
@@ -36,6 +40,21 @@ from benchmarks.registry import Context, FigureResult, Row, Skip, figure
 SMALL_FILES, QUICK_SMALL_FILES = 5_000, 500
 SOURCE_FILES, QUICK_SOURCE_FILES = 40_000, 2_000
 NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
+
+
+def _sha256_seconds(nbytes: int) -> float:
+    """Seconds hashlib's SHA-256 takes over `nbytes` bytes in memory (best of three)."""
+    block = os.urandom(1 << 20)
+    best = float("inf")
+    for _ in range(3):
+        h = hashlib.sha256()
+        start = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            h.update(block[:left] if left < len(block) else block)
+            left -= len(block)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _need_nix() -> None:
@@ -161,11 +180,16 @@ def nix_add_source(ctx: Context) -> FigureResult:
             ctx.log(f"nix-add-source annofs {step}: {ann[step]:.2f} s: {out.splitlines()[0]}")
             nix[step] = timed(flake)[0]
             ctx.log(f"nix-add-source nix flake metadata {step}: {nix[step]:.2f} s")
+    nar_bytes = int(re.search(r"(\d+) NAR bytes", out).group(1))  # type: ignore[union-attr]
+    sha = _sha256_seconds(nar_bytes)
     s = lambda x: f"{x:.2f} s"  # noqa: E731
     rows = [Row(f"`annofs nix add-source` / `nix flake metadata path:DIR`, {step} "
                 f"({nfiles} files)", s(ann[step]), s(nix[step]), ann[step] / nix[step],
-                "<= 1.00" if step == "after one change" else "")
+                "<= 0.10" if step == "after one change" else "")
             for step in ("first", "after one change", "unchanged")]
+    rows.append(Row(f"SHA-256 of the NAR's {nar_bytes / 1e6:.0f} MB alone (hashlib, in "
+                    f"memory) / `nix flake metadata path:DIR` after one change",
+                    s(sha), s(nix["after one change"]), sha / nix["after one change"]))
     notes = f"""\
 What: a nixpkgs-shaped tree from benchmarks/gentree.py ({nfiles} files, {ndirs}
 directories, {nlinks} symlinks, {nbytes / 1e6:.0f} MB), held in a mount at R
@@ -177,7 +201,11 @@ tree read from the store, an O(1) copy to R/nix/store/<hash>-source, registered 
 disk (N native; Nix 2.8 copies the tree into its store each time). "after one change":
 one line appended to one file on each side, then both again; "unchanged": both once
 more (annofs answers from its NAR hash cache; the cache is per tree version, so a
-one-file change hashes the whole NAR again: SHA-256 does not compose). Whole commands,
-start-up included, one run each, warm. {daemon_log_note(d)} Code measured:
+one-file change hashes the whole NAR again: SHA-256 does not compose). The change is to
+the first file in the NAR's order, so every byte of the NAR comes after it: the last row
+is what hashing those bytes alone costs (hashlib's SHA-256 over the NAR's size of bytes
+already in memory, best of three), a floor under any implementation that keeps the NAR
+hash Nix asks for. Target from SPEC section 8: under 10%. Whole commands, start-up
+included, one run each, warm. {daemon_log_note(d)} Code measured:
 {code_revision()}."""
     return FigureResult(rows, notes)
