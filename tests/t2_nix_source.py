@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from annofs.errors import UsageError
+from annofs.nix import source
 from annofs.nix.source import (
     CACHE_FILE,
     NarHashCache,
@@ -84,3 +85,23 @@ def test_add_source_and_a_damaged_cache(vol: Volume, tmp_path: Path) -> None:
         add_source(vol, [b"src", b"a", b"a"], [b"nix", b"store"])
     with pytest.raises(UsageError, match="not a Nix store path name"):
         add_source(vol, [b"src", b"a"], [b"nix", b"store"], name="a/b")
+
+
+@pytest.mark.parametrize("kept", [0, 2, 1000])
+def test_the_dump_uses_what_the_key_walk_listed_and_lists_the_rest(
+        vol: Volume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
+    # The NAR after a cache miss is made from the directories the key's walk kept, up
+    # to a bound, and lists the others again: the same bytes either way.
+    host = host_tree(tmp_path / "t")
+    for d in ("x", "x/y", "z"):
+        (host / d).mkdir()
+        (host / d / "f").write_text(d)
+    put(vol, host, b"t")
+    monkeypatch.setattr(source, "_KEPT_ENTRIES", kept)
+    with vol.store.read() as txn:
+        listings: dict = {}
+        tree_key(vol, txn, vol.namespace.resolve(txn, [b"src", b"t"]), listings)
+        got = hash_tree(vol, txn, [b"src", b"t"], NarHashCache(tmp_path))
+    assert sum(len(v) for v in listings.values()) <= kept
+    assert (len(listings) == 5) == (kept == 1000)
+    assert got.nar == nar_hash(dump_host(host))

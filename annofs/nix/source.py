@@ -37,11 +37,14 @@ from annofs.nix.narinfo import format_sha256
 from annofs.nix.register import STORE_DIR, Registration
 from annofs.store.records import Attrs
 from annofs.transfer import nixbase32 as base32
-from annofs.transfer.nar import NarHash, dump_volume_in, show_path
+from annofs.transfer.nar import Listings, NarHash, dump_volume_in, show_path
 from annofs.volume import Volume
 
 CACHE_FILE = "nar-hash-cache.json"
 _CACHE_ENTRIES = 4096  # trees remembered; the oldest go first
+# Directory entries the key's walk keeps for the dump that follows a cache miss (about
+# 300 bytes each): a tree bigger than this lists the rest of its directories again.
+_KEPT_ENTRIES = 500_000
 
 
 def make_source_path(nar_sha256: bytes, name: str = "source",
@@ -60,16 +63,23 @@ def _lp(b: bytes) -> bytes:
     return len(b).to_bytes(8, "little") + b
 
 
-def tree_key(vol: Volume, txn: lmdb.Transaction, top: Attrs) -> bytes:
-    """A key equal for two trees exactly when their NARs are: metadata only."""
+def tree_key(vol: Volume, txn: lmdb.Transaction, top: Attrs,
+             listings: Listings | None = None) -> bytes:
+    """A key equal for two trees exactly when their NARs are: metadata only. Fills
+    `listings` with the directories read (up to _KEPT_ENTRIES entries in all), for a
+    dump of the same snapshot to use."""
     ns = vol.namespace
     key = blake3.blake3()
     stack: list[tuple[bytes, Attrs]] = [(b"", top)]
+    kept = 0
     while stack:
         rel, a = stack.pop()
         if a.is_dir:
             key.update(b"d" + _lp(rel))
             children = list(ns.listdir(txn, int(a.target)))
+            if listings is not None and kept + len(children) <= _KEPT_ENTRIES:
+                listings[int(a.target)] = children
+                kept += len(children)
             stack.extend((rel + b"/" + n, c) for n, c in reversed(children))
         elif a.is_symlink:
             assert isinstance(a.target, bytes)
@@ -136,13 +146,14 @@ def hash_tree(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
               cache: NarHashCache) -> HashedTree:
     """The NAR hash of the tree at `path` in one snapshot, from the cache if unchanged."""
     top = vol.namespace.resolve(txn, list(path))
-    key = tree_key(vol, txn, top)
+    listings: Listings = {}
+    key = tree_key(vol, txn, top, listings)
     hit = cache.get(key)
     if hit is not None:
         return HashedTree(hit, key, True)
     h = hashlib.sha256()
     size = 0
-    for chunk in dump_volume_in(vol, txn, path):
+    for chunk in dump_volume_in(vol, txn, path, listings):
         h.update(chunk)
         size += len(chunk)
     got = NarHash(h.digest(), size)

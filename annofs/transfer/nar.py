@@ -237,16 +237,23 @@ def dump_volume(vol: Volume, path: Sequence[bytes]) -> Iterator[bytes]:
         yield from dump_volume_in(vol, txn, path)
 
 
-def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes]
-                   ) -> Iterator[bytes]:
+Listings = dict[int, list[tuple[bytes, Attrs]]]
+"""Directory node id -> its entries in name order, as a walk of the same snapshot read
+them (a node id names one directory's content within a snapshot)."""
+
+
+def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
+                   listings: Listings | None = None) -> Iterator[bytes]:
     """`dump_volume` in the caller's read transaction (which must outlive the dump): for
-    a caller that checked the tree in that snapshot and must archive exactly it."""
+    a caller that checked the tree in that snapshot and must archive exactly it.
+    `listings` are directories that caller already listed in this transaction: they are
+    not read and decoded a second time."""
     top = vol.namespace.resolve(txn, list(path))
-    yield from _dump(_volume_node(vol, txn, top, tuple(path)))
+    yield from _dump(_volume_node(vol, txn, top, tuple(path), listings or {}))
 
 
 def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,
-                 path: tuple[bytes, ...]) -> _Node:
+                 path: tuple[bytes, ...], listings: Listings) -> _Node:
     if a.is_reg:
         v = vol.versions.get(txn, int(a.target))
         return _Regular(show_path(path), bool(a.mode & stat.S_IXUSR), v.size,
@@ -257,8 +264,10 @@ def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,
     if a.is_dir:
         def entries() -> Iterator[tuple[bytes, _Node]]:
             # The namespace keeps entries in byte order of names: the order NARs need.
-            for name, child in vol.namespace.listdir(txn, int(a.target)):
-                yield name, _volume_node(vol, txn, child, (*path, name))
+            known = listings.get(int(a.target))
+            for name, child in known if known is not None else \
+                    vol.namespace.listdir(txn, int(a.target)):
+                yield name, _volume_node(vol, txn, child, (*path, name), listings)
         return _Directory(entries)
     raise UsageError(f"{show_path(path)}: {_kind_name(a.mode)} cannot be put in a NAR")
 
