@@ -25,9 +25,15 @@ _TAIL = 1 << 16
 _PFN_MASK = (1 << 55) - 1
 
 
-def folio_sizes(path: Path, limit: int = 256 << 20) -> Counter[int] | None:
+def folio_sizes(path: Path, limit: int = 256 << 20, *,
+                largest: bool = False) -> Counter[int] | None:
     """{folio size in bytes: bytes of the first `limit` bytes of `path` cached in such
-    folios}, or None when the kernel does not let us see (not root, no /proc/kpageflags)."""
+    folios}, or None when the kernel does not let us see (not root, no /proc/kpageflags).
+
+    `largest`: first drop those bytes from the cache (POSIX_FADV_DONTNEED) and fault them
+    back through a mapping advised MADV_HUGEPAGE, which asks for PMD-sized (2 MiB) folios
+    wherever the file's mapping allows them: what is then cached shows the largest folios
+    the kernel will use for this file at all, whatever its reads or its daemon do."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -36,8 +42,12 @@ def folio_sizes(path: Path, limit: int = 256 << 20) -> Counter[int] | None:
         size = min(os.fstat(fd).st_size, limit) // PAGE * PAGE
         if size == 0:
             return Counter()
+        if largest:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
         m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if largest:
+            m.madvise(mmap.MADV_HUGEPAGE)
     finally:
         os.close(fd)
     try:

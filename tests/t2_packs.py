@@ -123,6 +123,41 @@ def test_a_files_fragments_are_read_in_runs_across_packs(
     assert len(hashes) > 4 * len(preads) > 0
 
 
+def test_a_flipped_byte_anywhere_in_a_run_is_an_error_naming_its_fragment(
+        vol: Volume) -> None:
+    # get_many checks each fragment of a run read with one pread: raw ones inline, the
+    # compressed ones through their codec. A flipped byte in the first, a middle or the
+    # last fragment of the run, raw or compressed, is CorruptionError naming that one.
+    from annofs.errors import CorruptionError
+    rnd = random.Random(12)
+    data = b"".join(rnd.randbytes(16384) if i % 3 else text(i, 16384) for i in range(12))
+    pairs = items(data)
+    vol.fragments.put_many(pairs)
+    hashes = [h for h, _c in pairs]
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get_many(txn, hashes)) == data
+        where = {h: vol.fragments.locate(txn, h) for h in hashes}
+    assert len({path for path, _o, _n in where.values()}) == 1  # one run, one pack
+    for k in (0, 1, 3, 6, len(hashes) - 1):  # compressed ones: 0, 3, 6
+        path, offset, n = where[hashes[k]]
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(offset + n // 2)
+            old = f.read(1)
+            f.seek(offset + n // 2)
+            f.write(bytes([old[0] ^ 0x10]))
+        try:
+            with vol.store.read() as txn, pytest.raises(CorruptionError) as e:
+                vol.fragments.get_many(txn, hashes)
+            assert hashes[k].hex() in str(e.value)
+        finally:
+            with open(path, "r+b") as f:
+                f.seek(offset + n // 2)
+                f.write(old)
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get_many(txn, hashes)) == data
+
+
 def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

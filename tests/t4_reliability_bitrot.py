@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,13 @@ def test_flipped_counter_bit_never_replaces_a_record(store: Path, tmp_path: Path
         with pytest.raises(OSError) as e:
             (m.path / "t" / "small.txt").write_bytes(b"a new version")
         assert e.value.errno == errno.EIO
+        # The kernel sends RELEASE after close() returned, queued behind nothing: an open
+        # that comes first shares the writer's unflushed bytes (and their failed commit).
+        # Read once the writer is gone, as any later reader would.
+        deadline = time.monotonic() + 10
+        while not any("release: counter" in ln for ln in m.log_problems()):
+            assert time.monotonic() < deadline, "the writer's release never came"
+            time.sleep(0.01)
         healthy(m, skip=())  # nothing replaced
     finally:
         m.stop()

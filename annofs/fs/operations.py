@@ -63,10 +63,11 @@ FIFO_WALK = 10_000
 # Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
 BLOCK_SIZE = 128 * 1024
 
-# Reads at least this big go to a worker thread (at most READ_THREADS at once); smaller
-# ones, the reads of small files, cost less than the hand-off (~50-100 us) and stay here.
-THREAD_READ_BYTES = 256 * 1024
-READ_THREADS = 2
+# Reads are served here, on the loop, big ones too: a hand-off to worker threads (two,
+# so hashing could run beside the loop's replies) cost more than it gave on 2 CPUs, where
+# the reader's own copies take one: cold 1 GiB through the mount, daemon CPU ~1.5 s ->
+# ~1.1 s per GiB (futex wake-ups, the GIL passed back and forth around every fragment's
+# hash), 517-595 -> 459-845 MB/s in interleaved runs (2026-12-06, load 2.7).
 # pyfuse3 as scripts/pyfuse3-patched.sh builds it takes a read's data as a list of
 # buffers and sends them with one writev (at most this many; more are joined first).
 READ_PARTS = bool(getattr(pyfuse3, "annofs_read_parts", False))
@@ -117,7 +118,6 @@ class Operations(pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.dirty_since_sync = False
-        self._read_threads = trio.CapacityLimiter(READ_THREADS)
         # Content writers (folds, commits, restores) hold it shared, gc exclusively.
         self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
@@ -941,16 +941,12 @@ class Operations(pyfuse3.Operations):
             if of.overlay:  # unflushed bytes: read here, where writes change them
                 return of.read(self.vol, off, size)
             v = of.base
-        if size < THREAD_READ_BYTES:
-            return self.vol.versions.read_snapshot(v, off, size)
-        # Big reads (the kernel's readahead, several in flight) in worker threads: hashing
-        # and the page faults under it run without the GIL, beside this loop's replies.
         if not READ_PARTS:
-            return await trio.to_thread.run_sync(self.vol.versions.read_snapshot, v, off,
-                                                 size, limiter=self._read_threads)
+            return self.vol.versions.read_snapshot(v, off, size)
         # The parts as read (slices of pack reads), sent with one writev: no joined copy.
-        parts = await trio.to_thread.run_sync(self.vol.versions.read_parts_snapshot, v, off,
-                                              size, limiter=self._read_threads)
+        parts = self.vol.versions.read_parts_snapshot(v, off, size)
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[return-value]
         return parts if len(parts) <= MAX_REPLY_PARTS else b"".join(parts)  # type: ignore[return-value]
 
     @fuse_handler
