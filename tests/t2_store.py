@@ -795,3 +795,21 @@ def test_versions_from_the_empty_file_count_what_they_add(vol: Volume) -> None:
         assert vol.fragments.refcount(txn, one) == 1
         hole = dataclasses.replace(v, hashes=HOLE)
         assert own_counts(hole) == {}
+
+
+@pytest.mark.parametrize("n", [1, DEFAULT_PARAMS.min_size, DEFAULT_PARAMS.min_size + 1,
+                               3 * DEFAULT_PARAMS.max_size])
+def test_ingest_bytes_cuts_as_the_chunker_does(vol: Volume, n: int) -> None:
+    """A file no longer than the smallest fragment skips the chunker: the same one fragment
+    and digest as the chunker's cuts give, stored once the batch is flushed."""
+    from annofs.content.ingest import FragmentBatch, ingest_bytes
+
+    data = random.Random(n).randbytes(n)
+    batch = FragmentBatch(vol.store, vol.fragments)
+    got = ingest_bytes(data, DEFAULT_PARAMS, batch)
+    assert list(got.lengths) == cut_lengths(data, DEFAULT_PARAMS)
+    assert got.digest == blake3.blake3(data).digest() and got.size == n
+    batch.flush()
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get(txn, got.hashes[i:i + HASH_SIZE])
+                        for i in range(0, len(got.hashes), HASH_SIZE)) == data
