@@ -10,6 +10,7 @@ import dataclasses
 import io
 import random
 import stat
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -775,3 +776,40 @@ def test_an_unwritable_crash_record_is_a_one_line_store_error(store_dir: Path) -
     record.mkdir()  # cannot be opened for writing, as on a read-only filesystem
     with pytest.raises(StoreError, match=f"^{store_dir}: cannot open the store: Is a directory$"):
         Volume.open(store_dir)
+
+
+def test_versions_from_the_empty_file_count_what_they_add(vol: Volume) -> None:
+    """The shortcuts of a first import (a parent with no fragments, a one-fragment file)
+    give the edit and the counts of the general path: everything added, once per hash."""
+    from annofs.content.versions import compute_edit, own_counts
+    from annofs.store.records import HOLE, Edit
+
+    one = blake3.blake3(b"x").digest()
+    vol.fragments.put_many([(one, b"x")])
+    with vol.store.write() as txn:
+        empty = vol.versions.get(txn, EMPTY_VERSION)
+        assert compute_edit(empty, one * 3, array("I", [1, 1, 1])) == Edit(0, 0, 3)
+        v = vol.versions.create(txn, empty, one, array("I", [1]), one)
+        assert v.edit == Edit(0, 0, 1)
+        assert own_counts(v) == {one: 1}
+        assert vol.fragments.refcount(txn, one) == 1
+        hole = dataclasses.replace(v, hashes=HOLE)
+        assert own_counts(hole) == {}
+
+
+@pytest.mark.parametrize("n", [1, DEFAULT_PARAMS.min_size, DEFAULT_PARAMS.min_size + 1,
+                               3 * DEFAULT_PARAMS.max_size])
+def test_ingest_bytes_cuts_as_the_chunker_does(vol: Volume, n: int) -> None:
+    """A file no longer than the smallest fragment skips the chunker: the same one fragment
+    and digest as the chunker's cuts give, stored once the batch is flushed."""
+    from annofs.content.ingest import FragmentBatch, ingest_bytes
+
+    data = random.Random(n).randbytes(n)
+    batch = FragmentBatch(vol.store, vol.fragments)
+    got = ingest_bytes(data, DEFAULT_PARAMS, batch)
+    assert list(got.lengths) == cut_lengths(data, DEFAULT_PARAMS)
+    assert got.digest == blake3.blake3(data).digest() and got.size == n
+    batch.flush()
+    with vol.store.read() as txn:
+        assert b"".join(vol.fragments.get(txn, got.hashes[i:i + HASH_SIZE])
+                        for i in range(0, len(got.hashes), HASH_SIZE)) == data

@@ -92,6 +92,8 @@ def fragment_starts(v: Version) -> array:
 
 
 def _count_hashes(hashes: bytes | memoryview) -> Counter[bytes]:
+    if len(hashes) == HASH_SIZE:  # most files of a source tree: no generator, no slicing
+        return Counter({bytes(hashes): 1}) if hashes != HOLE else Counter()
     counts = Counter(bytes(hashes[i : i + HASH_SIZE]) for i in range(0, len(hashes), HASH_SIZE))
     counts.pop(HOLE, None)  # a hole stores nothing: no fragment to count
     return counts
@@ -150,6 +152,8 @@ def _common_run(a: bytes, b: bytes, n: int, *, from_end: bool) -> int:
 def compute_edit(parent: Version, hashes: bytes, lengths: array) -> Edit:
     """The replaced fragment range: common prefix and suffix kept, the middle swapped."""
     n_old, n_new = len(parent.lengths), len(lengths)
+    if n_old == 0:  # from the empty file (every file of a first import): all added
+        return Edit(0, 0, n_new)
     a, b = bytes(parent.hashes), bytes(hashes)
     prefix = _common_run(a, b, min(n_old, n_new), from_end=False)
     suffix = _common_run(a, b, min(n_old, n_new) - prefix, from_end=True)

@@ -44,7 +44,7 @@ from annofs.content.ingest import Ingested
 from annofs.content.versions import EMPTY_VERSION
 from annofs.errors import CorruptionError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import check_name, now_ns
-from annofs.store.records import Attrs, decode_attrs, encode_attrs
+from annofs.store.records import Attrs, Version, decode_attrs, encode_attrs
 from annofs.transfer.hostwalk import HostFilter, git_listing, tracked_paths
 from annofs.transfer.readers import BatchResult, ReadError, ReadPool, default_workers
 from annofs.transfer.scan import (
@@ -65,8 +65,12 @@ Progress = Callable[[int, int], None]  # (files done, bytes read) increments
 Op = Callable[[lmdb.Transaction], None]
 
 # Queued staging-tree changes applied per write transaction. Large enough that commits are
-# rare, small enough that a mount sharing the store is not held off its writes for long.
-OPS_PER_TXN = 20_000
+# rare, small enough that other writers are not held off for long: the readers, which
+# commit their fragments under the same writer lock, wait for each of these transactions
+# (20k changes held it 1.6-3.8 s on linux-source-6.1 at load 4-5; cold imports with 4k:
+# 20.5, 21.3, 22.6 s against 21.4, 25.0, 30.6 s with 20k. The LMDB file grows more meanwhile,
+# 385 MB against 255 MB, 42 MB once compacted at the end), as does a mount sharing the store.
+OPS_PER_TXN = 4_000
 # The walk's read snapshot is renewed after this many directories or seconds, whichever
 # comes first: while the readers commit fragments, an older snapshot keeps LMDB from
 # reusing the pages their commits free (1000 directories alone: the store grew by 40%).
@@ -239,6 +243,7 @@ class TreeImporter:
         self._link_later: list[tuple[tuple[int, int], tuple[bytes, ...], bytes, bytes]] = []
         self._link_vid: dict[tuple[int, int], int] = {}  # version each first name got
         self._root = ""
+        self._empty: Version | None = None  # the empty file's version (see _parent)
         self._snap: lmdb.Transaction | None = None
         self._snap_uses = 0
         self._snap_since = 0.0
@@ -627,14 +632,24 @@ class TreeImporter:
         if isinstance(content, int):
             vid = content
         else:
-            vid = self.vol.versions.create(txn, parent, content.hashes, content.lengths,
-                                           content.digest).id
+            vid = self.vol.versions.create(txn, self._parent(txn, parent), content.hashes,
+                                           content.lengths, content.digest).id
         written = self._put(txn, self._wdir(txn, d.stage), name, exists, self._attrs(st, vid))
         if link_key is not None:
             self._link_vid[link_key] = vid
         # Hard-linked names are remade on every import: only the content is looked up.
         d.record[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                           b"" if link_key is not None else written, vid]
+
+    def _parent(self, txn: lmdb.Transaction, vid: int) -> int | Version:
+        """The version a new one derives from: the empty file's decoded once per import
+        (every new file's parent; fetching and decoding it each time was a tenth of a first
+        import's main process), any other by id."""
+        if vid != EMPTY_VERSION:
+            return vid
+        if self._empty is None:
+            self._empty = self.vol.versions.get(txn, EMPTY_VERSION)
+        return self._empty
 
     @staticmethod
     def _made_dir(d: _Dir, name: bytes, st: os.stat_result, written: Attrs) -> None:
