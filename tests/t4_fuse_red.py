@@ -6,14 +6,16 @@ mount for another."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import Mount
-from fuse_helpers import RENAME_EXCHANGE, as_user, renameat2
+from fuse_helpers import NOBODY, RENAME_EXCHANGE, as_user, renameat2
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     EVIL,
     MAIN,
@@ -21,32 +23,6 @@ from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     mnt,
     proj,
 )
-
-
-def _slowest_stat_while(m: Mount, attack: Callable[..., object], *args: object,
-                        seconds: float) -> float:
-    """Run `attack(*args)` as uid 65534 in the background; meanwhile root stats and reads
-    a small file of its own under /scratch, over and over for `seconds`: the slowest."""
-    mine = m.path / "scratch" / "root.txt"
-    mine.write_bytes(b"x" * 100)
-    attacker = threading.Thread(target=as_user, args=(attack, *args))
-    attacker.start()
-    worst = 0.0
-    try:
-        time.sleep(0.5)
-        end = time.monotonic() + seconds
-        i = 0
-        while time.monotonic() < end:
-            t0 = time.monotonic()
-            os.stat(mine)
-            (m.path / "scratch" / f"r{i}").write_bytes(b"y")  # a new name: no cache
-            worst = max(worst, time.monotonic() - t0)
-            i += 1
-            time.sleep(0.01)
-    finally:
-        attacker.join(600)
-    return worst
-
 
 # -- hard links: every open judges every name ------------------------------------------------
 
@@ -59,46 +35,69 @@ def _many_links(target: str, d: str, n: int) -> None:
         os.stat(f"{d}/l{i}")  # every name looked up: the kernel knows them all
 
 
-def _open_for(path: str, seconds: float) -> int:
+def _opens_per_second(path: str, seconds: float) -> float:
     end = time.monotonic() + seconds
     n = 0
     while time.monotonic() < end:
         os.close(os.open(path, os.O_RDONLY))
         n += 1
-    print(f'attacker opens: {n}', flush=True)
-    return n
+    return n / seconds
 
 
-def test_a_file_with_many_hard_links_does_not_freeze_the_mount(mnt: Mount) -> None:  # noqa: F811
-    """Every judged open judges the file under each name the kernel knows (the strictest
-    holds). uid 65534 gives a file of its own 20,000 names and opens it in a loop."""
-    f = mnt.path / "scratch" / "many"
-    as_user(lambda: Path(f).write_bytes(b"hello\n"))
-    t0 = time.monotonic()
-    as_user(_many_links, str(f), str(mnt.path / "scratch" / "links"), 20000)
-    print(f"20000 links: {time.monotonic() - t0:.1f} s")
-    worst = _slowest_stat_while(mnt, _open_for, str(f), 8.0, seconds=6.0)
-    assert worst < 1.0, f"root's stat and create waited {worst:.2f} s"
+@pytest.mark.xfail(strict=True, reason=(
+    "every judged open builds the path of each name of the file the kernel has looked up "
+    "and judges it (the strictest holds; names may sit under different rules after a "
+    "directory move), on the event loop: linear in the names, and a file may have any "
+    "number of names (no EMLINK). With 20,000 names: 13 opens/s against 5,660 for a file "
+    "with one name, each open holding the loop some 75 ms; deduplicating by rule still "
+    "needs each name's path, so the fix is a per-inode memo of its names' rules kept "
+    "valid across renames of any directory above, not a small change"))
+def test_a_file_with_many_hard_links_costs_no_more_to_open(mnt: Mount) -> None:  # noqa: F811
+    """Every judged open judges the file under each name the kernel knows. uid 65534
+    gives a file of its own 20,000 names, looks each up, and opens it in a loop: each
+    open holds the event loop (every other user's requests) for the walk over them."""
+    one, many = mnt.path / "scratch" / "one", mnt.path / "scratch" / "many"
+    as_user(lambda: (Path(one).write_bytes(b"hello\n"), Path(many).write_bytes(b"hello\n")))
+    as_user(_many_links, str(many), str(mnt.path / "scratch" / "links"), 20000)
+    plain = as_user(_opens_per_second, str(one), 3.0)
+    linked = as_user(_opens_per_second, str(many), 3.0)
+    print(f"opens per second: one name {plain:.0f}, 20,000 names {linked:.0f}")
+    assert linked > plain / 5, f"one name: {plain:.0f} opens/s, 20,000 names: {linked:.0f}"
 
 
 # -- extended attributes: one record of any size ---------------------------------------------
 
 
-def _fat_xattrs(path: str, n: int) -> None:
+def _fat_xattrs(path: str, n: int) -> tuple[int | None, float]:
+    """Set up to `n` 64 KiB xattrs on `path`: the index of the first refused (None if
+    none was), and the slowest setxattr's time."""
     value = os.urandom(64 * 1024)
+    slowest = 0.0
     for i in range(n):
-        os.setxattr(path, f"user.x{i}", value)
+        t0 = time.monotonic()
+        try:
+            os.setxattr(path, f"user.x{i}", value)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+            return i, max(slowest, time.monotonic() - t0)
+        slowest = max(slowest, time.monotonic() - t0)
+    return None, slowest
 
 
-def test_xattrs_of_one_file_cannot_grow_without_bound(mnt: Mount) -> None:  # noqa: F811
-    """Every getattr, lookup and setxattr reads (and setxattr rewrites) the whole record
-    of the file's attributes, xattrs included, on the event loop."""
+def test_one_file_s_xattrs_are_bounded(mnt: Mount) -> None:  # noqa: F811
+    """A file's xattrs live in its attributes record, which every lookup, getattr and
+    readdir of it decodes and every setxattr rewrites, on the event loop. They were
+    unbounded: uid 65534 set 1,000 values of 64 KiB on a file of its own (a 64 MiB
+    record; 236 s, the last setxattrs taking 0.45 s each, all other requests waiting).
+    Now a file's xattrs (names and values) hold at most 1 MiB, as ext4 bounds them:
+    ENOSPC beyond."""
     f = mnt.path / "scratch" / "fat"
     as_user(lambda: Path(f).write_bytes(b"hello\n"))
-    t0 = time.monotonic()
-    worst = _slowest_stat_while(mnt, _fat_xattrs, str(f), 1000, seconds=6.0)
-    print(f"xattrs: {time.monotonic() - t0:.1f} s")
-    assert worst < 1.0, f"root's stat and create waited {worst:.2f} s"
+    refused_at, slowest = as_user(_fat_xattrs, str(f), 600)
+    assert refused_at is not None and refused_at <= 16, refused_at
+    assert slowest < 0.2, f"a setxattr took {slowest:.2f} s"
+    os.removexattr(f, "user.x0")  # room again once one is gone
+    os.setxattr(f, "user.again", b"y" * 1000)
 
 
 # -- an inode moved between the victim's lookup and its open ---------------------------------
@@ -114,17 +113,32 @@ def _exchange_loop(a: str, b: str, seconds: float) -> int:
     return n
 
 
+@pytest.mark.parametrize("what", ["file", "directory"])
 def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
-        mnt: Mount) -> None:  # noqa: F811
+        mnt: Mount, what: str) -> None:  # noqa: F811
     """The kernel resolves the victim's path to an inode, then sends OPEN without the
-    name; the daemon judges the inode under the names it has when OPEN arrives. uid
-    65534 swaps its unsigned file in /scratch with the signed /src/proj/main.c over and
-    over: a victim that resolved main.c to the unsigned inode, whose OPEN comes after the
-    next swap, is judged under /scratch (no signers needed) and reads the unsigned
-    bytes through /src/proj/main.c."""
+    name; the daemon judged the inode under the names it had when OPEN arrived. uid
+    65534 swaps its unsigned file in /scratch with the signed /src/proj/main.c (or a
+    directory holding one with a signed one) over and over: a victim that resolved
+    main.c to the unsigned inode, whose OPEN came after the next swap, was judged under
+    /scratch (no signers needed) and read the unsigned bytes through /src/proj/main.c:
+    6,372 of 7,397 reads in 10 s (found in this review). Now an inode moved out of a
+    rule that needs signers is judged under the name it left too, for other uids, while
+    the kernel holds it."""
     f = proj(mnt) / "main.c"
     evil = mnt.path / "scratch" / "mine.c"
     as_user(lambda: Path(evil).write_bytes(EVIL))
+    if what == "directory":
+        inner = proj(mnt) / "d"
+        as_user(os.mkdir, str(inner))
+        subprocess.run(["cp", str(f), str(inner / "main.c")], check=True)
+        os.chown(inner / "main.c", NOBODY, NOBODY)
+        as_user(os.mkdir, str(mnt.path / "scratch" / "d"))
+        as_user(os.rename, str(evil), str(mnt.path / "scratch" / "d" / "main.c"))
+        f, evil = inner / "main.c", mnt.path / "scratch" / "d"
+        swap_with = inner
+    else:
+        swap_with = f
     stop = threading.Event()
     counts = {"read": 0, "refused": 0, "gone": 0}
     wrong: list[bytes] = []
@@ -146,7 +160,7 @@ def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
     t = threading.Thread(target=victim)
     t.start()
     try:
-        swaps = as_user(_exchange_loop, str(evil), str(f), 10.0)
+        swaps = as_user(_exchange_loop, str(evil), str(swap_with), 10.0)
     finally:
         stop.set()
         t.join()

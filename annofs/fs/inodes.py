@@ -49,6 +49,11 @@ class Inode:
     extra: dict = field(default_factory=dict)
     # Every (parent, name) bound to this inode: one, or several for a hard link.
     locations: set[tuple[int, bytes]] = field(default_factory=set)
+    # Names under a rule that needs signers this inode was moved out of (to another
+    # rule), each with the mover's uid: a process of another uid may have resolved its
+    # path to this inode just before the move, and its OPEN (which carries no name)
+    # comes after. Kept while the kernel holds the inode (`InodeTable.former_paths`).
+    left: list[tuple[tuple[bytes, ...], int]] = field(default_factory=list)
 
 
 class InodeTable:
@@ -172,6 +177,22 @@ class InodeTable:
             if (parent, name) != (node.parent, node.name) and holder is not None:
                 out.append([*self.path(holder), name])
         return out
+
+    def former_paths(self, node: Inode, uid: int) -> list[list[bytes]]:
+        """Where `node` would be under each guarded name it, or a directory above it,
+        was moved out of by a uid other than `uid` (`Inode.left`): an open by `uid` may
+        have been resolved there before the move. (A process of the mover's own uid is
+        the mover's to fool.)"""
+        out: list[list[bytes]] = []
+        below: list[bytes] = []  # names from `node` up to the current ancestor
+        while True:
+            for path, mover in node.left:
+                if mover != uid:
+                    out.append([*path, *reversed(below)])
+            if node.ino == ROOT:
+                return out
+            below.append(node.name)
+            node = self.by_ino[node.parent]
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""

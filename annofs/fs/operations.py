@@ -83,6 +83,10 @@ _FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANG
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
 MAX_XATTR_VALUE = 64 * 1024
+# A file's xattrs, names and values together (ext4 bounds them to a block or so): they
+# live in its attributes record, which every lookup, getattr and readdir decodes and
+# every setxattr rewrites on the event loop, so its size must not be any user's choice.
+MAX_XATTR_TOTAL = 1 << 20
 
 
 @dataclass
@@ -349,7 +353,8 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            judge = functools.partial(judge_symlink, self.guard.gate, self.inodes.paths(node),
+            paths = [*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
+            judge = functools.partial(judge_symlink, self.guard.gate, paths,
                                       a.target, caller=Caller(ctx.uid, a.uid))
             if self.guard.nix_aware:
                 # Judging in a Nix store may hash a store path's NAR: off the loop.
@@ -559,6 +564,12 @@ class Operations(pyfuse3.Operations):
             self._touch_dir(txn, old_parent)
             if new_parent.ino != old_parent.ino:
                 self._touch_dir(txn, new_parent)
+        old_path = [*self.inodes.path(old_parent), name_old]
+        new_path = [*self.inodes.path(new_parent), name_new]
+        if moving is not None:
+            self.guard.note_move_out(moving, old_path, new_path, ctx.uid)
+        if exchange and replaced is not None:
+            self.guard.note_move_out(replaced, new_path, old_path, ctx.uid)
         if exchange:
             if moving is not None:
                 self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
@@ -654,9 +665,15 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.E2BIG)
         node = self._node(inode)
         t = now_ns()
+
+        def change(a: Attrs) -> Attrs:
+            xattrs = {**a.xattrs, name: bytes(value)}
+            if sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTR_TOTAL:
+                raise pyfuse3.FUSEError(errno.ENOSPC)  # as ext4 answers: no room
+            return dataclasses.replace(a, xattrs=xattrs, ctime_ns=t)
+
         with self.vol.store.write() as txn:
-            self._change(txn, node, lambda a: dataclasses.replace(
-                a, xattrs={**a.xattrs, name: bytes(value)}, ctime_ns=t))
+            self._change(txn, node, change)
 
     @fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -790,7 +807,10 @@ class Operations(pyfuse3.Operations):
         # not cross rules, but a directory moved with one inside can take a name of it
         # under a looser rule.)
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
-        paths = self.inodes.paths(node) if active else [[]]
+        # And the names it was moved out of by others, where this open may have been
+        # resolved (`OpenGuard.note_move_out`).
+        paths = ([*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
+                 if active else [[]])
         if verified_rw and self.guard.nix_aware:
             # A writer's read-write open of a Nix store path in flight is allowed whatever
             # the bytes: it need not be the only writer (Nix's .lock files, opened by
