@@ -113,7 +113,7 @@ def _exchange_loop(a: str, b: str, seconds: float) -> int:
     return n
 
 
-@pytest.mark.parametrize("what", ["file", "directory"])
+@pytest.mark.parametrize("what", ["file", "directory", "symlink"])
 def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
         mnt: Mount, what: str) -> None:  # noqa: F811
     """The kernel resolves the victim's path to an inode, then sends OPEN without the
@@ -137,6 +137,14 @@ def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
         as_user(os.rename, str(evil), str(mnt.path / "scratch" / "d" / "main.c"))
         f, evil = inner / "main.c", mnt.path / "scratch" / "d"
         swap_with = inner
+    elif what == "symlink":
+        # A symlink is content (judged at readlink): an unsigned one that leads to the
+        # unsigned file, swapped with the signed `rel` -> main.c.
+        f = proj(mnt) / "rel"
+        lnk = mnt.path / "scratch" / "lnk"
+        as_user(os.symlink, str(evil), str(lnk))
+        evil = lnk
+        swap_with = f
     else:
         swap_with = f
     stop = threading.Event()
