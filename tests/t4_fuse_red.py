@@ -175,3 +175,64 @@ def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
     print(swaps, counts, len(wrong))
     assert counts["read"], counts
     assert not wrong, f"{len(wrong)} reads of /src/proj/main.c got {wrong[0]!r}"
+
+
+# -- open directory handles: what each remembers ---------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _many_files(d: str, n: int) -> None:
+    os.mkdir(d)
+    for i in range(n):
+        os.close(os.open(f"{d}/{'f' * 60}{i:08d}", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _hold_read_dirs(d: str, handles: int, done: str) -> int:
+    """Open `d` `handles` times, read each to its end (getdents through libc's readdir),
+    keep them all open until `done` exists."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    dirs = []
+    for _ in range(handles):
+        p = libc.opendir(d.encode())
+        assert p, ctypes.get_errno()
+        while libc.readdir(p):
+            pass
+        dirs.append(p)
+    Path(done + ".ready").touch()
+    while not os.path.exists(done):
+        time.sleep(0.1)
+    return len(dirs)
+
+
+def test_open_directory_handles_do_not_hold_memory_per_entry(mnt: Mount) -> None:  # noqa: F811
+    """Each directory handle remembers, for telldir/seekdir, the name at every offset it
+    handed out. uid 65534 reads a 20,000-entry directory of its own through 200 handles
+    it keeps open."""
+    d = str(mnt.path / "scratch" / "big")
+    as_user(_many_files, d, 20000)
+    assert mnt.proc is not None
+    before = _rss(mnt.proc.pid)
+    done = str(mnt.path / "scratch" / "done")
+    holder = threading.Thread(target=as_user, args=(_hold_read_dirs, d, 200, done))
+    holder.start()
+    try:
+        while not os.path.exists(done + ".ready") and holder.is_alive():
+            time.sleep(0.2)
+        grown = _rss(mnt.proc.pid) - before
+    finally:
+        Path(done).touch()
+        holder.join(120)
+    print(f"daemon grew {grown >> 20} MiB")
+    assert grown < 100 << 20, f"the daemon grew {grown >> 20} MiB"

@@ -36,6 +36,7 @@ from annofs.errors import (
     NotFoundError,
 )
 from annofs.explain.throttle import PerCaller, Recent, limited_text
+from annofs.fs.dirpos import DirOffsets
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.gcgate import GcGate
@@ -94,10 +95,8 @@ class Handle:
     """An open file or directory handle."""
 
     node: Inode
-    # readdir: the name after which each offset handed to the kernel resumes. Listings
-    # resume by name, so a resumed call shows the directory as it is now.
-    resume_after: dict[int, bytes] = field(default_factory=dict)
-    next_offset: int = 1
+    # readdir: the directory's offsets, shared with its other handles (fs/dirpos.py).
+    offsets: DirOffsets | None = None
     # The version a read-only handle serves: the one the policy judged at open.
     pinned: Version | None = None
     # Its slots in the inode's handle rules (writer, judged read-write, pinned, cached).
@@ -118,6 +117,7 @@ class Operations(pyfuse3.Operations):
         self.ns = vol.namespace
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
+        self.dir_offsets: dict[int, DirOffsets] = {}  # by directory inode, while open
         self.open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.dirty_since_sync = False
@@ -372,37 +372,42 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         with self.vol.store.read() as txn:
             self._dir_id(txn, node)
-        return self._new_handle(node)
+        fh = self._new_handle(node)
+        offsets = self.dir_offsets.get(node.ino)
+        if offsets is None:
+            offsets = self.dir_offsets[node.ino] = DirOffsets()
+        offsets.handles += 1
+        self.handles[fh].offsets = offsets
+        return fh
 
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles[fh]
         node = h.node
-        if start_id == 0:
-            h.resume_after.clear()  # a rewind
-            after = None
-        elif start_id in h.resume_after:
-            after = h.resume_after[start_id]
-        else:
+        assert h.offsets is not None
+        after = h.offsets.name_at(start_id) if start_id else None  # 0: from the start
+        if start_id and after is None:
             return  # not an offset of ours: the end
         # Entries come in name order from LMDB, resuming after the last name the kernel
         # took: no snapshot, so no name removed since and no attributes from before a
-        # change (readdirplus puts both in the kernel's caches). Offsets count up per
-        # handle; each remembers its name (telldir/seekdir may come back to any).
+        # change (readdirplus puts both in the kernel's caches). Each name's offset is
+        # remembered once per directory (telldir/seekdir may come back to any).
         with self.vol.store.read() as txn:
             for name, a in self.ns.listdir(txn, self._dir_id(txn, node), after):
                 child = self.inodes.ensure(node.ino, name, a, a.link)
-                off = h.next_offset
+                off = h.offsets.offset_of(name)
                 if not pyfuse3.readdir_reply(token, name, self._entry(txn, child, a), off):
                     self.inodes.maybe_drop(child)
                     break
-                h.resume_after[off] = name
-                h.next_offset += 1
                 child.lookups += 1
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None and h.offsets is not None:
+            h.offsets.handles -= 1
+            if not h.offsets.handles:
+                self.dir_offsets.pop(h.node.ino, None)
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
