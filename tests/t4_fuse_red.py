@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from fuse_helpers import NOBODY, RENAME_EXCHANGE, as_user, renameat2
+from fuse_helpers import NOBODY, RENAME_EXCHANGE, as_user, errno_of, read_at, renameat2
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     EVIL,
     MAIN,
@@ -236,3 +236,32 @@ def test_open_directory_handles_do_not_hold_memory_per_entry(mnt: Mount) -> None
         holder.join(120)
     print(f"daemon grew {grown >> 20} MiB")
     assert grown < 100 << 20, f"the daemon grew {grown >> 20} MiB"
+
+
+# -- a directory moved out under a process that holds it -------------------------------------
+
+
+def _move_out_and_patch(d: str, out: str) -> None:
+    os.rename(d, out)
+    Path(out, "main.c").write_bytes(EVIL)
+
+
+def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_was(
+        mnt: Mount) -> None:  # noqa: F811
+    """A process holds a directory under /src (its cwd, a descriptor); uid 65534, whose
+    directory it is, moves it to /scratch and puts unsigned bytes in it. The process
+    opens a name relative to the directory it holds, believing it is under /src: that
+    open was judged under /scratch and read the unsigned bytes, without any race. Now it
+    is judged under /src too (the name the directory left), for every other uid."""
+    d = proj(mnt) / "d"
+    as_user(os.mkdir, str(d))
+    as_user(lambda: Path(d, "main.c").write_bytes(MAIN))  # signed content: allowed
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_at(dfd, "main.c") == MAIN
+        as_user(_move_out_and_patch, str(d), str(mnt.path / "scratch" / "d"))
+        assert errno_of(read_at, dfd, "main.c") == errno.EACCES
+    finally:
+        os.close(dfd)
+    # The mover itself reads its file where it now is, as the policy there allows.
+    assert as_user(lambda: Path(mnt.path, "scratch", "d", "main.c").read_bytes()) == EVIL
