@@ -64,6 +64,9 @@ class InodeTable:
         self.by_ino: dict[int, Inode] = {ROOT: Inode(ROOT, ROOT, b"", is_dir=True, lookups=1)}
         self._by_loc: dict[tuple[int, bytes], int] = {}
         self._by_link: dict[int, int] = {}
+        # Set once any inode has a guarded name it left (`Inode.left`): until then an
+        # open need not walk up for them.
+        self.any_left = False
 
     def __len__(self) -> int:
         return len(self.by_ino)
@@ -184,6 +187,8 @@ class InodeTable:
         have been resolved there before the move. (A process of the mover's own uid is
         the mover's to fool.)"""
         out: list[list[bytes]] = []
+        if not self.any_left:
+            return out
         below: list[bytes] = []  # names from `node` up to the current ancestor
         while True:
             for path, mover in node.left:

@@ -571,10 +571,12 @@ class Operations(pyfuse3.Operations):
                 self._touch_dir(txn, new_parent)
         old_path = [*self.inodes.path(old_parent), name_old]
         new_path = [*self.inodes.path(new_parent), name_new]
-        if moving is not None:
-            self.guard.note_move_out(moving, old_path, new_path, ctx.uid)
-        if exchange and replaced is not None:
-            self.guard.note_move_out(replaced, new_path, old_path, ctx.uid)
+        if moving is not None and self.guard.note_move_out(moving, old_path, new_path,
+                                                           ctx.uid):
+            self.inodes.any_left = True
+        if exchange and replaced is not None and self.guard.note_move_out(
+                replaced, new_path, old_path, ctx.uid):
+            self.inodes.any_left = True
         if exchange:
             if moving is not None:
                 self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
