@@ -265,3 +265,56 @@ def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_wa
         os.close(dfd)
     # The mover itself reads its file where it now is, as the policy there allows.
     assert as_user(lambda: Path(mnt.path, "scratch", "d", "main.c").read_bytes()) == EVIL
+
+
+# -- SEEK_DATA / SEEK_HOLE over a file of many holes -----------------------------------------
+
+
+def _holey(path: str, n: int, step: int) -> None:
+    """A file with a byte of data every `step` bytes, `n` times: n holes."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for i in range(n):
+            os.pwrite(fd, b"x", i * step)
+    finally:
+        os.close(fd)
+
+
+def _seek_for(path: str, seconds: float) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            os.lseek(fd, 0, os.SEEK_HOLE)
+            n += 1
+        return n
+    finally:
+        os.close(fd)
+
+
+def test_seeking_in_a_file_of_many_holes_does_not_stall_others(mnt: Mount) -> None:  # noqa: F811
+    """lseek(SEEK_DATA/SEEK_HOLE) builds and walks the file's hole map, in time linear in
+    its fragments: on the event loop, uid 65534 seeking in a file of its own with 60,000
+    holes held every other request 110 ms a call (9 seeks/s against 8,389 with 2 holes).
+    Such seeks now run in a worker thread; root's requests meanwhile are answered."""
+    many = str(mnt.path / "scratch" / "many")
+    as_user(_holey, many, 60_000, 256 << 10)
+    as_user(_seek_for, many, 0.5)  # the first open hashes the file: not measured
+    seekers = [threading.Thread(target=as_user, args=(_seek_for, many, 5.0)) for _ in range(2)]
+    for t in seekers:
+        t.start()
+    took = []
+    try:
+        time.sleep(0.5)
+        for i in range(60):
+            t0 = time.monotonic()
+            (mnt.path / "scratch" / f"r{i}").write_bytes(b"y")  # a new name: asked
+            took.append(time.monotonic() - t0)
+            time.sleep(0.05)
+    finally:
+        for t in seekers:
+            t.join(60)
+    took.sort()
+    print(f"root's create: median {took[30] * 1000:.0f} ms, slowest {took[-1] * 1000:.0f} ms")
+    assert took[-1] < 1.0, f"root's create waited {took[-1]:.2f} s"
