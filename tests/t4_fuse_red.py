@@ -318,3 +318,61 @@ def test_seeking_in_a_file_of_many_holes_does_not_stall_others(mnt: Mount) -> No
     took.sort()
     print(f"root's create: median {took[30] * 1000:.0f} ms, slowest {took[-1] * 1000:.0f} ms")
     assert took[-1] < 1.0, f"root's create waited {took[-1]:.2f} s"
+
+
+# -- a hard-linked file losing its strict name between lookup and open -----------------------
+
+
+def _unlink_loop(root: str, seconds: float) -> int:
+    """Over and over: an unsigned file under /src/proj/dN with a second name
+    /src/proj/b.c (same rule), dN moved to /scratch (a directory move may carry a hard
+    link across rules), then the strict name b.c unlinked. Returns the rounds."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        d = f"{root}/src/proj/d{n}"
+        os.mkdir(d)
+        Path(d, "x").write_bytes(EVIL)
+        os.link(f"{d}/x", f"{root}/src/proj/b.c")
+        os.rename(d, f"{root}/scratch/d{n}")
+        time.sleep(0.002)  # the victim may resolve b.c now
+        os.unlink(f"{root}/src/proj/b.c")
+        n += 1
+    return n
+
+
+def test_a_hard_linked_file_that_loses_its_strict_name_while_opened_is_refused(
+        mnt: Mount) -> None:  # noqa: F811
+    """A file with names under /src and /scratch (a directory moved out with a hard link
+    inside) is judged under both. uid 65534 unlinks the /src name over and over, each
+    time on a new such file: a victim that resolved /src/proj/b.c, whose OPEN comes after
+    the unlink, must not be judged under the /scratch name alone."""
+    f = proj(mnt) / "b.c"
+    stop = threading.Event()
+    counts = {"read": 0, "refused": 0, "gone": 0}
+    wrong: list[bytes] = []
+
+    def victim() -> None:
+        while not stop.is_set():
+            try:
+                data = f.read_bytes()
+            except PermissionError:
+                counts["refused"] += 1
+                continue
+            except FileNotFoundError:
+                counts["gone"] += 1
+                continue
+            if data != MAIN:
+                wrong.append(data)
+            counts["read"] += 1
+
+    t = threading.Thread(target=victim)
+    t.start()
+    try:
+        rounds = as_user(_unlink_loop, str(mnt.path), 10.0)
+    finally:
+        stop.set()
+        t.join()
+    print(rounds, counts, len(wrong))
+    assert counts["refused"], counts
+    assert not wrong, f"{len(wrong)} reads of /src/proj/b.c got {wrong[0]!r}"
