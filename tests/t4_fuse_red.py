@@ -376,3 +376,43 @@ def test_a_hard_linked_file_that_loses_its_strict_name_while_opened_is_refused(
     print(rounds, counts, len(wrong))
     assert counts["refused"], counts
     assert not wrong, f"{len(wrong)} reads of /src/proj/b.c got {wrong[0]!r}"
+
+
+def _unlink_each(root: str, n: int) -> None:
+    for i in range(n):
+        time.sleep(0.003)
+        os.unlink(f"{root}/src/proj/b{i}.c")
+
+
+def test_a_strict_name_unlinked_while_opened_is_refused_whoever_made_the_names(
+        mnt: Mount) -> None:  # noqa: F811
+    """As above, but the names across rules were made by root (whose own opens a move by
+    root does not guard): uid 65534 only unlinks the /src names while root reads them.
+    331 reads of 300 such names got the unsigned bytes (found in this review); now the
+    strict name a hard-linked file loses is kept, as a name it moved out of."""
+    n = 300
+    for i in range(n):
+        d = proj(mnt) / f"d{i}"
+        d.mkdir()
+        (d / "x").write_bytes(EVIL)
+        os.link(d / "x", proj(mnt) / f"b{i}.c")
+        os.rename(d, mnt.path / "scratch" / f"d{i}")
+    names = [proj(mnt) / f"b{i}.c" for i in range(n)]
+    for p in names:
+        os.stat(p)  # the kernel knows each /src name
+    wrong: list[bytes] = []
+    unlinker = threading.Thread(target=as_user, args=(_unlink_each, str(mnt.path), n))
+    unlinker.start()
+    try:
+        for p in names:
+            while True:
+                try:
+                    wrong.append(p.read_bytes())
+                except PermissionError:
+                    continue  # refused: try again until it is gone
+                except FileNotFoundError:
+                    break
+    finally:
+        unlinker.join(120)
+    print(f"{len(wrong)} of {n} names read")
+    assert not wrong, f"{len(wrong)} reads of a /src name got {wrong[0]!r}"

@@ -467,13 +467,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._remove(parent_inode, name, want_dir=False)
+        self._remove(parent_inode, name, ctx.uid, want_dir=False)
 
     @fuse_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._remove(parent_inode, name, want_dir=True)
+        self._remove(parent_inode, name, ctx.uid, want_dir=True)
 
-    def _remove(self, parent_inode: int, name: bytes, *, want_dir: bool) -> None:
+    def _remove(self, parent_inode: int, name: bytes, uid: int, *, want_dir: bool) -> None:
         parent = self._node(parent_inode)
         with self.vol.store.write() as txn:
             dir_id = self._writable_dir(txn, parent)
@@ -483,9 +483,15 @@ class Operations(pyfuse3.Operations):
             if remaining:
                 self._stamp_link(txn, link)
             self._touch_dir(txn, parent)
+        removed = [*self.inodes.path(parent), name]
         node = self.inodes.unbind(parent.ino, name)
         if node is not None and remaining == 0:
             self._orphan(node, a)
+        elif node is not None and self.guard.note_move_out(node, removed,
+                                                           self.inodes.path(node), uid):
+            # A hard-linked file lost a strict name, and its others are under another
+            # rule: an open resolved through the lost one may come after.
+            self.inodes.any_left = True
 
     def _stamp_link(self, txn: lmdb.Transaction, link: int) -> None:
         """A hard-linked file lost a name but lives on: its ctime says so (POSIX, ext4)."""
