@@ -378,14 +378,21 @@ def test_a_hard_linked_file_that_loses_its_strict_name_while_opened_is_refused(
     assert not wrong, f"{len(wrong)} reads of /src/proj/b.c got {wrong[0]!r}"
 
 
-def _unlink_each(root: str, n: int) -> None:
+def _unlink_each(root: str, n: int, how: str) -> None:
+    """Take each /src/proj/bN.c from its file: unlink it, or rename a signed copy over it."""
     for i in range(n):
+        if how == "rename over":
+            Path(root, "src", "proj", f"t{i}").write_bytes(MAIN)
         time.sleep(0.003)
-        os.unlink(f"{root}/src/proj/b{i}.c")
+        if how == "rename over":
+            os.rename(f"{root}/src/proj/t{i}", f"{root}/src/proj/b{i}.c")
+        else:
+            os.unlink(f"{root}/src/proj/b{i}.c")
 
 
+@pytest.mark.parametrize("how", ["unlink", "rename over"])
 def test_a_strict_name_unlinked_while_opened_is_refused_whoever_made_the_names(
-        mnt: Mount) -> None:  # noqa: F811
+        mnt: Mount, how: str) -> None:  # noqa: F811
     """As above, but the names across rules were made by root (whose own opens a move by
     root does not guard): uid 65534 only unlinks the /src names while root reads them.
     331 reads of 300 such names got the unsigned bytes (found in this review); now the
@@ -401,17 +408,20 @@ def test_a_strict_name_unlinked_while_opened_is_refused_whoever_made_the_names(
     for p in names:
         os.stat(p)  # the kernel knows each /src name
     wrong: list[bytes] = []
-    unlinker = threading.Thread(target=as_user, args=(_unlink_each, str(mnt.path), n))
+    unlinker = threading.Thread(target=as_user, args=(_unlink_each, str(mnt.path), n, how))
     unlinker.start()
     try:
         for p in names:
             while True:
                 try:
-                    wrong.append(p.read_bytes())
+                    data = p.read_bytes()
                 except PermissionError:
-                    continue  # refused: try again until it is gone
+                    continue  # refused: try again until it is gone (or replaced)
                 except FileNotFoundError:
                     break
+                if data == MAIN:
+                    break  # the signed copy renamed over it
+                wrong.append(data)
     finally:
         unlinker.join(120)
     print(f"{len(wrong)} of {n} names read")

@@ -603,6 +603,9 @@ class Operations(pyfuse3.Operations):
             self.inodes.unbind(new_parent.ino, name_new)
             if orphaned is not None:
                 self._orphan(replaced, orphaned)
+            elif self.guard.note_move_out(replaced, new_path, self.inodes.path(replaced),
+                                          ctx.uid):
+                self.inodes.any_left = True  # a hard-linked file lost a strict name
         if moving is not None:
             self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
 
