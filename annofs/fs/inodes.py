@@ -112,8 +112,12 @@ class InodeTable:
     def _unbind_from(self, node: Inode, loc: tuple[int, bytes]) -> None:
         node.locations.discard(loc)
         if (node.parent, node.name) == loc and node.locations:
-            # A hard link lost the name it was recorded under: any other name will do.
-            node.parent, node.name = min(node.locations)
+            # A hard link lost the name it was recorded under: any other name will do
+            # whose directory the kernel still holds (else no path to it is known, and
+            # the lost name stays: judged under it is the safe side).
+            known = [other for other in node.locations if other[0] in self.by_ino]
+            if known:
+                node.parent, node.name = min(known)
 
     def move(self, node: Inode, old_parent: int, old_name: bytes,
              parent: int, name: bytes) -> None:
@@ -197,7 +201,10 @@ class InodeTable:
             if node.ino == ROOT:
                 return out
             below.append(node.name)
-            node = self.by_ino[node.parent]
+            parent = self.by_ino.get(node.parent)
+            if parent is None:
+                return out  # (a directory the kernel forgot: no path known above)
+            node = parent
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""
