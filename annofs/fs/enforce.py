@@ -260,6 +260,20 @@ class OpenGuard:
         do without a policy)."""
         return self.gate is None or self.gate.same_rule(src, dst)
 
+    def note_move_out(self, node: Inode, old: Sequence[bytes], new: Sequence[bytes],
+                      uid: int) -> bool:
+        """Remember on `node` (moved from `old` to `new` by `uid`) the name it left if
+        that needs signers and `new` falls under another rule: the kernel resolves a
+        path before it sends OPEN, without the name, so an open resolved at `old` may be
+        judged after the move, and must still be judged there (`InodeTable.former_paths`).
+        One name per rule and mover is enough: the verdict depends on the rule. Whether
+        it was recorded (now or before)."""
+        if not self.active or self.same_rule(old, new) or not self.guarded([old]):
+            return False
+        if not any(mover == uid and self.same_rule(path, old) for path, mover in node.left):
+            node.left.append((tuple(old), uid))
+        return True
+
     def check_link_move(self, src: Sequence[bytes], dst: Sequence[bytes]) -> None:
         """EXDEV for a hard-linked file crossing a policy rule boundary."""
         if not self.same_rule(src, dst):

@@ -49,6 +49,11 @@ class Inode:
     extra: dict = field(default_factory=dict)
     # Every (parent, name) bound to this inode: one, or several for a hard link.
     locations: set[tuple[int, bytes]] = field(default_factory=set)
+    # Names under a rule that needs signers this inode was moved out of (to another
+    # rule), each with the mover's uid: a process of another uid may have resolved its
+    # path to this inode just before the move, and its OPEN (which carries no name)
+    # comes after. Kept while the kernel holds the inode (`InodeTable.former_paths`).
+    left: list[tuple[tuple[bytes, ...], int]] = field(default_factory=list)
 
 
 class InodeTable:
@@ -59,6 +64,9 @@ class InodeTable:
         self.by_ino: dict[int, Inode] = {ROOT: Inode(ROOT, ROOT, b"", is_dir=True, lookups=1)}
         self._by_loc: dict[tuple[int, bytes], int] = {}
         self._by_link: dict[int, int] = {}
+        # Set once any inode has a guarded name it left (`Inode.left`): until then an
+        # open need not walk up for them.
+        self.any_left = False
 
     def __len__(self) -> int:
         return len(self.by_ino)
@@ -104,8 +112,12 @@ class InodeTable:
     def _unbind_from(self, node: Inode, loc: tuple[int, bytes]) -> None:
         node.locations.discard(loc)
         if (node.parent, node.name) == loc and node.locations:
-            # A hard link lost the name it was recorded under: any other name will do.
-            node.parent, node.name = min(node.locations)
+            # A hard link lost the name it was recorded under: any other name will do
+            # whose directory the kernel still holds (else no path to it is known, and
+            # the lost name stays: judged under it is the safe side).
+            known = [other for other in node.locations if other[0] in self.by_ino]
+            if known:
+                node.parent, node.name = min(known)
 
     def move(self, node: Inode, old_parent: int, old_name: bytes,
              parent: int, name: bytes) -> None:
@@ -172,6 +184,27 @@ class InodeTable:
             if (parent, name) != (node.parent, node.name) and holder is not None:
                 out.append([*self.path(holder), name])
         return out
+
+    def former_paths(self, node: Inode, uid: int) -> list[list[bytes]]:
+        """Where `node` would be under each guarded name it, or a directory above it,
+        was moved out of by a uid other than `uid` (`Inode.left`): an open by `uid` may
+        have been resolved there before the move. (A process of the mover's own uid is
+        the mover's to fool.)"""
+        out: list[list[bytes]] = []
+        if not self.any_left:
+            return out
+        below: list[bytes] = []  # names from `node` up to the current ancestor
+        while True:
+            for path, mover in node.left:
+                if mover != uid:
+                    out.append([*path, *reversed(below)])
+            if node.ino == ROOT:
+                return out
+            below.append(node.name)
+            parent = self.by_ino.get(node.parent)
+            if parent is None:
+                return out  # (a directory the kernel forgot: no path known above)
+            node = parent
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""

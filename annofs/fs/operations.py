@@ -36,6 +36,7 @@ from annofs.errors import (
     NotFoundError,
 )
 from annofs.explain.throttle import PerCaller, Recent, limited_text
+from annofs.fs.dirpos import DirOffsets
 from annofs.fs.enforce import OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.gcgate import GcGate
@@ -68,6 +69,10 @@ BLOCK_SIZE = 128 * 1024
 # the reader's own copies take one: cold 1 GiB through the mount, daemon CPU ~1.5 s ->
 # ~1.1 s per GiB (futex wake-ups, the GIL passed back and forth around every fragment's
 # hash), 517-595 -> 459-845 MB/s in interleaved runs (2026-12-06, load 2.7).
+# lseek(SEEK_DATA/SEEK_HOLE) over more fragments and overlay parts than this runs in a
+# worker thread (at most SEEK_THREADS at once).
+SEEK_INLINE_PARTS = 4096
+SEEK_THREADS = 2
 # pyfuse3 as scripts/pyfuse3-patched.sh builds it takes a read's data as a list of
 # buffers and sends them with one writev (at most this many; more are joined first).
 READ_PARTS = bool(getattr(pyfuse3, "annofs_read_parts", False))
@@ -84,6 +89,15 @@ _FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANG
 XATTR_PREFIX = b"user."
 ANNOFS_XATTRS = b"user.annofs."
 MAX_XATTR_VALUE = 64 * 1024
+# A file's xattrs, names and values together (ext4 bounds them to a block or so): they
+# live in its attributes record, which every lookup, getattr and readdir decodes and
+# every setxattr rewrites on the event loop, so its size must not be any user's choice.
+MAX_XATTR_TOTAL = 1 << 20
+
+
+def _seek(base: Version, overlay: DirtyOverlay, offset: int, whence: int) -> int:
+    """SEEK_DATA / SEEK_HOLE of `base` + `overlay` (for a worker thread)."""
+    return seek_data_hole(HoleMap(base, overlay), offset, whence)
 
 
 @dataclass
@@ -91,10 +105,8 @@ class Handle:
     """An open file or directory handle."""
 
     node: Inode
-    # readdir: the name after which each offset handed to the kernel resumes. Listings
-    # resume by name, so a resumed call shows the directory as it is now.
-    resume_after: dict[int, bytes] = field(default_factory=dict)
-    next_offset: int = 1
+    # readdir: the directory's offsets, shared with its other handles (fs/dirpos.py).
+    offsets: DirOffsets | None = None
     # The version a read-only handle serves: the one the policy judged at open.
     pinned: Version | None = None
     # Its slots in the inode's handle rules (writer, judged read-write, pinned, cached).
@@ -115,9 +127,11 @@ class Operations(pyfuse3.Operations):
         self.ns = vol.namespace
         self.inodes = InodeTable()
         self.handles: dict[int, Handle] = {}
+        self.dir_offsets: dict[int, DirOffsets] = {}  # by directory inode, while open
         self.open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self.dirty_since_sync = False
+        self._seek_threads = trio.CapacityLimiter(SEEK_THREADS)
         # Content writers (folds, commits, restores) hold it shared, gc exclusively.
         self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
@@ -349,7 +363,8 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            judge = functools.partial(judge_symlink, self.guard.gate, self.inodes.paths(node),
+            paths = [*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
+            judge = functools.partial(judge_symlink, self.guard.gate, paths,
                                       a.target, caller=Caller(ctx.uid, a.uid))
             if self.guard.nix_aware:
                 # Judging in a Nix store may hash a store path's NAR: off the loop.
@@ -367,37 +382,42 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         with self.vol.store.read() as txn:
             self._dir_id(txn, node)
-        return self._new_handle(node)
+        fh = self._new_handle(node)
+        offsets = self.dir_offsets.get(node.ino)
+        if offsets is None:
+            offsets = self.dir_offsets[node.ino] = DirOffsets()
+        offsets.handles += 1
+        self.handles[fh].offsets = offsets
+        return fh
 
     @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.handles[fh]
         node = h.node
-        if start_id == 0:
-            h.resume_after.clear()  # a rewind
-            after = None
-        elif start_id in h.resume_after:
-            after = h.resume_after[start_id]
-        else:
+        assert h.offsets is not None
+        after = h.offsets.name_at(start_id) if start_id else None  # 0: from the start
+        if start_id and after is None:
             return  # not an offset of ours: the end
         # Entries come in name order from LMDB, resuming after the last name the kernel
         # took: no snapshot, so no name removed since and no attributes from before a
-        # change (readdirplus puts both in the kernel's caches). Offsets count up per
-        # handle; each remembers its name (telldir/seekdir may come back to any).
+        # change (readdirplus puts both in the kernel's caches). Each name's offset is
+        # remembered once per directory (telldir/seekdir may come back to any).
         with self.vol.store.read() as txn:
             for name, a in self.ns.listdir(txn, self._dir_id(txn, node), after):
                 child = self.inodes.ensure(node.ino, name, a, a.link)
-                off = h.next_offset
+                off = h.offsets.offset_of(name)
                 if not pyfuse3.readdir_reply(token, name, self._entry(txn, child, a), off):
                     self.inodes.maybe_drop(child)
                     break
-                h.resume_after[off] = name
-                h.next_offset += 1
                 child.lookups += 1
 
     @fuse_handler
     async def releasedir(self, fh: int) -> None:
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None and h.offsets is not None:
+            h.offsets.handles -= 1
+            if not h.offsets.handles:
+                self.dir_offsets.pop(h.node.ino, None)
 
     @fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -447,13 +467,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._remove(parent_inode, name, want_dir=False)
+        self._remove(parent_inode, name, ctx.uid, want_dir=False)
 
     @fuse_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._remove(parent_inode, name, want_dir=True)
+        self._remove(parent_inode, name, ctx.uid, want_dir=True)
 
-    def _remove(self, parent_inode: int, name: bytes, *, want_dir: bool) -> None:
+    def _remove(self, parent_inode: int, name: bytes, uid: int, *, want_dir: bool) -> None:
         parent = self._node(parent_inode)
         with self.vol.store.write() as txn:
             dir_id = self._writable_dir(txn, parent)
@@ -463,9 +483,15 @@ class Operations(pyfuse3.Operations):
             if remaining:
                 self._stamp_link(txn, link)
             self._touch_dir(txn, parent)
+        removed = [*self.inodes.path(parent), name]
         node = self.inodes.unbind(parent.ino, name)
         if node is not None and remaining == 0:
             self._orphan(node, a)
+        elif node is not None and self.guard.note_move_out(node, removed,
+                                                           self.inodes.path(node), uid):
+            # A hard-linked file lost a strict name, and its others are under another
+            # rule: an open resolved through the lost one may come after.
+            self.inodes.any_left = True
 
     def _stamp_link(self, txn: lmdb.Transaction, link: int) -> None:
         """A hard-linked file lost a name but lives on: its ctime says so (POSIX, ext4)."""
@@ -559,6 +585,14 @@ class Operations(pyfuse3.Operations):
             self._touch_dir(txn, old_parent)
             if new_parent.ino != old_parent.ino:
                 self._touch_dir(txn, new_parent)
+        old_path = [*self.inodes.path(old_parent), name_old]
+        new_path = [*self.inodes.path(new_parent), name_new]
+        if moving is not None and self.guard.note_move_out(moving, old_path, new_path,
+                                                           ctx.uid):
+            self.inodes.any_left = True
+        if exchange and replaced is not None and self.guard.note_move_out(
+                replaced, new_path, old_path, ctx.uid):
+            self.inodes.any_left = True
         if exchange:
             if moving is not None:
                 self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
@@ -569,6 +603,9 @@ class Operations(pyfuse3.Operations):
             self.inodes.unbind(new_parent.ino, name_new)
             if orphaned is not None:
                 self._orphan(replaced, orphaned)
+            elif self.guard.note_move_out(replaced, new_path, self.inodes.path(replaced),
+                                          ctx.uid):
+                self.inodes.any_left = True  # a hard-linked file lost a strict name
         if moving is not None:
             self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
 
@@ -654,9 +691,15 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.E2BIG)
         node = self._node(inode)
         t = now_ns()
+
+        def change(a: Attrs) -> Attrs:
+            xattrs = {**a.xattrs, name: bytes(value)}
+            if sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTR_TOTAL:
+                raise pyfuse3.FUSEError(errno.ENOSPC)  # as ext4 answers: no room
+            return dataclasses.replace(a, xattrs=xattrs, ctime_ns=t)
+
         with self.vol.store.write() as txn:
-            self._change(txn, node, lambda a: dataclasses.replace(
-                a, xattrs={**a.xattrs, name: bytes(value)}, ctime_ns=t))
+            self._change(txn, node, change)
 
     @fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -790,7 +833,10 @@ class Operations(pyfuse3.Operations):
         # not cross rules, but a directory moved with one inside can take a name of it
         # under a looser rule.)
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
-        paths = self.inodes.paths(node) if active else [[]]
+        # And the names it was moved out of by others, where this open may have been
+        # resolved (`OpenGuard.note_move_out`).
+        paths = ([*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
+                 if active else [[]])
         if verified_rw and self.guard.nix_aware:
             # A writer's read-write open of a Nix store path in flight is allowed whatever
             # the bytes: it need not be the only writer (Nix's .lock files, opened by
@@ -1003,7 +1049,15 @@ class Operations(pyfuse3.Operations):
             else (of.base, of.overlay) if of is not None else (None, None)
         if base is None or overlay is None or whence not in (SEEK_DATA, SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return seek_data_hole(HoleMap(base, overlay), offset, whence)
+        if base.count + overlay.extent_count + len(overlay.punched) <= SEEK_INLINE_PARTS:
+            return _seek(base, overlay, offset, whence)
+        # The hole map is built and walked in Python, in time linear in the fragments:
+        # a file of 60,000 holes held the event loop 110 ms a call. In a worker thread;
+        # a live file's overlay must not change under it (writes take the lock).
+        async with of.lock if h.pinned is None and of is not None else \
+                contextlib.nullcontext():
+            return await trio.to_thread.run_sync(_seek, base, overlay, offset, whence,
+                                                 limiter=self._seek_threads)
 
     async def _truncate(self, node: Inode, size: int) -> None:
         with self.vol.store.read() as txn:
