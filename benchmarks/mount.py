@@ -939,6 +939,10 @@ class BorgMount:
             raise RuntimeError(f"borg mount {self.archive} returned but nothing is mounted")
         return time.perf_counter() - start
 
+    @property
+    def tree(self) -> Path:
+        return self.mountpoint
+
     def stop(self) -> None:
         if os.path.ismount(self.mountpoint):
             subprocess.run([self.borg, "umount", str(self.mountpoint)], env=self.env,
@@ -985,6 +989,41 @@ class ResticMount:
         if os.path.ismount(self.mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
                            capture_output=True, check=False)
+
+
+@dataclass(frozen=True)
+class PeerTar:
+    """A backup tool's side of mount-tar: what its notes say."""
+
+    version: str
+    backup_s: float
+    mount_s: float
+    status: str  # the cold tar's exit status and stderr
+
+
+def _peer_tar(ctx: Context, name: str, tree: Path, runs: dict[str, dict[str, TarRun]],
+              env: dict[str, str], version_cmd: list[str], init_cmd: list[str],
+              backup_cmd: list[str], mount: BorgMount | ResticMount) -> PeerTar:
+    """Back `tree` up with a peer (from inside it), drop caches, mount its archive, and
+    time tar -c of it cold then warm into `runs`."""
+    version = subprocess.run(version_cmd, capture_output=True, text=True, env=env,
+                             check=True).stdout.strip()
+    subprocess.run(init_cmd, env=env, check=True, capture_output=True)
+    start = time.perf_counter()
+    subprocess.run(backup_cmd, cwd=tree, env=env, check=True, capture_output=True)
+    backup_s = time.perf_counter() - start
+    ctx.log(f"tar: {name} backup took {backup_s:.1f} s")
+    drop_caches()
+    mount_s = mount.start()
+    try:
+        runs["cold"][name] = tar_read(mount.tree, ctx.work)
+        runs["warm"][name] = tar_read(mount.tree, ctx.work)
+    finally:
+        mount.stop()
+    cold = runs["cold"][name]
+    ctx.log(f"tar {name}: cold {cold.seconds:.1f} s, warm {runs['warm'][name].seconds:.1f} s")
+    status = f"tar exit status {cold.returncode}{': ' + cold.stderr if cold.stderr else ''}."
+    return PeerTar(version, backup_s, mount_s, status)
 
 
 def restic_env(work: Path) -> dict[str, str]:
@@ -1034,62 +1073,30 @@ def tar(ctx: Context) -> FigureResult:
     if borg is not None:
         env = borg_env(ctx.work)
         repo = ctx.work / "borg-repo"
-        version = subprocess.run([borg, "--version"], capture_output=True, text=True,
-                                 env=env, check=True).stdout.strip()
-        subprocess.run([borg, "init", "-e", "none", str(repo)], env=env, check=True,
-                       capture_output=True)
-        start = time.perf_counter()
-        subprocess.run([borg, "create", "--compression", "none", f"{repo}::tree", "."],
-                       cwd=tree, env=env, check=True, capture_output=True)
-        create_s = time.perf_counter() - start
-        ctx.log(f"tar: borg create took {create_s:.1f} s")
-        bm = BorgMount(borg, f"{repo}::tree", ctx.work / "mnt-borg", env)
-        drop_caches()
-        mount_s = bm.start()
-        try:
-            runs["cold"]["borg"] = tar_read(bm.mountpoint, ctx.work)
-            runs["warm"]["borg"] = tar_read(bm.mountpoint, ctx.work)
-        finally:
-            bm.stop()
-        ctx.log(f"tar borg: cold {runs['cold']['borg'].seconds:.1f} s, "
-                f"warm {runs['warm']['borg'].seconds:.1f} s")
-        borg_note = (f"borg ({version}): `borg init -e none`, `borg create --compression "
-                     f"none REPO::tree .` from inside the tree ({create_s:.1f} s), caches "
-                     f"dropped, `borg mount REPO::tree MNT` (returned after {mount_s:.1f} s; "
-                     f"not counted), tar as above, `borg umount`. BORG_BASE_DIR in the "
-                     f"scratch directory. tar exit status {runs['cold']['borg'].returncode}"
-                     f"{': ' + borg_err if (borg_err := runs['cold']['borg'].stderr) else ''}.")
+        peer = _peer_tar(ctx, "borg", tree, runs, env, [borg, "--version"],
+                         [borg, "init", "-e", "none", str(repo)],
+                         [borg, "create", "--compression", "none", f"{repo}::tree", "."],
+                         BorgMount(borg, f"{repo}::tree", ctx.work / "mnt-borg", env))
+        borg_note = (f"borg ({peer.version}): `borg init -e none`, `borg create --compression "
+                     f"none REPO::tree .` from inside the tree ({peer.backup_s:.1f} s), caches "
+                     f"dropped, `borg mount REPO::tree MNT` (returned after "
+                     f"{peer.mount_s:.1f} s; not counted), tar as above, `borg umount`. "
+                     f"BORG_BASE_DIR in the scratch directory. {peer.status}")
     restic = shutil.which("restic")
     restic_note = "restic: not installed, so no restic comparison."
     if restic is not None:
-        renv = restic_env(ctx.work)
-        rrepo = ctx.work / "restic-repo"
-        version = subprocess.run([restic, "version"], capture_output=True, text=True,
-                                 env=renv, check=True).stdout.strip()
-        subprocess.run([restic, "init", "--repository-version", "2", "--repo", str(rrepo)],
-                       env=renv, check=True, capture_output=True)
-        start = time.perf_counter()
-        subprocess.run([restic, "backup", "--compression", "off", "--repo", str(rrepo), "."],
-                       cwd=tree, env=renv, check=True, capture_output=True)
-        backup_s = time.perf_counter() - start
-        ctx.log(f"tar: restic backup took {backup_s:.1f} s")
-        rm = ResticMount(restic, rrepo, ctx.work / "mnt-restic", renv)
-        drop_caches()
-        mount_s = rm.start()
-        try:
-            runs["cold"]["restic"] = tar_read(rm.tree, ctx.work)
-            runs["warm"]["restic"] = tar_read(rm.tree, ctx.work)
-        finally:
-            rm.stop()
-        ctx.log(f"tar restic: cold {runs['cold']['restic'].seconds:.1f} s, "
-                f"warm {runs['warm']['restic'].seconds:.1f} s")
-        restic_note = (f"restic ({version}): `restic init --repository-version 2`, `restic "
-                       f"backup --compression off .` from inside the tree ({backup_s:.1f} s), "
-                       f"caches dropped, `restic mount MNT` (serving after {mount_s:.1f} s; "
-                       f"not counted), tar as above in MNT/snapshots/latest, SIGINT. "
-                       f"RESTIC_CACHE_DIR in the scratch directory. tar exit status "
-                       f"{runs['cold']['restic'].returncode}"
-                       f"{': ' + r_err if (r_err := runs['cold']['restic'].stderr) else ''}.")
+        env = restic_env(ctx.work)
+        repo = ctx.work / "restic-repo"
+        peer = _peer_tar(ctx, "restic", tree, runs, env, [restic, "version"],
+                         [restic, "init", "--repository-version", "2", "--repo", str(repo)],
+                         [restic, "backup", "--compression", "off", "--repo", str(repo), "."],
+                         ResticMount(restic, repo, ctx.work / "mnt-restic", env))
+        restic_note = (f"restic ({peer.version}): `restic init --repository-version 2`, "
+                       f"`restic backup --compression off .` from inside the tree "
+                       f"({peer.backup_s:.1f} s), caches dropped, `restic mount MNT` (serving "
+                       f"after {peer.mount_s:.1f} s; not counted), tar as above in "
+                       f"MNT/snapshots/latest, SIGINT. RESTIC_CACHE_DIR in the scratch "
+                       f"directory. {peer.status}")
     cold, warm = runs["cold"], runs["warm"]
     a = cold["annofs"].seconds
     rows = [

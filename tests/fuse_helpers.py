@@ -9,8 +9,10 @@ import ctypes.util
 import os
 import pickle
 import subprocess
+import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,42 @@ def renameat2(old: Path | str, new: Path | str, flags: int) -> None:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(old), None, str(new))
 
+
+
+@dataclass
+class VictimReads:
+    """What a victim reading one file in a loop saw while an attack ran."""
+
+    result: Any  # what the attack returned
+    counts: dict[str, int]  # read, refused (EACCES), gone (ENOENT)
+    wrong: list[bytes]  # every read whose bytes were not the expected ones
+
+
+def read_while(path: Path, expected: bytes, attack: Callable[[], Any]) -> VictimReads:
+    """Read `path` over and over in a thread (this process's uid) while `attack()` runs,
+    counting reads, refusals and misses and keeping every read of other bytes."""
+    stop = threading.Event()
+    seen = VictimReads(None, {"read": 0, "refused": 0, "gone": 0}, [])
+
+    def victim() -> None:
+        while not stop.is_set():
+            try:
+                data = path.read_bytes()
+            except PermissionError:
+                seen.counts["refused"] += 1
+                continue
+            except FileNotFoundError:
+                seen.counts["gone"] += 1
+                continue
+            if data != expected:
+                seen.wrong.append(data)
+            seen.counts["read"] += 1
+
+    t = threading.Thread(target=victim)
+    t.start()
+    try:
+        seen.result = attack()
+    finally:
+        stop.set()
+        t.join()
+    return seen

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from fuse_helpers import as_user
+from fuse_helpers import as_user, read_while
 from t4_fuse_bypass import reload
 from t4_fuse_trust import annofs, write_policy
 
@@ -436,30 +436,12 @@ def test_renaming_unsigned_content_over_a_signed_file_while_opening(
         attacked: tuple[Mount, str]) -> None:
     m, root = attacked
     f = m.path / "src" / "proj" / "main.c"
-    stop = threading.Event()
-    counts = {"read": 0, "refused": 0}
-    wrong: list[bytes] = []
-
-    def victim() -> None:
-        while not stop.is_set():
-            try:
-                data = f.read_bytes()
-            except PermissionError:
-                counts["refused"] += 1
-                continue
-            if data != MAIN:
-                wrong.append(data)
-            counts["read"] += 1
-
-    t = threading.Thread(target=victim)
-    t.start()
-    try:
-        assert as_user(_swap_loop, root, 150) == 300
-    finally:
-        stop.set()
-        t.join()
-    assert not wrong, wrong[:3]
-    assert counts["read"] and counts["refused"], counts
+    seen = read_while(f, MAIN, lambda: as_user(_swap_loop, root, 150))
+    assert seen.result == 300
+    assert not seen.wrong, seen.wrong[:3]
+    # (rename over is atomic: the name never goes missing)
+    assert seen.counts["read"] and seen.counts["refused"] and not seen.counts["gone"], \
+        seen.counts
     assert refusals(m, "/src/proj/main.c")
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from fuse_helpers import NOBODY, RENAME_EXCHANGE, as_user, errno_of, read_at, renameat2
+from fuse_helpers import (
+    NOBODY,
+    RENAME_EXCHANGE,
+    as_user,
+    errno_of,
+    read_at,
+    read_while,
+    renameat2,
+)
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     EVIL,
     MAIN,
@@ -147,34 +155,11 @@ def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
         swap_with = f
     else:
         swap_with = f
-    stop = threading.Event()
-    counts = {"read": 0, "refused": 0, "gone": 0}
-    wrong: list[bytes] = []
-
-    def victim() -> None:
-        while not stop.is_set():
-            try:
-                data = f.read_bytes()
-            except PermissionError:
-                counts["refused"] += 1
-                continue
-            except FileNotFoundError:
-                counts["gone"] += 1
-                continue
-            if data != MAIN:
-                wrong.append(data)
-            counts["read"] += 1
-
-    t = threading.Thread(target=victim)
-    t.start()
-    try:
-        swaps = as_user(_exchange_loop, str(evil), str(swap_with), 10.0)
-    finally:
-        stop.set()
-        t.join()
-    print(swaps, counts, len(wrong))
-    assert counts["read"], counts
-    assert not wrong, f"{len(wrong)} reads of /src/proj/main.c got {wrong[0]!r}"
+    seen = read_while(f, MAIN, lambda: as_user(_exchange_loop, str(evil), str(swap_with),
+                                               10.0))
+    print(seen.result, seen.counts, len(seen.wrong))
+    assert seen.counts["read"], seen.counts
+    assert not seen.wrong, f"{len(seen.wrong)} reads of /src/proj/main.c got {seen.wrong[0]!r}"
 
 
 # -- open directory handles: what each remembers ---------------------------------------------
@@ -348,34 +333,10 @@ def test_a_hard_linked_file_that_loses_its_strict_name_while_opened_is_refused(
     time on a new such file: a victim that resolved /src/proj/b.c, whose OPEN comes after
     the unlink, must not be judged under the /scratch name alone."""
     f = proj(mnt) / "b.c"
-    stop = threading.Event()
-    counts = {"read": 0, "refused": 0, "gone": 0}
-    wrong: list[bytes] = []
-
-    def victim() -> None:
-        while not stop.is_set():
-            try:
-                data = f.read_bytes()
-            except PermissionError:
-                counts["refused"] += 1
-                continue
-            except FileNotFoundError:
-                counts["gone"] += 1
-                continue
-            if data != MAIN:
-                wrong.append(data)
-            counts["read"] += 1
-
-    t = threading.Thread(target=victim)
-    t.start()
-    try:
-        rounds = as_user(_unlink_loop, str(mnt.path), 10.0)
-    finally:
-        stop.set()
-        t.join()
-    print(rounds, counts, len(wrong))
-    assert counts["refused"], counts
-    assert not wrong, f"{len(wrong)} reads of /src/proj/b.c got {wrong[0]!r}"
+    seen = read_while(f, MAIN, lambda: as_user(_unlink_loop, str(mnt.path), 10.0))
+    print(seen.result, seen.counts, len(seen.wrong))
+    assert seen.counts["refused"], seen.counts
+    assert not seen.wrong, f"{len(seen.wrong)} reads of /src/proj/b.c got {seen.wrong[0]!r}"
 
 
 def _unlink_each(root: str, n: int, how: str) -> None:
