@@ -24,6 +24,7 @@ from fuse_helpers import (
     read_while,
     renameat2,
 )
+from t4_fuse_bypass import reload
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     EVIL,
     MAIN,
@@ -250,6 +251,75 @@ def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_wa
         os.close(dfd)
     # The mover itself reads its file where it now is, as the policy there allows.
     assert as_user(lambda: Path(mnt.path, "scratch", "d", "main.c").read_bytes()) == EVIL
+
+
+def test_a_directory_moved_between_rules_its_own_path_shares_is_judged_where_it_was(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """A directory's own path says nothing of the rules of the names below it. With a
+    carve-out `/src/proj/vendor/**` (no signers) before `/src/**`, /src/proj/d and
+    /src/proj/vendor fall under one rule, but d/main.c and vendor/main.c do not: uid
+    65534 renames its directory d, which a process holds, to vendor and patches
+    main.c; the process's open of main.c relative to it read the unsigned bytes (found
+    by a second reader of the move-out fix). Every move of a directory is recorded."""
+    (base / "policy.toml").write_text('''mode = "enforce"
+default = "allow"
+trusted-keys-dir = "keys"
+
+[[rules]]
+path = "/src/proj/vendor/**"
+signers = 0
+
+[[rules]]
+path = "/src/**"
+signers = 1
+
+[[rules]]
+path = "/scratch/**"
+signers = 0
+''')
+    reload(mnt)
+    d = proj(mnt) / "d"
+    as_user(os.mkdir, str(d))
+    as_user(lambda: Path(d, "main.c").write_bytes(MAIN))  # signed content: allowed
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_at(dfd, "main.c") == MAIN
+        as_user(_move_out_and_patch, str(d), str(proj(mnt) / "vendor"))
+        assert errno_of(read_at, dfd, "main.c") == errno.EACCES
+    finally:
+        os.close(dfd)
+    assert as_user(lambda: (proj(mnt) / "vendor" / "main.c").read_bytes()) == EVIL
+
+
+def _link_then_move_in(mnt_path: str) -> None:
+    """/scratch/d1/x (unsigned) with a second name /scratch/d2/y, x looked up first (its
+    recorded name), then /scratch/d2 moved to /src/proj/d2."""
+    scratch = Path(mnt_path, "scratch")
+    (scratch / "d1").mkdir()
+    (scratch / "d2").mkdir()
+    (scratch / "d1" / "x").write_bytes(EVIL)
+    os.stat(scratch / "d1" / "x")
+    os.link(scratch / "d1" / "x", scratch / "d2" / "y")
+    os.rename(scratch / "d2", Path(mnt_path, "src", "proj", "d2"))
+
+
+def test_a_hard_link_s_other_directory_moved_out_under_a_reader_is_judged_where_it_was(
+        mnt: Mount) -> None:  # noqa: F811
+    """The names a directory left are looked for above every name of a hard-linked
+    file, not only above the one it was first looked up by: uid 65534's unsigned file
+    /scratch/d1/x, also named d2/y, with d2 moved into /src/proj, held there by another
+    process, and moved out again: that process's open of y relative to it was judged
+    under the /scratch names alone (found by a second reader of the move-out fix)."""
+    as_user(_link_then_move_in, str(mnt.path))
+    d2 = proj(mnt) / "d2"
+    dfd = os.open(d2, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert errno_of(read_at, dfd, "y") == errno.EACCES  # under /src: unsigned
+        as_user(os.rename, str(d2), str(mnt.path / "scratch" / "d2"))
+        assert errno_of(read_at, dfd, "y") == errno.EACCES
+    finally:
+        os.close(dfd)
+    assert as_user(lambda: (mnt.path / "scratch" / "d2" / "y").read_bytes()) == EVIL
 
 
 # -- SEEK_DATA / SEEK_HOLE over a file of many holes -----------------------------------------

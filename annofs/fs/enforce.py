@@ -62,6 +62,10 @@ HASH_THREADS_PER_UID = 2
 _HASH_UIDS = 1024  # limiters kept; beyond that, the idle ones are dropped
 
 
+# Names a directory left that are remembered (Inode.left); see OpenGuard.note_move_out.
+MAX_LEFT = 16
+
+
 class OpenGuard:
     """The gate's word at open(), link and rename, and the page-cache rules that keep it
     true, for the FUSE operations."""
@@ -266,9 +270,26 @@ class OpenGuard:
         that needs signers and `new` falls under another rule: the kernel resolves a
         path before it sends OPEN, without the name, so an open resolved at `old` may be
         judged after the move, and must still be judged there (`InodeTable.former_paths`).
-        One name per rule and mover is enough: the verdict depends on the rule. Whether
-        it was recorded (now or before)."""
-        if not self.active or self.same_rule(old, new) or not self.guarded([old]):
+        One name per rule and mover is enough for a file: the verdict depends on the rule.
+        A directory's own path says nothing of the rules of the names below it (a
+        carve-out `/src/proj/vendor/**` under `/src/**`, a pattern `/lib/**/*.so`): its
+        every move is recorded, by path, and each open judges the name it would have had
+        there. Whether it was recorded (now or before)."""
+        if not self.active:
+            return False
+        if node.is_dir:
+            if tuple(old) == tuple(new):
+                return False
+            if (tuple(old), uid) not in node.left:
+                if len(node.left) >= MAX_LEFT:
+                    # Bounded (a directory renamed to a million names would hold a million
+                    # and every open below would judge them all): the oldest name that is
+                    # itself under no rule needing signers goes first.
+                    loose = [e for e in node.left if not self.guarded([e[0]])]
+                    node.left.remove(loose[0] if loose else node.left[0])
+                node.left.append((tuple(old), uid))
+            return True
+        if self.same_rule(old, new) or not self.guarded([old]):
             return False
         if not any(mover == uid and self.same_rule(path, old) for path, mover in node.left):
             node.left.append((tuple(old), uid))

@@ -186,25 +186,27 @@ class InodeTable:
         return out
 
     def former_paths(self, node: Inode, uid: int) -> list[list[bytes]]:
-        """Where `node` would be under each guarded name it, or a directory above it,
-        was moved out of by a uid other than `uid` (`Inode.left`): an open by `uid` may
-        have been resolved there before the move. (A process of the mover's own uid is
-        the mover's to fool.)"""
-        out: list[list[bytes]] = []
+        """Where `node` would be under each guarded name it, or a directory above any of
+        its names, was moved out of by a uid other than `uid` (`Inode.left`): an open by
+        `uid` may have been resolved there before the move. (A process of the mover's own
+        uid is the mover's to fool.) Every name of a hard-linked file is walked up: the
+        directory moved out may be above any of them."""
         if not self.any_left:
-            return out
-        below: list[bytes] = []  # names from `node` up to the current ancestor
-        while True:
-            for path, mover in node.left:
-                if mover != uid:
-                    out.append([*path, *reversed(below)])
-            if node.ino == ROOT:
-                return out
-            below.append(node.name)
-            parent = self.by_ino.get(node.parent)
-            if parent is None:
-                return out  # (a directory the kernel forgot: no path known above)
-            node = parent
+            return []
+        out = [list(path) for path, mover in node.left if mover != uid]
+        starts = node.locations or ({(node.parent, node.name)} if node.ino != ROOT else set())
+        for parent_ino, name in sorted(starts):
+            below = [name]  # names from `node` up to the current ancestor, reversed
+            holder = self.by_ino.get(parent_ino)
+            while holder is not None:  # (a directory the kernel forgot: no path above)
+                for path, mover in holder.left:
+                    if mover != uid:
+                        out.append([*path, *reversed(below)])
+                if holder.ino == ROOT:
+                    break
+                below.append(holder.name)
+                holder = self.by_ino.get(holder.parent)
+        return out
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""
