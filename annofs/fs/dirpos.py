@@ -27,6 +27,14 @@ class DirOffsets:
             self._names[off] = name
         return off
 
+    def rewind(self) -> None:
+        """A listing from the start by the directory's only open handle: no offset handed
+        out before can be asked for again, so none is kept (a directory listed over and
+        over while names come and go would otherwise hold every name it ever had)."""
+        if self.handles == 1:
+            self._names.clear()
+            self._offsets.clear()
+
     def name_at(self, offset: int) -> bytes | None:
         """The name after which `offset` resumes; None if it is not one of ours."""
         return self._names.get(offset)

@@ -395,6 +395,8 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         node = h.node
         assert h.offsets is not None
+        if not start_id:
+            h.offsets.rewind()
         after = h.offsets.name_at(start_id) if start_id else None  # 0: from the start
         if start_id and after is None:
             return  # not an offset of ours: the end
@@ -1053,11 +1055,12 @@ class Operations(pyfuse3.Operations):
             return _seek(base, overlay, offset, whence)
         # The hole map is built and walked in Python, in time linear in the fragments:
         # a file of 60,000 holes held the event loop 110 ms a call. In a worker thread;
-        # a live file's overlay must not change under it (writes take the lock).
-        async with of.lock if h.pinned is None and of is not None else \
-                contextlib.nullcontext():
-            return await trio.to_thread.run_sync(_seek, base, overlay, offset, whence,
-                                                 limiter=self._seek_threads)
+        # a live file's overlay must not change under it (writes take the lock). A thread
+        # slot first, the lock then: the file's writes and reads never wait in the queue
+        # behind other users' seeks.
+        lock = of.lock if h.pinned is None and of is not None else contextlib.nullcontext()
+        async with self._seek_threads, lock:
+            return await trio.to_thread.run_sync(_seek, base, overlay, offset, whence)
 
     async def _truncate(self, node: Inode, size: int) -> None:
         with self.vol.store.read() as txn:

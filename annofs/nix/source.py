@@ -43,8 +43,9 @@ from annofs.volume import Volume
 CACHE_FILE = "nar-hash-cache.json"
 _CACHE_ENTRIES = 4096  # trees remembered; the oldest go first
 # Directory entries the key's walk keeps for the dump that follows a cache miss (about
-# 300 bytes each): a tree bigger than this lists the rest of its directories again.
-_KEPT_ENTRIES = 500_000
+# 300 bytes each, some 60 MB at most, held on a cache hit too until the key is known): a
+# tree bigger than this lists the rest of its directories again.
+_KEPT_ENTRIES = 200_000
 
 
 def make_source_path(nar_sha256: bytes, name: str = "source",
