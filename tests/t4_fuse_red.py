@@ -237,6 +237,22 @@ def _move_out_and_patch(d: str, out: str) -> None:
     Path(out, "main.c").write_bytes(EVIL)
 
 
+def _held_directory_moved_and_patched(mnt: Mount, dest: Path) -> None:  # noqa: F811
+    """uid 65534 makes /src/proj/d with signed bytes in main.c; root holds d and reads
+    main.c through it; uid 65534 moves d to `dest` and writes unsigned bytes there: root's
+    next read through the held directory is refused."""
+    d = proj(mnt) / "d"
+    as_user(os.mkdir, str(d))
+    as_user(lambda: Path(d, "main.c").write_bytes(MAIN))  # signed content: allowed
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_at(dfd, "main.c") == MAIN
+        as_user(_move_out_and_patch, str(d), str(dest))
+        assert errno_of(read_at, dfd, "main.c") == errno.EACCES
+    finally:
+        os.close(dfd)
+
+
 def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_was(
         mnt: Mount) -> None:  # noqa: F811
     """A process holds a directory under /src (its cwd, a descriptor); uid 65534, whose
@@ -244,16 +260,7 @@ def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_wa
     opens a name relative to the directory it holds, believing it is under /src: that
     open was judged under /scratch and read the unsigned bytes, without any race. Now it
     is judged under /src too (the name the directory left), for every other uid."""
-    d = proj(mnt) / "d"
-    as_user(os.mkdir, str(d))
-    as_user(lambda: Path(d, "main.c").write_bytes(MAIN))  # signed content: allowed
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert read_at(dfd, "main.c") == MAIN
-        as_user(_move_out_and_patch, str(d), str(mnt.path / "scratch" / "d"))
-        assert errno_of(read_at, dfd, "main.c") == errno.EACCES
-    finally:
-        os.close(dfd)
+    _held_directory_moved_and_patched(mnt, mnt.path / "scratch" / "d")
     # The mover itself reads its file where it now is, as the policy there allows.
     assert as_user(lambda: Path(mnt.path, "scratch", "d", "main.c").read_bytes()) == EVIL
 
@@ -283,16 +290,7 @@ path = "/scratch/**"
 signers = 0
 ''')
     reload(mnt)
-    d = proj(mnt) / "d"
-    as_user(os.mkdir, str(d))
-    as_user(lambda: Path(d, "main.c").write_bytes(MAIN))  # signed content: allowed
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert read_at(dfd, "main.c") == MAIN
-        as_user(_move_out_and_patch, str(d), str(proj(mnt) / "vendor"))
-        assert errno_of(read_at, dfd, "main.c") == errno.EACCES
-    finally:
-        os.close(dfd)
+    _held_directory_moved_and_patched(mnt, proj(mnt) / "vendor")
     assert as_user(lambda: (proj(mnt) / "vendor" / "main.c").read_bytes()) == EVIL
 
 
