@@ -420,3 +420,37 @@ def test_a_double_star_before_the_last_keeps_its_meaning() -> None:
     assert pol.rule_for("/a/a") is not None and pol.rule_at([b"a", b"a"]).index == 0  # type: ignore[union-attr]
     assert pol.rule_at([b"b"]).index == 1  # type: ignore[union-attr]
     assert pol.rule_at([b"a"]).index == 1  # type: ignore[union-attr]
+
+
+def _rules(*globs: str) -> Policy:
+    return parse("".join(f'[[rules]]\npath = "{g}"\nsigners = {i % 2}\n'
+                         for i, g in enumerate(globs)))
+
+
+def _parts(path: str) -> list[bytes]:
+    return [p.encode() for p in path.strip("/").split("/")]
+
+
+@pytest.mark.parametrize("globs,old,new,same", [
+    # One directory-wide rule covers both, nothing before it reaches below: the same.
+    (("/src/**", "/scratch/**"), "/src/proj/a", "/src/proj/b", True),
+    (("/nix/store/**",), "/nix/store/h-x.drv.chroot/nix/store/o-x", "/nix/store/o-x", True),
+    ((), "/a", "/b", True),  # the default everywhere
+    (("/src/proj/vendor/**", "/src/**"), "/src/a", "/src/b", True),
+    # Another rule for one side: not the same.
+    (("/src/**", "/scratch/**"), "/src/proj/d", "/scratch/d", False),
+    # The directories' own paths share /src/**, their contents do not: a carve-out.
+    (("/src/proj/vendor/**", "/src/**"), "/src/proj/d", "/src/proj/vendor", False),
+    (("/src/proj/d/x/**", "/src/**"), "/src/proj/d", "/src/proj/e", False),
+    # A rule matching names (not ending in /**) may tell contents apart: not sure.
+    (("/lib/**/*.so", "/**"), "/lib/x", "/scratch/x", False),
+])
+def test_same_rules_below_is_sure_or_says_no(globs: tuple[str, ...], old: str, new: str,
+                                             same: bool) -> None:
+    # A directory moved from `old` to `new` keeps its contents' rules only if this says
+    # so (fs/enforce.py records the move otherwise): every name below, checked here.
+    p = _rules(*globs)
+    assert p.same_rules_below(_parts(old), _parts(new)) is same
+    if same:
+        for rel in ("f", "x/f", "vendor/f", "d/x/f", "a/b.so"):
+            assert p.rule_for(f"{old}/{rel}") == p.rule_for(f"{new}/{rel}"), rel

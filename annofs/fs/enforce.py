@@ -273,13 +273,15 @@ class OpenGuard:
         One name per rule and mover is enough for a file: the verdict depends on the rule.
         A directory's own path says nothing of the rules of the names below it (a
         carve-out `/src/proj/vendor/**` under `/src/**`, a pattern `/lib/**/*.so`): its
-        every move is recorded, by path, and each open judges the name it would have had
-        there. Whether it was recorded (now or before)."""
+        move is recorded, by path, unless the policy says for sure that every name below
+        keeps its rule (`Policy.same_rules_below`), and each open judges the name it would
+        have had there. Whether it was recorded (now or before)."""
         if not self.active:
             return False
         if node.is_dir:
-            if tuple(old) == tuple(new):
-                return False
+            if tuple(old) == tuple(new) or self.gate is None or \
+                    self.gate.policy.same_rules_below(old, new):
+                return False  # (within /nix/store/**, say: a build's output moved in)
             if (tuple(old), uid) not in node.left:
                 if len(node.left) >= MAX_LEFT:
                     # Bounded (a directory renamed to a million names would hold a million

@@ -145,5 +145,13 @@ class PathGlob:
         return any(below.fullmatch(path_text(directory[:i])) is not None
                    for i in range(1, len(directory) + 1))
 
+    def may_match_below(self, directory: str) -> bool:
+        """Whether the glob might match a path below `directory` (an absolute store path
+        without a trailing slash). False only when its literal start (up to the first
+        wildcard) leads elsewhere: a sure answer, never a wrong False."""
+        literal = re.split(r"[*?\[]", self.glob, maxsplit=1)[0]
+        inside = directory.rstrip("/") + "/"
+        return literal.startswith(inside) or inside.startswith(literal)
+
     def __repr__(self) -> str:
         return f"PathGlob({self.glob!r})"

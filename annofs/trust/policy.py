@@ -246,6 +246,18 @@ class Policy:
                 return rule
         return None
 
+    def same_rules_below(self, a: Sequence[bytes], b: Sequence[bytes]) -> bool:
+        """Whether every name below directory `a` falls under the rule the same name below
+        `b` does (a directory moved from `a` to `b` keeps its contents' rules). A sure
+        True only: one directory-wide rule covers both, and no rule before it (none at
+        all, for the default) might match anything below either."""
+        first = _DirectoryRules.of(self.rules, a)
+        if first.by_name or _DirectoryRules.of(self.rules, b) != first:
+            return False
+        ends = first.otherwise.index if first.otherwise is not None else len(self.rules)
+        return not any(rule.glob.may_match_below(path_text(d))
+                       for rule in self.rules[:ends] for d in (a, b))
+
     def rule_at(self, parts: Sequence[bytes]) -> Rule | None:
         """`rule_for` of the store path with these names, decided per directory.
 
