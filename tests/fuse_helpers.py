@@ -110,6 +110,16 @@ def run_as(creds: tuple[int, int, tuple[int, ...]], fn: Callable[..., Any], *arg
     return value
 
 
+def rss(m: Mount) -> int:
+    """The mount's daemon's resident memory in bytes."""
+    assert m.proc is not None
+    with open(f"/proc/{m.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def read_at(dirfd: int, name: str) -> bytes:
     """Up to 1 MiB of `name` under an open directory (for run_as: a path walk of the
     caller's own, from a descriptor opened before the fork)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount
-from fuse_helpers import NOBODY, as_user, errno_of, new_mount, stop_and_check
+from fuse_helpers import NOBODY, as_user, errno_of, new_mount, rss, stop_and_check
 
 TiB = 1 << 40
 PiB = 1 << 50
@@ -46,16 +46,6 @@ def m() -> Iterator[Mount]:
         problems = mount.log_problems()
         shutil.rmtree(base, ignore_errors=True)
     assert not problems, "the daemon logged:\n" + "\n".join(problems)
-
-
-def rss(m: Mount) -> int:
-    """The daemon's resident memory in bytes."""
-    assert m.proc is not None
-    with open(f"/proc/{m.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def cat(path: Path) -> bytes:

@@ -23,6 +23,7 @@ from fuse_helpers import (
     read_at,
     read_while,
     renameat2,
+    rss,
 )
 from t4_fuse_bypass import reload
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
@@ -170,15 +171,6 @@ def test_an_unsigned_file_swapped_out_between_lookup_and_open_is_refused(
 # -- open directory handles: what each remembers ---------------------------------------------
 
 
-def _rss(pid: int) -> int:
-    """Resident memory of a process, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _many_files(d: str, n: int) -> None:
     os.mkdir(d)
     for i in range(n):
@@ -213,15 +205,14 @@ def test_open_directory_handles_do_not_hold_memory_per_entry(mnt: Mount) -> None
     reads, would have held some 165 MiB)."""
     d = str(mnt.path / "scratch" / "big")
     as_user(_many_files, d, 10000)
-    assert mnt.proc is not None
-    before = _rss(mnt.proc.pid)
+    before = rss(mnt)
     done = str(mnt.path / "scratch" / "done")
     holder = threading.Thread(target=as_user, args=(_hold_read_dirs, d, 100, done))
     holder.start()
     try:
         while not os.path.exists(done + ".ready") and holder.is_alive():
             time.sleep(0.2)
-        grown = _rss(mnt.proc.pid) - before
+        grown = rss(mnt) - before
     finally:
         Path(done).touch()
         holder.join(120)

@@ -185,6 +185,11 @@ class InodeTable:
                 out.append([*self.path(holder), name])
         return out
 
+    def judged_paths(self, node: Inode, uid: int) -> list[list[bytes]]:
+        """The names an open or a readlink by `uid` is judged under: every name the
+        kernel knows, and the guarded ones left by others' moves (`former_paths`)."""
+        return [*self.paths(node), *self.former_paths(node, uid)]
+
     def former_paths(self, node: Inode, uid: int) -> list[list[bytes]]:
         """Where `node` would be under each guarded name it, or a directory above any of
         its names, was moved out of by a uid other than `uid` (`Inode.left`): an open by

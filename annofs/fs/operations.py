@@ -363,8 +363,8 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            paths = [*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
-            judge = functools.partial(judge_symlink, self.guard.gate, paths,
+            judge = functools.partial(judge_symlink, self.guard.gate,
+                                      self.inodes.judged_paths(node, ctx.uid),
                                       a.target, caller=Caller(ctx.uid, a.uid))
             if self.guard.nix_aware:
                 # Judging in a Nix store may hash a store path's NAR: off the loop.
@@ -395,11 +395,13 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         node = h.node
         assert h.offsets is not None
-        if not start_id:
-            h.offsets.rewind()
-        after = h.offsets.name_at(start_id) if start_id else None  # 0: from the start
-        if start_id and after is None:
-            return  # not an offset of ours: the end
+        if start_id:
+            after = h.offsets.name_at(start_id)
+            if after is None:
+                return  # not an offset of ours: the end
+        else:
+            h.offsets.rewind()  # from the start
+            after = None
         # Entries come in name order from LMDB, resuming after the last name the kernel
         # took: no snapshot, so no name removed since and no attributes from before a
         # change (readdirplus puts both in the kernel's caches). Each name's offset is
@@ -489,10 +491,16 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.unbind(parent.ino, name)
         if node is not None and remaining == 0:
             self._orphan(node, a)
-        elif node is not None and self.guard.note_move_out(node, removed,
-                                                           self.inodes.path(node), uid):
-            # A hard-linked file lost a strict name, and its others are under another
-            # rule: an open resolved through the lost one may come after.
+        elif node is not None:
+            # A hard-linked file lost a name, maybe a strict one with its others under
+            # another rule: an open resolved through the lost one may come after.
+            self._note_move_out(node, removed, self.inodes.path(node), uid)
+
+    def _note_move_out(self, node: Inode, old: list[bytes], new: list[bytes],
+                       uid: int) -> None:
+        """A name `node` left (`OpenGuard.note_move_out`); once any is kept, opens look
+        for them (`InodeTable.former_paths`)."""
+        if self.guard.note_move_out(node, old, new, uid):
             self.inodes.any_left = True
 
     def _stamp_link(self, txn: lmdb.Transaction, link: int) -> None:
@@ -589,12 +597,10 @@ class Operations(pyfuse3.Operations):
                 self._touch_dir(txn, new_parent)
         old_path = [*self.inodes.path(old_parent), name_old]
         new_path = [*self.inodes.path(new_parent), name_new]
-        if moving is not None and self.guard.note_move_out(moving, old_path, new_path,
-                                                           ctx.uid):
-            self.inodes.any_left = True
-        if exchange and replaced is not None and self.guard.note_move_out(
-                replaced, new_path, old_path, ctx.uid):
-            self.inodes.any_left = True
+        if moving is not None:
+            self._note_move_out(moving, old_path, new_path, ctx.uid)
+        if exchange and replaced is not None:
+            self._note_move_out(replaced, new_path, old_path, ctx.uid)
         if exchange:
             if moving is not None:
                 self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
@@ -605,9 +611,8 @@ class Operations(pyfuse3.Operations):
             self.inodes.unbind(new_parent.ino, name_new)
             if orphaned is not None:
                 self._orphan(replaced, orphaned)
-            elif self.guard.note_move_out(replaced, new_path, self.inodes.path(replaced),
-                                          ctx.uid):
-                self.inodes.any_left = True  # a hard-linked file lost a strict name
+            else:  # a hard-linked file lost a name, maybe a strict one
+                self._note_move_out(replaced, new_path, self.inodes.path(replaced), ctx.uid)
         if moving is not None:
             self.inodes.move(moving, old_parent.ino, name_old, new_parent.ino, name_new)
 
@@ -837,8 +842,7 @@ class Operations(pyfuse3.Operations):
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
         # And the names it was moved out of by others, where this open may have been
         # resolved (`OpenGuard.note_move_out`).
-        paths = ([*self.inodes.paths(node), *self.inodes.former_paths(node, ctx.uid)]
-                 if active else [[]])
+        paths = self.inodes.judged_paths(node, ctx.uid) if active else [[]]
         if verified_rw and self.guard.nix_aware:
             # A writer's read-write open of a Nix store path in flight is allowed whatever
             # the bytes: it need not be the only writer (Nix's .lock files, opened by
