@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,17 +180,10 @@ class Mount:
         return [m.group(0) for line in text.splitlines() if (m := _LOG_LINE.match(line))]
 
 
-@pytest.fixture
-def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
-    """A fresh store, mounted for real; the test fails if the daemon logged problems
-    that the test did not declare with @pytest.mark.expected_log."""
-    store = tmp_path / "store"
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
-                   stdout=subprocess.DEVNULL)
-    m = Mount(store, mp)
-    m.start()
+def serve(m: Mount, request: pytest.FixtureRequest, *extra: str) -> Iterator[Mount]:
+    """Start `m` with `extra` options, yield it, stop it; then fail the test if the
+    daemon logged problems that it did not declare with @pytest.mark.expected_log."""
+    m.start(*extra)
     try:
         yield m
     finally:
@@ -199,3 +193,70 @@ def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
     bad = [line for line in m.log_problems() if not any(p.search(line) for p in patterns)]
     if bad:
         pytest.fail("the daemon logged:\n" + "\n".join(bad), pytrace=False)
+
+
+@pytest.fixture
+def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """A fresh store, mounted for real; the test fails if the daemon logged problems
+    that the test did not declare with @pytest.mark.expected_log."""
+    store = tmp_path / "store"
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                   stdout=subprocess.DEVNULL)
+    yield from serve(Mount(store, mp), request)
+
+
+class Templates:
+    """What a fixture's set-up commands make (a store initialised, a tree imported, a
+    key generated, the tree signed, a policy written), made once per session and
+    copied into each test's directory after: the commands are processes of a third of
+    a second each, the copy of a small store takes milliseconds. Each test still gets
+    its own store, keys and mount."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._made: set[str] = set()
+
+    def copy(self, name: str, dest: Path, build: Callable[[Path], None]) -> None:
+        """Make in `dest` (a directory) what `build(directory)` makes in an empty one:
+        `build` runs the first time `name` is asked for, and its result is copied."""
+        src = self._root / name
+        if name not in self._made:
+            src.mkdir()
+            build(src)
+            self._made.add(name)
+        for child in src.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.copytree(child, dest / child.name, symlinks=True)
+            else:
+                shutil.copy2(child, dest / child.name, follow_symlinks=False)
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    """Set-ups made once per session, copied per test (`Templates`)."""
+    return Templates(tmp_path_factory.mktemp("templates"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Iterator[Path]:
+    """One directory for the session that other users can traverse (pytest's tmp_path
+    is private to root); whoever uses it empties it after each test (`empty_dir`)."""
+    d = Path(tempfile.mkdtemp(prefix="annofs-shared-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        empty_dir(d)
+        d.rmdir()
+
+
+def empty_dir(d: Path) -> None:
+    """Remove everything in `d`: a mount left behind by a failed test is detached first
+    (rm must not walk into it), and rm -rf, not shutil.rmtree, takes trees deeper than
+    Python's recursion limit."""
+    for child in d.iterdir():
+        if os.path.ismount(child):
+            subprocess.run(["fusermount3", "-u", "-z", str(child)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(child)], check=False)

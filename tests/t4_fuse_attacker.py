@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount
+from conftest import Mount, Templates, annofs_cmd, serve
 from fuse_helpers import as_user, read_while
 from t4_fuse_bypass import reload
 from t4_fuse_trust import annofs, write_policy
@@ -39,25 +39,42 @@ EVIL = b"#!/bin/sh\necho EVILxx\n"  # as long as SCRIPT: a page written in place
 MAIN = b"int main(void) { return 0; }\n"
 
 
-@pytest.fixture
-def attacked(mounted: Mount, tmp_path: Path) -> Iterator[tuple[Mount, str]]:
-    """/src/proj (main.c, run.sh, lib/util.c) signed by alice-1, writable by anyone, and
-    an empty /scratch; mounted --allow-other with an enforcing policy. Yields the mount
-    and the mount's root as the attacker's child sees it (a /proc/self/fd path)."""
-    mounted.stop()
-    tree = tmp_path / "proj"
+def _make_attacked(root: Path) -> None:
+    """What `attacked` starts from: a store with /src/proj (main.c, run.sh, lib/util.c)
+    signed by alice-1 (keys in root/keys), and root/policy.toml."""
+    store = root / "store"
+    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                   stdout=subprocess.DEVNULL)
+    tree = root / "proj"
     (tree / "lib").mkdir(parents=True)
     (tree / "main.c").write_bytes(MAIN)
     (tree / "run.sh").write_bytes(SCRIPT)
     (tree / "lib" / "util.c").write_text("int util(void) { return 1; }\n")
-    keys = tmp_path / "keys"
+    keys = root / "keys"
     keys.mkdir()
-    annofs(mounted.store, "import", str(tree), "/src/proj")
-    annofs(mounted.store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    policy = write_policy(tmp_path / "policy.toml")
-    mounted.start("--policy", str(policy), "--allow-other")
-    # Writing is allowed to everyone (modes are not content: no verdict changes).
+    annofs(store, "import", str(tree), "/src/proj")
+    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
+    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+    write_policy(root / "policy.toml")
+
+
+@pytest.fixture
+def attacked(tmp_path: Path, templates: Templates,
+             request: pytest.FixtureRequest) -> Iterator[tuple[Mount, str]]:
+    """/src/proj (main.c, run.sh, lib/util.c) signed by alice-1, writable by anyone, and
+    an empty /scratch; mounted --allow-other with an enforcing policy. Yields the mount
+    and the mount's root as the attacker's child sees it (a /proc/self/fd path)."""
+    templates.copy("t4_fuse_attacker.attacked", tmp_path, _make_attacked)
+    (tmp_path / "mnt").mkdir()
+    for mounted in serve(Mount(tmp_path / "store", tmp_path / "mnt"), request,
+                         "--policy", str(tmp_path / "policy.toml"), "--allow-other"):
+        yield from _opened_to_all(mounted)
+
+
+def _opened_to_all(mounted: Mount) -> Iterator[tuple[Mount, str]]:
+    """`mounted` with /src/proj writable by everyone (modes are not content: no verdict
+    changes) and a /scratch of everyone's; yields it and a /proc/self/fd path of its
+    root, held open meanwhile."""
     for d in (mounted.path, mounted.path / "src", mounted.path / "src" / "proj",
               mounted.path / "src" / "proj" / "lib"):
         d.chmod(0o777)

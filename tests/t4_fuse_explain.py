@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, annofs_cmd
+from conftest import Mount, Templates, annofs_cmd, serve
 from t4_fuse_trust import annofs, refused, write_policy
 
 MAIN_C = """#include <stdio.h>
@@ -24,11 +25,13 @@ int main(void) {
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
 
-@pytest.fixture
-def signed(mounted: Mount, tmp_path: Path) -> Mount:
-    """/src/proj (main.c and the ELF `hello` built from it) imported, signed by alice-1."""
-    mounted.stop()
-    tree = tmp_path / "proj"
+def _make_signed(root: Path) -> None:
+    """What `signed` starts from: a store with /src/proj (root/proj: main.c and the ELF
+    `hello` built from it) signed by alice-1 (keys in root/keys), and root/policy.toml."""
+    store = root / "store"
+    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                   stdout=subprocess.DEVNULL)
+    tree = root / "proj"
     tree.mkdir()
     (tree / "main.c").write_text(MAIN_C)
     # A table makes the ELF ~200 KB: several fragments, as real binaries have.
@@ -37,14 +40,23 @@ def signed(mounted: Mount, tmp_path: Path) -> Mount:
     subprocess.run(["cc", "-O0", "-o", str(tree / "hello"), str(tree / "main.c"),
                     str(tree / "table.c")], check=True)
     assert (tree / "hello").read_bytes()[:4] == b"\x7fELF"
-    keys = tmp_path / "keys"
+    keys = root / "keys"
     keys.mkdir()
-    annofs(mounted.store, "import", str(tree), "/src/proj")
-    annofs(mounted.store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    policy = write_policy(tmp_path / "policy.toml")
-    mounted.start("--policy", str(policy))
-    return mounted
+    annofs(store, "import", str(tree), "/src/proj")
+    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
+    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+    write_policy(root / "policy.toml")
+
+
+@pytest.fixture
+def signed(tmp_path: Path, templates: Templates,
+           request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """/src/proj (main.c and the ELF `hello` built from it) imported, signed by alice-1;
+    mounted with an enforcing policy."""
+    templates.copy("t4_fuse_explain.signed", tmp_path, _make_signed)
+    (tmp_path / "mnt").mkdir()
+    yield from serve(Mount(tmp_path / "store", tmp_path / "mnt"), request,
+                     "--policy", str(tmp_path / "policy.toml"))
 
 
 def why(m: Mount, *args: str) -> subprocess.CompletedProcess[str]:

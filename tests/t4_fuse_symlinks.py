@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, annofs_cmd
+from conftest import Mount, Templates, annofs_cmd, empty_dir
 from fuse_helpers import NOBODY, as_user, stop_and_check
 from t4_fuse_trust import write_policy
 
@@ -37,23 +35,21 @@ def run(*args: str) -> None:
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    """A directory other users can traverse (pytest's tmp_path is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="annofs-symlinks-"))
-    d.chmod(0o755)
+def base(shared_dir: Path) -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp_path is private to root): the
+    same one for every test of the session, as the absolute symlinks of the store
+    `make_mount` copies point into it; emptied after each test."""
     try:
-        yield d
+        yield shared_dir
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        empty_dir(shared_dir)
 
 
-def make_mount(base: Path, policy_mode: str = "enforce", signers: int = 1) -> Mount:
-    """/src/proj with files and signed symlinks (relative, absolute, to a directory, a
-    chain, a loop, and one to /scratch), signed by alice-1; /src/proj and /scratch
-    belong to uid 65534; mounted --allow-other with the policy."""
-    store, mp = base / "store", base / "mnt"
-    mp.mkdir()
-    mp.chmod(0o755)
+def _make_signed_links(base: Path, mp: Path) -> None:
+    """What `make_mount` starts from: base/store with /src/proj of files and signed
+    symlinks (relative, absolute into the mountpoint `mp`, to a directory, a chain, a
+    loop, one to /scratch) signed by alice-1, keys in base/keys."""
+    store = base / "store"
     tree = base / "proj"
     (tree / "lib").mkdir(parents=True)
     (tree / "main.c").write_bytes(MAIN)
@@ -73,6 +69,20 @@ def make_mount(base: Path, policy_mode: str = "enforce", signers: int = 1) -> Mo
     run("--store", str(store), "import", str(tree), "/src/proj")
     run("--store", str(store), "key", "generate", "alice-1", "--dir", str(keys))
     run("--store", str(store), "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+
+
+def make_mount(base: Path, templates: Templates, policy_mode: str = "enforce",
+               signers: int = 1) -> Mount:
+    """/src/proj with files and signed symlinks (`_make_signed_links`), signed by
+    alice-1; /src/proj and /scratch belong to uid 65534; mounted --allow-other with the
+    policy. `base` is the `base` fixture's directory."""
+    # The template's absolute symlinks name base/mnt: one template serves the session
+    # because `base` is the session's one shared directory.
+    store, mp = base / "store", base / "mnt"
+    templates.copy("t4_fuse_symlinks.signed_links", base,
+                   lambda root: _make_signed_links(root, mp))
+    mp.mkdir()
+    mp.chmod(0o755)
     policy = write_policy(base / "policy.toml", policy_mode, signers)
     m = Mount(store, mp)
     m.start("--allow-other", "--policy", str(policy))
@@ -85,8 +95,8 @@ def make_mount(base: Path, policy_mode: str = "enforce", signers: int = 1) -> Mo
 
 
 @pytest.fixture
-def mnt(base: Path) -> Iterator[Mount]:
-    m = make_mount(base)
+def mnt(base: Path, templates: Templates) -> Iterator[Mount]:
+    m = make_mount(base, templates)
     try:
         yield m
     finally:
@@ -240,10 +250,10 @@ def test_a_signed_absolute_target_into_a_looser_place_in_the_mount_is_refused(
 
 
 @pytest.mark.expected_log()
-def test_the_kernel_does_not_cache_symlink_targets(base: Path) -> None:
+def test_the_kernel_does_not_cache_symlink_targets(base: Path, templates: Templates) -> None:
     """A symlink read while the policy allowed it is refused after a reload to a
     stricter one, well within the entry timeout: every walk asks READLINK again."""
-    m = make_mount(base, signers=0)
+    m = make_mount(base, templates, signers=0)
     try:
         p = proj(m)
         as_user(swap_for_symlink, str(p / "main.c"), "../../scratch/evil.c")

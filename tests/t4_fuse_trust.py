@@ -7,10 +7,11 @@ import mmap
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, annofs_cmd
+from conftest import Mount, Templates, annofs_cmd, serve
 
 from annofs.daemon.events import read_events
 
@@ -36,22 +37,32 @@ signers = 0
     return path
 
 
-@pytest.fixture
-def signed(mounted: Mount, tmp_path: Path) -> Mount:
-    """/src/proj imported and signed by alice-1; mounted with an enforcing policy."""
-    mounted.stop()
-    tree = tmp_path / "proj"
+def _make_signed(root: Path) -> None:
+    """What `signed` starts from: a store with /src/proj imported from root/proj and
+    signed by alice-1 (keys in root/keys), and root/policy.toml."""
+    store = root / "store"
+    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                   stdout=subprocess.DEVNULL)
+    tree = root / "proj"
     (tree / "lib").mkdir(parents=True)
     (tree / "main.c").write_text("int main(void) { return 0; }\n")
     (tree / "lib" / "util.c").write_text("int util(void) { return 1; }\n")
-    keys = tmp_path / "keys"
+    keys = root / "keys"
     keys.mkdir()
-    annofs(mounted.store, "import", str(tree), "/src/proj")
-    annofs(mounted.store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(mounted.store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    policy = write_policy(tmp_path / "policy.toml")
-    mounted.start("--policy", str(policy))
-    return mounted
+    annofs(store, "import", str(tree), "/src/proj")
+    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
+    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
+    write_policy(root / "policy.toml")
+
+
+@pytest.fixture
+def signed(tmp_path: Path, templates: Templates,
+           request: pytest.FixtureRequest) -> Iterator[Mount]:
+    """/src/proj imported and signed by alice-1; mounted with an enforcing policy."""
+    templates.copy("t4_fuse_trust.signed", tmp_path, _make_signed)
+    (tmp_path / "mnt").mkdir()
+    yield from serve(Mount(tmp_path / "store", tmp_path / "mnt"), request,
+                     "--policy", str(tmp_path / "policy.toml"))
 
 
 def refused(path: Path, flags: int = os.O_RDONLY) -> bool:

@@ -223,8 +223,8 @@ def group_members(pgid: int) -> list[str]:
     return out
 
 
-def garbage_store(tmp_path: Path, rnd: random.Random,
-                  mounted: bool = False) -> tuple[Path, dict[str, str], float]:
+def garbage_store(tmp_path: Path, rnd: random.Random, mounted: bool = False,
+                  garbage: int = 60_000) -> tuple[Path, dict[str, str], float]:
     """A store holding a tree and much garbage; how long a whole gc of it takes (offline,
     which ends by compacting the LMDB file, or `mounted`: through a daemon, which does
     not)."""
@@ -235,7 +235,7 @@ def garbage_store(tmp_path: Path, rnd: random.Random,
     host_tree(src, rnd, 40)
     subprocess.run(annofs_cmd("--store", str(store), "import", str(src), "/t"),
                    check=True, stdout=subprocess.DEVNULL)
-    add_garbage(store, rnd)
+    add_garbage(store, rnd, garbage)
     probe = tmp_path / "probe"
     shutil.copytree(store, probe)
     pm = Mount(probe, tmp_path / "probe-mnt")
@@ -252,14 +252,15 @@ def garbage_store(tmp_path: Path, rnd: random.Random,
 
 def test_kill_9_during_offline_gc(tmp_path: Path) -> None:
     rnd = random.Random(seed())
-    store, wanted, took = garbage_store(tmp_path, rnd)
+    # A third of the daemon test's garbage: offline, gc still outlasts the start-up.
+    store, wanted, took = garbage_store(tmp_path, rnd, garbage=20_000)
     killed = 0
     for _ in range(KILLS):
         gc = annofs_cmd("--store", str(store), "gc", "--prune-history")
         killed += kill_at_random(gc, rnd.uniform(startup(), took))
         fsck_ok(store)
         assert store_tree(store, "/t", tmp_path / "out") == wanted
-        add_garbage(store, rnd)
+        add_garbage(store, rnd, 20_000)
     print(f"gc takes {took:.2f} s; {killed} of {KILLS} killed before the end")
     assert killed, "gc always finished before the kill"
     res = annofs("--store", str(store), "gc", "--prune-history", check=False)
