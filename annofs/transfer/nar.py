@@ -27,18 +27,21 @@ import shutil
 import stat
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import lmdb
 
+from annofs.content.fragments import FragmentStore
 from annofs.content.ingest import FragmentBatch, ingest_stream
-from annofs.content.versions import EMPTY_VERSION
-from annofs.errors import ExistsError, NotADirectoryError_, UsageError
+from annofs.content.versions import EMPTY_VERSION, zeros
+from annofs.errors import CorruptionError, ExistsError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import MAX_NAME, check_name, now_ns
-from annofs.store.records import Attrs
+from annofs.store.records import HOLE, Attrs, Version
 from annofs.transfer import nixbase32 as base32
 from annofs.volume import Volume
 
@@ -100,10 +103,12 @@ def _string(s: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class _Regular:
-    where: str  # for messages
+    where: str | tuple[bytes, ...]  # for messages (a volume's path: shown only then)
     executable: bool
     size: int
     chunks: Callable[[], Iterator[bytes]]
+    # What stands for the bytes in a dump of pieces (`_dump(..., defer=True)`).
+    content: object = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,10 @@ class _Directory:
 _Node = _Regular | _Symlink | _Directory
 
 
-def _dump(root: _Node) -> Iterator[bytes]:
+def _dump(root: _Node, defer: bool = False) -> Iterator[bytes]:
     """The NAR of a tree described by nodes, as chunks of at least _FLUSH bytes (but the
-    last): the small strings of a tree of small files become few, large writes."""
+    last): the small strings of a tree of small files become few, large writes. With
+    `defer`, each regular file's `content` is handed out in place of its bytes."""
     buf = bytearray(_string(MAGIC))
     # An explicit stack of entry iterators: no recursion limit on deep trees.
     stack: list[Iterator[tuple[bytes, _Node]]] = []
@@ -129,7 +135,7 @@ def _dump(root: _Node) -> Iterator[bytes]:
         buf += _DIR_OPEN
         stack.append(root.entries())
     else:
-        yield from _leaf(root, buf)
+        yield from _leaf(root, buf, defer)
     while stack:
         if len(buf) >= _FLUSH:
             yield bytes(buf)
@@ -147,7 +153,7 @@ def _dump(root: _Node) -> Iterator[bytes]:
             buf += _DIR_OPEN
             stack.append(node.entries())
         else:
-            yield from _leaf(node, buf)
+            yield from _leaf(node, buf, defer)
             buf += _CLOSE
     if buf:
         yield bytes(buf)
@@ -166,14 +172,20 @@ _CONTENTS = _string(b"contents")
 _SYMLINK = _string(b"(") + _string(b"type") + _string(b"symlink") + _string(b"target")
 
 
-def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
+def _leaf(node: _Regular | _Symlink, buf: bytearray, defer: bool = False) -> Iterator[bytes]:
     """Append a file's or symlink's node to `buf`; a file's bytes go out as they are read
-    (after what `buf` held), never gathered whole."""
+    (after what `buf` held), never gathered whole (with `defer`: its `content` does)."""
     if isinstance(node, _Symlink):
         buf += _SYMLINK + _string(node.target) + _CLOSE
         return
     buf += _REGULAR + _EXECUTABLE + _CONTENTS if node.executable else _REGULAR + _CONTENTS
     buf += _U64.pack(node.size)
+    if defer and node.size:
+        yield bytes(buf)
+        buf.clear()
+        yield node.content  # type: ignore[misc]
+        buf += _PAD[: -node.size % 8] + _CLOSE
+        return
     done = 0
     for chunk in node.chunks():
         done += len(chunk)
@@ -187,7 +199,8 @@ def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
             buf.clear()
         yield chunk
     if done != node.size:
-        raise UsageError(f"{node.where}: changed size while it was archived "
+        where = node.where if isinstance(node.where, str) else show_path(node.where)
+        raise UsageError(f"{where}: changed size while it was archived "
                          f"({node.size} bytes expected, {done} found)")
     buf += _PAD[: -node.size % 8] + _CLOSE
 
@@ -252,12 +265,148 @@ def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
     yield from _dump(_volume_node(vol, txn, top, tuple(path), listings or {}))
 
 
+# hash_volume_in: fragment bytes gathered into one run of NAR bytes for the hashing
+# thread, and runs in flight at most (memory: about that many runs).
+_BATCH = 4 << 20
+_BATCH_PIECES = 8192  # a tree of empty files makes runs of framing alone
+_AHEAD = 4
+
+
+def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
+                   listings: Listings | None = None) -> NarHash:
+    """The hash of `dump_volume_in`'s NAR, without its stream of chunks.
+
+    The tree is walked, its fragments read (back-to-back ones with one pread, across
+    files too), decompressed and checked in the caller's snapshot on this thread, and
+    gathered into runs of a few MiB of NAR bytes that one other thread hashes in order
+    (SHA-256 releases the GIL on large buffers). Every fragment is checked before its
+    bytes are hashed, as in a dump: CorruptionError, never a hash of wrong bytes.
+    (Checking in threads was measured slower: most fragments are a few KiB, and each
+    handing back of the GIL costs more than the zstd and BLAKE3 it overlaps.)"""
+    top = vol.namespace.resolve(txn, list(path))
+    root = _volume_node(vol, txn, top, tuple(path), listings or {})
+    frags = vol.versions.fragments
+    sha = hashlib.sha256()
+    size = 0
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
+    pending: deque[Future[None]] = deque()
+    # The run being gathered: NAR bytes, each file's fragments as (hashes, lengths,
+    # version id), a hole's length.
+    batch: list[bytes | tuple[list[bytes], list[int], int] | int] = []
+    stored = 0
+
+    def flush() -> None:
+        nonlocal batch, stored
+        pieces = _checked_pieces(frags, txn, batch)
+        pending.append(hasher.submit(_hash_pieces, sha, pieces))
+        batch, stored = [], 0
+        while len(pending) > _AHEAD:
+            pending.popleft().result()
+
+    try:
+        for piece in _dump(root, defer=True):
+            if isinstance(piece, bytes):
+                batch.append(piece)
+                size += len(piece)
+            else:
+                assert isinstance(piece, Version)
+                size += piece.size
+                for run in _fragment_runs(piece):
+                    if isinstance(run, int):
+                        batch.append(run)
+                        continue
+                    batch.append((*run, piece.id))
+                    stored += sum(run[1])
+                    if stored >= _BATCH:
+                        flush()
+            if len(batch) >= _BATCH_PIECES:
+                flush()
+        if batch:
+            flush()
+        while pending:
+            pending.popleft().result()
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+    return NarHash(sha.digest(), size)
+
+
+def _fragment_runs(v: Version) -> Iterator[tuple[list[bytes], list[int]] | int]:
+    """A version's stored fragments as runs of (hashes, lengths) of at most _BATCH bytes,
+    and its holes as their lengths, in order."""
+    if v.count == 1 and v.hashes != HOLE:
+        yield [v.hashes], [v.lengths[0]]  # most files of a source tree
+        return
+    hashes: list[bytes] = []
+    lengths: list[int] = []
+    total = 0
+    for i in range(v.count):
+        h, n = v.fragment_hash(i), v.lengths[i]
+        if h == HOLE:
+            if hashes:
+                yield hashes, lengths
+                hashes, lengths, total = [], [], 0
+            yield n
+            continue
+        hashes.append(h)
+        lengths.append(n)
+        total += n
+        if total >= _BATCH:
+            yield hashes, lengths
+            hashes, lengths, total = [], [], 0
+    if hashes:
+        yield hashes, lengths
+
+
+def _checked_pieces(frags: FragmentStore, txn: lmdb.Transaction,
+                    batch: list[bytes | tuple[list[bytes], list[int], int] | int]
+                    ) -> list[bytes | int]:
+    """A run's pieces as NAR bytes (joined into one buffer between holes) and hole
+    lengths: its fragments read together, each checked and of the length its version
+    says."""
+    wanted = [h for p in batch if isinstance(p, tuple) for h in p[0]]
+    checked = iter(frags.get_many(txn, wanted))
+    out: list[bytes | int] = []
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    for piece in batch:
+        if isinstance(piece, bytes):
+            append(piece)
+        elif isinstance(piece, int):
+            if parts:
+                out.append(b"".join(parts))
+                parts = []
+                append = parts.append
+            out.append(piece)
+        else:
+            hashes, lengths, vid = piece
+            for h, n in zip(hashes, lengths, strict=True):
+                data = next(checked)
+                if len(data) != n:
+                    raise CorruptionError(f"fragment {h.hex()}: {len(data)} bytes, the "
+                                          f"version {vid} says {n}")
+                append(data)
+    if parts:
+        out.append(b"".join(parts))
+    return out
+
+
+def _hash_pieces(sha: hashlib._Hash, pieces: list[bytes | int]) -> None:
+    """Hash a run's checked pieces (a hole as zeros, never materialised whole); runs
+    are hashed in order by the one hashing thread."""
+    for p in pieces:
+        if isinstance(p, int):
+            for z in zeros(p):
+                sha.update(z)
+        else:
+            sha.update(p)
+
+
 def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,
                  path: tuple[bytes, ...], listings: Listings) -> _Node:
     if a.is_reg:
         v = vol.versions.get(txn, int(a.target))
-        return _Regular(show_path(path), bool(a.mode & stat.S_IXUSR), v.size,
-                        lambda: vol.versions.iter_bytes(txn, v))
+        return _Regular(path, bool(a.mode & stat.S_IXUSR), v.size,
+                        lambda: vol.versions.iter_bytes(txn, v), v)
     if a.is_symlink:
         assert isinstance(a.target, bytes)
         return _Symlink(a.target)
