@@ -36,7 +36,7 @@ from typing import BinaryIO, Literal
 
 import lmdb
 
-from annofs.content.fragments import FragmentStore
+from annofs.content.fragments import FragmentStore, Stored
 from annofs.content.ingest import FragmentBatch, ingest_stream
 from annofs.content.versions import EMPTY_VERSION, zeros
 from annofs.errors import CorruptionError, ExistsError, NotADirectoryError_, UsageError
@@ -265,40 +265,45 @@ def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
     yield from _dump(_volume_node(vol, txn, top, tuple(path), listings or {}))
 
 
-# hash_volume_in: fragment bytes gathered into one run of NAR bytes for the hashing
-# thread, and runs in flight at most (memory: about that many runs).
+# hash_volume_in: stored fragment bytes read per task of the checking thread, and tasks
+# in flight at most (memory: about that many tasks' bytes, decompressed).
 _BATCH = 4 << 20
-_BATCH_PIECES = 8192  # a tree of empty files makes runs of framing alone
+_BATCH_PIECES = 8192  # a tree of empty files makes tasks of framing alone
 _AHEAD = 4
+# What a task holds: NAR bytes, a file's fragments as (hashes, lengths, version id), a
+# hole's length.
+_Piece = bytes | tuple[list[bytes], list[int], int] | int
 
 
 def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
                    listings: Listings | None = None) -> NarHash:
     """The hash of `dump_volume_in`'s NAR, without its stream of chunks.
 
-    The tree is walked, its fragments read (back-to-back ones with one pread, across
-    files too), decompressed and checked in the caller's snapshot on this thread, and
-    gathered into runs of a few MiB of NAR bytes that one other thread hashes in order
-    (SHA-256 releases the GIL on large buffers). Every fragment is checked before its
-    bytes are hashed, as in a dump: CorruptionError, never a hash of wrong bytes.
-    (Checking in threads was measured slower: most fragments are a few KiB, and each
-    handing back of the GIL costs more than the zstd and BLAKE3 it overlaps.)"""
+    This thread walks the tree, reads the stored fragments in the caller's snapshot
+    (back-to-back ones with one pread, across files too), decompresses a few MiB of them
+    with one zstandard call, checks each against its hash and lays them out with the
+    NAR's framing in one buffer; one other thread hashes those buffers in order (SHA-256
+    releases the GIL on large buffers: a handful of hand-overs in all). Every fragment
+    is checked before its bytes are hashed, as in a dump: CorruptionError, never a hash
+    of wrong bytes. (Checking in another thread was measured slower on a loaded
+    machine: its call per fragment into BLAKE3 handed the GIL back and forth with this
+    thread's walk, and each hand-over cost more than it overlapped.)"""
     top = vol.namespace.resolve(txn, list(path))
     root = _volume_node(vol, txn, top, tuple(path), listings or {})
     frags = vol.versions.fragments
     sha = hashlib.sha256()
     size = 0
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
     pending: deque[Future[None]] = deque()
-    # The run being gathered: NAR bytes, each file's fragments as (hashes, lengths,
-    # version id), a hole's length.
-    batch: list[bytes | tuple[list[bytes], list[int], int] | int] = []
+    batch: list[_Piece] = []
     stored = 0
 
     def flush() -> None:
         nonlocal batch, stored
-        pieces = _checked_pieces(frags, txn, batch)
-        pending.append(hasher.submit(_hash_pieces, sha, pieces))
+        wanted = [h for p in batch if isinstance(p, tuple) for h in p[0]]
+        read = frags.fetch_stored(txn, wanted)
+        pieces = _checked_pieces(frags, batch, read)
+        pending.append(worker.submit(_hash_pieces, sha, pieces))
         batch, stored = [], 0
         while len(pending) > _AHEAD:
             pending.popleft().result()
@@ -326,7 +331,7 @@ def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
         while pending:
             pending.popleft().result()
     finally:
-        hasher.shutdown(wait=True, cancel_futures=True)
+        worker.shutdown(wait=True, cancel_futures=True)
     return NarHash(sha.digest(), size)
 
 
@@ -357,14 +362,12 @@ def _fragment_runs(v: Version) -> Iterator[tuple[list[bytes], list[int]] | int]:
         yield hashes, lengths
 
 
-def _checked_pieces(frags: FragmentStore, txn: lmdb.Transaction,
-                    batch: list[bytes | tuple[list[bytes], list[int], int] | int]
-                    ) -> list[bytes | int]:
-    """A run's pieces as NAR bytes (joined into one buffer between holes) and hole
-    lengths: its fragments read together, each checked and of the length its version
-    says."""
-    wanted = [h for p in batch if isinstance(p, tuple) for h in p[0]]
-    checked = iter(frags.get_many(txn, wanted))
+def _checked_pieces(frags: FragmentStore, batch: list[_Piece],
+                    read: list[Stored]) -> list[bytes | int]:
+    """A task's NAR bytes, its fragments checked (each of the length its version says)
+    and joined with the framing between them into one buffer per run between holes, and
+    the holes' lengths."""
+    checked = iter(frags.check_stored(read))
     out: list[bytes | int] = []
     parts: list[bytes | memoryview] = []
     append = parts.append
@@ -372,10 +375,9 @@ def _checked_pieces(frags: FragmentStore, txn: lmdb.Transaction,
         if isinstance(piece, bytes):
             append(piece)
         elif isinstance(piece, int):
-            if parts:
-                out.append(b"".join(parts))
-                parts = []
-                append = parts.append
+            out.append(b"".join(parts))
+            parts = []
+            append = parts.append
             out.append(piece)
         else:
             hashes, lengths, vid = piece
@@ -385,14 +387,13 @@ def _checked_pieces(frags: FragmentStore, txn: lmdb.Transaction,
                     raise CorruptionError(f"fragment {h.hex()}: {len(data)} bytes, the "
                                           f"version {vid} says {n}")
                 append(data)
-    if parts:
-        out.append(b"".join(parts))
+    out.append(b"".join(parts))
     return out
 
 
 def _hash_pieces(sha: hashlib._Hash, pieces: list[bytes | int]) -> None:
-    """Hash a run's checked pieces (a hole as zeros, never materialised whole); runs
-    are hashed in order by the one hashing thread."""
+    """Hash a task's checked pieces (a hole as zeros, never materialised whole); the one
+    hashing thread takes tasks in order."""
     for p in pieces:
         if isinstance(p, int):
             for z in zeros(p):
