@@ -36,7 +36,7 @@ from typing import BinaryIO, Literal
 
 import lmdb
 
-from annofs.content.fragments import FragmentStore, Stored
+from annofs.content.fragments import Decompressed, Stored
 from annofs.content.ingest import FragmentBatch, ingest_stream
 from annofs.content.versions import EMPTY_VERSION, zeros
 from annofs.errors import CorruptionError, ExistsError, NotADirectoryError_, UsageError
@@ -279,34 +279,52 @@ def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
                    listings: Listings | None = None) -> NarHash:
     """The hash of `dump_volume_in`'s NAR, without its stream of chunks.
 
-    This thread walks the tree, reads the stored fragments in the caller's snapshot
-    (back-to-back ones with one pread, across files too), decompresses a few MiB of them
-    with one zstandard call, checks each against its hash and lays them out with the
-    NAR's framing in one buffer; one other thread hashes those buffers in order (SHA-256
-    releases the GIL on large buffers: a handful of hand-overs in all). Every fragment
-    is checked before its bytes are hashed, as in a dump: CorruptionError, never a hash
-    of wrong bytes. (Checking in another thread was measured slower on a loaded
-    machine: its call per fragment into BLAKE3 handed the GIL back and forth with this
-    thread's walk, and each hand-over cost more than it overlapped.)"""
+    This thread walks the tree and reads the stored fragments in the caller's snapshot
+    (back-to-back ones with one pread, across files too), a task of a few MiB at a time.
+    A second thread decompresses a task's compressed fragments with one zstandard call
+    (no GIL held) while this one reads the next; this one then checks each fragment
+    against its hash and lays them out with the NAR's framing in one buffer, which a
+    third thread hashes, tasks in order (SHA-256 releases the GIL on large buffers).
+    So the GIL changes hands a few times per task, not per fragment (checking in
+    threads fragment by fragment was measured slower than one thread: each hand-over
+    cost more than it overlapped). A decompression no thread has started when it is
+    needed (a busy machine) is done here instead of waited for. Every fragment is
+    checked before its bytes are hashed, as in a dump: CorruptionError, never a hash of
+    wrong bytes."""
     top = vol.namespace.resolve(txn, list(path))
     root = _volume_node(vol, txn, top, tuple(path), listings or {})
     frags = vol.versions.fragments
     sha = hashlib.sha256()
     size = 0
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
+    unzstd = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narunzstd")
     pending: deque[Future[None]] = deque()
     batch: list[_Piece] = []
     stored = 0
+    # The task whose fragments are being decompressed while this thread reads the next.
+    last: tuple[list[_Piece], list[Stored], Future[Decompressed]] | None = None
+
+    def finish() -> None:
+        nonlocal last
+        if last is not None:
+            was, read, done = last
+            last = None
+            # A thread that has not started it yet (a busy machine) leaves it to this one
+            # rather than be waited for (as workers.map_runs does).
+            got = frags.decompress_stored(read) if done.cancel() else done.result()
+            pieces = _checked_pieces(was, frags.check_decompressed(read, got))
+            pending.append(hasher.submit(_hash_pieces, sha, pieces))
+            while len(pending) > _AHEAD:
+                pending.popleft().result()
 
     def flush() -> None:
-        nonlocal batch, stored
+        nonlocal batch, stored, last
         wanted = [h for p in batch if isinstance(p, tuple) for h in p[0]]
         read = frags.fetch_stored(txn, wanted)
-        pieces = _checked_pieces(frags, batch, read)
-        pending.append(worker.submit(_hash_pieces, sha, pieces))
+        done = unzstd.submit(frags.decompress_stored, read)
+        finish()
+        last = (batch, read, done)
         batch, stored = [], 0
-        while len(pending) > _AHEAD:
-            pending.popleft().result()
 
     try:
         for piece in _dump(root, defer=True):
@@ -328,10 +346,12 @@ def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
                 flush()
         if batch:
             flush()
+        finish()
         while pending:
             pending.popleft().result()
     finally:
-        worker.shutdown(wait=True, cancel_futures=True)
+        unzstd.shutdown(wait=True, cancel_futures=True)
+        hasher.shutdown(wait=True, cancel_futures=True)
     return NarHash(sha.digest(), size)
 
 
@@ -362,12 +382,12 @@ def _fragment_runs(v: Version) -> Iterator[tuple[list[bytes], list[int]] | int]:
         yield hashes, lengths
 
 
-def _checked_pieces(frags: FragmentStore, batch: list[_Piece],
-                    read: list[Stored]) -> list[bytes | int]:
-    """A task's NAR bytes, its fragments checked (each of the length its version says)
-    and joined with the framing between them into one buffer per run between holes, and
-    the holes' lengths."""
-    checked = iter(frags.check_stored(read))
+def _checked_pieces(batch: list[_Piece], checked_list: list[bytes | memoryview]
+                    ) -> list[bytes | int]:
+    """A task's NAR bytes with its checked fragments (each must be of the length its
+    version says) between them, joined into one buffer per run between holes, and the
+    holes' lengths."""
+    checked = iter(checked_list)
     out: list[bytes | int] = []
     parts: list[bytes | memoryview] = []
     append = parts.append
