@@ -101,7 +101,7 @@ def _string(s: bytes) -> bytes:
     return _U64.pack(len(s)) + s + _PAD[: -len(s) % 8]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per file of a dump, and never changed
 class _Regular:
     where: str | tuple[bytes, ...]  # for messages (a volume's path: shown only then)
     executable: bool
@@ -334,14 +334,20 @@ def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
             else:
                 assert isinstance(piece, Version)
                 size += piece.size
-                for run in _fragment_runs(piece):
-                    if isinstance(run, int):
-                        batch.append(run)
-                        continue
-                    batch.append((*run, piece.id))
-                    stored += sum(run[1])
+                if piece.count == 1 and piece.hashes != HOLE:  # most files of a tree
+                    batch.append(([piece.hashes], [piece.size], piece.id))
+                    stored += piece.size
                     if stored >= _BATCH:
                         flush()
+                else:
+                    for run in _fragment_runs(piece):
+                        if isinstance(run, int):
+                            batch.append(run)
+                            continue
+                        batch.append((*run, piece.id))
+                        stored += sum(run[1])
+                        if stored >= _BATCH:
+                            flush()
             if len(batch) >= _BATCH_PIECES:
                 flush()
         if batch:
@@ -358,9 +364,6 @@ def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
 def _fragment_runs(v: Version) -> Iterator[tuple[list[bytes], list[int]] | int]:
     """A version's stored fragments as runs of (hashes, lengths) of at most _BATCH bytes,
     and its holes as their lengths, in order."""
-    if v.count == 1 and v.hashes != HOLE:
-        yield [v.hashes], [v.lengths[0]]  # most files of a source tree
-        return
     hashes: list[bytes] = []
     lengths: list[int] = []
     total = 0
