@@ -21,12 +21,14 @@ from nar_cases import MALFORMED, directory, entry, nar, regular, symlink
 from t2_store import P, check_consistency, dump_tree
 
 from annofs.errors import ExistsError, NotADirectoryError_, UsageError
+from annofs.transfer import nar as nar_module
 from annofs.transfer.import_tree import TreeImporter
 from annofs.transfer.nar import (
     NarError,
     RestoredTree,
     dump_host,
     dump_volume,
+    hash_volume_in,
     nar_hash,
     restore_nar_host,
     restore_nar_into,
@@ -105,6 +107,57 @@ def test_dump_volume_is_nix_store_dump(vol: Volume, nix_tree: tuple[Path, Path, 
     assert v.count > 3  # the file crosses fragments
     assert b"".join(dump_volume(vol, P(big))) == nix("nix-store", "--dump",
                                                       str(tree / "sub/deeper/big.bin"))
+
+
+@pytest.mark.parametrize("batch", [nar_module._BATCH, 1, 40_000])
+def test_hash_volume_in_is_nix_hash(vol: Volume, nix_tree: tuple[Path, Path, bytes],
+                                    monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """The NAR hash without the dump (fragments read across files, hashed in another
+    thread in runs) is Nix's, whether a run holds one fragment, a few files or all."""
+    tree, _store_path, _nix_dump = nix_tree
+    monkeypatch.setattr(nar_module, "_BATCH", batch)
+    TreeImporter(vol).run(tree, P("/src/tree"))
+    want = nix("nix-hash", "--type", "sha256", "--base32", str(tree)).decode().strip()
+    with vol.store.read() as txn:
+        for part in ("", "/sub/deeper/big.bin", "/empty", "/sub/link", "/emptydir"):
+            got = hash_volume_in(vol, txn, P("/src/tree" + part))
+            assert got == nar_hash([nix("nix-store", "--dump", str(tree) + part)]), part
+        assert str(hash_volume_in(vol, txn, P("/src/tree"))) == "sha256:" + want
+
+
+def test_hash_volume_in_refuses_a_damaged_fragment(vol: Volume, tmp_path: Path) -> None:
+    """A fragment whose stored bytes were changed is CorruptionError naming it, never a
+    NAR hash of wrong bytes, in the first, a middle or the last run of the tree."""
+    from annofs.errors import CorruptionError
+
+    host = tmp_path / "t"
+    host.mkdir()
+    rnd = random.Random(9)
+    for i in range(30):
+        (host / f"f{i:02}").write_bytes(rnd.randbytes(3000 + i))
+    TreeImporter(vol).run(host, P("/t"))
+    with vol.store.read() as txn:
+        versions = [vol.versions.get(txn, int(vol.namespace.resolve(
+            txn, P(f"/t/f{i:02}")).target)) for i in range(30)]
+        where = [vol.fragments.locate(txn, v.hashes) for v in versions]
+        good = hash_volume_in(vol, txn, P("/t"))
+    assert good == nar_hash(dump_host(host))
+    for k in (0, 13, 29):
+        path, offset, n = where[k]
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(offset + n // 2)
+            old = f.read(1)
+            f.seek(offset + n // 2)
+            f.write(bytes([old[0] ^ 0x01]))
+        try:
+            with vol.store.read() as txn, pytest.raises(CorruptionError) as e:
+                hash_volume_in(vol, txn, P("/t"))
+            assert versions[k].hashes.hex() in str(e.value)
+        finally:
+            with open(path, "r+b") as f:
+                f.seek(offset + n // 2)
+                f.write(old)
 
 
 def test_nar_hash_is_nix_hash(vol: Volume, nix_tree: tuple[Path, Path, bytes]) -> None:
@@ -330,6 +383,14 @@ def test_dump_of_a_sparse_file_is_nix_store_dump_of_its_zeros(vol: Volume,
         tracemalloc.stop()
     assert peak < 16 << 20, f"the dump held {peak} bytes: a hole was materialised"
     assert got == nar_hash([want])
+    tracemalloc.start()
+    try:
+        with vol.store.read() as txn:
+            assert hash_volume_in(vol, txn, P("/sparse")) == got
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"hash_volume_in held {peak} bytes: a hole was materialised"
     assert b"".join(dump_volume(vol, P("/sparse"))) == want
     assert str(got) == "sha256:" + nix("nix-hash", "--type", "sha256", "--base32",
                                        str(host)).decode().strip()

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import blake3
+import lmdb
 import pytest
 from conftest import annofs_cmd
 
@@ -123,19 +124,29 @@ def test_a_files_fragments_are_read_in_runs_across_packs(
     assert len(hashes) > 4 * len(preads) > 0
 
 
+def _fetched_and_checked(vol: Volume, txn: lmdb.Transaction,
+                         hashes: list[bytes]) -> list[bytes | memoryview]:
+    """get_many in two steps: the read (in the transaction), then the check (none)."""
+    return vol.fragments.check_stored(vol.fragments.fetch_stored(txn, hashes))
+
+
+@pytest.mark.parametrize("read", ["get_many", "fetch_stored + check_stored"])
 def test_a_flipped_byte_anywhere_in_a_run_is_an_error_naming_its_fragment(
-        vol: Volume) -> None:
+        vol: Volume, read: str) -> None:
     # get_many checks each fragment of a run read with one pread: raw ones inline, the
-    # compressed ones through their codec. A flipped byte in the first, a middle or the
-    # last fragment of the run, raw or compressed, is CorruptionError naming that one.
+    # compressed ones through their codec; check_stored decompresses all of a call's
+    # compressed ones at once. A flipped byte in the first, a middle or the last
+    # fragment of the run, raw or compressed, is CorruptionError naming that one.
     from annofs.errors import CorruptionError
+    get_many = vol.fragments.get_many if read == "get_many" else \
+        lambda txn, hashes: _fetched_and_checked(vol, txn, hashes)
     rnd = random.Random(12)
     data = b"".join(rnd.randbytes(16384) if i % 3 else text(i, 16384) for i in range(12))
     pairs = items(data)
     vol.fragments.put_many(pairs)
     hashes = [h for h, _c in pairs]
     with vol.store.read() as txn:
-        assert b"".join(vol.fragments.get_many(txn, hashes)) == data
+        assert b"".join(get_many(txn, hashes)) == data
         where = {h: vol.fragments.locate(txn, h) for h in hashes}
     assert len({path for path, _o, _n in where.values()}) == 1  # one run, one pack
     for k in (0, 1, 3, 6, len(hashes) - 1):  # compressed ones: 0, 3, 6
@@ -148,14 +159,14 @@ def test_a_flipped_byte_anywhere_in_a_run_is_an_error_naming_its_fragment(
             f.write(bytes([old[0] ^ 0x10]))
         try:
             with vol.store.read() as txn, pytest.raises(CorruptionError) as e:
-                vol.fragments.get_many(txn, hashes)
+                get_many(txn, hashes)
             assert hashes[k].hex() in str(e.value)
         finally:
             with open(path, "r+b") as f:
                 f.seek(offset + n // 2)
                 f.write(old)
     with vol.store.read() as txn:
-        assert b"".join(vol.fragments.get_many(txn, hashes)) == data
+        assert b"".join(get_many(txn, hashes)) == data
 
 
 def test_gc_reports_the_stored_bytes_it_frees(vol: Volume, tmp_path: Path) -> None:

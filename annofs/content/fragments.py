@@ -71,6 +71,10 @@ _MIN_COMPRESS = 64
 # A fragment on its way into a pack: hash, stored bytes (a caller's view for a raw one:
 # written from it straight into the pack), stored length, length, codec.
 _Record = tuple[bytes, bytes | memoryview, int, int, int]
+# A fragment as read from its pack, not yet checked: hash, stored bytes, length, codec.
+Stored = tuple[bytes, bytes | memoryview, int, int]
+# The decompressed bytes of a run of compressed fragments (zstandard's buffer of segments).
+Decompressed = Sequence[bytes | memoryview] | zstandard.BufferWithSegmentsCollection
 # get_many reads a run of fragments lying back to back in a pack with one pread up to this.
 _RUN_BYTES = 4 << 20
 # Unreferenced fragments are freed in batches: one huge transaction would hold every page.
@@ -324,6 +328,30 @@ class FragmentStore:
         to locals and a raw fragment is checked inline, without the calls `_checked`
         costs (measured: the Python around the hashing was as much CPU as the hashing).
         """
+        out: list[bytes | memoryview] = []
+        append, b3 = out.append, blake3.blake3
+        decompress, frame_size = self._s.decompressor().decompress, zstandard.frame_content_size
+        for h, data, length, codec in self.fetch_stored(txn, hashes):
+            if codec == ZSTD and frame_size(data) == length:
+                # _checked's zstd case inlined (a source tree's fragments are mostly
+                # compressed); a damaged frame goes through _checked for its error.
+                try:
+                    data = decompress(data)
+                except zstandard.ZstdError:
+                    data = self._checked(h, data, length, codec)  # raises, naming it
+            elif codec != RAW or len(data) != length:
+                data = self._checked(h, data, length, codec)
+            if b3(data).digest() != h:
+                raise CorruptionError(f"fragment {h.hex()}: content does not match its hash")
+            append(data)
+        return out
+
+    def fetch_stored(self, txn: lmdb.Transaction,
+                     hashes: Sequence[bytes]) -> list[Stored]:
+        """(hash, stored bytes, length, codec) of fragments in order, read as `get_many`
+        reads them (back-to-back runs with one pread) but not yet checked: `check_stored`
+        checks them, in any thread (it needs no transaction). Missing fragments and
+        damaged index records or packs are CorruptionError here already."""
         get, index, unpack, size = txn.get, self._index, _INDEX.unpack, _INDEX.size
         entries = []
         for h in hashes:
@@ -335,8 +363,8 @@ class FragmentStore:
             if e[2] > _MAX_FRAGMENT or e[3] > _MAX_FRAGMENT:
                 self._entry(txn, h)  # raises: a damaged length
             entries.append(e)
-        out: list[bytes | memoryview] = []
-        append, b3 = out.append, blake3.blake3
+        out: list[Stored] = []
+        append = out.append
         count = len(entries)
         i = 0
         while i < count:
@@ -347,28 +375,67 @@ class FragmentStore:
                 if p != pack or o != end + HEADER.size:
                     break
                 end, j = o + m, j + 1
-            if j == i + 1:
-                append(self.get(txn, hashes[i]))
-                i = j
-                continue
             try:
                 run = memoryview(self._s.files.pread(txn, pack, start, end - start))
             except CorruptionError:
                 # Past a pack's end: read them one at a time, so the error names one.
-                out += [self.get(txn, h) for h in hashes[i:j]]
-                i = j
-                continue
+                for k in range(i, j):
+                    self.get(txn, hashes[k])
+                raise  # (not reached: one of them is past the end)
             for k in range(i, j):
-                _p, o, m, length, codec, _refs = entries[k]
-                data = run[o - start:o - start + m]
-                if codec != RAW or m != length:
-                    append(self._checked(hashes[k], data, length, codec))
-                elif b3(data).digest() == hashes[k]:
-                    append(data)
-                else:
-                    raise CorruptionError(f"fragment {hashes[k].hex()}: content does not "
-                                          "match its hash")
+                _p, o, m, length, codec = entries[k][:5]
+                append((hashes[k], run[o - start:o - start + m] if j > i + 1 else run,
+                        length, codec))
             i = j
+        return out
+
+    def check_stored(self, items: Sequence[Stored]) -> list[bytes | memoryview]:
+        """The bytes of fragments `fetch_stored` read, each decompressed and checked
+        against its hash (CorruptionError, never wrong bytes). Safe in any thread: it
+        needs no transaction."""
+        return self.check_decompressed(items, self.decompress_stored(items))
+
+    def decompress_stored(self, items: Sequence[Stored]) -> Decompressed:
+        """The compressed ones of `items`, decompressed in one call of zstandard's
+        (measured: 0.55x the time of a call per fragment, for 7 KB fragments) that holds
+        no GIL, so another thread goes on meanwhile; not checked yet: only for
+        `check_decompressed`. Safe in any thread."""
+        frame_size = zstandard.frame_content_size
+        frames: list[bytes | memoryview] = []
+        sizes: list[int] = []
+        for h, data, length, codec in items:
+            if codec == ZSTD:
+                if frame_size(data) != length:  # never trust a frame's size for memory
+                    self._checked(h, data, length, codec)  # raises, naming it
+                frames.append(data)
+                sizes.append(length)
+        if not frames:
+            return []
+        try:
+            return self._s.decompressor().multi_decompress_to_buffer(
+                frames, decompressed_sizes=struct.pack(f"={len(sizes)}Q", *sizes), threads=1)
+        except zstandard.ZstdError:
+            # A damaged frame: one at a time, so the error names its fragment.
+            for h, data, length, codec in items:
+                self._checked(h, data, length, codec)
+            raise  # (not reached)
+
+    def check_decompressed(self, items: Sequence[Stored],
+                           done: Decompressed) -> list[bytes | memoryview]:
+        """The bytes of `items`, the compressed ones from `decompress_stored(items)`,
+        each checked against its hash: CorruptionError, never wrong bytes."""
+        out: list[bytes | memoryview] = []
+        append, b3 = out.append, blake3.blake3
+        k = 0
+        for h, data, length, codec in items:
+            if codec == ZSTD:
+                data = done[k]
+                k += 1
+            elif codec != RAW or len(data) != length:
+                data = self._checked(h, data, length, codec)
+            if b3(data).digest() != h:
+                raise CorruptionError(f"fragment {h.hex()}: content does not match its hash")
+            append(data)
         return out
 
     def _checked(self, h: bytes, stored: bytes | memoryview, length: int,

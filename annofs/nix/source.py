@@ -37,7 +37,7 @@ from annofs.nix.narinfo import format_sha256
 from annofs.nix.register import STORE_DIR, Registration
 from annofs.store.records import Attrs
 from annofs.transfer import nixbase32 as base32
-from annofs.transfer.nar import Listings, NarHash, dump_volume_in, show_path
+from annofs.transfer.nar import Listings, NarHash, hash_volume_in, show_path
 from annofs.volume import Volume
 
 CACHE_FILE = "nar-hash-cache.json"
@@ -152,12 +152,7 @@ def hash_tree(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
     hit = cache.get(key)
     if hit is not None:
         return HashedTree(hit, key, True)
-    h = hashlib.sha256()
-    size = 0
-    for chunk in dump_volume_in(vol, txn, path, listings):
-        h.update(chunk)
-        size += len(chunk)
-    got = NarHash(h.digest(), size)
+    got = hash_volume_in(vol, txn, path, listings)
     cache.put(key, got)
     return HashedTree(got, key, False)
 

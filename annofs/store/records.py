@@ -209,9 +209,13 @@ def decode_version(vid: int, raw: bytes | memoryview) -> Version:
     what = f"version {vid}"
     layout, fields = _unpack_layout(raw, what, 7, (_LAYOUT, _WIDE_LAYOUT))
     parent, size, digest, created, edit, hashes, lengths_raw = fields
-    _check_ints(what, parent, size)
-    _check_ints(what, created, signed=True)
-    _check_bytes(what, hashes, lengths_raw)
+    # Inline tests for the usual record, the naming checks for any other (as decode_attrs).
+    if not (type(parent) is int and type(size) is int and parent >= 0 and size >= 0):
+        _check_ints(what, parent, size)
+    if type(created) is not int:
+        _check_ints(what, created, signed=True)
+    if type(hashes) is not bytes or type(lengths_raw) is not bytes:
+        _check_bytes(what, hashes, lengths_raw)
     if digest is not None:
         _check_bytes(what, digest)
     if edit is not None:
@@ -277,12 +281,18 @@ def encode_attrs(a: Attrs) -> bytes:
 def decode_attrs(raw: bytes | memoryview, what: str) -> Attrs:
     """Decode an entry record."""
     mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs = _unpack(raw, what, 10)
-    _check_ints(what, mode, uid, gid, size, link)
-    _check_ints(what, atime, mtime, ctime, signed=True)  # times before 1970 are valid
+    # The usual record passes these tests inline; any other goes through the checks
+    # that name the bad field (every directory walk decodes each entry: measured).
+    if not (type(mode) is int and type(uid) is int and type(gid) is int
+            and type(size) is int and type(link) is int and mode >= 0 and uid >= 0
+            and gid >= 0 and size >= 0 and link >= 0):
+        _check_ints(what, mode, uid, gid, size, link)
+    if not (type(atime) is int and type(mtime) is int and type(ctime) is int):
+        _check_ints(what, atime, mtime, ctime, signed=True)  # times before 1970 are valid
     if type(target) is not bytes and (type(target) is not int or target < 0):
         raise CorruptionError(f"{what}: bad target")
-    if not isinstance(xattrs, dict) or not all(
-            isinstance(k, bytes) and isinstance(v, bytes) for k, v in xattrs.items()):
+    if xattrs != {} and (not isinstance(xattrs, dict) or not all(
+            isinstance(k, bytes) and isinstance(v, bytes) for k, v in xattrs.items())):
         raise CorruptionError(f"{what}: bad extended attributes")
     return Attrs(mode, uid, gid, size, atime, mtime, ctime, target, link, xattrs)
 

@@ -27,18 +27,21 @@ import shutil
 import stat
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import lmdb
 
+from annofs.content.fragments import Decompressed, Stored
 from annofs.content.ingest import FragmentBatch, ingest_stream
-from annofs.content.versions import EMPTY_VERSION
-from annofs.errors import ExistsError, NotADirectoryError_, UsageError
+from annofs.content.versions import EMPTY_VERSION, zeros
+from annofs.errors import CorruptionError, ExistsError, NotADirectoryError_, UsageError
 from annofs.namespace.tree import MAX_NAME, check_name, now_ns
-from annofs.store.records import Attrs
+from annofs.store.records import HOLE, Attrs, Version
 from annofs.transfer import nixbase32 as base32
 from annofs.volume import Volume
 
@@ -98,12 +101,14 @@ def _string(s: bytes) -> bytes:
     return _U64.pack(len(s)) + s + _PAD[: -len(s) % 8]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per file of a dump, and never changed
 class _Regular:
-    where: str  # for messages
+    where: str | tuple[bytes, ...]  # for messages (a volume's path: shown only then)
     executable: bool
     size: int
     chunks: Callable[[], Iterator[bytes]]
+    # What stands for the bytes in a dump of pieces (`_dump(..., defer=True)`).
+    content: object = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,10 @@ class _Directory:
 _Node = _Regular | _Symlink | _Directory
 
 
-def _dump(root: _Node) -> Iterator[bytes]:
+def _dump(root: _Node, defer: bool = False) -> Iterator[bytes]:
     """The NAR of a tree described by nodes, as chunks of at least _FLUSH bytes (but the
-    last): the small strings of a tree of small files become few, large writes."""
+    last): the small strings of a tree of small files become few, large writes. With
+    `defer`, each regular file's `content` is handed out in place of its bytes."""
     buf = bytearray(_string(MAGIC))
     # An explicit stack of entry iterators: no recursion limit on deep trees.
     stack: list[Iterator[tuple[bytes, _Node]]] = []
@@ -129,7 +135,7 @@ def _dump(root: _Node) -> Iterator[bytes]:
         buf += _DIR_OPEN
         stack.append(root.entries())
     else:
-        yield from _leaf(root, buf)
+        yield from _leaf(root, buf, defer)
     while stack:
         if len(buf) >= _FLUSH:
             yield bytes(buf)
@@ -147,7 +153,7 @@ def _dump(root: _Node) -> Iterator[bytes]:
             buf += _DIR_OPEN
             stack.append(node.entries())
         else:
-            yield from _leaf(node, buf)
+            yield from _leaf(node, buf, defer)
             buf += _CLOSE
     if buf:
         yield bytes(buf)
@@ -166,14 +172,20 @@ _CONTENTS = _string(b"contents")
 _SYMLINK = _string(b"(") + _string(b"type") + _string(b"symlink") + _string(b"target")
 
 
-def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
+def _leaf(node: _Regular | _Symlink, buf: bytearray, defer: bool = False) -> Iterator[bytes]:
     """Append a file's or symlink's node to `buf`; a file's bytes go out as they are read
-    (after what `buf` held), never gathered whole."""
+    (after what `buf` held), never gathered whole (with `defer`: its `content` does)."""
     if isinstance(node, _Symlink):
         buf += _SYMLINK + _string(node.target) + _CLOSE
         return
     buf += _REGULAR + _EXECUTABLE + _CONTENTS if node.executable else _REGULAR + _CONTENTS
     buf += _U64.pack(node.size)
+    if defer and node.size:
+        yield bytes(buf)
+        buf.clear()
+        yield node.content  # type: ignore[misc]
+        buf += _PAD[: -node.size % 8] + _CLOSE
+        return
     done = 0
     for chunk in node.chunks():
         done += len(chunk)
@@ -187,7 +199,8 @@ def _leaf(node: _Regular | _Symlink, buf: bytearray) -> Iterator[bytes]:
             buf.clear()
         yield chunk
     if done != node.size:
-        raise UsageError(f"{node.where}: changed size while it was archived "
+        where = node.where if isinstance(node.where, str) else show_path(node.where)
+        raise UsageError(f"{where}: changed size while it was archived "
                          f"({node.size} bytes expected, {done} found)")
     buf += _PAD[: -node.size % 8] + _CLOSE
 
@@ -252,12 +265,172 @@ def dump_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
     yield from _dump(_volume_node(vol, txn, top, tuple(path), listings or {}))
 
 
+# hash_volume_in: stored fragment bytes read per task of the checking thread, and tasks
+# in flight at most (memory: about that many tasks' bytes, decompressed).
+_BATCH = 4 << 20
+_BATCH_PIECES = 8192  # a tree of empty files makes tasks of framing alone
+_AHEAD = 4
+# What a task holds: NAR bytes, a file's fragments as (hashes, lengths, version id), a
+# hole's length.
+_Piece = bytes | tuple[list[bytes], list[int], int] | int
+
+
+def hash_volume_in(vol: Volume, txn: lmdb.Transaction, path: Sequence[bytes],
+                   listings: Listings | None = None) -> NarHash:
+    """The hash of `dump_volume_in`'s NAR, without its stream of chunks.
+
+    This thread walks the tree and reads the stored fragments in the caller's snapshot
+    (back-to-back ones with one pread, across files too), a task of a few MiB at a time.
+    A second thread decompresses a task's compressed fragments with one zstandard call
+    (no GIL held) while this one reads the next; this one then checks each fragment
+    against its hash and lays them out with the NAR's framing in one buffer, which a
+    third thread hashes, tasks in order (SHA-256 releases the GIL on large buffers).
+    So the GIL changes hands a few times per task, not per fragment (checking in
+    threads fragment by fragment was measured slower than one thread: each hand-over
+    cost more than it overlapped). A decompression no thread has started when it is
+    needed (a busy machine) is done here instead of waited for. Every fragment is
+    checked before its bytes are hashed, as in a dump: CorruptionError, never a hash of
+    wrong bytes."""
+    top = vol.namespace.resolve(txn, list(path))
+    root = _volume_node(vol, txn, top, tuple(path), listings or {})
+    frags = vol.versions.fragments
+    sha = hashlib.sha256()
+    size = 0
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narhash")
+    unzstd = ThreadPoolExecutor(max_workers=1, thread_name_prefix="annofs-narunzstd")
+    pending: deque[Future[None]] = deque()
+    batch: list[_Piece] = []
+    stored = 0
+    # The task whose fragments are being decompressed while this thread reads the next.
+    last: tuple[list[_Piece], list[Stored], Future[Decompressed]] | None = None
+
+    def finish() -> None:
+        nonlocal last
+        if last is not None:
+            was, read, done = last
+            last = None
+            # A thread that has not started it yet (a busy machine) leaves it to this one
+            # rather than be waited for (as workers.map_runs does).
+            got = frags.decompress_stored(read) if done.cancel() else done.result()
+            pieces = _checked_pieces(was, frags.check_decompressed(read, got))
+            pending.append(hasher.submit(_hash_pieces, sha, pieces))
+            while len(pending) > _AHEAD:
+                pending.popleft().result()
+
+    def flush() -> None:
+        nonlocal batch, stored, last
+        wanted = [h for p in batch if isinstance(p, tuple) for h in p[0]]
+        read = frags.fetch_stored(txn, wanted)
+        done = unzstd.submit(frags.decompress_stored, read)
+        finish()
+        last = (batch, read, done)
+        batch, stored = [], 0
+
+    try:
+        for piece in _dump(root, defer=True):
+            if isinstance(piece, bytes):
+                batch.append(piece)
+                size += len(piece)
+            else:
+                assert isinstance(piece, Version)
+                size += piece.size
+                if piece.count == 1 and piece.hashes != HOLE:  # most files of a tree
+                    batch.append(([piece.hashes], [piece.size], piece.id))
+                    stored += piece.size
+                    if stored >= _BATCH:
+                        flush()
+                else:
+                    for run in _fragment_runs(piece):
+                        if isinstance(run, int):
+                            batch.append(run)
+                            continue
+                        batch.append((*run, piece.id))
+                        stored += sum(run[1])
+                        if stored >= _BATCH:
+                            flush()
+            if len(batch) >= _BATCH_PIECES:
+                flush()
+        if batch:
+            flush()
+        finish()
+        while pending:
+            pending.popleft().result()
+    finally:
+        unzstd.shutdown(wait=True, cancel_futures=True)
+        hasher.shutdown(wait=True, cancel_futures=True)
+    return NarHash(sha.digest(), size)
+
+
+def _fragment_runs(v: Version) -> Iterator[tuple[list[bytes], list[int]] | int]:
+    """A version's stored fragments as runs of (hashes, lengths) of at most _BATCH bytes,
+    and its holes as their lengths, in order."""
+    hashes: list[bytes] = []
+    lengths: list[int] = []
+    total = 0
+    for i in range(v.count):
+        h, n = v.fragment_hash(i), v.lengths[i]
+        if h == HOLE:
+            if hashes:
+                yield hashes, lengths
+                hashes, lengths, total = [], [], 0
+            yield n
+            continue
+        hashes.append(h)
+        lengths.append(n)
+        total += n
+        if total >= _BATCH:
+            yield hashes, lengths
+            hashes, lengths, total = [], [], 0
+    if hashes:
+        yield hashes, lengths
+
+
+def _checked_pieces(batch: list[_Piece], checked_list: list[bytes | memoryview]
+                    ) -> list[bytes | int]:
+    """A task's NAR bytes with its checked fragments (each must be of the length its
+    version says) between them, joined into one buffer per run between holes, and the
+    holes' lengths."""
+    checked = iter(checked_list)
+    out: list[bytes | int] = []
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    for piece in batch:
+        if isinstance(piece, bytes):
+            append(piece)
+        elif isinstance(piece, int):
+            out.append(b"".join(parts))
+            parts = []
+            append = parts.append
+            out.append(piece)
+        else:
+            hashes, lengths, vid = piece
+            for h, n in zip(hashes, lengths, strict=True):
+                data = next(checked)
+                if len(data) != n:
+                    raise CorruptionError(f"fragment {h.hex()}: {len(data)} bytes, the "
+                                          f"version {vid} says {n}")
+                append(data)
+    out.append(b"".join(parts))
+    return out
+
+
+def _hash_pieces(sha: hashlib._Hash, pieces: list[bytes | int]) -> None:
+    """Hash a task's checked pieces (a hole as zeros, never materialised whole); the one
+    hashing thread takes tasks in order."""
+    for p in pieces:
+        if isinstance(p, int):
+            for z in zeros(p):
+                sha.update(z)
+        else:
+            sha.update(p)
+
+
 def _volume_node(vol: Volume, txn: lmdb.Transaction, a: Attrs,
                  path: tuple[bytes, ...], listings: Listings) -> _Node:
     if a.is_reg:
         v = vol.versions.get(txn, int(a.target))
-        return _Regular(show_path(path), bool(a.mode & stat.S_IXUSR), v.size,
-                        lambda: vol.versions.iter_bytes(txn, v))
+        return _Regular(path, bool(a.mode & stat.S_IXUSR), v.size,
+                        lambda: vol.versions.iter_bytes(txn, v), v)
     if a.is_symlink:
         assert isinstance(a.target, bytes)
         return _Symlink(a.target)
