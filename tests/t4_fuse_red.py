@@ -57,14 +57,6 @@ def _opens_per_second(path: str, seconds: float) -> float:
     return n / seconds
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "every judged open builds the path of each name of the file the kernel has looked up "
-    "and judges it (the strictest holds; names may sit under different rules after a "
-    "directory move), on the event loop: linear in the names, and a file may have any "
-    "number of names (no EMLINK). With 20,000 names: 13 opens/s against 5,660 for a file "
-    "with one name, each open holding the loop some 75 ms; deduplicating by rule still "
-    "needs each name's path, so the fix is a per-inode memo of its names' rules kept "
-    "valid across renames of any directory above, not a small change"))
 def test_a_file_with_many_hard_links_costs_no_more_to_open(mnt: Mount) -> None:  # noqa: F811
     """Every judged open judges the file under each name the kernel knows. uid 65534
     gives a file of its own 20,000 names, looks each up, and opens it in a loop: each
@@ -77,6 +69,65 @@ def test_a_file_with_many_hard_links_costs_no_more_to_open(mnt: Mount) -> None: 
     linked = as_user(_opens_per_second, str(many), 1.5)
     print(f"opens per second: one name {plain:.0f}, 5,000 names {linked:.0f}")
     assert linked > plain / 5, f"one name: {plain:.0f} opens/s, 5,000 names: {linked:.0f}"
+
+
+def _loose_names_and_one_to_move(root: Path, n: int) -> None:
+    """An unsigned file /scratch/m/b/first (its first name, so the inode's own), with
+    `n` more names /scratch/m/b/l/lN and one /scratch/m/a/deep/x, all looked up.
+    (a/deep is made first: the memo walks names from the newest directory's, so x is
+    not the one kept for /scratch's rule.)"""
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "b" / "first").write_bytes(EVIL)
+    _many_links(str(root / "b" / "first"), str(root / "b" / "l"), n)
+    os.link(root / "b" / "first", root / "a" / "deep" / "x")
+
+
+def test_one_strict_name_of_many_refuses_every_open_whatever_the_names_memo_holds(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """A file of many names is judged under the distinct rules its names fall under,
+    remembered per inode: the strictest verdict over every name must still hold when
+    the memo is warm, after a directory above one name moves under a stricter rule,
+    and after a policy reload. 200 names under /scratch; the one name above which a
+    directory moves into /src refuses opens through every /scratch name."""
+    m = mnt.path / "scratch" / "m"
+    _loose_names_and_one_to_move(m, 200)
+    loose = m / "b" / "l" / "l5"
+    assert loose.read_bytes() == EVIL and loose.read_bytes() == EVIL  # memo warm
+    os.rename(m / "a", proj(mnt) / "a")  # the name x now under /src: unsigned there
+    for _ in range(2):  # the first open after the move, and with the memo warm again
+        assert errno_of(loose.read_bytes) == errno.EACCES
+        assert errno_of((m / "b" / "l" / "l150").read_bytes) == errno.EACCES
+    os.rename(proj(mnt) / "a", m / "a")  # back (moved by root: root's opens skip /src)
+    assert loose.read_bytes() == EVIL
+    # A new name of the file, made while the memo is warm, then moved under /src.
+    (m / "c").mkdir()
+    os.link(loose, m / "c" / "y")
+    assert loose.read_bytes() == EVIL
+    os.rename(m / "c", proj(mnt) / "c")
+    assert errno_of(loose.read_bytes) == errno.EACCES
+    os.rename(proj(mnt) / "c", m / "c")
+    assert loose.read_bytes() == EVIL
+    # A reload that puts one name under a rule that needs signers.
+    (base / "policy.toml").write_text('''mode = "enforce"
+default = "allow"
+trusted-keys-dir = "keys"
+
+[[rules]]
+path = "/scratch/m/a/**"
+signers = 1
+
+[[rules]]
+path = "/src/**"
+signers = 1
+
+[[rules]]
+path = "/scratch/**"
+signers = 0
+''')
+    reload(mnt)
+    assert errno_of(loose.read_bytes) == errno.EACCES
+    assert errno_of((m / "c" / "y").read_bytes) == errno.EACCES
 
 
 # -- extended attributes: one record of any size ---------------------------------------------
