@@ -367,14 +367,9 @@ def test_a_directory_moved_out_under_a_reader_s_descriptor_is_judged_where_it_wa
     assert as_user(lambda: Path(mnt.path, "scratch", "d", "main.c").read_bytes()) == EVIL
 
 
-def test_a_directory_moved_between_rules_its_own_path_shares_is_judged_where_it_was(
-        mnt: Mount, base: Path) -> None:  # noqa: F811
-    """A directory's own path says nothing of the rules of the names below it. With a
-    carve-out `/src/proj/vendor/**` (no signers) before `/src/**`, /src/proj/d and
-    /src/proj/vendor fall under one rule, but d/main.c and vendor/main.c do not: uid
-    65534 renames its directory d, which a process holds, to vendor and patches
-    main.c; the process's open of main.c relative to it read the unsigned bytes (found
-    by a second reader of the move-out fix). Every move of a directory is recorded."""
+def _carve_out(mnt: Mount, base: Path) -> None:  # noqa: F811
+    """Reload a policy with a carve-out `/src/proj/vendor/**` (no signers) before
+    `/src/**`: /src/proj/vendor itself is under `/src/**`, the names in it are not."""
     (base / "policy.toml").write_text('''mode = "enforce"
 default = "allow"
 trusted-keys-dir = "keys"
@@ -392,8 +387,47 @@ path = "/scratch/**"
 signers = 0
 ''')
     reload(mnt)
+
+
+def test_a_directory_moved_between_rules_its_own_path_shares_is_judged_where_it_was(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """A directory's own path says nothing of the rules of the names below it. With a
+    carve-out `/src/proj/vendor/**` (no signers) before `/src/**`, /src/proj/d and
+    /src/proj/vendor fall under one rule, but d/main.c and vendor/main.c do not: uid
+    65534 renames its directory d, which a process holds, to vendor and patches
+    main.c; the process's open of main.c relative to it read the unsigned bytes (found
+    by a second reader of the move-out fix). Every move of a directory is recorded."""
+    _carve_out(mnt, base)
     _held_directory_moved_and_patched(mnt, proj(mnt) / "vendor")
     assert as_user(lambda: (proj(mnt) / "vendor" / "main.c").read_bytes()) == EVIL
+
+
+def _fifo_in_vendor_moved(proj_path: str) -> int:
+    """mkfifo /src/proj/vendor/util.c (no signers needed there), then move vendor to
+    /src/proj/lib2, where util.c would need signers: the errno of the move (0: moved)."""
+    os.mkdir(f"{proj_path}/vendor")
+    os.mkfifo(f"{proj_path}/vendor/util.c", 0o644)
+    try:
+        os.rename(f"{proj_path}/vendor", f"{proj_path}/lib2")
+    except OSError as e:
+        return e.errno or -1
+    return 0
+
+
+def test_a_fifo_in_a_directory_moved_between_rules_its_own_path_shares_is_refused(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """The FIFO move check compared the moved directory's own paths, as the move-out
+    record did: with the carve-out, /src/proj/vendor and /src/proj/lib2 share `/src/**`,
+    so uid 65534's FIFO made in vendor (allowed there) moved with it to lib2/util.c,
+    under a rule that needs signers, where a cached name of it is opened without a
+    lookup. Now the move is EXDEV unless every name below keeps its rule."""
+    _carve_out(mnt, base)
+    assert as_user(_fifo_in_vendor_moved, str(proj(mnt))) == errno.EXDEV
+    assert (proj(mnt) / "vendor" / "util.c").is_fifo()
+    # Within the carve-out nothing changes rule: the move is allowed.
+    as_user(os.mkdir, str(proj(mnt) / "vendor" / "sub"))
+    as_user(os.mkfifo, str(proj(mnt) / "vendor" / "sub" / "f"), 0o644)
+    as_user(os.rename, str(proj(mnt) / "vendor" / "sub"), str(proj(mnt) / "vendor" / "sub2"))
 
 
 def _link_then_move_in(mnt_path: str) -> None:

@@ -27,6 +27,7 @@ from annofs.store.records import Version
 from annofs.trust.admission import Admission, Busy, CacheState, Claim
 from annofs.trust.gate import Judgement, TrustGate
 from annofs.trust.nixstore import Caller
+from annofs.trust.policy import Mode
 from annofs.trust.signing import path_text
 from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
@@ -282,6 +283,18 @@ class OpenGuard:
         do without a policy)."""
         return self.gate is None or self.gate.same_rule(src, dst)
 
+    def same_rules_below(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
+        """Whether every name below directory `src` keeps its rule moved to `dst`
+        (`Policy.same_rules_below`: a sure True only; any do without a policy)."""
+        return self.gate is None or self.gate.policy.same_rules_below(src, dst)
+
+    def fifo_refusal_below(self, d: Sequence[bytes]) -> bool:
+        """Whether a FIFO below directory `d` might be refused (`fifo_refusal`; False
+        for sure when no name below can need signers: `Policy.signers_below`)."""
+        gate = self.gate
+        return gate is not None and gate.policy.mode is Mode.ENFORCE and \
+            gate.policy.signers_below(d)
+
     def note_move_out(self, node: Inode, old: Sequence[bytes], new: Sequence[bytes],
                       uid: int) -> bool:
         """Remember on `node` (moved from `old` to `new` by `uid`) the name it left if
@@ -297,8 +310,7 @@ class OpenGuard:
         if not self.active:
             return False
         if node.is_dir:
-            if tuple(old) == tuple(new) or self.gate is None or \
-                    self.gate.policy.same_rules_below(old, new):
+            if tuple(old) == tuple(new) or self.same_rules_below(old, new):
                 return False  # (within /nix/store/**, say: a build's output moved in)
             if (tuple(old), uid) not in node.left:
                 if len(node.left) >= MAX_LEFT:

@@ -642,25 +642,38 @@ class Operations(pyfuse3.Operations):
         """EXDEV for a FIFO, or a directory holding one, moved from another rule to where
         the policy needs signers (`OpenGuard.fifo_refusal`). EXDEV, as for hard links
         across rules: `mv` falls back to copying, and the copy's mkfifo is refused. A
+        directory's own path says nothing of the rules of the names below it (a
+        carve-out): each FIFO below is judged where it would land, unless the policy says
+        for sure that every name below keeps its rule (`OpenGuard.same_rules_below`). A
         directory too big to look through (FIFO_WALK entries) is EXDEV too: the safe side.
         """
-        if not (raw.is_dir or stat.S_ISFIFO(raw.mode)) or self.guard.same_rule(src, dst):
-            return
-        why = self.guard.fifo_refusal(dst)
-        if why is None:
-            return
-        found = stat.S_ISFIFO(raw.mode)
         if raw.is_dir:
-            seen, todo = 0, [int(raw.target)]
-            while todo and not found:
-                for _, a in self.ns.listdir(txn, todo.pop()):
+            if self.guard.same_rules_below(src, dst) or not self.guard.fifo_refusal_below(dst):
+                return
+        elif not stat.S_ISFIFO(raw.mode) or self.guard.same_rule(src, dst):
+            return
+        why = None
+        if not raw.is_dir:
+            why = self.guard.fifo_refusal(dst)
+        else:
+            seen = 0
+            todo: list[tuple[int, tuple[bytes, ...]]] = [(int(raw.target), ())]
+            while todo and why is None:
+                dir_id, below = todo.pop()
+                for name, a in self.ns.listdir(txn, dir_id):
                     seen += 1
-                    if stat.S_ISFIFO(a.mode) or seen > FIFO_WALK:
-                        found = True
+                    if seen > FIFO_WALK:
+                        why = f"more than {FIFO_WALK} entries to look through for FIFOs"
                         break
+                    if stat.S_ISFIFO(a.mode):
+                        here = [*dst, *below, name]
+                        if not self.guard.same_rule([*src, *below, name], here):
+                            why = self.guard.fifo_refusal(here)
+                            if why is not None:
+                                break
                     if a.is_dir:
-                        todo.append(int(a.target))
-        if found:
+                        todo.append((int(a.target), (*below, name)))
+        if why is not None:
             log.info("refused: moving %s to %s", one_line(path_text(src)), one_line(why))
             raise pyfuse3.FUSEError(errno.EXDEV)
 
