@@ -190,6 +190,32 @@ signers = 0
     assert errno_of((m / "c" / "y").read_bytes) == errno.EACCES
 
 
+def _symlink_of_many_names(root: Path, n: int) -> None:
+    """An unsigned symlink /scratch/m/b/first (the inode's own name) with `n` more
+    names /scratch/m/b/lN and one /scratch/m/a/s (a made first: see above)."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    os.symlink("x", root / "b" / "first")
+    for i in range(n):
+        os.link(root / "b" / "first", root / "b" / f"l{i}", follow_symlinks=False)
+        os.lstat(root / "b" / f"l{i}")
+    os.link(root / "b" / "first", root / "a" / "s", follow_symlinks=False)
+
+
+def test_a_symlink_of_many_names_is_judged_under_each_rule_they_fall_under(
+        mnt: Mount) -> None:  # noqa: F811
+    """readlink judges a symlink under its names as open judges a file (a symlink's
+    target is content): with 100 names under /scratch and one moved into /src, the
+    unsigned symlink is refused through a /scratch name too, memo or not."""
+    m = mnt.path / "scratch" / "m"
+    as_user(_symlink_of_many_names, m, 100)
+    loose = m / "b" / "l5"
+    assert os.readlink(loose) == "x" and os.readlink(loose) == "x"
+    as_user(os.rename, str(m / "a"), str(proj(mnt) / "a"))
+    assert errno_of(os.readlink, loose) == errno.EACCES
+    assert errno_of(os.readlink, m / "b" / "l7") == errno.EACCES
+
+
 # -- extended attributes: one record of any size ---------------------------------------------
 
 

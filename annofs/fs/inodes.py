@@ -178,9 +178,9 @@ class InodeTable:
         if node.is_dir:
             # Every name below has another path now: the memos that walked through it
             # are stale (and an inode's memo in the making starts over).
-            for memo in self._memos.values():
-                if node.ino in memo.visited:
-                    memo.stale = True
+            stale = [ino for ino, memo in self._memos.items() if node.ino in memo.visited]
+            for ino in stale:
+                self._memos.pop(ino).stale = True
 
     def unbind(self, parent: int, name: bytes) -> Inode | None:
         """A name went away; returns the inode it named (still alive while looked up or open)."""
