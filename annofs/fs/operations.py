@@ -873,6 +873,8 @@ class Operations(pyfuse3.Operations):
             verified_rw = not self.guard.content_free(paths, Caller(ctx.uid, owner))
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
+        # (Only a many-named file's names may have been gathered, a chunk at a time:
+        # nothing was decided meanwhile, so this open is as one that came later.)
         claim = self.guard.reserve(node, paths, ctx.pid, ctx.uid, writer=writer,
                                    verified_rw=verified_rw,
                                    reader=judged and access == os.O_RDONLY)
