@@ -7,7 +7,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Sequence
 
-from annofs.fs.inodes import ROOT, Inode, InodeTable, NameMemo
+from annofs.fs.inodes import MAX_MEMOS, ROOT, Inode, InodeTable, NameMemo
 from annofs.store.records import Attrs
 
 DIR = Attrs(stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, 0, 1)
@@ -105,3 +105,20 @@ def test_names_left_by_moves_are_kept_per_mover() -> None:
     mover = t.memo_paths(f, built(t, f), uid=65534)
     assert not any(p[:2] == [b"src", b"old"] for p in mover)
     assert keys(mover) == keys(t.judged_paths(f, 65534))
+
+
+def test_memos_being_built_are_not_pushed_out_by_others() -> None:
+    # A user with many files of many names must not make another's build start over.
+    t, _d, f = table(100)
+    mine = t.memo_for(f, "p1", by_top)
+    assert not t.scan_step(f, mine, 10)
+    others = []
+    for i in range(MAX_MEMOS + 10):
+        g = t.ensure(ROOT, f"g{i}".encode(), FILE, 100 + i)
+        t.ensure(ROOT, f"h{i}".encode(), FILE, 100 + i)
+        others.append(built(t, g))
+    assert sum(m.stale for m in others) == 10  # complete ones: the oldest go
+    while not t.scan_step(f, mine, 10):
+        pass
+    assert t.memo_valid(f, mine, "p1")
+    assert t.scan_step(f, mine, 10)  # done already (as when another open built it)

@@ -106,8 +106,11 @@ class InodeTable:
         # Set once any inode has a guarded name it left (`Inode.left`): until then an
         # open need not walk up for them.
         self.any_left = False
-        # Every NameMemo in use or being built, by inode, oldest first (MAX_MEMOS).
+        # The complete NameMemos, by inode, oldest first (at most MAX_MEMOS), and those
+        # being built (one per inode an open or readlink is building one for: bounded by
+        # the requests in flight, and never pushed out by others' memos).
         self._memos: dict[int, NameMemo] = {}
+        self._building: dict[int, NameMemo] = {}
 
     def __len__(self) -> int:
         return len(self.by_ino)
@@ -178,9 +181,10 @@ class InodeTable:
         if node.is_dir:
             # Every name below has another path now: the memos that walked through it
             # are stale (and an inode's memo in the making starts over).
-            stale = [ino for ino, memo in self._memos.items() if node.ino in memo.visited]
-            for ino in stale:
-                self._memos.pop(ino).stale = True
+            for memos in (self._memos, self._building):
+                stale = [ino for ino, memo in memos.items() if node.ino in memo.visited]
+                for ino in stale:
+                    memos.pop(ino).stale = True
 
     def unbind(self, parent: int, name: bytes) -> Inode | None:
         """A name went away; returns the inode it named (still alive while looked up or open)."""
@@ -278,10 +282,7 @@ class InodeTable:
         self._drop_memo(node)
         memo = NameMemo(token, key, node.names, todo=sorted(node.locations))
         node.memo = memo
-        if len(self._memos) >= MAX_MEMOS:
-            oldest = next(iter(self._memos))
-            self._memos.pop(oldest).stale = True
-        self._memos[node.ino] = memo
+        self._building[node.ino] = memo
         return memo
 
     @staticmethod
@@ -298,12 +299,19 @@ class InodeTable:
         if memo.stale or memo.names != node.names or node.memo is not memo:
             memo.stale = True
             return True
+        if memo.complete:
+            return True  # (built by another open meanwhile)
         for _ in range(min(chunk, len(memo.todo))):
             self._classify(memo, memo.todo.pop())
         if memo.todo:
             return False
         memo.complete = True
         memo.dirs = {}  # only needed while building
+        del self._building[node.ino]
+        if len(self._memos) >= MAX_MEMOS:
+            oldest = next(iter(self._memos))
+            self._memos.pop(oldest).stale = True
+        self._memos[node.ino] = memo
         return True
 
     def memo_paths(self, node: Inode, memo: NameMemo, uid: int) -> list[list[bytes]]:
@@ -379,8 +387,9 @@ class InodeTable:
         memo = node.memo
         if memo is not None:
             memo.stale = True
-            if self._memos.get(node.ino) is memo:
-                del self._memos[node.ino]
+            for memos in (self._memos, self._building):
+                if memos.get(node.ino) is memo:
+                    del memos[node.ino]
             node.memo = None
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
