@@ -24,8 +24,8 @@ from annofs.store.records import Attrs
 ROOT = pyfuse3.ROOT_INODE
 # Hard-linked files: LINK_INO_BASE + link id, far above any counter-assigned number.
 LINK_INO_BASE = 1 << 48
-# Names memos kept at once (`NameMemo`); a directory move looks at each. Past this,
-# the oldest goes (its inode's next open builds it again).
+# Complete names memos kept at once (`NameMemo`); a directory move looks at each. Past
+# this, the oldest goes (its inode's next open builds it again).
 MAX_MEMOS = 256
 
 # What a name is judged as (`NameMemo.key`): names with equal keys get one verdict.
