@@ -20,6 +20,7 @@ from annofs.trust.policy import (
     load_policy,
     parse_policy,
     permissive_policy,
+    signers_needed,
 )
 
 ALICE = generate_key("alice-1")
@@ -454,3 +455,23 @@ def test_same_rules_below_is_sure_or_says_no(globs: tuple[str, ...], old: str, n
     if same:
         for rel in ("f", "x/f", "vendor/f", "d/x/f", "a/b.so"):
             assert p.rule_for(f"{old}/{rel}") == p.rule_for(f"{new}/{rel}"), rel
+
+
+@pytest.mark.parametrize("globs,d,maybe", [
+    (("/scratch/**", "/src/**"), "/scratch/x", False),
+    (("/scratch/**", "/src/**"), "/src/x", True),
+    (("/src/proj/vendor/**", "/src/**"), "/src/proj/vendor/x", False),
+    (("/src/proj/vendor/**", "/src/**"), "/src/proj", True),
+    (("/none/**", "/lib/**/*.so", "/**"), "/lib/x", True),  # a rule by name reaches in
+    (("/none/**", "/lib/**/*.so", "/**"), "/scratch/x", False),
+    ((), "/a", False),  # the default allows
+])
+def test_signers_below_is_sure_or_says_maybe(globs: tuple[str, ...], d: str,
+                                            maybe: bool) -> None:
+    # A directory moved where no name below can need signers carries no FIFO into
+    # trouble (fs/operations.py looks through it otherwise): every name below, checked.
+    p = _rules(*globs)
+    assert p.signers_below(_parts(d)) is maybe
+    needed = [signers_needed(p, p.rule_for(f"{d}/{rel}"))
+              for rel in ("f", "x/f", "vendor/f", "d/x/f", "a/b.so")]
+    assert any(needed) is maybe

@@ -21,12 +21,13 @@ import lmdb
 import pyfuse3
 import trio
 
-from annofs.fs.inodes import Inode
+from annofs.fs.inodes import Inode, NameKey
 from annofs.printable import one_line
 from annofs.store.records import Version
 from annofs.trust.admission import Admission, Busy, CacheState, Claim
 from annofs.trust.gate import Judgement, TrustGate
 from annofs.trust.nixstore import Caller
+from annofs.trust.policy import Mode
 from annofs.trust.signing import path_text
 from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
@@ -64,6 +65,10 @@ _HASH_UIDS = 1024  # limiters kept; beyond that, the idle ones are dropped
 
 # Names a directory left that are remembered (Inode.left); see OpenGuard.note_move_out.
 MAX_LEFT = 16
+# A file with more names than this is judged under one name per way of judging them
+# (InodeTable.memo_for), and names that many are judged in a worker thread: each costs
+# a path's walk and a rule's match, and a file may have any number of hard links.
+NAMES_INLINE = 64
 
 
 class OpenGuard:
@@ -145,9 +150,10 @@ class OpenGuard:
         and the judgement."""
         assert self.gate is not None
         version = await self.ensure_digest(version, uid)
-        if self.nix_aware:
+        if self.nix_aware or len(paths) > NAMES_INLINE:
             # A Nix store path's NAR may have to be hashed (trust/nixstore.py): CPU and
-            # I/O over a whole tree, in one of the caller's threads, not on the loop.
+            # I/O over a whole tree, in one of the caller's threads, not on the loop;
+            # so are many names (a symlink's in many directories, names in a Nix store).
             judgement = await trio.to_thread.run_sync(
                 functools.partial(self.gate.judge_names, paths, version, caller=caller),
                 limiter=self.hasher(uid))
@@ -259,10 +265,35 @@ class OpenGuard:
         self._refused(path_text(path), pid, uid, why)
         raise pyfuse3.FUSEError(errno.EACCES)
 
+    def name_key(self, symlink: bool) -> tuple[object, NameKey]:
+        """The policy in force and `TrustGate.name_key` under it (a names memo's token
+        and key: InodeTable.memo_for)."""
+        assert self.gate is not None
+        return self.gate.policy, self.gate.name_key(symlink)
+
+    def unsettled(self, path: Sequence[bytes], pid: int, uid: int) -> pyfuse3.FUSEError:
+        """Record that a file's names kept changing while they were being judged; the
+        EBUSY to raise (its names must all be judged: none may be skipped)."""
+        self._refused(path_text(path), pid, uid,
+                      "busy: its names kept changing while they were being judged")
+        return pyfuse3.FUSEError(errno.EBUSY)
+
     def same_rule(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
         """Whether two names fall under one policy rule (`TrustGate.same_rule`; any two
         do without a policy)."""
         return self.gate is None or self.gate.same_rule(src, dst)
+
+    def same_rules_below(self, src: Sequence[bytes], dst: Sequence[bytes]) -> bool:
+        """Whether every name below directory `src` keeps its rule moved to `dst`
+        (`Policy.same_rules_below`: a sure True only; any do without a policy)."""
+        return self.gate is None or self.gate.policy.same_rules_below(src, dst)
+
+    def fifo_refusal_below(self, d: Sequence[bytes]) -> bool:
+        """Whether a FIFO below directory `d` might be refused (`fifo_refusal`; False
+        for sure when no name below can need signers: `Policy.signers_below`)."""
+        gate = self.gate
+        return gate is not None and gate.policy.mode is Mode.ENFORCE and \
+            gate.policy.signers_below(d)
 
     def note_move_out(self, node: Inode, old: Sequence[bytes], new: Sequence[bytes],
                       uid: int) -> bool:
@@ -279,8 +310,7 @@ class OpenGuard:
         if not self.active:
             return False
         if node.is_dir:
-            if tuple(old) == tuple(new) or self.gate is None or \
-                    self.gate.policy.same_rules_below(old, new):
+            if tuple(old) == tuple(new) or self.same_rules_below(old, new):
                 return False  # (within /nix/store/**, say: a build's output moved in)
             if (tuple(old), uid) not in node.left:
                 if len(node.left) >= MAX_LEFT:

@@ -14,6 +14,7 @@ memory pressure too.
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -23,6 +24,41 @@ from annofs.store.records import Attrs
 ROOT = pyfuse3.ROOT_INODE
 # Hard-linked files: LINK_INO_BASE + link id, far above any counter-assigned number.
 LINK_INO_BASE = 1 << 48
+# Complete names memos kept at once (`NameMemo`); a directory move looks at each. Past
+# this, the oldest goes (its inode's next open builds it again).
+MAX_MEMOS = 256
+
+# What a name is judged as (`NameMemo.key`): names with equal keys get one verdict.
+NameKey = Callable[[Sequence[bytes]], Hashable]
+
+
+@dataclass(eq=False)
+class NameMemo:
+    """The distinct ways a many-named inode's names are judged, each with one name.
+
+    A file may have any number of hard links, and every judged open must judge it under
+    each name the kernel knows (the strictest verdict holds): with a name per rule the
+    verdict is the same (it depends on the rule and the content only, `key`), so an
+    open judges a handful of names, not thousands. Built a chunk of names at a time
+    (`InodeTable.scan_step`); valid while the inode's own names are unchanged
+    (`Inode.names` equals `names`; a name added to a complete memo is added to it), no
+    directory on the way to any of them has moved (`visited`: a move makes it `stale`)
+    and the policy is `token`.
+    """
+
+    token: object
+    key: NameKey
+    names: int
+    # (key, mover) -> a name: mover None for a name the kernel knows, else the uid that
+    # moved a directory above it out of there (`Inode.left`; not judged for that uid).
+    classes: dict[tuple[Hashable, int | None], list[bytes]] = field(default_factory=dict)
+    # Every directory inode on the way from the root to any name walked.
+    visited: set[int] = field(default_factory=set)
+    stale: bool = False
+    # While it is built: the locations still to walk, and the paths of directories seen.
+    todo: list[tuple[int, bytes]] = field(default_factory=list)
+    dirs: dict[int, tuple[bytes, ...] | None] = field(default_factory=dict)
+    complete: bool = False
 
 
 @dataclass
@@ -54,6 +90,9 @@ class Inode:
     # path to this inode just before the move, and its OPEN (which carries no name)
     # comes after. Kept while the kernel holds the inode (`InodeTable.former_paths`).
     left: list[tuple[tuple[bytes, ...], int]] = field(default_factory=list)
+    # Counts changes to `locations` (a NameMemo is valid for one count).
+    names: int = 0
+    memo: NameMemo | None = None
 
 
 class InodeTable:
@@ -67,6 +106,11 @@ class InodeTable:
         # Set once any inode has a guarded name it left (`Inode.left`): until then an
         # open need not walk up for them.
         self.any_left = False
+        # The complete NameMemos, by inode, oldest first (at most MAX_MEMOS), and those
+        # being built (one per inode an open or readlink is building one for: bounded by
+        # the requests in flight, and never pushed out by others' memos).
+        self._memos: dict[int, NameMemo] = {}
+        self._building: dict[int, NameMemo] = {}
 
     def __len__(self) -> int:
         return len(self.by_ino)
@@ -107,10 +151,13 @@ class InodeTable:
         if old is not None and old != node.ino and old in self.by_ino:
             self._unbind_from(self.by_ino[old], loc)
         self._by_loc[loc] = node.ino
-        node.locations.add(loc)
+        if loc not in node.locations:
+            node.locations.add(loc)
+            self._names_changed(node, added=loc)
 
     def _unbind_from(self, node: Inode, loc: tuple[int, bytes]) -> None:
         node.locations.discard(loc)
+        self._names_changed(node)
         if (node.parent, node.name) == loc and node.locations:
             # A hard link lost the name it was recorded under: any other name will do
             # whose directory the kernel still holds (else no path to it is known, and
@@ -127,9 +174,17 @@ class InodeTable:
         if self._by_loc.get(old) == node.ino:
             del self._by_loc[old]
         node.locations.discard(old)
+        self._names_changed(node)
         if (node.parent, node.name) == old or not node.locations:
             node.parent, node.name = parent, name
         self._bind((parent, name), node)
+        if node.is_dir:
+            # Every name below has another path now: the memos that walked through it
+            # are stale (and an inode's memo in the making starts over).
+            for memos in (self._memos, self._building):
+                stale = [ino for ino, memo in memos.items() if node.ino in memo.visited]
+                for ino in stale:
+                    memos.pop(ino).stale = True
 
     def unbind(self, parent: int, name: bytes) -> Inode | None:
         """A name went away; returns the inode it named (still alive while looked up or open)."""
@@ -157,6 +212,7 @@ class InodeTable:
         if node.lookups > 0 or node.opens > 0 or node.ino == ROOT:
             return
         del self.by_ino[node.ino]
+        self._drop_memo(node)
         for loc in node.locations | {(node.parent, node.name)}:
             if self._by_loc.get(loc) == node.ino:
                 del self._by_loc[loc]
@@ -212,6 +268,129 @@ class InodeTable:
                 below.append(holder.name)
                 holder = self.by_ino.get(holder.parent)
         return out
+
+    # -- the names memo (NameMemo) --------------------------------------------------------
+
+    def memo_for(self, node: Inode, token: object, key: NameKey) -> NameMemo:
+        """`node`'s names memo for policy `token`: the one it has if still valid
+        (complete, or being built by another open: build it along), else a new one to
+        build with `scan_step`."""
+        memo = node.memo
+        if memo is not None and not memo.stale and memo.token is token and \
+                memo.names == node.names:
+            return memo
+        self._drop_memo(node)
+        memo = NameMemo(token, key, node.names, todo=sorted(node.locations))
+        node.memo = memo
+        self._building[node.ino] = memo
+        return memo
+
+    @staticmethod
+    def memo_valid(node: Inode, memo: NameMemo, token: object) -> bool:
+        """Whether `memo` is complete and holds for `node`'s names now, under `token`."""
+        return memo.complete and not memo.stale and node.memo is memo and \
+            memo.token is token and memo.names == node.names
+
+    def scan_step(self, node: Inode, memo: NameMemo, chunk: int) -> bool:
+        """Walk up to `chunk` more of `node`'s names into `memo`; whether it is done
+        (complete, or stale: then ask `memo_for` again). Each step is short, so other
+        requests are answered between steps (each name costs a walk to the root, the
+        first time through a directory)."""
+        if memo.stale or memo.names != node.names or node.memo is not memo:
+            memo.stale = True
+            return True
+        if memo.complete:
+            return True  # (built by another open meanwhile)
+        for _ in range(min(chunk, len(memo.todo))):
+            self._classify(memo, memo.todo.pop())
+        if memo.todo:
+            return False
+        memo.complete = True
+        memo.dirs = {}  # only needed while building
+        del self._building[node.ino]
+        if len(self._memos) >= MAX_MEMOS:
+            oldest = next(iter(self._memos))
+            self._memos.pop(oldest).stale = True
+        self._memos[node.ino] = memo
+        return True
+
+    def memo_paths(self, node: Inode, memo: NameMemo, uid: int) -> list[list[bytes]]:
+        """`judged_paths` from a complete, valid memo: the primary name first, then one
+        name per way of judging (those left by `uid`'s own moves not counted)."""
+        out = [self.path(node)]
+        out.extend(path for (_key, mover), path in memo.classes.items()
+                   if mover is None or mover != uid)
+        out.extend(list(path) for path, mover in node.left if mover != uid)
+        return out
+
+    def _classify(self, memo: NameMemo, loc: tuple[int, bytes]) -> None:
+        """Add one location's name (and the names it had where directories above it
+        were moved out of: `former_paths`) to `memo`."""
+        parent, name = loc
+        holder = self._dir_path(parent, memo)
+        if holder is None:
+            return  # a directory the kernel forgot: no path to it is known (as `paths`)
+        path = [*holder, name]
+        memo.classes.setdefault((memo.key(path), None), path)
+        if not self.any_left:
+            return
+        below = [name]
+        d = self.by_ino.get(parent)
+        while d is not None:
+            for left, mover in d.left:
+                former = [*left, *reversed(below)]
+                memo.classes.setdefault((memo.key(former), mover), former)
+            if d.ino == ROOT:
+                break
+            below.append(d.name)
+            d = self.by_ino.get(d.parent)
+
+    def _dir_path(self, ino: int, memo: NameMemo) -> tuple[bytes, ...] | None:
+        """The path of directory `ino` (None if the kernel forgot one on the way), each
+        directory on the way recorded in `memo.visited` and its path in `memo.dirs`."""
+        chain: list[Inode] = []
+        cur = ino
+        while True:
+            if cur in memo.dirs:
+                base = memo.dirs[cur]
+                break
+            d = self.by_ino.get(cur)
+            if d is None:
+                base = None
+                break
+            memo.visited.add(cur)
+            if cur == ROOT:
+                base = ()
+                memo.dirs[ROOT] = base
+                break
+            chain.append(d)
+            cur = d.parent
+        for d in reversed(chain):
+            base = None if base is None else (*base, d.name)
+            memo.dirs[d.ino] = base
+        return base
+
+    def _names_changed(self, node: Inode, added: tuple[int, bytes] | None = None) -> None:
+        """`node`'s names changed: its memo no longer holds, unless the change is one
+        name added to a complete memo, which is then added to it (a walk over a tree of
+        the file's names looks each up in turn: one walk to the root each, not all)."""
+        memo = node.memo
+        valid = memo is not None and memo.complete and not memo.stale and \
+            memo.names == node.names
+        node.names += 1
+        if memo is not None and valid and added is not None:
+            self._classify(memo, added)
+            memo.dirs = {}
+            memo.names = node.names
+
+    def _drop_memo(self, node: Inode) -> None:
+        memo = node.memo
+        if memo is not None:
+            memo.stale = True
+            for memos in (self._memos, self._building):
+                if memos.get(node.ino) is memo:
+                    del memos[node.ino]
+            node.memo = None
 
     def is_within(self, node: Inode, ancestor: Inode) -> bool:
         """Whether `node` is `ancestor` or below it."""

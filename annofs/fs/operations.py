@@ -37,7 +37,7 @@ from annofs.errors import (
 )
 from annofs.explain.throttle import PerCaller, Recent, limited_text
 from annofs.fs.dirpos import DirOffsets
-from annofs.fs.enforce import OpenGuard
+from annofs.fs.enforce import NAMES_INLINE, OpenGuard
 from annofs.fs.errno_map import fuse_handler
 from annofs.fs.gcgate import GcGate
 from annofs.fs.inodes import ROOT, Inode, InodeTable
@@ -61,6 +61,12 @@ ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
 # Entries looked at for a FIFO in a directory moved under a stricter rule.
 FIFO_WALK = 10_000
+# A many-named file's names memo (InodeTable.memo_for) is built this many names per
+# step, other requests answered between steps (about a millisecond each); one that goes
+# stale (a directory above a name moved, a name came or went) is begun again, at most
+# this many times: then EBUSY.
+NAME_SCAN_CHUNK = 256
+NAME_SCAN_TRIES = 4
 # Reported as st_blksize: tools size their I/O buffers from it (cp uses max(it, 128 KiB)).
 BLOCK_SIZE = 128 * 1024
 
@@ -363,11 +369,12 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            judge = functools.partial(judge_symlink, self.guard.gate,
-                                      self.inodes.judged_paths(node, ctx.uid),
+            paths = await self._judged_paths(node, ctx, symlink=True)
+            judge = functools.partial(judge_symlink, self.guard.gate, paths,
                                       a.target, caller=Caller(ctx.uid, a.uid))
-            if self.guard.nix_aware:
-                # Judging in a Nix store may hash a store path's NAR: off the loop.
+            if self.guard.nix_aware or len(paths) > NAMES_INLINE:
+                # Judging in a Nix store may hash a store path's NAR: off the loop; so
+                # are many names (a symlink's in many directories each judge apart).
                 path, link, verdict = await trio.to_thread.run_sync(
                     judge, limiter=self.guard.hasher(ctx.uid))
             else:
@@ -635,25 +642,38 @@ class Operations(pyfuse3.Operations):
         """EXDEV for a FIFO, or a directory holding one, moved from another rule to where
         the policy needs signers (`OpenGuard.fifo_refusal`). EXDEV, as for hard links
         across rules: `mv` falls back to copying, and the copy's mkfifo is refused. A
+        directory's own path says nothing of the rules of the names below it (a
+        carve-out): each FIFO below is judged where it would land, unless the policy says
+        for sure that every name below keeps its rule (`OpenGuard.same_rules_below`). A
         directory too big to look through (FIFO_WALK entries) is EXDEV too: the safe side.
         """
-        if not (raw.is_dir or stat.S_ISFIFO(raw.mode)) or self.guard.same_rule(src, dst):
-            return
-        why = self.guard.fifo_refusal(dst)
-        if why is None:
-            return
-        found = stat.S_ISFIFO(raw.mode)
         if raw.is_dir:
-            seen, todo = 0, [int(raw.target)]
-            while todo and not found:
-                for _, a in self.ns.listdir(txn, todo.pop()):
+            if self.guard.same_rules_below(src, dst) or not self.guard.fifo_refusal_below(dst):
+                return
+        elif not stat.S_ISFIFO(raw.mode) or self.guard.same_rule(src, dst):
+            return
+        why = None
+        if not raw.is_dir:
+            why = self.guard.fifo_refusal(dst)
+        else:
+            seen = 0
+            todo: list[tuple[int, tuple[bytes, ...]]] = [(int(raw.target), ())]
+            while todo and why is None:
+                dir_id, below = todo.pop()
+                for name, a in self.ns.listdir(txn, dir_id):
                     seen += 1
-                    if stat.S_ISFIFO(a.mode) or seen > FIFO_WALK:
-                        found = True
+                    if seen > FIFO_WALK:
+                        why = f"more than {FIFO_WALK} entries to look through for FIFOs"
                         break
+                    if stat.S_ISFIFO(a.mode):
+                        here = [*dst, *below, name]
+                        if not self.guard.same_rule([*src, *below, name], here):
+                            why = self.guard.fifo_refusal(here)
+                            if why is not None:
+                                break
                     if a.is_dir:
-                        todo.append(int(a.target))
-        if found:
+                        todo.append((int(a.target), (*below, name)))
+        if why is not None:
             log.info("refused: moving %s to %s", one_line(path_text(src)), one_line(why))
             raise pyfuse3.FUSEError(errno.EXDEV)
 
@@ -842,7 +862,8 @@ class Operations(pyfuse3.Operations):
         # (Without a policy in force nothing asks for them: a deep path costs a walk.)
         # And the names it was moved out of by others, where this open may have been
         # resolved (`OpenGuard.note_move_out`).
-        paths = self.inodes.judged_paths(node, ctx.uid) if active else [[]]
+        # A file of many names: one per way of judging them (`_judged_paths`).
+        paths = await self._judged_paths(node, ctx, symlink=False) if active else [[]]
         if verified_rw and self.guard.nix_aware:
             # A writer's read-write open of a Nix store path in flight is allowed whatever
             # the bytes: it need not be the only writer (Nix's .lock files, opened by
@@ -852,6 +873,8 @@ class Operations(pyfuse3.Operations):
             verified_rw = not self.guard.content_free(paths, Caller(ctx.uid, owner))
         # The slots first, before anything is awaited: an open that overlaps this one
         # sees it, whatever this one waits for (a commit, hashing, an explanation).
+        # (Only a many-named file's names may have been gathered, a chunk at a time:
+        # nothing was decided meanwhile, so this open is as one that came later.)
         claim = self.guard.reserve(node, paths, ctx.pid, ctx.uid, writer=writer,
                                    verified_rw=verified_rw,
                                    reader=judged and access == os.O_RDONLY)
@@ -872,8 +895,9 @@ class Operations(pyfuse3.Operations):
                     caller = (Caller(ctx.uid, self._attrs(txn, node).uid)
                               if self.guard.nix_aware else None)
                     # Judged in the snapshot the version came from: one transaction.
-                    judgement = self.guard.judge_in(txn, paths, version, caller)
-                if judgement is None:  # a deferred digest: hashed off the event loop first
+                    judgement = (self.guard.judge_in(txn, paths, version, caller)
+                                 if len(paths) <= NAMES_INLINE else None)
+                if judgement is None:  # a deferred digest (hashed off the loop), many names
                     version, judgement = await self.guard.judge(paths, version, ctx.uid,
                                                                 caller)
                 await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
@@ -916,6 +940,30 @@ class Operations(pyfuse3.Operations):
             self._push_content(node, pinned if pinned is not None else
                                None if of.dirty else of.base, info)
         return info
+
+    async def _judged_paths(self, node: Inode, ctx: pyfuse3.RequestContext, *,
+                            symlink: bool) -> list[list[bytes]]:
+        """The names an open or a readlink by `ctx.uid` is judged under
+        (`InodeTable.judged_paths`). For a file of more than NAMES_INLINE names, one per
+        way of judging them, from its names memo (`InodeTable.memo_for`), built a chunk
+        at a time between other requests, in the caller's own few turns
+        (`OpenGuard.hasher`): a file of 20,000 names cost every open a walk over all of
+        them, on the event loop, and anyone can make one. EBUSY, recorded, if its names
+        keep changing under the build (none may go unjudged)."""
+        if len(node.locations) <= NAMES_INLINE:
+            return self.inodes.judged_paths(node, ctx.uid)
+        for _ in range(NAME_SCAN_TRIES):
+            token, key = self.guard.name_key(symlink)
+            memo = self.inodes.memo_for(node, token, key)
+            if not memo.complete:
+                async with self.guard.hasher(ctx.uid):
+                    while not self.inodes.scan_step(node, memo, NAME_SCAN_CHUNK):
+                        await trio.sleep(0)
+            # Checked and used with no await between: what it says is what holds now.
+            if self.inodes.memo_valid(node, memo, self.guard.name_key(symlink)[0]):
+                self.stats["names_memo_used"] += 1
+                return self.inodes.memo_paths(node, memo, ctx.uid)
+        raise self.guard.unsettled(self.inodes.path(node), ctx.pid, ctx.uid)
 
     def _push_content(self, node: Inode, v: Version | None, info: pyfuse3.FileInfo) -> None:
         """Put a small file's content in the kernel's page cache as it is opened.

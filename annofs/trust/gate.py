@@ -37,7 +37,7 @@ or a `tar` reads each file once), so the uncached path is the one that must be c
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -281,6 +281,27 @@ class TrustGate:
         where = rule.label if rule is not None else "default require"
         return (f"{path_text(path)}: a FIFO under {where}: its bytes would reach readers "
                 f"unsigned")
+
+    def name_key(self, symlink: bool = False) -> Callable[[Sequence[bytes]], Hashable]:
+        """What the verdict at a name depends on besides the content, under the policy
+        now in force: names with equal keys get one verdict for any content, so a file
+        of many names is judged under one name per key (the strictest still holds). The
+        rule, for a file; for a symlink also its directory (a relative target lands from
+        there: trust/symlink.py); the whole name in a Nix store (evidence per store
+        path and file: trust/nixstore.py)."""
+        policy = self.policy
+        nix = self.nix is not None
+
+        def key(path: Sequence[bytes]) -> Hashable:
+            rule = policy.rule_at(path)
+            index = rule.index if rule is not None else None
+            if nix and NixStore.covers(path):
+                return index, tuple(path)
+            if symlink:
+                return index, tuple(path[:-1])
+            return index
+
+        return key
 
     def rule_of(self, path: Sequence[bytes]) -> int | None:
         """The policy rule a path falls under (its index; None for the default)."""

@@ -258,6 +258,15 @@ class Policy:
         return not any(rule.glob.may_match_below(path_text(d))
                        for rule in self.rules[:ends] for d in (a, b))
 
+    def signers_below(self, d: Sequence[bytes]) -> bool:
+        """Whether some name below directory `d` might need signers. A sure False only:
+        no rule before the first directory-wide one that covers `d` (none at all, for the
+        default) might match below it, and that one needs none."""
+        first = _DirectoryRules.of(self.rules, d)
+        ends = first.otherwise.index if first.otherwise is not None else len(self.rules)
+        return signers_needed(self, first.otherwise) > 0 or any(
+            rule.glob.may_match_below(path_text(d)) for rule in self.rules[:ends])
+
     def rule_at(self, parts: Sequence[bytes]) -> Rule | None:
         """`rule_for` of the store path with these names, decided per directory.
 
