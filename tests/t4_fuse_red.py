@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount
+from conftest import Mount, annofs_cmd
 from fuse_helpers import (
     NOBODY,
     RENAME_EXCHANGE,
@@ -635,3 +635,76 @@ def test_a_strict_name_unlinked_while_opened_is_refused_whoever_made_the_names(
         unlinker.join(120)
     print(f"{len(wrong)} of {n} names read")
     assert not wrong, f"{len(wrong)} reads of a /src name got {wrong[0]!r}"
+
+
+# -- the names memo against a policy reload, lookups and exchanges (third reader) -------------
+
+
+def _names_split_by_a_carve_out(proj_path: str, n: int, size: int) -> None:
+    """uid 65534's unsigned file /src/proj/a/f of `size` bytes (a hole past its first
+    bytes: its digest, computed at its first open, takes seconds), with `n` more names
+    in /src/proj/a/l and one, /src/proj/b/y, in b (made first, so the memo keeps a name
+    of a/l for `/src/**`)."""
+    p = Path(proj_path)
+    (p / "b").mkdir()
+    (p / "a").mkdir()
+    (p / "a" / "f").write_bytes(EVIL)
+    os.truncate(p / "a" / "f", size)
+    _many_links(str(p / "a" / "f"), str(p / "a" / "l"), n)
+    os.link(p / "a" / "f", p / "b" / "y")
+    os.stat(p / "b" / "y")
+
+
+def test_a_policy_reloaded_while_a_many_named_file_is_judged_cannot_split_its_names(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """A file of many names is judged under one name per rule of the policy its memo was
+    built under. uid 65534's unsigned file has 100 names under /src/proj/a and one,
+    /src/proj/b/y, all under `/src/**`: one rule, one name kept (in a). Root opens
+    b/y; while its digest is computed (12 GiB of holes), the owner reloads a policy
+    with a carve-out `/src/proj/a/**` (no signers). Judged under the new policy on the
+    old memo's names (all in a), the open read the unsigned bytes through b/y, a name
+    both policies refuse (found by a third reader). Names are picked again when the
+    policy changed under the open."""
+    names_dir = proj(mnt)
+    as_user(_names_split_by_a_carve_out, str(names_dir), 100, 12 << 30)
+    got: list[object] = []
+
+    def read_y() -> None:
+        try:
+            with open(names_dir / "b" / "y", "rb") as f:
+                got.append(f.read(len(EVIL)))
+        except OSError as e:
+            got.append(e.errno)
+
+    reader = threading.Thread(target=read_y)
+    try:
+        reader.start()
+        time.sleep(0.3)  # its names picked, its digest being computed
+        (base / "policy.toml").write_text('''mode = "enforce"
+default = "allow"
+trusted-keys-dir = "keys"
+
+[[rules]]
+path = "/src/proj/a/**"
+signers = 0
+
+[[rules]]
+path = "/src/**"
+signers = 1
+
+[[rules]]
+path = "/scratch/**"
+signers = 0
+''')
+        reload(mnt)
+        assert reader.is_alive(), "the digest was computed before the reload: no race"
+        reader.join(120)
+        assert got == [errno.EACCES], f"root's open of b/y got {got!r}"
+        assert errno_of((names_dir / "b" / "y").read_bytes) == errno.EACCES
+        assert errno_of(as_user, lambda: (names_dir / "a" / "f").read_bytes()) == errno.EACCES
+    finally:
+        reader.join(120)
+        # Unlinked and pruned from history: the teardown's fsck would hash its holes.
+        subprocess.run(["rm", "-rf", str(names_dir / "a"), str(names_dir / "b")], check=True)
+        subprocess.run(annofs_cmd("--store", str(mnt.store), "gc", "--prune-history"),
+                       check=True, capture_output=True)

@@ -369,16 +369,21 @@ class Operations(pyfuse3.Operations):
             # A symlink is content, judged like a file at open (trust/symlink.py). The
             # kernel asks READLINK on every walk through it (no FUSE_CAP_CACHE_SYMLINKS),
             # so a refusal here refuses every path through it too.
-            paths = await self._judged_paths(node, ctx, symlink=True)
-            judge = functools.partial(judge_symlink, self.guard.gate, paths,
-                                      a.target, caller=Caller(ctx.uid, a.uid))
-            if self.guard.nix_aware or len(paths) > NAMES_INLINE:
-                # Judging in a Nix store may hash a store path's NAR: off the loop; so
-                # are many names (a symlink's in many directories each judge apart).
-                path, link, verdict = await trio.to_thread.run_sync(
-                    judge, limiter=self.guard.hasher(ctx.uid))
+            for _ in range(NAME_SCAN_TRIES):
+                paths, token = await self._judged_paths(node, ctx, symlink=True)
+                judge = functools.partial(judge_symlink, self.guard.gate, paths,
+                                          a.target, caller=Caller(ctx.uid, a.uid))
+                if self.guard.nix_aware or len(paths) > NAMES_INLINE:
+                    # Judging in a Nix store may hash a store path's NAR: off the loop;
+                    # so are many names (a symlink's in many directories each judge apart).
+                    path, link, verdict = await trio.to_thread.run_sync(
+                        judge, limiter=self.guard.hasher(ctx.uid))
+                else:
+                    path, link, verdict = judge()
+                if self._picked_under(token):
+                    break
             else:
-                path, link, verdict = judge()
+                raise self.guard.unsettled(self.inodes.path(node), ctx.pid, ctx.uid)
             await self.guard.conclude(path, link, verdict, ctx.pid, ctx.uid)
         return a.target
 
@@ -863,7 +868,8 @@ class Operations(pyfuse3.Operations):
         # And the names it was moved out of by others, where this open may have been
         # resolved (`OpenGuard.note_move_out`).
         # A file of many names: one per way of judging them (`_judged_paths`).
-        paths = await self._judged_paths(node, ctx, symlink=False) if active else [[]]
+        paths, token = (await self._judged_paths(node, ctx, symlink=False) if active
+                        else ([[]], None))
         if verified_rw and self.guard.nix_aware:
             # A writer's read-write open of a Nix store path in flight is allowed whatever
             # the bytes: it need not be the only writer (Nix's .lock files, opened by
@@ -900,6 +906,14 @@ class Operations(pyfuse3.Operations):
                 if judgement is None:  # a deferred digest (hashed off the loop), many names
                     version, judgement = await self.guard.judge(paths, version, ctx.uid,
                                                                 caller)
+                for _ in range(NAME_SCAN_TRIES):
+                    if self._picked_under(token):
+                        break
+                    paths, token = await self._judged_paths(node, ctx, symlink=False)
+                    version, judgement = await self.guard.judge(paths, version, ctx.uid,
+                                                                caller)
+                else:
+                    raise self.guard.unsettled(self.inodes.path(node), ctx.pid, ctx.uid)
                 await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
                                           ctx.uid)
                 guarded = judgement.guarded
@@ -942,16 +956,18 @@ class Operations(pyfuse3.Operations):
         return info
 
     async def _judged_paths(self, node: Inode, ctx: pyfuse3.RequestContext, *,
-                            symlink: bool) -> list[list[bytes]]:
+                            symlink: bool) -> tuple[list[list[bytes]], object]:
         """The names an open or a readlink by `ctx.uid` is judged under
-        (`InodeTable.judged_paths`). For a file of more than NAMES_INLINE names, one per
+        (`InodeTable.judged_paths`), and the policy they were picked for (None: every
+        name, good for any). For a file of more than NAMES_INLINE names, one per
         way of judging them, from its names memo (`InodeTable.memo_for`), built a chunk
         at a time between other requests, in the caller's own few turns
         (`OpenGuard.hasher`): a file of 20,000 names cost every open a walk over all of
         them, on the event loop, and anyone can make one. EBUSY, recorded, if its names
-        keep changing under the build (none may go unjudged)."""
+        keep changing under the build (none may go unjudged). Judged under another
+        policy they may miss a rule (`_picked_under`)."""
         if len(node.locations) <= NAMES_INLINE:
-            return self.inodes.judged_paths(node, ctx.uid)
+            return self.inodes.judged_paths(node, ctx.uid), None
         for _ in range(NAME_SCAN_TRIES):
             token, key = self.guard.name_key(symlink)
             memo = self.inodes.memo_for(node, token, key)
@@ -962,8 +978,15 @@ class Operations(pyfuse3.Operations):
             # Checked and used with no await between: what it says is what holds now.
             if self.inodes.memo_valid(node, memo, self.guard.name_key(symlink)[0]):
                 self.stats["names_memo_used"] += 1
-                return self.inodes.memo_paths(node, memo, ctx.uid)
+                return self.inodes.memo_paths(node, memo, ctx.uid), memo.token
         raise self.guard.unsettled(self.inodes.path(node), ctx.pid, ctx.uid)
+
+    def _picked_under(self, token: object) -> bool:
+        """Whether names `_judged_paths` picked for policy `token` were judged under it:
+        one name per rule of one policy can miss a rule of another (a carve-out of some of
+        them). Asked after judging: a reload while an open waits (hashing a digest,
+        committing) makes it pick and judge again."""
+        return token is None or self.guard.gate is None or self.guard.gate.policy is token
 
     def _push_content(self, node: Inode, v: Version | None, info: pyfuse3.FileInfo) -> None:
         """Put a small file's content in the kernel's page cache as it is opened.
