@@ -89,6 +89,24 @@ def test_a_name_added_joins_the_memo_a_name_lost_makes_it_stale() -> None:
     assert keys(t.memo_paths(f, built(t, f), 0)) == {b"scratch"}
 
 
+def test_a_name_looked_up_while_it_is_built_joins_it_a_name_lost_makes_it_stale() -> None:
+    # Anyone who may read a directory looks names up: that must not make a build stale.
+    t, d, f = table(100)
+    memo = t.memo_for(f, "p1", by_top)
+    assert not t.scan_step(f, memo, 60)
+    srcdir = t.ensure(d["src"].ino, b"k", DIR, 0)
+    t.ensure(srcdir.ino, b"y", FILE, 7)
+    t.ensure(d["c"].ino, b"z", FILE, 7)
+    while not t.scan_step(f, memo, 60):
+        pass
+    assert t.memo_valid(f, memo, "p1")
+    assert keys(t.memo_paths(f, memo, 0)) == keys(t.judged_paths(f, 0)) == {b"scratch", b"src"}
+    again = t.memo_for(f, "p2", by_top)  # (another policy: built again)
+    assert not t.scan_step(f, again, 60)
+    t.unbind(d["a"].ino, b"x")
+    assert t.scan_step(f, again, 60) and again.stale
+
+
 def test_another_token_another_memo() -> None:
     t, _d, f = table(100)
     memo = built(t, f)

@@ -708,3 +708,41 @@ signers = 0
         subprocess.run(["rm", "-rf", str(names_dir / "a"), str(names_dir / "b")], check=True)
         subprocess.run(annofs_cmd("--store", str(mnt.store), "gc", "--prune-history"),
                        check=True, capture_output=True)
+
+
+def _look_up_each(d: str, first: int, n: int) -> None:
+    for i in range(first, n):
+        os.stat(f"{d}/l{i}")
+
+
+def test_another_user_looking_up_names_cannot_make_a_many_named_file_busy(
+        mnt: Mount) -> None:  # noqa: F811
+    """A memo being built went stale when the file got a name, and after 4 such builds
+    the open was EBUSY. A name is got by a lookup: uid 65534, who may only read root's
+    file of 10,000 names, stats names the kernel does not know yet while root opens it
+    (any walk of the tree does as much). Names looked up during a build join it."""
+    d = mnt.path / "scratch" / "r"
+    d.mkdir()
+    (d / "f").write_bytes(MAIN)
+    n = 10_000
+    for i in range(n):
+        os.link(d / "f", d / f"l{i}")
+    # The kernel forgets the names link() gave it (and the file: no name is held).
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    as_user(_look_up_each, str(d), 0, 2000)  # known: a build of several steps
+    walker = threading.Thread(target=as_user, args=(_look_up_each, str(d), 2000, n))
+    busy = opened = 0
+    walker.start()
+    try:
+        time.sleep(0.3)  # the walker under way
+        while walker.is_alive():
+            try:
+                os.close(os.open(d / "f", os.O_RDONLY))
+                opened += 1
+            except OSError as e:
+                assert e.errno == errno.EBUSY, e
+                busy += 1
+    finally:
+        walker.join(120)
+    assert opened, "the walker was done before root's first open"
+    assert busy == 0, f"root's opens: {busy} EBUSY, {opened} opened"

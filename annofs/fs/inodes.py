@@ -41,7 +41,7 @@ class NameMemo:
     verdict is the same (it depends on the rule and the content only, `key`), so an
     open judges a handful of names, not thousands. Built a chunk of names at a time
     (`InodeTable.scan_step`); valid while the inode's own names are unchanged
-    (`Inode.names` equals `names`; a name added to a complete memo is added to it), no
+    (`Inode.names` equals `names`; a name added joins it), no
     directory on the way to any of them has moved (`visited`: a move makes it `stale`)
     and the policy is `token`.
     """
@@ -372,15 +372,20 @@ class InodeTable:
 
     def _names_changed(self, node: Inode, added: tuple[int, bytes] | None = None) -> None:
         """`node`'s names changed: its memo no longer holds, unless the change is one
-        name added to a complete memo, which is then added to it (a walk over a tree of
-        the file's names looks each up in turn: one walk to the root each, not all)."""
+        name added, which then joins it: walked at once into a complete memo (a walk
+        over a tree of the file's names looks each up in turn: one walk to the root
+        each, not all), or at a later step into one being built (anyone who may read
+        the directories can look names up: each made a build stale, and 4 made the
+        open EBUSY)."""
         memo = node.memo
-        valid = memo is not None and memo.complete and not memo.stale and \
-            memo.names == node.names
+        valid = memo is not None and not memo.stale and memo.names == node.names
         node.names += 1
         if memo is not None and valid and added is not None:
-            self._classify(memo, added)
-            memo.dirs = {}
+            if memo.complete:
+                self._classify(memo, added)
+                memo.dirs = {}
+            else:
+                memo.todo.append(added)
             memo.names = node.names
 
     def _drop_memo(self, node: Inode) -> None:
