@@ -29,6 +29,7 @@ from t4_fuse_bypass import reload
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     EVIL,
     MAIN,
+    UTIL,
     base,
     mnt,
     proj,
@@ -746,3 +747,49 @@ def test_another_user_looking_up_names_cannot_make_a_many_named_file_busy(
         walker.join(120)
     assert opened, "the walker was done before root's first open"
     assert busy == 0, f"root's opens: {busy} EBUSY, {opened} opened"
+
+
+def test_directories_exchanged_above_a_name_of_many_make_its_memo_stale(
+        mnt: Mount) -> None:  # noqa: F811
+    """RENAME_EXCHANGE moves two directories at once: uid 65534's unsigned file of 200
+    names under /scratch and one, x, in /scratch/m/a; a and /src/proj/lib exchanged,
+    x is under /src and every name is refused (memo warm before); exchanged back,
+    readable again by the one who exchanged them (root: no name left by another)."""
+    m = mnt.path / "scratch" / "m"
+    as_user(_loose_names_and_one_to_move, m, 200)
+    loose = m / "b" / "l" / "l5"
+    assert loose.read_bytes() == EVIL and loose.read_bytes() == EVIL  # memo warm
+    renameat2(m / "a", proj(mnt) / "lib", RENAME_EXCHANGE)
+    assert (proj(mnt) / "lib" / "deep" / "x").exists()  # x now under /src
+    assert errno_of(loose.read_bytes) == errno.EACCES
+    assert errno_of((m / "b" / "l" / "l150").read_bytes) == errno.EACCES
+    assert (m / "a" / "util.c").read_bytes() == UTIL  # signed, now under /scratch
+    renameat2(m / "a", proj(mnt) / "lib", RENAME_EXCHANGE)
+    assert loose.read_bytes() == EVIL
+
+
+def _fifo_in_vendor_exchanged(proj_path: str) -> list[int]:
+    """mkfifo /src/proj/vendor/util.c (no signers needed there), then exchange vendor and
+    /src/proj/lib, each named first once: util.c would land at lib/util.c. The errnos
+    (0: exchanged)."""
+    os.mkdir(f"{proj_path}/vendor")
+    os.mkfifo(f"{proj_path}/vendor/util.c", 0o644)
+    os.stat(f"{proj_path}/vendor/util.c")  # a name the kernel keeps
+    out = []
+    for a, b in (("vendor", "lib"), ("lib", "vendor")):
+        try:
+            renameat2(f"{proj_path}/{a}", f"{proj_path}/{b}", RENAME_EXCHANGE)
+            out.append(0)
+        except OSError as e:
+            out.append(e.errno or -1)
+    return out
+
+
+def test_a_fifo_in_a_directory_exchanged_into_a_stricter_place_is_refused(
+        mnt: Mount, base: Path) -> None:  # noqa: F811
+    """The FIFO move check for RENAME_EXCHANGE of two directories that share `/src/**`
+    (with the carve-out `/src/proj/vendor/**`): each side is looked through where it
+    lands, so vendor's FIFO cannot become lib/util.c, whichever is named first."""
+    _carve_out(mnt, base)
+    assert as_user(_fifo_in_vendor_exchanged, str(proj(mnt))) == [errno.EXDEV, errno.EXDEV]
+    assert (proj(mnt) / "lib" / "util.c").read_bytes() == UTIL
