@@ -793,3 +793,63 @@ def test_a_fifo_in_a_directory_exchanged_into_a_stricter_place_is_refused(
     _carve_out(mnt, base)
     assert as_user(_fifo_in_vendor_exchanged, str(proj(mnt))) == [errno.EXDEV, errno.EXDEV]
     assert (proj(mnt) / "lib" / "util.c").read_bytes() == UTIL
+
+
+# -- one uid's requests waiting for its hashing threads ---------------------------------------
+
+
+def _open_each_at_once(paths: list[str]) -> dict[str, int]:
+    """Open every path at once, one thread each (a first open of a sparse file hashes
+    its zeros); how many opens ended how ("ok" or the errno's name)."""
+    ends: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one(p: str) -> None:
+        try:
+            with open(p, "rb") as f:
+                f.read(1)
+            end = "ok"
+        except OSError as e:
+            end = errno.errorcode.get(e.errno or 0, str(e.errno))
+        with lock:
+            ends[end] = ends.get(end, 0) + 1
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ends
+
+
+def test_one_user_s_opens_waiting_to_be_hashed_cannot_hold_every_worker(
+        mnt: Mount) -> None:  # noqa: F811
+    """Each request waiting for its uid's two hashing threads holds one of the FUSE
+    loop's worker tasks: uid 65534 opening 120 sparse files of 1 GiB at once held all 99
+    of pyfuse3's, and root's stat and create waited 4.2 s (SECURITY.md finding 14). Now a
+    uid may have 64 requests waiting there (EBUSY past that), and the loop has 512
+    workers. 150 files of 512 MiB: before, some 50 of them queued ahead of root's
+    request, each a quarter of a second of hashing on one of two threads."""
+    from t4_fuse_attacker_review import _make_sparse
+
+    paths = [str(mnt.path / "scratch" / f"big{i}") for i in range(150)]
+    as_user(_make_sparse, paths, 512 << 20)
+    ends: dict[str, int] = {}
+    flood = threading.Thread(target=lambda: ends.update(as_user(_open_each_at_once, paths)))
+    flood.start()
+    try:
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        os.stat(mnt.path / "scratch")
+        (mnt.path / "scratch" / "root.txt").write_bytes(b"x")
+        took = time.monotonic() - t0
+    finally:
+        flood.join(600)
+        # Unlinked and pruned from history: the teardown's fsck would hash them again.
+        for p in paths:
+            os.unlink(p)
+        subprocess.run(annofs_cmd("--store", str(mnt.store), "gc", "--prune-history"),
+                       check=True, capture_output=True)
+    print(f"root's stat+create took {took:.2f} s; uid 65534's opens: {ends}")
+    assert took < 1.5, f"root's stat and create waited {took:.2f} s"
+    assert ends.get("EBUSY", 0) > 0 and ends.get("ok", 0) >= 64, ends

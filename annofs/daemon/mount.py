@@ -46,6 +46,12 @@ from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
 
+# Tasks reading and answering FUSE requests at most (pyfuse3's default is 99). A request
+# waiting for its uid's hashing threads holds one, up to HASH_WAITERS_PER_UID (64) per
+# uid (fs/enforce.py): room for several uids' worst and everyone else. pyfuse3 starts
+# them as requests come and lets idle ones end.
+FUSE_WORKERS = 512
+
 # Committed transactions reach the disk at least this often (fsync forces it sooner).
 SYNC_INTERVAL = 1.0
 BUNDLE_REFRESH = 300.0  # seconds between trust bundle updates (ANNOFS_BUNDLE_REFRESH)
@@ -175,7 +181,7 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         if dashboard is not None:
             await nursery.start(serve_for_mount, dashboard, token, ops.vol, policy.guard,
                                 policy.gate, mountpoint)
-        await pyfuse3.main()
+        await pyfuse3.main(max_tasks=FUSE_WORKERS)
         nursery.cancel_scope.cancel()
 
 

@@ -61,6 +61,45 @@ RefusalSink = Callable[[str, int, int, str], "bool | None"]  # False: held back
 # took every worker thread, and everyone else's opens waited behind them.
 HASH_THREADS_PER_UID = 2
 _HASH_UIDS = 1024  # limiters kept; beyond that, the idle ones are dropped
+# Requests of one uid that may wait for its hashing threads at once; one more is EBUSY.
+# Each waiting request holds one of the FUSE loop's worker tasks (daemon/mount.py
+# FUSE_WORKERS): unbounded, one user's 120 opens of sparse files held all 99 of
+# pyfuse3's default, and root's stat waited seconds behind them (SECURITY.md finding 14).
+HASH_WAITERS_PER_UID = 64
+
+
+class UidHashSlots:
+    """One uid's hashing threads (HASH_THREADS_PER_UID), refusing with EBUSY a request
+    past HASH_WAITERS_PER_UID already waiting for them. Usable as `async with` and as
+    `trio.to_thread.run_sync`'s `limiter` (it has acquire_on_behalf_of and
+    release_on_behalf_of, as a trio.CapacityLimiter, which cannot be subclassed)."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self._limiter = trio.CapacityLimiter(HASH_THREADS_PER_UID)
+
+    @property
+    def borrowed_tokens(self) -> int:
+        """Threads in use now."""
+        return self._limiter.borrowed_tokens
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        """Wait for a thread, or EBUSY when HASH_WAITERS_PER_UID requests already do."""
+        if self._limiter.statistics().tasks_waiting >= HASH_WAITERS_PER_UID:
+            log.info("uid %d: %d requests already wait for its hashing threads: EBUSY",
+                     self.uid, HASH_WAITERS_PER_UID)
+            raise pyfuse3.FUSEError(errno.EBUSY)
+        await self._limiter.acquire_on_behalf_of(borrower)
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        """Give the thread back."""
+        self._limiter.release_on_behalf_of(borrower)
+
+    async def __aenter__(self) -> None:
+        await self.acquire_on_behalf_of(trio.lowlevel.current_task())
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release_on_behalf_of(trio.lowlevel.current_task())
 
 
 # Names a directory left that are remembered (Inode.left); see OpenGuard.note_move_out.
@@ -85,7 +124,7 @@ class OpenGuard:
         # The sink wants plain allowances too (see VerdictSink).
         self.every_verdict = False
         self.admission = Admission()
-        self._hashers: dict[int, trio.CapacityLimiter] = {}
+        self._hashers: dict[int, UidHashSlots] = {}
 
     @property
     def active(self) -> bool:
@@ -124,14 +163,15 @@ class OpenGuard:
         assert self.gate is not None
         return self.gate.judge_names(paths, version, txn, caller=caller)
 
-    def hasher(self, uid: int) -> trio.CapacityLimiter:
-        """The worker threads `uid` may use to hash content (HASH_THREADS_PER_UID)."""
+    def hasher(self, uid: int) -> UidHashSlots:
+        """The worker threads `uid` may use to hash content (HASH_THREADS_PER_UID; EBUSY
+        past HASH_WAITERS_PER_UID requests waiting for them)."""
         limiter = self._hashers.get(uid)
         if limiter is None:
             if len(self._hashers) >= _HASH_UIDS:
                 self._hashers = {u: lim for u, lim in self._hashers.items()
                                  if lim.borrowed_tokens}
-            limiter = self._hashers[uid] = trio.CapacityLimiter(HASH_THREADS_PER_UID)
+            limiter = self._hashers[uid] = UidHashSlots(uid)
         return limiter
 
     async def ensure_digest(self, version: Version, uid: int) -> Version:
