@@ -222,7 +222,8 @@ def test_why_command_on_store_paths(vol: Volume, tmp_path: Path) -> None:
 
 
 def test_summary_line_and_rate_limit(vol: Volume, pol: Policy, tmp_path: Path) -> None:
-    from annofs.explain.report import RateLimit, summary_line
+    from annofs.explain.report import summary_line
+    from annofs.explain.throttle import RateLimit
 
     write(vol, P("/src/proj/main.c"), PATCHED)
     line = summary_line(why(vol, pol, "/src/proj/main.c"))

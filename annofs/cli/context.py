@@ -8,14 +8,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import lmdb
 
-from annofs.daemon.registry import read_state
 from annofs.errors import UsageError
-from annofs.store.compact import compact_store
-from annofs.volume import Volume
+
+# The store's layers (LMDB, the volume, the registry) are imported by the functions that
+# use them: every command imports this module (main does, for default_store), and those
+# imports were two thirds of the start-up of the commands that never open a store.
+if TYPE_CHECKING:
+    from annofs.volume import Volume
 
 
 def default_store() -> Path:
@@ -34,6 +37,8 @@ def store_path(ctx: click.Context) -> Path:
 
 def require_unmounted(store: Path) -> None:
     """Writing to a store behind its daemon's back would leave the mount's caches stale."""
+    from annofs.daemon.registry import read_state
+
     state = read_state(store)
     if state is not None:
         raise UsageError(f"{store}: mounted at {state['mountpoint']}; "
@@ -44,6 +49,8 @@ def require_unmounted(store: Path) -> None:
 def open_volume(ctx: click.Context, *, create: bool = False,
                 store: Path | None = None) -> Iterator[Volume]:
     """Open the invocation's store (or `store`) for the length of a command."""
+    from annofs.volume import Volume
+
     vol = Volume.open(store or store_path(ctx), create=create)
     try:
         yield vol
@@ -55,6 +62,10 @@ def compact_after(store: Path, *, locked: bool = False) -> None:
     """At the end of a command that wrote offline: give LMDB's free pages back if the store
     is ours alone (store.compact). The command's work is done and committed, so a failure
     here (a full disk) is a warning, not an error: the store stays as it was."""
+    import lmdb
+
+    from annofs.store.compact import compact_store
+
     try:
         compact_store(store, locked=locked)
     except (OSError, lmdb.Error, ValueError) as e:

@@ -9,7 +9,6 @@ from annofs.cli.paths import resolve_target
 from annofs.daemon import client
 from annofs.errors import UsageError
 from annofs.printable import one_line
-from annofs.store.lock import store_lock
 
 
 @click.command("cp")
@@ -31,6 +30,9 @@ def cp_cmd(ctx: click.Context, src: str, dst: str) -> None:
                                dst=[p.decode("utf-8", "surrogateescape") for p in d.parts])
         click.echo(one_line(f"copied {src} -> {s.mount.mountpoint}/{'/'.join(made['path'])}"))
         return
+    # Imported here: annofs.store brings LMDB, which a copy inside a mount never needs.
+    from annofs.store.lock import store_lock
+
     require_unmounted(s.store)
     with store_lock(s.store, exclusive=False, what="cp"), open_volume(ctx) as vol:
         with vol.store.write() as txn:

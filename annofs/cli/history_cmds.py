@@ -18,7 +18,6 @@ from annofs.cli.stores import settle
 from annofs.content.history import ancestry
 from annofs.content.versions import TooLargeToHashError
 from annofs.errors import NotFoundError, UsageError
-from annofs.explain.diff import render_diff
 from annofs.store.records import Version
 from annofs.volume import Volume
 
@@ -192,6 +191,8 @@ def diff_cmd(ctx: click.Context, a: str, b: str) -> None:
         with vol.store.read() as txn:
             data_a = vol.versions.read(txn, ver_a, 0, ver_a.size)
             data_b = vol.versions.read(txn, ver_b, 0, ver_b.size)
+    from annofs.explain.diff import render_diff  # difflib: only `diff` needs it
+
     name_a = "/" + b"/".join(va.parts).decode(errors="replace") + f"@{ver_a.id}"
     name_b = "/" + b"/".join(vb.parts).decode(errors="replace") + f"@{ver_b.id}"
     click.echo(render_diff(data_a, data_b, name_a, name_b), nl=False)

@@ -30,6 +30,42 @@ COMMANDS = {
     "nix": "nix_cmds:nix_group", "nar": "nar_cmds:nar_group",
     "bundle": "bundle_cmds:bundle_group",
 }
+# The first paragraph of each command's help, which `annofs --help` shortens to one line:
+# listing them from the commands themselves imported every command module, and so most of
+# annofs (half of `annofs --help`). tests/t1_cli_summaries.py holds them to the commands.
+SUMMARIES = {
+    "init": "Create a store (idempotent).",
+    "import": "Copy the host directory SRC into the store at DEST; unchanged files are not "
+              "read.",
+    "export": "Copy SRC (a path in a mount, or in the --store) out to the new host path DEST.",
+    "log": "The file's versions along the edit graph, newest first, with who signed each.",
+    "cat": "Write a file's bytes (PATH@VERSION: an old version's) to standard output.",
+    "diff": "The difference between two versions, each PATH[@VERSION].",
+    "mount": "Serve the store at MOUNTPOINT; returns once the mount works (unless "
+             "--foreground).",
+    "umount": "Unmount cleanly: everything written is flushed before this returns.",
+    "fsck": "Check every fragment hash, reference and count; exit 1 if anything is wrong.",
+    "gc": "Free versions and fragments nothing references (never signed originals).",
+    "upgrade": "Convert a store of an older format to this annofs's format (nothing is lost; "
+               "an interrupted run goes on where it stopped).",
+    "cp": "Copy SRC to DST (into DST if it is a directory) in O(1), copy-on-write.",
+    "events": "Show recent refusals and warnings (with their reasons), oldest first.",
+    "key": "Signing keys, in Nix's format.",
+    "sign": "Sign the current content of files, or of every file under a tree, as one "
+            "statement.",
+    "label": "Sign an annotation other than approval (e.g. malicious) over files or trees.",
+    "attest": "Statements as in-toto/DSSE JSON lines, to share (e.g. in a git repository).",
+    "verify": "The verdict for each file and symlink (or each under a tree); exit 1 if any is "
+              "refused.",
+    "policy": "Trust policies.",
+    "why": "Explain the verdict for each file: the rule, the signed original, the difference.",
+    "dashboard": "Serve the read-only dashboard for the store: coverage by signatures, files "
+                 "and their histories, the events log.",
+    "nix": "Nix binary caches: verified import, and signing as a rebuilder.",
+    "nar": "Nix archives (NAR): byte-identical to nix-store --dump, restored strictly.",
+    "bundle": "Trust bundles: keys, revocations and labels as a signed, versioned TUF "
+              "repository.",
+}
 
 
 class LazyGroup(click.Group):
@@ -48,6 +84,13 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(f"annofs.cli.{module}"), attr)
         assert isinstance(command, click.Command) and command.name == cmd_name
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The Commands section of --help, from SUMMARIES: the same lines, shortened the
+        same way (by click, to the terminal's width), without importing any command."""
+        listing = click.Group(commands=[click.Command(name, help=SUMMARIES[name])
+                                        for name in self.list_commands(ctx)])
+        listing.format_commands(ctx, formatter)
 
 
 @click.group(cls=LazyGroup)

@@ -44,7 +44,7 @@ def mount_cmd(ctx: click.Context, foreground: bool, allow_other: bool, policy: P
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 def umount_cmd(mountpoint: Path) -> None:
     """Unmount cleanly: everything written is flushed before this returns."""
-    from annofs.daemon.mount import umount
+    from annofs.daemon.umount import umount
 
     said, store = umount(mountpoint)
     if said is not None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from annofs.daemon.registry import MountInfo, find_mount
 from annofs.errors import UsageError
-from annofs.namespace.tree import split_path
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,9 @@ def parse_store_path(text: str) -> list[bytes]:
     """A path inside the store's namespace: absolute, no '..'."""
     if not text.startswith("/"):
         raise UsageError(f"{text}: store paths start with '/' (e.g. /src/foo)")
+    # Here, not at the top: a path inside a mount needs none of the store's layers.
+    from annofs.namespace.tree import split_path
+
     return split_path(text)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ def socket_path(store: Path) -> Path:
 
 def request(store: Path, op: str, timeout: float = 600.0, **args: Any) -> Any:
     """Send one request to the daemon serving `store`; its result, or its error raised."""
+    import socket  # here: most commands never talk to a daemon
+
     path = socket_path(store)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

@@ -19,10 +19,10 @@ from annofs.daemon.policy_holder import PolicyHolder, check_policy_location
 from annofs.errors import UsageError
 from annofs.fs.inodes import ROOT
 from annofs.fs.operations import Operations
-from annofs.maintenance.gc import collect
-from annofs.maintenance.retention import retention_from
 from annofs.store.lock import imports_running
-from annofs.transfer.import_tree import begin_staging, finish_staging
+
+# gc and the import's staging (annofs.maintenance, annofs.transfer.import_tree) are
+# imported by their handlers: nothing needs them before the mount is ready.
 
 
 def _parts(args: dict[str, Any], key: str) -> list[bytes]:
@@ -83,6 +83,9 @@ class DaemonCommands:
         (spilled ahead of a close) are kept explicitly. Offline writers are refused while
         a store is mounted, so nothing else races it.
         """
+        from annofs.maintenance.gc import collect
+        from annofs.maintenance.retention import retention_from
+
         prune = args.get("prune_history", False)
         if not isinstance(prune, bool):
             raise UsageError("control: 'prune_history' must be true or false")
@@ -213,6 +216,8 @@ class DaemonCommands:
         daemon: nothing the mount shows refers to it) and asks `import-finish` to swap it
         in, so the mount's caches learn of the change at once.
         """
+        from annofs.transfer.import_tree import begin_staging
+
         dest = _parts(args, "dest")
         if not dest:
             raise UsageError("import: the destination must be below the mount's root")
@@ -227,6 +232,8 @@ class DaemonCommands:
 
     async def import_finish(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         """Swap an import's staging tree in as its destination; the mount shows it at once."""
+        from annofs.transfer.import_tree import finish_staging
+
         dest = _parts(args, "dest")
         root = args.get("root")
         if not dest or not isinstance(root, str):

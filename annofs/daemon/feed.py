@@ -13,14 +13,17 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from annofs.daemon.events import Event
-from annofs.explain.report import Explanation
 from annofs.fs.enforce import VerdictSink
 from annofs.trust.symlink import Content, digest_text
 from annofs.trust.verdict import Verdict
+
+if TYPE_CHECKING:  # only a type here; the mount imports it at its first explanation
+    from annofs.explain.report import Explanation
 
 RECENT = 500
 SUBSCRIBER_BUFFER = 1000

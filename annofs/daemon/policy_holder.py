@@ -13,13 +13,13 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from annofs.daemon.events import Event, EventLog
 from annofs.daemon.feed import event_of
 from annofs.errors import AnnofsError, UsageError
-from annofs.explain.report import Explanation, explain
 from annofs.explain.throttle import PerCaller
 from annofs.fs.enforce import OpenGuard
 from annofs.trust.gate import TrustGate
@@ -27,6 +27,11 @@ from annofs.trust.policy import load_policy, permissive_policy
 from annofs.trust.symlink import Content
 from annofs.trust.verdict import Verdict
 from annofs.volume import Volume
+
+# annofs.explain.report (the signed original, the diff) is imported at the first refusal
+# it explains, in the worker thread that explains it: not before the mount is ready.
+if TYPE_CHECKING:
+    from annofs.explain.report import Explanation
 
 log = logging.getLogger("annofs.daemon")
 BUNDLE_TIMEOUT = 60.0  # seconds one trust bundle update may take in the daemon
@@ -214,7 +219,7 @@ class PolicyHolder:
             self._unexplained = 0
         gate = self.gate
         return await trio.to_thread.run_sync(
-            explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
+            _explain, gate.volume, gate.annotations, gate.policy, path, version, verdict)
 
     def record_refusal(self, path: str, pid: int, uid: int, reason: str) -> bool:
         """The sink of refusals that are not verdicts (EBUSY from the handle rules, see
@@ -232,3 +237,11 @@ class PolicyHolder:
         event = event_of(path, version, verdict, pid, explanation)
         event.uid = uid
         return self.events.record(event)
+
+
+def _explain(*args: object) -> Explanation:
+    """annofs.explain.report.explain, imported in the worker thread of the first
+    refusal explained rather than on the event loop (or before the mount is ready)."""
+    from annofs.explain.report import explain
+
+    return explain(*args)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Explanations on demand cost the daemon CPU (finding an original, a diff): a bound per
 user, so that one user asking `user.annofs.why` in a loop slows nobody else down.
 
-`PerCaller` keeps one token bucket (`report.RateLimit`) per uid. Over the limit the
+`PerCaller` keeps one token bucket (`RateLimit`) per uid. Over the limit the
 caller gets a one-line answer saying when to try again, not an error: a busy user is
 not a problem for the daemon's log.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 
-from annofs.explain.report import RateLimit
-
 WHY_BURST = 10  # explanations a user may ask for at once
 WHY_PER = 60.0  # ... and again, refilled over this many seconds
 MAX_CALLERS = 1024  # buckets kept; beyond that, the idle (full) ones are dropped
@@ -21,6 +19,43 @@ MAX_CALLERS = 1024  # buckets kept; beyond that, the idle (full) ones are droppe
 # file, so the second call neither computes again nor takes a token.
 RECENT_SECONDS = 5.0
 RECENT_ENTRIES = 256
+
+
+class RateLimit:
+    """At most `burst` explanations per `per` seconds (refusals can come in floods: a
+    build opening thousands of patched files must not fill the log or the disk).
+
+    `allow(now)` says whether to explain this one; `suppressed()` how many were skipped
+    since the last call (to log "N more refusals not explained").
+    """
+
+    def __init__(self, burst: int = 10, per: float = 60.0) -> None:
+        self._burst, self._per = burst, per
+        self._tokens = float(burst)
+        self._last: float | None = None
+        self._skipped = 0
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self._burst,
+                               self._tokens + (now - self._last) * self._burst / self._per)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self._skipped += 1
+        return False
+
+    def suppressed(self) -> int:
+        n, self._skipped = self._skipped, 0
+        return n
+
+    def retry_after(self, now: float) -> float:
+        """Seconds from `now` until `allow` would say yes again (0: it would now)."""
+        tokens = self._tokens
+        if self._last is not None:
+            tokens = min(self._burst, tokens + (now - self._last) * self._burst / self._per)
+        return max(0.0, (1 - tokens) * self._per / self._burst)
 
 
 class PerCaller:

@@ -15,36 +15,5 @@ Modules, one job each:
   page cache, so a reader sees only the bytes it was judged on.
 """
 
-from annofs.trust.annotations import AnnotationStore
-from annofs.trust.gate import TrustGate
-from annofs.trust.keys import PublicKey, SecretKey, load_public_key, load_secret_key
-from annofs.trust.policy import (
-    Default,
-    Mode,
-    Policy,
-    load_policy,
-    parse_policy,
-    permissive_policy,
-)
-from annofs.trust.statement import SignedStatement, Statement
-from annofs.trust.verdict import Verdict, VerdictCache, decide
-
-__all__ = [
-    "AnnotationStore",
-    "Default",
-    "Mode",
-    "Policy",
-    "PublicKey",
-    "SecretKey",
-    "SignedStatement",
-    "Statement",
-    "TrustGate",
-    "Verdict",
-    "VerdictCache",
-    "decide",
-    "load_policy",
-    "load_public_key",
-    "load_secret_key",
-    "parse_policy",
-    "permissive_policy",
-]
+# Nothing imported here: importing a submodule runs this first, and `annofs log` needs
+# statements, not the gate (which brings the Nix store check, NAR and sqlite3).

@@ -57,7 +57,6 @@ import lmdb
 from annofs.errors import AnnofsError, NotFoundError
 from annofs.store.records import Version
 from annofs.transfer import nixbase32 as base32
-from annofs.transfer.nar import dump_volume_in, nar_hash
 from annofs.trust.keys import verify_signature
 from annofs.trust.policy import Mode, Policy, Rule
 from annofs.trust.verdict import Verdict
@@ -309,6 +308,8 @@ def check_tree(vol: Volume, txn: lmdb.Transaction, top: tuple[bytes, ...],
                manifest: dict[tuple[bytes, ...], object] | None = None) -> TreeCheck:
     """Hash the store path `top` (its names) as it is in the snapshot `txn`; `manifest`:
     its files, if walked already in that snapshot."""
+    from annofs.transfer.nar import dump_volume_in, nar_hash  # the NAR writer: only here
+
     if manifest is None:
         manifest = _manifest(vol, txn, top)
     h = nar_hash(dump_volume_in(vol, txn, top))
