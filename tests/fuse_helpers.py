@@ -41,6 +41,16 @@ def stop_and_check(m: Mount) -> None:
     assert not problems, "store inconsistent after the test:\n" + "\n".join(problems)
 
 
+def remove_and_prune(m: Mount, paths: list[str]) -> None:
+    """Unlink `paths` in mount `m` and prune their versions from history (`gc
+    --prune-history`): a test's big sparse files, whose every version's digest the
+    teardown's fsck would otherwise hash again."""
+    for p in paths:
+        os.unlink(p)
+    subprocess.run(annofs_cmd("--store", str(m.store), "gc", "--prune-history"),
+                   check=True, capture_output=True)
+
+
 def new_mount(base: Path, *extra: str) -> Mount:
     """A fresh store under `base`, mounted by a real daemon (as conftest's `mounted`)."""
     store, mp = base / "store", base / "mnt"

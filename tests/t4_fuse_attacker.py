@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, Templates, annofs_cmd, serve
+from conftest import Mount, Templates, serve
 from fuse_helpers import as_user, read_while
 from t4_fuse_bypass import reload
-from t4_fuse_trust import annofs, write_policy
+from t4_fuse_trust import sign_tree, write_policy
 
 from annofs.daemon.events import read_events
 
@@ -40,22 +40,14 @@ MAIN = b"int main(void) { return 0; }\n"
 
 
 def _make_attacked(root: Path) -> None:
-    """What `attacked` starts from: a store with /src/proj (main.c, run.sh, lib/util.c)
-    signed by alice-1 (keys in root/keys), and root/policy.toml."""
-    store = root / "store"
-    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
-                   stdout=subprocess.DEVNULL)
+    """What `attacked` starts from: /src/proj (main.c, run.sh, lib/util.c) signed
+    (`sign_tree`)."""
     tree = root / "proj"
     (tree / "lib").mkdir(parents=True)
     (tree / "main.c").write_bytes(MAIN)
     (tree / "run.sh").write_bytes(SCRIPT)
     (tree / "lib" / "util.c").write_text("int util(void) { return 1; }\n")
-    keys = root / "keys"
-    keys.mkdir()
-    annofs(store, "import", str(tree), "/src/proj")
-    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    write_policy(root / "policy.toml")
+    sign_tree(root, tree)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, Templates, annofs_cmd, serve
-from t4_fuse_trust import annofs, refused, write_policy
+from t4_fuse_trust import refused, sign_tree
 
 MAIN_C = """#include <stdio.h>
 
@@ -26,11 +26,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C co
 
 
 def _make_signed(root: Path) -> None:
-    """What `signed` starts from: a store with /src/proj (root/proj: main.c and the ELF
-    `hello` built from it) signed by alice-1 (keys in root/keys), and root/policy.toml."""
-    store = root / "store"
-    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
-                   stdout=subprocess.DEVNULL)
+    """What `signed` starts from: /src/proj (root/proj: main.c and the ELF `hello` built
+    from it) signed (`sign_tree`)."""
     tree = root / "proj"
     tree.mkdir()
     (tree / "main.c").write_text(MAIN_C)
@@ -40,12 +37,7 @@ def _make_signed(root: Path) -> None:
     subprocess.run(["cc", "-O0", "-o", str(tree / "hello"), str(tree / "main.c"),
                     str(tree / "table.c")], check=True)
     assert (tree / "hello").read_bytes()[:4] == b"\x7fELF"
-    keys = root / "keys"
-    keys.mkdir()
-    annofs(store, "import", str(tree), "/src/proj")
-    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    write_policy(root / "policy.toml")
+    sign_tree(root, tree)
 
 
 @pytest.fixture

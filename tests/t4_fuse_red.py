@@ -22,6 +22,7 @@ from fuse_helpers import (
     errno_of,
     read_at,
     read_while,
+    remove_and_prune,
     renameat2,
     rss,
 )
@@ -34,6 +35,7 @@ from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     mnt,
     proj,
 )
+from t4_fuse_trust import write_policy
 
 # How long each race below runs: before the fixes, thousands of unsigned reads in 10 s.
 RACE_SECONDS = 5.0
@@ -170,22 +172,7 @@ def test_one_strict_name_of_many_refuses_every_open_whatever_the_names_memo_hold
     os.rename(proj(mnt) / "c", m / "c")
     assert loose.read_bytes() == EVIL
     # A reload that puts one name under a rule that needs signers.
-    (base / "policy.toml").write_text('''mode = "enforce"
-default = "allow"
-trusted-keys-dir = "keys"
-
-[[rules]]
-path = "/scratch/m/a/**"
-signers = 1
-
-[[rules]]
-path = "/src/**"
-signers = 1
-
-[[rules]]
-path = "/scratch/**"
-signers = 0
-''')
+    write_policy(base / "policy.toml", carve_outs=[("/scratch/m/a/**", 1)])
     reload(mnt)
     assert errno_of(loose.read_bytes) == errno.EACCES
     assert errno_of((m / "c" / "y").read_bytes) == errno.EACCES
@@ -410,22 +397,7 @@ def test_a_file_created_in_a_held_directory_after_its_move_is_judged_where_it_wa
 def _carve_out(mnt: Mount, base: Path) -> None:  # noqa: F811
     """Reload a policy with a carve-out `/src/proj/vendor/**` (no signers) before
     `/src/**`: /src/proj/vendor itself is under `/src/**`, the names in it are not."""
-    (base / "policy.toml").write_text('''mode = "enforce"
-default = "allow"
-trusted-keys-dir = "keys"
-
-[[rules]]
-path = "/src/proj/vendor/**"
-signers = 0
-
-[[rules]]
-path = "/src/**"
-signers = 1
-
-[[rules]]
-path = "/scratch/**"
-signers = 0
-''')
+    write_policy(base / "policy.toml", carve_outs=[("/src/proj/vendor/**", 0)])
     reload(mnt)
 
 
@@ -681,22 +653,7 @@ def test_a_policy_reloaded_while_a_many_named_file_is_judged_cannot_split_its_na
     try:
         reader.start()
         time.sleep(0.3)  # its names picked, its digest being computed
-        (base / "policy.toml").write_text('''mode = "enforce"
-default = "allow"
-trusted-keys-dir = "keys"
-
-[[rules]]
-path = "/src/proj/a/**"
-signers = 0
-
-[[rules]]
-path = "/src/**"
-signers = 1
-
-[[rules]]
-path = "/scratch/**"
-signers = 0
-''')
+        write_policy(base / "policy.toml", carve_outs=[("/src/proj/a/**", 0)])
         reload(mnt)
         assert reader.is_alive(), "the digest was computed before the reload: no race"
         reader.join(120)
@@ -845,11 +802,7 @@ def test_one_user_s_opens_waiting_to_be_hashed_cannot_hold_every_worker(
         took = time.monotonic() - t0
     finally:
         flood.join(600)
-        # Unlinked and pruned from history: the teardown's fsck would hash them again.
-        for p in paths:
-            os.unlink(p)
-        subprocess.run(annofs_cmd("--store", str(mnt.store), "gc", "--prune-history"),
-                       check=True, capture_output=True)
+        remove_and_prune(mnt, paths)
     print(f"root's stat+create took {took:.2f} s; uid 65534's opens: {ends}")
     assert took < 1.5, f"root's stat and create waited {took:.2f} s"
     assert ends.get("EBUSY", 0) > 0 and ends.get("ok", 0) >= 64, ends

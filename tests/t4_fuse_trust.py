@@ -7,7 +7,7 @@ import mmap
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,38 +21,41 @@ def annofs(store: Path, *args: str, check: bool = True) -> subprocess.CompletedP
                           text=True, check=check)
 
 
-def write_policy(path: Path, mode: str = "enforce", signers: int = 1) -> Path:
-    path.write_text(f'''mode = "{mode}"
-default = "allow"
-trusted-keys-dir = "keys"
-
-[[rules]]
-path = "/src/**"
-signers = {signers}
-
-[[rules]]
-path = "/scratch/**"
-signers = 0
-''')
+def write_policy(path: Path, mode: str = "enforce", signers: int = 1,
+                 carve_outs: Sequence[tuple[str, int]] = ()) -> Path:
+    """The tests' policy: `/src/**` needs `signers`, `/scratch/**` none; `carve_outs`
+    (glob, signers) come first, so they win over both."""
+    rules = [*carve_outs, ("/src/**", signers), ("/scratch/**", 0)]
+    path.write_text(f'mode = "{mode}"\ndefault = "allow"\ntrusted-keys-dir = "keys"\n'
+                    + "".join(f'\n[[rules]]\npath = "{glob}"\nsigners = {n}\n'
+                              for glob, n in rules))
     return path
 
 
-def _make_signed(root: Path) -> None:
-    """What `signed` starts from: a store with /src/proj imported from root/proj and
-    signed by alice-1 (keys in root/keys), and root/policy.toml."""
+def sign_tree(root: Path, tree: Path, dest: str = "/src/proj") -> Path:
+    """A store at root/store (made if missing) holding `tree` imported at `dest` and
+    signed by alice-1, whose keys are in root/keys; root/policy.toml (`write_policy`).
+    Returns the store."""
     store = root / "store"
-    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
-                   stdout=subprocess.DEVNULL)
+    if not store.exists():
+        subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
+                       stdout=subprocess.DEVNULL)
+    keys = root / "keys"
+    keys.mkdir(exist_ok=True)
+    annofs(store, "import", str(tree), dest)
+    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
+    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), dest)
+    write_policy(root / "policy.toml")
+    return store
+
+
+def _make_signed(root: Path) -> None:
+    """What `signed` starts from: /src/proj (root/proj) signed (`sign_tree`)."""
     tree = root / "proj"
     (tree / "lib").mkdir(parents=True)
     (tree / "main.c").write_text("int main(void) { return 0; }\n")
     (tree / "lib" / "util.c").write_text("int util(void) { return 1; }\n")
-    keys = root / "keys"
-    keys.mkdir()
-    annofs(store, "import", str(tree), "/src/proj")
-    annofs(store, "key", "generate", "alice-1", "--dir", str(keys))
-    annofs(store, "sign", "--key", str(keys / "alice-1.secret"), "/src/proj")
-    write_policy(root / "policy.toml")
+    sign_tree(root, tree)
 
 
 @pytest.fixture
