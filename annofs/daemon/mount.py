@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from annofs.errors import AnnofsError, StoreError, UsageError
 from annofs.fs.operations import Operations
 from annofs.printable import one_line
 from annofs.store.lock import store_lock
+from annofs.store.warm import start_warming
 from annofs.volume import Volume
 
 log = logging.getLogger("annofs.daemon")
@@ -176,6 +178,7 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         nursery.start_soon(_bundle_loop, policy, invalidator, ops)
         nursery.start_soon(invalidator.run)
         nursery.start_soon(_tune_readahead, ops, mountpoint)
+        nursery.start_soon(_warm_store, ops)
         await nursery.start(control.serve)
         if dashboard is not None:
             await nursery.start(serve_for_mount, dashboard, token, ops.vol, policy.guard,
@@ -189,6 +192,17 @@ async def _tune_readahead(ops: Operations, mountpoint: Path) -> None:
     await ops.init_done.wait()
     await trio.sleep(0)  # the reply is sent in the same call that set the event
     raise_readahead(mountpoint)
+
+
+async def _warm_store(ops: Operations) -> None:
+    """Read the store into the page cache once serving (store.warm), stopped at unmount."""
+    await ops.init_done.wait()
+    stop = threading.Event()
+    start_warming(ops.vol.store.path, stop)
+    try:
+        await trio.sleep_forever()
+    finally:
+        stop.set()
 
 
 async def _sync_loop(ops: Operations, policy: PolicyHolder) -> None:
