@@ -308,3 +308,42 @@ def test_another_user_s_flood_of_refusals_cannot_push_out_the_record_of_others(
     held = int(summary.reason.split()[0])
     assert len(theirs) + held == FLOOD_BURST + 300
     assert summary.path == "/src/proj/mine.c" and summary.verdict == "refused"
+
+
+def _look_up_many(d: str, n: int) -> None:
+    """Make `n` files in `d` and stat each: the kernel then holds an inode for each."""
+    os.mkdir(d)
+    for i in range(n):
+        p = f"{d}/f{i}"
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+        os.stat(p)
+
+
+def _open_fifo_now(path: str) -> int:
+    """Open a FIFO for reading without waiting for a writer; 0 if it opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    os.close(fd)
+    return 0
+
+
+def test_a_fifo_is_out_of_reach_once_the_policy_reload_returns(
+        base: Path, templates: Templates) -> None:  # noqa: F811
+    """`annofs policy reload` returned while the kernel still held the names of FIFOs
+    that the new policy puts out of reach: the invalidations were queued behind one for
+    every inode the kernel knew, and the kernel opens a FIFO it has a name for without
+    asking. With 3,000 inodes known, a FIFO opened right after the reload. The reload
+    now returns once the FIFOs' names are dropped (they go first)."""
+    m = make_mount(base, templates, policy_mode="off")
+    try:
+        pipe = proj(m) / "pipe"
+        as_user(_look_up_many, str(m.path / "scratch" / "many"), 3000)
+        as_user(_mkfifo_world_writable, str(pipe))  # the newest inode: queued last
+        assert _open_fifo_now(str(pipe)) == 0  # reachable while the policy is off
+        write_policy(base / "policy.toml", "enforce", 1)
+        run("policy", "reload", str(m.path))
+        assert errno_of(_open_fifo_now, str(pipe)) == errno.EACCES
+        write_policy(base / "policy.toml", "off", 1)
+        run("policy", "reload", str(m.path))
+        os.unlink(pipe)
+    finally:
+        stop_and_check(m)

@@ -108,7 +108,9 @@ class DaemonCommands:
         A policy with a trust bundle updates it first (in a worker thread)."""
         await self.policy.refresh_bundle()
         message = self.policy.reload()
-        self.inv.everything(self.ops.inodes)
+        # Returned once no FIFO the new policy refuses can be opened through a name the
+        # kernel still held (the rest of the invalidations follow).
+        await self.inv.everything(self.ops.inodes).wait()
         return {"message": message}
 
     async def ping(self, args: dict[str, Any], uid: int) -> dict[str, Any]:

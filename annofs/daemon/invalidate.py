@@ -22,15 +22,24 @@ class Invalidator:
     """A queue of kernel cache invalidations and the task that drains it."""
 
     def __init__(self) -> None:
-        self._send, self._recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
+        # (kind, inode, name, event): "entry", "inode", or "mark" (its event is set when
+        # every invalidation queued before it has been sent).
+        self._send, self._recv = trio.open_memory_channel[
+            tuple[str, int, bytes, trio.Event | None]](math.inf)
 
     def entry(self, parent_ino: int, name: bytes) -> None:
         """The name `name` under `parent_ino` changed (or appeared, or went away)."""
-        self._send.send_nowait(("entry", parent_ino, name))
+        self._send.send_nowait(("entry", parent_ino, name, None))
 
     def inode(self, ino: int) -> None:
         """An inode's attributes or content changed."""
-        self._send.send_nowait(("inode", ino, b""))
+        self._send.send_nowait(("inode", ino, b"", None))
+
+    def mark(self) -> trio.Event:
+        """An event set once every invalidation queued so far has been sent."""
+        done = trio.Event()
+        self._send.send_nowait(("mark", 0, b"", done))
+        return done
 
     def path_changed(self, inodes: InodeTable, parts: list[bytes]) -> None:
         """A change at a store path: invalidate what the kernel may hold of it and its parent."""
@@ -45,15 +54,21 @@ class Invalidator:
         if parts:
             self.entry(node.ino, parts[-1])
 
-    def everything(self, inodes: InodeTable) -> None:
+    def everything(self, inodes: InodeTable) -> trio.Event:
         """The policy changed: every verdict may differ, so no cached page may be trusted.
         A FIFO's names go too: the kernel opens a FIFO it has a name for without asking,
-        and under the new policy its lookup may be refused (OpenGuard.refuse_fifo)."""
-        for ino, node in list(inodes.by_ino.items()):
-            self.inode(ino)
+        and under the new policy its lookup may be refused (OpenGuard.refuse_fifo).
+        The FIFOs' names go first; the event returned is set once they are gone (a reload
+        waits for it: queued behind every inode, a FIFO stayed reachable after it)."""
+        nodes = list(inodes.by_ino.values())
+        for node in nodes:
             if node.is_fifo:
                 for parent, name in list(node.locations):
                     self.entry(parent, name)
+        fifos_gone = self.mark()
+        for node in nodes:
+            self.inode(node.ino)
+        return fifos_gone
 
     async def run(self) -> None:
         """Send queued invalidations until cancelled.
@@ -62,7 +77,10 @@ class Invalidator:
         process to answer a request first: they run in a worker thread so the trio loop
         keeps serving. A failed invalidation is logged; it never ends the mount.
         """
-        async for kind, ino, name in self._recv:
+        async for kind, ino, name, done in self._recv:
+            if done is not None:
+                done.set()
+                continue
             try:
                 if kind == "entry":
                     await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ino, name)
