@@ -197,6 +197,12 @@ def serve(m: Mount, request: pytest.FixtureRequest, *extra: str) -> Iterator[Mou
         yield m
     finally:
         m.stop()
+    fail_on_daemon_log(m, request)
+
+
+def fail_on_daemon_log(m: Mount, request: pytest.FixtureRequest) -> None:
+    """Fail the test if `m`'s daemon logged problems (WARNING or worse) since it started
+    that the test did not declare with @pytest.mark.expected_log."""
     marker = request.node.get_closest_marker("expected_log")
     patterns = [re.compile(p) for p in (marker.args if marker else ())]
     bad = [line for line in m.log_problems() if not any(p.search(line) for p in patterns)]

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nar_cases import MALFORMED, directory, entry, nar, regular, symlink
+from store_damage import damage
 from t2_store import P, check_consistency, dump_tree
 
 from annofs.errors import ExistsError, NotADirectoryError_, UsageError
@@ -139,25 +140,16 @@ def test_hash_volume_in_refuses_a_damaged_fragment(vol: Volume, tmp_path: Path) 
     with vol.store.read() as txn:
         versions = [vol.versions.get(txn, int(vol.namespace.resolve(
             txn, P(f"/t/f{i:02}")).target)) for i in range(30)]
-        where = [vol.fragments.locate(txn, v.hashes) for v in versions]
         good = hash_volume_in(vol, txn, P("/t"))
     assert good == nar_hash(dump_host(host))
     for k in (0, 13, 29):
-        path, offset, n = where[k]
-        os.chmod(path, 0o644)
-        with open(path, "r+b") as f:
-            f.seek(offset + n // 2)
-            old = f.read(1)
-            f.seek(offset + n // 2)
-            f.write(bytes([old[0] ^ 0x01]))
+        undo = damage(vol, versions[k].hashes, "bit-flip")
         try:
             with vol.store.read() as txn, pytest.raises(CorruptionError) as e:
                 hash_volume_in(vol, txn, P("/t"))
             assert versions[k].hashes.hex() in str(e.value)
         finally:
-            with open(path, "r+b") as f:
-                f.seek(offset + n // 2)
-                f.write(old)
+            undo()
 
 
 def test_nar_hash_is_nix_hash(vol: Volume, nix_tree: tuple[Path, Path, bytes]) -> None:

@@ -19,6 +19,7 @@ import blake3
 import lmdb
 import pytest
 from conftest import annofs_cmd
+from store_damage import damage
 
 import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
@@ -150,21 +151,13 @@ def test_a_flipped_byte_anywhere_in_a_run_is_an_error_naming_its_fragment(
         where = {h: vol.fragments.locate(txn, h) for h in hashes}
     assert len({path for path, _o, _n in where.values()}) == 1  # one run, one pack
     for k in (0, 1, 3, 6, len(hashes) - 1):  # compressed ones: 0, 3, 6
-        path, offset, n = where[hashes[k]]
-        os.chmod(path, 0o644)
-        with open(path, "r+b") as f:
-            f.seek(offset + n // 2)
-            old = f.read(1)
-            f.seek(offset + n // 2)
-            f.write(bytes([old[0] ^ 0x10]))
+        undo = damage(vol, hashes[k], "bit-flip")
         try:
             with vol.store.read() as txn, pytest.raises(CorruptionError) as e:
                 get_many(txn, hashes)
             assert hashes[k].hex() in str(e.value)
         finally:
-            with open(path, "r+b") as f:
-                f.seek(offset + n // 2)
-                f.write(old)
+            undo()
     with vol.store.read() as txn:
         assert b"".join(get_many(txn, hashes)) == data
 

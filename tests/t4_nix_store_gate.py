@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Mount, annofs_cmd
+from conftest import Mount, annofs_cmd, fail_on_daemon_log
 from fuse_helpers import NOBODY, as_user, errno_of, read_at, run_as
 
 from annofs.daemon.events import read_events
@@ -143,9 +143,7 @@ claims = ["built", "content-addressed"]
 @pytest.fixture
 def nixs(tmp_path: Path, keys: Keys, request: pytest.FixtureRequest) -> Iterator[NixStore]:
     """A fresh store mounted with the policy (`--allow-other`), its /nix/store bound at
-    R/nix/store; the daemon's log is checked as `mounted` does."""
-    import re
-
+    R/nix/store; the daemon's log is checked as `mounted` does (`fail_on_daemon_log`)."""
     store, mp, root = tmp_path / "store", tmp_path / "mnt", tmp_path / "R"
     mp.mkdir()
     (root / "nix" / "store").mkdir(parents=True)
@@ -169,11 +167,7 @@ def nixs(tmp_path: Path, keys: Keys, request: pytest.FixtureRequest) -> Iterator
         if bound:
             subprocess.run(["umount", str(root / "nix" / "store")], check=True)
         m.stop()
-    marker = request.node.get_closest_marker("expected_log")
-    patterns = [re.compile(p) for p in (marker.args if marker else ())]
-    bad = [ln for ln in m.log_problems() if not any(p.search(ln) for p in patterns)]
-    if bad:
-        pytest.fail("the daemon logged:\n" + "\n".join(bad), pytrace=False)
+    fail_on_daemon_log(m, request)
 
 
 def refusal_for(m: Mount, suffix: str) -> str:
