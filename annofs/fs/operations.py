@@ -1138,11 +1138,19 @@ class Operations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(_seek, base, overlay, offset, whence)
 
     async def _truncate(self, node: Inode, size: int) -> None:
-        with self.vol.store.read() as txn:
-            of = self._open_file(txn, node)
-        async with of.lock:
-            of.overlay.truncate(size)
-            of.mtime_ns = now_ns()
+        while True:
+            with self.vol.store.read() as txn:
+                of = self._open_file(txn, node)
+            async with of.lock:
+                # A truncate by path may come while the last handle's RELEASE is in
+                # flight: waiting for the lock, that release may have dropped this open
+                # file (nothing was dirty yet), and what is truncated here would then be
+                # committed by no one. Take the file as it is now instead.
+                if self.open_files.get(node.ino) is not of:
+                    continue
+                of.overlay.truncate(size)
+                of.mtime_ns = now_ns()
+            break
         if node.opens == 0:
             # truncate(2) by path: no close will follow, so this is the version.
             await self._commit(node)
