@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # benchmarks compare against. xz-utils/zstd/bzip2: binary cache compressions. git: --git import.
 # chromium: the real browser the dashboard's test drives (through PyPI's playwright).
 # openssh-client: ssh-keygen signs SSHSIG statements and is the oracle for their tests.
-# patch: applies scripts/pyfuse3-fallocate-lseek.patch and -read-first.patch to the pyfuse3 sdist.
+# patch: applies scripts/pyfuse3-*.patch to the pyfuse3 sdist (scripts/pyfuse3-patched.sh).
 # make: tests/t4_fuse_tools.py builds a small C project in the mount with it.
 # stress-ng: filesystem stressors with verification run against the mount
 # (tests/t4_fuse_stressng.py; pjdfstest, xfstests' fsx and LTP are not packaged).

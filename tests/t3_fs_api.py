@@ -522,6 +522,21 @@ async def test_open_with_o_trunc_makes_one_version(k: Kernel, vol: Volume) -> No
 
 
 @trio_test
+async def test_only_a_reader_s_close_skips_the_flush(k: Kernel, ops: Operations) -> None:
+    """FOPEN_NOFLUSH on read-only opens (nothing to commit at their close); a writer's
+    close, or a truncating open's, still comes as FLUSH and commits."""
+    ino = await k.write_file(ROOT, b"f", b"content")
+    noflush = {}
+    for name, flags in [("rdonly", os.O_RDONLY), ("wronly", os.O_WRONLY),
+                        ("rdwr", os.O_RDWR), ("rdonly|trunc", os.O_RDONLY | os.O_TRUNC)]:
+        info = await ops.open(ino, flags, CTX)
+        noflush[name] = info.noflush
+        await k.release(info.fh)
+    assert noflush == {"rdonly": True, "wronly": False, "rdwr": False, "rdonly|trunc": False}
+    await k.settle()
+
+
+@trio_test
 async def test_truncate_without_a_handle(k: Kernel, vol: Volume) -> None:
     data = random.Random(1).randbytes(200_000)
     ino = await k.write_file(ROOT, b"f", data)

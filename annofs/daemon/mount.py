@@ -53,6 +53,13 @@ log = logging.getLogger("annofs.daemon")
 # them as requests come and lets idle ones end.
 FUSE_WORKERS = 512
 
+# An idle request loop polls /dev/fuse this long before it sleeps in the event loop
+# (scripts/pyfuse3-spin.patch). A client such as tar sends its next request some tens of
+# microseconds after a reply; found asleep, the daemon pays an epoll round, trio's
+# scheduler and a cross-CPU wake-up for each. Only with more than one CPU: on one, the
+# poll would keep the client from sending.
+FUSE_SPIN_NS = 200_000
+
 # Committed transactions reach the disk at least this often (fsync forces it sooner).
 SYNC_INTERVAL = 1.0
 BUNDLE_REFRESH = 300.0  # seconds between trust bundle updates (ANNOFS_BUNDLE_REFRESH)
@@ -183,6 +190,10 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         if dashboard is not None:
             await nursery.start(serve_for_mount, dashboard, token, ops.vol, policy.guard,
                                 policy.gate, mountpoint)
+        set_spin = getattr(pyfuse3, "annofs_set_spin", None)
+        if set_spin is not None and len(os.sched_getaffinity(0)) > 1:
+            set_spin(FUSE_SPIN_NS)
+            ops.stats["fuse_spin_ns"] = FUSE_SPIN_NS
         await pyfuse3.main(max_tasks=FUSE_WORKERS)
         nursery.cancel_scope.cancel()
 
