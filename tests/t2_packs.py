@@ -24,6 +24,7 @@ from store_damage import damage
 import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
 from annofs.content.ingest import ingest_stream
+from annofs.errors import CorruptionError
 from annofs.maintenance.fsck import check_store
 from annofs.maintenance.gc import collect
 from annofs.store.env import read_synced_meta, write_synced_meta
@@ -113,9 +114,9 @@ def test_a_files_fragments_are_read_in_runs_across_packs(
     real = packs_mod.PackFiles.pread
 
     def counted(self: packs_mod.PackFiles, txn: object, pack: int, offset: int,
-                length: int) -> bytes:
+                length: int, *, nowait: bool = False) -> bytes | bytearray:
         preads.append(length)
-        return real(self, txn, pack, offset, length)  # type: ignore[arg-type]
+        return real(self, txn, pack, offset, length, nowait=nowait)  # type: ignore[arg-type]
 
     monkeypatch.setattr(packs_mod.PackFiles, "pread", counted)
     with vol.store.read() as txn:
@@ -123,6 +124,39 @@ def test_a_files_fragments_are_read_in_runs_across_packs(
         assert b"".join(frags[:len(hashes)]) == data
         assert [bytes(f) for f in frags[len(hashes):]] == [bytes(f) for f in frags[:3]]
     assert len(hashes) > 4 * len(preads) > 0
+
+
+def _evict_packs(vol: Volume) -> None:
+    """Drop the packs' pages from the page cache (synced first: dirty pages stay)."""
+    vol.store.sync()
+    for f in packs_mod.packs_dir(vol.store.path).iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_a_read_that_must_not_wait_for_the_disk_says_so(vol: Volume) -> None:
+    # The mount reads on its event loop only what the page cache holds (RWF_NOWAIT), and
+    # in a thread what must come from the disk: NotCached tells it which.
+    data = random.Random(5).randbytes(1 << 20) + text(6, 1 << 20)
+    got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
+    _evict_packs(vol)
+    with vol.store.read() as txn:
+        with pytest.raises(packs_mod.NotCached):
+            vol.fragments.get_many(txn, hashes, nowait=True)
+        assert b"".join(vol.fragments.get_many(txn, hashes)) == data  # from the disk
+        assert b"".join(vol.fragments.get_many(txn, hashes, nowait=True)) == data
+        # A byte flipped on the disk is an error whichever way the bytes were read.
+        undo = damage(vol, hashes[3], "bit-flip")
+        try:
+            with pytest.raises(CorruptionError, match=hashes[3].hex()):
+                vol.fragments.get_many(txn, hashes, nowait=True)
+        finally:
+            undo()
 
 
 def _fetched_and_checked(vol: Volume, txn: lmdb.Transaction,

@@ -317,8 +317,8 @@ class FragmentStore:
             raise CorruptionError(f"fragment {h.hex()}: {e}") from None
         return self._checked(h, stored, length, codec)  # type: ignore[return-value]
 
-    def get_many(self, txn: lmdb.Transaction,
-                 hashes: Sequence[bytes]) -> list[bytes | memoryview]:
+    def get_many(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,
+                 nowait: bool = False) -> list[bytes | memoryview]:
         """Fragments' bytes in order, each checked against its hash as `get` does.
 
         A file's fragments were appended to a pack one after another, so a run of them
@@ -327,11 +327,12 @@ class FragmentStore:
         This is the mount's read loop (~64 fragments per 1 MiB request): names are bound
         to locals and a raw fragment is checked inline, without the calls `_checked`
         costs (measured: the Python around the hashing was as much CPU as the hashing).
+        With `nowait`, NotCached where a pack's bytes are not in the page cache.
         """
         out: list[bytes | memoryview] = []
         append, b3 = out.append, blake3.blake3
         decompress, frame_size = self._s.decompressor().decompress, zstandard.frame_content_size
-        for h, data, length, codec in self.fetch_stored(txn, hashes):
+        for h, data, length, codec in self.fetch_stored(txn, hashes, nowait=nowait):
             if codec == ZSTD and frame_size(data) == length:
                 # _checked's zstd case inlined (a source tree's fragments are mostly
                 # compressed); a damaged frame goes through _checked for its error.
@@ -346,12 +347,13 @@ class FragmentStore:
             append(data)
         return out
 
-    def fetch_stored(self, txn: lmdb.Transaction,
-                     hashes: Sequence[bytes]) -> list[Stored]:
+    def fetch_stored(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,
+                     nowait: bool = False) -> list[Stored]:
         """(hash, stored bytes, length, codec) of fragments in order, read as `get_many`
         reads them (back-to-back runs with one pread) but not yet checked: `check_stored`
         checks them, in any thread (it needs no transaction). Missing fragments and
-        damaged index records or packs are CorruptionError here already."""
+        damaged index records or packs are CorruptionError here already. With `nowait`,
+        NotCached where a pack's bytes are not in the page cache."""
         get, index, unpack, size = txn.get, self._index, _INDEX.unpack, _INDEX.size
         entries = []
         for h in hashes:
@@ -376,7 +378,8 @@ class FragmentStore:
                     break
                 end, j = o + m, j + 1
             try:
-                run = memoryview(self._s.files.pread(txn, pack, start, end - start))
+                run = memoryview(self._s.files.pread(txn, pack, start, end - start,
+                                                     nowait=nowait))
             except CorruptionError:
                 # Past a pack's end: read them one at a time, so the error names one.
                 for k in range(i, j):

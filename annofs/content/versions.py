@@ -282,9 +282,10 @@ class VersionStore:
         return b"".join(parts)
 
     def read_parts(self, txn: lmdb.Transaction, v: Version, offset: int,
-                   size: int) -> list[bytes | memoryview]:
+                   size: int, *, nowait: bool = False) -> list[bytes | memoryview]:
         """`read` as the list of its parts, not joined (the mount sends them to the kernel
-        with one writev). The parts never point into LMDB's map."""
+        with one writev). The parts never point into LMDB's map. With `nowait`, only from
+        the page cache (store.packs.NotCached otherwise)."""
         end = min(v.size, offset + size)
         if offset >= end:
             return []
@@ -297,7 +298,7 @@ class VersionStore:
         # Stored fragments fetched together (back-to-back ones in one pread), each checked.
         holes = v.may_have_holes and HOLE in hashes
         frags = iter(self.fragments.get_many(
-            txn, [h for h in hashes if h != HOLE] if holes else hashes))
+            txn, [h for h in hashes if h != HOLE] if holes else hashes, nowait=nowait))
         parts: list[bytes | memoryview] = []
         append = parts.append
         for i, h in enumerate(hashes, first):
@@ -321,11 +322,11 @@ class VersionStore:
         with self._store.env.begin(buffers=True) as txn:
             return self.read(txn, v, offset, size)
 
-    def read_parts_snapshot(self, v: Version, offset: int,
-                            size: int) -> list[bytes | memoryview]:
+    def read_parts_snapshot(self, v: Version, offset: int, size: int, *,
+                            nowait: bool = False) -> list[bytes | memoryview]:
         """`read_parts` in a read transaction of its own (see read_snapshot)."""
         with self._store.env.begin(buffers=True) as txn:
-            return self.read_parts(txn, v, offset, size)
+            return self.read_parts(txn, v, offset, size, nowait=nowait)
 
     def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes | memoryview]:
         """The whole content, fragment by fragment, each checked; a hole as zeros in

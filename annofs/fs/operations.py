@@ -45,6 +45,7 @@ from annofs.fs.openfile import SPILL_BYTES, OpenFile, fold, folds_inline
 from annofs.namespace.tree import MAX_NAME, check_name, new_file_attrs, now_ns
 from annofs.printable import one_line
 from annofs.store.advice import random_access
+from annofs.store.packs import NotCached
 from annofs.store.records import Attrs, Version
 from annofs.trust.admission import Claim
 from annofs.trust.nixstore import Caller
@@ -84,6 +85,10 @@ SEEK_THREADS = 2
 # pyfuse3 as scripts/pyfuse3-patched.sh builds it takes a read's data as a list of
 # buffers and sends them with one writev (at most this many; more are joined first).
 READ_PARTS = bool(getattr(pyfuse3, "annofs_read_parts", False))
+# Reads of packs not in the page cache run in worker threads, this many at once: the
+# kernel's readahead sends several READs of a file together, and their disk reads and
+# hashing overlap.
+DISK_READ_THREADS = 4
 MAX_REPLY_PARTS = 1000
 # Files up to this size are put in the kernel's page cache at their first open (see
 # Operations._push_content): most files of a source tree; bigger ones read as usual.
@@ -140,6 +145,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.dirty_since_sync = False
         self._seek_threads = trio.CapacityLimiter(SEEK_THREADS)
+        self._disk_readers = trio.CapacityLimiter(DISK_READ_THREADS)
         # Content writers (folds, commits, restores) hold it shared, gc exclusively.
         self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
@@ -1007,7 +1013,12 @@ class Operations(pyfuse3.Operations):
         if v is None or not 0 < v.size <= PUSH_BYTES:
             return
         try:
-            data = self.vol.versions.read_snapshot(v, 0, v.size)
+            data = b"".join(self.vol.versions.read_parts_snapshot(v, 0, v.size, nowait=True))
+        except NotCached:
+            # Not pushed: its reads come here, and wait for the disk in a thread. No await
+            # here: another handle's write landing meanwhile would be overwritten in the
+            # kernel's cache by these older bytes.
+            return
         except CorruptionError:
             # The open stands (undamaged ranges stay readable); reads of the damaged
             # fragment fail with EIO, and say so in the log, as without the push.
@@ -1070,13 +1081,26 @@ class Operations(pyfuse3.Operations):
             if of.overlay:  # unflushed bytes: read here, where writes change them
                 return of.read(self.vol, off, size)
             v = of.base
-        if not READ_PARTS:
-            return self.vol.versions.read_snapshot(v, off, size)
         # The parts as read (slices of pack reads), sent with one writev: no joined copy.
-        parts = self.vol.versions.read_parts_snapshot(v, off, size)
+        parts = await self._stored_parts(v, off, size)
+        if not READ_PARTS:
+            return b"".join(parts)
         if len(parts) == 1:
             return parts[0]  # type: ignore[return-value]
         return parts if len(parts) <= MAX_REPLY_PARTS else b"".join(parts)  # type: ignore[return-value]
+
+    async def _stored_parts(self, v: Version, off: int, size: int) -> list[bytes | memoryview]:
+        """Bytes [off, off+size) of a stored version, checked, as parts: read here if the
+        page cache holds them, else in a worker thread (one of DISK_READ_THREADS), so
+        that no request waits on the event loop for the disk (a cold 1 MiB read took
+        every other request's turn for as long as the disk took)."""
+        try:
+            return self.vol.versions.read_parts_snapshot(v, off, size, nowait=True)
+        except NotCached:
+            self.stats["disk_reads"] += 1
+            return await trio.to_thread.run_sync(
+                functools.partial(self.vol.versions.read_parts_snapshot, v, off, size),
+                limiter=self._disk_readers)
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

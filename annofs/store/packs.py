@@ -231,6 +231,24 @@ class _Fd:
         self.evicted = False
 
 
+class NotCached(Exception):
+    """Bytes asked for with `nowait` are not all in the page cache: reading them would
+    wait for the disk."""
+
+
+def _pread_cached(fd: int, length: int, offset: int) -> bytearray:
+    """pread from the page cache only (RWF_NOWAIT): NotCached where it would block, and
+    for a short read too (cached in part, or past the end: a blocking read tells which)."""
+    buf = bytearray(length)
+    try:
+        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        raise NotCached from None
+    if n != length:
+        raise NotCached
+    return buf
+
+
 class PackFiles:
     """Reads of stored bytes: pread on a descriptor per pack, kept open (no open or mmap
     per read), safe from several threads."""
@@ -242,11 +260,15 @@ class PackFiles:
         self._fds: dict[int, _Fd] = {}  # insertion order is recency order
         self._lock = threading.Lock()
 
-    def pread(self, txn: lmdb.Transaction, pack: int, offset: int, length: int) -> bytes:
+    def pread(self, txn: lmdb.Transaction, pack: int, offset: int, length: int, *,
+              nowait: bool = False) -> bytes | bytearray:
         """`length` bytes at `offset` of a pack: CorruptionError if the pack is missing or
-        shorter than the index says."""
+        shorter than the index says. With `nowait`, only from the page cache: NotCached
+        if any of them would have to come from the disk (preadv2's RWF_NOWAIT)."""
         entry = self._acquire(txn, pack)
         try:
+            if nowait:
+                return _pread_cached(entry.fd, length, offset)
             data = os.pread(entry.fd, length, offset)
         finally:
             self._release(entry)
