@@ -159,6 +159,32 @@ def test_a_read_that_must_not_wait_for_the_disk_says_so(vol: Volume) -> None:
             undo()
 
 
+def test_reads_that_must_not_wait_work_on_a_store_in_tmpfs(tmp_path: Path) -> None:
+    # tmpfs answers RWF_NOWAIT with EOPNOTSUPP (Linux 6.18): a plain read there, and
+    # a short pack is still an error, not short bytes.
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        vol = Volume.open(mnt / "store", create=True)
+        try:
+            data = text(7, 1 << 20)
+            got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+            hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
+            with vol.store.read() as txn:
+                assert b"".join(vol.fragments.get_many(txn, hashes, nowait=True)) == data
+            undo = damage(vol, hashes[-1], "truncated-pack")
+            try:
+                with vol.store.read() as txn, pytest.raises(CorruptionError):
+                    vol.fragments.get_many(txn, hashes, nowait=True)
+            finally:
+                undo()
+        finally:
+            vol.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 def _fetched_and_checked(vol: Volume, txn: lmdb.Transaction,
                          hashes: list[bytes]) -> list[bytes | memoryview]:
     """get_many in two steps: the read (in the transaction), then the check (none)."""

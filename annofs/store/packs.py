@@ -236,14 +236,20 @@ class NotCached(Exception):
     wait for the disk."""
 
 
-def _pread_cached(fd: int, length: int, offset: int) -> bytearray:
+def _pread_cached(fd: int, length: int, offset: int) -> bytes | bytearray:
     """pread from the page cache only (RWF_NOWAIT): NotCached where it would block, and
-    for a short read too (cached in part, or past the end: a blocking read tells which)."""
+    for a short read too (cached in part, or past the end: a blocking read tells which).
+    Where the filesystem cannot say (tmpfs answers EOPNOTSUPP; it is all memory anyway),
+    a plain pread."""
     buf = bytearray(length)
     try:
         n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
     except BlockingIOError:
         raise NotCached from None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        return os.pread(fd, length, offset)  # the caller checks the length
     if n != length:
         raise NotCached
     return buf
@@ -267,9 +273,8 @@ class PackFiles:
         if any of them would have to come from the disk (preadv2's RWF_NOWAIT)."""
         entry = self._acquire(txn, pack)
         try:
-            if nowait:
-                return _pread_cached(entry.fd, length, offset)
-            data = os.pread(entry.fd, length, offset)
+            data = (_pread_cached(entry.fd, length, offset) if nowait else
+                    os.pread(entry.fd, length, offset))
         finally:
             self._release(entry)
         if len(data) != length:
