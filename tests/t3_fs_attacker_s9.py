@@ -42,7 +42,7 @@ def _evict_packs(vol: Volume) -> None:
 
 @trio_test
 async def test_a_gc_while_a_read_waits_for_a_disk_thread_does_not_free_what_it_reads(
-        k: Kernel, ops: Operations, vol: Volume) -> None:
+        k: Kernel, ops: Operations, vol: Volume) -> None:  # noqa: F811
     """A read-write handle's READ serves the file's current version (of.base). It picks
     it, finds the bytes not cached, and waits for a disk thread; meanwhile another handle
     writes the file and closes (a new version) and root runs `annofs gc --prune-history`,
@@ -59,7 +59,7 @@ async def test_a_gc_while_a_read_waits_for_a_disk_thread_does_not_free_what_it_r
     async def read() -> None:
         try:
             result.append(await k.read(reader, 1 << 20, 1 << 20))
-        except Exception as e:  # noqa: BLE001  (the failure is the finding)
+        except Exception as e:  # the failure is the finding
             result.append(e)
 
     held = [object() for _ in range(DISK_READ_THREADS)]
