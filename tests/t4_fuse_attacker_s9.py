@@ -131,9 +131,10 @@ def _paced_requests(path: str, seconds: float, gap: float) -> int:
 
 def test_paced_requests_burn_at_most_the_poll_per_request(mnt: Mount) -> None:  # noqa: F811
     """The loop polls /dev/fuse for up to 200 us after each request when idle. uid 65534
-    sends one cheap request every 300 us (just past the poll, so every one pays it in
-    full): the daemon's CPU per request is at most the poll above a request's own cost
-    (measured back to back), and idle the daemon burns nothing."""
+    sends one cheap request every 300 us and every 1 ms (past the poll: every one pays
+    it in full): the daemon's CPU per request is at most the poll (plus the sleep's
+    wake-up) above a request's own cost measured back to back, and idle the daemon burns
+    nothing. (A cost, not a bug: at 1,000 requests/s, 5x the CPU of the requests.)"""
     assert mnt.proc is not None
     pid, target = mnt.proc.pid, str(mnt.path / "scratch" / "evil.c")
     c0 = _cpu_seconds(pid)
@@ -142,17 +143,18 @@ def test_paced_requests_burn_at_most_the_poll_per_request(mnt: Mount) -> None:  
     c0 = _cpu_seconds(pid)
     n_tight = as_user(_paced_requests, target, 1.5, 0.0)
     tight = (_cpu_seconds(pid) - c0) / n_tight
-    c0 = _cpu_seconds(pid)
-    n_paced = as_user(_paced_requests, target, 1.5, 300e-6)
-    paced_total = _cpu_seconds(pid) - c0
-    paced = paced_total / n_paced
     print(f"\nidle 1 s: {idle * 1000:.0f} ms CPU; back to back {n_tight / 1.5:.0f} req/s at "
-          f"{tight * 1e6:.0f} us CPU each; paced every 300 us {n_paced / 1.5:.0f} req/s at "
-          f"{paced * 1e6:.0f} us each ({paced_total / 1.5 * 100:.0f}% of a CPU); "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"{tight * 1e6:.0f} us CPU each; load {os.getloadavg()[0]:.1f}")
     assert idle < 0.05, f"the idle daemon burned {idle:.2f} s of CPU in 1 s"
-    # 200 us poll + the request's own cost, with clock-tick (10 ms) slack on the totals.
-    assert paced <= tight + 250e-6 + 0.02 / n_paced, f"{paced * 1e6:.0f} us per request"
+    for gap in (300e-6, 1e-3):
+        c0 = _cpu_seconds(pid)
+        n_paced = as_user(_paced_requests, target, 1.5, gap)
+        paced_total = _cpu_seconds(pid) - c0
+        paced = paced_total / n_paced
+        print(f"paced every {gap * 1e6:.0f} us: {n_paced / 1.5:.0f} req/s at {paced * 1e6:.0f} "
+              f"us CPU each ({paced_total / 1.5 * 100:.0f}% of a CPU)")
+        # 200 us poll + 100 us for the sleep's wake-up, with clock-tick (10 ms) slack.
+        assert paced <= tight + 300e-6 + 0.02 / n_paced, f"{paced * 1e6:.0f} us per request"
 
 
 def test_the_control_socket_answers_while_requests_keep_the_loop_polling(
@@ -312,3 +314,36 @@ def test_an_appended_log_read_while_written_shows_no_zeros_without_a_policy(
         for t in threads:
             t.join(60)
     assert bad == []
+
+
+def _mapped_writes_beside_readers(path: str) -> list[str]:
+    """A writer maps the file MAP_SHARED, closes its descriptor and goes on writing
+    through the mapping while readers open, read and close (no FLUSH any more: the
+    reader's close used to write the mapping's dirty pages back). Mismatches returned."""
+    import mmap
+    bad: list[str] = []
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, 1 << 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    os.close(fd)  # FLUSH and RELEASE come later: the mapping holds the file
+    for i in range(64):
+        m[i * 1024:(i + 1) * 1024] = bytes([65 + i % 26]) * 1024
+        r = os.open(path, os.O_RDONLY)
+        got = os.pread(r, 1024, i * 1024)
+        os.close(r)
+        if got != bytes([65 + i % 26]) * 1024:
+            bad.append(f"block {i}: a reader read {got[:8]!r}")
+    m.close()  # munmap: the dirty pages written back
+    return bad
+
+
+def test_a_shared_mapping_s_writes_survive_readers_closing_beside_it(
+        mnt: Mount) -> None:  # noqa: F811
+    """uid 65534's MAP_SHARED writer, its descriptor closed, writes while readers close
+    without FLUSH: every block reaches readers, and the store once the mapping is gone
+    (read cold: caches dropped)."""
+    f = mnt.path / "scratch" / "mapped"
+    as_user(lambda: f.write_bytes(bytes(1 << 16)))
+    assert as_user(_mapped_writes_beside_readers, str(f)) == []
+    _drop_caches()
+    want = b"".join(bytes([65 + i % 26]) * 1024 for i in range(64))
+    assert f.read_bytes() == want
