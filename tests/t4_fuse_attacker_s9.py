@@ -13,6 +13,7 @@ Each test measures and prints its figure (run with -s to see them)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import threading
@@ -42,23 +43,27 @@ def _drop_caches() -> None:
         f.write("3\n")
 
 
-def _write_random(path: str, size: int) -> None:
-    """`size` incompressible bytes (nothing deduplicated, nothing compressed away)."""
+def _write_random(path: str, size: int) -> str:
+    """`size` incompressible bytes (nothing deduplicated, nothing compressed away); their
+    SHA-256."""
+    h = hashlib.sha256()
     with open(path, "wb") as f:
         left = size
         while left:
-            n = min(left, 4 * MIB)
-            f.write(os.urandom(n))
-            left -= n
+            chunk = os.urandom(min(left, 4 * MIB))
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
-def _read_all(path: str) -> int:
-    """Read a file to its end in 1 MiB reads; the bytes read."""
-    n = 0
+def _read_all(path: str) -> str:
+    """Read a file to its end in 1 MiB reads; the SHA-256 of what was read."""
+    h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(MIB):
-            n += len(chunk)
-    return n
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -80,19 +85,21 @@ def test_cold_reads_of_big_files_do_not_stall_another_user_s_small_read(
         mnt: Mount) -> None:  # noqa: F811
     """uid 65534 reads six cold 48 MiB files of its own at once (the kernel's readahead
     sends several 1 MiB READs of each, every one a disk read for a worker thread); root
-    meanwhile reads a small cold file and looks up a new name. Root's read waits behind
+    meanwhile reads a small cold file and looks up a new name. Every byte the threads
+    read is the one written. Root's read waits behind
     the attacker's queued READs for a thread: bounded by a few of them, not by the
     attacker's whole reads."""
     scratch = mnt.path / "scratch"
     big = [str(scratch / f"big{i}") for i in range(6)]
-    for p in big:
-        as_user(_write_random, p, 48 * MIB)
+    sums = [as_user(_write_random, p, 48 * MIB) for p in big]
     small = scratch / "small"
     small.write_bytes(os.urandom(256 << 10))
     _drop_caches()
     alone = _timed(lambda: small.read_bytes())
     _drop_caches()
-    readers = [threading.Thread(target=as_user, args=(_read_all, p)) for p in big]
+    read: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda p=p: read.__setitem__(p, as_user(_read_all, p)))
+               for p in big]
     t0 = time.monotonic()
     for t in readers:
         t.start()
@@ -107,6 +114,7 @@ def test_cold_reads_of_big_files_do_not_stall_another_user_s_small_read(
     print(f"\nroot's cold 256 KiB read: alone {alone * 1000:.0f} ms, beside 65534's six cold "
           f"48 MiB reads {beside * 1000:.0f} ms; lookup {lookup * 1000:.1f} ms; the "
           f"attacker's reads took {attack:.2f} s; load {os.getloadavg()[0]:.1f}")
+    assert [read.get(p) for p in big] == sums  # the threads' reads are the bytes written
     assert beside < max(1.0, 10 * alone), f"root's small read waited {beside:.2f} s"
     assert lookup < 0.5, f"root's lookup waited {lookup:.2f} s"
 
