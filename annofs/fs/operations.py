@@ -146,6 +146,9 @@ class Operations(pyfuse3.Operations):
         self.dirty_since_sync = False
         self._seek_threads = trio.CapacityLimiter(SEEK_THREADS)
         self._disk_readers = trio.CapacityLimiter(DISK_READ_THREADS)
+        # Versions READs waiting for a disk thread serve: gc keeps them (held_versions),
+        # though a commit meanwhile may have left no handle serving them.
+        self._disk_reads_of: Counter[int] = Counter()
         # Content writers (folds, commits, restores) hold it shared, gc exclusively.
         self.gc_gate = GcGate()
         # Set when FUSE_INIT is answered: the kernel then applies what we replied and
@@ -1098,9 +1101,17 @@ class Operations(pyfuse3.Operations):
             return self.vol.versions.read_parts_snapshot(v, off, size, nowait=True)
         except NotCached:
             self.stats["disk_reads"] += 1
+        # Held from here (no await before): a gc while this waits for a thread (behind
+        # other users' cold reads) would free the fragments it is about to read.
+        self._disk_reads_of[v.id] += 1
+        try:
             return await trio.to_thread.run_sync(
                 functools.partial(self.vol.versions.read_parts_snapshot, v, off, size),
                 limiter=self._disk_readers)
+        finally:
+            self._disk_reads_of[v.id] -= 1
+            if not self._disk_reads_of[v.id]:
+                del self._disk_reads_of[v.id]
 
     @fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1279,8 +1290,10 @@ class Operations(pyfuse3.Operations):
         await trio.to_thread.run_sync(self.vol.store.sync)
 
     def held_versions(self) -> set[int]:
-        """Versions open handles serve (pinned, or the base of an open file): gc keeps them."""
+        """Versions open handles serve (pinned, or the base of an open file) and those
+        READs waiting for a disk thread read: gc keeps them."""
         held = {h.pinned.id for h in self.handles.values() if h.pinned is not None}
+        held |= set(self._disk_reads_of)
         held |= {of.parent_version for of in self.open_files.values()}
         return held
 
