@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from conftest import Mount, annofs_cmd
 from fuse_helpers import as_user
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
@@ -282,17 +281,14 @@ def _evict_packs(store: Path, seconds: float) -> None:
         packs = [p for p in packs_dir(store).rglob("*") if p.is_file()]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing, not session 9's (fails with the disk threads, noflush and the poll "
-    "each turned off; passes without a policy): lines written before a judged reader's "
-    "open, inside the size it saw at open, read as zeros"))
 def test_an_appended_log_read_cold_while_written_shows_no_zeros(mnt: Mount) -> None:  # noqa: F811
     """uid 65534 appends to a log in /scratch (closing now and then: commits); readers
     (root and 65534) read it whole over and over while the store's pages are dropped, so
     their READs wait in disk threads as the appends land. No reader may see bytes nobody
-    wrote. FAILS: 'NUL runs [(3840, 3960)] of 4020 bytes read, 3900 at open': the two
-    lines after a commit (64 lines of 60 bytes), written before the open, read as zeros,
-    the line after them as written."""
+    wrote. Failed before readers were pinned only where a rule needs signers: 'NUL runs
+    [(3840, 3960)] of 4020 bytes read, 3900 at open': a reader pinned to the version it
+    was judged on answered its READs short, beside a writer whose appends had grown the
+    file, and the kernel filled the rest of the shared page with zeros."""
     log = mnt.path / "scratch" / "log"
     as_user(lambda: log.write_bytes(b""))
     threads = [threading.Thread(target=as_user, args=(_append_lines, str(log), 4.0)),

@@ -6,8 +6,9 @@ the handles opened after (annofs.fs.enforce). Every handle reads the bytes it se
 from __future__ import annotations
 
 import os
+import subprocess
 
-from conftest import Mount
+from conftest import Mount, annofs_cmd
 from t4_fuse_trust import signed
 
 __all__ = ["signed"]  # the fixture, used by name
@@ -18,22 +19,50 @@ NEW = b"NEW CONTENT 5678\n"
 
 def test_a_pinned_reader_after_a_commit_does_not_leave_its_version_for_new_opens(
         signed: Mount) -> None:
-    """The pinned reader re-reads after a writer (direct_io) committed: its old bytes went
-    back into the cache, and the next open must not be given them for the new version."""
+    """A reader of a file under a rule that needs signers is pinned to the version it was
+    judged on. It re-reads after a writer (direct_io) committed a newer one, which is then
+    signed: its old bytes went back into the cache, and the next open must not be given
+    them for the new version."""
+    f = signed.path / "src" / "proj" / "lib" / "util.c"
+    old, new = f.read_bytes(), b"int util(void) { return 2; }\n"
+    assert len(old) == len(new) and old != new
+    with open(f, "rb", buffering=0) as old_reader:
+        assert old_reader.read() == old
+        with os.fdopen(os.open(f, os.O_WRONLY), "wb", buffering=0) as w:
+            w.write(new)
+        old_reader.seek(0)
+        assert old_reader.read() == old  # pinned
+        # Signed through the mount (the daemon stores the statement).
+        subprocess.run(annofs_cmd("sign", "--key", str(signed.store.parent / "keys" /
+                                                       "alice-1.secret"),
+                                  str(signed.path / "src" / "proj")),
+                       check=True, capture_output=True)
+        with open(f, "rb", buffering=0) as new_reader:  # while the pinned one is open
+            assert new_reader.read() == new
+            old_reader.seek(0)
+            assert old_reader.read() == old
+    assert f.read_bytes() == new  # after both closed
+
+
+def test_a_reader_where_no_signers_are_needed_reads_the_file_as_it_is(
+        signed: Mount) -> None:
+    """Where no rule needs signers a reader is not pinned: it reads what writers commit, as
+    on a mount without a policy (pinned, its short READs beside an appending writer put
+    zeros in the shared cache: tests/t4_fuse_attacker_s9.py, SECURITY.md finding 16)."""
     (signed.path / "scratch").mkdir()
     f = signed.path / "scratch" / "a.txt"
     f.write_bytes(OLD)
-    with open(f, "rb", buffering=0) as old_reader:
-        assert old_reader.read() == OLD
+    with open(f, "rb", buffering=0) as reader:
+        assert reader.read() == OLD
         with open(f, "wb", buffering=0) as w:
             w.write(NEW)
-        old_reader.seek(0)
-        assert old_reader.read() == OLD  # pinned
-        with open(f, "rb", buffering=0) as new_reader:  # while the pinned one is open
-            assert new_reader.read() == NEW
-            old_reader.seek(0)
-            assert old_reader.read() == OLD
-    assert f.read_bytes() == NEW  # after both closed
+        reader.seek(0)
+        assert reader.read() == NEW
+        with open(f, "ab", buffering=0) as w:
+            w.write(OLD)
+        reader.seek(0)
+        assert reader.read() == NEW + OLD
+    assert f.read_bytes() == NEW + OLD
 
 
 def test_a_writer_opened_before_a_pinned_reader(signed: Mount) -> None:

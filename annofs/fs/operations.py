@@ -928,7 +928,11 @@ class Operations(pyfuse3.Operations):
                 await self.guard.conclude(judgement.path, version, judgement.verdict, ctx.pid,
                                           ctx.uid)
                 guarded = judgement.guarded
-                if access == os.O_RDONLY:
+                # Pinned to the version judged only where that matters: a rule needs
+                # signers. Elsewhere the reader reads the file as it is, as without a
+                # policy: its short READs of an older version beside an appending
+                # writer left zeros in the kernel's shared cache (SECURITY.md, 16).
+                if access == os.O_RDONLY and guarded:
                     pinned = version
             else:
                 guarded = writer and self.guard.guarded(paths)
