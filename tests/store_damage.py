@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import lmdb
 
+from annofs.store.packs import packs_dir
 from annofs.volume import Volume
 
 # content.fragments' index record, as the disk holds it: pack, offset, stored length,
@@ -81,3 +82,16 @@ def put_refcount(vol: Volume, txn: lmdb.Transaction, h: bytes, n: int) -> None:
     bit or a bug would (not through FragmentStore, which keeps counts right)."""
     raw = bytes(txn.get(h, db=vol.store.db["fragindex"]))
     txn.put(h, raw[:-8] + struct.pack(">Q", n), db=vol.store.db["fragindex"])
+
+
+def evict_packs(vol: Volume) -> None:
+    """Drop the packs' pages from the page cache (synced first: dirty pages stay), as a
+    store not read since boot: the next read of them is a disk read."""
+    vol.store.sync()
+    for f in packs_dir(vol.store.path).iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

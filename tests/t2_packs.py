@@ -19,7 +19,7 @@ import blake3
 import lmdb
 import pytest
 from conftest import annofs_cmd
-from store_damage import damage
+from store_damage import damage, evict_packs
 
 import annofs.store.packs as packs_mod
 from annofs.content.fragments import fragment_hash
@@ -126,25 +126,13 @@ def test_a_files_fragments_are_read_in_runs_across_packs(
     assert len(hashes) > 4 * len(preads) > 0
 
 
-def _evict_packs(vol: Volume) -> None:
-    """Drop the packs' pages from the page cache (synced first: dirty pages stay)."""
-    vol.store.sync()
-    for f in packs_mod.packs_dir(vol.store.path).iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def test_a_read_that_must_not_wait_for_the_disk_says_so(vol: Volume) -> None:
     # The mount reads on its event loop only what the page cache holds (RWF_NOWAIT), and
     # in a thread what must come from the disk: NotCached tells it which.
     data = random.Random(5).randbytes(1 << 20) + text(6, 1 << 20)
     got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
     hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
-    _evict_packs(vol)
+    evict_packs(vol)
     with vol.store.read() as txn:
         with pytest.raises(packs_mod.NotCached):
             vol.fragments.get_many(txn, hashes, nowait=True)

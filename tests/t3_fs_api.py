@@ -31,13 +31,12 @@ import pyfuse3
 import pytest
 import trio
 import trio.testing
-from store_damage import damage
+from store_damage import damage, evict_packs
 
 from annofs.content.versions import EMPTY_VERSION
 from annofs.fs.operations import READ_PARTS, Operations
 from annofs.maintenance.fsck import check_store
 from annofs.namespace.tree import MAX_NAME
-from annofs.store.packs import packs_dir
 from annofs.store.records import Attrs, Version
 from annofs.volume import Volume
 
@@ -542,13 +541,7 @@ async def test_reads_from_the_disk_go_to_threads_and_cached_ones_do_not(
         k: Kernel, ops: Operations, vol: Volume) -> None:
     data = random.Random(4).randbytes(3 << 20)
     ino = await k.write_file(ROOT, b"big", data)
-    vol.store.sync()
-    for f in packs_dir(vol.store.path).iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    evict_packs(vol)
     fh = await k.open(ino, os.O_RDONLY)
     before = (await stats(ops)).get("disk_reads", 0)
     assert await k.read(fh, 1 << 20, 1 << 20) == data[1 << 20:2 << 20]  # from the disk

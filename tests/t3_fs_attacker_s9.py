@@ -14,6 +14,7 @@ import os
 import random
 
 import trio
+from store_damage import evict_packs
 from t3_fs_api import (  # noqa: F401  (fixtures)
     ROOT,
     Kernel,
@@ -25,19 +26,7 @@ from t3_fs_api import (  # noqa: F401  (fixtures)
 
 from annofs.fs.operations import DISK_READ_THREADS, Operations
 from annofs.maintenance.gc import collect
-from annofs.store.packs import packs_dir
 from annofs.volume import Volume
-
-
-def _evict_packs(vol: Volume) -> None:
-    """Drop the packs' pages from the page cache: the next read of them is a disk read."""
-    vol.store.sync()
-    for f in packs_dir(vol.store.path).iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @trio_test
@@ -53,7 +42,7 @@ async def test_a_gc_while_a_read_waits_for_a_disk_thread_does_not_free_what_it_r
     new = random.Random(2).randbytes(3 << 20)
     ino = await k.write_file(ROOT, b"f", old)
     reader = await k.open(ino, os.O_RDWR)  # not pinned: serves of.base
-    _evict_packs(vol)
+    evict_packs(vol)
     result: list[object] = []
 
     async def read() -> None:
