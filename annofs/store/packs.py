@@ -238,7 +238,9 @@ class NotCached(Exception):
 
 def _pread_cached(fd: int, length: int, offset: int) -> bytes | bytearray:
     """pread from the page cache only (RWF_NOWAIT): NotCached where it would block, and
-    for a short read too (cached in part, or past the end: a blocking read tells which).
+    for a short read too (cached in part, past the end, or stopped at a cached page that
+    marks where the kernel's next readahead starts, which RWF_NOWAIT does not start: a
+    blocking read tells which; ~1 in 200 sequential 1 MiB reads of cached packs here).
     Where the filesystem cannot say (tmpfs answers EOPNOTSUPP; it is all memory anyway),
     a plain pread."""
     buf = bytearray(length)
