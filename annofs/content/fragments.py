@@ -327,6 +327,9 @@ class FragmentStore:
         This is the mount's read loop (~64 fragments per 1 MiB request): names are bound
         to locals and a raw fragment is checked inline, without the calls `_checked`
         costs (measured: the Python around the hashing was as much CPU as the hashing).
+        Hence its own loop beside `check_decompressed`'s: `check_stored(fetch_stored(...))`
+        gives the same bytes and errors but cost 39.8 us against 23.4 for one compressed
+        fragment and 1,723 against 1,568 us for 64 (zstd's batch call and its buffers).
         With `nowait`, NotCached where a pack's bytes are not in the page cache.
         """
         out: list[bytes | memoryview] = []
