@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import pickle
 import subprocess
@@ -118,6 +119,17 @@ def run_as(creds: tuple[int, int, tuple[int, ...]], fn: Callable[..., Any], *arg
     if kind == "error":
         raise ChildError(value)
     return value
+
+
+def stats(m: Mount) -> dict[str, int]:
+    """The daemon's work counters (the root's user.annofs.stats, JSON)."""
+    return json.loads(os.getxattr(m.path, "user.annofs.stats"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(m: Mount) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
-import json
 import mmap
 import os
 import random
@@ -44,6 +43,7 @@ from fuse_helpers import (
     new_mount,
     renameat2,
     run_as,
+    stats,
     stop_and_check,
     store_problems,
 )
@@ -87,11 +87,6 @@ def d(shared: Mount) -> Iterator[Path]:
     assert not new, "the daemon logged:\n" + "\n".join(new)
     problems = store_problems(shared.store)
     assert not problems, "store inconsistent after the test:\n" + "\n".join(problems)
-
-
-def stats(m: Mount) -> dict[str, int]:
-    """The daemon's work counters (the root's user.annofs.stats, JSON)."""
-    return json.loads(os.getxattr(m.path, "user.annofs.stats"))
 
 
 def version_of(path: Path) -> int:

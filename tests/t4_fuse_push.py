@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 
 from conftest import Mount
-from fuse_helpers import stop_and_check
+from fuse_helpers import stats, stop_and_check
 
 from annofs.fs.operations import PUSH_BYTES
-
-
-def _stats(m: Mount) -> dict[str, int]:
-    return json.loads(os.getxattr(m.path, "user.annofs.stats"))
 
 
 def test_small_files_are_pushed_at_first_open_and_read_back_right(mounted: Mount) -> None:
@@ -24,13 +19,13 @@ def test_small_files_are_pushed_at_first_open_and_read_back_right(mounted: Mount
     (mounted.path / "empty").write_bytes(b"")
     mounted.stop()
     mounted.start()  # a new daemon and new kernel inodes: nothing cached
-    before = _stats(mounted).get("pushed_files", 0)
+    before = stats(mounted).get("pushed_files", 0)
     assert (mounted.path / "small").read_bytes() == small
-    assert _stats(mounted).get("pushed_files", 0) == before + 1
+    assert stats(mounted).get("pushed_files", 0) == before + 1
     assert (mounted.path / "big").read_bytes() == big  # too big: read as usual
     assert (mounted.path / "empty").read_bytes() == b""
     assert (mounted.path / "small").read_bytes() == small  # second open: cache kept
-    assert _stats(mounted).get("pushed_files", 0) == before + 1
+    assert stats(mounted).get("pushed_files", 0) == before + 1
     # A change through the mount, then a new reader: the new bytes, whole.
     with open(mounted.path / "small", "r+b") as f:
         f.seek(5000)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, annofs_cmd
-from fuse_helpers import annofs, as_user, new_mount, stop_and_check
+from fuse_helpers import annofs, as_user, new_mount, stats, stop_and_check
 from t2_explain import SOURCE
 
 from annofs.cli import why_cmds
@@ -179,15 +179,11 @@ def _write_many(paths: list[str], data: bytes) -> None:
             f.write(data + f"// {i}\n".encode())
 
 
-def _stats(m: Mount) -> dict[str, int]:
-    return json.loads(os.getxattr(m.path, "user.annofs.stats"))
-
-
 def test_why_is_bounded_per_uid_and_others_are_answered(mount: Mount) -> None:
     drop = mount.path / "src" / "drop"
     mine = [str(drop / f"mine-{i}.c") for i in range(30)]  # 30 files: no answer is reused
     as_user(_write_many, mine, SOURCE)
-    before = _stats(mount)
+    before = stats(mount)
     result: list[tuple[int, int, float]] = []
     flood = threading.Thread(target=lambda: result.append(as_user(_flood, mine, 300)))
     flood.start()
@@ -200,7 +196,7 @@ def test_why_is_bounded_per_uid_and_others_are_answered(mount: Mount) -> None:
         slowest = max(slowest, time.monotonic() - t)
     flood.join()
     limited, explained, seconds = result[0]
-    after = _stats(mount)
+    after = stats(mount)
     computed = after.get("why_explained", 0) - before.get("why_explained", 0)
     assert computed <= WHY_BURST + 1, computed  # + a token refilled during the flood
     assert limited >= 300 - 10 * computed  # each computed answer reused for 5 s at most
