@@ -38,9 +38,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
 fi
-# Reinstall only when pyproject.toml changed since the last install.
+# Reinstall only when pyproject.toml, setup.py or the C source (csrc/, built into
+# annofs/content/_hashcheck*.so) changed since the last install, or the module is missing.
 stamp=.venv/.annofs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+   [ -n "$(find csrc -newer "$stamp" -print -quit)" ] ||
+   ! compgen -G 'annofs/content/_hashcheck*.so' > /dev/null; then
   echo "setup: installing annofs and its dependencies into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
