@@ -53,6 +53,7 @@ from benchmarks.passthrough import (
     FuseDaemon,
     MountProblem,
     annofs_daemon,
+    overlay_daemon,
     passthrough_daemon,
     passthrough_script,
 )
@@ -126,7 +127,8 @@ _CODE: dict[Path, Code] = {}
 def code(work: Path) -> Code:
     """A snapshot of the committed annofs and chunker packages (`git archive HEAD`), taken
     once per run, so that edits in progress in the work tree cannot change or break the
-    code under measurement halfway through; the work tree itself if git cannot."""
+    code under measurement halfway through; the work tree itself if git cannot. Its C
+    module (csrc/, setup.py) is built in the snapshot."""
     if work in _CODE:
         return _CODE[work]
     snap = work / "code"
@@ -134,11 +136,13 @@ def code(work: Path) -> Code:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
         snap.mkdir()
-        subprocess.run(f"git -C {REPO} archive HEAD annofs chunker | tar -x -C {snap}",
-                       shell=True, check=True, capture_output=True)
-        _CODE[work] = Code(snap, f"commit {head} (`git archive HEAD annofs chunker`, run "
-                                 "from that copy: the work tree's uncommitted edits are not "
-                                 "measured)")
+        subprocess.run(f"git -C {REPO} archive HEAD annofs chunker csrc setup.py "
+                       f"| tar -x -C {snap}", shell=True, check=True, capture_output=True)
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                       cwd=snap, check=True, capture_output=True)
+        _CODE[work] = Code(snap, f"commit {head} (`git archive HEAD annofs chunker csrc "
+                                 "setup.py`, its C module built there, run from that copy: "
+                                 "the work tree's uncommitted edits are not measured)")
     except (OSError, subprocess.CalledProcessError):
         _CODE[work] = Code(REPO, "the work tree (git archive failed)")
     return _CODE[work]
@@ -406,11 +410,15 @@ def seqread(ctx: Context) -> FigureResult:
     big = big_file(ctx)
     ann = daemon(ctx, big.store, "mnt-seqread")
     pt = passthrough(ctx, big.dir, "mnt-pt-seqread")
+    # The same file through a FUSE filesystem in C that only forwards reads: what FUSE
+    # itself costs a cold sequential read on this machine, with no daemon work to speak of.
+    ov = overlay_daemon(ctx.work / "ov-seqread", ctx.work / "mnt-ov-seqread", ctx.work,
+                        lower=big.dir)
     sides = [Side("native", big.dir), Side("annofs", ann.mountpoint / "seq", ann),
-             Side("passthrough", pt.mountpoint, pt)]
+             Side("passthrough", pt.mountpoint, pt), Side("fuse-overlayfs", ov.mountpoint, ov)]
     cold: dict[str, list[float]] = {s.name: [] for s in sides}
     warm: dict[str, list[float]] = {s.name: [] for s in sides}
-    with running(ann, pt):
+    with running(ann, pt, ov):
         for run in range(COLD_RUNS):
             for side in sides:
                 side.cold()
@@ -461,6 +469,9 @@ def seqread(ctx: Context) -> FigureResult:
         Row("cold read / passthroughfs cold", f"{rate['annofs']['cold']:.0f} MB/s",
             f"{rate['passthrough']['cold']:.0f} MB/s",
             rate["annofs"]["cold"] / rate["passthrough"]["cold"]),
+        Row("cold read / fuse-overlayfs cold (FUSE in C, forwarding only)",
+            f"{rate['annofs']['cold']:.0f} MB/s", f"{rate['fuse-overlayfs']['cold']:.0f} MB/s",
+            rate["annofs"]["cold"] / rate["fuse-overlayfs"]["cold"]),
         Row("warm read / native disk warm", f"{rate['annofs']['warm']:.0f} MB/s",
             f"{rate['native']['warm']:.0f} MB/s",
             rate["annofs"]["warm"] / rate["native"]["warm"], TARGET_WARM),
@@ -486,11 +497,13 @@ def seqread(ctx: Context) -> FigureResult:
 What: one file of {mib} MiB of seeded random bytes (incompressible, no duplicate chunks),
 written to the native disk (ext4 under benchmarks/work/), imported with `annofs --store S
 import DIR /seq` ({big.import_seconds:.1f} s: {big.import_line}), then read from start to
-end with 1 MiB `readinto` calls by the benchmark process, through three paths: the native
-file, the annofs mount (`annofs --store S mount --foreground MNT`, a child process) and
+end with 1 MiB `readinto` calls by the benchmark process, through four paths: the native
+file, the annofs mount (`annofs --store S mount --foreground MNT`, a child process),
 pyfuse3's `examples/passthroughfs.py` (pyfuse3 of this venv, run with its python over the
-directory holding the native file). Cold: before each cold read that side's mount is
-unmounted, `sync; echo 3 > /proc/sys/vm/drop_caches` run, and the mount started again;
+directory holding the native file) and Debian's fuse-overlayfs (C) with that directory as
+its lower layer (the FUSE floor: every read forwarded, nothing hashed or decompressed).
+Cold: before each cold read that side's mount is unmounted, `sync; echo 3 >
+/proc/sys/vm/drop_caches` run, and the mount started again;
 {COLD_RUNS} cold rounds, alternating sides, best kept. Warm: {WARM_RUNS} reads right after,
 best kept, after one untimed read of each side (the last cold round's drop_caches emptied
 every cache). After the timed reads, the file read through each mount is hashed (BLAKE3)
@@ -500,10 +513,12 @@ MB/s per run: cold {runs(cold)}; warm {runs(warm)}.
 
 Warm reads copy out of the page cache, at a speed set by its folio size. After the warm
 reads, the first 256 MiB of big.bin were cached (see benchmarks/folios.py): native
-{folios['native']}; annofs {folios['annofs']}; passthroughfs {folios['passthrough']}. The
+{folios['native']}; annofs {folios['annofs']}; passthroughfs {folios['passthrough']};
+fuse-overlayfs {folios['fuse-overlayfs']}. The
 largest folios each file's mapping takes (its first 64 MiB dropped from the cache and
 faulted back through a mapping advised MADV_HUGEPAGE, see benchmarks/folios.py): native
-{largest['native']}; annofs {largest['annofs']}; passthroughfs {largest['passthrough']}.
+{largest['native']}; annofs {largest['annofs']}; passthroughfs {largest['passthrough']};
+fuse-overlayfs {largest['fuse-overlayfs']}.
 Where FUSE caches in single pages (4 KiB folios) and ext4 in large folios, the per-page
 cost keeps every FUSE mount below the native warm rate, whatever its daemon does
 (annofs's warm reads never reach the daemon: the page cache is kept, FOPEN_KEEP_CACHE).

@@ -222,14 +222,18 @@ def passthrough_daemon(script: Path, source: Path, mountpoint: Path, work: Path)
     return FuseDaemon("passthroughfs", argv, mountpoint, work / f"{mountpoint.name}.stderr")
 
 
-def overlay_daemon(layers: Path, mountpoint: Path, work: Path) -> FuseDaemon:
-    """Debian's fuse-overlayfs (C, libfuse3's low-level API, multithreaded) over an empty
-    lower directory: every file written lands in `layers`/upper, forwarded to the host
-    filesystem call for call. The floor a FUSE filesystem written in C reaches here."""
+def overlay_daemon(layers: Path, mountpoint: Path, work: Path,
+                   lower: Path | None = None) -> FuseDaemon:
+    """Debian's fuse-overlayfs (C, libfuse3's low-level API, multithreaded) over `lower`
+    (an empty directory in `layers` if None): every file written lands in `layers`/upper,
+    every file of `lower` is read from there, forwarded to the host filesystem call for
+    call. The floor a FUSE filesystem written in C reaches here."""
     exe = shutil.which("fuse-overlayfs")
     if exe is None:
         raise Skip("fuse-overlayfs is not installed (Debian's fuse-overlayfs)")
     dirs = {part: layers / part for part in ("lower", "upper", "work")}
+    if lower is not None:
+        dirs["lower"] = lower
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
