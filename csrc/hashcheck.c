@@ -2,76 +2,42 @@
  *
  * The mount's read path checks ~64 fragments per 1 MiB request. With the blake3 package,
  * each check is a Python call that takes and drops the GIL; here the whole batch is hashed
- * with the GIL released once, and a large batch is split between the caller's thread and
- * one more, so a cold sequential read can use the second CPU for its hashing. Handing the
- * halves to a Python thread pool cost more in GIL handoffs than it saved (measured). */
+ * with the GIL released once. It stays on the caller's thread: splitting a batch with a
+ * second thread was measured faster in process (665-679 against 702-732 us per MiB) but
+ * slower through the mount, where the second CPU writes the replies
+ * (scripts/pyfuse3-reply-thread.patch): cold 1 GiB reads at 555-749 against 863-1100 MB/s. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 #include <string.h>
 #include "blake3/blake3.h"
 
-/* Below this many bytes in all, a second thread costs more than it saves. */
-#define SPLIT_BYTES (256 * 1024)
 /* hashlib's HASHLIB_GIL_MINSIZE: below it, releasing the GIL costs more than the hash. */
 #define GIL_MINSIZE 2048
 
-typedef struct {
-    const Py_buffer *views;
-    Py_ssize_t lo, hi;
-    uint8_t *out;
-} span_t;
-
-static void hash_span(const span_t *s) {
-    for (Py_ssize_t i = s->lo; i < s->hi; i++) {
+/* The BLAKE3 hash of each of views[0..n) into out (32 bytes each). */
+static void hash_all(const Py_buffer *views, Py_ssize_t n, uint8_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         blake3_hasher h;
         blake3_hasher_init(&h);
-        blake3_hasher_update(&h, s->views[i].buf, (size_t)s->views[i].len);
-        blake3_hasher_finalize(&h, s->out + BLAKE3_OUT_LEN * i, BLAKE3_OUT_LEN);
+        blake3_hasher_update(&h, views[i].buf, (size_t)views[i].len);
+        blake3_hasher_finalize(&h, out + BLAKE3_OUT_LEN * i, BLAKE3_OUT_LEN);
     }
-}
-
-static void *hash_span_thread(void *arg) {
-    hash_span((const span_t *)arg);
-    return NULL;
-}
-
-/* Hashes views[0..n) into out; the second half by bytes in a thread of its own. */
-static void hash_all(const Py_buffer *views, Py_ssize_t n, Py_ssize_t total, int threads,
-                     uint8_t *out) {
-    span_t all = {views, 0, n, out};
-    if (threads < 2 || n < 2 || total < SPLIT_BYTES) {
-        hash_span(&all);
-        return;
-    }
-    Py_ssize_t half = 0, acc = 0;
-    while (half < n - 1 && acc < total / 2)
-        acc += views[half++].len;
-    span_t first = {views, 0, half, out}, second = {views, half, n, out};
-    pthread_t t;
-    if (pthread_create(&t, NULL, hash_span_thread, &second) != 0) {
-        hash_span(&all);  /* no thread to be had: all of it here */
-        return;
-    }
-    hash_span(&first);
-    pthread_join(t, NULL);
 }
 
 PyDoc_STRVAR(first_mismatch_doc,
-"first_mismatch(datas, hashes, threads=1) -> int\n\n"
+"first_mismatch(datas, hashes) -> int\n\n"
 "The index of the first of `datas` (objects with the buffer protocol) whose BLAKE3\n"
 "hash is not the 32 bytes at the same index of `hashes`, or -1 if all match. The\n"
-"hashing runs without the GIL; with threads=2 a batch of 256 KiB or more is split\n"
-"between this thread and one more. The buffers must not change during the call.");
+"hashing runs without the GIL (from 2 KiB in all). The buffers must not change\n"
+"during the call.");
 
 static PyObject *first_mismatch(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"datas", "hashes", "threads", NULL};
+    static char *kwlist[] = {"datas", "hashes", NULL};
     PyObject *datas, *hashes, *fd = NULL, *fh = NULL, *result = NULL;
-    int threads = 1;
     Py_buffer *views = NULL;
     uint8_t *out = NULL;
     Py_ssize_t n, got = 0, total = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|i", kwlist, &datas, &hashes, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO", kwlist, &datas, &hashes))
         return NULL;
     if (!(fd = PySequence_Fast(datas, "datas must be a sequence")))
         goto done;
@@ -103,10 +69,10 @@ static PyObject *first_mismatch(PyObject *self, PyObject *args, PyObject *kwargs
         total += views[got].len;
     }
     if (total < GIL_MINSIZE) {
-        hash_all(views, n, total, 1, out);
+        hash_all(views, n, out);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        hash_all(views, n, total, threads, out);
+        hash_all(views, n, out);
         Py_END_ALLOW_THREADS
     }
     Py_ssize_t bad = -1;

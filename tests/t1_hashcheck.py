@@ -27,8 +27,7 @@ def h(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_every_size_and_buffer_kind_hashes_as_the_blake3_package(threads: int) -> None:
+def test_every_size_and_buffer_kind_hashes_as_the_blake3_package() -> None:
     rng = random.Random(7)
     base = rng.randbytes(sum(SIZES) + 100)
     datas: list[bytes | bytearray | memoryview] = []
@@ -38,11 +37,11 @@ def test_every_size_and_buffer_kind_hashes_as_the_blake3_package(threads: int) -
         datas.append([piece, bytearray(piece), memoryview(base)[pos:pos + n]][i % 3])
         pos += n
     hashes = [h(d) for d in datas]
-    assert first_mismatch(datas, hashes, threads) == -1
+    assert first_mismatch(datas, hashes) == -1
     for k in range(len(datas)):
         wrong = list(hashes)
         wrong[k] = h(b"not " + bytes(datas[k]))
-        assert first_mismatch(datas, wrong, threads) == k
+        assert first_mismatch(datas, wrong) == k
 
 
 def test_zstd_segments_as_check_decompressed_gets_them() -> None:
@@ -55,13 +54,12 @@ def test_zstd_segments_as_check_decompressed_gets_them() -> None:
 
 
 @pytest.mark.parametrize("bad", [[5], [40], [63], [40, 5], [0, 63]])
-def test_a_split_batch_names_the_first_bad_fragment_in_either_half(bad: list[int]) -> None:
-    frags = [os.urandom(16384) for _ in range(64)]  # 1 MiB: split over two threads
+def test_a_request_sized_batch_names_its_first_bad_fragment(bad: list[int]) -> None:
+    frags = [os.urandom(16384) for _ in range(64)]  # 1 MiB, as a mount read's
     hashes = [h(f) for f in frags]
     for k in bad:
         frags[k] = frags[k][:-1] + bytes([frags[k][-1] ^ 1])
-    assert first_mismatch(frags, hashes, 2) == min(bad)
-    assert first_mismatch(frags, hashes, 1) == min(bad)
+    assert first_mismatch(frags, hashes) == min(bad)
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,14 +67,13 @@ def test_a_split_batch_names_the_first_bad_fragment_in_either_half(bad: list[int
 def test_one_flipped_bit_anywhere_is_found(sizes: list[int], data: st.DataObject) -> None:
     frags = [bytearray(os.urandom(n)) for n in sizes]
     hashes = [h(f) for f in frags]
-    threads = data.draw(st.sampled_from([1, 2]))
-    assert first_mismatch(frags, hashes, threads) == -1
+    assert first_mismatch(frags, hashes) == -1
     nonempty = [i for i, f in enumerate(frags) if f]
     if nonempty:
         k = data.draw(st.sampled_from(nonempty))
         bit = data.draw(st.integers(0, 8 * len(frags[k]) - 1))
         frags[k][bit // 8] ^= 1 << (bit % 8)
-        assert first_mismatch(frags, hashes, threads) == k
+        assert first_mismatch(frags, hashes) == k
 
 
 def test_nothing_to_check_is_no_mismatch() -> None:
@@ -135,4 +132,4 @@ def other_thread_ran_inside(call: Callable[[], object]) -> bool:
 def test_the_gil_is_released_while_a_batch_hashes() -> None:
     one = os.urandom(1 << 20)
     frags, hashes = [one] * 512, [h(one)] * 512  # 512 MiB to hash, 1 MiB of memory
-    assert other_thread_ran_inside(lambda: first_mismatch(frags, hashes, 1) == -1)
+    assert other_thread_ran_inside(lambda: first_mismatch(frags, hashes) == -1)

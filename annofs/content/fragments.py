@@ -83,8 +83,6 @@ Stored = tuple[bytes, bytes | memoryview, int, int]
 Decompressed = Sequence[bytes | memoryview] | zstandard.BufferWithSegmentsCollection
 # get_many reads a run of fragments lying back to back in a pack with one pread up to this.
 _RUN_BYTES = 4 << 20
-# Threads hashing one large batch of fragments (_check_all): the caller's and one more.
-HASH_THREADS = 2
 # Unreferenced fragments are freed in batches: one huge transaction would hold every page.
 _FREE_BATCH = 10_000
 
@@ -96,8 +94,8 @@ def fragment_hash(data: bytes | bytearray | memoryview) -> bytes:
 
 def _check_all(datas: Sequence[bytes | memoryview], hashes: Sequence[bytes]) -> None:
     """CorruptionError naming the first of `datas` whose BLAKE3 hash is not its hash in
-    `hashes`: one call, without the GIL, split over HASH_THREADS for a large batch."""
-    bad = first_mismatch(datas, hashes, HASH_THREADS)
+    `hashes`: one call, without the GIL."""
+    bad = first_mismatch(datas, hashes)
     if bad >= 0:
         raise CorruptionError(f"fragment {hashes[bad].hex()}: content does not match its hash")
 
@@ -342,12 +340,11 @@ class FragmentStore:
         sliced without a copy: a 1 MiB read of a large file is one system call, not 64.
         This is the mount's read loop (~64 fragments per 1 MiB request): names are bound
         to locals, a raw fragment is taken without the calls `_checked` costs, and all
-        are hashed in one call without the GIL (`_hashcheck`, split over two threads for
-        a large request). Hence its own loop beside `check_decompressed`'s:
-        `check_stored(fetch_stored(...))` gives the same bytes and errors but cost 39.8 us
-        against 23.4 for one compressed fragment and 1,723 against 1,568 us for 64 (zstd's
-        batch call and its buffers). With `nowait`, NotCached where a pack's bytes are
-        not in the page cache.
+        are hashed in one call without the GIL (`_hashcheck`). Hence its own loop beside
+        `check_decompressed`'s: `check_stored(fetch_stored(...))` gives the same bytes and
+        errors but cost 39.8 us against 23.4 for one compressed fragment and 1,723 against
+        1,568 us for 64 (zstd's batch call and its buffers). With `nowait`, NotCached
+        where a pack's bytes are not in the page cache.
         """
         out: list[bytes | memoryview] = []
         append = out.append
