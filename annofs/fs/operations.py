@@ -748,7 +748,12 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if name == ANNOFS_XATTRS + b"stats" and node.ino == ROOT:
-            return json.dumps(dict(self.stats), sort_keys=True).encode()
+            stats = dict(self.stats)
+            reply_counts = getattr(pyfuse3, "annofs_reply_thread_counts", None)
+            if reply_counts is not None:  # scripts/pyfuse3-reply-thread.patch
+                (stats["replies_by_thread"], stats["replies_by_thread_refused"],
+                 stats["replies_inline_queue_full"]) = reply_counts()
+            return json.dumps(stats, sort_keys=True).encode()
         if name.startswith(ANNOFS_XATTRS):
             return await self._annofs_xattr(node, name, ctx)
         self._check_xattr_name(name, writing=False)
