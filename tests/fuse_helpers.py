@@ -121,6 +121,28 @@ def run_as(creds: tuple[int, int, tuple[int, ...]], fn: Callable[..., Any], *arg
     return value
 
 
+def restart_on_one_cpu(m: Mount, *extra: str) -> None:
+    """Stop `m`'s daemon and start it again (with `extra` options) pinned to one CPU, as a
+    one-CPU machine runs it: the daemon inherits this process's affinity at start."""
+    m.stop()
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        m.start(*extra)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def in_threads(fn: Callable[[Any], None], args: list[Any]) -> None:
+    """`fn(a)` for each of `args`, each in a thread of its own, all at once; returns once
+    every one has."""
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def stats(m: Mount) -> dict[str, int]:
     """The daemon's work counters (the root's user.annofs.stats, JSON)."""
     return json.loads(os.getxattr(m.path, "user.annofs.stats"))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import Mount, annofs_cmd
-from fuse_helpers import as_user, cpu_seconds
+from fuse_helpers import as_user, cpu_seconds, restart_on_one_cpu
 from t4_fuse_symlinks import (  # noqa: F401  (fixtures)
     base,
     mnt,
@@ -158,13 +158,7 @@ def test_paced_requests_burn_at_most_the_poll_per_request(mnt: Mount) -> None:  
     polling = {gap: _paced_cpu(mnt.proc.pid, target, gap) for gap in gaps}
     # The same daemon without the poll: a request that finds it asleep pays the epoll
     # wait and trio's wake-up (~250 us here), which is not the poll's doing.
-    mnt.stop()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(allowed)})  # the daemon inherits it
-    try:
-        mnt.start("--allow-other", "--policy", str(mnt.store.parent / "policy.toml"))
-    finally:
-        os.sched_setaffinity(0, allowed)
+    restart_on_one_cpu(mnt, "--allow-other", "--policy", str(mnt.store.parent / "policy.toml"))
     assert mnt.proc is not None
     plain = {gap: _paced_cpu(mnt.proc.pid, target, gap) for gap in gaps}
     print(f"\nidle 1 s: {idle * 1000:.0f} ms CPU; load {os.getloadavg()[0]:.1f}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, annofs_cmd, serve
-from fuse_helpers import as_user, rss, stats, stop_and_check
+from fuse_helpers import as_user, in_threads, restart_on_one_cpu, rss, stats, stop_and_check
 
 from annofs.daemon.mount import REPLY_THREAD_BYTES
 
@@ -70,12 +70,7 @@ def test_concurrent_large_reads_come_back_exact_through_the_reply_thread(
                 if os.pread(f.fileno(), size, at) != data[at:at + size]:
                     errors.append(f"{path.name}: {size} bytes at {at} differ")
 
-    threads = [threading.Thread(target=reader, args=(p, d, i))
-               for i, (p, d) in enumerate(files.items())]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(lambda job: reader(*job), [(p, d, i) for i, (p, d) in enumerate(files.items())])
     assert errors == []
     written, refused, _ = _by_thread(mounted)
     # Each uncached 6 MiB pass alone sends several replies of a MiB or so.
@@ -113,13 +108,7 @@ def test_small_replies_and_a_one_cpu_daemon_write_inline(mounted: Mount) -> None
     big = mounted.path / "big"
     data = os.urandom(4 * MIB)
     big.write_bytes(data)
-    mounted.stop()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(allowed)})  # the daemon inherits it
-    try:
-        mounted.start()
-    finally:
-        os.sched_setaffinity(0, allowed)
+    restart_on_one_cpu(mounted)
     assert "reply_thread_bytes" not in stats(mounted)
     assert big.read_bytes() == data
     assert _by_thread(mounted) == (0, 0, 0)  # a new daemon: nothing went to the thread
@@ -161,11 +150,7 @@ def _hostile_reads(dirfd: int, names: list[str], rounds: int) -> int:
         finally:
             os.close(fd)
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, names)
     return total
 
 
@@ -276,11 +261,7 @@ def _race_reads(dirfd: int, truncated: bool) -> tuple[int, list[str]]:
     targets = [(by_pread, "f"), (by_pread, "f"), (by_pread, "g")]
     if not truncated:
         targets += [(by_mmap, "f"), (by_mmap, "g")]
-    threads = [threading.Thread(target=fn, args=(name,)) for fn, name in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(lambda target: target[0](target[1]), targets)
     return passes, bad
 
 
@@ -351,11 +332,7 @@ def _read_until_gone(dirfd: int, names: list[str], want: dict[str, bytes]) -> li
         finally:
             os.close(fd)
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(one, names)
     return wrong
 
 

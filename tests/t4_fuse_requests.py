@@ -8,7 +8,7 @@ import os
 import time
 
 from conftest import Mount
-from fuse_helpers import cpu_seconds, stats, stop_and_check
+from fuse_helpers import cpu_seconds, restart_on_one_cpu, stats, stop_and_check
 
 from annofs.daemon.mount import FUSE_SPIN_NS
 
@@ -53,13 +53,7 @@ def test_the_daemon_polls_only_after_a_request(mounted: Mount) -> None:
 
 
 def test_on_one_cpu_the_daemon_does_not_poll(mounted: Mount) -> None:
-    mounted.stop()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(allowed)})  # the daemon inherits it
-    try:
-        mounted.start()
-    finally:
-        os.sched_setaffinity(0, allowed)
+    restart_on_one_cpu(mounted)
     assert "fuse_spin_ns" not in stats(mounted)
     (mounted.path / "f").write_bytes(b"one cpu")
     assert (mounted.path / "f").read_bytes() == b"one cpu"
