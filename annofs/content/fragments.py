@@ -349,8 +349,7 @@ class FragmentStore:
         out: list[bytes | memoryview] = []
         append = out.append
         decompress, frame_size = self._s.decompressor().decompress, zstandard.frame_content_size
-        stored = self.fetch_stored(txn, hashes, nowait=nowait)
-        for h, data, length, codec in stored:
+        for h, data, length, codec in self.fetch_stored(txn, hashes, nowait=nowait):
             if codec == ZSTD and frame_size(data) == length:
                 # _checked's zstd case inlined (a source tree's fragments are mostly
                 # compressed); a damaged frame goes through _checked for its error.
@@ -361,7 +360,7 @@ class FragmentStore:
             elif codec != RAW or len(data) != length:
                 data = self._checked(h, data, length, codec)
             append(data)
-        _check_all(out, [s[0] for s in stored])
+        _check_all(out, hashes)  # fetch_stored gave one item per hash, in order
         return out
 
     def fetch_stored(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,
