@@ -6,6 +6,7 @@ daemon's memory bounded (at most 8 replies wait)."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import re
@@ -33,6 +34,16 @@ def _uncache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _uncached_pass(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """One pass over the whole file behind `fd`, its cached pages dropped first (so the
+    reads go to the daemon): (offset, bytes) of each `size`-byte pread up to its end."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    at = 0
+    while chunk := os.pread(fd, size, at):
+        yield at, chunk
+        at += len(chunk)
 
 
 def _by_thread(m: Mount) -> tuple[int, int, int]:
@@ -141,12 +152,9 @@ def _hostile_reads(dirfd: int, names: list[str], rounds: int) -> int:
         fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
         try:
             for _ in range(rounds):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                at = 0
-                while chunk := os.pread(fd, 4 * MIB, at):
-                    at += len(chunk)
+                got = sum(len(chunk) for _, chunk in _uncached_pass(fd, 4 * MIB))
                 with lock:
-                    total += at
+                    total += got
         finally:
             os.close(fd)
 
@@ -233,18 +241,14 @@ def _race_reads(dirfd: int, truncated: bool) -> tuple[int, list[str]]:
         fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
         try:
             while not stopped():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                at = 0
-                while chunk := os.pread(fd, MIB, at):
+                for at, chunk in _uncached_pass(fd, MIB):
                     check(name, chunk, at)
-                    at += len(chunk)
                 with lock:
                     passes += 1
         finally:
             os.close(fd)
 
     def by_mmap(name: str) -> None:
-        import mmap
         nonlocal passes
         fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
         try:
@@ -321,12 +325,9 @@ def _read_until_gone(dirfd: int, names: list[str], want: dict[str, bytes]) -> li
             return
         try:
             while True:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                at = 0
-                while chunk := os.pread(fd, MIB, at):
+                for at, chunk in _uncached_pass(fd, MIB):
                     if chunk != want[name][at:at + len(chunk)]:
                         wrong.append(f"{name}: {len(chunk)} bytes at {at}")
-                    at += len(chunk)
         except OSError:
             return  # the mount went away (ENOTCONN, EIO)
         finally:
