@@ -1,8 +1,10 @@
 """annofs.content._hashcheck (csrc/hashcheck.c): BLAKE3 checks of a batch of fragments in
-one C call, against the `blake3` package as the oracle."""
+one C call, and the plain-C check pyfuse3's checked replies call (VERIFY_IOV), against the
+`blake3` package as the oracle."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import threading
@@ -15,7 +17,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from annofs.content._hashcheck import first_mismatch
+from annofs.content._hashcheck import VERIFY_IOV, first_mismatch
 
 # Around BLAKE3's block (64) and chunk (1024) edges, the GIL threshold (2048), SIMD
 # batch widths, and a fragment of the largest size.
@@ -133,3 +135,56 @@ def test_the_gil_is_released_while_a_batch_hashes() -> None:
     one = os.urandom(1 << 20)
     frags, hashes = [one] * 512, [h(one)] * 512  # 512 MiB to hash, 1 MiB of memory
     assert other_thread_ran_inside(lambda: first_mismatch(frags, hashes) == -1)
+
+
+# -- VERIFY_IOV: the C check pyfuse3's checked replies call (no Python, no GIL) -----------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _verify_iov() -> Callable[[list[bytes], bytes], int]:
+    """VERIFY_IOV's function, called as pyfuse3 calls it: (iovecs, hashes, count)."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.POINTER(_Iovec), ctypes.c_char_p,
+                          ctypes.c_size_t)(get(VERIFY_IOV, b"annofs.verify_iov"))
+
+    def call(frags: list[bytes], hashes: bytes) -> int:
+        bufs = [ctypes.create_string_buffer(f, len(f)) for f in frags]
+        iov = (_Iovec * max(1, len(frags)))(
+            *[_Iovec(ctypes.addressof(b), len(f)) for b, f in zip(bufs, frags, strict=True)])
+        return int(fn(iov, hashes, len(frags)))
+
+    return call
+
+
+def test_the_capsule_is_named_as_pyfuse3_asks_and_wrong_names_are_refused() -> None:
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    assert get(VERIFY_IOV, b"annofs.verify_iov")
+    with pytest.raises(ValueError):
+        get(VERIFY_IOV, b"something.else")
+
+
+def test_verify_iov_names_the_first_fragment_whose_hash_differs() -> None:
+    verify = _verify_iov()
+    rng = random.Random(11)
+    frags = [rng.randbytes(n) for n in SIZES]
+    hashes = b"".join(h(f) for f in frags)
+    assert verify(frags, hashes) == -1
+    assert verify([], b"") == -1
+    for k in (0, 5, len(frags) - 1):
+        flipped = list(frags)
+        if not frags[k]:  # nothing to flip in an empty fragment: give it a byte
+            flipped[k] = b"x"
+        else:
+            at = rng.randrange(len(frags[k]))
+            flipped[k] = frags[k][:at] + bytes([frags[k][at] ^ 1]) + frags[k][at + 1:]
+        assert verify(flipped, hashes) == k
+        # A wrong hash (not wrong bytes) is caught the same way.
+        wrong = hashes[:32 * k] + h(b"other") + hashes[32 * (k + 1):]
+        assert verify(frags, wrong) == k
+        # Two bad ones (fragment 1's hash wrong too): the first is named.
+        assert verify(flipped, hashes[:32] + h(b"other") + hashes[64:]) == min(k, 1)
