@@ -771,3 +771,51 @@ def test_kill_9_at_every_step_of_upgrade_loses_nothing(tmp_path: Path) -> None:
         tree_ok(vol, files, tmp_path / "out")
     finally:
         vol.close()
+
+
+def test_a_read_handed_on_unverified_is_whole_fragments_checked_only_by_length(
+        vol: Volume) -> None:
+    # The mount's large reads go to pyfuse3 as checked replies: whole fragments, their
+    # hashes, and the read's place in them; pyfuse3 hashes them before writing a byte.
+    # Here: they hold exactly `read`'s bytes at [lo, lo + size); a flipped bit comes
+    # through (pyfuse3 catches it) but get_many still refuses it; a range with a hole
+    # is not handed on (None: read_parts then); a wrong length is refused here already.
+    from annofs.content.versions import EMPTY_VERSION
+    from annofs.store.records import HOLE
+
+    data = random.Random(21).randbytes(3 << 20) + text(22, 1 << 20)
+    got = ingest_stream(vol.store, vol.fragments, io.BytesIO(data), vol.params)
+    with vol.store.write() as txn:
+        v = vol.versions.create(txn, EMPTY_VERSION, got.hashes, got.lengths, got.digest)
+    rng = random.Random(23)
+    for off, size in [(0, 1), (0, len(data)), (5, 1 << 20), (len(data) - 7, 100),
+                      (len(data), 10)] + [(rng.randrange(len(data)), rng.randrange(1, 3 << 20))
+                                          for _ in range(20)]:
+        u = vol.versions.read_unverified_snapshot(v, off, size)
+        assert u is not None
+        joined = b"".join(u.frags)
+        assert joined[u.lo:u.lo + u.size] == data[off:off + size]
+        assert u.hashes == b"".join(fragment_hash(f) for f in u.frags)
+        assert u.reply() == (u.frags, u.hashes, u.lo, u.size)
+        if u.frags:  # whole fragments: the first starts at or before off, the last ends past
+            assert 0 <= u.lo < len(u.frags[0]) and u.lo + u.size <= len(joined)
+            assert len(joined) - (u.lo + u.size) < len(u.frags[-1])
+    hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
+    undo = damage(vol, hashes[2], "bit-flip")
+    try:
+        u = vol.versions.read_unverified_snapshot(v, 0, 1 << 20)
+        assert u is not None and fragment_hash(u.frags[2]) != hashes[2]
+        with pytest.raises(CorruptionError, match=hashes[2].hex()):
+            vol.versions.read_parts_snapshot(v, 0, 1 << 20)
+    finally:
+        undo()
+    lengths = got.lengths
+    with vol.store.write() as txn:
+        holed = vol.versions.create(txn, v, HOLE + got.hashes[32:], lengths, None)
+        liar = vol.versions.create(txn, v, got.hashes[32:64] + got.hashes[32:],
+                                   lengths, None)  # fragment 1's bytes where 0's length is
+    assert vol.versions.read_unverified_snapshot(holed, 0, 1 << 20) is None
+    assert vol.versions.read_unverified_snapshot(holed, lengths[0], 1 << 20) is not None
+    assert lengths[0] != lengths[1]  # (seeded data: so the liar's first length is wrong)
+    with pytest.raises(CorruptionError, match="bytes, the version"):
+        vol.versions.read_unverified_snapshot(liar, 0, 1 << 20)

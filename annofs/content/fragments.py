@@ -56,12 +56,16 @@ from annofs.store.packs import (
 )
 
 try:
-    from annofs.content._hashcheck import first_mismatch
+    from annofs.content._hashcheck import VERIFY_IOV, first_mismatch
 except ImportError as e:  # a clone used without installing: say what to run
     raise ImportError(f"annofs.content._hashcheck is not built ({e}): run scripts/setup.sh, "
                       "or pip install -e . in the clone") from e
 
 log = logging.getLogger("annofs.fragments")
+
+# The check of fragments that pyfuse3's checked replies run before writing them
+# (pyfuse3.annofs_set_reply_checker): a capsule of the C function, the same BLAKE3 code.
+REPLY_CHECK = VERIFY_IOV
 
 _COUNT = struct.Struct(">Q")
 # gc rewrites a sealed pack once less than this fraction of it is still pointed at.
@@ -333,14 +337,27 @@ class FragmentStore:
 
     def get_many(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,
                  nowait: bool = False) -> list[bytes | memoryview]:
-        """Fragments' bytes in order, each checked against its hash as `get` does.
+        """Fragments' bytes in order, each checked against its hash as `get` does
+        (`get_many_unverified`, then all are hashed in one call without the GIL:
+        `_hashcheck`)."""
+        out = self.get_many_unverified(txn, hashes, nowait=nowait)
+        _check_all(out, hashes)  # one item per hash, in order
+        return out
+
+    def get_many_unverified(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,
+                            nowait: bool = False) -> list[bytes | memoryview]:
+        """Fragments' bytes in order, decompressed, NOT yet checked against their hashes:
+        for `get_many`, and for the mount's checked replies, which pyfuse3 checks before
+        it writes a byte of them (`versions.Unverified`). Damage other than to the bytes
+        (a missing fragment, a bad record, a frame that does not decompress to its
+        length) is CorruptionError here already.
 
         A file's fragments were appended to a pack one after another, so a run of them
         that lies back to back in one pack (up to _RUN_BYTES) is read with one pread and
         sliced without a copy: a 1 MiB read of a large file is one system call, not 64.
         This is the mount's read loop (~64 fragments per 1 MiB request): names are bound
-        to locals, a raw fragment is taken without the calls `_checked` costs, and all
-        are hashed in one call without the GIL (`_hashcheck`). Hence its own loop beside
+        to locals, and a raw fragment is taken without the calls `_checked` costs (the
+        hashes are checked after, all in one call). Hence its own loop beside
         `check_decompressed`'s: `check_stored(fetch_stored(...))` gives the same bytes and
         errors but cost 39.8 us against 23.4 for one compressed fragment and 1,723 against
         1,568 us for 64 (zstd's batch call and its buffers). With `nowait`, NotCached
@@ -360,7 +377,6 @@ class FragmentStore:
             elif codec != RAW or len(data) != length:
                 data = self._checked(h, data, length, codec)
             append(data)
-        _check_all(out, hashes)  # fetch_stored gave one item per hash, in order
         return out
 
     def fetch_stored(self, txn: lmdb.Transaction, hashes: Sequence[bytes], *,

@@ -49,6 +49,58 @@ _ZEROS = bytes(ZERO_SLICE)
 DIGEST_HOLE_LIMIT = 16 << 30
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unverified:
+    """A read's bytes before their check: whole fragments, their hashes (32 bytes each,
+    one after another), and the read's place in them: bytes [lo, lo + size) of the
+    fragments laid end to end. Nothing may pass these bytes on unchecked: the mount hands
+    them to pyfuse3 as a checked reply (`reply`), which hashes every fragment before it
+    writes a byte of the reply, and answers EIO where one does not match."""
+
+    frags: list[bytes | memoryview]
+    hashes: bytes
+    lo: int
+    size: int
+
+    def reply(self) -> tuple[list[bytes | memoryview], bytes, int, int]:
+        """The checked reply pyfuse3 takes from Operations.read
+        (pyfuse3.annofs_set_reply_checker)."""
+        return self.frags, self.hashes, self.lo, self.size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Span:
+    """The fragments of a version that hold bytes [offset, end): indexes first..last."""
+
+    starts: array
+    first: int
+    last: int
+    end: int
+    packed: bytes  # their hashes, 32 bytes each
+
+    @classmethod
+    def of(cls, v: Version, offset: int, size: int) -> _Span | None:
+        end = min(v.size, offset + size)
+        if offset >= end:
+            return None
+        starts = fragment_starts(v)
+        first = bisect_right(starts, offset) - 1
+        last = bisect_left(starts, end, first) - 1  # the fragment holding byte end-1
+        # One slice of the packed list, cut in Python's C loop (not a call per fragment).
+        return cls(starts, first, last, end,
+                   v.hashes[first * HASH_SIZE:(last + 1) * HASH_SIZE])
+
+    def hashes(self) -> list[bytes]:
+        p = self.packed
+        return [p[k:k + HASH_SIZE] for k in range(0, len(p), HASH_SIZE)]
+
+
+def _check_length(v: Version, h: bytes, frag: bytes | memoryview, length: int) -> None:
+    if len(frag) != length:
+        raise CorruptionError(f"fragment {h.hex()}: {len(frag)} bytes, the version "
+                              f"{v.id} says {length}")
+
+
 class TooLargeToHashError(AnnofsError):
     """A sparse version whose holes are too long to hash: no digest, no signature."""
 
@@ -286,22 +338,18 @@ class VersionStore:
         """`read` as the list of its parts, not joined (the mount sends them to the kernel
         with one writev). The parts never point into LMDB's map. With `nowait`, only from
         the page cache (store.packs.NotCached otherwise)."""
-        end = min(v.size, offset + size)
-        if offset >= end:
+        span = _Span.of(v, offset, size)
+        if span is None:
             return []
-        starts = fragment_starts(v)
-        first = bisect_right(starts, offset) - 1
-        last = bisect_left(starts, end, first) - 1  # the fragment holding byte end-1
-        # One slice of the packed list, cut in Python's C loop (not a call per fragment).
-        span = v.hashes[first * HASH_SIZE:(last + 1) * HASH_SIZE]
-        hashes = [span[k:k + HASH_SIZE] for k in range(0, len(span), HASH_SIZE)]
+        hashes = span.hashes()
         # Stored fragments fetched together (back-to-back ones in one pread), each checked.
         holes = v.may_have_holes and HOLE in hashes
         frags = iter(self.fragments.get_many(
             txn, [h for h in hashes if h != HOLE] if holes else hashes, nowait=nowait))
+        starts, end = span.starts, span.end
         parts: list[bytes | memoryview] = []
         append = parts.append
-        for i, h in enumerate(hashes, first):
+        for i, h in enumerate(hashes, span.first):
             a, b = starts[i], starts[i + 1]
             lo = offset - a if offset > a else 0
             hi = (end if end < b else b) - a
@@ -309,11 +357,27 @@ class VersionStore:
                 append(bytes(hi - lo))
                 continue
             frag = next(frags)
-            if len(frag) != b - a:
-                raise CorruptionError(f"fragment {h.hex()}: {len(frag)} bytes, the version "
-                                      f"{v.id} says {b - a}")
+            _check_length(v, h, frag, b - a)
             append(frag[lo:hi] if lo or hi != b - a else frag)
         return parts
+
+    def read_unverified(self, txn: lmdb.Transaction, v: Version, offset: int, size: int, *,
+                        nowait: bool = False) -> Unverified | None:
+        """Bytes [offset, offset+size) of `v` as whole fragments NOT yet checked against
+        their hashes, for a reply that checks them before it writes a byte
+        (`Unverified`); None where the range has a hole (`read_parts` then). The lengths
+        are checked here, as `read_parts` checks them."""
+        span = _Span.of(v, offset, size)
+        if span is None:
+            return Unverified([], b"", 0, 0)
+        hashes = span.hashes()
+        if v.may_have_holes and HOLE in hashes:
+            return None
+        frags = self.fragments.get_many_unverified(txn, hashes, nowait=nowait)
+        starts = span.starts
+        for i, (h, frag) in enumerate(zip(hashes, frags, strict=True), span.first):
+            _check_length(v, h, frag, starts[i + 1] - starts[i])
+        return Unverified(frags, span.packed, offset - starts[span.first], span.end - offset)
 
     def read_snapshot(self, v: Version, offset: int, size: int) -> bytes:
         """`read` in a read transaction of its own, without copying fragments out of the map
@@ -327,6 +391,12 @@ class VersionStore:
         """`read_parts` in a read transaction of its own (see read_snapshot)."""
         with self._store.env.begin(buffers=True) as txn:
             return self.read_parts(txn, v, offset, size, nowait=nowait)
+
+    def read_unverified_snapshot(self, v: Version, offset: int, size: int, *,
+                                 nowait: bool = False) -> Unverified | None:
+        """`read_unverified` in a read transaction of its own (see read_snapshot)."""
+        with self._store.env.begin(buffers=True) as txn:
+            return self.read_unverified(txn, v, offset, size, nowait=nowait)
 
     def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes | memoryview]:
         """The whole content, fragment by fragment, each checked; a hole as zeros in
