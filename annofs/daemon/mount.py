@@ -65,6 +65,8 @@ FUSE_SPIN_NS = 200_000
 # cache was half the loop's time in a cold sequential read, and overlaps with the next
 # request there (cold 1 GiB: 863-1100 against 606-977 MB/s). Small replies (tar's files)
 # are written inline: a hand-off costs more than their copy. Only with more than one CPU.
+# Reads as large are handed to pyfuse3 as checked replies (Operations.use_checked_replies):
+# that thread hashes their fragments too, the other half of the loop's time.
 REPLY_THREAD_BYTES = 256 << 10
 
 # Committed transactions reach the disk at least this often (fsync forces it sooner).
@@ -206,6 +208,11 @@ async def _serve(ops: Operations, policy: PolicyHolder, mountpoint: Path,
         if set_reply_thread is not None and cpus > 1:
             set_reply_thread(REPLY_THREAD_BYTES)
             ops.stats["reply_thread_bytes"] = REPLY_THREAD_BYTES
+        # The same large reads are checked by pyfuse3 before it writes them: by that
+        # thread, on the copy it writes, while the loop goes on (inline, without the GIL,
+        # where the thread is off or its queue full).
+        if ops.use_checked_replies(REPLY_THREAD_BYTES):
+            ops.stats["checked_reply_bytes"] = REPLY_THREAD_BYTES
         await pyfuse3.main(max_tasks=FUSE_WORKERS)
         nursery.cancel_scope.cancel()
 
