@@ -788,9 +788,8 @@ def test_a_read_handed_on_unverified_is_whole_fragments_checked_only_by_length(
     with vol.store.write() as txn:
         v = vol.versions.create(txn, EMPTY_VERSION, got.hashes, got.lengths, got.digest)
     rng = random.Random(23)
-    for off, size in [(0, 1), (0, len(data)), (5, 1 << 20), (len(data) - 7, 100),
-                      (len(data), 10)] + [(rng.randrange(len(data)), rng.randrange(1, 3 << 20))
-                                          for _ in range(20)]:
+    for off, size in [(0, 1), (0, len(data)), (5, 1 << 20), (len(data) - 7, 100)] + [
+            (rng.randrange(len(data)), rng.randrange(1, 3 << 20)) for _ in range(20)]:
         u = vol.versions.read_unverified_snapshot(v, off, size)
         assert u is not None
         joined = b"".join(u.frags)
@@ -800,6 +799,13 @@ def test_a_read_handed_on_unverified_is_whole_fragments_checked_only_by_length(
         if u.frags:  # whole fragments: the first starts at or before off, the last ends past
             assert 0 <= u.lo < len(u.frags[0]) and u.lo + u.size <= len(joined)
             assert len(joined) - (u.lo + u.size) < len(u.frags[-1])
+    # Not handed on (read_parts serves them): at or past the end, or too many fragments
+    # for one reply.
+    assert vol.versions.read_unverified_snapshot(v, len(data), 1 << 20) is None
+    assert vol.versions.read_unverified_snapshot(v, len(data) + 5, 1) is None
+    spans = len(vol.versions.read_unverified_snapshot(v, 0, 1 << 20).frags)  # type: ignore[union-attr]
+    assert vol.versions.read_unverified_snapshot(v, 0, 1 << 20, max_frags=spans) is not None
+    assert vol.versions.read_unverified_snapshot(v, 0, 1 << 20, max_frags=spans - 1) is None
     hashes = [got.hashes[i:i + 32] for i in range(0, len(got.hashes), 32)]
     undo = damage(vol, hashes[2], "bit-flip")
     try:

@@ -19,10 +19,13 @@ import pytest
 from conftest import Mount, annofs_cmd, serve
 from fuse_helpers import as_user, in_threads, restart_on_one_cpu, stats, stop_and_check
 from store_damage import damage
+from t4_fuse_trust import signed
 
 from annofs.content.versions import fragment_starts
 from annofs.daemon.mount import REPLY_THREAD_BYTES
 from annofs.volume import Volume
+
+__all__ = ["signed"]  # the fixture, used by name
 
 MIB = 1 << 20
 SIZE = 6 * MIB
@@ -189,3 +192,22 @@ def test_checked_replies_of_a_file_rewritten_between_reads_are_its_new_bytes(
     assert s["checked_replies_refused"] == 0
     assert s["replies_by_thread"] > before  # they went the thread's way
     stop_and_check(m)
+
+
+def test_a_large_read_at_or_past_the_end_is_empty_not_an_error(signed: Mount) -> None:
+    # The kernel does not clamp a direct-I/O handle's reads to the file's size: a judged
+    # reader of a guarded file beside a writer gets one (trust.admission), so its large
+    # reads reach the daemon at and past the end, and must be end of file, not EIO (the
+    # second reader's review: an empty checked reply had been refused as malformed).
+    f = signed.path / "src" / "proj" / "main.c"
+    data = f.read_bytes()
+    with os.fdopen(os.open(f, os.O_WRONLY), "wb", buffering=0):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert os.pread(fd, MIB, 0) == data
+            for at in (len(data), len(data) + 1, len(data) + 5 * MIB):
+                assert os.pread(fd, MIB, at) == b""
+                assert os.pread(fd, REPLY_THREAD_BYTES - 1, at) == b""
+        finally:
+            os.close(fd)
+    assert f.read_bytes() == data

@@ -55,7 +55,10 @@ class Unverified:
     one after another), and the read's place in them: bytes [lo, lo + size) of the
     fragments laid end to end. Nothing may pass these bytes on unchecked: the mount hands
     them to pyfuse3 as a checked reply (`reply`), which hashes every fragment before it
-    writes a byte of the reply, and answers EIO where one does not match."""
+    writes a byte of the reply, and answers EIO where one does not match. Where pyfuse3
+    checks inline, it hashes these very buffers and then writes from them: they must be
+    the read's own (fresh pack reads and decompressions), never memory anything else can
+    change meanwhile (a shared cache, a mapped pack, LMDB's map)."""
 
     frags: list[bytes | memoryview]
     hashes: bytes
@@ -362,14 +365,17 @@ class VersionStore:
         return parts
 
     def read_unverified(self, txn: lmdb.Transaction, v: Version, offset: int, size: int, *,
-                        nowait: bool = False) -> Unverified | None:
+                        nowait: bool = False, max_frags: int | None = None
+                        ) -> Unverified | None:
         """Bytes [offset, offset+size) of `v` as whole fragments NOT yet checked against
         their hashes, for a reply that checks them before it writes a byte
-        (`Unverified`); None where the range has a hole (`read_parts` then). The lengths
-        are checked here, as `read_parts` checks them."""
+        (`Unverified`). None, before anything is read, where `read_parts` is to serve
+        the range instead: it is empty (at or past the end), it has a hole, or it spans
+        more than `max_frags` fragments. The lengths are checked here, as `read_parts`
+        checks them."""
         span = _Span.of(v, offset, size)
-        if span is None:
-            return Unverified([], b"", 0, 0)
+        if span is None or (max_frags is not None and span.last - span.first >= max_frags):
+            return None
         hashes = span.hashes()
         if v.may_have_holes and HOLE in hashes:
             return None
@@ -393,10 +399,12 @@ class VersionStore:
             return self.read_parts(txn, v, offset, size, nowait=nowait)
 
     def read_unverified_snapshot(self, v: Version, offset: int, size: int, *,
-                                 nowait: bool = False) -> Unverified | None:
+                                 nowait: bool = False, max_frags: int | None = None
+                                 ) -> Unverified | None:
         """`read_unverified` in a read transaction of its own (see read_snapshot)."""
         with self._store.env.begin(buffers=True) as txn:
-            return self.read_unverified(txn, v, offset, size, nowait=nowait)
+            return self.read_unverified(txn, v, offset, size, nowait=nowait,
+                                        max_frags=max_frags)
 
     def iter_bytes(self, txn: lmdb.Transaction, v: Version) -> Iterator[bytes | memoryview]:
         """The whole content, fragment by fragment, each checked; a hole as zeros in

@@ -1120,9 +1120,10 @@ class Operations(pyfuse3.Operations):
                 return of.read(self.vol, off, size)
             v = of.base
         if self.checked_reply_bytes is not None and size >= self.checked_reply_bytes:
-            unverified = await self._stored(self.vol.versions.read_unverified_snapshot,
-                                            v, off, size)
-            if unverified is not None and len(unverified.frags) <= MAX_REPLY_PARTS:
+            unverified = await self._stored(
+                functools.partial(self.vol.versions.read_unverified_snapshot,
+                                  max_frags=MAX_REPLY_PARTS), v, off, size)
+            if unverified is not None:
                 return unverified.reply()  # type: ignore[return-value]
         # The parts as read (slices of pack reads), sent with one writev: no joined copy.
         parts = await self._stored(self.vol.versions.read_parts_snapshot, v, off, size)
