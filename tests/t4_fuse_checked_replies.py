@@ -24,6 +24,7 @@ from t4_fuse_trust import signed
 from annofs.content.versions import fragment_starts
 from annofs.daemon.mount import REPLY_THREAD_BYTES
 from annofs.volume import Volume
+from chunker.params import DEFAULT_PARAMS, ChunkParams
 
 __all__ = ["signed"]  # the fixture, used by name
 
@@ -211,3 +212,47 @@ def test_a_large_read_at_or_past_the_end_is_empty_not_an_error(signed: Mount) ->
         finally:
             os.close(fd)
     assert f.read_bytes() == data
+
+
+def _queued_reads(store: Path, mp: Path, request: pytest.FixtureRequest,
+                  params: ChunkParams) -> int:
+    """In a new store chunked by `params`: a 12 MiB file read whole with 256 KiB and 1 MiB
+    reads, the cache dropped first (bytes checked); how many replies went to the thread."""
+    mp.mkdir()
+    Volume.open(store, create=True, params=params).close()
+    gen = serve(Mount(store, mp), request)
+    m = next(gen)
+    try:
+        data = random.Random(34).randbytes(12 * MIB)
+        (m.path / "f").write_bytes(data)
+        before = stats(m)
+        fd = os.open(m.path / "f", os.O_RDONLY)
+        try:
+            for size in (REPLY_THREAD_BYTES, MIB):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                got = bytearray()
+                while chunk := os.pread(fd, size, len(got)):
+                    got += chunk
+                assert got == data
+        finally:
+            os.close(fd)
+        after = stats(m)
+        assert after["checked_replies_refused"] == 0
+        return after["replies_by_thread"] - before["replies_by_thread"]
+    finally:
+        next(gen, None)
+
+
+def test_reads_of_huge_fragments_are_checked_inline_not_queued(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # A queued reply keeps its buffer, and holds a read's whole fragments: in a store
+    # chunked into fragments of megabytes, eight queued 256 KiB reads would keep eight
+    # such fragments' worth for good (the second reader's review). A checked reply whose
+    # fragments exceed it by more than 256 KiB is checked and written inline instead:
+    # only a read that happens to cover nearly whole fragments is queued.
+    default = _queued_reads(tmp_path / "s1", tmp_path / "m1", request, DEFAULT_PARAMS)
+    huge = _queued_reads(tmp_path / "s2", tmp_path / "m2", request,
+                         ChunkParams.parse("1m/2m/4m"))
+    print(f"\nreplies queued: default chunks {default}, 1m/2m/4m chunks {huge}")
+    assert default >= 12
+    assert huge * 4 <= default
