@@ -16,6 +16,12 @@ class AnnofsError(Exception):
     exit_status: int = 2
 
 
+class NotBuiltError(ImportError):
+    """annofs's C module (csrc/) is not built where annofs is imported from: a clone used
+    without running scripts/setup.sh. An ImportError (the import fails), said by the
+    command line in one line."""
+
+
 class UsageError(AnnofsError):
     """Bad usage or bad input: the user can fix it; nothing was changed."""
 

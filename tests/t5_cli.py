@@ -238,6 +238,31 @@ def test_user_error(populated: Populated, case: Case) -> None:
     assert (populated.tmp / "a-file").read_bytes() == b"not a directory"
 
 
+def test_a_clone_whose_c_module_is_not_built_says_so_in_one_line(tmp_path: Path) -> None:
+    """annofs imported from a copy without csrc/'s module built (a clone used without
+    scripts/setup.sh): one line saying what to run, exit 2, nothing made."""
+    import shutil
+
+    import annofs as package
+    import chunker
+
+    for pkg in (package, chunker):
+        src = Path(pkg.__file__).parent
+        shutil.copytree(src, tmp_path / src.name,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop("ANNOFS_STORE", None)
+    proc = subprocess.run([sys.executable, "-m", "annofs.cli.main", "--store",
+                           str(tmp_path / "store"), "init"], capture_output=True, env=env,
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("annofs: annofs.content._hashcheck is not built ("), lines
+    assert lines[0].endswith("run scripts/setup.sh, or pip install -e . in the clone")
+    assert not (tmp_path / "store").exists()
+
+
 def test_log_and_diff_of_a_huge_sparse_file(tmp_path: Path) -> None:
     """A 1 TiB sparse file imports at once; log says it is too large to hash (it has no
     digest, so it cannot be signed) instead of failing; diff refuses it in one line."""

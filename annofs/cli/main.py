@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from annofs.cli.context import default_store
-from annofs.errors import AnnofsError
+from annofs.errors import AnnofsError, NotBuiltError
 from annofs.printable import one_line
 
 # Each command's module is imported when the command runs (or --help lists them all):
@@ -124,6 +124,9 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except NotBuiltError as e:  # raised while a command's module is imported
+        click.echo(f"annofs: {one_line(str(e))}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import lmdb
 import zstandard
 
 from annofs.content import workers
-from annofs.errors import CorruptionError
+from annofs.errors import CorruptionError, NotBuiltError
 from annofs.store import Store, packs
 from annofs.store.env import meta_txnid, read_synced_meta
 from annofs.store.packs import (
@@ -58,8 +58,8 @@ from annofs.store.packs import (
 try:
     from annofs.content._hashcheck import VERIFY_IOV, first_mismatch
 except ImportError as e:  # a clone used without installing: say what to run
-    raise ImportError(f"annofs.content._hashcheck is not built ({e}): run scripts/setup.sh, "
-                      "or pip install -e . in the clone") from e
+    raise NotBuiltError(f"annofs.content._hashcheck is not built ({e}): run "
+                        "scripts/setup.sh, or pip install -e . in the clone") from e
 
 log = logging.getLogger("annofs.fragments")
 
