@@ -3,22 +3,23 @@ pyfuse3 whole fragments with their hashes, and pyfuse3 hashes them (in its reply
 or inline without the GIL) before it writes a byte. A fragment damaged on the disk must
 still be EIO, logged before the reader hears of it, and never a byte of it; the ranges
 around it read exact; with the reply thread and inline (a one-CPU daemon, a full queue);
-for root and for uid 65534 reading through --allow-other at once."""
+for root and for uid 65534 reading through --allow-other at once. And the edges the
+second reader found: a large read at or past the end is end of file, and reads of huge
+fragments are checked inline rather than kept in the queue."""
 
 from __future__ import annotations
 
 import errno
 import os
 import random
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, annofs_cmd, serve
+from conftest import Mount, serve
 from fuse_helpers import as_user, in_threads, restart_on_one_cpu, stats, stop_and_check
 from store_damage import damage
+from t4_fuse_reply_thread import shared_mount
 from t4_fuse_trust import signed
 
 from annofs.content.versions import fragment_starts
@@ -26,25 +27,10 @@ from annofs.daemon.mount import REPLY_THREAD_BYTES
 from annofs.volume import Volume
 from chunker.params import DEFAULT_PARAMS, ChunkParams
 
-__all__ = ["signed"]  # the fixture, used by name
+__all__ = ["shared_mount", "signed"]  # the fixtures, used by name
 
 MIB = 1 << 20
 SIZE = 6 * MIB
-
-
-@pytest.fixture
-def shared(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
-    """A fresh store mounted --allow-other, holding /pub/big (SIZE random bytes, readable
-    by all) and root's /mine; stopped once the files are written."""
-    store, mp = tmp_path / "store", tmp_path / "mnt"
-    mp.mkdir()
-    subprocess.run(annofs_cmd("--store", str(store), "init"), check=True,
-                   stdout=subprocess.DEVNULL)
-    gen = serve(Mount(store, mp), request, "--allow-other")
-    m = next(gen)
-    (m.path / "pub").mkdir(mode=0o755)
-    yield m
-    next(gen, None)
 
 
 def _damage_middle(m: Mount) -> tuple[str, int, int]:
@@ -94,6 +80,21 @@ def _reads(fd: int, data: bytes, bad: tuple[int, int]) -> list[str]:
     return wrong
 
 
+def _read_back(path: Path, data: bytes, sizes: tuple[int, ...]) -> None:
+    """`path` read whole with preads of each of `sizes`, its cache dropped before each
+    pass, is exactly `data`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for size in sizes:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            got = bytearray()
+            while chunk := os.pread(fd, size, len(got)):
+                got += chunk
+            assert got == data
+    finally:
+        os.close(fd)
+
+
 def _as_nobody(dirfd: int, data: bytes, bad: tuple[int, int], threads: int) -> list[str]:
     """As 65534: `_reads` of pub/big from `threads` threads at once."""
     wrong: list[str] = []
@@ -112,8 +113,8 @@ def _as_nobody(dirfd: int, data: bytes, bad: tuple[int, int], threads: int) -> l
 @pytest.mark.expected_log(r"read: fragment [0-9a-f]{64}: content does not match its hash")
 @pytest.mark.parametrize("where", ["reply thread", "inline on one CPU"])
 def test_a_damaged_fragment_in_a_large_read_is_eio_logged_first_never_its_bytes(
-        shared: Mount, where: str) -> None:
-    m = shared
+        shared_mount: Mount, where: str) -> None:
+    m = shared_mount
     data = random.Random(31).randbytes(SIZE)
     mine = random.Random(32).randbytes(SIZE)
     (m.path / "pub" / "big").write_bytes(data)
@@ -169,26 +170,17 @@ def test_a_damaged_fragment_in_a_large_read_is_eio_logged_first_never_its_bytes(
 
 
 def test_checked_replies_of_a_file_rewritten_between_reads_are_its_new_bytes(
-        shared: Mount) -> None:
+        shared_mount: Mount) -> None:
     # A checked reply holds whole fragments of the version the read was served from:
     # after each rewrite, reads of every size around the threshold get the new bytes.
-    m = shared
+    m = shared_mount
     path = m.path / "pub" / "big"
     rng = random.Random(33)
     before = stats(m).get("replies_by_thread", 0)
     for _ in range(6):
         data = rng.randbytes(SIZE - rng.randrange(MIB))
         path.write_bytes(data)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for size in (REPLY_THREAD_BYTES, MIB, 3 * MIB):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                got = bytearray()
-                while chunk := os.pread(fd, size, len(got)):
-                    got += chunk
-                assert got == data
-        finally:
-            os.close(fd)
+        _read_back(path, data, (REPLY_THREAD_BYTES, MIB, 3 * MIB))
     s = stats(m)
     assert s["checked_replies_refused"] == 0
     assert s["replies_by_thread"] > before  # they went the thread's way
@@ -226,16 +218,7 @@ def _queued_reads(store: Path, mp: Path, request: pytest.FixtureRequest,
         data = random.Random(34).randbytes(12 * MIB)
         (m.path / "f").write_bytes(data)
         before = stats(m)
-        fd = os.open(m.path / "f", os.O_RDONLY)
-        try:
-            for size in (REPLY_THREAD_BYTES, MIB):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                got = bytearray()
-                while chunk := os.pread(fd, size, len(got)):
-                    got += chunk
-                assert got == data
-        finally:
-            os.close(fd)
+        _read_back(m.path / "f", data, (REPLY_THREAD_BYTES, MIB))
         after = stats(m)
         assert after["checked_replies_refused"] == 0
         return after["replies_by_thread"] - before["replies_by_thread"]
