@@ -176,9 +176,10 @@ class Operations(pyfuse3.Operations):
 
     def use_checked_replies(self, min_bytes: int) -> bool:
         """Hand reads of at least `min_bytes` to pyfuse3 as checked replies: their
-        fragments are hashed by pyfuse3's replier thread (or inline, when its queue is
-        full) before it writes a byte, while this loop goes on to the next request. The
-        check was half the loop's time of a 1 MiB read (361 of 540 us). False where this
+        fragments are hashed by pyfuse3's replier thread before it writes a byte, while
+        this loop goes on to the next request (inline, without the GIL, where there is no
+        thread, its queue is full, or the fragments exceed the reply by much). The check
+        was half the loop's time of a 1 MiB read (361 of 540 us). False where this
         pyfuse3 cannot (scripts/pyfuse3-checked-replies.patch not applied)."""
         set_checker = getattr(pyfuse3, "annofs_set_reply_checker", None)
         if set_checker is None or not READ_PARTS:
@@ -189,7 +190,8 @@ class Operations(pyfuse3.Operations):
 
     def _reply_mismatch(self, h: bytes) -> None:
         """A checked reply's fragment did not match its hash: the reader gets EIO. Called
-        by pyfuse3 (from its replier thread, holding the GIL) before that EIO is sent."""
+        by pyfuse3 before that EIO is sent, from its replier thread (holding the GIL) or
+        from this loop (a reply checked inline): it may only log."""
         log.error("read: fragment %s: content does not match its hash", h.hex())
 
     # -- locating ---------------------------------------------------------------------
