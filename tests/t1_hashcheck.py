@@ -144,12 +144,18 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _verify_iov() -> Callable[[list[bytes], bytes], int]:
-    """VERIFY_IOV's function, called as pyfuse3 calls it: (iovecs, hashes, count)."""
+def _capsule_pointer(name: bytes) -> int:
+    """VERIFY_IOV's pointer, asked for by `name` as pyfuse3 asks (PyCapsule_GetPointer):
+    ValueError for another name."""
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return int(get(VERIFY_IOV, name))
+
+
+def _verify_iov() -> Callable[[list[bytes], bytes], int]:
+    """VERIFY_IOV's function, called as pyfuse3 calls it: (iovecs, hashes, count)."""
     fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.POINTER(_Iovec), ctypes.c_char_p,
-                          ctypes.c_size_t)(get(VERIFY_IOV, b"annofs.verify_iov"))
+                          ctypes.c_size_t)(_capsule_pointer(b"annofs.verify_iov"))
 
     def call(frags: list[bytes], hashes: bytes) -> int:
         bufs = [ctypes.create_string_buffer(f, len(f)) for f in frags]
@@ -161,11 +167,9 @@ def _verify_iov() -> Callable[[list[bytes], bytes], int]:
 
 
 def test_the_capsule_is_named_as_pyfuse3_asks_and_wrong_names_are_refused() -> None:
-    get = ctypes.pythonapi.PyCapsule_GetPointer
-    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    assert get(VERIFY_IOV, b"annofs.verify_iov")
+    assert _capsule_pointer(b"annofs.verify_iov")
     with pytest.raises(ValueError):
-        get(VERIFY_IOV, b"something.else")
+        _capsule_pointer(b"something.else")
 
 
 def test_verify_iov_names_the_first_fragment_whose_hash_differs() -> None:
